@@ -1,0 +1,60 @@
+-- usage-agent local database.
+--
+-- Applied when the database is opened. Each migration is a block that starts with a
+-- `-- migration N` line; the database records the last one applied in PRAGMA user_version.
+-- Migrations are append-only: never edit a block that has shipped, add a new one below.
+
+-- migration 1
+-- Small facts about this database: the install id (stored once, not per event row),
+-- sync bookkeeping (last_sync, last_attempt, consecutive_failures, last_error, ...).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Model names, stored once; events refer to them by id to keep rows small.
+CREATE TABLE models (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+
+-- One row per AI call. `seq` (the rowid) is the arrival order, which is the sync order.
+-- Times are milliseconds since the Unix epoch; `source` is 0 inline, 1 bulk, 2 queue, 3 manual.
+-- `sync_state`: 0 pending, 1 synced, 2 failed (the reason is in sync_failures).
+CREATE TABLE events (
+    seq                INTEGER PRIMARY KEY,
+    event_id           BLOB    NOT NULL,
+    user_id            INTEGER NOT NULL,
+    source             INTEGER NOT NULL,
+    model_id           INTEGER NOT NULL REFERENCES models(id),
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens   INTEGER NOT NULL DEFAULT 0,
+    context            TEXT,
+    created_at         INTEGER NOT NULL,
+    sync_state         INTEGER NOT NULL DEFAULT 0,
+    synced_at          INTEGER
+);
+
+-- Idempotent event ids: a re-sent id is a duplicate, whatever its content.
+CREATE UNIQUE INDEX events_event_id ON events(event_id);
+-- The sync queue: only unsynced rows are indexed, so the index stays small once synced.
+CREATE INDEX events_unsynced ON events(sync_state, seq) WHERE sync_state <> 1;
+-- Date ranges: export, retention and local analytics.
+CREATE INDEX events_created_at ON events(created_at);
+
+-- Why an event was rejected by the backend; rows exist only for failed events.
+CREATE TABLE sync_failures (
+    seq       INTEGER PRIMARY KEY,
+    reason    TEXT    NOT NULL,
+    failed_at INTEGER NOT NULL
+);
+
+-- One row per failed sync attempt (a batch), for the 24-hour error_categories counts.
+CREATE TABLE sync_errors (
+    at       INTEGER NOT NULL,
+    category TEXT    NOT NULL
+);
+CREATE INDEX sync_errors_at ON sync_errors(at);

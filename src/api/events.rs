@@ -1,0 +1,151 @@
+//! `POST /v1/events`: record one event or an all-or-nothing batch of up to 1000.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{Duration, Utc};
+use serde_json::{Value, json};
+
+use super::{ApiError, SharedState};
+use crate::event::{self, Event, FieldError, Limits};
+use crate::store::events::Recorded;
+
+/// Most events in one batch request.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+
+pub async fn record(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if !state.config.tracking_enabled {
+        return Ok((StatusCode::OK, Json(json!({"status": "disabled"}))).into_response());
+    }
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body must be at most {} bytes", super::MAX_BODY_BYTES),
+            )
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_body", rejection.body_text())
+        }
+    })?;
+    require_json(&headers)?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))
+    })?;
+
+    let limits = Limits {
+        now: Utc::now(),
+        max_age: Duration::days(state.config.retention.event_days.into()),
+    };
+    let (events, is_batch) = parse_body(&value, limits)?;
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let logged = state.config.debug.then(|| events.clone());
+    let outcomes = state.writer.record(events).await?;
+
+    for (event, outcome) in logged.iter().flatten().zip(&outcomes) {
+        log_event(event, *outcome);
+    }
+    let answer = if is_batch {
+        let recorded = outcomes.iter().filter(|o| **o == Recorded::New).count();
+        json!({"recorded": recorded, "duplicates": outcomes.len() - recorded, "event_ids": ids})
+    } else {
+        json!({"event_id": ids[0], "status": status_word(outcomes[0])})
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence == "application/json" || essence.ends_with("+json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be JSON (Content-Type: application/json)",
+        ))
+    }
+}
+
+/// Turns the body into validated events; any invalid event rejects the whole request.
+fn parse_body(value: &Value, limits: Limits) -> Result<(Vec<Event>, bool), ApiError> {
+    let Some(batch) = value.as_object().and_then(|o| o.get("events")) else {
+        return event::parse_event(value, limits)
+            .map(|event| (vec![event], false))
+            .map_err(invalid);
+    };
+    let object = value.as_object().expect("checked above");
+    if let Some(unknown) = object.keys().find(|k| *k != "events") {
+        return Err(invalid(vec![FieldError::new(unknown, "unknown field")]));
+    }
+    let Some(items) = batch.as_array() else {
+        return Err(invalid(vec![FieldError::new("events", "must be an array of events")]));
+    };
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_events",
+            format!("a batch holds at most {MAX_BATCH_EVENTS} events, this one has {}", items.len()),
+        ));
+    }
+    let mut events = Vec::with_capacity(items.len());
+    let mut errors = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        match event::parse_event(item, limits) {
+            Ok(event) => events.push(event),
+            Err(found) => errors.extend(found.into_iter().map(|e| FieldError {
+                index: Some(index),
+                ..e
+            })),
+        }
+    }
+    if errors.is_empty() {
+        Ok((events, true))
+    } else {
+        Err(invalid(errors))
+    }
+}
+
+fn invalid(errors: Vec<FieldError>) -> ApiError {
+    let message = match errors.as_slice() {
+        [one] => format!("invalid event: {one}"),
+        many => format!("invalid event: {} (and {} more)", many[0], many.len() - 1),
+    };
+    let details = errors
+        .iter()
+        .map(|e| serde_json::to_value(e).expect("FieldError always serializes"))
+        .collect();
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_event", message).with_details(details)
+}
+
+fn status_word(outcome: Recorded) -> &'static str {
+    match outcome {
+        Recorded::New => "recorded",
+        Recorded::Duplicate => "duplicate",
+    }
+}
+
+fn log_event(event: &Event, outcome: Recorded) {
+    let t = &event.tokens;
+    tracing::info!(
+        "{} user={} source={} tokens={} (p:{} c:{}) model={}",
+        status_word(outcome),
+        event.user_id,
+        event.source.as_str(),
+        t.total(),
+        t.prompt,
+        t.completion,
+        event.model.as_str(),
+    );
+}

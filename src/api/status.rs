@@ -1,0 +1,154 @@
+//! `GET /v1/status` (the sync status object of SPEC 3) and `GET /healthz`.
+
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::State;
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::{ApiError, SharedState};
+use crate::event::format_millis;
+use crate::store::status::{QueueCounts, SyncMeta};
+
+/// Error categories of SPEC 5, always listed in status even when zero.
+pub const ERROR_CATEGORIES: [&str; 5] = ["network", "authentication", "server", "validation", "rate_limit"];
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"ok": true}))
+}
+
+pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
+    let now_ms = Utc::now().timestamp_millis();
+    let (counts, meta, errors, db_bytes) = state
+        .read(move |store| {
+            Ok((
+                store.queue_counts()?,
+                store.sync_meta()?,
+                store.sync_error_counts(now_ms)?,
+                store.db_bytes()?,
+            ))
+        })
+        .await?;
+    let config = &state.config;
+    let sync_possible = config.tracking_enabled && config.sync_active();
+    let oldest_pending_age_s = counts
+        .oldest_pending_ms
+        .map_or(0, |at| (now_ms - at).max(0) / 1000) as u64;
+    let health = health(&Health {
+        sync_possible,
+        counts,
+        meta: &meta,
+        oldest_pending_age_s,
+        interval_secs: config.sync.interval_secs,
+    });
+    let mut categories = serde_json::Map::new();
+    for category in ERROR_CATEGORIES {
+        let n = errors.iter().find(|(c, _)| c == category).map_or(0, |(_, n)| *n);
+        categories.insert(category.into(), n.into());
+    }
+    let next_sync_ms = state.next_sync_ms.load(Ordering::Relaxed);
+    Ok(Json(json!({
+        "status": health,
+        "install_id": state.identity.as_ref().map(|i| i.install_id.clone()),
+        "version": env!("CARGO_PKG_VERSION"),
+        "tracking_enabled": config.tracking_enabled,
+        "sync_enabled": config.sync_active(),
+        "enrolled": meta.enrolled_ms.is_some()
+            || state.identity.as_ref().is_some_and(|i| i.enrolled_at.is_some()),
+        "pending_events": counts.pending,
+        "failed_events": counts.failed,
+        "synced_events": counts.synced,
+        "oldest_pending_age_s": oldest_pending_age_s,
+        "consecutive_failures": meta.consecutive_failures,
+        "last_sync": meta.last_success_ms.map(format_millis),
+        "last_attempt": meta.last_attempt_ms.map(format_millis),
+        "next_sync": (next_sync_ms > 0).then(|| format_millis(next_sync_ms)),
+        "last_error": meta.last_error,
+        "error_categories": categories,
+        "db_bytes": db_bytes,
+        "uptime_s": state.started.elapsed().as_secs(),
+    })))
+}
+
+/// The inputs of the health word.
+pub struct Health<'a> {
+    /// Tracking on, sync on and a backend configured.
+    pub sync_possible: bool,
+    pub counts: QueueCounts,
+    pub meta: &'a SyncMeta,
+    pub oldest_pending_age_s: u64,
+    pub interval_secs: u64,
+}
+
+/// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as SPEC 3 defines them.
+pub fn health(h: &Health) -> &'static str {
+    if !h.sync_possible {
+        return "disabled";
+    }
+    let last_failed_category = h
+        .meta
+        .last_error
+        .as_ref()
+        .filter(|_| h.meta.last_run_failed)
+        .map(|e| e.category.as_str());
+    if h.meta.consecutive_failures >= 3 || last_failed_category == Some("authentication") {
+        return "failing";
+    }
+    if last_failed_category.is_some()
+        || h.counts.failed > 0
+        || h.oldest_pending_age_s > 3 * h.interval_secs
+    {
+        return "degraded";
+    }
+    if h.counts.pending > 0 {
+        return "pending";
+    }
+    "healthy"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::status::LastError;
+
+    fn failed(category: &str, consecutive: u32) -> SyncMeta {
+        SyncMeta {
+            consecutive_failures: consecutive,
+            last_run_failed: true,
+            last_error: Some(LastError {
+                category: category.into(),
+                message: "x".into(),
+                at: "2026-11-27T10:30:00Z".into(),
+            }),
+            ..SyncMeta::default()
+        }
+    }
+
+    #[test]
+    fn health_follows_the_spec_table() {
+        let pending = QueueCounts { pending: 3, ..QueueCounts::default() };
+        let with_failed = QueueCounts { failed: 1, ..QueueCounts::default() };
+        let ok = SyncMeta::default();
+        let cases: Vec<(bool, QueueCounts, SyncMeta, u64, &str)> = vec![
+            (false, pending, failed("network", 5), 0, "disabled"),
+            (true, QueueCounts::default(), ok.clone(), 0, "healthy"),
+            (true, pending, ok.clone(), 10, "pending"),
+            (true, pending, ok.clone(), 901, "degraded"),
+            (true, with_failed, ok.clone(), 0, "degraded"),
+            (true, pending, failed("network", 1), 0, "degraded"),
+            (true, pending, failed("server", 3), 0, "failing"),
+            (true, pending, failed("authentication", 1), 0, "failing"),
+        ];
+        for (possible, counts, meta, age, expected) in cases {
+            let got = health(&Health {
+                sync_possible: possible,
+                counts,
+                meta: &meta,
+                oldest_pending_age_s: age,
+                interval_secs: 300,
+            });
+            assert_eq!(got, expected, "{counts:?} {meta:?} age {age}");
+        }
+    }
+}

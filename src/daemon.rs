@@ -1,0 +1,225 @@
+//! The daemon's life: take the data-dir lock, open the store, bind the socket safely,
+//! serve the API until the shutdown future resolves, then drain, checkpoint and clean up.
+//!
+//! [`Daemon::start`] binds everything (so errors surface before the process detaches
+//! into serving) and [`Daemon::serve`] runs until the shutdown signal.
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::api::{self, AppState, SharedState};
+use crate::config::Config;
+use crate::identity::{Identity, IdentityError};
+use crate::store::writer::Writer;
+use crate::store::{Store, StoreError};
+
+/// Why the daemon could not start or stopped badly.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another usage-agent is already running with data directory {data_dir} (lock file {lock} is held)")]
+    AlreadyRunning { data_dir: PathBuf, lock: PathBuf },
+    #[error("cannot take the lock file {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another process is already listening on socket {0}")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("socket_group {0:?} does not exist")]
+    UnknownGroup(String),
+    #[error("cannot listen on tcp_listen {addr}: {source}")]
+    Tcp {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("the API server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A started daemon: lock held, store open, listeners bound.
+pub struct Daemon {
+    state: SharedState,
+    writer_thread: std::thread::JoinHandle<()>,
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    socket_path: PathBuf,
+    /// Held for the daemon's whole life; the OS releases it if the process dies.
+    _lock: File,
+}
+
+impl Daemon {
+    /// Takes the lock, opens the store and binds the listeners.
+    pub async fn start(config: Config) -> Result<Daemon, DaemonError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| DaemonError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let lock = take_lock(&config)?;
+        let identity = Identity::load(&config.identity_path())?;
+        if identity.is_none() {
+            tracing::warn!(
+                path = %config.identity_path().display(),
+                "no install identity yet: events are stored locally; run `usage-agent init --site-url URL` before syncing"
+            );
+        }
+
+        let writing = Store::open(&config.database_path(), config.synchronous)?;
+        if let Some(identity) = &identity {
+            writing.set_install_id(&identity.install_id)?;
+        }
+        let reader = Store::open(&config.database_path(), config.synchronous)?;
+        let (writer, writer_thread) = Writer::spawn(writing);
+
+        let socket_path = config.socket_path();
+        let unix = bind_socket(&config, &socket_path)?;
+        let tcp = match config.tcp_listen.as_str() {
+            "" => None,
+            addr => Some(TcpListener::bind(addr).await.map_err(|source| DaemonError::Tcp {
+                addr: addr.to_owned(),
+                source,
+            })?),
+        };
+
+        let state = Arc::new(AppState {
+            config,
+            identity,
+            writer,
+            reader: Mutex::new(reader),
+            started: Instant::now(),
+            next_sync_ms: AtomicI64::new(0),
+        });
+        Ok(Daemon {
+            state,
+            writer_thread,
+            unix,
+            tcp,
+            socket_path,
+            _lock: lock,
+        })
+    }
+
+    /// The shared state, for jobs that run beside the API.
+    pub fn state(&self) -> SharedState {
+        Arc::clone(&self.state)
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Serves until `shutdown` resolves; then stops accepting, lets in-flight requests
+    /// finish, commits and checkpoints the database and removes the socket.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), DaemonError> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        tracing::info!(socket = %self.socket_path.display(), "usage-agent listening");
+        let unix_server = axum::serve(self.unix, api::router(self.state.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let tcp_server = self.tcp.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "also listening on loopback TCP (bearer token required)");
+            }
+            axum::serve(listener, api::tcp_router(self.state.clone()))
+                .with_graceful_shutdown(stopped(stop_rx.clone()))
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = stop_tx.send(true);
+        });
+
+        let served = match tcp_server {
+            Some(tcp) => tokio::try_join!(unix_server.into_future(), tcp.into_future()).map(drop),
+            None => unix_server.await,
+        };
+
+        self.state.writer.stop().await;
+        let writer_thread = self.writer_thread;
+        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        let _ = std::fs::remove_file(&self.socket_path);
+        tracing::info!("usage-agent stopped");
+        served.map_err(DaemonError::Serve)
+    }
+}
+
+fn take_lock(config: &Config) -> Result<File, DaemonError> {
+    let path = config.lock_path();
+    let lock_error = |source| DaemonError::Lock {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_error)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return Err(DaemonError::AlreadyRunning {
+                data_dir: config.data_dir.clone(),
+                lock: path,
+            });
+        }
+        Err(std::fs::TryLockError::Error(source)) => return Err(lock_error(source)),
+    }
+    // The pid is informational, for an admin looking at the lock file.
+    file.set_len(0).map_err(lock_error)?;
+    writeln!(file, "{}", std::process::id()).map_err(lock_error)?;
+    Ok(file)
+}
+
+/// Binds the Unix socket: replaces a stale socket left by a crash, refuses one that a live
+/// process still answers on, and applies `socket_mode` and `socket_group`.
+fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError> {
+    let socket_error = |source| DaemonError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(socket_error)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::SocketInUse(path.to_path_buf()));
+        }
+        tracing::info!(socket = %path.display(), "replacing a stale socket");
+        std::fs::remove_file(path).map_err(socket_error)?;
+    }
+    let listener = UnixListener::bind(path).map_err(socket_error)?;
+    let mode = config.socket_mode_bits().expect("checked when the config was loaded");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;
+    if !config.socket_group.is_empty() {
+        let group = nix::unistd::Group::from_name(&config.socket_group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| DaemonError::UnknownGroup(config.socket_group.clone()))?;
+        std::os::unix::fs::chown(path, None, Some(group.gid.as_raw())).map_err(socket_error)?;
+    }
+    Ok(listener)
+}

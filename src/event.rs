@@ -1,0 +1,509 @@
+//! The usage event and its validation rules (SPEC section 3).
+//!
+//! Raw JSON goes in, an [`Event`] that cannot be invalid comes out, or a list of
+//! [`FieldError`]s naming each bad field and the rule it broke. The field rules
+//! (`Source`, `ModelName`, `Tokens`, `context`, `created_at`) are also used by the
+//! receiver for wire events. This module does no I/O.
+
+use chrono::{DateTime, Duration, SecondsFormat, TimeZone, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// Largest accepted user id: 2^53, the biggest integer every JSON parser keeps exact.
+pub const MAX_USER_ID: u64 = 1 << 53;
+/// Largest accepted value of any token counter.
+pub const MAX_TOKENS: u64 = 100_000_000;
+/// Largest serialized `context` in bytes.
+pub const MAX_CONTEXT_BYTES: usize = 4096;
+/// Deepest allowed nesting of `context` (the object itself is depth 1).
+pub const MAX_CONTEXT_DEPTH: usize = 8;
+/// How far in the future `created_at` may be, for clock skew between site and agent.
+pub const MAX_FUTURE_SKEW: Duration = Duration::minutes(5);
+/// Longest accepted model name.
+pub const MAX_MODEL_LEN: usize = 128;
+
+/// Which part of the site made the AI call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Inline,
+    Bulk,
+    Queue,
+    Manual,
+}
+
+impl Source {
+    pub const ALL: [Source; 4] = [Source::Inline, Source::Bulk, Source::Queue, Source::Manual];
+
+    pub fn parse(text: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Inline => "inline",
+            Source::Bulk => "bulk",
+            Source::Queue => "queue",
+            Source::Manual => "manual",
+        }
+    }
+
+    /// Compact code used for storage.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: i64) -> Option<Source> {
+        Source::ALL.get(usize::try_from(code).ok()?).copied()
+    }
+}
+
+/// A model name: 1..=128 characters of `[A-Za-z0-9._:/@-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct ModelName(String);
+
+impl ModelName {
+    pub fn parse(text: &str) -> Result<ModelName, String> {
+        if text.is_empty() || text.len() > MAX_MODEL_LEN {
+            return Err(format!("must be 1 to {MAX_MODEL_LEN} characters"));
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "._:/@-".contains(c);
+        if !text.chars().all(allowed) {
+            return Err("may only contain letters, digits and . _ : / @ -".into());
+        }
+        Ok(ModelName(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Token counts of one AI call. `total` is always `prompt + completion`;
+/// cached and cache-write tokens are part of the prompt, reasoning tokens part of the completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl Tokens {
+    pub fn total(&self) -> u64 {
+        self.prompt + self.completion
+    }
+}
+
+/// One rule broken by one field of one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Position of the event in a batch; `None` for a single event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> FieldError {
+        FieldError {
+            index: None,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "events[{i}].{}: {}", self.field, self.message),
+            None => write!(f, "{}: {}", self.field, self.message),
+        }
+    }
+}
+
+/// A validated usage event as the agent stores it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_id: Uuid,
+    pub user_id: u64,
+    pub source: Source,
+    pub model: ModelName,
+    pub tokens: Tokens,
+    /// The `context` object, serialized compactly; `None` when absent.
+    pub context: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: i64,
+}
+
+impl Event {
+    pub fn created_at(&self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.created_at_ms)
+            .single()
+            .unwrap_or_default()
+    }
+}
+
+/// Formats a millisecond timestamp as RFC 3339 with millisecond precision and `Z`.
+pub fn format_millis(ms: i64) -> String {
+    Utc.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// The fields a local event may carry; anything else is rejected as unknown.
+const EVENT_FIELDS: &[&str] = &[
+    "event_id",
+    "user_id",
+    "wp_user_id",
+    "source",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "context",
+    "created_at",
+];
+
+/// Limits that depend on the clock and configuration rather than on the event alone.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub now: DateTime<Utc>,
+    /// The oldest `created_at` accepted (the event retention).
+    pub max_age: Duration,
+}
+
+/// Validates one JSON event of the local API, collecting every broken rule.
+pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldError>> {
+    let Some(object) = value.as_object() else {
+        return Err(vec![FieldError::new("event", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    for key in object.keys() {
+        if !EVENT_FIELDS.contains(&key.as_str()) {
+            errors.push(FieldError::new(key, "unknown field"));
+        }
+    }
+
+    let event_id = match object.get("event_id") {
+        None | Some(Value::Null) => Some(Uuid::now_v7()),
+        Some(v) => match v.as_str().map(Uuid::parse_str) {
+            Some(Ok(id)) if !id.is_nil() => Some(id),
+            _ => {
+                errors.push(FieldError::new("event_id", "must be a UUID string"));
+                None
+            }
+        },
+    };
+
+    let user_id = match (object.get("user_id"), object.get("wp_user_id")) {
+        (Some(_), Some(_)) => {
+            errors.push(FieldError::new(
+                "user_id",
+                "give user_id or its alias wp_user_id, not both",
+            ));
+            None
+        }
+        (Some(v), None) => bounded_integer(v, "user_id", MAX_USER_ID, &mut errors),
+        (None, Some(v)) => bounded_integer(v, "wp_user_id", MAX_USER_ID, &mut errors),
+        (None, None) => {
+            errors.push(FieldError::new("user_id", "is required"));
+            None
+        }
+    };
+
+    let source = parse_source(object.get("source"), &mut errors);
+    let model = parse_model(object.get("model"), &mut errors);
+    let tokens = parse_tokens(object, &mut errors);
+    let context = parse_context(object.get("context"), &mut errors);
+    let created_at_ms = parse_created_at(object.get("created_at"), limits, &mut errors);
+
+    match (event_id, user_id, source, model, tokens, context, created_at_ms) {
+        (Some(event_id), Some(user_id), Some(source), Some(model), Some(tokens), Some(context), Some(created_at_ms))
+            if errors.is_empty() =>
+        {
+            Ok(Event {
+                event_id,
+                user_id,
+                source,
+                model,
+                tokens,
+                context,
+                created_at_ms,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+/// Reads a required integer field in `0..=max`.
+pub fn bounded_integer(value: &Value, field: &str, max: u64, errors: &mut Vec<FieldError>) -> Option<u64> {
+    match value.as_u64() {
+        Some(n) if n <= max => Some(n),
+        _ => {
+            errors.push(FieldError::new(field, format!("must be an integer from 0 to {max}")));
+            None
+        }
+    }
+}
+
+pub fn parse_source(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Source> {
+    match value.and_then(Value::as_str).and_then(Source::parse) {
+        Some(source) => Some(source),
+        None => {
+            errors.push(FieldError::new(
+                "source",
+                "is required and must be one of inline, bulk, queue, manual",
+            ));
+            None
+        }
+    }
+}
+
+pub fn parse_model(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<ModelName> {
+    let Some(text) = value.and_then(Value::as_str) else {
+        errors.push(FieldError::new("model", "is required and must be a string"));
+        return None;
+    };
+    ModelName::parse(text)
+        .map_err(|rule| errors.push(FieldError::new("model", rule)))
+        .ok()
+}
+
+/// Reads the token fields of an event object and checks how they relate.
+pub fn parse_tokens(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<Tokens> {
+    let before = errors.len();
+    let mut required = |field: &str| match object.get(field) {
+        Some(v) => bounded_integer(v, field, MAX_TOKENS, errors),
+        None => {
+            errors.push(FieldError::new(field, "is required"));
+            None
+        }
+    };
+    let prompt = required("prompt_tokens");
+    let completion = required("completion_tokens");
+    let mut optional = |field: &str| match object.get(field) {
+        None | Some(Value::Null) => Some(0),
+        Some(v) => bounded_integer(v, field, MAX_TOKENS, errors),
+    };
+    let cached = optional("cached_tokens");
+    let cache_write = optional("cache_write_tokens");
+    let reasoning = optional("reasoning_tokens");
+    let total = match object.get("total_tokens") {
+        None | Some(Value::Null) => None,
+        Some(v) => bounded_integer(v, "total_tokens", 2 * MAX_TOKENS, errors),
+    };
+    if errors.len() > before {
+        return None;
+    }
+    let tokens = Tokens {
+        prompt: prompt?,
+        completion: completion?,
+        cached: cached?,
+        cache_write: cache_write?,
+        reasoning: reasoning?,
+    };
+    if let Some(total) = total
+        && total != tokens.total()
+    {
+        errors.push(FieldError::new(
+            "total_tokens",
+            format!("must equal prompt_tokens + completion_tokens ({})", tokens.total()),
+        ));
+    }
+    if tokens.cached > tokens.prompt {
+        errors.push(FieldError::new("cached_tokens", "must not exceed prompt_tokens"));
+    }
+    if tokens.cache_write > tokens.prompt {
+        errors.push(FieldError::new("cache_write_tokens", "must not exceed prompt_tokens"));
+    }
+    if tokens.reasoning > tokens.completion {
+        errors.push(FieldError::new("reasoning_tokens", "must not exceed completion_tokens"));
+    }
+    (errors.len() == before).then_some(tokens)
+}
+
+/// Checks an optional `context` object; `Some(None)` means absent, `None` means invalid.
+pub fn parse_context(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Option<String>> {
+    let object = match value {
+        None | Some(Value::Null) => return Some(None),
+        Some(v @ Value::Object(_)) => v,
+        Some(_) => {
+            errors.push(FieldError::new("context", "must be a JSON object"));
+            return None;
+        }
+    };
+    if depth(object) > MAX_CONTEXT_DEPTH {
+        errors.push(FieldError::new(
+            "context",
+            format!("must not nest deeper than {MAX_CONTEXT_DEPTH} levels"),
+        ));
+        return None;
+    }
+    let text = object.to_string();
+    if text.len() > MAX_CONTEXT_BYTES {
+        errors.push(FieldError::new(
+            "context",
+            format!("must be at most {MAX_CONTEXT_BYTES} bytes serialized"),
+        ));
+        return None;
+    }
+    Some(Some(text))
+}
+
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Reads an optional RFC 3339 `created_at` (default now) within the allowed window,
+/// as milliseconds since the epoch.
+pub fn parse_created_at(value: Option<&Value>, limits: Limits, errors: &mut Vec<FieldError>) -> Option<i64> {
+    let at = match value {
+        None | Some(Value::Null) => return Some(limits.now.timestamp_millis()),
+        Some(v) => match v.as_str().map(DateTime::parse_from_rfc3339) {
+            Some(Ok(at)) => at.with_timezone(&Utc),
+            _ => {
+                errors.push(FieldError::new(
+                    "created_at",
+                    "must be an RFC 3339 timestamp such as 2026-11-27T10:29:58Z",
+                ));
+                return None;
+            }
+        },
+    };
+    if at > limits.now + MAX_FUTURE_SKEW {
+        errors.push(FieldError::new(
+            "created_at",
+            "must not be more than 5 minutes in the future",
+        ));
+        return None;
+    }
+    if at < limits.now - limits.max_age {
+        errors.push(FieldError::new(
+            "created_at",
+            format!("must not be older than {} days", limits.max_age.num_days()),
+        ));
+        return None;
+    }
+    Some(at.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn limits() -> Limits {
+        Limits {
+            now: Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap(),
+            max_age: Duration::days(90),
+        }
+    }
+
+    fn valid() -> Value {
+        json!({"user_id": 5, "source": "bulk", "model": "gpt-4o-mini",
+               "prompt_tokens": 150, "completion_tokens": 25})
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut event = valid();
+        event[field] = value;
+        event
+    }
+
+    fn fields_rejected(event: Value) -> Vec<String> {
+        parse_event(&event, limits())
+            .expect_err("event should be rejected")
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn a_minimal_event_gets_defaults() {
+        let event = parse_event(&valid(), limits()).unwrap();
+        assert_eq!(event.user_id, 5);
+        assert_eq!(event.source, Source::Bulk);
+        assert_eq!(event.tokens.total(), 175);
+        assert_eq!(event.created_at_ms, limits().now.timestamp_millis());
+        assert_eq!(event.event_id.get_version_num(), 7);
+        assert_eq!(event.context, None);
+    }
+
+    #[test]
+    fn wp_user_id_is_an_alias() {
+        let mut event = valid();
+        event.as_object_mut().unwrap().remove("user_id");
+        event["wp_user_id"] = json!(9);
+        assert_eq!(parse_event(&event, limits()).unwrap().user_id, 9);
+        assert_eq!(fields_rejected(with("wp_user_id", json!(9))), ["user_id"]);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (with("event_id", json!("not-a-uuid")), "event_id"),
+            (with("user_id", json!(-1)), "user_id"),
+            (with("user_id", json!(MAX_USER_ID + 1)), "user_id"),
+            (with("user_id", json!("5")), "user_id"),
+            (with("source", json!("cron")), "source"),
+            (with("model", json!("")), "model"),
+            (with("model", json!("gpt 4")), "model"),
+            (with("model", json!("x".repeat(129))), "model"),
+            (with("prompt_tokens", json!(MAX_TOKENS + 1)), "prompt_tokens"),
+            (with("completion_tokens", json!(1.5)), "completion_tokens"),
+            (with("total_tokens", json!(100)), "total_tokens"),
+            (with("cached_tokens", json!(151)), "cached_tokens"),
+            (with("cache_write_tokens", json!(151)), "cache_write_tokens"),
+            (with("reasoning_tokens", json!(26)), "reasoning_tokens"),
+            (with("context", json!([1, 2])), "context"),
+            (with("context", json!({"a": "x".repeat(4100)})), "context"),
+            (with("context", json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":1}}}}}}}}})), "context"),
+            (with("created_at", json!("yesterday")), "created_at"),
+            (with("created_at", json!("2026-11-27T12:06:00Z")), "created_at"),
+            (with("created_at", json!("2026-08-01T00:00:00Z")), "created_at"),
+            (with("colour", json!("red")), "colour"),
+        ];
+        for (event, field) in cases {
+            assert_eq!(fields_rejected(event.clone()), [field], "event {event}");
+        }
+    }
+
+    #[test]
+    fn missing_required_fields_are_all_reported() {
+        let fields = fields_rejected(json!({}));
+        for field in ["user_id", "source", "model", "prompt_tokens", "completion_tokens"] {
+            assert!(fields.contains(&field.to_string()), "{field} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn boundaries_are_inclusive() {
+        let event = json!({"user_id": MAX_USER_ID, "source": "manual", "model": "a",
+            "prompt_tokens": MAX_TOKENS, "completion_tokens": 0, "total_tokens": MAX_TOKENS,
+            "cached_tokens": MAX_TOKENS, "created_at": "2026-11-27T12:05:00Z",
+            "context": {"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":1}}}}}}}}});
+        assert!(parse_event(&event, limits()).is_ok());
+    }
+
+    #[test]
+    fn source_codes_round_trip() {
+        for source in Source::ALL {
+            assert_eq!(Source::from_code(source.code().into()), Some(source));
+        }
+        assert_eq!(Source::from_code(4), None);
+    }
+}

@@ -1,0 +1,133 @@
+//! Credentials checks of the receiver: the enrollment bearer token and the provider's
+//! basic auth, both compared in constant time.
+//!
+//! Signature verification is not here: it is [`crate::sync::signing::verify`], called by
+//! the ingest handler. Nothing here logs or echoes a credential.
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+
+/// The challenge sent with every provider `401`.
+pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
+
+/// Compares two credentials in constant time. Both sides are hashed first, so the time
+/// taken does not even reveal the expected length.
+pub fn credential_eq(given: &[u8], expected: &[u8]) -> bool {
+    let given = Sha256::digest(given);
+    let expected = Sha256::digest(expected);
+    given.ct_eq(&expected).into()
+}
+
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Checks provider basic auth. Unset credentials refuse everyone.
+pub fn require_provider(
+    headers: &HeaderMap,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<(), ApiError> {
+    let challenge = |message: &str| {
+        ApiError::unauthorized("unauthorized", message).with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(BASIC_CHALLENGE),
+        )
+    };
+    let (Some(username), Some(password)) = (username, password) else {
+        return Err(challenge(
+            "provider access is disabled: set PROVIDER_USERNAME and PROVIDER_PASSWORD",
+        ));
+    };
+    let Some((given_user, given_password)) = basic_credentials(headers) else {
+        return Err(challenge("basic authentication is required"));
+    };
+    // Both comparisons always run, so timing does not tell which part was wrong.
+    let user_ok = credential_eq(given_user.as_bytes(), username.as_bytes());
+    let password_ok = credential_eq(given_password.as_bytes(), password.as_bytes());
+    if user_ok & password_ok {
+        Ok(())
+    } else {
+        Err(challenge("wrong username or password"))
+    }
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        with_auth(&format!(
+            "Basic {}",
+            STANDARD.encode(format!("{user}:{password}"))
+        ))
+    }
+
+    #[test]
+    fn basic_auth_accepts_only_the_configured_pair() {
+        let check = |headers: &HeaderMap| require_provider(headers, Some("admin"), Some("p:w"));
+        assert!(check(&basic("admin", "p:w")).is_ok());
+        for headers in [
+            basic("admin", "p:x"),
+            basic("Admin", "p:w"),
+            basic("", ""),
+            with_auth("Bearer p:w"),
+            with_auth("Basic !!!"),
+            HeaderMap::new(),
+        ] {
+            let error = check(&headers).unwrap_err();
+            assert_eq!(error.status, 401);
+        }
+    }
+
+    #[test]
+    fn unset_credentials_refuse_everyone() {
+        let error = require_provider(&basic("", ""), None, None).unwrap_err();
+        assert_eq!(error.status, 401);
+        assert!(require_provider(&basic("a", ""), Some("a"), None).is_err());
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        assert_eq!(bearer_token(&with_auth("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&with_auth("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&with_auth("Basic abc")), None);
+        assert_eq!(bearer_token(&with_auth("Bearer ")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn credentials_compare_by_content() {
+        assert!(credential_eq(b"token", b"token"));
+        assert!(!credential_eq(b"token", b"token2"));
+        assert!(!credential_eq(b"", b"token"));
+    }
+}

@@ -1,0 +1,323 @@
+//! `POST /api/usage/event`: verify, validate, dedupe and store one signed batch
+//! (SPEC section 5).
+//!
+//! Checks run in this order, so an unauthenticated caller learns nothing about the body:
+//! body size (413), install id (401), content encoding (415) and decompression (413/400),
+//! signature and timestamp (401), install disabled (403), rate limit (429), content type
+//! (415), JSON (400), batch shape (422), then each event on its own (rejected events are
+//! listed in the answer, the others stored). The whole check-and-store runs on the
+//! blocking pool: it is CPU work (gzip, HMAC, JSON) followed by one SQLite transaction.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::AppState;
+use super::error::{ApiError, is_json_content_type};
+use super::rate_limit::retry_after_secs;
+use super::store::{Install, NewEvent};
+use crate::sync::signing::{
+    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+};
+use crate::sync::wire::{
+    self, BatchEnvelope, BatchResult, GunzipError, MAX_BATCH_EVENTS, RejectedEvent, WireEvent,
+};
+
+/// Longest install id looked up; longer ones cannot be enrolled anyway.
+const MAX_INSTALL_ID_LEN: usize = 128;
+
+pub async fn ingest(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BatchResult>, ApiError> {
+    let body = body.map_err(body_rejection)?;
+    let started = Instant::now();
+    let install_id = header_str(&headers, HEADER_INSTALL_ID).to_owned();
+    let task_app = app.clone();
+    let result =
+        tokio::task::spawn_blocking(move || handle(&task_app, &headers, &body, Utc::now()))
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "the ingest task failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the batch could not be processed",
+                )
+            })?;
+    match &result {
+        Ok(result) => tracing::info!(
+            install_id = %install_id,
+            batch_id = %result.batch_id,
+            accepted = result.accepted,
+            duplicates = result.duplicates,
+            rejected = result.rejected.len(),
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "batch ingested"
+        ),
+        Err(error) => tracing::warn!(
+            install_id = %install_id,
+            status = error.status.as_u16(),
+            code = error.code,
+            message = %error.message,
+            "batch refused"
+        ),
+    }
+    result.map(Json)
+}
+
+/// Maps a failure to read the body: too large is `413`, anything else `400`.
+pub fn body_rejection(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large("the request body is larger than the receiver accepts")
+    } else {
+        ApiError::bad_request("unreadable_body", "the request body could not be read")
+    }
+}
+
+/// Maps a storage failure to `503`, logging the cause (which never holds a secret).
+pub fn store_unavailable(error: super::store::StoreError) -> ApiError {
+    tracing::error!(%error, "receiver store failure");
+    ApiError::unavailable(5)
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// Checks and stores one batch.
+fn handle(
+    app: &AppState,
+    headers: &HeaderMap,
+    raw: &[u8],
+    now: DateTime<Utc>,
+) -> Result<BatchResult, ApiError> {
+    let install = find_install(app, headers)?;
+
+    let decoded;
+    let body: &[u8] = match header_str(headers, header::CONTENT_ENCODING.as_str()) {
+        "" | "identity" => raw,
+        encoding if encoding.eq_ignore_ascii_case("gzip") => {
+            decoded =
+                wire::gunzip(raw, app.settings.max_decompressed_bytes).map_err(
+                    |error| match error {
+                        GunzipError::TooLarge { max } => ApiError::too_large(format!(
+                            "the decompressed body is larger than {max} bytes"
+                        )),
+                        GunzipError::Corrupt => {
+                            ApiError::bad_request("bad_gzip", "the body is not valid gzip")
+                        }
+                    },
+                )?;
+            &decoded
+        }
+        _ => {
+            return Err(ApiError::unsupported_media_type(
+                "content-encoding must be gzip or absent",
+            ));
+        }
+    };
+
+    signing::verify(
+        &install.secret,
+        header_str(headers, HEADER_ID),
+        header_str(headers, HEADER_TIMESTAMP),
+        header_str(headers, HEADER_SIGNATURE),
+        body,
+        now.timestamp(),
+        app.settings.signature_tolerance_s,
+    )
+    .map_err(|error| ApiError::unauthorized("invalid_signature", error.to_string()))?;
+
+    if install.disabled {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "install_disabled",
+            "this install is disabled",
+        ));
+    }
+    app.limiter
+        .check(install.key, Instant::now())
+        .map_err(|wait| {
+            let seconds = retry_after_secs(wait);
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "more than {} requests per minute; retry in {seconds} s",
+                    app.settings.rate_limit_per_min
+                ),
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
+        })?;
+
+    if !is_json_content_type(headers) {
+        return Err(ApiError::unsupported_media_type(
+            "content-type must be application/json",
+        ));
+    }
+    let envelope = parse_envelope(body)?;
+    check_envelope(&envelope, &install, header_str(headers, HEADER_ID))?;
+
+    let mut valid = Vec::with_capacity(envelope.events.len());
+    let mut rejected = Vec::new();
+    for value in &envelope.events {
+        let parsed = wire::parse_wire_event(value, now)
+            .map_err(|errors| wire::rejection_reason(&errors))
+            .and_then(|event| {
+                new_event(event).ok_or_else(|| "event: could not be stored".to_owned())
+            });
+        match parsed {
+            Ok(event) => valid.push(event),
+            Err(reason) => rejected.push(RejectedEvent {
+                event_id: value
+                    .get("event_id")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_owned(),
+                reason,
+            }),
+        }
+    }
+    let counts = if valid.is_empty() {
+        Default::default()
+    } else {
+        app.store
+            .ingest(install.key, &valid, now.timestamp_millis())
+            .map_err(store_unavailable)?
+    };
+    Ok(BatchResult {
+        batch_id: envelope.batch_id,
+        accepted: counts.accepted,
+        duplicates: counts.duplicates,
+        rejected,
+    })
+}
+
+fn find_install(app: &AppState, headers: &HeaderMap) -> Result<Install, ApiError> {
+    let install_id = header_str(headers, HEADER_INSTALL_ID);
+    if install_id.is_empty() {
+        return Err(ApiError::unauthorized(
+            "missing_install_id",
+            format!("the {HEADER_INSTALL_ID} header is required"),
+        ));
+    }
+    let unknown = || ApiError::unauthorized("unknown_install", "this install is not enrolled");
+    if install_id.len() > MAX_INSTALL_ID_LEN {
+        return Err(unknown());
+    }
+    app.store
+        .find_install(install_id)
+        .map_err(store_unavailable)?
+        .ok_or_else(unknown)
+}
+
+/// Reads the batch envelope: bad JSON syntax is `400`, JSON of the wrong shape `422`.
+fn parse_envelope(body: &[u8]) -> Result<BatchEnvelope, ApiError> {
+    serde_json::from_slice(body).map_err(|error| {
+        if error.classify() == serde_json::error::Category::Data {
+            ApiError::invalid(
+                "invalid_batch",
+                format!("the batch has the wrong shape: {error}"),
+            )
+        } else {
+            ApiError::bad_request(
+                "malformed_json",
+                format!("the body is not valid JSON: {error}"),
+            )
+        }
+    })
+}
+
+fn check_envelope(
+    envelope: &BatchEnvelope,
+    install: &Install,
+    webhook_id: &str,
+) -> Result<(), ApiError> {
+    let mut details = Vec::new();
+    if envelope.install_id != install.install_id {
+        details.push(json!({"field": "install_id",
+            "message": format!("must equal the {HEADER_INSTALL_ID} header")}));
+    }
+    if uuid::Uuid::parse_str(webhook_id).ok() != Some(envelope.batch_id) {
+        details.push(json!({"field": "batch_id",
+            "message": format!("must equal the {HEADER_ID} header")}));
+    }
+    if envelope.events.len() > MAX_BATCH_EVENTS {
+        details.push(json!({"field": "events",
+            "message": format!("must hold at most {MAX_BATCH_EVENTS} events, not {}", envelope.events.len())}));
+    }
+    if DateTime::parse_from_rfc3339(&envelope.sent_at).is_err() {
+        details.push(json!({"field": "sent_at", "message": "must be an RFC 3339 timestamp"}));
+    }
+    if details.is_empty() {
+        Ok(())
+    } else {
+        Err(
+            ApiError::invalid("invalid_batch", "the batch envelope is invalid")
+                .with_details(details),
+        )
+    }
+}
+
+/// The storable form of a validated wire event; `None` only if validation let through
+/// something it should not have.
+fn new_event(event: WireEvent) -> Option<NewEvent> {
+    let created_at_ms = event.created_at_ms()?;
+    Some(NewEvent {
+        event_id: event.event_id,
+        user_hash: decode_hash(&event.user_hash)?,
+        source: event.source,
+        model: event.model.as_str().to_owned(),
+        prompt_tokens: event.prompt_tokens,
+        completion_tokens: event.completion_tokens,
+        cached_tokens: event.cached_tokens,
+        cache_write_tokens: event.cache_write_tokens,
+        reasoning_tokens: event.reasoning_tokens,
+        context: event.context.map(|c| c.to_string()),
+        created_at_ms,
+    })
+}
+
+fn decode_hash(hex: &str) -> Option<[u8; 32]> {
+    let digits = hex.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = nibble(digits[2 * i])? << 4 | nibble(digits[2 * i + 1])?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::wire::to_hex;
+
+    #[test]
+    fn hashes_decode_back_to_their_bytes() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
+        assert_eq!(decode_hash(&to_hex(&bytes)), Some(bytes));
+        assert_eq!(decode_hash("zz"), None);
+        assert_eq!(decode_hash(&"g".repeat(64)), None);
+    }
+}

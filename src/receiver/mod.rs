@@ -1,0 +1,115 @@
+//! The bundled receiver: the backend's ingest side (verify, dedupe, store) and the
+//! provider's read views (SPEC section 6).
+//!
+//! **Invariant:** from the rest of the crate the receiver uses only the pure event rules
+//! ([`crate::event`]), the wire types ([`crate::sync::wire`]) and the signing code
+//! ([`crate::sync::signing`]); it shares no state, store or configuration with the agent.
+//!
+//! Code map: [`serve`] and the router are here; [`settings`] reads the environment;
+//! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
+//! [`ingest`], [`enroll`] and [`provider`] are the handlers; [`auth`] checks tokens and
+//! basic auth; [`rate_limit`] limits requests per install; [`error`] shapes error answers.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use chrono::Utc;
+
+pub mod auth;
+pub mod enroll;
+pub mod error;
+pub mod ingest;
+pub mod provider;
+pub mod rate_limit;
+pub mod settings;
+pub mod sqlite;
+pub mod store;
+
+pub use settings::{ReceiverSettings, SettingsError};
+pub use store::{Store, StoreError};
+
+/// How long raw events are kept: longer than any event the receiver accepts (91 days),
+/// so a re-sent event is always recognised as a duplicate.
+pub const EVENT_RETENTION: chrono::Duration = chrono::Duration::days(92);
+/// How often old events are purged.
+const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+/// Events deleted per purge transaction.
+const RETENTION_CHUNK: usize = 5000;
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: ReceiverSettings,
+    pub store: Arc<dyn Store>,
+    pub limiter: rate_limit::RateLimiter,
+}
+
+/// Opens (creating it and its parent directories if needed) the SQLite store at `path`.
+pub fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(sqlite::SqliteStore::open(path)?))
+}
+
+/// The receiver's routes over a shared state.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/api/installations", post(enroll::enroll))
+        .route("/api/usage/event", post(ingest::ingest))
+        .route("/api/usage/summary", get(provider::summary))
+        .route("/api/usage/events", get(provider::events))
+        .route("/health", get(provider::health))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves the receiver on an already-bound listener until `shutdown` completes, then
+/// finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
+/// at start and every hour.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    settings: ReceiverSettings,
+    store: Arc<dyn Store>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let state = Arc::new(AppState {
+        limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
+        settings,
+        store: store.clone(),
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "receiver listening");
+    }
+    let retention = tokio::spawn(retention_loop(store));
+    let result = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    retention.abort();
+    tracing::info!("receiver stopped");
+    result
+}
+
+async fn retention_loop(store: Arc<dyn Store>) {
+    let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        ticks.tick().await;
+        let cutoff = (Utc::now() - EVENT_RETENTION).timestamp_millis();
+        let task_store = store.clone();
+        let purged = tokio::task::spawn_blocking(move || {
+            task_store.delete_events_before(cutoff, RETENTION_CHUNK)
+        })
+        .await;
+        match purged {
+            Ok(Ok(0)) => {}
+            Ok(Ok(count)) => tracing::info!(count, "purged events past retention"),
+            Ok(Err(error)) => tracing::error!(%error, "could not purge old events"),
+            Err(error) => tracing::error!(%error, "the purge task failed"),
+        }
+    }
+}

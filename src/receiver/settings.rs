@@ -1,0 +1,300 @@
+//! The receiver's settings, read from the environment variables its operators know
+//! (SPEC section 6), or built directly as a plain struct in tests.
+//!
+//! This module only reads and checks values; it does not act on them. Secrets (the
+//! enrollment token and the provider password) never appear in `Debug` output.
+
+use std::collections::BTreeMap;
+
+/// Default requests per install per minute.
+pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
+/// Default signature timestamp tolerance, in seconds, in either direction.
+pub const DEFAULT_SIGNATURE_TOLERANCE_S: i64 = 300;
+/// Default largest request body as received (compressed or not).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;
+/// Default largest body after gzip decompression.
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 10 << 20;
+
+/// Everything the receiver can be told. `Default` gives the documented defaults with no
+/// enrollment token and no provider credentials (so enrollment and provider views refuse).
+#[derive(Clone)]
+pub struct ReceiverSettings {
+    /// `ENROLLMENT_TOKEN`: the bearer token that authorizes `POST /api/installations`.
+    pub enrollment_token: Option<String>,
+    /// `PROVIDER_USERNAME`: basic-auth user for every provider endpoint.
+    pub provider_username: Option<String>,
+    /// `PROVIDER_PASSWORD`: basic-auth password for every provider endpoint.
+    pub provider_password: Option<String>,
+    /// `ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE`: accept an enrollment without the token for an
+    /// install id never seen before (trust on first use).
+    pub allow_first_sync_without_signature: bool,
+    /// `RATE_LIMIT_PER_MIN`: ingest requests per install per minute; 0 turns the limit off.
+    pub rate_limit_per_min: u32,
+    /// `SIGNATURE_TOLERANCE_S`: how far a signature timestamp may be from the clock.
+    pub signature_tolerance_s: i64,
+    /// `DEFAULT_COST_PER_1K_TOKENS`: price of 1000 tokens of a model with no override.
+    pub default_cost_per_1k_tokens: Option<f64>,
+    /// `MODEL_COST_OVERRIDES`: JSON object, model name to price per 1000 tokens.
+    pub model_cost_overrides: BTreeMap<String, f64>,
+    /// `PLAN_FREE_MONTHLY`: monthly revenue of a free install.
+    pub plan_free_monthly: Option<f64>,
+    /// `PLAN_PRO_MONTHLY`: monthly revenue of a pro install.
+    pub plan_pro_monthly: Option<f64>,
+    /// `PLAN_AGENCY_MONTHLY`: monthly revenue of an agency install.
+    pub plan_agency_monthly: Option<f64>,
+    /// Largest request body as received (not an environment variable).
+    pub max_body_bytes: usize,
+    /// Largest ingest body after gzip decompression (not an environment variable).
+    pub max_decompressed_bytes: usize,
+}
+
+impl Default for ReceiverSettings {
+    fn default() -> ReceiverSettings {
+        ReceiverSettings {
+            enrollment_token: None,
+            provider_username: None,
+            provider_password: None,
+            allow_first_sync_without_signature: false,
+            rate_limit_per_min: DEFAULT_RATE_LIMIT_PER_MIN,
+            signature_tolerance_s: DEFAULT_SIGNATURE_TOLERANCE_S,
+            default_cost_per_1k_tokens: None,
+            model_cost_overrides: BTreeMap::new(),
+            plan_free_monthly: None,
+            plan_pro_monthly: None,
+            plan_agency_monthly: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+        }
+    }
+}
+
+impl std::fmt::Debug for ReceiverSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
+        f.debug_struct("ReceiverSettings")
+            .field("enrollment_token", &redacted(&self.enrollment_token))
+            .field("provider_username", &self.provider_username)
+            .field("provider_password", &redacted(&self.provider_password))
+            .field(
+                "allow_first_sync_without_signature",
+                &self.allow_first_sync_without_signature,
+            )
+            .field("rate_limit_per_min", &self.rate_limit_per_min)
+            .field("signature_tolerance_s", &self.signature_tolerance_s)
+            .field(
+                "default_cost_per_1k_tokens",
+                &self.default_cost_per_1k_tokens,
+            )
+            .field("model_cost_overrides", &self.model_cost_overrides)
+            .field("plan_free_monthly", &self.plan_free_monthly)
+            .field("plan_pro_monthly", &self.plan_pro_monthly)
+            .field("plan_agency_monthly", &self.plan_agency_monthly)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_decompressed_bytes", &self.max_decompressed_bytes)
+            .finish()
+    }
+}
+
+/// A setting that could not be read; names the variable, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("environment variable {name} {rule}")]
+pub struct SettingsError {
+    pub name: &'static str,
+    pub rule: String,
+}
+
+impl SettingsError {
+    fn new(name: &'static str, rule: impl Into<String>) -> SettingsError {
+        SettingsError {
+            name,
+            rule: rule.into(),
+        }
+    }
+}
+
+impl ReceiverSettings {
+    /// Reads the settings from the process environment. An empty variable counts as unset.
+    pub fn from_env() -> Result<ReceiverSettings, SettingsError> {
+        ReceiverSettings::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup` (a variable name to its value), so tests need
+    /// not touch the process environment.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<ReceiverSettings, SettingsError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let defaults = ReceiverSettings::default();
+        Ok(ReceiverSettings {
+            enrollment_token: get("ENROLLMENT_TOKEN"),
+            provider_username: get("PROVIDER_USERNAME"),
+            provider_password: get("PROVIDER_PASSWORD"),
+            allow_first_sync_without_signature: match get("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE") {
+                None => false,
+                Some(text) => parse_bool("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE", &text)?,
+            },
+            rate_limit_per_min: match get("RATE_LIMIT_PER_MIN") {
+                None => defaults.rate_limit_per_min,
+                Some(text) => text.trim().parse().map_err(|_| {
+                    SettingsError::new(
+                        "RATE_LIMIT_PER_MIN",
+                        "must be a whole number of requests (0 turns the limit off)",
+                    )
+                })?,
+            },
+            signature_tolerance_s: match get("SIGNATURE_TOLERANCE_S") {
+                None => defaults.signature_tolerance_s,
+                Some(text) => match text.trim().parse::<i64>() {
+                    Ok(seconds) if seconds > 0 => seconds,
+                    _ => {
+                        return Err(SettingsError::new(
+                            "SIGNATURE_TOLERANCE_S",
+                            "must be a positive whole number of seconds",
+                        ));
+                    }
+                },
+            },
+            default_cost_per_1k_tokens: parse_money(&get, "DEFAULT_COST_PER_1K_TOKENS")?,
+            model_cost_overrides: match get("MODEL_COST_OVERRIDES") {
+                None => BTreeMap::new(),
+                Some(text) => parse_overrides(&text)?,
+            },
+            plan_free_monthly: parse_money(&get, "PLAN_FREE_MONTHLY")?,
+            plan_pro_monthly: parse_money(&get, "PLAN_PRO_MONTHLY")?,
+            plan_agency_monthly: parse_money(&get, "PLAN_AGENCY_MONTHLY")?,
+            ..defaults
+        })
+    }
+}
+
+fn parse_bool(name: &'static str, text: &str) -> Result<bool, SettingsError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(SettingsError::new(name, "must be true or false")),
+    }
+}
+
+fn parse_money(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<Option<f64>, SettingsError> {
+    let Some(text) = get(name) else {
+        return Ok(None);
+    };
+    match text.trim().parse::<f64>() {
+        Ok(amount) if amount.is_finite() && amount >= 0.0 => Ok(Some(amount)),
+        _ => Err(SettingsError::new(
+            name,
+            "must be a non-negative number such as 0.002",
+        )),
+    }
+}
+
+fn parse_overrides(text: &str) -> Result<BTreeMap<String, f64>, SettingsError> {
+    const NAME: &str = "MODEL_COST_OVERRIDES";
+    let invalid = || {
+        SettingsError::new(
+            NAME,
+            "must be a JSON object of model name to non-negative cost per 1K tokens, such as {\"gpt-4o\": 0.005}",
+        )
+    };
+    let map: BTreeMap<String, f64> = serde_json::from_str(text).map_err(|_| invalid())?;
+    if map.values().any(|cost| !cost.is_finite() || *cost < 0.0) {
+        return Err(invalid());
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(vars: &[(&str, &str)]) -> Result<ReceiverSettings, SettingsError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ReceiverSettings::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let settings = from(&[]).unwrap();
+        assert_eq!(settings.enrollment_token, None);
+        assert!(!settings.allow_first_sync_without_signature);
+        assert_eq!(settings.rate_limit_per_min, 100);
+        assert_eq!(settings.signature_tolerance_s, 300);
+        assert!(settings.model_cost_overrides.is_empty());
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let settings = from(&[
+            ("ENROLLMENT_TOKEN", "tok"),
+            ("PROVIDER_USERNAME", "admin"),
+            ("PROVIDER_PASSWORD", "pw"),
+            ("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE", "TRUE"),
+            ("RATE_LIMIT_PER_MIN", "7"),
+            ("SIGNATURE_TOLERANCE_S", "60"),
+            ("DEFAULT_COST_PER_1K_TOKENS", "0.002"),
+            ("MODEL_COST_OVERRIDES", r#"{"gpt-4o": 0.005}"#),
+            ("PLAN_FREE_MONTHLY", "0"),
+            ("PLAN_PRO_MONTHLY", "19"),
+            ("PLAN_AGENCY_MONTHLY", "99.5"),
+        ])
+        .unwrap();
+        assert_eq!(settings.enrollment_token.as_deref(), Some("tok"));
+        assert_eq!(settings.provider_username.as_deref(), Some("admin"));
+        assert_eq!(settings.provider_password.as_deref(), Some("pw"));
+        assert!(settings.allow_first_sync_without_signature);
+        assert_eq!(settings.rate_limit_per_min, 7);
+        assert_eq!(settings.signature_tolerance_s, 60);
+        assert_eq!(settings.default_cost_per_1k_tokens, Some(0.002));
+        assert_eq!(settings.model_cost_overrides["gpt-4o"], 0.005);
+        assert_eq!(settings.plan_free_monthly, Some(0.0));
+        assert_eq!(settings.plan_pro_monthly, Some(19.0));
+        assert_eq!(settings.plan_agency_monthly, Some(99.5));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            ("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE", "maybe"),
+            ("RATE_LIMIT_PER_MIN", "-1"),
+            ("SIGNATURE_TOLERANCE_S", "0"),
+            ("DEFAULT_COST_PER_1K_TOKENS", "cheap"),
+            ("MODEL_COST_OVERRIDES", "[1]"),
+            ("MODEL_COST_OVERRIDES", r#"{"m": -1}"#),
+            ("PLAN_PRO_MONTHLY", "-5"),
+        ];
+        for (name, value) in cases {
+            let error = from(&[(name, value)]).unwrap_err();
+            assert_eq!(error.name, name);
+            assert!(error.to_string().starts_with("environment variable"));
+        }
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let settings = from(&[("ENROLLMENT_TOKEN", ""), ("RATE_LIMIT_PER_MIN", " ")]).unwrap();
+        assert_eq!(settings.enrollment_token, None);
+        assert_eq!(settings.rate_limit_per_min, 100);
+    }
+
+    #[test]
+    fn debug_redacts_the_secrets() {
+        let settings = from(&[
+            ("ENROLLMENT_TOKEN", "tok-secret"),
+            ("PROVIDER_PASSWORD", "pw-secret"),
+        ])
+        .unwrap();
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("tok-secret") && !shown.contains("pw-secret"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
+    }
+}

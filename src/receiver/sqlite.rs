@@ -1,0 +1,648 @@
+//! The bundled receiver's SQLite store: every SQL statement of the receiver lives here.
+//!
+//! One writer connection (enroll, ingest, retention) and one reader connection (install
+//! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
+//! Each install is stored once and events refer to it by an integer key; event ids are
+//! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
+//! This module knows nothing about HTTP.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::store::{
+    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
+    NewEvent, NewInstall, Store, StoreError, StoredEvent, Summary, SummaryQuery, SummaryRow,
+    TimeRange, Totals,
+};
+use crate::event::Source;
+use crate::sync::signing::Secret;
+use crate::sync::wire::to_hex;
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Migrations, applied in order; `PRAGMA user_version` counts those applied.
+/// Append only: never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE installs (
+    id          INTEGER PRIMARY KEY,
+    install_id  TEXT NOT NULL UNIQUE,
+    secret      TEXT NOT NULL,
+    site_hash   TEXT NOT NULL,
+    plan        TEXT NOT NULL DEFAULT 'free',
+    disabled    INTEGER NOT NULL DEFAULT 0,
+    enrolled_at INTEGER NOT NULL,
+    last_seen   INTEGER
+);
+CREATE TABLE events (
+    install            INTEGER NOT NULL,
+    event_id           BLOB NOT NULL,
+    user_hash          BLOB NOT NULL,
+    source             INTEGER NOT NULL,
+    model              TEXT NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens   INTEGER NOT NULL,
+    context            TEXT,
+    created_at         INTEGER NOT NULL,
+    received_at        INTEGER NOT NULL,
+    PRIMARY KEY (install, event_id)
+) WITHOUT ROWID;
+CREATE INDEX events_by_time ON events (created_at);
+"#];
+
+/// The receiver's SQLite database.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        StoreError::Backend(Box::new(error))
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, creating its parent directories,
+    /// and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let open_error = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
+        }
+        let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        migrate(&mut writer).map_err(|e| open_error(Box::new(e)))?;
+        let reader = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction behind
+        // (rusqlite rolls back on drop), so a poisoned lock is safe to reuse.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    // NORMAL in WAL mode survives a process crash; the agent keeps every event until it is
+    // acknowledged, so a batch lost to a power cut is simply sent again.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let applied: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn install_key(conn: &Connection, install_id: &str) -> rusqlite::Result<Option<InstallKey>> {
+    conn.prepare_cached("SELECT id FROM installs WHERE install_id = ?1")?
+        .query_row(params![install_id], |row| row.get(0))
+        .optional()
+}
+
+fn range_bounds(range: TimeRange) -> (i64, i64) {
+    (
+        range.from_ms.unwrap_or(i64::MIN),
+        range.to_ms.unwrap_or(i64::MAX),
+    )
+}
+
+fn source_from(code: i64) -> Result<Source, StoreError> {
+    Source::from_code(code)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown source code {code}")))
+}
+
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
+    Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("an event id is not 16 bytes".into()))
+}
+
+impl Store for SqliteStore {
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .prepare_cached("SELECT secret FROM installs WHERE install_id = ?1")?
+            .query_row(params![install.install_id], |row| row.get(0))
+            .optional()?;
+        let outcome = match existing {
+            Some(stored) => match Secret::parse(&stored) {
+                Ok(stored) if stored == install.secret => EnrollOutcome::AlreadyEnrolled,
+                _ => EnrollOutcome::Conflict,
+            },
+            None => {
+                tx.prepare_cached(
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    install.install_id,
+                    install.secret.to_whsec(),
+                    install.site_hash,
+                    install.enrolled_at_ms
+                ])?;
+                EnrollOutcome::Created
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, StoreError> {
+        let conn = self.reader();
+        let row: Option<(InstallKey, String, bool)> = conn
+            .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = ?1")?
+            .query_row(params![install_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        let Some((key, secret, disabled)) = row else {
+            return Ok(None);
+        };
+        let secret = Secret::parse(&secret).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "the stored secret of an install is unreadable: {e}"
+            ))
+        })?;
+        Ok(Some(Install {
+            key,
+            install_id: install_id.to_owned(),
+            secret,
+            disabled,
+        }))
+    }
+
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: &[NewEvent],
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut counts = IngestCounts::default();
+        {
+            // `OR IGNORE` on the primary key is the dedupe: it skips an id stored by an
+            // earlier batch or earlier in this one, inside this same transaction.
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
+                     prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+                     reasoning_tokens, context, created_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?;
+            for event in events {
+                let inserted = insert.execute(params![
+                    install,
+                    event.event_id.as_bytes().as_slice(),
+                    event.user_hash.as_slice(),
+                    event.source.code(),
+                    event.model,
+                    event.prompt_tokens,
+                    event.completion_tokens,
+                    event.cached_tokens,
+                    event.cache_write_tokens,
+                    event.reasoning_tokens,
+                    event.context,
+                    event.created_at_ms,
+                    received_at_ms,
+                ])?;
+                if inserted == 1 {
+                    counts.accepted += 1;
+                } else {
+                    counts.duplicates += 1;
+                }
+            }
+            tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
+                .execute(params![install, received_at_ms])?;
+        }
+        tx.commit()?;
+        Ok(counts)
+    }
+
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(Summary::default()),
+            },
+        };
+        let group = query.group_by;
+        // Only these fixed fragments are ever spliced into the SQL text.
+        let mut keys = Vec::new();
+        if group.day {
+            keys.push(format!("created_at / {MS_PER_DAY}"));
+        }
+        if group.user {
+            keys.push("user_hash".to_owned());
+        }
+        if group.source {
+            keys.push("source".to_owned());
+        }
+        if group.model {
+            keys.push("model".to_owned());
+        }
+        let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
+        let group_clause = if keys.is_empty() {
+            String::new()
+        } else {
+            format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
+        };
+        let sql = format!(
+            "SELECT {key_columns} count(*), coalesce(sum(prompt_tokens), 0),
+                    coalesce(sum(completion_tokens), 0)
+             FROM events
+             WHERE (?1 IS NULL OR install = ?1) AND created_at >= ?2 AND created_at < ?3
+             {group_clause}"
+        );
+        let (from, to) = range_bounds(query.range);
+        let mut statement = conn.prepare_cached(&sql)?;
+        let mut rows = statement.query(params![install, from, to])?;
+        let mut summary = Summary::default();
+        while let Some(row) = rows.next()? {
+            let mut column = 0;
+            let mut next = || {
+                column += 1;
+                column - 1
+            };
+            let day = if group.day {
+                Some(row.get::<_, i64>(next())?)
+            } else {
+                None
+            };
+            let user_hash = if group.user {
+                Some(to_hex(&row.get::<_, Vec<u8>>(next())?))
+            } else {
+                None
+            };
+            let source = if group.source {
+                Some(source_from(row.get(next())?)?)
+            } else {
+                None
+            };
+            let model = if group.model {
+                Some(row.get::<_, String>(next())?)
+            } else {
+                None
+            };
+            let events: u64 = row.get(next())?;
+            let prompt_tokens: u64 = row.get(next())?;
+            let completion_tokens: u64 = row.get(next())?;
+            let totals = Totals {
+                events,
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+            };
+            summary.totals.add(&totals);
+            if group.any() {
+                summary.rows.push(SummaryRow {
+                    day,
+                    user_hash,
+                    source,
+                    model,
+                    totals,
+                });
+            }
+        }
+        Ok(summary)
+    }
+
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, StoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(EventsPage::default()),
+            },
+        };
+        let (from, to) = range_bounds(query.range);
+        let (after_at, after_install, after_id) = match query.after {
+            Some(cursor) => (
+                cursor.created_at_ms,
+                cursor.install,
+                SqlValue::Blob(cursor.event_id.as_bytes().to_vec()),
+            ),
+            // An empty blob sorts before every event id.
+            None => (i64::MIN, i64::MIN, SqlValue::Blob(Vec::new())),
+        };
+        let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
+        let mut statement = conn.prepare_cached(
+            "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
+                    e.prompt_tokens, e.completion_tokens, e.cached_tokens,
+                    e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
+                    e.received_at
+             FROM events e JOIN installs i ON i.id = e.install
+             WHERE (?1 IS NULL OR e.install = ?1) AND e.created_at >= ?2 AND e.created_at < ?3
+               AND (e.created_at, e.install, e.event_id) > (?4, ?5, ?6)
+             ORDER BY e.created_at, e.install, e.event_id
+             LIMIT ?7",
+        )?;
+        let mut rows = statement.query(params![
+            install,
+            from,
+            to,
+            after_at,
+            after_install,
+            after_id,
+            limit
+        ])?;
+        let mut page = EventsPage::default();
+        let mut last = None;
+        while let Some(row) = rows.next()? {
+            let install: InstallKey = row.get(1)?;
+            let event_id = uuid_from(&row.get::<_, Vec<u8>>(2)?)?;
+            let created_at_ms: i64 = row.get(12)?;
+            last = Some(EventCursor {
+                created_at_ms,
+                install,
+                event_id,
+            });
+            page.events.push(StoredEvent {
+                install_id: row.get(0)?,
+                event_id,
+                user_hash: to_hex(&row.get::<_, Vec<u8>>(3)?),
+                source: source_from(row.get(4)?)?,
+                model: row.get(5)?,
+                prompt_tokens: row.get(6)?,
+                completion_tokens: row.get(7)?,
+                cached_tokens: row.get(8)?,
+                cache_write_tokens: row.get(9)?,
+                reasoning_tokens: row.get(10)?,
+                context: row.get(11)?,
+                created_at_ms,
+                received_at_ms: row.get(13)?,
+            });
+        }
+        if page.events.len() == query.limit.max(1) {
+            page.next = last;
+        }
+        Ok(page)
+    }
+
+    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize) -> Result<u64, StoreError> {
+        let chunk = i64::try_from(chunk.max(1)).unwrap_or(i64::MAX);
+        let mut total = 0u64;
+        loop {
+            // Each chunk is its own short transaction, and the lock is released between
+            // chunks, so a batch waiting to commit gets in.
+            let deleted = self
+                .writer()
+                .prepare_cached(
+                    "DELETE FROM events WHERE (install, event_id) IN (
+                         SELECT install, event_id FROM events WHERE created_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cutoff_ms, chunk])?;
+            total += deleted as u64;
+            if (deleted as i64) < chunk {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receiver::store::GroupBy;
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("nested/receiver.db")).unwrap();
+        (dir, store)
+    }
+
+    fn enroll(store: &SqliteStore, id: &str) -> Install {
+        let install = NewInstall {
+            install_id: id.into(),
+            secret: Secret::generate(),
+            site_hash: "site".into(),
+            enrolled_at_ms: 0,
+        };
+        assert_eq!(store.enroll(&install).unwrap(), EnrollOutcome::Created);
+        store.find_install(id).unwrap().unwrap()
+    }
+
+    fn event(n: u8, created_at_ms: i64) -> NewEvent {
+        NewEvent {
+            event_id: Uuid::from_bytes([n; 16]),
+            user_hash: [n % 2; 32],
+            source: if n % 2 == 0 {
+                Source::Bulk
+            } else {
+                Source::Inline
+            },
+            model: "m".into(),
+            prompt_tokens: 10,
+            completion_tokens: u64::from(n),
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            context: Some(r#"{"n":1}"#.into()),
+            created_at_ms,
+        }
+    }
+
+    #[test]
+    fn enrollment_is_idempotent_and_never_replaces_a_secret() {
+        let (_dir, store) = store();
+        let first = NewInstall {
+            install_id: "a".into(),
+            secret: Secret::generate(),
+            site_hash: "h".into(),
+            enrolled_at_ms: 1,
+        };
+        assert_eq!(store.enroll(&first).unwrap(), EnrollOutcome::Created);
+        assert_eq!(
+            store.enroll(&first).unwrap(),
+            EnrollOutcome::AlreadyEnrolled
+        );
+        let other = NewInstall {
+            secret: Secret::generate(),
+            ..first.clone()
+        };
+        assert_eq!(store.enroll(&other).unwrap(), EnrollOutcome::Conflict);
+        assert_eq!(
+            store.find_install("a").unwrap().unwrap().secret,
+            first.secret
+        );
+        assert!(store.find_install("b").unwrap().is_none());
+    }
+
+    #[test]
+    fn ingest_dedupes_across_and_within_batches_per_install() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let b = enroll(&store, "b");
+        let batch = [event(1, 1000), event(2, 2000), event(1, 1000)];
+        let counts = store.ingest(a.key, &batch, 5).unwrap();
+        assert_eq!(
+            counts,
+            IngestCounts {
+                accepted: 2,
+                duplicates: 1
+            }
+        );
+        let again = store.ingest(a.key, &batch, 6).unwrap();
+        assert_eq!(
+            again,
+            IngestCounts {
+                accepted: 0,
+                duplicates: 3
+            }
+        );
+        // The same event id from another install is another event.
+        assert_eq!(store.ingest(b.key, &batch[..1], 7).unwrap().accepted, 1);
+        let all = store.summary(&SummaryQuery::default()).unwrap();
+        assert_eq!(all.totals.events, 3);
+        assert!(all.rows.is_empty());
+    }
+
+    #[test]
+    fn summary_groups_and_filters() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let b = enroll(&store, "b");
+        store
+            .ingest(
+                a.key,
+                &[event(1, 0), event(2, MS_PER_DAY), event(3, MS_PER_DAY + 5)],
+                0,
+            )
+            .unwrap();
+        store.ingest(b.key, &[event(4, 0)], 0).unwrap();
+        let query = SummaryQuery {
+            install_id: Some("a".into()),
+            range: TimeRange::default(),
+            group_by: GroupBy {
+                day: true,
+                ..GroupBy::default()
+            },
+        };
+        let summary = store.summary(&query).unwrap();
+        assert_eq!(summary.totals.events, 3);
+        assert_eq!(summary.totals.total_tokens, 30 + 1 + 2 + 3);
+        let days: Vec<_> = summary
+            .rows
+            .iter()
+            .map(|r| (r.day, r.totals.events))
+            .collect();
+        assert_eq!(days, [(Some(0), 1), (Some(1), 2)]);
+        let ranged = SummaryQuery {
+            range: TimeRange {
+                from_ms: Some(MS_PER_DAY),
+                to_ms: None,
+            },
+            group_by: GroupBy {
+                source: true,
+                user: true,
+                model: true,
+                day: false,
+            },
+            install_id: None,
+        };
+        let summary = store.summary(&ranged).unwrap();
+        assert_eq!(summary.totals.events, 2);
+        assert!(
+            summary
+                .rows
+                .iter()
+                .all(|r| r.model.as_deref() == Some("m") && r.day.is_none())
+        );
+        let unknown = SummaryQuery {
+            install_id: Some("zzz".into()),
+            ..SummaryQuery::default()
+        };
+        assert_eq!(store.summary(&unknown).unwrap(), Summary::default());
+    }
+
+    #[test]
+    fn events_page_walks_every_event_once_in_time_order() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let b = enroll(&store, "b");
+        // Two events share a timestamp across installs, to exercise the tie-break.
+        store
+            .ingest(a.key, &[event(5, 300), event(6, 100), event(7, 200)], 0)
+            .unwrap();
+        store
+            .ingest(b.key, &[event(8, 200), event(9, 400)], 0)
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        for _ in 0..10 {
+            let page = store
+                .events_page(&EventsQuery {
+                    install_id: None,
+                    range: TimeRange::default(),
+                    limit: 2,
+                    after,
+                })
+                .unwrap();
+            seen.extend(page.events.iter().map(|e| e.created_at_ms));
+            match page.next {
+                Some(cursor) => after = Some(cursor),
+                None => break,
+            }
+        }
+        assert_eq!(seen, [100, 200, 200, 300, 400]);
+    }
+
+    #[test]
+    fn retention_deletes_only_old_events_in_chunks() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let events: Vec<_> = (0..10).map(|n| event(n, i64::from(n) * 10)).collect();
+        store.ingest(a.key, &events, 0).unwrap();
+        assert_eq!(store.delete_events_before(50, 2).unwrap(), 5);
+        assert_eq!(
+            store
+                .summary(&SummaryQuery::default())
+                .unwrap()
+                .totals
+                .events,
+            5
+        );
+    }
+
+    #[test]
+    fn reopening_keeps_data_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            enroll(&store, "a");
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.find_install("a").unwrap().is_some());
+    }
+}

@@ -1,0 +1,222 @@
+//! The receiver's storage contract: one trait, so a server database can replace the
+//! bundled SQLite store ([`super::sqlite`]) without touching the HTTP side.
+//!
+//! This module defines types only; it holds no SQL and does no I/O. Every method is
+//! blocking: the HTTP handlers call them inside `spawn_blocking`.
+
+use std::error::Error;
+use std::path::PathBuf;
+
+use uuid::Uuid;
+
+use crate::event::Source;
+use crate::sync::signing::Secret;
+
+/// The store's own key for an install (stored once; events refer to it).
+pub type InstallKey = i64;
+
+/// Storage for enrolled installs and the events they send.
+pub trait Store: Send + Sync + 'static {
+    /// Records an install and its secret. Enrolling the same secret again is a no-op
+    /// ([`EnrollOutcome::AlreadyEnrolled`]); a different secret never replaces a stored one
+    /// ([`EnrollOutcome::Conflict`]).
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, StoreError>;
+
+    /// Finds an install by its id, with the secret to verify its batches.
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, StoreError>;
+
+    /// Stores the events of one batch in one transaction. An event whose
+    /// `(install, event_id)` is already stored, or appears earlier in `events`, is counted
+    /// as a duplicate and not stored again.
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: &[NewEvent],
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, StoreError>;
+
+    /// Token totals over a time range, optionally grouped.
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError>;
+
+    /// One page of raw events, oldest first.
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, StoreError>;
+
+    /// Deletes events created before `cutoff_ms`, at most `chunk` per transaction so that
+    /// ingest never waits long; returns how many were deleted.
+    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize) -> Result<u64, StoreError>;
+}
+
+/// An install as enrolled.
+#[derive(Debug, Clone)]
+pub struct NewInstall {
+    pub install_id: String,
+    pub secret: Secret,
+    pub site_hash: String,
+    pub enrolled_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollOutcome {
+    Created,
+    AlreadyEnrolled,
+    Conflict,
+}
+
+/// A stored install.
+#[derive(Debug, Clone)]
+pub struct Install {
+    pub key: InstallKey,
+    pub install_id: String,
+    pub secret: Secret,
+    /// A disabled install's batches are refused with `403`.
+    pub disabled: bool,
+}
+
+/// One validated event ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    /// The SHA-256 user hash as raw bytes.
+    pub user_hash: [u8; 32],
+    pub source: Source,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
+    /// The `context` object serialized compactly.
+    pub context: Option<String>,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestCounts {
+    pub accepted: u64,
+    pub duplicates: u64,
+}
+
+/// Which keys summary rows are grouped by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupBy {
+    pub day: bool,
+    pub user: bool,
+    pub source: bool,
+    pub model: bool,
+}
+
+impl GroupBy {
+    pub fn any(&self) -> bool {
+        self.day || self.user || self.source || self.model
+    }
+}
+
+/// A half-open time range `[from_ms, to_ms)`; `None` leaves that end open.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SummaryQuery {
+    /// `None` means every install.
+    pub install_id: Option<String>,
+    pub range: TimeRange,
+    pub group_by: GroupBy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub events: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, other: &Totals) {
+        self.events += other.events;
+        self.prompt_tokens += other.prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+        self.total_tokens += other.total_tokens;
+    }
+}
+
+/// One summary row; the keys not grouped by are `None`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SummaryRow {
+    /// Days since the Unix epoch (UTC).
+    pub day: Option<i64>,
+    /// Lowercase hex.
+    pub user_hash: Option<String>,
+    pub source: Option<Source>,
+    pub model: Option<String>,
+    pub totals: Totals,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub totals: Totals,
+    /// Empty when the query groups by nothing.
+    pub rows: Vec<SummaryRow>,
+}
+
+/// Where a page of events starts: just after this event in (created_at, install, event_id)
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventCursor {
+    pub created_at_ms: i64,
+    pub install: InstallKey,
+    pub event_id: Uuid,
+}
+
+#[derive(Debug, Clone)]
+pub struct EventsQuery {
+    pub install_id: Option<String>,
+    pub range: TimeRange,
+    /// At least 1.
+    pub limit: usize,
+    pub after: Option<EventCursor>,
+}
+
+/// A stored event as the provider sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub install_id: String,
+    pub event_id: Uuid,
+    /// Lowercase hex.
+    pub user_hash: String,
+    pub source: Source,
+    pub model: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub context: Option<String>,
+    pub created_at_ms: i64,
+    pub received_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventsPage {
+    pub events: Vec<StoredEvent>,
+    /// Set when more events may follow.
+    pub next: Option<EventCursor>,
+}
+
+/// A storage failure. The HTTP side answers `503` with `Retry-After`, so the agent retries.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("could not open the receiver database at {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    #[error("receiver database error: {0}")]
+    Backend(#[source] Box<dyn Error + Send + Sync>),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}

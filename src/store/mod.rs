@@ -1,0 +1,210 @@
+//! The agent's durable log: every SQL statement of the agent lives under this module.
+//!
+//! `Store` wraps one SQLite connection. The daemon opens two: one owned by the
+//! [`writer`] thread (all writes, group-committed) and one for reads, which WAL lets run
+//! beside the writer. This module knows nothing about HTTP.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::config::Synchronous;
+
+pub mod events;
+pub mod status;
+pub mod writer;
+
+/// The schema and its migrations, applied at open (see the file's header).
+pub const SCHEMA: &str = include_str!("../../schema.sql");
+
+/// A database failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("database {path} has schema version {found}, newer than this binary knows ({known}); upgrade usage-agent")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("database error while {doing}: {source}")]
+    Sql {
+        doing: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("the database writer has stopped")]
+    WriterGone,
+    #[error("the database writer is overloaded")]
+    Overloaded,
+    #[error("{0}")]
+    GroupFailed(String),
+}
+
+/// Attaches what was being done to a rusqlite error.
+pub(crate) trait Doing<T> {
+    fn doing(self, doing: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Doing<T> for rusqlite::Result<T> {
+    fn doing(self, doing: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sql { doing, source })
+    }
+}
+
+/// One connection to the agent database.
+pub struct Store {
+    conn: Connection,
+    /// Model name to `models.id`, so recording an event costs no lookup query.
+    model_ids: std::collections::HashMap<String, i64>,
+}
+
+/// The migrations in `schema.sql`, numbered from 1.
+fn migrations() -> Vec<&'static str> {
+    SCHEMA.split("-- migration ").skip(1).collect()
+}
+
+impl Store {
+    /// Opens (creating if needed) the database, applies pending migrations and sets
+    /// WAL mode and the configured durability.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let open_error = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "synchronous", synchronous.as_pragma())
+            .map_err(open_error)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_error)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let mut store = Store {
+            conn,
+            model_ids: Default::default(),
+        };
+        store.migrate(path)?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
+        let migrations = migrations();
+        let known = migrations.len() as i64;
+        let found: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .doing("reading the schema version")?;
+        if found > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found,
+                known,
+            });
+        }
+        for (number, block) in migrations.iter().enumerate().skip(found as usize) {
+            let version = number as i64 + 1;
+            let tx = self.conn.transaction().doing("starting a migration")?;
+            // The block starts with its number; the rest of that line is not SQL.
+            let sql = block.split_once('\n').map_or("", |(_, sql)| sql);
+            tx.execute_batch(sql).doing("applying a schema migration")?;
+            tx.pragma_update(None, "user_version", version)
+                .doing("recording the schema version")?;
+            tx.commit().doing("committing a schema migration")?;
+        }
+        Ok(())
+    }
+
+    /// Reads one `meta` value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+            .and_then(|mut stmt| stmt.query_row(params![key], |row| row.get(0)).optional())
+            .doing("reading metadata")
+    }
+
+    /// Writes one `meta` value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut stmt| stmt.execute(params![key, value]))
+            .doing("writing metadata")
+            .map(drop)
+    }
+
+    /// Records the install id once for the whole database.
+    pub fn set_install_id(&self, install_id: &str) -> Result<(), StoreError> {
+        self.set_meta("install_id", install_id)
+    }
+
+    /// Size of the database file plus its WAL, in bytes.
+    pub fn db_bytes(&self) -> Result<u64, StoreError> {
+        let pages: i64 = self
+            .conn
+            .pragma_query_value(None, "page_count", |row| row.get(0))
+            .doing("reading the page count")?;
+        let page_size: i64 = self
+            .conn
+            .pragma_query_value(None, "page_size", |row| row.get(0))
+            .doing("reading the page size")?;
+        let wal = self
+            .conn
+            .path()
+            .and_then(|p| std::fs::metadata(format!("{p}-wal")).ok())
+            .map_or(0, |m| m.len());
+        Ok((pages * page_size) as u64 + wal)
+    }
+
+    /// Moves the WAL into the main file and truncates it (used at shutdown).
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .doing("checkpointing the WAL")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_applies_every_migration_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/usage.db");
+        let store = Store::open(&path, Synchronous::Full).unwrap();
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, migrations().len() as i64);
+        drop(store);
+        // Reopening must not re-run migration 1 (which would fail on existing tables).
+        Store::open(&path, Synchronous::Normal).unwrap();
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        let store = Store::open(&path, Synchronous::Full).unwrap();
+        store.conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(store);
+        let error = Store::open(&path, Synchronous::Full).err().unwrap();
+        assert!(error.to_string().contains("newer than this binary"), "{error}");
+    }
+}

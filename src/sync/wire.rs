@@ -1,0 +1,595 @@
+//! Wire types of the agent-to-backend protocol (SPEC section 5), shared by the agent and
+//! the receiver: the batch the agent sends, the per-event rules the receiver applies to it,
+//! the answer, the enrollment body, the error body, and the gzip helpers for request bodies.
+//!
+//! Per-event rules reuse the pure checks of [`crate::event`]; this module adds only what
+//! differs on the wire (`user_hash` instead of `user_id`, `total_tokens` and `created_at`
+//! required, 91 days of age allowed). It does no I/O besides in-memory (de)compression, and
+//! never reads the clock: callers pass `now`.
+
+use std::io::{Read, Write};
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::event::{self, Event, FieldError, Limits, ModelName, Source, format_millis};
+
+/// Most events in one batch.
+pub const MAX_BATCH_EVENTS: usize = 1000;
+/// Oldest `created_at` the receiver accepts: one day more than the agent keeps events, so a
+/// late retry of the oldest pending event still lands.
+pub const MAX_WIRE_EVENT_AGE: Duration = Duration::days(91);
+/// Bodies larger than this are sent gzip-compressed.
+pub const GZIP_THRESHOLD: usize = 1024;
+
+/// The fields a wire event may carry; anything else is rejected as unknown.
+const WIRE_EVENT_FIELDS: &[&str] = &[
+    "event_id",
+    "user_hash",
+    "source",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "context",
+    "created_at",
+];
+
+/// One batch as the agent sends it (the body of `POST /api/usage/event`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Batch {
+    /// Also the `webhook-id`; the same on every retry of this batch.
+    pub batch_id: Uuid,
+    pub install_id: String,
+    /// RFC 3339 time at which this batch was built.
+    pub sent_at: String,
+    pub events: Vec<WireEvent>,
+}
+
+impl Batch {
+    /// The JSON body to sign and send.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a batch always serializes to JSON")
+    }
+}
+
+/// A batch as the receiver reads it: the envelope is typed, the events stay raw so that
+/// each one can be validated (and rejected) on its own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEnvelope {
+    pub batch_id: Uuid,
+    pub install_id: String,
+    pub sent_at: String,
+    pub events: Vec<Value>,
+}
+
+/// One event on the wire. The user appears only as its [`user_hash`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WireEvent {
+    pub event_id: Uuid,
+    /// 64 lowercase hex characters.
+    pub user_hash: String,
+    pub source: Source,
+    pub model: ModelName,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+    /// RFC 3339 with millisecond precision and `Z`, as made by [`format_millis`].
+    pub created_at: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl WireEvent {
+    /// The wire form of a stored agent event of the install `install_id`.
+    pub fn from_event(event: &Event, install_id: &str) -> WireEvent {
+        WireEvent {
+            event_id: event.event_id,
+            user_hash: user_hash(install_id, event.user_id),
+            source: event.source,
+            model: event.model.clone(),
+            prompt_tokens: event.tokens.prompt,
+            completion_tokens: event.tokens.completion,
+            total_tokens: event.tokens.total(),
+            cached_tokens: event.tokens.cached,
+            cache_write_tokens: event.tokens.cache_write,
+            reasoning_tokens: event.tokens.reasoning,
+            context: event
+                .context
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok()),
+            created_at: format_millis(event.created_at_ms),
+        }
+    }
+
+    /// `created_at` in milliseconds since the epoch, if it is a valid RFC 3339 time
+    /// (always true for an event made by [`parse_wire_event`] or [`WireEvent::from_event`]).
+    pub fn created_at_ms(&self) -> Option<i64> {
+        DateTime::parse_from_rfc3339(&self.created_at)
+            .ok()
+            .map(|at| at.timestamp_millis())
+    }
+}
+
+/// The receiver's answer to a batch it took (`200`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub batch_id: Uuid,
+    /// Events stored by this request.
+    pub accepted: u64,
+    /// Events already stored before, or repeated within the batch.
+    pub duplicates: u64,
+    /// Events refused by the per-event rules; none of them was stored.
+    pub rejected: Vec<RejectedEvent>,
+}
+
+/// One event the receiver refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejectedEvent {
+    /// The event's `event_id` as sent (empty when it was not a string).
+    pub event_id: String,
+    /// Each broken rule as `field: rule`, separated by `; `.
+    pub reason: String,
+}
+
+/// The body of `POST /api/installations`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub install_id: String,
+    /// `whsec_` + standard base64.
+    pub secret: String,
+    pub site_hash: String,
+}
+
+impl std::fmt::Debug for Enrollment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enrollment")
+            .field("install_id", &self.install_id)
+            .field("secret", &"<redacted>")
+            .field("site_hash", &self.site_hash)
+            .finish()
+    }
+}
+
+/// The receiver's answer to an enrollment: `201` with `enrolled`, or `200` with
+/// `already_enrolled` when the same secret was enrolled before.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentResult {
+    pub install_id: String,
+    pub status: EnrollmentStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EnrollmentStatus {
+    Enrolled,
+    AlreadyEnrolled,
+}
+
+/// Every error answer of the receiver (and of the local API):
+/// `{"error": {"code", "message", "details": [...]}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code such as `invalid_signature`.
+    pub code: String,
+    /// One sentence for people.
+    pub message: String,
+    #[serde(default)]
+    pub details: Vec<Value>,
+}
+
+/// The pseudonymous user key sent instead of a user id:
+/// `sha256_hex(install_id + decimal(user_id) + "user")`.
+pub fn user_hash(install_id: &str, user_id: u64) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(install_id.as_bytes());
+    hasher.update(user_id.to_string().as_bytes());
+    hasher.update(b"user");
+    to_hex(&hasher.finalize())
+}
+
+/// Lowercase hex of some bytes.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
+}
+
+/// Whether `text` is exactly 64 lowercase hex characters (a SHA-256 in hex).
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Validates one event of a received batch with the rules of SPEC section 3 as adapted by
+/// section 5, collecting every broken rule.
+pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, Vec<FieldError>> {
+    let Some(object) = value.as_object() else {
+        return Err(vec![FieldError::new("event", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    for key in object.keys() {
+        if !WIRE_EVENT_FIELDS.contains(&key.as_str()) {
+            errors.push(FieldError::new(key, "unknown field"));
+        }
+    }
+
+    let event_id = match object
+        .get("event_id")
+        .and_then(Value::as_str)
+        .map(Uuid::parse_str)
+    {
+        Some(Ok(id)) if !id.is_nil() => Some(id),
+        _ => {
+            errors.push(FieldError::new(
+                "event_id",
+                "is required and must be a UUID string",
+            ));
+            None
+        }
+    };
+    let user_hash = match object.get("user_hash").and_then(Value::as_str) {
+        Some(text) if is_sha256_hex(text) => Some(text.to_owned()),
+        _ => {
+            errors.push(FieldError::new(
+                "user_hash",
+                "is required and must be 64 lowercase hex characters",
+            ));
+            None
+        }
+    };
+    let source = event::parse_source(object.get("source"), &mut errors);
+    let model = event::parse_model(object.get("model"), &mut errors);
+    if matches!(object.get("total_tokens"), None | Some(Value::Null)) {
+        errors.push(FieldError::new("total_tokens", "is required"));
+    }
+    let tokens = event::parse_tokens(object, &mut errors);
+    let context = parse_wire_context(object, &mut errors);
+    let created_at_ms = match object.get("created_at") {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new("created_at", "is required"));
+            None
+        }
+        Some(v) => {
+            let limits = Limits {
+                now,
+                max_age: MAX_WIRE_EVENT_AGE,
+            };
+            event::parse_created_at(Some(v), limits, &mut errors)
+        }
+    };
+
+    match (
+        event_id,
+        user_hash,
+        source,
+        model,
+        tokens,
+        context,
+        created_at_ms,
+    ) {
+        (
+            Some(event_id),
+            Some(user_hash),
+            Some(source),
+            Some(model),
+            Some(tokens),
+            Some(context),
+            Some(ms),
+        ) if errors.is_empty() => Ok(WireEvent {
+            event_id,
+            user_hash,
+            source,
+            model,
+            prompt_tokens: tokens.prompt,
+            completion_tokens: tokens.completion,
+            total_tokens: tokens.total(),
+            cached_tokens: tokens.cached,
+            cache_write_tokens: tokens.cache_write,
+            reasoning_tokens: tokens.reasoning,
+            context,
+            created_at: format_millis(ms),
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// Applies the `context` rules and keeps the object itself; `Some(None)` means absent.
+fn parse_wire_context(
+    object: &Map<String, Value>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Option<Value>> {
+    let value = object.get("context");
+    match event::parse_context(value, errors)? {
+        None => Some(None),
+        Some(_) => Some(value.cloned()),
+    }
+}
+
+/// Joins the broken rules of one event into the `reason` of a [`RejectedEvent`].
+pub fn rejection_reason(errors: &[FieldError]) -> String {
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.field, e.message))
+        .collect();
+    parts.join("; ")
+}
+
+/// RFC 3339 text for `sent_at`.
+pub fn format_sent_at(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Compresses a request body with gzip, favouring speed over size.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(bytes.len() / 4 + 64),
+        flate2::Compression::fast(),
+    );
+    encoder
+        .write_all(bytes)
+        .expect("writing to a Vec cannot fail");
+    encoder.finish().expect("writing to a Vec cannot fail")
+}
+
+/// Why a gzip body could not be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GunzipError {
+    #[error("the decompressed body is larger than {max} bytes")]
+    TooLarge { max: usize },
+    #[error("the body is not valid gzip")]
+    Corrupt,
+}
+
+/// Expands a gzip body, refusing to produce more than `max` bytes (a gzip bomb stops there).
+pub fn gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
+    let decoder = flate2::read::GzDecoder::new(bytes);
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(max));
+    decoder
+        .take(limit)
+        .read_to_end(&mut out)
+        .map_err(|_| GunzipError::Corrupt)?;
+    if out.len() > max {
+        return Err(GunzipError::TooLarge { max });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 27, 12, 0, 0).unwrap()
+    }
+
+    fn valid() -> Value {
+        json!({"event_id": "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+               "user_hash": user_hash("inst", 5), "source": "bulk", "model": "gpt-4o-mini",
+               "prompt_tokens": 150, "completion_tokens": 25, "total_tokens": 175,
+               "context": {"attachment_id": 42}, "created_at": "2026-11-27T10:29:58.123Z"})
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut event = valid();
+        event[field] = value;
+        event
+    }
+
+    fn without(field: &str) -> Value {
+        let mut event = valid();
+        event.as_object_mut().unwrap().remove(field);
+        event
+    }
+
+    fn fields_rejected(event: &Value) -> Vec<String> {
+        parse_wire_event(event, now())
+            .expect_err("event should be rejected")
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn user_hash_matches_the_spec_formula() {
+        // sha256("inst5user"), computed independently with `printf inst5user | sha256sum`.
+        assert_eq!(
+            user_hash("inst", 5),
+            "e3bb18cdf81c540bb2435cf887d152e7972812e23cd9393ecf5832c3193e1ff1"
+        );
+        assert!(is_sha256_hex(&user_hash("inst", 5)));
+        assert_ne!(user_hash("inst", 5), user_hash("inst", 50));
+        assert_ne!(user_hash("other", 5), user_hash("inst", 5));
+    }
+
+    #[test]
+    fn a_valid_event_parses_and_normalizes() {
+        let event = parse_wire_event(&valid(), now()).unwrap();
+        assert_eq!(event.source, Source::Bulk);
+        assert_eq!(event.total_tokens, 175);
+        assert_eq!(event.cached_tokens, 0);
+        assert_eq!(event.context, Some(json!({"attachment_id": 42})));
+        assert_eq!(event.created_at, "2026-11-27T10:29:58.123Z");
+        let offset = with("created_at", json!("2026-11-27T11:29:58+01:00"));
+        assert_eq!(
+            parse_wire_event(&offset, now()).unwrap().created_at,
+            "2026-11-27T10:29:58.000Z"
+        );
+    }
+
+    #[test]
+    fn serialization_round_trips_through_the_parser() {
+        let event = parse_wire_event(&valid(), now()).unwrap();
+        let text = serde_json::to_value(&event).unwrap();
+        assert!(
+            text.get("cached_tokens").is_none(),
+            "zero optional fields are omitted"
+        );
+        assert_eq!(parse_wire_event(&text, now()).unwrap(), event);
+        let full = with("reasoning_tokens", json!(5));
+        let event = parse_wire_event(&full, now()).unwrap();
+        assert_eq!(serde_json::to_value(&event).unwrap()["reasoning_tokens"], 5);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: Vec<(Value, &str)> = vec![
+            (without("event_id"), "event_id"),
+            (with("event_id", json!("nope")), "event_id"),
+            (
+                with("event_id", json!("00000000-0000-0000-0000-000000000000")),
+                "event_id",
+            ),
+            (without("user_hash"), "user_hash"),
+            (with("user_hash", json!("ABCD")), "user_hash"),
+            (
+                with("user_hash", json!(user_hash("i", 1).to_uppercase())),
+                "user_hash",
+            ),
+            (with("user_id", json!(5)), "user_id"),
+            (with("source", json!("cron")), "source"),
+            (with("model", json!("gpt 4")), "model"),
+            (without("total_tokens"), "total_tokens"),
+            (with("total_tokens", json!(176)), "total_tokens"),
+            (with("cached_tokens", json!(151)), "cached_tokens"),
+            (with("context", json!("text")), "context"),
+            (without("created_at"), "created_at"),
+            (
+                with("created_at", json!("2026-11-27T12:05:01Z")),
+                "created_at",
+            ),
+            (
+                with("created_at", json!("2026-08-28T11:59:59Z")),
+                "created_at",
+            ),
+        ];
+        for (event, field) in cases {
+            assert_eq!(fields_rejected(&event), [field], "event {event}");
+        }
+        assert_eq!(fields_rejected(&json!([1])), ["event"]);
+    }
+
+    #[test]
+    fn created_at_may_be_91_days_old_and_5_minutes_ahead() {
+        for at in ["2026-08-28T12:00:00Z", "2026-11-27T12:05:00Z"] {
+            assert!(
+                parse_wire_event(&with("created_at", json!(at)), now()).is_ok(),
+                "{at}"
+            );
+        }
+    }
+
+    #[test]
+    fn rejection_reasons_name_field_and_rule() {
+        let errors = parse_wire_event(&with("model", json!("")).clone(), now()).unwrap_err();
+        assert_eq!(
+            rejection_reason(&errors),
+            "model: must be 1 to 128 characters"
+        );
+    }
+
+    #[test]
+    fn from_event_matches_what_the_receiver_accepts() {
+        let local = Event {
+            event_id: Uuid::now_v7(),
+            user_id: 7,
+            source: Source::Inline,
+            model: ModelName::parse("claude-3.5").unwrap(),
+            tokens: event::Tokens {
+                prompt: 10,
+                completion: 5,
+                cached: 2,
+                cache_write: 0,
+                reasoning: 1,
+            },
+            context: Some(r#"{"a":1}"#.into()),
+            created_at_ms: now().timestamp_millis() - 1000,
+        };
+        let wire = WireEvent::from_event(&local, "inst");
+        assert_eq!(wire.user_hash, user_hash("inst", 7));
+        assert_eq!(wire.created_at_ms(), Some(local.created_at_ms));
+        let sent = serde_json::to_value(&wire).unwrap();
+        assert_eq!(parse_wire_event(&sent, now()).unwrap(), wire);
+    }
+
+    #[test]
+    fn batches_serialize_to_the_spec_shape() {
+        let batch = Batch {
+            batch_id: Uuid::now_v7(),
+            install_id: "inst".into(),
+            sent_at: format_sent_at(now()),
+            events: vec![parse_wire_event(&valid(), now()).unwrap()],
+        };
+        let envelope: BatchEnvelope = serde_json::from_slice(&batch.to_json()).unwrap();
+        assert_eq!(envelope.batch_id, batch.batch_id);
+        assert_eq!(envelope.sent_at, "2026-11-27T12:00:00Z");
+        assert_eq!(envelope.events.len(), 1);
+        assert!(
+            serde_json::from_value::<BatchEnvelope>(json!({"batch_id": Uuid::nil(),
+            "install_id": "i", "sent_at": "x", "events": [], "extra": 1}))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn enrollment_debug_hides_the_secret() {
+        let enrollment = Enrollment {
+            install_id: "i".into(),
+            secret: "whsec_c2VjcmV0".into(),
+            site_hash: "h".into(),
+        };
+        assert!(!format!("{enrollment:?}").contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn gzip_round_trips_and_bombs_are_capped() {
+        let body = br#"{"events":[]}"#.repeat(500);
+        let packed = gzip(&body);
+        assert!(packed.len() < body.len());
+        assert_eq!(gunzip(&packed, body.len()).unwrap(), body);
+        assert_eq!(
+            gunzip(&packed, body.len() - 1),
+            Err(GunzipError::TooLarge {
+                max: body.len() - 1
+            })
+        );
+        let bomb = gzip(&vec![0u8; 20 << 20]);
+        assert!(bomb.len() < 100 << 10);
+        assert_eq!(
+            gunzip(&bomb, 10 << 20),
+            Err(GunzipError::TooLarge { max: 10 << 20 })
+        );
+        assert_eq!(gunzip(b"not gzip", 1000), Err(GunzipError::Corrupt));
+    }
+}

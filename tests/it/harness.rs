@@ -1,0 +1,252 @@
+//! Helpers to run the real `usage-agent` binary in a temp dir and talk to its socket.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_usage-agent")
+}
+
+/// Polls `check` until it returns `Some` or the deadline passes.
+pub async fn poll<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Blocking variant of [`poll`] for code outside the runtime.
+pub fn poll_blocking<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A data dir with a config file; the agent process may or may not be running.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
+    pub child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Agent {
+    /// Writes a config (`data_dir` set to a fresh temp dir, plus `extra` TOML lines that go
+    /// before any table) and runs `init`, without starting the daemon.
+    pub fn configure(extra: &str) -> Agent {
+        Agent::configure_with(extra, "")
+    }
+
+    /// Like [`Agent::configure`], with `tables` appended after the top-level keys.
+    pub fn configure_with(extra: &str, tables: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        let config_path = dir.path().join("agent.toml");
+        // Tests default to `normal` durability for speed unless they ask for `full`.
+        let durability = if extra.contains("synchronous") { "" } else { "synchronous = \"normal\"\n" };
+        let text = format!(
+            "data_dir = {:?}\n{durability}{extra}\n{tables}\n",
+            data_dir.display().to_string()
+        );
+        std::fs::write(&config_path, text).expect("writing config");
+        usage_agent::sync::install_tls_provider();
+        let socket = data_dir.join("agent.sock");
+        let http = reqwest::Client::builder()
+            .unix_socket(socket.clone())
+            .build()
+            .expect("socket client");
+        let agent = Agent {
+            dir,
+            config_path,
+            socket,
+            child: None,
+            http,
+        };
+        let out = agent.cli(&["init", "--site-url", "https://example.com"]);
+        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        agent
+    }
+
+    /// Configures and starts an agent, waiting until it answers.
+    pub async fn start(extra: &str) -> Agent {
+        let mut agent = Agent::configure(extra);
+        agent.spawn().await;
+        agent
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts `usage-agent run` and waits for `/healthz`.
+    pub async fn spawn(&mut self) {
+        let child = self.spawn_process();
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    /// Starts `usage-agent run` without waiting.
+    pub fn spawn_process(&self) -> Child {
+        Command::new(bin())
+            .args(["--config", self.config_path.to_str().unwrap(), "run"])
+            .env_remove("USAGE_AGENT_CONFIG")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning usage-agent run")
+    }
+
+    pub async fn wait_ready(&mut self) {
+        poll("the agent to answer /healthz", Duration::from_secs(20), async || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut stderr);
+                }
+                panic!("agent exited early with {status}: {stderr}");
+            }
+            match self.get("/healthz").await {
+                Ok((StatusCode::OK, _)) => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
+
+    /// Runs the binary with this agent's config and returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .env_remove("USAGE_AGENT_CONFIG")
+            .output()
+            .expect("running usage-agent")
+    }
+
+    pub async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> reqwest::Result<(StatusCode, Value)> {
+        let mut request = self.http.request(method, format!("http://localhost{path}"));
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let value = response.json().await.unwrap_or(Value::Null);
+        Ok((status, value))
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Result<(StatusCode, Value)> {
+        self.request(Method::GET, path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(body)).await.expect("request to the agent")
+    }
+
+    /// Posts raw bytes with a given content type.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(format!("http://localhost{path}"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request to the agent");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn status(&self) -> Value {
+        let (code, body) = self.get("/v1/status").await.expect("status request");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        signal(&child, "-TERM");
+        wait_with_deadline(&mut child, Duration::from_secs(20))
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash or power cut would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reaping");
+    }
+
+    /// Opens the agent database directly (the daemon must be stopped or may be running in WAL).
+    pub fn open_db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.data_dir().join("usage.db")).expect("open usage.db")
+    }
+
+    /// Number of events stored.
+    pub fn stored_events(&self) -> i64 {
+        let path = self.data_dir().join("usage.db");
+        if !path.exists() {
+            return 0;
+        }
+        self.open_db()
+            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
+            .expect("count events")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success());
+}
+
+pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
+    poll_blocking("the process to exit", timeout, || child.try_wait().expect("try_wait"))
+}
+
+/// A valid event with the given id.
+pub fn event(id: &str) -> Value {
+    serde_json::json!({
+        "event_id": id, "user_id": 5, "source": "bulk", "model": "gpt-4o-mini",
+        "prompt_tokens": 150, "completion_tokens": 25,
+        "context": {"attachment_id": 42, "width": 1024, "height": 768, "mime": "image/jpeg"}
+    })
+}
+
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub fn exists(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
