@@ -137,6 +137,8 @@ impl Daemon {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         tracing::info!(socket = %self.socket_path.display(), "usage-agent listening");
+        // Under systemd (Type=notify) this tells it the socket is ready; elsewhere a no-op.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let unix_server = axum::serve(self.unix, api::router(self.state.clone()))
             .with_graceful_shutdown(stopped(stop_rx.clone()));
         let tcp_server = self.tcp.map(|listener| {
@@ -149,6 +151,7 @@ impl Daemon {
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
             let _ = stop_tx.send(true);
         });
 
