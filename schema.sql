@@ -58,3 +58,27 @@ CREATE TABLE sync_errors (
     category TEXT    NOT NULL
 );
 CREATE INDEX sync_errors_at ON sync_errors(at);
+
+-- migration 2
+-- Daily summaries (SPEC 7): one row per user, source, model and day, the day taken in the
+-- agent's `timezone` (the install is implied: one database per install). The rollup
+-- rebuilds a day from its raw events (delete, then insert the sums, in one transaction),
+-- so a sum is never added twice; rows are kept `retention.daily_days`. `usage_date` is
+-- `YYYY-MM-DD`, so text order is date order. The last event `seq` rolled up is in `meta`
+-- (`rollup_seq`).
+CREATE TABLE usage_daily (
+    usage_date         TEXT    NOT NULL,
+    user_id            INTEGER NOT NULL,
+    source             INTEGER NOT NULL,
+    model_id           INTEGER NOT NULL REFERENCES models(id),
+    events             INTEGER NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    total_tokens       INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens   INTEGER NOT NULL,
+    PRIMARY KEY (usage_date, user_id, source, model_id)
+) WITHOUT ROWID;
+-- Erasure of one user (`forget`).
+CREATE INDEX usage_daily_user ON usage_daily(user_id);

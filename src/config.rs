@@ -334,8 +334,11 @@ impl Config {
                 return Err(invalid("api_token", "is required when tcp_listen is set"));
             }
         }
-        if self.timezone.is_empty() {
-            return Err(invalid("timezone", "must be an IANA time zone name such as UTC"));
+        let Ok(tz) = self.timezone.parse::<chrono_tz::Tz>() else {
+            return Err(invalid("timezone", "must be an IANA time zone name such as UTC or Europe/Berlin"));
+        };
+        for (key, expr) in [("schedule.rollup", &self.schedule.rollup), ("schedule.cleanup", &self.schedule.cleanup)] {
+            crate::jobs::schedule::CronSchedule::parse(expr, tz).map_err(|rule| invalid(key, rule))?;
         }
         let sync = &self.sync;
         if !(1..=1000).contains(&sync.batch_size) {
@@ -353,8 +356,9 @@ impl Config {
         if sync.request_timeout_secs == 0 {
             return Err(invalid("sync.request_timeout_secs", "must be at least 1"));
         }
-        if !sync.backend_url.is_empty()
-            && !(sync.backend_url.starts_with("http://") || sync.backend_url.starts_with("https://"))
+        if !(sync.backend_url.is_empty()
+            || sync.backend_url.starts_with("http://")
+            || sync.backend_url.starts_with("https://"))
         {
             return Err(invalid("sync.backend_url", "must start with http:// or https://"));
         }
@@ -473,6 +477,10 @@ mod tests {
             ("tcp_listen = \"127.0.0.1:9000\"", "api_token"),
             ("[sync]\nbackend_url = \"ftp://x\"", "sync.backend_url"),
             ("[retention]\nevent_days = 0", "retention.event_days"),
+            ("timezone = \"Mars/Olympus\"", "timezone"),
+            ("timezone = \"\"", "timezone"),
+            ("[schedule]\nrollup = \"0 2 * * *\"", "schedule.rollup"),
+            ("[schedule]\ncleanup = \"daily\"", "schedule.cleanup"),
         ];
         for (text, key) in cases {
             let error = Config::from_toml(text).unwrap().check().unwrap_err();
@@ -501,9 +509,14 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_in_debug() {
-        let mut config = Config::default();
-        config.api_token = "tok-123".into();
-        config.sync.auth_token = "auth-456".into();
+        let config = Config {
+            api_token: "tok-123".into(),
+            sync: SyncConfig {
+                auth_token: "auth-456".into(),
+                ..SyncConfig::default()
+            },
+            ..Config::default()
+        };
         let text = format!("{config:?}");
         assert!(!text.contains("tok-123") && !text.contains("auth-456"), "{text}");
     }

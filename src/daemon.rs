@@ -18,8 +18,13 @@ use tokio::net::{TcpListener, UnixListener};
 use crate::api::{self, AppState, SharedState};
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
+use crate::jobs::maintenance::Maintenance;
+use crate::jobs::schedule::{ScheduleError, Scheduler};
+use crate::jobs::sync::{SyncJob, disabled_reason};
+use crate::metrics::Metrics;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
+use crate::sync::engine::{SetupError, SyncEngine};
 
 /// Why the daemon could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,10 @@ pub enum DaemonError {
     Identity(#[from] IdentityError),
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot set up sync: {0}")]
+    Sync(#[from] SetupError),
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
 }
 
 /// A started daemon: lock held, store open, listeners bound.
@@ -91,6 +100,18 @@ impl Daemon {
         }
         let reader = Store::open(&config.database_path(), config.synchronous)?;
         let (writer, writer_thread) = Writer::spawn(writing);
+        let metrics = Arc::new(Metrics::new());
+        let sync = match disabled_reason(&config) {
+            Some(reason) => {
+                tracing::info!("{reason}");
+                None
+            }
+            None => {
+                let engine = SyncEngine::new(&config, identity.clone(), writer.clone())?;
+                let interval = std::time::Duration::from_secs(config.sync.interval_secs);
+                Some(Arc::new(SyncJob::new(engine, interval)))
+            }
+        };
 
         let socket_path = config.socket_path();
         let unix = bind_socket(&config, &socket_path)?;
@@ -109,6 +130,9 @@ impl Daemon {
             reader: Mutex::new(reader),
             started: Instant::now(),
             next_sync_ms: AtomicI64::new(0),
+            sync,
+            metrics,
+            maintenance: Maintenance::new(),
         });
         Ok(Daemon {
             state,
@@ -148,6 +172,12 @@ impl Daemon {
             axum::serve(listener, api::tcp_router(self.state.clone()))
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
         });
+        let schedule = self
+            .state
+            .sync
+            .clone()
+            .map(|job| job.spawn_schedule(self.state.clone(), stop_rx.clone()));
+        let daily_jobs = Scheduler::start(self.state.clone()).await?;
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
@@ -160,6 +190,11 @@ impl Daemon {
             None => unix_server.await,
         };
 
+        daily_jobs.stop().await;
+        // One last bounded sync, then no job holds the writer any more.
+        if let Some(job) = self.state.sync.clone() {
+            job.finish(schedule).await;
+        }
         self.state.writer.stop().await;
         let writer_thread = self.writer_thread;
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;

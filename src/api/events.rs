@@ -21,6 +21,7 @@ pub async fn record(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
     if !state.config.tracking_enabled {
         return Ok((StatusCode::OK, Json(json!({"status": "disabled"}))).into_response());
     }
@@ -44,10 +45,12 @@ pub async fn record(
         now: Utc::now(),
         max_age: Duration::days(state.config.retention.event_days.into()),
     };
-    let (events, is_batch) = parse_body(&value, limits)?;
+    let (events, is_batch) = parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?;
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let logged = state.config.debug.then(|| events.clone());
+    let sources: Vec<_> = events.iter().map(|e| e.source).collect();
     let outcomes = state.writer.record(events).await?;
+    state.metrics.events_recorded(&sources, &outcomes, started.elapsed());
 
     for (event, outcome) in logged.iter().flatten().zip(&outcomes) {
         log_event(event, *outcome);

@@ -13,17 +13,26 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 use crate::identity::Identity;
+use crate::jobs::maintenance::Maintenance;
+use crate::jobs::sync::SyncJob;
+use crate::metrics::Metrics;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 
 pub mod events;
+pub mod export;
+pub mod jobs;
+pub mod metrics;
 pub mod status;
+pub mod sync;
+pub mod usage;
+pub mod users;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -39,6 +48,12 @@ pub struct AppState {
     pub started: Instant,
     /// Unix ms of the next scheduled sync, 0 when none is scheduled.
     pub next_sync_ms: AtomicI64,
+    /// The sync job; `None` when sync is disabled (tracking off, sync off, no backend).
+    pub sync: Option<Arc<SyncJob>>,
+    /// Counters and gauges for `GET /metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Rollup, cleanup and erasure, one at a time.
+    pub maintenance: Maintenance,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -66,6 +81,14 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/events", post(events::record))
         .route("/v1/status", get(status::status))
+        .route("/v1/sync", post(sync::sync_now))
+        .route("/v1/retry-failed", post(sync::retry_failed))
+        .route("/v1/rollup", post(jobs::rollup))
+        .route("/v1/purge", post(jobs::purge))
+        .route("/v1/usage", get(usage::usage))
+        .route("/v1/export", get(export::export))
+        .route("/v1/users/{user_id}", delete(users::forget))
+        .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(status::healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

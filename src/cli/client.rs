@@ -53,6 +53,23 @@ impl AgentClient {
             .with_context(|| format!("the agent answered {status} with a body that is not JSON: {text}"))?;
         Ok((status, value))
     }
+
+    /// Sends a GET and returns the answer unread, for bodies streamed to the caller.
+    pub async fn get_streamed(&self, path: &str) -> anyhow::Result<reqwest::Response> {
+        self.http
+            .get(format!("http://localhost{path}"))
+            .send()
+            .await
+            .map_err(|error| {
+                if error.is_connect() || error.is_request() {
+                    anyhow::Error::new(NotRunning {
+                        socket: self.socket.clone(),
+                    })
+                } else {
+                    anyhow::Error::new(error).context(format!("talking to the agent on {}", self.socket.display()))
+                }
+            })
+    }
 }
 
 /// The `message` of an error answer, or the whole body if it has none.

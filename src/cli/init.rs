@@ -1,32 +1,57 @@
-//! `usage-agent init`: create the install identity once.
+//! `usage-agent init`: create the install identity once and, given a backend and an
+//! enrollment token, enroll it there.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
+use chrono::{SecondsFormat, Utc};
+
+use super::UsageError;
 use crate::config::Config;
 use crate::identity::{Created, Identity};
+use crate::sync::client::http_client;
+use crate::sync::enroll;
 
 /// Options of `usage-agent init`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  usage-agent init --site-url https://example.com")]
+#[command(
+    after_help = "Examples:\n  usage-agent init --site-url https://example.com\n  usage-agent init --site-url https://example.com --backend-url https://usage.example.net --enroll-token T\n\nThe backend URL must also be set as sync.backend_url in the config for the agent to sync there."
+)]
 pub struct InitArgs {
-    /// The site this agent meters, e.g. https://example.com (normalised before hashing).
+    /// The site this agent meters, such as `https://example.com` (normalised before hashing).
     #[arg(long)]
     pub site_url: String,
-    /// Backend to enroll with.
+    /// Backend to enroll with (https, or http to a loopback address); defaults to sync.backend_url.
     #[arg(long)]
     pub backend_url: Option<String>,
-    /// Enrollment token issued by the backend's operator.
+    /// Enrollment token issued by the backend's operator; enrolls the identity with the backend.
     #[arg(long)]
     pub enroll_token: Option<String>,
 }
 
 pub fn run(config: Config, args: InitArgs) -> anyhow::Result<ExitCode> {
+    let configured = Some(config.sync.backend_url.clone()).filter(|url| !url.is_empty());
+    let backend = args.backend_url.clone().or(configured);
+    let enrollment = match &args.enroll_token {
+        None => None,
+        Some(token) => {
+            let backend = backend.clone().ok_or_else(|| {
+                UsageError("--enroll-token needs a backend: pass --backend-url URL or set sync.backend_url in the config".into())
+            })?;
+            // Refuse an insecure or malformed URL before anything is created or sent.
+            enroll::enrollment_url(&backend)?;
+            Some((backend, token.clone()))
+        }
+    };
+
     let path = config.identity_path();
     let created = match Identity::load(&path)? {
         Some(_) => Created::AlreadyExisted,
         None => Identity::generate(&args.site_url)?.create_once(&path)?,
     };
-    let identity = Identity::load(&path)?.expect("the identity was just written or found");
+    let mut identity =
+        Identity::load(&path)?.context("the identity file vanished right after it was written")?;
     match created {
         Created::New => println!(
             "Created install identity {} for {} in {}",
@@ -39,6 +64,32 @@ pub fn run(config: Config, args: InitArgs) -> anyhow::Result<ExitCode> {
             path.display(),
             identity.install_id
         ),
+    }
+
+    if let Some(given) = &args.backend_url
+        && given.trim_end_matches('/') != config.sync.backend_url.trim_end_matches('/')
+    {
+        println!(
+            "Note: set sync.backend_url = \"{given}\" in the config file (or USAGE_AGENT_BACKEND_URL) so the agent syncs there; init does not edit the config."
+        );
+    }
+
+    match enrollment {
+        Some((backend, token)) => {
+            let http = http_client(Duration::from_secs(config.sync.request_timeout_secs))?;
+            super::runtime()?
+                .block_on(enroll::enroll(&http, &backend, &token, &identity))
+                .with_context(|| {
+                    format!("enrolling install {} with {backend}", identity.install_id)
+                })?;
+            identity.enrolled_at = Some(Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true));
+            identity.save(&path)?;
+            println!("Enrolled install {} with {backend}.", identity.install_id);
+        }
+        None if args.backend_url.is_some() => println!(
+            "Not enrolled (no --enroll-token): run init again with --enroll-token, or set sync.enroll_token and the agent enrolls at its next sync."
+        ),
+        None => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,11 +11,18 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 pub mod client;
+pub mod demo;
+pub mod export;
+pub mod forget;
 pub mod init;
+pub mod purge;
 pub mod receiver;
 pub mod record;
+pub mod retry_failed;
+pub mod rollup;
 pub mod run;
 pub mod status;
+pub mod sync;
 
 /// Meters AI token usage beside a website and ships it, signed, to a backend.
 #[derive(Debug, Parser)]
@@ -39,8 +46,24 @@ pub enum Command {
     Record(record::RecordArgs),
     /// Print the sync status; the exit code tells the health.
     Status(status::StatusArgs),
+    /// Run a sync now (after any run in progress) and print what it did.
+    Sync(sync::SyncArgs),
+    /// Put events the backend rejected back in the sync queue.
+    RetryFailed(retry_failed::RetryFailedArgs),
+    /// Recompute the daily summaries now (every day touched since the last rollup).
+    Rollup(rollup::RollupArgs),
+    /// Apply retention now.
+    Purge(purge::PurgeArgs),
+    /// Write events (or daily summaries) to stdout as CSV or JSON.
+    Export(export::ExportArgs),
+    /// Erase one user's local data (right to erasure).
+    Forget(forget::ForgetArgs),
     /// Run the bundled receiver (the backend's ingest side).
     Receiver(receiver::ReceiverArgs),
+    /// Newcomer quickstart: a receiver and an agent in a temp dir, sample events, a sync,
+    /// and what to try next; runs until Ctrl-C.
+    #[command(after_help = "Example:\n  cargo run --release -- demo")]
+    Demo,
 }
 
 /// A failure the user caused by how they called us: exit code 2.
@@ -56,7 +79,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => run::run(load()?),
         Command::Record(args) => record::run(load()?, args),
         Command::Status(args) => status::run(load()?, args),
+        Command::Sync(args) => sync::run(load()?, args),
+        Command::RetryFailed(args) => retry_failed::run(load()?, args),
+        Command::Rollup(args) => rollup::run(load()?, args),
+        Command::Purge(args) => purge::run(load()?, args),
+        Command::Export(args) => export::run(load()?, args),
+        Command::Forget(args) => forget::run(load()?, args),
         Command::Receiver(args) => receiver::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Demo => demo::run(),
     }
 }
 

@@ -1,6 +1,15 @@
-//! `usage-agent receiver`: run the bundled receiver.
+//! `usage-agent receiver`: run the bundled receiver until SIGINT or SIGTERM.
+//!
+//! Reads the receiver's settings from the environment (SPEC section 6), opens its SQLite
+//! database, binds the listen address and hands both to [`crate::receiver::serve`]. It
+//! touches nothing of the agent's (no config file, no identity, no agent database).
 
 use std::path::PathBuf;
+
+use anyhow::Context;
+use tracing_subscriber::EnvFilter;
+
+use crate::receiver::{self, ReceiverSettings};
 
 /// Options of `usage-agent receiver`.
 #[derive(Debug, clap::Args)]
@@ -13,6 +22,72 @@ pub struct ReceiverArgs {
     pub db: PathBuf,
 }
 
-pub fn run(_args: ReceiverArgs) -> anyhow::Result<()> {
-    anyhow::bail!("the receiver is not built yet")
+pub fn run(args: ReceiverArgs) -> anyhow::Result<()> {
+    // Another part of the program may already have installed a subscriber; that one wins.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
+    warn_about_settings(&settings);
+    let store = receiver::open_sqlite(&args.db)
+        .with_context(|| format!("opening the receiver database {}", args.db.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        println!(
+            "usage-agent receiver listening on http://{addr} (database {})",
+            args.db.display()
+        );
+        receiver::serve(listener, settings, store, shutdown_signal())
+            .await
+            .context("serving the receiver")
+    })
+}
+
+fn warn_about_settings(settings: &ReceiverSettings) {
+    if settings.enrollment_token.is_none() && !settings.allow_first_sync_without_signature {
+        tracing::warn!(
+            "ENROLLMENT_TOKEN is not set and ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE is off: enrollment is refused"
+        );
+    }
+    if settings.provider_username.is_none() || settings.provider_password.is_none() {
+        tracing::warn!(
+            "PROVIDER_USERNAME or PROVIDER_PASSWORD is not set: provider endpoints answer 401"
+        );
+    }
+}
+
+/// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down the receiver");
 }

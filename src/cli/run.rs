@@ -33,10 +33,19 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
     })
 }
 
-/// Installs the log subscriber: `RUST_LOG` filters (default `info`), text or JSON lines.
+/// Default log filter: our own info lines, only warnings from the libraries.
+pub const DEFAULT_LOG_FILTER: &str = "warn,usage_agent=info";
+
+/// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]), text
+/// or JSON lines.
 pub fn init_logging(format: LogFormat) {
+    init_logging_with(format, DEFAULT_LOG_FILTER);
+}
+
+/// Like [`init_logging`] with another default filter.
+pub fn init_logging_with(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     // A subscriber may already be installed (demo, tests); keeping it is fine.
     let _ = match format {

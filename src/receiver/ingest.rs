@@ -27,7 +27,8 @@ use crate::sync::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use crate::sync::wire::{
-    self, BatchEnvelope, BatchResult, GunzipError, MAX_BATCH_EVENTS, RejectedEvent, WireEvent,
+    self, BatchEnvelope, BatchResult, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
+    RejectedEvent,
 };
 
 /// Longest install id looked up; longer ones cannot be enrolled anyway.
@@ -174,20 +175,15 @@ fn handle(
     let mut valid = Vec::with_capacity(envelope.events.len());
     let mut rejected = Vec::new();
     for value in &envelope.events {
-        let parsed = wire::parse_wire_event(value, now)
-            .map_err(|errors| wire::rejection_reason(&errors))
-            .and_then(|event| {
-                new_event(event).ok_or_else(|| "event: could not be stored".to_owned())
-            });
-        match parsed {
-            Ok(event) => valid.push(event),
-            Err(reason) => rejected.push(RejectedEvent {
+        match wire::check_wire_event(value, now) {
+            Ok(event) => valid.push(new_event(event)),
+            Err(errors) => rejected.push(RejectedEvent {
                 event_id: value
                     .get("event_id")
                     .and_then(|v| v.as_str())
                     .unwrap_or("")
                     .to_owned(),
-                reason,
+                reason: wire::rejection_reason(&errors),
             }),
         }
     }
@@ -272,52 +268,19 @@ fn check_envelope(
     }
 }
 
-/// The storable form of a validated wire event; `None` only if validation let through
-/// something it should not have.
-fn new_event(event: WireEvent) -> Option<NewEvent> {
-    let created_at_ms = event.created_at_ms()?;
-    Some(NewEvent {
+/// The storable form of a validated wire event.
+fn new_event(event: CheckedWireEvent) -> NewEvent {
+    NewEvent {
         event_id: event.event_id,
-        user_hash: decode_hash(&event.user_hash)?,
+        user_hash: event.user_hash,
         source: event.source,
         model: event.model.as_str().to_owned(),
-        prompt_tokens: event.prompt_tokens,
-        completion_tokens: event.completion_tokens,
-        cached_tokens: event.cached_tokens,
-        cache_write_tokens: event.cache_write_tokens,
-        reasoning_tokens: event.reasoning_tokens,
-        context: event.context.map(|c| c.to_string()),
-        created_at_ms,
-    })
-}
-
-fn decode_hash(hex: &str) -> Option<[u8; 32]> {
-    let digits = hex.as_bytes();
-    if digits.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| {
-        char::from(c)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = nibble(digits[2 * i])? << 4 | nibble(digits[2 * i + 1])?;
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sync::wire::to_hex;
-
-    #[test]
-    fn hashes_decode_back_to_their_bytes() {
-        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
-        assert_eq!(decode_hash(&to_hex(&bytes)), Some(bytes));
-        assert_eq!(decode_hash("zz"), None);
-        assert_eq!(decode_hash(&"g".repeat(64)), None);
+        prompt_tokens: event.tokens.prompt,
+        completion_tokens: event.tokens.completion,
+        cached_tokens: event.tokens.cached,
+        cache_write_tokens: event.tokens.cache_write,
+        reasoning_tokens: event.tokens.reasoning,
+        context: event.context,
+        created_at_ms: event.created_at_ms,
     }
 }

@@ -456,7 +456,7 @@ mod tests {
         NewEvent {
             event_id: Uuid::from_bytes([n; 16]),
             user_hash: [n % 2; 32],
-            source: if n % 2 == 0 {
+            source: if n.is_multiple_of(2) {
                 Source::Bulk
             } else {
                 Source::Inline

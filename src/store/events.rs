@@ -146,7 +146,7 @@ mod tests {
         let b = sample_event(Uuid::new_v4());
         assert_eq!(store.record(std::slice::from_ref(&a)).unwrap(), [Recorded::New]);
         let outcome = store
-            .record_groups(&[&[a.clone(), b.clone()], &[b.clone()]])
+            .record_groups(&[&[a.clone(), b.clone()], std::slice::from_ref(&b)])
             .unwrap();
         assert_eq!(outcome, [vec![Recorded::Duplicate, Recorded::New], vec![Recorded::Duplicate]]);
         assert_eq!(store.event_count().unwrap(), 2);

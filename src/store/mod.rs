@@ -11,7 +11,11 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::config::Synchronous;
 
 pub mod events;
+pub mod export;
+pub mod retention;
+pub mod rollup;
 pub mod status;
+pub mod sync;
 pub mod writer;
 
 /// The schema and its migrations, applied at open (see the file's header).

@@ -1,5 +1,14 @@
-//! Shipping events to the backend: wire types and signing (shared with the receiver).
+//! Shipping events to the backend (SPEC 5).
+//!
+//! [`wire`] and [`signing`] are shared with the receiver and do no I/O. The agent side is
+//! [`client`] (one signed HTTP attempt), [`error`] (categories that decide retries),
+//! [`enroll`] (handing the secret to the backend once) and [`engine`] (one sync run over
+//! the queue). Scheduling runs is `crate::jobs`' business, not this module's.
 
+pub mod client;
+pub mod engine;
+pub mod enroll;
+pub mod error;
 pub mod signing;
 pub mod wire;
 

@@ -11,11 +11,11 @@ use std::io::{Read, Write};
 
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::event::{self, Event, FieldError, Limits, ModelName, Source, format_millis};
+use crate::event::{self, Event, FieldError, Limits, ModelName, Source, Tokens, format_millis};
 
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -223,15 +223,58 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 /// Whether `text` is exactly 64 lowercase hex characters (a SHA-256 in hex).
 pub fn is_sha256_hex(text: &str) -> bool {
-    text.len() == 64
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    decode_sha256_hex(text).is_some()
+}
+
+/// A validated wire event in the forms the receiver stores: the user hash as bytes, the
+/// context as compact JSON text, the time as epoch milliseconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedWireEvent {
+    pub event_id: Uuid,
+    pub user_hash: [u8; 32],
+    pub source: Source,
+    pub model: ModelName,
+    pub tokens: Tokens,
+    /// The `context` object serialized compactly; `None` when absent.
+    pub context: Option<String>,
+    pub created_at_ms: i64,
+}
+
+impl CheckedWireEvent {
+    /// The event as it travels (and as [`parse_wire_event`] returns it).
+    pub fn to_wire(&self) -> WireEvent {
+        WireEvent {
+            event_id: self.event_id,
+            user_hash: to_hex(&self.user_hash),
+            source: self.source,
+            model: self.model.clone(),
+            prompt_tokens: self.tokens.prompt,
+            completion_tokens: self.tokens.completion,
+            total_tokens: self.tokens.total(),
+            cached_tokens: self.tokens.cached,
+            cache_write_tokens: self.tokens.cache_write,
+            reasoning_tokens: self.tokens.reasoning,
+            context: self
+                .context
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok()),
+            created_at: format_millis(self.created_at_ms),
+        }
+    }
 }
 
 /// Validates one event of a received batch with the rules of SPEC section 3 as adapted by
 /// section 5, collecting every broken rule.
 pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, Vec<FieldError>> {
+    check_wire_event(value, now).map(|event| event.to_wire())
+}
+
+/// [`parse_wire_event`] without turning the result back into wire form: what the receiver
+/// uses on its hot path.
+pub fn check_wire_event(
+    value: &Value,
+    now: DateTime<Utc>,
+) -> Result<CheckedWireEvent, Vec<FieldError>> {
     let Some(object) = value.as_object() else {
         return Err(vec![FieldError::new("event", "must be a JSON object")]);
     };
@@ -256,9 +299,13 @@ pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, 
             None
         }
     };
-    let user_hash = match object.get("user_hash").and_then(Value::as_str) {
-        Some(text) if is_sha256_hex(text) => Some(text.to_owned()),
-        _ => {
+    let user_hash = match object
+        .get("user_hash")
+        .and_then(Value::as_str)
+        .and_then(decode_sha256_hex)
+    {
+        Some(bytes) => Some(bytes),
+        None => {
             errors.push(FieldError::new(
                 "user_hash",
                 "is required and must be 64 lowercase hex characters",
@@ -272,7 +319,7 @@ pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, 
         errors.push(FieldError::new("total_tokens", "is required"));
     }
     let tokens = event::parse_tokens(object, &mut errors);
-    let context = parse_wire_context(object, &mut errors);
+    let context = event::parse_context(object.get("context"), &mut errors);
     let created_at_ms = match object.get("created_at") {
         None | Some(Value::Null) => {
             errors.push(FieldError::new("created_at", "is required"));
@@ -303,35 +350,38 @@ pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, 
             Some(model),
             Some(tokens),
             Some(context),
-            Some(ms),
-        ) if errors.is_empty() => Ok(WireEvent {
+            Some(created_at_ms),
+        ) if errors.is_empty() => Ok(CheckedWireEvent {
             event_id,
             user_hash,
             source,
             model,
-            prompt_tokens: tokens.prompt,
-            completion_tokens: tokens.completion,
-            total_tokens: tokens.total(),
-            cached_tokens: tokens.cached,
-            cache_write_tokens: tokens.cache_write,
-            reasoning_tokens: tokens.reasoning,
+            tokens,
             context,
-            created_at: format_millis(ms),
+            created_at_ms,
         }),
         _ => Err(errors),
     }
 }
 
-/// Applies the `context` rules and keeps the object itself; `Some(None)` means absent.
-fn parse_wire_context(
-    object: &Map<String, Value>,
-    errors: &mut Vec<FieldError>,
-) -> Option<Option<Value>> {
-    let value = object.get("context");
-    match event::parse_context(value, errors)? {
-        None => Some(None),
-        Some(_) => Some(value.cloned()),
+/// The 32 bytes of a SHA-256 written as exactly 64 lowercase hex characters.
+pub fn decode_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
     }
+    let digits = text.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Joins the broken rules of one event into the `reason` of a [`RejectedEvent`].
@@ -431,6 +481,15 @@ mod tests {
         assert!(is_sha256_hex(&user_hash("inst", 5)));
         assert_ne!(user_hash("inst", 5), user_hash("inst", 50));
         assert_ne!(user_hash("other", 5), user_hash("inst", 5));
+    }
+
+    #[test]
+    fn sha256_hex_decodes_to_its_bytes() {
+        let bytes: [u8; 32] = std::array::from_fn(|i| (i * 37) as u8);
+        assert_eq!(decode_sha256_hex(&to_hex(&bytes)), Some(bytes));
+        assert_eq!(decode_sha256_hex("ab"), None);
+        assert_eq!(decode_sha256_hex(&"g".repeat(64)), None);
+        assert_eq!(decode_sha256_hex(&"AB".repeat(32)), None);
     }
 
     #[test]

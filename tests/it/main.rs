@@ -2,5 +2,10 @@
 
 mod agent;
 mod common;
+mod demo;
 mod harness;
+mod interop;
+mod jobs;
+mod ops;
 mod receiver;
+mod sync;

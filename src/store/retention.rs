@@ -1,0 +1,128 @@
+//! Deleting data: retention (expired raw events and daily summaries) and erasure of one
+//! user. Every method here is one small transaction; the jobs call them repeatedly through
+//! the writer so that recording interleaves between them and never waits long.
+
+use rusqlite::{Transaction, params};
+
+use super::rollup::clamp_rollup_seq;
+use super::{Doing, Store, StoreError};
+
+/// What one delete transaction removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Rows deleted.
+    pub rows: u64,
+    /// Of those, events that had not been synced yet (pending or failed).
+    pub unsynced: u64,
+}
+
+impl Store {
+    /// Deletes up to `limit` events with `created_at < before_ms` that are already rolled
+    /// up (`seq <= rollup_seq`), oldest first.
+    pub fn purge_events_chunk(
+        &mut self,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<Deleted, StoreError> {
+        let tx = self.conn.transaction().doing("starting a purge")?;
+        let rolled_up: i64 = tx
+            .prepare_cached("SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rollup_seq'), 0)")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .doing("reading the rollup mark")?;
+        let deleted = delete_returning(
+            &tx,
+            "DELETE FROM events WHERE seq IN (
+                 SELECT seq FROM events WHERE created_at < ?1 AND seq <= ?2
+                 ORDER BY created_at LIMIT ?3)
+             RETURNING seq, sync_state",
+            params![before_ms, rolled_up, limit as i64],
+        )?;
+        clamp_rollup_seq(&tx)?;
+        tx.commit().doing("committing a purge")?;
+        Ok(deleted)
+    }
+
+    /// Deletes up to `limit` summary rows of days before `before_day` (`YYYY-MM-DD`).
+    pub fn purge_daily_chunk(&mut self, before_day: &str, limit: usize) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached(
+                "DELETE FROM usage_daily WHERE (usage_date, user_id, source, model_id) IN (
+                     SELECT usage_date, user_id, source, model_id FROM usage_daily
+                     WHERE usage_date < ?1 ORDER BY usage_date LIMIT ?2)",
+            )
+            .and_then(|mut stmt| stmt.execute(params![before_day, limit as i64]))
+            .doing("purging daily summaries")
+            .map(|n| n as u64)
+    }
+
+    /// Deletes the events of `user_id` with `after < seq <= until` (erasure works through
+    /// the log in `seq` ranges, so each transaction stays small without a user index).
+    pub fn forget_events_range(
+        &mut self,
+        user_id: u64,
+        after: i64,
+        until: i64,
+    ) -> Result<Deleted, StoreError> {
+        let tx = self.conn.transaction().doing("starting an erasure")?;
+        let deleted = delete_returning(
+            &tx,
+            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND user_id = ?3 RETURNING seq, sync_state",
+            params![after, until, user_id as i64],
+        )?;
+        clamp_rollup_seq(&tx)?;
+        tx.commit().doing("committing an erasure")?;
+        Ok(deleted)
+    }
+
+    /// The lowest `seq` stored (0 when there are no events).
+    pub fn min_event_seq(&self) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached("SELECT coalesce(min(seq), 0) FROM events")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .doing("reading the lowest event seq")
+    }
+
+    /// Deletes every summary row of `user_id`.
+    pub fn forget_daily(&mut self, user_id: u64) -> Result<u64, StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM usage_daily WHERE user_id = ?1")
+            .and_then(|mut stmt| stmt.execute(params![user_id as i64]))
+            .doing("erasing a user's summaries")
+            .map(|n| n as u64)
+    }
+}
+
+/// Runs a `DELETE ... RETURNING seq, sync_state` and drops the sync failure notes of the
+/// deleted events, so nothing of them is left behind.
+fn delete_returning(
+    tx: &Transaction,
+    sql: &str,
+    args: impl rusqlite::Params,
+) -> Result<Deleted, StoreError> {
+    let mut failed = Vec::new();
+    let mut deleted = Deleted::default();
+    {
+        let mut stmt = tx.prepare_cached(sql).doing("deleting events")?;
+        let mut rows = stmt.query(args).doing("deleting events")?;
+        while let Some(row) = rows.next().doing("deleting events")? {
+            let seq: i64 = row.get(0).doing("deleting events")?;
+            let state: i64 = row.get(1).doing("deleting events")?;
+            deleted.rows += 1;
+            if state != 1 {
+                deleted.unsynced += 1;
+            }
+            if state == 2 {
+                failed.push(seq);
+            }
+        }
+    }
+    let mut forget = tx
+        .prepare_cached("DELETE FROM sync_failures WHERE seq = ?1")
+        .doing("deleting sync failure notes")?;
+    for seq in failed {
+        forget
+            .execute(params![seq])
+            .doing("deleting sync failure notes")?;
+    }
+    Ok(deleted)
+}

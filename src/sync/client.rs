@@ -1,0 +1,332 @@
+//! The HTTP side of one attempt: build the signed `POST {backend}/api/usage/event`, send it,
+//! and turn the answer into a [`BatchResult`] or a categorised [`SyncError`].
+//!
+//! This module owns the request shape of SPEC 5 (headers, gzip over 1 KiB, signature over
+//! the uncompressed JSON). It knows nothing about retries, the queue or the database; the
+//! engine decides what an answer means for the events. The secret and the bearer token
+//! never appear in an error or a log line.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use reqwest::StatusCode;
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
+use uuid::Uuid;
+
+use super::error::SyncError;
+use super::signing::{
+    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret,
+};
+use super::wire::{self, Batch, BatchResult, ErrorBody, GZIP_THRESHOLD};
+use crate::config::SyncConfig;
+use crate::identity::Identity;
+
+/// Why a client for the backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("sync.backend_url {url:?} is not a valid URL: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("the install secret in identity.json cannot be used: {0}")]
+    BadSecret(#[from] signing::SigningError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// Builds the reqwest client used for the backend: request timeout from the config, no
+/// redirects (a signed batch must not wander to another host), a clear user agent.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, ClientError> {
+    super::install_tls_provider();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("usage-agent/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| ClientError::Http(error_chain(&e)))
+}
+
+/// Joins a path to the backend base URL, keeping any path prefix the base has.
+pub fn endpoint(backend_url: &str, path: &str) -> Result<reqwest::Url, ClientError> {
+    let joined = format!("{}{path}", backend_url.trim_end_matches('/'));
+    let url = reqwest::Url::parse(&joined).map_err(|e| ClientError::BadUrl {
+        url: backend_url.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ClientError::BadUrl {
+            url: backend_url.to_owned(),
+            reason: "must be an http:// or https:// URL with a host".into(),
+        });
+    }
+    Ok(url)
+}
+
+/// A batch serialized once, sent as many times as needed: each attempt is signed anew
+/// (fresh `webhook-timestamp`) over the same JSON, with the same batch id.
+#[derive(Debug, Clone)]
+pub struct PreparedBatch {
+    pub id: Uuid,
+    /// The uncompressed JSON, which the signature covers.
+    json: Vec<u8>,
+    /// The gzip of `json` when it is over [`GZIP_THRESHOLD`].
+    gzipped: Option<Vec<u8>>,
+}
+
+impl PreparedBatch {
+    pub fn new(batch: &Batch) -> PreparedBatch {
+        let json = batch.to_json();
+        let gzipped = (json.len() > GZIP_THRESHOLD).then(|| wire::gzip(&json));
+        PreparedBatch {
+            id: batch.batch_id,
+            json,
+            gzipped,
+        }
+    }
+
+    pub fn is_gzipped(&self) -> bool {
+        self.gzipped.is_some()
+    }
+}
+
+/// Sends signed batches for one install.
+pub struct BackendClient {
+    http: reqwest::Client,
+    events_url: reqwest::Url,
+    install_id: String,
+    secret: Secret,
+    auth_token: Option<String>,
+}
+
+impl BackendClient {
+    pub fn new(
+        http: reqwest::Client,
+        sync: &SyncConfig,
+        identity: &Identity,
+    ) -> Result<BackendClient, ClientError> {
+        Ok(BackendClient {
+            http,
+            events_url: endpoint(&sync.backend_url, "/api/usage/event")?,
+            install_id: identity.install_id.clone(),
+            secret: Secret::parse(&identity.secret)?,
+            auth_token: Some(sync.auth_token.clone()).filter(|t| !t.is_empty()),
+        })
+    }
+
+    pub fn install_id(&self) -> &str {
+        &self.install_id
+    }
+
+    /// One attempt: signs the batch now and sends it.
+    pub async fn send(&self, batch: &PreparedBatch) -> Result<BatchResult, SyncError> {
+        let id = batch.id.to_string();
+        let timestamp = Utc::now().timestamp();
+        let signature = signing::sign(&self.secret, &id, timestamp, &batch.json);
+        let mut request = self
+            .http
+            .post(self.events_url.clone())
+            .header(HEADER_ID, &id)
+            .header(HEADER_TIMESTAMP, timestamp.to_string())
+            .header(HEADER_SIGNATURE, signature)
+            .header(HEADER_INSTALL_ID, &self.install_id)
+            .header(CONTENT_TYPE, "application/json");
+        if let Some(token) = &self.auth_token {
+            request = request.bearer_auth(token);
+        }
+        request = match &batch.gzipped {
+            Some(gzipped) => request
+                .header(CONTENT_ENCODING, "gzip")
+                .body(gzipped.clone()),
+            None => request.body(batch.json.clone()),
+        };
+        let response = request.send().await.map_err(network)?;
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = response.bytes().await.map_err(|error| {
+            if status.is_success() {
+                SyncError::BadAnswer(error_chain(&error))
+            } else {
+                network(error)
+            }
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|e| {
+                SyncError::BadAnswer(format!("a {status} answer that is not a batch result: {e}"))
+            });
+        }
+        Err(classify(status, &body, retry_after))
+    }
+}
+
+/// A transport failure: connect, DNS, TLS, timeout, reset.
+pub(crate) fn network(error: reqwest::Error) -> SyncError {
+    let what = if error.is_timeout() {
+        "the request timed out"
+    } else if error.is_connect() {
+        "the connection failed"
+    } else {
+        "the request failed"
+    };
+    SyncError::Network(format!("{what}: {}", error_chain(&error)))
+}
+
+/// An error and its causes as one line (reqwest's own message is terse).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// `Retry-After` as delta seconds (the form the receiver sends; an HTTP date is ignored).
+pub fn parse_retry_after(text: &str) -> Option<Duration> {
+    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The `message` of an error body in the SPEC error shape, else a short piece of the body.
+pub fn answer_message(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {
+        return format!("{}: {}", parsed.error.code, parsed.error.message);
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("no reason given")
+            .to_owned()
+    } else {
+        text.chars().take(200).collect()
+    }
+}
+
+/// Maps a non-2xx answer to its SPEC 5 category.
+pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> SyncError {
+    let message = answer_message(status, body);
+    let code = status.as_u16();
+    match code {
+        401 | 403 => SyncError::Authentication {
+            status: code,
+            message,
+        },
+        400 | 413 | 415 | 422 => SyncError::Validation {
+            status: code,
+            message,
+        },
+        429 => SyncError::RateLimited {
+            retry_after,
+            message,
+        },
+        // A proxy that gave up waiting: the batch may not even have arrived.
+        408 => SyncError::Network(format!(
+            "the backend timed out the request (408): {message}"
+        )),
+        300..=399 => SyncError::Server {
+            status: code,
+            message: format!(
+                "the backend redirected the batch ({message}); set sync.backend_url to the final URL"
+            ),
+        },
+        // 5xx and any answer we do not understand: retry later, never fail the events.
+        _ => SyncError::Server {
+            status: code,
+            message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::error::Category;
+
+    #[test]
+    fn answers_map_to_the_spec_categories() {
+        let body =
+            br#"{"error": {"code": "invalid_signature", "message": "no match", "details": []}}"#;
+        let cases: [(u16, Category); 12] = [
+            (400, Category::Validation),
+            (401, Category::Authentication),
+            (403, Category::Authentication),
+            (404, Category::Server),
+            (408, Category::Network),
+            (413, Category::Validation),
+            (415, Category::Validation),
+            (422, Category::Validation),
+            (429, Category::RateLimit),
+            (500, Category::Server),
+            (503, Category::Server),
+            (307, Category::Server),
+        ];
+        for (code, category) in cases {
+            let error = classify(StatusCode::from_u16(code).unwrap(), body, None);
+            assert_eq!(error.category(), category, "{code}");
+        }
+        let error = classify(StatusCode::UNAUTHORIZED, body, None);
+        assert!(
+            error.to_string().contains("invalid_signature: no match"),
+            "{error}"
+        );
+        let error = classify(StatusCode::BAD_GATEWAY, b"", None);
+        assert!(error.to_string().contains("Bad Gateway"), "{error}");
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        let error = classify(StatusCode::TOO_MANY_REQUESTS, b"", parse_retry_after("3"));
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn endpoints_keep_a_path_prefix() {
+        assert_eq!(
+            endpoint("https://b.example/ingest/", "/api/usage/event")
+                .unwrap()
+                .as_str(),
+            "https://b.example/ingest/api/usage/event"
+        );
+        assert!(endpoint("b.example", "/x").is_err());
+    }
+
+    #[test]
+    fn large_batches_are_gzipped_small_ones_not() {
+        let batch = |n: usize| Batch {
+            batch_id: Uuid::new_v4(),
+            install_id: "i".into(),
+            sent_at: "2026-11-27T10:30:00Z".into(),
+            events: (0..n)
+                .map(|_| wire::WireEvent {
+                    event_id: Uuid::new_v4(),
+                    user_hash: wire::user_hash("i", 1),
+                    source: crate::event::Source::Bulk,
+                    model: crate::event::ModelName::parse("m").unwrap(),
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    total_tokens: 2,
+                    cached_tokens: 0,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 0,
+                    context: None,
+                    created_at: "2026-11-27T10:29:58.123Z".into(),
+                })
+                .collect(),
+        };
+        assert!(!PreparedBatch::new(&batch(1)).is_gzipped());
+        let big = PreparedBatch::new(&batch(20));
+        assert!(big.is_gzipped());
+        let expanded = wire::gunzip(big.gzipped.as_ref().unwrap(), 1 << 20).unwrap();
+        assert_eq!(expanded, big.json);
+    }
+}

@@ -1,0 +1,536 @@
+//! One sync run ([`SyncEngine::run_once`]): drain the pending queue to the backend, batch
+//! after batch, with the retry rules of SPEC 5, and keep the bookkeeping status reads.
+//!
+//! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work.
+//! It reads the queue on its own database connection and writes only through the
+//! [`Writer`], so the local API never waits on it or on the backend.
+//!
+//! **Invariants:** an event becomes `synced` only after a 2xx answer that accepted or
+//! deduplicated it; it becomes `failed` only when the backend refused that one event
+//! (a per-event reject, or a validation refusal of a batch bisected down to it);
+//! transient errors (network, server, rate limit) and authentication errors leave every
+//! event pending. Nothing here deletes an event.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{SecondsFormat, Utc};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::client::{BackendClient, ClientError, PreparedBatch, http_client};
+use super::enroll;
+use super::error::{Category, SyncError};
+use super::wire::{Batch, BatchResult, WireEvent, format_sent_at};
+use crate::config::{Config, SyncConfig};
+use crate::identity::Identity;
+use crate::store::status::LastError;
+use crate::store::sync::PendingEvent;
+use crate::store::writer::Writer;
+use crate::store::{Store, StoreError};
+
+/// The longest `Retry-After` waited for inside one run; a backend asking for more gets
+/// the events at a later run instead of holding this one (and a manual `sync`) hostage.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// What one run did (the body of `POST /v1/sync`, SPEC 3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SyncReport {
+    /// Batches the backend gave a verdict on: a 2xx answer, or a validation refusal of a
+    /// single-event batch.
+    pub batches: u64,
+    /// Events in those batches (`accepted + duplicates + rejected`).
+    pub sent: u64,
+    /// Events the backend stored now.
+    pub accepted: u64,
+    /// Events the backend already had.
+    pub duplicates: u64,
+    /// Events the backend refused; they are now `failed`, with its reason.
+    pub rejected: u64,
+    /// Why the run stopped early, `null` when it drained the queue.
+    pub error: Option<RunError>,
+    pub duration_ms: u64,
+}
+
+/// The error that ended a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunError {
+    pub category: Category,
+    pub message: String,
+}
+
+/// Why the engine could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Ships the queue to the backend; one per daemon.
+pub struct SyncEngine {
+    sync: SyncConfig,
+    identity: Option<Identity>,
+    identity_path: PathBuf,
+    /// `None` until `init` has made an identity (nothing can be signed without it).
+    client: Option<BackendClient>,
+    http: reqwest::Client,
+    writer: Writer,
+    /// The engine's own read connection, so reading batches never queues behind the
+    /// API's reads or the writer.
+    queue: Arc<Mutex<Store>>,
+    enrolled: AtomicBool,
+}
+
+impl SyncEngine {
+    /// Sets up the HTTP client and a read connection to the database of `config`.
+    pub fn new(
+        config: &Config,
+        identity: Option<Identity>,
+        writer: Writer,
+    ) -> Result<SyncEngine, SetupError> {
+        let http = http_client(Duration::from_secs(config.sync.request_timeout_secs))?;
+        let client = identity
+            .as_ref()
+            .map(|identity| BackendClient::new(http.clone(), &config.sync, identity))
+            .transpose()?;
+        let store = Store::open(&config.database_path(), config.synchronous)?;
+        let enrolled = identity.as_ref().is_some_and(|i| i.enrolled_at.is_some())
+            || store.sync_meta()?.enrolled_ms.is_some();
+        Ok(SyncEngine {
+            sync: config.sync.clone(),
+            identity,
+            identity_path: config.identity_path(),
+            client,
+            http,
+            writer,
+            queue: Arc::new(Mutex::new(store)),
+            enrolled: AtomicBool::new(enrolled),
+        })
+    }
+
+    /// Whether this install is known to be enrolled with the backend.
+    pub fn is_enrolled(&self) -> bool {
+        self.enrolled.load(Ordering::Relaxed)
+    }
+
+    /// One run: enroll if still needed, drain the queue up to the newest event that existed
+    /// when the run began, and record the outcome for status. Never panics on backend or
+    /// database failures; they end up in the report's `error`.
+    pub async fn run_once(&self) -> SyncReport {
+        let started = Instant::now();
+        let started_ms = Utc::now().timestamp_millis();
+        self.enroll_if_needed().await;
+        let mut report = SyncReport::default();
+        let result = self.drain(&mut report).await;
+        if let Err(error) = &result {
+            report.error = Some(RunError {
+                category: error.category(),
+                message: error.to_string(),
+            });
+        }
+        if let Err(error) = self.record_run(started_ms, report.error.clone()).await {
+            tracing::warn!(%error, "could not record the sync run");
+            report.error.get_or_insert(RunError {
+                category: Category::Local,
+                message: error.to_string(),
+            });
+        }
+        report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match &report.error {
+            None => tracing::info!(
+                batches = report.batches,
+                accepted = report.accepted,
+                duplicates = report.duplicates,
+                rejected = report.rejected,
+                duration_ms = report.duration_ms,
+                "sync run finished"
+            ),
+            Some(error) => tracing::warn!(
+                category = %error.category,
+                error = %error.message,
+                batches = report.batches,
+                accepted = report.accepted,
+                duration_ms = report.duration_ms,
+                "sync run stopped; unsent events stay pending"
+            ),
+        }
+        report
+    }
+
+    async fn drain(&self, report: &mut SyncReport) -> Result<(), SyncError> {
+        let client = self.client.as_ref().ok_or(SyncError::NoIdentity)?;
+        let until = self.read(|store| store.last_seq()).await?;
+        let mut after = 0;
+        let mut batch_size = self.sync.batch_size.max(1);
+        let mut marks = Marks::default();
+        let result = async {
+            loop {
+                let limit = batch_size;
+                let events = self.read(move |store| store.pending_batch(after, until, limit)).await?;
+                let Some(last) = events.last() else {
+                    return Ok(());
+                };
+                after = last.seq;
+                // Parts still to ship; a refused batch is split in two and both halves go first.
+                let mut parts = VecDeque::from([events]);
+                while let Some(mut part) = parts.pop_front() {
+                    if part.len() > batch_size {
+                        // A 413 shrank the batch size since this part was cut.
+                        let rest = part.split_off(batch_size);
+                        parts.push_front(rest);
+                    }
+                    match self.ship(client, &part).await {
+                        Ok(answer) => {
+                            let (synced, failed) = verdicts(&part, &answer)?;
+                            report.batches += 1;
+                            report.sent += part.len() as u64;
+                            report.accepted += answer.accepted;
+                            report.duplicates += answer.duplicates;
+                            report.rejected += failed.len() as u64;
+                            for (seq, reason) in &failed {
+                                tracing::warn!(seq, %reason, "the backend rejected an event; it is now failed");
+                            }
+                            marks.push(&self.writer, synced, failed).await?;
+                        }
+                        Err(error) if error.category() == Category::Validation => {
+                            if error.status() == Some(413) && part.len() / 2 < batch_size {
+                                batch_size = (part.len() / 2).max(1);
+                                tracing::warn!(batch_size, "the backend found a batch too large; halving the batch size for this run");
+                            }
+                            if part.len() == 1 {
+                                let reason = error.to_string();
+                                tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
+                                report.batches += 1;
+                                report.sent += 1;
+                                report.rejected += 1;
+                                marks.push(&self.writer, Vec::new(), vec![(part[0].seq, reason)]).await?;
+                            } else {
+                                let right = part.split_off(part.len() / 2);
+                                parts.push_front(right);
+                                parts.push_front(part);
+                            }
+                        }
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        }
+        .await;
+        // Whatever stopped the run, the verdicts already received are made durable.
+        let flushed = marks.finish(&self.writer).await;
+        result.and(flushed)
+    }
+
+    /// Ships one batch with up to `max_attempts` attempts, exponential backoff with full
+    /// jitter between them, and at least the backend's `Retry-After` after a 429.
+    async fn ship(
+        &self,
+        client: &BackendClient,
+        part: &[PendingEvent],
+    ) -> Result<BatchResult, SyncError> {
+        let install_id = client.install_id();
+        let batch = Batch {
+            batch_id: batch_id(install_id, part),
+            install_id: install_id.to_owned(),
+            sent_at: format_sent_at(Utc::now()),
+            events: part
+                .iter()
+                .map(|p| WireEvent::from_event(&p.event, install_id))
+                .collect(),
+        };
+        let prepared = PreparedBatch::new(&batch);
+        let retries =
+            usize::try_from(self.sync.max_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.sync.initial_backoff_ms))
+            .with_max_delay(Duration::from_millis(self.sync.max_backoff_ms))
+            .with_factor(2.0)
+            .with_max_times(retries);
+        (|| self.attempt(client, &prepared))
+            .retry(backoff)
+            .when(|error: &SyncError| {
+                error.is_retryable()
+                    && error
+                        .retry_after()
+                        .is_none_or(|wait| wait <= MAX_RETRY_AFTER)
+            })
+            .adjust(|error: &SyncError, delay| {
+                delay.map(|delay| full_jitter(delay).max(error.retry_after().unwrap_or_default()))
+            })
+            .notify(|error: &SyncError, wait| {
+                tracing::info!(
+                    batch_id = %prepared.id,
+                    category = %error.category(),
+                    %error,
+                    wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                    "batch attempt failed; retrying"
+                );
+            })
+            .await
+    }
+
+    /// One attempt; a failure is counted for status `error_categories` before it is returned.
+    async fn attempt(
+        &self,
+        client: &BackendClient,
+        batch: &PreparedBatch,
+    ) -> Result<BatchResult, SyncError> {
+        let result = client.send(batch).await;
+        if let Err(error) = &result
+            && error.category() != Category::Local
+        {
+            let category = error.category().as_str();
+            let at = Utc::now().timestamp_millis();
+            if let Err(store_error) = self
+                .writer
+                .run(move |store| store.record_sync_error(at, category))
+                .await
+            {
+                tracing::warn!(error = %store_error, "could not count a failed sync attempt");
+            }
+        }
+        result
+    }
+
+    /// Updates the bookkeeping that status reads, in one write.
+    async fn record_run(&self, started_ms: i64, error: Option<RunError>) -> Result<(), StoreError> {
+        let ended_ms = Utc::now().timestamp_millis();
+        self.writer
+            .run(move |store| {
+                let mut meta = store.sync_meta()?;
+                meta.last_attempt_ms = Some(started_ms);
+                match error {
+                    None => {
+                        meta.last_success_ms = Some(ended_ms);
+                        meta.consecutive_failures = 0;
+                        meta.last_run_failed = false;
+                    }
+                    Some(error) => {
+                        meta.consecutive_failures = meta.consecutive_failures.saturating_add(1);
+                        meta.last_run_failed = true;
+                        meta.last_error = Some(LastError {
+                            category: error.category.as_str().to_owned(),
+                            message: error.message,
+                            at: crate::event::format_millis(ended_ms),
+                        });
+                    }
+                }
+                store.set_sync_meta(&meta)
+            })
+            .await
+    }
+
+    /// Enrolls when a token is configured and the install is not enrolled yet. A failure is
+    /// logged and retried at the next run; it never holds up the sync itself.
+    async fn enroll_if_needed(&self) {
+        if self.is_enrolled() || self.sync.enroll_token.is_empty() {
+            return;
+        }
+        let Some(identity) = &self.identity else {
+            return;
+        };
+        match enroll::enroll(
+            &self.http,
+            &self.sync.backend_url,
+            &self.sync.enroll_token,
+            identity,
+        )
+        .await
+        {
+            Ok(()) => {
+                self.enrolled.store(true, Ordering::Relaxed);
+                let now = Utc::now();
+                tracing::info!(install_id = %identity.install_id, "enrolled with the backend");
+                let mut updated = identity.clone();
+                updated.enrolled_at = Some(now.to_rfc3339_opts(SecondsFormat::Secs, true));
+                let path = self.identity_path.clone();
+                match tokio::task::spawn_blocking(move || updated.save(&path)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "enrolled, but could not record it in identity.json")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "enrolled, but could not record it in identity.json")
+                    }
+                }
+                let at = now.timestamp_millis();
+                let recorded = self
+                    .writer
+                    .run(move |store| {
+                        let mut meta = store.sync_meta()?;
+                        meta.enrolled_ms = Some(at);
+                        store.set_sync_meta(&meta)
+                    })
+                    .await;
+                if let Err(error) = recorded {
+                    tracing::warn!(%error, "enrolled, but could not record it in the database");
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "enrollment failed; trying again at the next sync run");
+            }
+        }
+    }
+
+    /// Runs a read on the engine's own connection, off the async runtime.
+    async fn read<R, F>(&self, work: F) -> Result<R, SyncError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let queue = Arc::clone(&self.queue);
+        tokio::task::spawn_blocking(move || {
+            let store = queue
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            work(&store)
+        })
+        .await
+        .map_err(|e| SyncError::Task(e.to_string()))?
+        .map_err(SyncError::from)
+    }
+}
+
+/// Writes verdicts in the background while the next batches are on the wire. At most one
+/// write is outstanding; verdicts that arrive meanwhile wait and go together in the next
+/// write, so a fast backend costs one commit per write, not one per batch. Marking late is
+/// safe: an event re-sent after a crash is a duplicate at the backend, never counted twice.
+#[derive(Default)]
+struct Marks {
+    writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    synced: Vec<i64>,
+    failed: Vec<(i64, String)>,
+}
+
+impl Marks {
+    async fn push(
+        &mut self,
+        writer: &Writer,
+        synced: Vec<i64>,
+        failed: Vec<(i64, String)>,
+    ) -> Result<(), SyncError> {
+        self.synced.extend(synced);
+        self.failed.extend(failed);
+        if self
+            .writing
+            .as_ref()
+            .is_some_and(|handle| !handle.is_finished())
+        {
+            return Ok(());
+        }
+        self.wait().await?;
+        self.start(writer);
+        Ok(())
+    }
+
+    /// Waits for every verdict received so far to be committed.
+    async fn finish(&mut self, writer: &Writer) -> Result<(), SyncError> {
+        self.wait().await?;
+        if !self.synced.is_empty() || !self.failed.is_empty() {
+            self.start(writer);
+            self.wait().await?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, writer: &Writer) {
+        let synced = std::mem::take(&mut self.synced);
+        let failed = std::mem::take(&mut self.failed);
+        let writer = writer.clone();
+        self.writing = Some(tokio::spawn(async move {
+            let at = Utc::now().timestamp_millis();
+            writer
+                .run(move |store| {
+                    if !synced.is_empty() {
+                        store.mark_synced(&synced, at)?;
+                    }
+                    if !failed.is_empty() {
+                        store.mark_failed(&failed, at)?;
+                    }
+                    Ok(())
+                })
+                .await
+        }));
+    }
+
+    async fn wait(&mut self) -> Result<(), SyncError> {
+        match self.writing.take() {
+            None => Ok(()),
+            Some(handle) => handle
+                .await
+                .map_err(|e| SyncError::Task(e.to_string()))?
+                .map_err(SyncError::from),
+        }
+    }
+}
+
+/// The `seq`s to mark synced, and the `seq`s to mark failed with the backend's reason.
+type Verdicts = (Vec<i64>, Vec<(i64, String)>);
+
+/// Splits a 2xx answer into the events to mark synced and those to mark failed. The answer
+/// must account for every event of the batch, or nothing is marked: an event is synced only
+/// on the backend's word that it was stored or already there.
+fn verdicts(part: &[PendingEvent], answer: &BatchResult) -> Result<Verdicts, SyncError> {
+    let seqs: HashMap<Uuid, i64> = part.iter().map(|p| (p.event.event_id, p.seq)).collect();
+    let mut rejected = HashSet::new();
+    let mut failed = Vec::new();
+    for entry in &answer.rejected {
+        let seq = Uuid::parse_str(&entry.event_id)
+            .ok()
+            .and_then(|id| seqs.get(&id).copied());
+        let Some(seq) = seq else {
+            return Err(SyncError::BadAnswer(format!(
+                "it rejects event {:?}, which is not in the batch",
+                entry.event_id
+            )));
+        };
+        if rejected.insert(seq) {
+            failed.push((seq, entry.reason.clone()));
+        }
+    }
+    let synced: Vec<i64> = part
+        .iter()
+        .map(|p| p.seq)
+        .filter(|seq| !rejected.contains(seq))
+        .collect();
+    let counted = answer.accepted.saturating_add(answer.duplicates);
+    if counted != synced.len() as u64 {
+        return Err(SyncError::BadAnswer(format!(
+            "it counts {counted} events accepted or duplicate, but {} of the batch were not rejected",
+            synced.len()
+        )));
+    }
+    Ok((synced, failed))
+}
+
+/// The batch id: derived from the install and the event ids, so the same batch keeps the
+/// same `webhook-id` on every retry, in this run or a later one, even after a restart.
+pub fn batch_id(install_id: &str, part: &[PendingEvent]) -> Uuid {
+    let mut hasher = Sha256::new();
+    hasher.update(install_id.as_bytes());
+    for pending in part {
+        hasher.update(pending.event.event_id.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Full jitter: a uniformly random wait between zero and `delay`.
+pub fn full_jitter(delay: Duration) -> Duration {
+    // Without randomness, half the delay still spreads retries better than none.
+    let random = getrandom::u64().unwrap_or(u64::MAX / 2);
+    let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+    delay.mul_f64(fraction)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,362 @@
+//! `run_once` against small in-process backends: the retry and bisection rules without a
+//! daemon or a clock to wait for.
+
+use std::sync::Mutex as StdMutex;
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::Synchronous;
+use crate::event::{Event, ModelName, Source, Tokens};
+use crate::sync::signing::{self, Secret};
+use crate::sync::wire;
+
+/// One request as the stub backend saw it.
+struct Seen {
+    headers: HeaderMap,
+    /// The uncompressed body as sent, which the signature covers.
+    raw: Vec<u8>,
+    body: Value,
+}
+
+type Respond = dyn Fn(usize, &Value) -> Response + Send + Sync;
+
+struct Stub {
+    url: String,
+    seen: Arc<StdMutex<Vec<Seen>>>,
+}
+
+impl Stub {
+    /// A backend that answers each batch with `respond(request_number, batch)`.
+    async fn start(respond: impl Fn(usize, &Value) -> Response + Send + Sync + 'static) -> Stub {
+        let seen = Arc::new(StdMutex::new(Vec::new()));
+        let respond: Arc<Respond> = Arc::new(respond);
+        let log = Arc::clone(&seen);
+        let app = axum::Router::new().route(
+            "/api/usage/event",
+            axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+                let log = Arc::clone(&log);
+                let respond = Arc::clone(&respond);
+                async move {
+                    let raw = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+                        wire::gunzip(&body, 10 << 20).unwrap()
+                    } else {
+                        body.to_vec()
+                    };
+                    let batch: Value = serde_json::from_slice(&raw).unwrap();
+                    let number = {
+                        let mut log = log.lock().unwrap();
+                        log.push(Seen {
+                            headers,
+                            raw,
+                            body: batch.clone(),
+                        });
+                        log.len()
+                    };
+                    respond(number, &batch)
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Stub { url, seen }
+    }
+
+    fn requests(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// A 200 answer that accepts every event of the batch except `reject`.
+fn accept_all_but(batch: &Value, reject: &[String]) -> Response {
+    let events = batch["events"].as_array().unwrap();
+    let rejected: Vec<Value> = events
+        .iter()
+        .filter(|e| reject.iter().any(|r| e["event_id"] == r.as_str()))
+        .map(|e| json!({"event_id": e["event_id"], "reason": "model: not priced here"}))
+        .collect();
+    let accepted = events.len() - rejected.len();
+    axum::Json(json!({"batch_id": batch["batch_id"], "accepted": accepted, "duplicates": 0, "rejected": rejected}))
+        .into_response()
+}
+
+fn contains(batch: &Value, id: &str) -> bool {
+    batch["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["event_id"] == id)
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    engine: SyncEngine,
+    writer: Writer,
+    identity: Identity,
+    events: Vec<Event>,
+}
+
+impl Fixture {
+    async fn new(backend: &str, sync: &str, n: u64) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "data_dir = {:?}\n[sync]\nbackend_url = {backend:?}\ninitial_backoff_ms = 10\nmax_backoff_ms = 40\n{sync}\n",
+            dir.path().display().to_string()
+        );
+        let mut config = Config::from_toml(&text).unwrap();
+        config.synchronous = Synchronous::Normal;
+        let identity = Identity::generate("https://example.com").unwrap();
+        let store = Store::open(&config.database_path(), config.synchronous).unwrap();
+        let (writer, _thread) = Writer::spawn(store);
+        let events: Vec<Event> = (0..n)
+            .map(|i| Event {
+                event_id: Uuid::now_v7(),
+                user_id: i,
+                source: Source::Bulk,
+                model: ModelName::parse("gpt-4o-mini").unwrap(),
+                tokens: Tokens {
+                    prompt: 100,
+                    completion: 10,
+                    ..Tokens::default()
+                },
+                context: Some(format!(r#"{{"attachment_id":{i}}}"#)),
+                created_at_ms: Utc::now().timestamp_millis() - 1000,
+            })
+            .collect();
+        writer.record(events.clone()).await.unwrap();
+        let engine = SyncEngine::new(&config, Some(identity.clone()), writer.clone()).unwrap();
+        Fixture {
+            _dir: dir,
+            engine,
+            writer,
+            identity,
+            events,
+        }
+    }
+
+    async fn counts(&self) -> crate::store::status::QueueCounts {
+        self.writer.run(|store| store.queue_counts()).await.unwrap()
+    }
+
+    async fn meta(&self) -> crate::store::status::SyncMeta {
+        self.writer.run(|store| store.sync_meta()).await.unwrap()
+    }
+
+    fn id(&self, i: usize) -> String {
+        self.events[i].event_id.to_string()
+    }
+}
+
+#[tokio::test]
+async fn a_run_drains_the_backlog_in_signed_batches() {
+    let stub = Stub::start(|_, batch| accept_all_but(batch, &[])).await;
+    let fx = Fixture::new(&stub.url, "batch_size = 3", 7).await;
+    let report = fx.engine.run_once().await;
+    assert_eq!(report.error, None);
+    assert_eq!(
+        (
+            report.batches,
+            report.sent,
+            report.accepted,
+            report.rejected
+        ),
+        (3, 7, 7, 0)
+    );
+    assert_eq!(fx.counts().await.synced, 7);
+    assert_eq!(stub.requests(), 3);
+
+    let secret = Secret::parse(&fx.identity.secret).unwrap();
+    let mut order = Vec::new();
+    let first_batch = {
+        let seen = stub.seen.lock().unwrap();
+        for request in seen.iter() {
+            let header = |name: &str| {
+                request
+                    .headers
+                    .get(name)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            };
+            assert_eq!(header("x-install-id"), fx.identity.install_id);
+            assert_eq!(
+                header("webhook-id"),
+                request.body["batch_id"].as_str().unwrap()
+            );
+            let body = &request.raw;
+            let now = Utc::now().timestamp();
+            signing::verify(
+                &secret,
+                &header("webhook-id"),
+                &header("webhook-timestamp"),
+                &header("webhook-signature"),
+                body,
+                now,
+                300,
+            )
+            .expect("the batch verifies");
+            for event in request.body["events"].as_array().unwrap() {
+                assert!(event.get("user_id").is_none());
+                order.push(event["event_id"].as_str().unwrap().to_owned());
+            }
+        }
+        seen[0].body.clone()
+    };
+    assert_eq!(
+        order,
+        (0..7).map(|i| fx.id(i)).collect::<Vec<_>>(),
+        "arrival order"
+    );
+    assert_eq!(
+        first_batch["events"][1]["user_hash"],
+        wire::user_hash(&fx.identity.install_id, 1)
+    );
+
+    let meta = fx.meta().await;
+    assert!(meta.last_success_ms.is_some() && !meta.last_run_failed);
+    // Nothing left: the next run sends nothing.
+    let again = fx.engine.run_once().await;
+    assert_eq!((again.batches, again.error), (0, None));
+    assert_eq!(stub.requests(), 3);
+}
+
+#[tokio::test]
+async fn a_refused_batch_is_bisected_down_to_the_bad_event() {
+    let fx_bad = std::sync::OnceLock::<String>::new();
+    let bad = Arc::new(fx_bad);
+    let bad_for_stub = Arc::clone(&bad);
+    let stub = Stub::start(move |_, batch| {
+        let bad = bad_for_stub.get().unwrap();
+        if contains(batch, bad) {
+            let body = json!({"error": {"code": "invalid_batch", "message": "events[0].model: unknown", "details": []}});
+            (StatusCode::UNPROCESSABLE_ENTITY, axum::Json(body)).into_response()
+        } else {
+            accept_all_but(batch, &[])
+        }
+    })
+    .await;
+    let fx = Fixture::new(&stub.url, "batch_size = 8", 8).await;
+    bad.set(fx.id(5)).unwrap();
+    let report = fx.engine.run_once().await;
+    assert_eq!(
+        report.error, None,
+        "an isolated bad event does not fail the run"
+    );
+    assert_eq!((report.sent, report.accepted, report.rejected), (8, 7, 1));
+    // 8 -> 4+4 -> (4 ok) 2+2 -> (2 ok) 1+1: 1 + 2 + 2 + 2 requests.
+    assert_eq!(stub.requests(), 7);
+    let counts = fx.counts().await;
+    assert_eq!((counts.synced, counts.failed, counts.pending), (7, 1, 0));
+    let reason = fx
+        .writer
+        .run(|store| store.failure_reason(6))
+        .await
+        .unwrap();
+    assert!(reason.unwrap().contains("events[0].model: unknown"));
+    let meta = fx.meta().await;
+    assert_eq!(meta.consecutive_failures, 0);
+}
+
+#[tokio::test]
+async fn per_event_rejects_fail_only_those_events() {
+    let reject = Arc::new(std::sync::OnceLock::<String>::new());
+    let for_stub = Arc::clone(&reject);
+    let stub =
+        Stub::start(move |_, batch| accept_all_but(batch, &[for_stub.get().unwrap().clone()]))
+            .await;
+    let fx = Fixture::new(&stub.url, "", 4).await;
+    reject.set(fx.id(2)).unwrap();
+    let report = fx.engine.run_once().await;
+    assert_eq!(
+        (report.error, report.accepted, report.rejected),
+        (None, 3, 1)
+    );
+    let counts = fx.counts().await;
+    assert_eq!((counts.synced, counts.failed), (3, 1));
+    let reason = fx
+        .writer
+        .run(|store| store.failure_reason(3))
+        .await
+        .unwrap();
+    assert_eq!(reason.as_deref(), Some("model: not priced here"));
+}
+
+#[tokio::test]
+async fn too_large_halves_the_batch_size_for_the_rest_of_the_run() {
+    let stub = Stub::start(|_, batch| {
+        if batch["events"].as_array().unwrap().len() > 2 {
+            (StatusCode::PAYLOAD_TOO_LARGE, "too large").into_response()
+        } else {
+            accept_all_but(batch, &[])
+        }
+    })
+    .await;
+    let fx = Fixture::new(&stub.url, "batch_size = 8", 12).await;
+    let report = fx.engine.run_once().await;
+    assert_eq!((report.error, report.accepted), (None, 12));
+    let sizes: Vec<usize> = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.body["events"].as_array().unwrap().len())
+        .collect();
+    // 8 (413) -> 4 (413) -> 2, 2; the other half and every later batch come in twos.
+    assert_eq!(sizes, [8, 4, 2, 2, 2, 2, 2, 2], "{sizes:?}");
+}
+
+#[tokio::test]
+async fn server_errors_use_every_attempt_with_the_same_batch_id_then_stop() {
+    let stub = Stub::start(|_, _| (StatusCode::SERVICE_UNAVAILABLE, "down").into_response()).await;
+    let fx = Fixture::new(&stub.url, "max_attempts = 3", 2).await;
+    let report = fx.engine.run_once().await;
+    let error = report.error.expect("the run failed");
+    assert_eq!(error.category, Category::Server);
+    assert_eq!(stub.requests(), 3);
+    let ids: HashSet<String> = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "one batch id for every retry");
+    assert_eq!(fx.counts().await.pending, 2);
+    let meta = fx.meta().await;
+    assert_eq!((meta.consecutive_failures, meta.last_run_failed), (1, true));
+    assert_eq!(meta.last_error.unwrap().category, "server");
+    let errors = fx
+        .writer
+        .run(|s| s.sync_error_counts(Utc::now().timestamp_millis()))
+        .await
+        .unwrap();
+    assert_eq!(errors, vec![("server".to_owned(), 3)]);
+}
+
+#[tokio::test]
+async fn an_answer_that_does_not_account_for_every_event_marks_nothing() {
+    let stub = Stub::start(|_, batch| {
+        axum::Json(
+            json!({"batch_id": batch["batch_id"], "accepted": 1, "duplicates": 0, "rejected": []}),
+        )
+        .into_response()
+    })
+    .await;
+    let fx = Fixture::new(&stub.url, "max_attempts = 1", 3).await;
+    let report = fx.engine.run_once().await;
+    assert_eq!(report.error.unwrap().category, Category::Server);
+    assert_eq!(fx.counts().await.pending, 3);
+}
+
+#[test]
+fn full_jitter_stays_within_the_delay() {
+    let delay = Duration::from_millis(1000);
+    let waits: Vec<Duration> = (0..200).map(|_| full_jitter(delay)).collect();
+    assert!(waits.iter().all(|w| *w <= delay));
+    assert!(waits.iter().any(|w| *w < delay / 2) && waits.iter().any(|w| *w > delay / 2));
+}
