@@ -8,6 +8,8 @@
 //! ```sh
 //! cargo run --release --example purge_bench
 //! PURGE_BENCH_EVENTS=200000 PURGE_BENCH_SYNCHRONOUS=normal cargo run --release --example purge_bench
+//! # only time the purge transactions themselves (no recording), with a chosen chunk size:
+//! PURGE_BENCH_PROFILE=1 PURGE_BENCH_CHUNK=1000 cargo run --release --example purge_bench
 //! ```
 
 use std::sync::atomic::AtomicBool;
@@ -152,9 +154,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             loop {
                 let t = Instant::now();
                 let chunk: usize = env_or("PURGE_BENCH_CHUNK", retention::CHUNK);
-                let d = writer.run(move |s| s.purge_events_chunk(before, chunk)).await?;
+                let d = writer
+                    .run(move |s| s.purge_events_chunk(before, chunk))
+                    .await?;
                 times.push(t.elapsed());
-                if d.rows < chunk as u64 { break; }
+                if d.rows < chunk as u64 {
+                    break;
+                }
             }
             report("chunk times", times, started.elapsed());
             return Ok(());

@@ -296,10 +296,12 @@ impl Config {
             self.debug = true;
         }
         if let Some(value) = var("USAGE_AGENT_SYNC_INTERVAL") {
-            self.sync.interval_secs = value
-                .trim()
-                .parse()
-                .map_err(|_| invalid("USAGE_AGENT_SYNC_INTERVAL", "must be a whole number of seconds"))?;
+            self.sync.interval_secs = value.trim().parse().map_err(|_| {
+                invalid(
+                    "USAGE_AGENT_SYNC_INTERVAL",
+                    "must be a whole number of seconds",
+                )
+            })?;
         }
         if let Some(value) = var("USAGE_AGENT_SYNC_BATCH_SIZE") {
             self.sync.batch_size = value
@@ -328,17 +330,27 @@ impl Config {
                 .parse()
                 .map_err(|_| invalid("tcp_listen", "must be an address such as 127.0.0.1:8788"))?;
             if !addr.ip().is_loopback() {
-                return Err(invalid("tcp_listen", "must be a loopback address (127.0.0.1 or ::1)"));
+                return Err(invalid(
+                    "tcp_listen",
+                    "must be a loopback address (127.0.0.1 or ::1)",
+                ));
             }
             if self.api_token.is_empty() {
                 return Err(invalid("api_token", "is required when tcp_listen is set"));
             }
         }
         let Ok(tz) = self.timezone.parse::<chrono_tz::Tz>() else {
-            return Err(invalid("timezone", "must be an IANA time zone name such as UTC or Europe/Berlin"));
+            return Err(invalid(
+                "timezone",
+                "must be an IANA time zone name such as UTC or Europe/Berlin",
+            ));
         };
-        for (key, expr) in [("schedule.rollup", &self.schedule.rollup), ("schedule.cleanup", &self.schedule.cleanup)] {
-            crate::jobs::schedule::CronSchedule::parse(expr, tz).map_err(|rule| invalid(key, rule))?;
+        for (key, expr) in [
+            ("schedule.rollup", &self.schedule.rollup),
+            ("schedule.cleanup", &self.schedule.cleanup),
+        ] {
+            crate::jobs::schedule::CronSchedule::parse(expr, tz)
+                .map_err(|rule| invalid(key, rule))?;
         }
         let sync = &self.sync;
         if !(1..=1000).contains(&sync.batch_size) {
@@ -351,7 +363,10 @@ impl Config {
             return Err(invalid("sync.max_attempts", "must be at least 1"));
         }
         if sync.max_backoff_ms < sync.initial_backoff_ms {
-            return Err(invalid("sync.max_backoff_ms", "must not be less than sync.initial_backoff_ms"));
+            return Err(invalid(
+                "sync.max_backoff_ms",
+                "must not be less than sync.initial_backoff_ms",
+            ));
         }
         if sync.request_timeout_secs == 0 {
             return Err(invalid("sync.request_timeout_secs", "must be at least 1"));
@@ -360,13 +375,19 @@ impl Config {
             || sync.backend_url.starts_with("http://")
             || sync.backend_url.starts_with("https://"))
         {
-            return Err(invalid("sync.backend_url", "must start with http:// or https://"));
+            return Err(invalid(
+                "sync.backend_url",
+                "must start with http:// or https://",
+            ));
         }
         if self.retention.event_days == 0 {
             return Err(invalid("retention.event_days", "must be at least 1"));
         }
         if self.retention.daily_days < self.retention.event_days {
-            return Err(invalid("retention.daily_days", "must not be less than retention.event_days"));
+            return Err(invalid(
+                "retention.daily_days",
+                "must not be less than retention.event_days",
+            ));
         }
         Ok(())
     }
@@ -376,7 +397,12 @@ impl Config {
         u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|bits| *bits <= 0o777)
-            .ok_or_else(|| invalid("socket_mode", "must be octal permission bits such as \"0660\""))
+            .ok_or_else(|| {
+                invalid(
+                    "socket_mode",
+                    "must be octal permission bits such as \"0660\"",
+                )
+            })
     }
 
     /// Where the local API socket lives.
@@ -414,7 +440,8 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     let key = line.split_once('=')?.0.trim();
     let table = before[..line_start].lines().rev().find_map(|l| {
         let l = l.trim();
-        l.starts_with('[').then(|| l.trim_matches(['[', ']']).trim().to_owned())
+        l.starts_with('[')
+            .then(|| l.trim_matches(['[', ']']).trim().to_owned())
     });
     Some(match table {
         Some(table) => format!("{table}.{key}"),
@@ -429,7 +456,10 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let config = Config::default();
-        assert_eq!(config.socket_path(), PathBuf::from("./usage-agent-data/agent.sock"));
+        assert_eq!(
+            config.socket_path(),
+            PathBuf::from("./usage-agent-data/agent.sock")
+        );
         assert_eq!(config.socket_mode_bits().unwrap(), 0o660);
         assert_eq!(config.synchronous, Synchronous::Full);
         assert_eq!(config.sync.batch_size, 50);
@@ -448,13 +478,39 @@ mod tests {
             .collect::<Vec<_>>()
             .join("\n");
         for key in [
-            "data_dir", "socket_path", "socket_mode", "socket_group", "tcp_listen", "api_token",
-            "timezone", "tracking_enabled", "synchronous", "log_format", "debug", "[sync]",
-            "enabled", "backend_url", "auth_token", "enroll_token", "interval_secs", "batch_size",
-            "max_attempts", "initial_backoff_ms", "max_backoff_ms", "request_timeout_secs",
-            "[retention]", "event_days", "daily_days", "[schedule]", "rollup", "cleanup",
+            "data_dir",
+            "socket_path",
+            "socket_mode",
+            "socket_group",
+            "tcp_listen",
+            "api_token",
+            "timezone",
+            "tracking_enabled",
+            "synchronous",
+            "log_format",
+            "debug",
+            "[sync]",
+            "enabled",
+            "backend_url",
+            "auth_token",
+            "enroll_token",
+            "interval_secs",
+            "batch_size",
+            "max_attempts",
+            "initial_backoff_ms",
+            "max_backoff_ms",
+            "request_timeout_secs",
+            "[retention]",
+            "event_days",
+            "daily_days",
+            "[schedule]",
+            "rollup",
+            "cleanup",
         ] {
-            assert!(uncommented.contains(key), "agent.toml.example does not document {key}");
+            assert!(
+                uncommented.contains(key),
+                "agent.toml.example does not document {key}"
+            );
         }
     }
 
@@ -473,7 +529,10 @@ mod tests {
         let cases = [
             ("[sync]\nbatch_size = 1001", "sync.batch_size"),
             ("socket_mode = \"rw\"", "socket_mode"),
-            ("tcp_listen = \"0.0.0.0:9000\"\napi_token = \"t\"", "tcp_listen"),
+            (
+                "tcp_listen = \"0.0.0.0:9000\"\napi_token = \"t\"",
+                "tcp_listen",
+            ),
             ("tcp_listen = \"127.0.0.1:9000\"", "api_token"),
             ("[sync]\nbackend_url = \"ftp://x\"", "sync.backend_url"),
             ("[retention]\nevent_days = 0", "retention.event_days"),
@@ -490,7 +549,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_win() {
-        let mut config = Config::from_toml("tracking_enabled = true\n[sync]\ninterval_secs = 60").unwrap();
+        let mut config =
+            Config::from_toml("tracking_enabled = true\n[sync]\ninterval_secs = 60").unwrap();
         let env = |name: &str| match name {
             "USAGE_AGENT_DISABLE_TRACKING" => Some("1".to_string()),
             "USAGE_AGENT_SYNC_INTERVAL" => Some("15".to_string()),
@@ -518,6 +578,9 @@ mod tests {
             ..Config::default()
         };
         let text = format!("{config:?}");
-        assert!(!text.contains("tok-123") && !text.contains("auth-456"), "{text}");
+        assert!(
+            !text.contains("tok-123") && !text.contains("auth-456"),
+            "{text}"
+        );
     }
 }

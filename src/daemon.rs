@@ -34,7 +34,9 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("another usage-agent is already running with data directory {data_dir} (lock file {lock} is held)")]
+    #[error(
+        "another usage-agent is already running with data directory {data_dir} (lock file {lock} is held)"
+    )]
     AlreadyRunning { data_dir: PathBuf, lock: PathBuf },
     #[error("cannot take the lock file {path}: {source}")]
     Lock {
@@ -117,10 +119,14 @@ impl Daemon {
         let unix = bind_socket(&config, &socket_path)?;
         let tcp = match config.tcp_listen.as_str() {
             "" => None,
-            addr => Some(TcpListener::bind(addr).await.map_err(|source| DaemonError::Tcp {
-                addr: addr.to_owned(),
-                source,
-            })?),
+            addr => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Tcp {
+                        addr: addr.to_owned(),
+                        source,
+                    })?,
+            ),
         };
 
         let state = Arc::new(AppState {
@@ -155,7 +161,10 @@ impl Daemon {
 
     /// Serves until `shutdown` resolves; then stops accepting, lets in-flight requests
     /// finish, commits and checkpoints the database and removes the socket.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), DaemonError> {
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), DaemonError> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
@@ -250,7 +259,9 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
         std::fs::remove_file(path).map_err(socket_error)?;
     }
     let listener = UnixListener::bind(path).map_err(socket_error)?;
-    let mode = config.socket_mode_bits().expect("checked when the config was loaded");
+    let mode = config
+        .socket_mode_bits()
+        .expect("checked when the config was loaded");
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;
     if !config.socket_group.is_empty() {
         let group = nix::unistd::Group::from_name(&config.socket_group)

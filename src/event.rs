@@ -227,30 +227,50 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
     let context = parse_context(object.get("context"), &mut errors);
     let created_at_ms = parse_created_at(object.get("created_at"), limits, &mut errors);
 
-    match (event_id, user_id, source, model, tokens, context, created_at_ms) {
-        (Some(event_id), Some(user_id), Some(source), Some(model), Some(tokens), Some(context), Some(created_at_ms))
-            if errors.is_empty() =>
-        {
-            Ok(Event {
-                event_id,
-                user_id,
-                source,
-                model,
-                tokens,
-                context,
-                created_at_ms,
-            })
-        }
+    match (
+        event_id,
+        user_id,
+        source,
+        model,
+        tokens,
+        context,
+        created_at_ms,
+    ) {
+        (
+            Some(event_id),
+            Some(user_id),
+            Some(source),
+            Some(model),
+            Some(tokens),
+            Some(context),
+            Some(created_at_ms),
+        ) if errors.is_empty() => Ok(Event {
+            event_id,
+            user_id,
+            source,
+            model,
+            tokens,
+            context,
+            created_at_ms,
+        }),
         _ => Err(errors),
     }
 }
 
 /// Reads a required integer field in `0..=max`.
-pub fn bounded_integer(value: &Value, field: &str, max: u64, errors: &mut Vec<FieldError>) -> Option<u64> {
+pub fn bounded_integer(
+    value: &Value,
+    field: &str,
+    max: u64,
+    errors: &mut Vec<FieldError>,
+) -> Option<u64> {
     match value.as_u64() {
         Some(n) if n <= max => Some(n),
         _ => {
-            errors.push(FieldError::new(field, format!("must be an integer from 0 to {max}")));
+            errors.push(FieldError::new(
+                field,
+                format!("must be an integer from 0 to {max}"),
+            ));
             None
         }
     }
@@ -317,23 +337,38 @@ pub fn parse_tokens(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -
     {
         errors.push(FieldError::new(
             "total_tokens",
-            format!("must equal prompt_tokens + completion_tokens ({})", tokens.total()),
+            format!(
+                "must equal prompt_tokens + completion_tokens ({})",
+                tokens.total()
+            ),
         ));
     }
     if tokens.cached > tokens.prompt {
-        errors.push(FieldError::new("cached_tokens", "must not exceed prompt_tokens"));
+        errors.push(FieldError::new(
+            "cached_tokens",
+            "must not exceed prompt_tokens",
+        ));
     }
     if tokens.cache_write > tokens.prompt {
-        errors.push(FieldError::new("cache_write_tokens", "must not exceed prompt_tokens"));
+        errors.push(FieldError::new(
+            "cache_write_tokens",
+            "must not exceed prompt_tokens",
+        ));
     }
     if tokens.reasoning > tokens.completion {
-        errors.push(FieldError::new("reasoning_tokens", "must not exceed completion_tokens"));
+        errors.push(FieldError::new(
+            "reasoning_tokens",
+            "must not exceed completion_tokens",
+        ));
     }
     (errors.len() == before).then_some(tokens)
 }
 
 /// Checks an optional `context` object; `Some(None)` means absent, `None` means invalid.
-pub fn parse_context(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Option<String>> {
+pub fn parse_context(
+    value: Option<&Value>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Option<String>> {
     let object = match value {
         None | Some(Value::Null) => return Some(None),
         Some(v @ Value::Object(_)) => v,
@@ -370,7 +405,11 @@ fn depth(value: &Value) -> usize {
 
 /// Reads an optional RFC 3339 `created_at` (default now) within the allowed window,
 /// as milliseconds since the epoch.
-pub fn parse_created_at(value: Option<&Value>, limits: Limits, errors: &mut Vec<FieldError>) -> Option<i64> {
+pub fn parse_created_at(
+    value: Option<&Value>,
+    limits: Limits,
+    errors: &mut Vec<FieldError>,
+) -> Option<i64> {
     let at = match value {
         None | Some(Value::Null) => return Some(limits.now.timestamp_millis()),
         Some(v) => match v.as_str().map(DateTime::parse_from_rfc3339) {
@@ -463,7 +502,10 @@ mod tests {
             (with("model", json!("")), "model"),
             (with("model", json!("gpt 4")), "model"),
             (with("model", json!("x".repeat(129))), "model"),
-            (with("prompt_tokens", json!(MAX_TOKENS + 1)), "prompt_tokens"),
+            (
+                with("prompt_tokens", json!(MAX_TOKENS + 1)),
+                "prompt_tokens",
+            ),
             (with("completion_tokens", json!(1.5)), "completion_tokens"),
             (with("total_tokens", json!(100)), "total_tokens"),
             (with("cached_tokens", json!(151)), "cached_tokens"),
@@ -471,10 +513,22 @@ mod tests {
             (with("reasoning_tokens", json!(26)), "reasoning_tokens"),
             (with("context", json!([1, 2])), "context"),
             (with("context", json!({"a": "x".repeat(4100)})), "context"),
-            (with("context", json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":1}}}}}}}}})), "context"),
+            (
+                with(
+                    "context",
+                    json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":1}}}}}}}}}),
+                ),
+                "context",
+            ),
             (with("created_at", json!("yesterday")), "created_at"),
-            (with("created_at", json!("2026-11-27T12:06:00Z")), "created_at"),
-            (with("created_at", json!("2026-08-01T00:00:00Z")), "created_at"),
+            (
+                with("created_at", json!("2026-11-27T12:06:00Z")),
+                "created_at",
+            ),
+            (
+                with("created_at", json!("2026-08-01T00:00:00Z")),
+                "created_at",
+            ),
             (with("colour", json!("red")), "colour"),
         ];
         for (event, field) in cases {
@@ -485,8 +539,17 @@ mod tests {
     #[test]
     fn missing_required_fields_are_all_reported() {
         let fields = fields_rejected(json!({}));
-        for field in ["user_id", "source", "model", "prompt_tokens", "completion_tokens"] {
-            assert!(fields.contains(&field.to_string()), "{field} missing from {fields:?}");
+        for field in [
+            "user_id",
+            "source",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+        ] {
+            assert!(
+                fields.contains(&field.to_string()),
+                "{field} missing from {fields:?}"
+            );
         }
     }
 

@@ -203,7 +203,11 @@ mod tests {
             "https://example.com/?utm=1#top",
         ];
         for url in same {
-            assert_eq!(normalize_site_url(url).unwrap(), "https://example.com", "{url}");
+            assert_eq!(
+                normalize_site_url(url).unwrap(),
+                "https://example.com",
+                "{url}"
+            );
         }
         assert_eq!(
             normalize_site_url("http://example.com:8080/blog/").unwrap(),

@@ -5,14 +5,14 @@
 //! ([`jobs`]) and [`metrics`], shipping to the backend ([`sync`]), the bundled backend ([`receiver`]) and
 //! the command line ([`cli`]).
 
-pub mod event;
-pub mod config;
-pub mod identity;
-pub mod store;
 pub mod api;
+pub mod cli;
+pub mod config;
 pub mod daemon;
+pub mod event;
+pub mod identity;
 pub mod jobs;
 pub mod metrics;
-pub mod sync;
 pub mod receiver;
-pub mod cli;
+pub mod store;
+pub mod sync;

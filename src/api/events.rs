@@ -1,11 +1,11 @@
 //! `POST /v1/events`: record one event or an all-or-nothing batch of up to 1000.
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
@@ -38,19 +38,26 @@ pub async fn record(
     })?;
     require_json(&headers)?;
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("the body is not valid JSON: {e}"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
     })?;
 
     let limits = Limits {
         now: Utc::now(),
         max_age: Duration::days(state.config.retention.event_days.into()),
     };
-    let (events, is_batch) = parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?;
+    let (events, is_batch) =
+        parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?;
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let logged = state.config.debug.then(|| events.clone());
     let sources: Vec<_> = events.iter().map(|e| e.source).collect();
     let outcomes = state.writer.record(events).await?;
-    state.metrics.events_recorded(&sources, &outcomes, started.elapsed());
+    state
+        .metrics
+        .events_recorded(&sources, &outcomes, started.elapsed());
 
     for (event, outcome) in logged.iter().flatten().zip(&outcomes) {
         log_event(event, *outcome);
@@ -69,7 +76,12 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     if essence == "application/json" || essence.ends_with("+json") {
         Ok(())
     } else {
@@ -93,13 +105,19 @@ fn parse_body(value: &Value, limits: Limits) -> Result<(Vec<Event>, bool), ApiEr
         return Err(invalid(vec![FieldError::new(unknown, "unknown field")]));
     }
     let Some(items) = batch.as_array() else {
-        return Err(invalid(vec![FieldError::new("events", "must be an array of events")]));
+        return Err(invalid(vec![FieldError::new(
+            "events",
+            "must be an array of events",
+        )]));
     };
     if items.len() > MAX_BATCH_EVENTS {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_events",
-            format!("a batch holds at most {MAX_BATCH_EVENTS} events, this one has {}", items.len()),
+            format!(
+                "a batch holds at most {MAX_BATCH_EVENTS} events, this one has {}",
+                items.len()
+            ),
         ));
     }
     let mut events = Vec::with_capacity(items.len());

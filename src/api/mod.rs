@@ -171,7 +171,8 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
+        let body =
+            json!({"error": {"code": self.code, "message": self.message, "details": self.details}});
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_s {
             response

@@ -12,7 +12,13 @@ use crate::event::format_millis;
 use crate::store::status::{QueueCounts, SyncMeta};
 
 /// Error categories of SPEC 5, always listed in status even when zero.
-pub const ERROR_CATEGORIES: [&str; 5] = ["network", "authentication", "server", "validation", "rate_limit"];
+pub const ERROR_CATEGORIES: [&str; 5] = [
+    "network",
+    "authentication",
+    "server",
+    "validation",
+    "rate_limit",
+];
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"ok": true}))
@@ -44,7 +50,10 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
     });
     let mut categories = serde_json::Map::new();
     for category in ERROR_CATEGORIES {
-        let n = errors.iter().find(|(c, _)| c == category).map_or(0, |(_, n)| *n);
+        let n = errors
+            .iter()
+            .find(|(c, _)| c == category)
+            .map_or(0, |(_, n)| *n);
         categories.insert(category.into(), n.into());
     }
     let next_sync_ms = state.next_sync_ms.load(Ordering::Relaxed);
@@ -127,8 +136,14 @@ mod tests {
 
     #[test]
     fn health_follows_the_spec_table() {
-        let pending = QueueCounts { pending: 3, ..QueueCounts::default() };
-        let with_failed = QueueCounts { failed: 1, ..QueueCounts::default() };
+        let pending = QueueCounts {
+            pending: 3,
+            ..QueueCounts::default()
+        };
+        let with_failed = QueueCounts {
+            failed: 1,
+            ..QueueCounts::default()
+        };
         let ok = SyncMeta::default();
         let cases: Vec<(bool, QueueCounts, SyncMeta, u64, &str)> = vec![
             (false, pending, failed("network", 5), 0, "disabled"),

@@ -33,7 +33,12 @@ impl AgentClient {
     }
 
     /// Sends one request and returns the status and JSON body of the answer.
-    pub async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<(StatusCode, Value)> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let mut request = self.http.request(method, format!("http://localhost{path}"));
         if let Some(body) = body {
             request = request.json(body);
@@ -44,13 +49,18 @@ impl AgentClient {
                     socket: self.socket.clone(),
                 })
             } else {
-                anyhow::Error::new(error).context(format!("talking to the agent on {}", self.socket.display()))
+                anyhow::Error::new(error)
+                    .context(format!("talking to the agent on {}", self.socket.display()))
             }
         })?;
         let status = response.status();
-        let text = response.text().await.context("reading the agent's answer")?;
-        let value = serde_json::from_str(&text)
-            .with_context(|| format!("the agent answered {status} with a body that is not JSON: {text}"))?;
+        let text = response
+            .text()
+            .await
+            .context("reading the agent's answer")?;
+        let value = serde_json::from_str(&text).with_context(|| {
+            format!("the agent answered {status} with a body that is not JSON: {text}")
+        })?;
         Ok((status, value))
     }
 
@@ -66,7 +76,8 @@ impl AgentClient {
                         socket: self.socket.clone(),
                     })
                 } else {
-                    anyhow::Error::new(error).context(format!("talking to the agent on {}", self.socket.display()))
+                    anyhow::Error::new(error)
+                        .context(format!("talking to the agent on {}", self.socket.display()))
                 }
             })
     }

@@ -22,9 +22,7 @@ const DEMO_USER: &str = "demo";
 
 /// A few calls a WordPress site with an AI alt-text plugin would make.
 fn sample_events() -> Vec<Value> {
-    let context = |id: u32, w: u32, h: u32, mime: &str| {
-        json!({"attachment_id": id, "width": w, "height": h, "mime": mime})
-    };
+    let context = |id: u32, w: u32, h: u32, mime: &str| json!({"attachment_id": id, "width": w, "height": h, "mime": mime});
     vec![
         json!({"user_id": 5, "source": "inline", "model": "gpt-4o-mini", "prompt_tokens": 150, "completion_tokens": 25, "context": context(42, 1024, 768, "image/jpeg")}),
         json!({"user_id": 5, "source": "bulk", "model": "gpt-4o-mini", "prompt_tokens": 148, "completion_tokens": 31, "context": context(43, 800, 600, "image/png")}),
@@ -72,10 +70,18 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
         provider_password: Some(provider_password.clone()),
         ..ReceiverSettings::default()
     };
-    let store = receiver::open_sqlite(&dir.join("receiver/receiver.db")).context("opening the demo receiver database")?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the demo receiver")?;
+    let store = receiver::open_sqlite(&dir.join("receiver/receiver.db"))
+        .context("opening the demo receiver database")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding the demo receiver")?;
     let backend_url = format!("http://{}", listener.local_addr()?);
-    let receiver_task = tokio::spawn(receiver::serve(listener, settings, Arc::clone(&store), stopped()));
+    let receiver_task = tokio::spawn(receiver::serve(
+        listener,
+        settings,
+        Arc::clone(&store),
+        stopped(),
+    ));
 
     // 2. The agent's identity, enrolled with that receiver.
     let mut config = Config {
@@ -88,7 +94,8 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     identity.create_once(&identity_path)?;
     let http = reqwest::Client::new();
     enroll::enroll(&http, &backend_url, &enroll_token, &identity).await?;
-    identity.enrolled_at = Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+    identity.enrolled_at =
+        Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     identity.save(&identity_path)?;
 
     // 3. The agent itself, serving its socket.
@@ -97,25 +104,38 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     let agent_task = tokio::spawn(daemon.serve(stopped()));
     let agent = AgentClient::new(&config)?;
 
-    println!("usage-agent demo: a receiver on {backend_url} and an agent on {}\n", socket.display());
+    println!(
+        "usage-agent demo: a receiver on {backend_url} and an agent on {}\n",
+        socket.display()
+    );
     let events = sample_events();
     for event in &events {
-        let (status, answer) = agent.request(Method::POST, "/v1/events", Some(event)).await?;
-        anyhow::ensure!(status.is_success(), "recording failed: {}", error_message(&answer));
+        let (status, answer) = agent
+            .request(Method::POST, "/v1/events", Some(event))
+            .await?;
+        anyhow::ensure!(
+            status.is_success(),
+            "recording failed: {}",
+            error_message(&answer)
+        );
         println!(
             "recorded {}  user={} source={} model={} tokens={}",
             answer["event_id"].as_str().unwrap_or("?"),
             event["user_id"],
             event["source"].as_str().unwrap_or("?"),
             event["model"].as_str().unwrap_or("?"),
-            event["prompt_tokens"].as_u64().unwrap_or(0) + event["completion_tokens"].as_u64().unwrap_or(0),
+            event["prompt_tokens"].as_u64().unwrap_or(0)
+                + event["completion_tokens"].as_u64().unwrap_or(0),
         );
     }
 
     let (_, report) = agent.request(Method::POST, "/v1/sync", None).await?;
     println!("\nsync: {}", super::sync::summary(&report).trim_end());
     let (_, status) = agent.request(Method::GET, "/v1/status", None).await?;
-    println!("\nagent status:\n{}", super::status::summary(&status, false).trim_end());
+    println!(
+        "\nagent status:\n{}",
+        super::status::summary(&status, false).trim_end()
+    );
 
     let summary: Value = http
         .get(format!("{backend_url}/api/usage/summary?group_by=model"))
@@ -146,7 +166,10 @@ fn print_summary(summary: &Value) {
         );
     }
     let totals = &summary["totals"];
-    println!("  {:<20} {:>3} events {:>6} tokens", "total", totals["events"], totals["total_tokens"]);
+    println!(
+        "  {:<20} {:>3} events {:>6} tokens",
+        "total", totals["events"], totals["total_tokens"]
+    );
 }
 
 fn print_next_steps(socket: &Path, backend_url: &str, password: &str) {

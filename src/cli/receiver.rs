@@ -43,11 +43,12 @@ pub fn run(args: ReceiverArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
+        let shutdown = shutdown_signal()?;
         println!(
             "usage-agent receiver listening on http://{addr} (database {})",
             args.db.display()
         );
-        receiver::serve(listener, settings, store, shutdown_signal())
+        receiver::serve(listener, settings, store, shutdown)
             .await
             .context("serving the receiver")
     })
@@ -66,28 +67,17 @@ fn warn_about_settings(settings: &ReceiverSettings) {
     }
 }
 
-/// Completes on the first SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
+/// Registers SIGINT (Ctrl-C) and SIGTERM handlers now, before the address is announced,
+/// and returns a future that completes on the first of them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = interrupt => {}
-        () = terminate => {}
-    }
-    tracing::info!("shutting down the receiver");
+        tracing::info!("shutting down the receiver");
+    })
 }

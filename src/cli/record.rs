@@ -11,7 +11,9 @@ use crate::config::Config;
 
 /// Options of `usage-agent record`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Example:\n  usage-agent record --user 5 --source bulk --model gpt-4o-mini \\\n      --prompt-tokens 150 --completion-tokens 25 --context '{\"attachment_id\": 42}'")]
+#[command(
+    after_help = "Example:\n  usage-agent record --user 5 --source bulk --model gpt-4o-mini \\\n      --prompt-tokens 150 --completion-tokens 25 --context '{\"attachment_id\": 42}'"
+)]
 pub struct RecordArgs {
     /// The site's user id (0 for no user).
     #[arg(long)]
@@ -51,11 +53,15 @@ pub fn run(config: Config, args: RecordArgs) -> anyhow::Result<ExitCode> {
         event["context"] = context;
     }
     let client = AgentClient::new(&config)?;
-    let (status, body) = super::runtime()?.block_on(client.request(Method::POST, "/v1/events", Some(&event)))?;
+    let (status, body) =
+        super::runtime()?.block_on(client.request(Method::POST, "/v1/events", Some(&event)))?;
     if status.is_success() {
         println!("{body}");
         Ok(ExitCode::SUCCESS)
     } else {
-        anyhow::bail!("the agent refused the event ({status}): {}", error_message(&body))
+        anyhow::bail!(
+            "the agent refused the event ({status}): {}",
+            error_message(&body)
+        )
     }
 }

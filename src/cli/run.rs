@@ -46,7 +46,9 @@ pub fn init_logging(format: LogFormat) {
 pub fn init_logging_with(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A subscriber may already be installed (demo, tests); keeping it is fine.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

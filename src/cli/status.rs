@@ -12,7 +12,9 @@ use crate::config::Config;
 
 /// Options of `usage-agent status`.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Exit codes: 0 healthy, pending or disabled; 3 degraded; 4 failing; 1 no agent.\n\nExample:\n  usage-agent status --json")]
+#[command(
+    after_help = "Exit codes: 0 healthy, pending or disabled; 3 degraded; 4 failing; 1 no agent.\n\nExample:\n  usage-agent status --json"
+)]
 pub struct StatusArgs {
     /// Print the status object as JSON.
     #[arg(long)]
@@ -21,9 +23,13 @@ pub struct StatusArgs {
 
 pub fn run(config: Config, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let client = AgentClient::new(&config)?;
-    let (status, body) = super::runtime()?.block_on(client.request(Method::GET, "/v1/status", None))?;
+    let (status, body) =
+        super::runtime()?.block_on(client.request(Method::GET, "/v1/status", None))?;
     if !status.is_success() {
-        anyhow::bail!("the agent could not report its status ({status}): {}", error_message(&body));
+        anyhow::bail!(
+            "the agent could not report its status ({status}): {}",
+            error_message(&body)
+        );
     }
     let health = body["status"].as_str().unwrap_or("unknown").to_owned();
     if args.json {

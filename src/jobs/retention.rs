@@ -8,6 +8,7 @@
 //! is counted in the metrics and logged as a warning.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,8 +19,13 @@ use crate::config::RetentionConfig;
 use crate::metrics::Metrics;
 use crate::store::writer::Writer;
 
-/// Rows deleted per transaction.
-pub const CHUNK: usize = 2000;
+/// Rows deleted per transaction (a few ms of writer time).
+pub const CHUNK: usize = 1000;
+/// The purge rests after each transaction for as long as the transaction took (at most
+/// this): the writer then stays idle at least half of the time, so recording never queues
+/// long and the background WAL checkpointer keeps up. Without the rest, a large purge
+/// fills the WAL faster than it is checkpointed and the writer stalls on checkpoints.
+const MAX_REST: Duration = Duration::from_millis(50);
 /// Width of the `seq` range one erasure transaction scans.
 const FORGET_RANGE: i64 = 20_000;
 
@@ -71,9 +77,11 @@ pub async fn run_once(
             if stop.load(Ordering::Relaxed) {
                 return Err(JobError::Stopped);
             }
+            let started = Instant::now();
             let deleted = writer
                 .run(move |store| store.purge_events_chunk(before_ms, CHUNK))
                 .await?;
+            tokio::time::sleep(started.elapsed().min(MAX_REST)).await;
             metrics.purged(deleted.rows, deleted.unsynced);
             outcome.events_deleted += deleted.rows;
             outcome.unsynced_deleted += deleted.unsynced;
@@ -134,8 +142,6 @@ pub async fn forget_user(writer: &Writer, user_id: u64) -> Result<ForgetOutcome,
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
-
     use chrono::{NaiveDate, TimeZone};
     use chrono_tz::Tz;
 

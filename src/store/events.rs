@@ -51,7 +51,10 @@ impl Store {
     pub fn contains_event(&self, event_id: Uuid) -> Result<bool, StoreError> {
         self.conn
             .prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")
-            .and_then(|mut stmt| stmt.query_row(params![event_id.as_bytes()], |_| Ok(())).optional())
+            .and_then(|mut stmt| {
+                stmt.query_row(params![event_id.as_bytes()], |_| Ok(()))
+                    .optional()
+            })
             .doing("looking up an event")
             .map(|found| found.is_some())
     }
@@ -144,11 +147,20 @@ mod tests {
         let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
         let a = sample_event(Uuid::new_v4());
         let b = sample_event(Uuid::new_v4());
-        assert_eq!(store.record(std::slice::from_ref(&a)).unwrap(), [Recorded::New]);
+        assert_eq!(
+            store.record(std::slice::from_ref(&a)).unwrap(),
+            [Recorded::New]
+        );
         let outcome = store
             .record_groups(&[&[a.clone(), b.clone()], std::slice::from_ref(&b)])
             .unwrap();
-        assert_eq!(outcome, [vec![Recorded::Duplicate, Recorded::New], vec![Recorded::Duplicate]]);
+        assert_eq!(
+            outcome,
+            [
+                vec![Recorded::Duplicate, Recorded::New],
+                vec![Recorded::Duplicate]
+            ]
+        );
         assert_eq!(store.event_count().unwrap(), 2);
         assert!(store.contains_event(b.event_id).unwrap());
     }

@@ -64,7 +64,9 @@ impl Store {
         counts.synced = total.saturating_sub(counts.pending + counts.failed);
         counts.oldest_pending_ms = self
             .conn
-            .prepare_cached("SELECT created_at FROM events WHERE sync_state = 0 ORDER BY seq LIMIT 1")
+            .prepare_cached(
+                "SELECT created_at FROM events WHERE sync_state = 0 ORDER BY seq LIMIT 1",
+            )
             .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)).optional())
             .doing("finding the oldest pending event")?;
         Ok(counts)
@@ -105,7 +107,9 @@ impl Store {
             )
             .doing("counting sync errors")?;
         let rows = stmt
-            .query_map(params![now_ms - DAY_MS], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_map(params![now_ms - DAY_MS], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .doing("counting sync errors")?;
         rows.collect::<Result<_, _>>().doing("counting sync errors")
     }

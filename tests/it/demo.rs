@@ -41,7 +41,11 @@ fn the_demo_records_syncs_and_stops_on_ctrl_c() {
     assert!(text.contains("6 accepted"), "{text}");
     assert!(text.contains(": healthy"), "{text}");
     assert!(text.contains("6 synced"), "{text}");
-    assert!(text.lines().any(|l| l.trim_start().starts_with("total") && l.contains("6 events")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("total") && l.contains("6 events")),
+        "{text}"
+    );
     let socket = text
         .split_whitespace()
         .skip_while(|w| *w != "--unix-socket")
@@ -53,6 +57,14 @@ fn the_demo_records_syncs_and_stops_on_ctrl_c() {
     signal(&child, "-INT");
     let status = wait_with_deadline(&mut child, Duration::from_secs(30));
     assert!(status.success(), "demo exit {status}");
-    let temp_dir = std::path::Path::new(&socket).parent().unwrap().parent().unwrap();
-    assert!(!temp_dir.exists(), "{} should be removed", temp_dir.display());
+    let temp_dir = std::path::Path::new(&socket)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap();
+    assert!(
+        !temp_dir.exists(),
+        "{} should be removed",
+        temp_dir.display()
+    );
 }

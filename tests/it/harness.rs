@@ -13,7 +13,11 @@ pub fn bin() -> &'static str {
 }
 
 /// Polls `check` until it returns `Some` or the deadline passes.
-pub async fn poll<T>(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+pub async fn poll<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check().await {
@@ -58,7 +62,11 @@ impl Agent {
         let data_dir = dir.path().join("data");
         let config_path = dir.path().join("agent.toml");
         // Tests default to `normal` durability for speed unless they ask for `full`.
-        let durability = if extra.contains("synchronous") { "" } else { "synchronous = \"normal\"\n" };
+        let durability = if extra.contains("synchronous") {
+            ""
+        } else {
+            "synchronous = \"normal\"\n"
+        };
         let text = format!(
             "data_dir = {:?}\n{durability}{extra}\n{tables}\n",
             data_dir.display().to_string()
@@ -78,7 +86,11 @@ impl Agent {
             http,
         };
         let out = agent.cli(&["init", "--site-url", "https://example.com"]);
-        assert!(out.status.success(), "init failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         agent
     }
 
@@ -113,22 +125,26 @@ impl Agent {
     }
 
     pub async fn wait_ready(&mut self) {
-        poll("the agent to answer /healthz", Duration::from_secs(20), async || {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = pipe.read_to_string(&mut stderr);
+        poll(
+            "the agent to answer /healthz",
+            Duration::from_secs(20),
+            async || {
+                if let Some(child) = self.child.as_mut()
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    let mut stderr = String::new();
+                    if let Some(mut pipe) = child.stderr.take() {
+                        use std::io::Read;
+                        let _ = pipe.read_to_string(&mut stderr);
+                    }
+                    panic!("agent exited early with {status}: {stderr}");
                 }
-                panic!("agent exited early with {status}: {stderr}");
-            }
-            match self.get("/healthz").await {
-                Ok((StatusCode::OK, _)) => Some(()),
-                _ => None,
-            }
-        })
+                match self.get("/healthz").await {
+                    Ok((StatusCode::OK, _)) => Some(()),
+                    _ => None,
+                }
+            },
+        )
         .await;
     }
 
@@ -143,7 +159,12 @@ impl Agent {
             .expect("running usage-agent")
     }
 
-    pub async fn request(&self, method: Method, path: &str, body: Option<&Value>) -> reqwest::Result<(StatusCode, Value)> {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Result<(StatusCode, Value)> {
         let mut request = self.http.request(method, format!("http://localhost{path}"));
         if let Some(body) = body {
             request = request.json(body);
@@ -159,11 +180,18 @@ impl Agent {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (StatusCode, Value) {
-        self.request(Method::POST, path, Some(body)).await.expect("request to the agent")
+        self.request(Method::POST, path, Some(body))
+            .await
+            .expect("request to the agent")
     }
 
     /// Posts raw bytes with a given content type.
-    pub async fn post_raw(&self, path: &str, content_type: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
         let response = self
             .http
             .post(format!("http://localhost{path}"))
@@ -231,7 +259,9 @@ pub fn signal(child: &Child, name: &str) {
 }
 
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
-    poll_blocking("the process to exit", timeout, || child.try_wait().expect("try_wait"))
+    poll_blocking("the process to exit", timeout, || {
+        child.try_wait().expect("try_wait")
+    })
 }
 
 /// A valid event with the given id.

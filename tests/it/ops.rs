@@ -10,8 +10,21 @@ use crate::harness::Agent;
 fn php_record(socket: &str, extra: &[&str]) -> std::process::Output {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/php/record.php");
     Command::new("php")
-        .args([script, "--socket", socket, "--user", "5", "--source", "bulk", "--model", "gpt-4o-mini",
-               "--prompt", "150", "--completion", "25"])
+        .args([
+            script,
+            "--socket",
+            socket,
+            "--user",
+            "5",
+            "--source",
+            "bulk",
+            "--model",
+            "gpt-4o-mini",
+            "--prompt",
+            "150",
+            "--completion",
+            "25",
+        ])
         .args(extra)
         .output()
         .expect("php must be installed (php-cli and php-curl; .ci/run installs them)")
@@ -21,7 +34,11 @@ fn php_record(socket: &str, extra: &[&str]) -> std::process::Output {
 async fn the_php_client_records_an_event() {
     let agent = Agent::start("").await;
     let out = php_record(agent.socket.to_str().unwrap(), &[]);
-    assert!(out.status.success(), "php failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "php failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer: Value = serde_json::from_slice(&out.stdout).expect("the agent's JSON answer");
     assert_eq!(answer["status"], "recorded");
     let id = answer["event_id"].as_str().unwrap();
@@ -43,10 +60,18 @@ fn the_php_client_returns_quickly_when_the_agent_is_stopped() {
         let started = Instant::now();
         let out = php_record(path.to_str().unwrap(), &["--timeout-ms", "200"]);
         let took = started.elapsed();
-        assert_eq!(out.status.code(), Some(1), "stdout {}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "stdout {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("usage not recorded"), "{stderr}");
-        assert!(!stderr.contains("Fatal") && !stderr.contains("Uncaught"), "it threw: {stderr}");
+        assert!(
+            !stderr.contains("Fatal") && !stderr.contains("Uncaught"),
+            "it threw: {stderr}"
+        );
         // Generous bound: PHP start-up plus the 200 ms connect timeout, on a busy machine.
         assert!(took < Duration::from_secs(5), "took {took:?}");
     }
@@ -58,11 +83,18 @@ fn the_systemd_units_verify() {
     let units = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd");
     let mut paths = Vec::new();
     // verify checks that ExecStart exists, so point the copies at the binary under test.
-    for (source, target) in [("usage-agent.service", "usage-agent.service"), ("usage-agent@.service", "usage-agent@shop.service")] {
+    for (source, target) in [
+        ("usage-agent.service", "usage-agent.service"),
+        ("usage-agent@.service", "usage-agent@shop.service"),
+    ] {
         let text = std::fs::read_to_string(format!("{units}/{source}")).unwrap();
         assert!(text.contains("Type=notify") && text.contains("ProtectSystem=strict"));
         let path = dir.path().join(target);
-        std::fs::write(&path, text.replace("/usr/local/bin/usage-agent", crate::harness::bin())).unwrap();
+        std::fs::write(
+            &path,
+            text.replace("/usr/local/bin/usage-agent", crate::harness::bin()),
+        )
+        .unwrap();
         paths.push(path);
     }
     let out = Command::new("systemd-analyze")
@@ -71,7 +103,10 @@ fn the_systemd_units_verify() {
         .output()
         .expect("systemd-analyze must be installed (.ci/run installs systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !stderr.contains("usage-agent"), "verify: {stderr}");
+    assert!(
+        out.status.success() && !stderr.contains("usage-agent"),
+        "verify: {stderr}"
+    );
 }
 
 #[tokio::test]
@@ -79,7 +114,9 @@ async fn systemd_is_told_ready_and_stopping() {
     let mut agent = Agent::configure("");
     let notify_path = agent.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
     let child = Command::new(crate::harness::bin())
         .args(["--config", agent.config_path.to_str().unwrap(), "run"])
         .env("NOTIFY_SOCKET", &notify_path)
@@ -88,12 +125,20 @@ async fn systemd_is_told_ready_and_stopping() {
         .unwrap();
     agent.child = Some(child);
     let mut buffer = [0u8; 256];
-    let n = notify.recv(&mut buffer).expect("READY=1 within the deadline");
+    let n = notify
+        .recv(&mut buffer)
+        .expect("READY=1 within the deadline");
     assert_eq!(std::str::from_utf8(&buffer[..n]).unwrap().trim(), "READY=1");
     // READY means the socket already answers.
-    assert_eq!(agent.get("/healthz").await.unwrap().0, reqwest::StatusCode::OK);
+    assert_eq!(
+        agent.get("/healthz").await.unwrap().0,
+        reqwest::StatusCode::OK
+    );
     let status = agent.terminate();
     assert!(status.success());
     let n = notify.recv(&mut buffer).expect("STOPPING=1");
-    assert_eq!(std::str::from_utf8(&buffer[..n]).unwrap().trim(), "STOPPING=1");
+    assert_eq!(
+        std::str::from_utf8(&buffer[..n]).unwrap().trim(),
+        "STOPPING=1"
+    );
 }
