@@ -26,6 +26,9 @@ use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
 use crate::sync::engine::{SetupError, SyncEngine};
 
+/// Page cache of the connections beside the writer (reads, sync), in KiB.
+pub const SIDE_CACHE_KIB: u32 = 256;
+
 /// Why the daemon could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -101,6 +104,7 @@ impl Daemon {
             writing.set_install_id(&identity.install_id)?;
         }
         let reader = Store::open(&config.database_path(), config.synchronous)?;
+        reader.limit_cache(SIDE_CACHE_KIB)?;
         let (writer, writer_thread) = Writer::spawn(writing);
         let metrics = Arc::new(Metrics::new());
         let sync = match disabled_reason(&config) {

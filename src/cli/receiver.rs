@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tracing_subscriber::EnvFilter;
 
 use crate::receiver::{self, ReceiverSettings};
 
@@ -23,13 +22,7 @@ pub struct ReceiverArgs {
 }
 
 pub fn run(args: ReceiverArgs) -> anyhow::Result<()> {
-    // Another part of the program may already have installed a subscriber; that one wins.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    super::run::init_logging(crate::config::LogFormat::Text);
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
     let store = receiver::open_sqlite(&args.db)

@@ -44,14 +44,21 @@ pub fn init_logging(format: LogFormat) {
 
 /// Like [`init_logging`] with another default filter.
 pub fn init_logging_with(format: LogFormat, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    // `Targets` understands the usual `RUST_LOG` forms ("debug", "warn,usage_agent=info")
+    // without pulling a regex engine into the binary.
+    let targets: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .or_else(|| default_filter.parse().ok())
+        .unwrap_or_default();
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
     // A subscriber may already be installed (demo, tests); keeping it is fine.
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(targets).try_init(),
+        LogFormat::Json => builder.json().finish().with(targets).try_init(),
     };
 }

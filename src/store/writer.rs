@@ -184,7 +184,10 @@ impl Checkpointer {
         let path = store.conn.path().filter(|p| !p.is_empty())?.to_owned();
         // A new connection syncs checkpoints fully (SQLite's default), whatever the writer's
         // `synchronous`; that only affects the background thread.
-        let conn = match Connection::open(&path) {
+        // Checkpoints copy pages from the WAL file; they need next to no page cache.
+        let conn = match Connection::open(&path)
+            .and_then(|conn| conn.pragma_update(None, "cache_size", -64).map(|()| conn))
+        {
             Ok(conn) => conn,
             Err(error) => {
                 tracing::warn!(%error, "no background checkpointer; the writer checkpoints itself");

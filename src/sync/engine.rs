@@ -101,6 +101,7 @@ impl SyncEngine {
             .map(|identity| BackendClient::new(http.clone(), &config.sync, identity))
             .transpose()?;
         let store = Store::open(&config.database_path(), config.synchronous)?;
+        store.limit_cache(crate::daemon::SIDE_CACHE_KIB)?;
         let enrolled = identity.as_ref().is_some_and(|i| i.enrolled_at.is_some())
             || store.sync_meta()?.enrolled_ms.is_some();
         Ok(SyncEngine {
