@@ -6,7 +6,7 @@
 //!
 //! It starts its own agent as a separate process (this same binary, re-executed with the
 //! hidden first argument `__agent CONFIG`, so the agent's peak RSS can be read from
-//! `/proc/<pid>/status`), drives it over the real Unix socket with reqwest, and prints a
+//! `/proc/<pid>/status`), drives it over the real Unix socket with hyper's HTTP/1.1 client, and prints a
 //! table; with `--json`, one JSON object on the last line with exactly the keys of issue 5.
 //! The drain phases re-execute it once more as the bundled receiver (`__receiver ADDR DB`).
 //!
@@ -28,6 +28,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
 use clap::Parser;
 use serde_json::{Value, json};
 use usage_agent::config::{Config, Synchronous};
@@ -169,7 +172,8 @@ fn bench(options: Options) -> anyhow::Result<()> {
         .prefix("loadgen-")
         .tempdir_in(&parent)
         .with_context(|| format!("creating a temp dir in {}", parent.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One client thread: the agent under test gets the rest of the machine.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the client runtime")?;
@@ -546,29 +550,72 @@ fn agent_url(path: &str) -> String {
     format!("http://agent{path}")
 }
 
+/// One keep-alive HTTP/1.1 connection to the agent's socket. hyper's connection API is
+/// used directly (no pool, no redirects) so the load generator, which shares the two
+/// cores with the agent, spends as little CPU per request as it can.
+type Connection = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(socket: &Path) -> anyhow::Result<Connection> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP/1.1 handshake")?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+/// Sends one request on `connection` and returns the status and body.
+async fn exchange(
+    connection: &mut Connection,
+    method: &str,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, Bytes)> {
+    connection.ready().await.context("connection closed")?;
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "agent")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let response = connection.send_request(request).await?;
+    let status = response.status().as_u16();
+    let answer = response.into_body().collect().await?.to_bytes();
+    Ok((status, answer))
+}
+
 /// Runs one phase: `clients` tasks share a counter of requests still to send.
 async fn run_phase(socket: &Path, phase: Phase) -> anyhow::Result<PhaseResult> {
     let next = Arc::new(AtomicUsize::new(0));
     let barrier = Arc::new(tokio::sync::Barrier::new(phase.clients + 1));
     let mut tasks = Vec::with_capacity(phase.clients);
     for client_index in 0..phase.clients {
-        let client = socket_client(socket, !phase.new_connection_per_request)?;
+        let socket = socket.to_path_buf();
         let next = Arc::clone(&next);
         let barrier = Arc::clone(&barrier);
+        let new_connection_per_request = phase.new_connection_per_request;
         tasks.push(tokio::spawn(async move {
             let mut result = PhaseResult::default();
             // Open the keep-alive connection before the clock starts.
-            let warm = client.get(agent_url("/healthz")).send().await;
-            let warm = match warm {
-                Ok(response) => response.bytes().await.map(drop),
+            let warm = match connect(&socket).await {
+                Ok(mut connection) => exchange(&mut connection, "GET", "/healthz", String::new())
+                    .await
+                    .map(|_| connection),
                 Err(error) => Err(error),
             };
             barrier.wait().await;
-            if let Err(error) = warm {
-                result.failures += 1;
-                result.first_failure = format!("warm-up: {error}");
-                return result;
-            }
+            let mut connection = match warm {
+                Ok(connection) => connection,
+                Err(error) => {
+                    result.failures += 1;
+                    result.first_failure = format!("warm-up: {error:#}");
+                    return result;
+                }
+            };
             let deadline = Instant::now() + phase.cap;
             let mut generator = Generator::new(client_index as u64);
             let mut latencies = Vec::new();
@@ -580,24 +627,20 @@ async fn run_phase(socket: &Path, phase: Phase) -> anyhow::Result<PhaseResult> {
                     generator.batch_json(phase.per_request)
                 };
                 let sent = Instant::now();
-                let outcome = client
-                    .post(agent_url("/v1/events"))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                let status = match outcome {
-                    Ok(response) => {
-                        let status = response.status();
-                        match response.bytes().await {
-                            Ok(_) if status.as_u16() == 202 => Ok(()),
-                            Ok(answer) => {
-                                Err(format!("{status}: {}", String::from_utf8_lossy(&answer)))
-                            }
-                            Err(error) => Err(error.to_string()),
-                        }
+                let outcome = if new_connection_per_request {
+                    match connect(&socket).await {
+                        Ok(mut fresh) => exchange(&mut fresh, "POST", "/v1/events", body).await,
+                        Err(error) => Err(error),
                     }
-                    Err(error) => Err(format!("{error:?}")),
+                } else {
+                    exchange(&mut connection, "POST", "/v1/events", body).await
+                };
+                let status = match outcome {
+                    Ok((202, _)) => Ok(()),
+                    Ok((status, answer)) => {
+                        Err(format!("{status}: {}", String::from_utf8_lossy(&answer)))
+                    }
+                    Err(error) => Err(format!("{error:#}")),
                 };
                 match status {
                     Ok(()) => {

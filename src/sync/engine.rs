@@ -172,61 +172,92 @@ impl SyncEngine {
         let mut batch_size = self.sync.batch_size.max(1);
         let mut marks = Marks::default();
         let result = async {
+            let mut prefetched = None;
             loop {
                 let limit = batch_size;
-                let events = self.read(move |store| store.pending_batch(after, until, limit)).await?;
+                let events = match prefetched.take() {
+                    Some(events) => events,
+                    None => {
+                        self.read(move |store| store.pending_batch(after, until, limit))
+                            .await?
+                    }
+                };
                 let Some(last) = events.last() else {
                     return Ok(());
                 };
                 after = last.seq;
-                // Parts still to ship; a refused batch is split in two and both halves go first.
-                let mut parts = VecDeque::from([events]);
-                while let Some(mut part) = parts.pop_front() {
-                    if part.len() > batch_size {
-                        // A 413 shrank the batch size since this part was cut.
-                        let rest = part.split_off(batch_size);
-                        parts.push_front(rest);
-                    }
-                    match self.ship(client, &part).await {
-                        Ok(answer) => {
-                            let (synced, failed) = verdicts(&part, &answer)?;
-                            report.batches += 1;
-                            report.sent += part.len() as u64;
-                            report.accepted += answer.accepted;
-                            report.duplicates += answer.duplicates;
-                            report.rejected += failed.len() as u64;
-                            for (seq, reason) in &failed {
-                                tracing::warn!(seq, %reason, "the backend rejected an event; it is now failed");
-                            }
-                            marks.push(&self.writer, synced, failed).await?;
-                        }
-                        Err(error) if error.category() == Category::Validation => {
-                            if error.status() == Some(413) && part.len() / 2 < batch_size {
-                                batch_size = (part.len() / 2).max(1);
-                                tracing::warn!(batch_size, "the backend found a batch too large; halving the batch size for this run");
-                            }
-                            if part.len() == 1 {
-                                let reason = error.to_string();
-                                tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
-                                report.batches += 1;
-                                report.sent += 1;
-                                report.rejected += 1;
-                                marks.push(&self.writer, Vec::new(), vec![(part[0].seq, reason)]).await?;
-                            } else {
-                                let right = part.split_off(part.len() / 2);
-                                parts.push_front(right);
-                                parts.push_front(part);
-                            }
-                        }
-                        Err(error) => return Err(error),
-                    }
-                }
+                // Read the next batch while this one is on the wire: the read never overlaps
+                // this batch (it starts after its last seq), and marking stays per event.
+                let next_read = self.read(move |store| store.pending_batch(after, until, limit));
+                let shipping = self.ship_parts(client, events, &mut batch_size, report, &mut marks);
+                let (shipped, next) = tokio::join!(shipping, next_read);
+                shipped?;
+                prefetched = Some(next?);
             }
         }
         .await;
         // Whatever stopped the run, the verdicts already received are made durable.
         let flushed = marks.finish(&self.writer).await;
         result.and(flushed)
+    }
+
+    /// Ships one read batch. A refused batch is split in two and both halves go first, so
+    /// only the events the backend refuses on their own become failed.
+    async fn ship_parts(
+        &self,
+        client: &BackendClient,
+        events: Vec<PendingEvent>,
+        batch_size: &mut usize,
+        report: &mut SyncReport,
+        marks: &mut Marks,
+    ) -> Result<(), SyncError> {
+        let mut parts = VecDeque::from([events]);
+        while let Some(mut part) = parts.pop_front() {
+            if part.len() > *batch_size {
+                // A 413 shrank the batch size since this part was cut.
+                let rest = part.split_off(*batch_size);
+                parts.push_front(rest);
+            }
+            match self.ship(client, &part).await {
+                Ok(answer) => {
+                    let (synced, failed) = verdicts(&part, &answer)?;
+                    report.batches += 1;
+                    report.sent += part.len() as u64;
+                    report.accepted += answer.accepted;
+                    report.duplicates += answer.duplicates;
+                    report.rejected += failed.len() as u64;
+                    for (seq, reason) in &failed {
+                        tracing::warn!(seq, %reason, "the backend rejected an event; it is now failed");
+                    }
+                    marks.push(&self.writer, synced, failed).await?;
+                }
+                Err(error) if error.category() == Category::Validation => {
+                    if error.status() == Some(413) && part.len() / 2 < *batch_size {
+                        *batch_size = (part.len() / 2).max(1);
+                        tracing::warn!(
+                            batch_size = *batch_size,
+                            "the backend found a batch too large; halving the batch size for this run"
+                        );
+                    }
+                    if part.len() == 1 {
+                        let reason = error.to_string();
+                        tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
+                        report.batches += 1;
+                        report.sent += 1;
+                        report.rejected += 1;
+                        marks
+                            .push(&self.writer, Vec::new(), vec![(part[0].seq, reason)])
+                            .await?;
+                    } else {
+                        let right = part.split_off(part.len() / 2);
+                        parts.push_front(right);
+                        parts.push_front(part);
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
     }
 
     /// Ships one batch with up to `max_attempts` attempts, exponential backoff with full
