@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use clap::Parser;
 use serde_json::{Value, json};
 use usage_agent::config::{Config, Synchronous};
 use usage_agent::event::{Event, ModelName, Source, Tokens};

@@ -41,7 +41,9 @@ pub enum Command {
     /// Create the install identity once (never overwrites an existing one).
     Init(init::InitArgs),
     /// Run the daemon: the local API on the socket, scheduled jobs, graceful shutdown.
-    #[command(after_help = "Stops on SIGTERM or SIGINT: finishes in-flight requests, makes one last short sync, checkpoints the database and removes the socket.\n\nExample:\n  usage-agent --config /etc/usage-agent/agent.toml run")]
+    #[command(
+        after_help = "Stops on SIGTERM or SIGINT: finishes in-flight requests, makes one last short sync, checkpoints the database and removes the socket.\n\nExample:\n  usage-agent --config /etc/usage-agent/agent.toml run"
+    )]
     Run,
     /// Record one event through the socket, as a site does.
     Record(record::RecordArgs),

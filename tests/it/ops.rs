@@ -146,18 +146,47 @@ async fn systemd_is_told_ready_and_stopping() {
 #[test]
 fn every_subcommand_explains_itself_with_an_example() {
     let commands = [
-        "init", "run", "record", "status", "sync", "retry-failed", "rollup", "purge", "export",
-        "forget", "receiver", "demo",
+        "init",
+        "run",
+        "record",
+        "status",
+        "sync",
+        "retry-failed",
+        "rollup",
+        "purge",
+        "export",
+        "forget",
+        "receiver",
+        "demo",
     ];
     for command in commands {
-        let out = Command::new(crate::harness::bin()).args([command, "--help"]).output().unwrap();
+        let out = Command::new(crate::harness::bin())
+            .args([command, "--help"])
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{command} --help");
         let help = String::from_utf8_lossy(&out.stdout);
-        assert!(help.contains("Example"), "{command} --help has no example:\n{help}");
-        assert!(help.contains(&format!("usage-agent {command}")) || help.contains(&format!(" {command}")), "{help}");
+        assert!(
+            help.contains("Example"),
+            "{command} --help has no example:\n{help}"
+        );
+        assert!(
+            help.contains(&format!("usage-agent {command}"))
+                || help.contains(&format!(" {command}")),
+            "{help}"
+        );
     }
-    let out = Command::new(crate::harness::bin()).arg("--version").output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("usage-agent {}", env!("CARGO_PKG_VERSION")));
-    let out = Command::new(crate::harness::bin()).arg("--no-such-flag").output().unwrap();
+    let out = Command::new(crate::harness::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("usage-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+    let out = Command::new(crate::harness::bin())
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad usage exits 2");
 }
