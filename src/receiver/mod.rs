@@ -7,8 +7,10 @@
 //!
 //! Code map: [`serve`] and the router are here; [`settings`] reads the environment;
 //! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
-//! [`ingest`], [`enroll`] and [`provider`] are the handlers; [`auth`] checks tokens and
-//! basic auth; [`rate_limit`] limits requests per install; [`error`] shapes error answers.
+//! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
+//! plans, erasure) and [`dashboard`] (HTML) are the handlers; [`pricing`] is the money
+//! arithmetic; [`auth`] checks tokens and basic auth; [`rate_limit`] limits requests per
+//! install; [`error`] shapes error answers.
 
 use std::future::Future;
 use std::path::Path;
@@ -17,13 +19,18 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
-use chrono::Utc;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use axum::routing::{delete, get, post, put};
+use chrono::{DateTime, Utc};
 
 pub mod auth;
+pub mod dashboard;
 pub mod enroll;
 pub mod error;
 pub mod ingest;
+pub mod installations;
+pub mod pricing;
 pub mod provider;
 pub mod rate_limit;
 pub mod settings;
@@ -46,6 +53,24 @@ pub struct AppState {
     pub settings: ReceiverSettings,
     pub store: Arc<dyn Store>,
     pub limiter: rate_limit::RateLimiter,
+    /// The settings' prices, converted once to micro-units.
+    pub pricing: pricing::Pricing,
+}
+
+impl AppState {
+    pub fn new(settings: ReceiverSettings, store: Arc<dyn Store>) -> AppState {
+        AppState {
+            limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
+            pricing: pricing::Pricing::from_settings(&settings),
+            settings,
+            store,
+        }
+    }
+
+    /// Now, for the provider views: [`ReceiverSettings::provider_now`] or the clock.
+    pub fn provider_now(&self) -> DateTime<Utc> {
+        self.settings.provider_now.unwrap_or_else(Utc::now)
+    }
 }
 
 /// Opens (creating it and its parent directories if needed) the SQLite store at `path`.
@@ -61,11 +86,35 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/usage/event", post(ingest::ingest))
         .route("/api/usage/summary", get(provider::summary))
         .route("/api/usage/events", get(provider::events))
+        .route("/api/usage/installations", get(installations::list))
+        .route(
+            "/api/installations/{install_id}/plan",
+            put(installations::set_plan),
+        )
+        .route(
+            "/api/installations/{install_id}",
+            delete(installations::erase),
+        )
+        .route("/dashboard", get(dashboard::page))
+        .route(
+            "/dashboard/installations/{install_id}",
+            get(dashboard::detail),
+        )
         .route("/health", get(provider::health))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::map_response(no_sniff))
         .with_state(state)
+}
+
+/// Every answer declares its type authoritatively: browsers must not guess one.
+async fn no_sniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// Serves the receiver on an already-bound listener until `shutdown` completes, then
@@ -77,11 +126,7 @@ pub async fn serve(
     store: Arc<dyn Store>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState {
-        limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
-        settings,
-        store: store.clone(),
-    });
+    let state = Arc::new(AppState::new(settings, store.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "receiver listening");
     }

@@ -121,7 +121,7 @@ pub async fn events(
     })))
 }
 
-fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let settings = &app.settings;
     require_provider(
         headers,
@@ -131,7 +131,7 @@ fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     .inspect_err(|_| tracing::warn!("provider request refused: bad or missing basic auth"))
 }
 
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, super::store::StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)
@@ -154,7 +154,7 @@ fn query_rejection(rejection: QueryRejection) -> ApiError {
     )
 }
 
-fn bad_param(name: &str, rule: &str) -> ApiError {
+pub(super) fn bad_param(name: &str, rule: &str) -> ApiError {
     ApiError::bad_request("invalid_query", format!("{name} {rule}"))
         .with_details(vec![json!({"field": name, "message": rule})])
 }
@@ -164,7 +164,10 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
 }
 
 /// Turns inclusive `YYYY-MM-DD` dates into a half-open millisecond range.
-fn parse_range(from: &Option<String>, to: &Option<String>) -> Result<TimeRange, ApiError> {
+pub(super) fn parse_range(
+    from: &Option<String>,
+    to: &Option<String>,
+) -> Result<TimeRange, ApiError> {
     let day = |name: &str, value: &Option<String>| -> Result<Option<i64>, ApiError> {
         let Some(text) = non_empty(value) else {
             return Ok(None);
@@ -208,7 +211,7 @@ fn parse_group_by(value: &Option<String>) -> Result<GroupBy, ApiError> {
     Ok(group)
 }
 
-fn day_text(day: i64) -> String {
+pub(super) fn day_text(day: i64) -> String {
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
     TimeDelta::try_days(day)
         .and_then(|delta| epoch.checked_add_signed(delta))

@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 /// Default requests per install per minute.
 pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
 /// Default signature timestamp tolerance, in seconds, in either direction.
@@ -46,6 +48,10 @@ pub struct ReceiverSettings {
     pub max_body_bytes: usize,
     /// Largest ingest body after gzip decompression (not an environment variable).
     pub max_decompressed_bytes: usize,
+    /// The instant the provider views (installations, dashboard) take as now; `None`, the
+    /// default, reads the system clock. For tests of month boundaries; not an environment
+    /// variable, and ingest always uses the system clock.
+    pub provider_now: Option<DateTime<Utc>>,
 }
 
 impl Default for ReceiverSettings {
@@ -64,6 +70,7 @@ impl Default for ReceiverSettings {
             plan_agency_monthly: None,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            provider_now: None,
         }
     }
 }
@@ -91,6 +98,7 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("plan_agency_monthly", &self.plan_agency_monthly)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
+            .field("provider_now", &self.provider_now)
             .finish()
     }
 }

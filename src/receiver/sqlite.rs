@@ -4,8 +4,12 @@
 //! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
 //! Each install is stored once and events refer to it by an integer key; event ids are
 //! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
+//! `daily_usage` holds per install, UTC day and model the events and tokens stored; ingest
+//! adds to it in the same transaction as the events it inserts (only those not deduped),
+//! so it always equals a sum over the events ever stored, including those since purged.
 //! This module knows nothing about HTTP.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -14,10 +18,11 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::pricing::{ModelTokens, Plan};
 use super::store::{
-    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    NewEvent, NewInstall, Store, StoreError, StoredEvent, Summary, SummaryQuery, SummaryRow,
-    TimeRange, Totals,
+    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
+    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, Store, StoreError,
+    StoredEvent, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
 };
 use crate::event::Source;
 use crate::sync::signing::Secret;
@@ -27,7 +32,8 @@ const MS_PER_DAY: i64 = 86_400_000;
 
 /// Migrations, applied in order; `PRAGMA user_version` counts those applied.
 /// Append only: never edit one that has shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE installs (
     id          INTEGER PRIMARY KEY,
     install_id  TEXT NOT NULL UNIQUE,
@@ -55,7 +61,27 @@ CREATE TABLE events (
     PRIMARY KEY (install, event_id)
 ) WITHOUT ROWID;
 CREATE INDEX events_by_time ON events (created_at);
-"#];
+"#,
+    // Daily rollups per install and model, kept in the ingest transaction, so the
+    // installations view never scans raw events. Filled once from the events already stored.
+    r#"
+CREATE TABLE daily_usage (
+    install           INTEGER NOT NULL,
+    day               INTEGER NOT NULL,
+    model             TEXT NOT NULL,
+    events            INTEGER NOT NULL,
+    prompt_tokens     INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    PRIMARY KEY (install, day, model)
+) WITHOUT ROWID;
+CREATE INDEX daily_usage_by_day
+    ON daily_usage (day, install, model, events, prompt_tokens, completion_tokens);
+INSERT INTO daily_usage (install, day, model, events, prompt_tokens, completion_tokens)
+    SELECT install, created_at / 86400000, model, count(*), sum(prompt_tokens),
+           sum(completion_tokens)
+    FROM events GROUP BY 1, 2, 3;
+"#,
+];
 
 /// The receiver's SQLite database.
 pub struct SqliteStore {
@@ -103,10 +129,14 @@ impl SqliteStore {
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Small pages: the (install, event_id) index takes random inserts, and a commit writes
+    // whole pages. Only takes effect when the database is created.
+    conn.pragma_update(None, "page_size", 1024)?;
     conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
-    // NORMAL in WAL mode survives a process crash; the agent keeps every event until it is
-    // acknowledged, so a batch lost to a power cut is simply sent again.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    // FULL: a batch is answered 200 only after its commit is on disk. Once the agent has
+    // that answer it marks the events synced and never sends them again, so a commit lost
+    // to a power cut would be billing data lost.
+    conn.pragma_update(None, "synchronous", "FULL")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -208,6 +238,8 @@ impl Store for SqliteStore {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut counts = IngestCounts::default();
+        // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
+        let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
         {
             // `OR IGNORE` on the primary key is the dedupe: it skips an id stored by an
             // earlier batch or earlier in this one, inside this same transaction.
@@ -235,9 +267,26 @@ impl Store for SqliteStore {
                 ])?;
                 if inserted == 1 {
                     counts.accepted += 1;
+                    let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+                    let sums = daily.entry((day, event.model.as_str())).or_default();
+                    sums.0 += 1;
+                    sums.1 += event.prompt_tokens;
+                    sums.2 += event.completion_tokens;
                 } else {
                     counts.duplicates += 1;
                 }
+            }
+            let mut rollup = tx.prepare_cached(
+                "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+                     completion_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (install, day, model) DO UPDATE SET
+                     events = events + excluded.events,
+                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = completion_tokens + excluded.completion_tokens",
+            )?;
+            for ((day, model), (events, prompt, completion)) in &daily {
+                rollup.execute(params![install, day, model, events, prompt, completion])?;
             }
             tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
                 .execute(params![install, received_at_ms])?;
@@ -276,11 +325,18 @@ impl Store for SqliteStore {
         } else {
             format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
         };
+        // For one install, a plain `install = ?1` lets SQLite read only that install's
+        // events through the primary key.
+        let install_clause = if install.is_some() {
+            "install = ?1"
+        } else {
+            "?1 IS NULL"
+        };
         let sql = format!(
             "SELECT {key_columns} count(*), coalesce(sum(prompt_tokens), 0),
                     coalesce(sum(completion_tokens), 0)
              FROM events
-             WHERE (?1 IS NULL OR install = ?1) AND created_at >= ?2 AND created_at < ?3
+             WHERE {install_clause} AND created_at >= ?2 AND created_at < ?3
              {group_clause}"
         );
         let (from, to) = range_bounds(query.range);
@@ -427,6 +483,128 @@ impl Store for SqliteStore {
                 return Ok(total);
             }
         }
+    }
+
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, StoreError> {
+        let conn = self.reader();
+        // `Some(None)`: every install; `None`: the one asked for is unknown.
+        let Some(only) = optional_install(&conn, install_id)? else {
+            return Ok(InstallationsReport::default());
+        };
+        let mut report = InstallationsReport::default();
+        let mut by_key = HashMap::new();
+        {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, install_id, plan, last_seen FROM installs
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY install_id",
+            )?;
+            let mut rows = statement.query(params![only])?;
+            while let Some(row) = rows.next()? {
+                let key: InstallKey = row.get(0)?;
+                by_key.insert(key, report.installs.len());
+                report.installs.push(InstallUsage {
+                    install_id: row.get(1)?,
+                    plan: plan_from(&row.get::<_, String>(2)?)?,
+                    last_seen_ms: row.get(3)?,
+                    events_30d: 0,
+                    tokens_30d: 0,
+                    models_mtd: Vec::new(),
+                });
+            }
+        }
+        // One range scan of the rollup rows of both windows (a covering index for every
+        // install, the primary key for one), summed here: cheaper than SQL grouping, and
+        // it gives the chart's days in the same pass.
+        let first_day = window.from_30d.min(window.month_start);
+        let mut statement = conn.prepare_cached(if only.is_some() {
+            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+             FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
+        } else {
+            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+             FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
+        })?;
+        let mut rows = statement.query(params![first_day, window.today, only])?;
+        let mut daily: BTreeMap<i64, DailyTokens> = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let key: InstallKey = row.get(0)?;
+            let Some(install) = by_key.get(&key).map(|&index| &mut report.installs[index]) else {
+                continue;
+            };
+            let day: i64 = row.get(1)?;
+            let events: u64 = row.get(3)?;
+            let tokens: u64 = row.get(4)?;
+            if day >= window.from_30d {
+                install.events_30d += events;
+                install.tokens_30d += tokens;
+                let totals = daily.entry(day).or_insert(DailyTokens {
+                    day,
+                    events: 0,
+                    tokens: 0,
+                });
+                totals.events += events;
+                totals.tokens += tokens;
+            }
+            if day >= window.month_start {
+                let model = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+                // An install uses a handful of models: a linear search beats hashing.
+                match install.models_mtd.iter_mut().find(|m| m.model == model) {
+                    Some(usage) => usage.tokens += tokens,
+                    None => install.models_mtd.push(ModelTokens {
+                        model: model.to_owned(),
+                        tokens,
+                    }),
+                }
+            }
+        }
+        for install in &mut report.installs {
+            install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
+        }
+        report.daily = daily.into_values().collect();
+        Ok(report)
+    }
+
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, StoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, plan.as_str()])?;
+        Ok(changed == 1)
+    }
+
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(None);
+        };
+        let events = tx
+            .prepare_cached("DELETE FROM events WHERE install = ?1")?
+            .execute(params![key])?;
+        tx.prepare_cached("DELETE FROM daily_usage WHERE install = ?1")?
+            .execute(params![key])?;
+        tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
+            .execute(params![key])?;
+        tx.commit()?;
+        Ok(Some(events as u64))
+    }
+}
+
+fn plan_from(text: &str) -> Result<Plan, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("unknown plan {text:?}")))
+}
+
+fn optional_install(
+    conn: &Connection,
+    install_id: Option<&str>,
+) -> rusqlite::Result<Option<Option<InstallKey>>> {
+    match install_id {
+        None => Ok(Some(None)),
+        Some(id) => Ok(install_key(conn, id)?.map(Some)),
     }
 }
 
@@ -631,6 +809,152 @@ mod tests {
                 .totals
                 .events,
             5
+        );
+    }
+
+    fn model_event(n: u8, day: i64, model: &str, tokens: u64) -> NewEvent {
+        NewEvent {
+            model: model.into(),
+            prompt_tokens: tokens,
+            completion_tokens: 0,
+            ..event(n, day * MS_PER_DAY + 1000)
+        }
+    }
+
+    #[test]
+    fn rollups_follow_ingest_and_skip_duplicates() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let b = enroll(&store, "b");
+        // Day 100 is "today"; the month started on day 95; 30 days start on day 71.
+        let window = UsageWindow {
+            today: 100,
+            from_30d: 71,
+            month_start: 95,
+        };
+        let batch = [
+            model_event(1, 100, "x", 10),
+            model_event(2, 100, "x", 20),
+            model_event(3, 95, "y", 5),
+            model_event(4, 94, "x", 1000),  // 30d, not this month
+            model_event(5, 70, "x", 9999),  // neither
+            model_event(6, 101, "x", 7777), // after today
+        ];
+        store.ingest(a.key, &batch, 42).unwrap();
+        // Sent again (and one repeat inside the batch): nothing is counted twice.
+        let again = store.ingest(a.key, &[batch[0].clone(), batch[0].clone()], 43);
+        assert_eq!(again.unwrap().duplicates, 2);
+        store
+            .ingest(b.key, &[model_event(7, 99, "y", 1)], 44)
+            .unwrap();
+
+        let report = store.installations(None, window).unwrap();
+        let rows = &report.installs;
+        assert_eq!(rows.len(), 2);
+        let a_row = &rows[0];
+        assert_eq!(a_row.install_id, "a");
+        assert_eq!(a_row.plan, Plan::Free);
+        assert_eq!(a_row.last_seen_ms, Some(43));
+        assert_eq!((a_row.events_30d, a_row.tokens_30d), (4, 1035));
+        assert_eq!(
+            a_row.models_mtd,
+            [
+                ModelTokens {
+                    model: "x".into(),
+                    tokens: 30
+                },
+                ModelTokens {
+                    model: "y".into(),
+                    tokens: 5
+                }
+            ]
+        );
+        assert_eq!(rows[1].models_mtd.len(), 1);
+
+        // The chart: the 30 days summed over every install.
+        let tokens: Vec<_> = report.daily.iter().map(|d| (d.day, d.tokens)).collect();
+        assert_eq!(tokens, [(94, 1000), (95, 5), (99, 1), (100, 30)]);
+
+        let only_b = store.installations(Some("b"), window).unwrap();
+        assert_eq!(only_b.installs.len(), 1);
+        assert_eq!(only_b.daily.len(), 1);
+        let unknown = store.installations(Some("zz"), window).unwrap();
+        assert!(unknown.installs.is_empty() && unknown.daily.is_empty());
+    }
+
+    #[test]
+    fn plans_change_and_erasure_removes_everything() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        enroll(&store, "b");
+        store
+            .ingest(a.key, &[model_event(1, 10, "x", 5)], 0)
+            .unwrap();
+        assert!(store.set_plan("a", Plan::Agency).unwrap());
+        assert!(!store.set_plan("nope", Plan::Pro).unwrap());
+        let window = UsageWindow {
+            today: 10,
+            from_30d: 0,
+            month_start: 0,
+        };
+        assert_eq!(
+            store.installations(Some("a"), window).unwrap().installs[0].plan,
+            Plan::Agency
+        );
+
+        assert_eq!(store.erase_install("a").unwrap(), Some(1));
+        assert_eq!(store.erase_install("a").unwrap(), None);
+        assert!(store.find_install("a").unwrap().is_none());
+        let after = store.installations(None, window).unwrap();
+        assert_eq!(after.installs.len(), 1);
+        assert!(after.daily.is_empty());
+        assert_eq!(
+            store
+                .summary(&SummaryQuery::default())
+                .unwrap()
+                .totals
+                .events,
+            0
+        );
+        assert!(store.find_install("b").unwrap().is_some());
+    }
+
+    #[test]
+    fn the_rollup_migration_backfills_stored_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            // A database at schema 1 with events already in it.
+            let mut conn = connect(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0]).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.execute_batch(
+                "INSERT INTO installs (id, install_id, secret, site_hash, enrolled_at)
+                     VALUES (1, 'a', 'x', 's', 0);
+                 INSERT INTO events VALUES (1, x'01', x'00', 0, 'm', 3, 4, 0, 0, 0, NULL,
+                     86400000 * 5 + 1, 0);
+                 INSERT INTO events VALUES (1, x'02', x'00', 0, 'm', 1, 2, 0, 0, 0, NULL,
+                     86400000 * 5 + 2, 0);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let window = UsageWindow {
+            today: 10,
+            from_30d: 0,
+            month_start: 0,
+        };
+        let report = store.installations(Some("a"), window).unwrap();
+        assert_eq!(report.installs[0].tokens_30d, 10);
+        assert_eq!(
+            report.daily,
+            [DailyTokens {
+                day: 5,
+                events: 2,
+                tokens: 10
+            }]
         );
     }
 

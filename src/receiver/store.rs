@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use uuid::Uuid;
 
+use super::pricing::{ModelTokens, Plan};
 use crate::event::Source;
 use crate::sync::signing::Secret;
 
@@ -44,6 +45,65 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes events created before `cutoff_ms`, at most `chunk` per transaction so that
     /// ingest never waits long; returns how many were deleted.
     fn delete_events_before(&self, cutoff_ms: i64, chunk: usize) -> Result<u64, StoreError>;
+
+    /// Every install (or only `install_id`) with its usage over `window`, sorted by install
+    /// id, and the days of the last 30 summed over those installs. Answered from the daily
+    /// rollups kept at ingest, never from raw events, with a fixed number of queries
+    /// however many installs there are.
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, StoreError>;
+
+    /// Sets an install's plan; `false` when the install is unknown.
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, StoreError>;
+
+    /// Erases an install: its events, its rollups and its enrollment, in one transaction.
+    /// Returns how many events were deleted, or `None` when the install is unknown.
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, StoreError>;
+}
+
+/// The days the installations view covers, as days since the Unix epoch (UTC); both
+/// ranges end with `today` included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageWindow {
+    pub today: i64,
+    /// First day of the last 30 days (`today - 29`).
+    pub from_30d: i64,
+    /// First day of the current month.
+    pub month_start: i64,
+}
+
+/// One install's usage as the installations view needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallUsage {
+    pub install_id: String,
+    pub plan: Plan,
+    /// When its last batch was stored.
+    pub last_seen_ms: Option<i64>,
+    pub events_30d: u64,
+    pub tokens_30d: u64,
+    /// Tokens per model since the first of the month, sorted by model; models with no
+    /// events this month are left out.
+    pub models_mtd: Vec<ModelTokens>,
+}
+
+/// The installations view: one entry per install, and the chart of the last 30 days.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallationsReport {
+    pub installs: Vec<InstallUsage>,
+    /// Events and tokens per day over `from_30d..=today`; days without events left out.
+    pub daily: Vec<DailyTokens>,
+}
+
+/// One day of a usage chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyTokens {
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub events: u64,
+    pub tokens: u64,
 }
 
 /// An install as enrolled.

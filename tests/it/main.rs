@@ -7,5 +7,6 @@ mod harness;
 mod interop;
 mod jobs;
 mod ops;
+mod provider;
 mod receiver;
 mod sync;

@@ -1,0 +1,738 @@
+//! Provider views of the receiver (issue 7): installations with cost, revenue and profit,
+//! plans, the dashboard, the CSV summary and erasure. A real receiver on a loopback port,
+//! fed real signed batches; money is checked against hand-computed amounts.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc};
+use reqwest::{Client, Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use usage_agent::event::format_millis;
+use usage_agent::receiver::ReceiverSettings;
+use usage_agent::sync::signing::{
+    HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
+};
+use usage_agent::sync::wire::user_hash;
+
+use crate::common::{
+    ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,
+};
+
+struct Install {
+    id: String,
+    secret: Secret,
+}
+
+fn client() -> Client {
+    usage_agent::sync::install_tls_provider();
+    Client::new()
+}
+
+/// Enrolls a new install with the test token.
+async fn enroll(rx: &TestReceiver) -> Install {
+    let install = Install {
+        id: format!("{}_{}", Uuid::new_v4(), "ab".repeat(32)),
+        secret: Secret::generate(),
+    };
+    let response = client()
+        .post(rx.url("/api/installations"))
+        .bearer_auth(ENROLL_TOKEN)
+        .json(&json!({
+            "install_id": install.id,
+            "secret": install.secret.to_whsec(),
+            "site_hash": "cd".repeat(32),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    install
+}
+
+fn event(install: &Install, model: &str, tokens: u64, at: DateTime<Utc>) -> Value {
+    // Split the tokens between prompt and completion: the total is what is billed.
+    let prompt = tokens / 3;
+    json!({
+        "event_id": Uuid::now_v7(),
+        "user_hash": user_hash(&install.id, 7),
+        "source": "inline",
+        "model": model,
+        "prompt_tokens": prompt,
+        "completion_tokens": tokens - prompt,
+        "total_tokens": tokens,
+        "created_at": format_millis(at.timestamp_millis()),
+    })
+}
+
+/// Sends `events` as one signed batch; when it is answered `200`, checks they were all
+/// accepted.
+async fn send(rx: &TestReceiver, install: &Install, events: &[Value]) -> StatusCode {
+    let (status, answer) = post_batch(rx, install, events).await;
+    if status == StatusCode::OK {
+        assert_eq!(answer["accepted"], events.len(), "{answer}");
+    }
+    status
+}
+
+/// Sends `events` again as a new batch; returns how many were counted as duplicates.
+async fn resend_duplicates(rx: &TestReceiver, install: &Install, events: &[Value]) -> u64 {
+    let (status, answer) = post_batch(rx, install, events).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(answer["accepted"], 0, "{answer}");
+    answer["duplicates"].as_u64().unwrap()
+}
+
+async fn post_batch(rx: &TestReceiver, install: &Install, events: &[Value]) -> (StatusCode, Value) {
+    let batch_id = Uuid::now_v7();
+    let body = serde_json::to_vec(&json!({
+        "batch_id": batch_id,
+        "install_id": install.id,
+        "sent_at": Utc::now().to_rfc3339(),
+        "events": events,
+    }))
+    .unwrap();
+    let id = batch_id.to_string();
+    let timestamp = Utc::now().timestamp();
+    let response = client()
+        .post(rx.url("/api/usage/event"))
+        .header("content-type", "application/json")
+        .header(HEADER_ID, &id)
+        .header(HEADER_TIMESTAMP, timestamp.to_string())
+        .header(
+            HEADER_SIGNATURE,
+            sign(&install.secret, &id, timestamp, &body),
+        )
+        .header(HEADER_INSTALL_ID, &install.id)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn provider(rx: &TestReceiver, method: Method, path: &str) -> RequestBuilder {
+    client()
+        .request(method, rx.url(path))
+        .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
+}
+
+async fn installations(rx: &TestReceiver) -> BTreeMap<String, Value> {
+    let response = provider(rx, Method::GET, "/api/usage/installations")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["installations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["install_id"].as_str().unwrap().to_owned(), row.clone()))
+        .collect()
+}
+
+async fn set_plan(rx: &TestReceiver, install_id: &str, body: &str) -> reqwest::Response {
+    provider(
+        rx,
+        Method::PUT,
+        &format!("/api/installations/{install_id}/plan"),
+    )
+    .header("content-type", "application/json")
+    .body(body.to_owned())
+    .send()
+    .await
+    .unwrap()
+}
+
+fn priced_settings(now: DateTime<Utc>) -> ReceiverSettings {
+    ReceiverSettings {
+        default_cost_per_1k_tokens: Some(0.002),
+        model_cost_overrides: [("gpt-4o".to_owned(), 0.005), ("claude-3".to_owned(), 0.015)]
+            .into_iter()
+            .collect(),
+        plan_pro_monthly: Some(19.0),
+        plan_agency_monthly: Some(99.99),
+        provider_now: Some(now),
+        ..receiver_settings()
+    }
+}
+
+/// An instant just before now but on today's UTC date, so the month is today's.
+fn earlier_today(now: DateTime<Utc>) -> DateTime<Utc> {
+    let midnight = now.date_naive().and_time(NaiveTime::MIN).and_utc();
+    (now - Duration::seconds(2)).max(midnight)
+}
+
+#[tokio::test]
+async fn installations_show_hand_computed_cost_revenue_and_profit() {
+    let now = Utc::now();
+    let rx = TestReceiver::start(priced_settings(now));
+    let at = earlier_today(now);
+    let a = enroll(&rx).await;
+    let b = enroll(&rx).await;
+    let idle = enroll(&rx).await;
+    // a: 120K gpt-4o tokens at 0.005 = 0.60, plus 50K of an unpriced model at the
+    // default 0.002 = 0.10; cost 0.70.
+    let a_events = [
+        event(&a, "gpt-4o", 100_000, at),
+        event(&a, "gpt-4o", 20_000, at),
+        event(&a, "llama-3", 50_000, at),
+    ];
+    assert_eq!(send(&rx, &a, &a_events).await, StatusCode::OK);
+    // Sent again: duplicates must not be billed twice.
+    assert_eq!(resend_duplicates(&rx, &a, &a_events).await, 3);
+    // b: 333,333 claude-3 tokens at 0.015 = 4.999995, shown as 5.00.
+    assert_eq!(
+        send(&rx, &b, &[event(&b, "claude-3", 333_333, at)]).await,
+        StatusCode::OK
+    );
+
+    let response = set_plan(&rx, &a.id, r#"{"plan": "pro"}"#).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().await.unwrap(),
+        json!({"install_id": a.id, "plan": "pro"})
+    );
+
+    let rows = installations(&rx).await;
+    assert_eq!(rows.len(), 3);
+    let row_a = &rows[&a.id];
+    assert_eq!(row_a["plan"], "pro");
+    assert_eq!(row_a["events_30d"], 3);
+    assert_eq!(row_a["tokens_30d"], 170_000);
+    assert_eq!(row_a["tokens_mtd"], 170_000);
+    assert_eq!(row_a["cost_mtd"], json!(0.7));
+    assert_eq!(row_a["revenue_mtd"], json!(19.0));
+    assert_eq!(row_a["profit_mtd"], json!(18.3));
+    assert_eq!(row_a["unpriced_models"], json!(["llama-3"]));
+    assert!(
+        row_a["last_seen"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z'))
+    );
+
+    let row_b = &rows[&b.id];
+    assert_eq!(row_b["plan"], "free");
+    assert_eq!(row_b["cost_mtd"], json!(5.0));
+    // PLAN_FREE_MONTHLY is unset: a free install brings in nothing.
+    assert_eq!(row_b["revenue_mtd"], json!(0.0));
+    assert_eq!(row_b["profit_mtd"], json!(-5.0));
+    assert_eq!(row_b["unpriced_models"], json!([]));
+
+    let row_idle = &rows[&idle.id];
+    assert_eq!(row_idle["last_seen"], Value::Null);
+    assert_eq!(row_idle["events_30d"], 0);
+    assert_eq!(row_idle["cost_mtd"], json!(0.0));
+
+    // Moving b to agency: revenue 99.99, profit 94.99.
+    assert_eq!(
+        set_plan(&rx, &b.id, r#"{"plan":"agency"}"#).await.status(),
+        StatusCode::OK
+    );
+    let row_b = &installations(&rx).await[&b.id];
+    assert_eq!(row_b["revenue_mtd"], json!(99.99));
+    assert_eq!(row_b["profit_mtd"], json!(94.99));
+}
+
+#[tokio::test]
+async fn the_month_boundary_separates_month_to_date_from_30_days() {
+    // The first of a month at least two hours in the past, so every event below is
+    // already past (and at most ~61 days old, well inside what the receiver accepts).
+    let real_now = Utc::now();
+    let mut first = Utc
+        .with_ymd_and_hms(real_now.year(), real_now.month(), 1, 0, 0, 0)
+        .unwrap();
+    if real_now - first < Duration::hours(2) {
+        first = (first - Duration::days(1))
+            .with_day(1)
+            .expect("the first of a month exists");
+    }
+    let rx = TestReceiver::start(priced_settings(first + Duration::hours(1)));
+    let install = enroll(&rx).await;
+    let minute = Duration::minutes(1);
+    let events = [
+        // The day before the 30-day window.
+        event(&install, "gpt-4o", 1, first - Duration::days(30) + minute),
+        // The first day of the window, last month.
+        event(&install, "gpt-4o", 10, first - Duration::days(29) + minute),
+        // The last minute of last month.
+        event(&install, "gpt-4o", 100, first - minute),
+        // The first minute of this month: 1000 tokens at 0.005 = 0.005, rounded up to 0.01.
+        event(&install, "gpt-4o", 1000, first + minute),
+    ];
+    assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
+    let row = &installations(&rx).await[&install.id];
+    assert_eq!(row["events_30d"], 3, "{row}");
+    assert_eq!(row["tokens_30d"], 1110, "{row}");
+    assert_eq!(row["tokens_mtd"], 1000, "{row}");
+    assert_eq!(row["cost_mtd"], json!(0.01), "{row}");
+    assert_eq!(row["profit_mtd"], json!(-0.01), "{row}");
+}
+
+#[tokio::test]
+async fn plan_changes_are_checked() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = enroll(&rx).await;
+    for body in [
+        r#"{"plan": "gold"}"#,
+        r#"{"plan": "Pro"}"#,
+        r#"{}"#,
+        r#"{"plan": 1}"#,
+    ] {
+        let response = set_plan(&rx, &install.id, body).await;
+        assert_eq!(
+            response.status(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}"
+        );
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "invalid_plan");
+        assert_eq!(error["error"]["details"][0]["field"], "plan");
+    }
+    let response = set_plan(&rx, &install.id, "not json").await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let response = set_plan(&rx, "unknown-install", r#"{"plan": "pro"}"#).await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(installations(&rx).await[&install.id]["plan"], "free");
+}
+
+#[tokio::test]
+async fn the_csv_summary_parses_and_matches_the_json() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = enroll(&rx).await;
+    let at = earlier_today(Utc::now());
+    let events = [
+        event(&install, "gpt-4o", 30, at),
+        event(&install, "gpt-4o", 60, at),
+        event(&install, "o1", 9, at),
+    ];
+    assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
+    let query = format!(
+        "/api/usage/summary?install_id={}&group_by=day,model",
+        install.id
+    );
+    let response = provider(&rx, Method::GET, &format!("{query}&format=csv"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let text = response.text().await.unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(
+        header,
+        [
+            "day",
+            "model",
+            "events",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens"
+        ]
+    );
+    let rows: Vec<BTreeMap<&str, &str>> = lines
+        .map(|line| header.iter().copied().zip(line.split(',')).collect())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["model"], "gpt-4o");
+    assert_eq!(rows[0]["events"], "2");
+    assert_eq!(rows[0]["total_tokens"], "90");
+    assert_eq!(rows[1]["model"], "o1");
+    assert_eq!(rows[1]["total_tokens"], "9");
+    assert_eq!(rows[0]["day"], at.format("%Y-%m-%d").to_string());
+
+    let json: Value = provider(&rx, Method::GET, &query)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (csv_row, json_row) in rows.iter().zip(json["rows"].as_array().unwrap()) {
+        for (name, value) in csv_row {
+            assert_eq!(json_row[*name].to_string().trim_matches('"'), *value);
+        }
+    }
+}
+
+#[tokio::test]
+async fn deleting_an_install_erases_all_of_its_data() {
+    let rx = TestReceiver::start(receiver_settings());
+    let gone = enroll(&rx).await;
+    let kept = enroll(&rx).await;
+    let at = earlier_today(Utc::now());
+    assert_eq!(
+        send(
+            &rx,
+            &gone,
+            &[event(&gone, "m", 5, at), event(&gone, "m", 6, at)]
+        )
+        .await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&rx, &kept, &[event(&kept, "m", 7, at)]).await,
+        StatusCode::OK
+    );
+
+    let path = format!("/api/installations/{}", gone.id);
+    let response = provider(&rx, Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["events_deleted"], 2);
+
+    let rows = installations(&rx).await;
+    assert!(!rows.contains_key(&gone.id));
+    assert_eq!(rows[&kept.id]["tokens_30d"], 7);
+    let summary: Value = provider(
+        &rx,
+        Method::GET,
+        &format!("/api/usage/summary?install_id={}", gone.id),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(summary["totals"]["events"], 0);
+    let all: Value = provider(&rx, Method::GET, "/api/usage/summary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["totals"]["events"], 1);
+    // The enrollment is gone too: its batches are refused until it enrolls again.
+    assert_eq!(
+        send(&rx, &gone, &[event(&gone, "m", 5, at)]).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let again = provider(&rx, Method::DELETE, &path).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+    let detail = provider(
+        &rx,
+        Method::GET,
+        &format!("/dashboard/installations/{}", gone.id),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(detail.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn the_dashboard_is_locked_down_html_with_every_install() {
+    let now = Utc::now();
+    let rx = TestReceiver::start(priced_settings(now));
+    let at = earlier_today(now);
+    let cheap = enroll(&rx).await;
+    let dear = enroll(&rx).await;
+    assert_eq!(
+        send(&rx, &cheap, &[event(&cheap, "gpt-4o", 1000, at)]).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&rx, &dear, &[event(&dear, "claude-3", 1_000_000, at)]).await,
+        StatusCode::OK
+    );
+
+    let response = provider(&rx, Method::GET, "/dashboard?sort=profit")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers().clone();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    assert!(!csp.contains("script-src"), "{csp}");
+    let page = response.text().await.unwrap();
+    assert!(!page.contains("<script"));
+    assert!(page.contains("<svg"));
+    // Highest profit first: cheap (-0.01) before dear (-15.00).
+    let cheap_at = page.find(&cheap.id).expect("cheap install listed");
+    let dear_at = page.find(&dear.id).expect("dear install listed");
+    assert!(cheap_at < dear_at);
+    assert!(page.contains("-15.00"));
+    assert!(page.contains("-15.01"), "the totals row");
+
+    let page = provider(&rx, Method::GET, "/dashboard?sort=profit_asc")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.find(&dear.id) < page.find(&cheap.id));
+
+    let bad = provider(&rx, Method::GET, "/dashboard?sort=cost")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+    let detail = provider(
+        &rx,
+        Method::GET,
+        &format!("/dashboard/installations/{}", dear.id),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(detail.status(), StatusCode::OK);
+    assert!(
+        detail.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'")
+    );
+    let detail = detail.text().await.unwrap();
+    assert!(detail.contains("claude-3"));
+    assert!(detail.contains("inline"));
+    assert!(detail.contains(&user_hash(&dear.id, 7)));
+}
+
+#[tokio::test]
+async fn every_provider_route_refuses_missing_or_wrong_credentials() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = enroll(&rx).await;
+    let plan = format!("/api/installations/{}/plan", install.id);
+    let erase = format!("/api/installations/{}", install.id);
+    let detail = format!("/dashboard/installations/{}", install.id);
+    let routes = [
+        (Method::GET, "/api/usage/installations"),
+        (Method::GET, "/api/usage/summary"),
+        (Method::GET, "/api/usage/summary?format=csv"),
+        (Method::GET, "/api/usage/events"),
+        (Method::PUT, plan.as_str()),
+        (Method::DELETE, erase.as_str()),
+        (Method::GET, "/dashboard"),
+        (Method::GET, detail.as_str()),
+    ];
+    for (method, path) in routes {
+        let attempts = [
+            client().request(method.clone(), rx.url(path)),
+            client()
+                .request(method.clone(), rx.url(path))
+                .basic_auth(PROVIDER_USER, Some("wrong")),
+            client()
+                .request(method.clone(), rx.url(path))
+                .basic_auth("someone", Some(PROVIDER_PASSWORD)),
+        ];
+        for attempt in attempts {
+            let response = attempt
+                .header("content-type", "application/json")
+                .body(r#"{"plan": "agency"}"#)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path}"
+            );
+            assert_eq!(
+                response.headers()["www-authenticate"],
+                r#"Basic realm="usage-agent""#,
+                "{method} {path}"
+            );
+        }
+    }
+    // Nothing the refused requests asked for happened.
+    let rows = installations(&rx).await;
+    assert_eq!(rows[&install.id]["plan"], "free");
+}
+
+/// Runs headless Chromium with `args` and returns its stdout; fails the test after a minute.
+fn chromium(profile: &std::path::Path, args: &[&str]) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromium must be installed (Debian's chromium package; .ci/setup installs it)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if child.try_wait().expect("poll chromium").is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish within a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("read chromium's output");
+    assert!(
+        output.status.success(),
+        "chromium failed: {:?}",
+        output.status
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn the_dashboard_renders_in_headless_chromium() {
+    let now = Utc::now();
+    let rx = TestReceiver::start(priced_settings(now));
+    let models = [
+        ("gpt-4o", 180_000),
+        ("claude-3", 640_000),
+        ("llama-3", 90_000),
+    ];
+    let mut ids = Vec::new();
+    for (n, plan) in ["free", "pro", "agency", "pro"].into_iter().enumerate() {
+        let install = enroll(&rx).await;
+        // A few days of history each, so the chart has bars.
+        let events: Vec<Value> = (0..8u32)
+            .map(|day| {
+                let (model, tokens) = models[(n + day as usize) % models.len()];
+                let at = earlier_today(now) - Duration::days(i64::from(day * 3));
+                event(&install, model, tokens / (u64::from(day) + 1), at)
+            })
+            .collect();
+        assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
+        let body = format!(r#"{{"plan": "{plan}"}}"#);
+        assert_eq!(
+            set_plan(&rx, &install.id, &body).await.status(),
+            StatusCode::OK
+        );
+        ids.push(install.id);
+    }
+    let url = format!(
+        "http://{PROVIDER_USER}:{PROVIDER_PASSWORD}@{}/dashboard?sort=profit",
+        rx.addr
+    );
+    let profile = tempfile::tempdir().unwrap();
+    let shot = profile.path().join("dashboard.png");
+    let shot_arg = format!("--screenshot={}", shot.display());
+    let (dom, png) = tokio::task::spawn_blocking(move || {
+        let dom = chromium(&profile.path().join("dom"), &["--dump-dom", &url]);
+        chromium(
+            &profile.path().join("shot"),
+            &[
+                "--window-size=1400,900",
+                "--hide-scrollbars",
+                &shot_arg,
+                &url,
+            ],
+        );
+        (
+            dom,
+            std::fs::read(&shot).expect("chromium wrote the screenshot"),
+        )
+    })
+    .await
+    .unwrap();
+
+    // The rows are in the DOM the browser built, one per install, and nothing ran.
+    assert_eq!(
+        dom.matches(r#"<tr class="install">"#).count(),
+        ids.len(),
+        "{dom}"
+    );
+    for id in &ids {
+        assert!(
+            dom.contains(id.as_str()),
+            "{id} missing from the rendered table"
+        );
+    }
+    assert!(dom.contains("<svg"), "the chart is rendered");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    // `DASHBOARD_SCREENSHOT=docs/dashboard.png cargo test ... headless` refreshes the
+    // screenshot kept in the repository.
+    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
+        std::fs::write(path, &png).expect("write the screenshot");
+    }
+}
+
+#[tokio::test]
+async fn the_dashboard_lists_a_thousand_installs() {
+    use usage_agent::event::Source;
+    use usage_agent::receiver::store::{NewEvent, NewInstall};
+
+    let now = Utc::now();
+    let rx = TestReceiver::start(priced_settings(now));
+    let store = rx.store.clone();
+    let at = earlier_today(now).timestamp_millis();
+    tokio::task::spawn_blocking(move || {
+        for n in 0..1000u32 {
+            let install_id = format!("install-{n:04}");
+            store
+                .enroll(&NewInstall {
+                    install_id: install_id.clone(),
+                    secret: Secret::generate(),
+                    site_hash: "cd".repeat(32),
+                    enrolled_at_ms: at,
+                })
+                .unwrap();
+            let key = store.find_install(&install_id).unwrap().unwrap().key;
+            // 30 days × 2 models: 60 rollup rows per install, 60,000 in all.
+            let events: Vec<NewEvent> = (0..60)
+                .map(|i| NewEvent {
+                    event_id: Uuid::new_v4(),
+                    user_hash: [1; 32],
+                    source: Source::Bulk,
+                    model: if i % 2 == 0 { "gpt-4o" } else { "llama-3" }.into(),
+                    prompt_tokens: 100 + u64::from(n),
+                    completion_tokens: 50,
+                    cached_tokens: 0,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 0,
+                    context: None,
+                    created_at_ms: at - i64::from(i / 2) * 86_400_000,
+                })
+                .collect();
+            store.ingest(key, &events, at).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+
+    let mut fastest = std::time::Duration::MAX;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let response = provider(&rx, Method::GET, "/dashboard?sort=profit")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let page = response.text().await.unwrap();
+        fastest = fastest.min(started.elapsed());
+        assert_eq!(page.matches(r#"<tr class="install">"#).count(), 1000);
+    }
+    // Reported, not asserted: speed is a benchmark's business, not a test's (shared,
+    // noisy machines). The 100 ms target was read off this line.
+    println!("dashboard with 1000 installs: {fastest:?}");
+    let rows = installations(&rx).await;
+    assert_eq!(rows.len(), 1000);
+    assert_eq!(rows["install-0000"]["events_30d"], 60);
+}
