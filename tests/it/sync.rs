@@ -789,7 +789,16 @@ async fn scheduled_runs_ship_events_without_being_asked() {
         async || (received(&rx, &agent).await == 3).then_some(()),
     )
     .await;
-    let status = agent.status().await;
+    // The run records its bookkeeping after the receiver has answered; wait for it.
+    let status = poll(
+        "the scheduled run to be recorded in status",
+        Duration::from_secs(20),
+        async || {
+            let status = agent.status().await;
+            status["last_sync"].is_string().then_some(status)
+        },
+    )
+    .await;
     assert!(status["next_sync"].is_string(), "{status}");
-    assert!(status["last_sync"].is_string(), "{status}");
+    assert_eq!(status["synced_events"], 3, "{status}");
 }
