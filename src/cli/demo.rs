@@ -68,6 +68,10 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
         enrollment_token: Some(enroll_token.clone()),
         provider_username: Some(DEMO_USER.into()),
         provider_password: Some(provider_password.clone()),
+        // Example prices, so the dashboard shows cost and profit.
+        default_cost_per_1k_tokens: Some(0.002),
+        model_cost_overrides: [("gpt-4o".to_owned(), 0.01), ("o3-mini".to_owned(), 0.0044)].into(),
+        plan_free_monthly: Some(0.0),
         ..ReceiverSettings::default()
     };
     let store = receiver::open_sqlite(&dir.join("receiver/receiver.db"))
@@ -184,6 +188,8 @@ Try it yourself while the demo runs (Ctrl-C stops it and deletes its temp dir):
   curl --unix-socket {socket} http://localhost/v1/status
   curl --unix-socket {socket} -X POST http://localhost/v1/sync
   curl -u {DEMO_USER}:{password} '{backend_url}/api/usage/summary?group_by=day,model'
+
+The provider's dashboard: {backend_url}/dashboard (user {DEMO_USER}, password {password}).
 "#
     );
 }
