@@ -28,8 +28,11 @@ const MAX_GROUP_EVENTS: usize = 4096;
 /// checkpointing after every commit would cost an fsync per commit.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// WAL pages after which the writer checkpoints by itself, should the background
-/// checkpointer fall behind (under continuous load the WAL restarts only then).
-const WRITER_AUTOCHECKPOINT_PAGES: i64 = 4000;
+/// checkpointer fall behind (under continuous load the WAL restarts only then). That
+/// checkpoint runs inside a commit; at 16 MiB of 1 KiB pages it comes rarely enough that
+/// the p99 acknowledgment at 32 clients fell from 20-26 ms (4000 pages) to 9-10 ms
+/// (BENCHMARKS.md).
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 /// Size the WAL file is truncated back to after it restarts, so a burst does not leave
 /// a large file behind.
 const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
