@@ -88,3 +88,104 @@ impl Drop for TestReceiver {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Talking to a test receiver as an agent and as the provider (receiver and provider tests).
+// ---------------------------------------------------------------------------------------
+
+use chrono::Utc;
+use reqwest::{Client, Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use usage_agent::sync::signing::{
+    HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
+};
+use uuid::Uuid;
+
+/// An install as the receiver knows it: its id and signing secret.
+pub struct TestInstall {
+    pub id: String,
+    pub secret: Secret,
+}
+
+impl TestInstall {
+    pub fn new() -> TestInstall {
+        TestInstall {
+            id: format!("{}_{}", Uuid::new_v4(), "ab".repeat(32)),
+            secret: Secret::generate(),
+        }
+    }
+}
+
+pub fn client() -> Client {
+    usage_agent::sync::install_tls_provider();
+    Client::new()
+}
+
+/// An enrollment request for `install` with `secret` (no token yet).
+pub fn enroll_request(rx: &TestReceiver, install: &TestInstall, secret: &Secret) -> RequestBuilder {
+    client().post(rx.url("/api/installations")).json(&json!({
+        "install_id": install.id,
+        "secret": secret.to_whsec(),
+        "site_hash": "cd".repeat(32),
+    }))
+}
+
+/// Enrolls `install` with the test token and checks it was created.
+pub async fn enroll(rx: &TestReceiver, install: &TestInstall) {
+    let response = enroll_request(rx, install, &install.secret)
+        .bearer_auth(ENROLL_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
+
+/// The JSON body of a batch.
+pub fn batch_body(batch_id: Uuid, install_id: &str, events: &[Value]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "batch_id": batch_id,
+        "install_id": install_id,
+        "sent_at": Utc::now().to_rfc3339(),
+        "events": events,
+    }))
+    .unwrap()
+}
+
+/// A correctly signed ingest request for `body`, signed at `timestamp`.
+pub fn signed_at(
+    rx: &TestReceiver,
+    install: &TestInstall,
+    batch_id: Uuid,
+    body: &[u8],
+    timestamp: i64,
+) -> RequestBuilder {
+    let id = batch_id.to_string();
+    client()
+        .post(rx.url("/api/usage/event"))
+        .header("content-type", "application/json")
+        .header(HEADER_ID, &id)
+        .header(HEADER_TIMESTAMP, timestamp.to_string())
+        .header(
+            HEADER_SIGNATURE,
+            sign(&install.secret, &id, timestamp, body),
+        )
+        .header(HEADER_INSTALL_ID, &install.id)
+        .body(body.to_vec())
+}
+
+/// A correctly signed ingest request for `body`, signed now.
+pub fn signed(
+    rx: &TestReceiver,
+    install: &TestInstall,
+    batch_id: Uuid,
+    body: &[u8],
+) -> RequestBuilder {
+    signed_at(rx, install, batch_id, body, Utc::now().timestamp())
+}
+
+/// A provider request with the test basic-auth credentials.
+pub fn provider_request(rx: &TestReceiver, method: Method, path: &str) -> RequestBuilder {
+    client()
+        .request(method, rx.url(path))
+        .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
+}

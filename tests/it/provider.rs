@@ -5,53 +5,28 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Datelike, Duration, NaiveTime, TimeZone, Utc};
-use reqwest::{Client, Method, RequestBuilder, StatusCode};
+use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use usage_agent::event::format_millis;
 use usage_agent::receiver::ReceiverSettings;
-use usage_agent::sync::signing::{
-    HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
-};
+use usage_agent::sync::signing::Secret;
 use usage_agent::sync::wire::user_hash;
 
 use crate::common::{
-    ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,
+    self, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
+    provider_request, receiver_settings, signed,
 };
 
-struct Install {
-    id: String,
-    secret: Secret,
-}
-
-fn client() -> Client {
-    usage_agent::sync::install_tls_provider();
-    Client::new()
-}
-
 /// Enrolls a new install with the test token.
-async fn enroll(rx: &TestReceiver) -> Install {
-    let install = Install {
-        id: format!("{}_{}", Uuid::new_v4(), "ab".repeat(32)),
-        secret: Secret::generate(),
-    };
-    let response = client()
-        .post(rx.url("/api/installations"))
-        .bearer_auth(ENROLL_TOKEN)
-        .json(&json!({
-            "install_id": install.id,
-            "secret": install.secret.to_whsec(),
-            "site_hash": "cd".repeat(32),
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
+async fn enroll(rx: &TestReceiver) -> TestInstall {
+    let install = TestInstall::new();
+    common::enroll(rx, &install).await;
     install
 }
 
-fn event(install: &Install, model: &str, tokens: u64, at: DateTime<Utc>) -> Value {
+fn event(install: &TestInstall, model: &str, tokens: u64, at: DateTime<Utc>) -> Value {
     // Split the tokens between prompt and completion: the total is what is billed.
     let prompt = tokens / 3;
     json!({
@@ -68,7 +43,7 @@ fn event(install: &Install, model: &str, tokens: u64, at: DateTime<Utc>) -> Valu
 
 /// Sends `events` as one signed batch; when it is answered `200`, checks they were all
 /// accepted.
-async fn send(rx: &TestReceiver, install: &Install, events: &[Value]) -> StatusCode {
+async fn send(rx: &TestReceiver, install: &TestInstall, events: &[Value]) -> StatusCode {
     let (status, answer) = post_batch(rx, install, events).await;
     if status == StatusCode::OK {
         assert_eq!(answer["accepted"], events.len(), "{answer}");
@@ -77,46 +52,27 @@ async fn send(rx: &TestReceiver, install: &Install, events: &[Value]) -> StatusC
 }
 
 /// Sends `events` again as a new batch; returns how many were counted as duplicates.
-async fn resend_duplicates(rx: &TestReceiver, install: &Install, events: &[Value]) -> u64 {
+async fn resend_duplicates(rx: &TestReceiver, install: &TestInstall, events: &[Value]) -> u64 {
     let (status, answer) = post_batch(rx, install, events).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer["accepted"], 0, "{answer}");
     answer["duplicates"].as_u64().unwrap()
 }
 
-async fn post_batch(rx: &TestReceiver, install: &Install, events: &[Value]) -> (StatusCode, Value) {
+async fn post_batch(
+    rx: &TestReceiver,
+    install: &TestInstall,
+    events: &[Value],
+) -> (StatusCode, Value) {
     let batch_id = Uuid::now_v7();
-    let body = serde_json::to_vec(&json!({
-        "batch_id": batch_id,
-        "install_id": install.id,
-        "sent_at": Utc::now().to_rfc3339(),
-        "events": events,
-    }))
-    .unwrap();
-    let id = batch_id.to_string();
-    let timestamp = Utc::now().timestamp();
-    let response = client()
-        .post(rx.url("/api/usage/event"))
-        .header("content-type", "application/json")
-        .header(HEADER_ID, &id)
-        .header(HEADER_TIMESTAMP, timestamp.to_string())
-        .header(
-            HEADER_SIGNATURE,
-            sign(&install.secret, &id, timestamp, &body),
-        )
-        .header(HEADER_INSTALL_ID, &install.id)
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let body = batch_body(batch_id, &install.id, events);
+    let response = signed(rx, install, batch_id, &body).send().await.unwrap();
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
 fn provider(rx: &TestReceiver, method: Method, path: &str) -> RequestBuilder {
-    client()
-        .request(method, rx.url(path))
-        .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
+    provider_request(rx, method, path)
 }
 
 async fn installations(rx: &TestReceiver) -> BTreeMap<String, Value> {

@@ -2,7 +2,7 @@
 //! Every refusal is checked for its status, its error shape, and that nothing was stored.
 
 use chrono::{DateTime, Duration, Utc};
-use reqwest::{Client, RequestBuilder, Response, StatusCode};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -15,44 +15,9 @@ use usage_agent::sync::signing::{
 use usage_agent::sync::wire::{gzip, user_hash};
 
 use crate::common::{
-    ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,
+    ENROLL_TOKEN, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client, enroll,
+    enroll_request, provider_request, receiver_settings, signed, signed_at,
 };
-
-struct TestInstall {
-    id: String,
-    secret: Secret,
-}
-
-impl TestInstall {
-    fn new() -> TestInstall {
-        TestInstall {
-            id: format!("{}_{}", Uuid::new_v4(), "ab".repeat(32)),
-            secret: Secret::generate(),
-        }
-    }
-}
-
-fn client() -> Client {
-    usage_agent::sync::install_tls_provider();
-    Client::new()
-}
-
-fn enroll_request(rx: &TestReceiver, install: &TestInstall, secret: &Secret) -> RequestBuilder {
-    client().post(rx.url("/api/installations")).json(&json!({
-        "install_id": install.id,
-        "secret": secret.to_whsec(),
-        "site_hash": "cd".repeat(32),
-    }))
-}
-
-async fn enroll(rx: &TestReceiver, install: &TestInstall) {
-    let response = enroll_request(rx, install, &install.secret)
-        .bearer_auth(ENROLL_TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-}
 
 /// Asserts the status and the `{"error": {"code", "message", "details"}}` shape; returns
 /// the error object.
@@ -87,38 +52,6 @@ fn event(install: &TestInstall) -> Value {
     event_at(install, 1, Utc::now() - Duration::seconds(1))
 }
 
-fn batch_body(batch_id: Uuid, install_id: &str, events: &[Value]) -> Vec<u8> {
-    serde_json::to_vec(&json!({
-        "batch_id": batch_id,
-        "install_id": install_id,
-        "sent_at": Utc::now().to_rfc3339(),
-        "events": events,
-    }))
-    .unwrap()
-}
-
-/// A correctly signed ingest request for `body`, signed at `timestamp`.
-fn signed_at(
-    rx: &TestReceiver,
-    install: &TestInstall,
-    batch_id: Uuid,
-    body: &[u8],
-    timestamp: i64,
-) -> RequestBuilder {
-    let id = batch_id.to_string();
-    client()
-        .post(rx.url("/api/usage/event"))
-        .header("content-type", "application/json")
-        .header(HEADER_ID, &id)
-        .header(HEADER_TIMESTAMP, timestamp.to_string())
-        .header(
-            HEADER_SIGNATURE,
-            sign(&install.secret, &id, timestamp, body),
-        )
-        .header(HEADER_INSTALL_ID, &install.id)
-        .body(body.to_vec())
-}
-
 /// Sends `request` with some headers replaced (reqwest's `header` appends instead).
 async fn send_replacing(request: RequestBuilder, headers: &[(&'static str, &str)]) -> Response {
     let mut request = request.build().unwrap();
@@ -126,10 +59,6 @@ async fn send_replacing(request: RequestBuilder, headers: &[(&'static str, &str)
         request.headers_mut().insert(*name, value.parse().unwrap());
     }
     client().execute(request).await.unwrap()
-}
-
-fn signed(rx: &TestReceiver, install: &TestInstall, batch_id: Uuid, body: &[u8]) -> RequestBuilder {
-    signed_at(rx, install, batch_id, body, Utc::now().timestamp())
 }
 
 /// Sends `events` as one signed batch and returns the `200` answer.
@@ -144,9 +73,7 @@ async fn send_batch(rx: &TestReceiver, install: &TestInstall, events: &[Value]) 
 }
 
 fn provider_get(rx: &TestReceiver, path_and_query: &str) -> RequestBuilder {
-    client()
-        .get(rx.url(path_and_query))
-        .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
+    provider_request(rx, Method::GET, path_and_query)
 }
 
 async fn provider_json(rx: &TestReceiver, path_and_query: &str) -> Value {
