@@ -871,8 +871,25 @@ fn drain_phases(
     });
     let result = ready.and_then(|()| {
         let backend = format!("http://{addr}");
-        let drain50 = drain_once(runtime, &root.join("drain50"), options, &backend, 50, n)?;
-        let drain1000 = drain_once(runtime, &root.join("drain1000"), options, &backend, 1000, n)?;
+        let receiver_pid = receiver.id();
+        let drain50 = drain_once(
+            runtime,
+            &root.join("drain50"),
+            options,
+            &backend,
+            receiver_pid,
+            50,
+            n,
+        )?;
+        let drain1000 = drain_once(
+            runtime,
+            &root.join("drain1000"),
+            options,
+            &backend,
+            receiver_pid,
+            1000,
+            n,
+        )?;
         Ok((drain50, drain1000))
     });
     let _ = receiver.kill();
@@ -886,6 +903,7 @@ fn drain_once(
     dir: &Path,
     options: &Options,
     backend: &str,
+    receiver_pid: u32,
     batch_size: usize,
     n: usize,
 ) -> anyhow::Result<f64> {
@@ -899,6 +917,8 @@ fn drain_once(
     }
     let eps = runtime.block_on(async {
         let client = socket_client(&agent.socket, true)?;
+        let cpu_before = (cpu_seconds(agent.child.id()), cpu_seconds(receiver_pid));
+        let written_before = (bytes_written(agent.child.id()), bytes_written(receiver_pid));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(600);
         loop {
@@ -929,15 +949,54 @@ fn drain_once(
                 _ => bail!("events still pending after the sync: {answer}"),
             }
         }
-        anyhow::Ok(fill.events as f64 / started.elapsed().as_secs_f64())
+        let wall = started.elapsed().as_secs_f64();
+        let agent_cpu = cpu_seconds(agent.child.id()) - cpu_before.0;
+        let receiver_cpu = cpu_seconds(receiver_pid) - cpu_before.1;
+        let per_event = |bytes: u64| bytes as f64 / fill.events.max(1) as f64;
+        let agent_written = per_event(bytes_written(agent.child.id()) - written_before.0);
+        let receiver_written = per_event(bytes_written(receiver_pid) - written_before.1);
+        eprintln!(
+            "  {:<24} {:>9.0} events/s  ({} events in {wall:.2} s; CPU s: agent {agent_cpu:.2}, \
+             receiver {receiver_cpu:.2}; bytes written per event: agent {agent_written:.0}, \
+             receiver {receiver_written:.0})",
+            format!("drain, batch {batch_size}"),
+            fill.events as f64 / wall,
+            fill.events
+        );
+        anyhow::Ok(fill.events as f64 / wall)
     })?;
-    eprintln!(
-        "  {:<24} {eps:>9.0} events/s  ({} events)",
-        format!("drain, batch {batch_size}"),
-        fill.events
-    );
     agent.stop()?;
     Ok(eps)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds; 0 if unreadable.
+fn cpu_seconds(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat, in USER_HZ ticks (100 per second on Linux); the
+    // command name (field 2) is parenthesised and may hold spaces, so count after it.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// Bytes a process has asked the kernel to write so far (`wchar` of /proc/PID/io): sockets
+/// and files alike; 0 if unreadable.
+fn bytes_written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|line| line.strip_prefix("wchar:"))
+                .and_then(|value| value.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Times `fdatasync` after overwriting one 4 KiB block of a preallocated file in `dir`
