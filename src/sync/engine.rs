@@ -1,5 +1,7 @@
-//! One sync run ([`SyncEngine::run_once`]): drain the pending queue to the backend, batch
-//! after batch, with the retry rules of SPEC 5, and keep the bookkeeping status reads.
+//! One sync run ([`SyncEngine::run_once`]): drain the pending queue to the backend, with
+//! the retry rules of SPEC 5, and keep the bookkeeping status reads. The first batch goes
+//! alone; then [`IN_FLIGHT`] lanes ship batches concurrently (the backend dedupes, so the
+//! order batches land in does not matter).
 //!
 //! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work.
 //! It reads the queue on its own database connection and writes only through the
@@ -13,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +39,10 @@ use crate::store::{Store, StoreError};
 /// The longest `Retry-After` waited for inside one run; a backend asking for more gets
 /// the events at a later run instead of holding this one (and a manual `sync`) hostage.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+
+/// Batches on the wire at once during a run. The backend dedupes, so batches may land in
+/// any order; several in flight let the agent read and sign while the backend commits.
+pub const IN_FLIGHT: usize = 4;
 
 /// What one run did (the body of `POST /v1/sync`, SPEC 3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -168,84 +174,124 @@ impl SyncEngine {
     async fn drain(&self, report: &mut SyncReport) -> Result<(), SyncError> {
         let client = self.client.as_ref().ok_or(SyncError::NoIdentity)?;
         let until = self.read(|store| store.last_seq()).await?;
-        let mut after = 0;
-        let mut batch_size = self.sync.batch_size.max(1);
-        let mut marks = Marks::default();
-        let result = async {
-            let mut prefetched = None;
-            loop {
-                let limit = batch_size;
-                let events = match prefetched.take() {
-                    Some(events) => events,
-                    None => {
-                        self.read(move |store| store.pending_batch(after, until, limit))
-                            .await?
-                    }
-                };
-                let Some(last) = events.last() else {
-                    return Ok(());
-                };
-                after = last.seq;
-                // Read the next batch while this one is on the wire: the read never overlaps
-                // this batch (it starts after its last seq), and marking stays per event.
-                let next_read = self.read(move |store| store.pending_batch(after, until, limit));
-                let shipping = self.ship_parts(client, events, &mut batch_size, report, &mut marks);
-                let (shipped, next) = tokio::join!(shipping, next_read);
-                shipped?;
-                prefetched = Some(next?);
+        let run = Run {
+            client,
+            until,
+            cursor: tokio::sync::Mutex::new(0),
+            batch_size: AtomicUsize::new(self.sync.batch_size.max(1)),
+            report: Mutex::new(SyncReport::default()),
+            marks: tokio::sync::Mutex::new(Marks::default()),
+            first_error: Mutex::new(None),
+        };
+        // The first batch goes alone: a backend that refuses the credentials, or is down,
+        // sees one request (and its retries), not one per lane.
+        if self.next_batch(&run).await {
+            let lanes = (0..IN_FLIGHT).map(|_| self.lane(&run));
+            futures_util::future::join_all(lanes).await;
+        }
+        // Whatever stopped the run, the verdicts already received are made durable.
+        let flushed = run.marks.into_inner().finish(&self.writer).await;
+        *report = run.report.into_inner().unwrap_or_else(|p| p.into_inner());
+        let first_error = run
+            .first_error
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        match first_error {
+            Some(error) => Err(error),
+            None => flushed,
+        }
+    }
+
+    /// One of the run's lanes: ships batch after batch until the queue is drained or any
+    /// lane has failed.
+    async fn lane(&self, run: &Run<'_>) {
+        while self.next_batch(run).await {}
+    }
+
+    /// Reads the next batch and ships it; false once there is nothing more to do. The
+    /// read happens under the cursor's lock, so lanes cut disjoint batches in arrival
+    /// order; shipping happens outside it, so up to [`IN_FLIGHT`] batches are on the wire.
+    async fn next_batch(&self, run: &Run<'_>) -> bool {
+        let read = async {
+            let mut after = run.cursor.lock().await;
+            if run.failed() {
+                return Ok(Vec::new());
+            }
+            let (from, until, limit) = (*after, run.until, run.batch_size.load(Ordering::Relaxed));
+            let events = self
+                .read(move |store| store.pending_batch(from, until, limit))
+                .await?;
+            if let Some(last) = events.last() {
+                *after = last.seq;
+            }
+            Ok(events)
+        };
+        let shipped = match read.await {
+            Ok(events) if events.is_empty() => return false,
+            Ok(events) => self.ship_parts(run, events).await,
+            Err(error) => Err(error),
+        };
+        match shipped {
+            Ok(()) => true,
+            Err(error) => {
+                run.fail(error);
+                false
             }
         }
-        .await;
-        // Whatever stopped the run, the verdicts already received are made durable.
-        let flushed = marks.finish(&self.writer).await;
-        result.and(flushed)
     }
 
     /// Ships one read batch. A refused batch is split in two and both halves go first, so
     /// only the events the backend refuses on their own become failed.
-    async fn ship_parts(
-        &self,
-        client: &BackendClient,
-        events: Vec<PendingEvent>,
-        batch_size: &mut usize,
-        report: &mut SyncReport,
-        marks: &mut Marks,
-    ) -> Result<(), SyncError> {
+    async fn ship_parts(&self, run: &Run<'_>, events: Vec<PendingEvent>) -> Result<(), SyncError> {
         let mut parts = VecDeque::from([events]);
         while let Some(mut part) = parts.pop_front() {
-            if part.len() > *batch_size {
+            let batch_size = run.batch_size.load(Ordering::Relaxed);
+            if part.len() > batch_size {
                 // A 413 shrank the batch size since this part was cut.
-                let rest = part.split_off(*batch_size);
+                let rest = part.split_off(batch_size);
                 parts.push_front(rest);
             }
-            match self.ship(client, &part).await {
+            match self.ship(run.client, &part).await {
                 Ok(answer) => {
                     let (synced, failed) = verdicts(&part, &answer)?;
-                    report.batches += 1;
-                    report.sent += part.len() as u64;
-                    report.accepted += answer.accepted;
-                    report.duplicates += answer.duplicates;
-                    report.rejected += failed.len() as u64;
+                    run.count(|report| {
+                        report.batches += 1;
+                        report.sent += part.len() as u64;
+                        report.accepted += answer.accepted;
+                        report.duplicates += answer.duplicates;
+                        report.rejected += failed.len() as u64;
+                    });
                     for (seq, reason) in &failed {
                         tracing::warn!(seq, %reason, "the backend rejected an event; it is now failed");
                     }
-                    marks.push(&self.writer, synced, failed).await?;
+                    run.marks
+                        .lock()
+                        .await
+                        .push(&self.writer, synced, failed)
+                        .await?;
                 }
                 Err(error) if error.category() == Category::Validation => {
-                    if error.status() == Some(413) && part.len() / 2 < *batch_size {
-                        *batch_size = (part.len() / 2).max(1);
-                        tracing::warn!(
-                            batch_size = *batch_size,
-                            "the backend found a batch too large; halving the batch size for this run"
-                        );
+                    if error.status() == Some(413) {
+                        let halved = (part.len() / 2).max(1);
+                        let before = run.batch_size.fetch_min(halved, Ordering::Relaxed);
+                        if halved < before {
+                            tracing::warn!(
+                                batch_size = halved,
+                                "the backend found a batch too large; halving the batch size for this run"
+                            );
+                        }
                     }
                     if part.len() == 1 {
                         let reason = error.to_string();
                         tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
-                        report.batches += 1;
-                        report.sent += 1;
-                        report.rejected += 1;
-                        marks
+                        run.count(|report| {
+                            report.batches += 1;
+                            report.sent += 1;
+                            report.rejected += 1;
+                        });
+                        run.marks
+                            .lock()
+                            .await
                             .push(&self.writer, Vec::new(), vec![(part[0].seq, reason)])
                             .await?;
                     } else {
@@ -427,6 +473,43 @@ impl SyncEngine {
         .await
         .map_err(|e| SyncError::Task(e.to_string()))?
         .map_err(SyncError::from)
+    }
+}
+
+/// What the lanes of one run share.
+struct Run<'a> {
+    client: &'a BackendClient,
+    /// The newest `seq` when the run began; later events wait for the next run.
+    until: i64,
+    /// The last `seq` handed to a lane.
+    cursor: tokio::sync::Mutex<i64>,
+    /// `sync.batch_size`, halved for the rest of the run by a 413.
+    batch_size: AtomicUsize,
+    report: Mutex<SyncReport>,
+    marks: tokio::sync::Mutex<Marks>,
+    /// The error that stopped the run; once set, lanes take no new batches.
+    first_error: Mutex<Option<SyncError>>,
+}
+
+impl Run<'_> {
+    fn count(&self, update: impl FnOnce(&mut SyncReport)) {
+        update(&mut self.report.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn failed(&self) -> bool {
+        self.first_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Records the error that ends the run; a later lane's error is only logged.
+    fn fail(&self, error: SyncError) {
+        let mut first = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        match *first {
+            None => *first = Some(error),
+            Some(_) => tracing::info!(%error, "another batch failed as the run stopped"),
+        }
     }
 }
 

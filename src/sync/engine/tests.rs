@@ -170,7 +170,7 @@ async fn a_run_drains_the_backlog_in_signed_batches() {
     assert_eq!(stub.requests(), 3);
 
     let secret = Secret::parse(&fx.identity.secret).unwrap();
-    let mut order = Vec::new();
+    let mut batches = Vec::new();
     let first_batch = {
         let seen = stub.seen.lock().unwrap();
         for request in seen.iter() {
@@ -200,17 +200,23 @@ async fn a_run_drains_the_backlog_in_signed_batches() {
                 300,
             )
             .expect("the batch verifies");
+            let mut ids = Vec::new();
             for event in request.body["events"].as_array().unwrap() {
                 assert!(event.get("user_id").is_none());
-                order.push(event["event_id"].as_str().unwrap().to_owned());
+                ids.push(event["event_id"].as_str().unwrap().to_owned());
             }
+            batches.push(ids);
         }
         seen[0].body.clone()
     };
+    // Batches may land in any order, but each is cut in arrival order, and together they
+    // hold every event once.
+    let position = |id: &String| (0..7).position(|i| fx.id(i) == *id).unwrap();
+    batches.sort_by_key(|ids| position(&ids[0]));
     assert_eq!(
-        order,
+        batches.concat(),
         (0..7).map(|i| fx.id(i)).collect::<Vec<_>>(),
-        "arrival order"
+        "arrival order within and across batches"
     );
     assert_eq!(
         first_batch["events"][1]["user_hash"],
@@ -223,6 +229,66 @@ async fn a_run_drains_the_backlog_in_signed_batches() {
     let again = fx.engine.run_once().await;
     assert_eq!((again.batches, again.error), (0, None));
     assert_eq!(stub.requests(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_first_batch_alone_several_batches_are_in_flight() {
+    use std::sync::atomic::AtomicUsize;
+    // A backend that answers the first batch at once and holds each later one until
+    // IN_FLIGHT are waiting (or a deadline passes), noting how many were in flight as each
+    // arrived.
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let arrivals = Arc::new(StdMutex::new(Vec::new()));
+    let released = Arc::new(AtomicBool::new(false));
+    let (state_in_flight, state_arrivals) = (Arc::clone(&in_flight), Arc::clone(&arrivals));
+    let app = axum::Router::new().route(
+        "/api/usage/event",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let (in_flight, arrivals) = (Arc::clone(&state_in_flight), Arc::clone(&state_arrivals));
+            let released = Arc::clone(&released);
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                let first = {
+                    let mut arrivals = arrivals.lock().unwrap();
+                    arrivals.push(now);
+                    arrivals.len() == 1
+                };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                if now == IN_FLIGHT {
+                    released.store(true, Ordering::SeqCst);
+                }
+                while !first && !released.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let raw = if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+                    wire::gunzip(&body, 10 << 20).unwrap()
+                } else {
+                    body.to_vec()
+                };
+                let batch: Value = serde_json::from_slice(&raw).unwrap();
+                let answer = accept_all_but(&batch, &[]);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                answer
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let n = 1 + IN_FLIGHT as u64;
+    let fx = Fixture::new(&url, "batch_size = 1", n).await;
+    let report = fx.engine.run_once().await;
+    assert_eq!((report.error, report.accepted), (None, n));
+    assert_eq!(fx.counts().await.synced, n);
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), n as usize, "{arrivals:?}");
+    assert_eq!(arrivals[0], 1, "the first batch goes alone");
+    assert_eq!(
+        arrivals.iter().max(),
+        Some(&IN_FLIGHT),
+        "then {IN_FLIGHT} batches are on the wire at once: {arrivals:?}"
+    );
 }
 
 #[tokio::test]
