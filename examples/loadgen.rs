@@ -126,6 +126,7 @@ fn run_agent(args: &[String]) -> anyhow::Result<ExitCode> {
     let [config] = args else {
         bail!("usage: loadgen {AGENT_ROLE} CONFIG")
     };
+    usage_agent::daemon::limit_malloc_arenas();
     let cli = usage_agent::cli::Cli::parse_from(["usage-agent", "--config", config, "run"]);
     usage_agent::cli::run(cli)
 }

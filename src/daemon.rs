@@ -29,6 +29,11 @@ use crate::sync::engine::{SetupError, SyncEngine};
 /// Page cache of the connections beside the writer (reads, sync), in KiB.
 pub const SIDE_CACHE_KIB: u32 = 256;
 
+/// Page cache of the writer, in KiB. Half SQLite's default: the RSS budget is 20 MiB, and
+/// 1 MiB instead of 2 cost no measurable ingest speed (the OS page cache holds the rest,
+/// and a smaller cache also shortens a per-commit scan SQLite does after page splits).
+pub const WRITER_CACHE_KIB: u32 = 1024;
+
 /// Why the daemon could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -103,6 +108,7 @@ impl Daemon {
         if let Some(identity) = &identity {
             writing.set_install_id(&identity.install_id)?;
         }
+        writing.limit_cache(WRITER_CACHE_KIB)?;
         let reader = Store::open(&config.database_path(), config.synchronous)?;
         reader.limit_cache(SIDE_CACHE_KIB)?;
         let (writer, writer_thread) = Writer::spawn(writing);
@@ -275,4 +281,20 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
         std::os::unix::fs::chown(path, None, Some(group.gid.as_raw())).map_err(socket_error)?;
     }
     Ok(listener)
+}
+
+/// At most one glibc malloc arena per core instead of eight per core: each thread that
+/// allocates (tokio workers, the writer, blocking reads) otherwise gets an arena of its
+/// own, which cost the agent about 1 MiB of its 20 MiB RSS budget.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arenas = nix::libc::c_int::try_from(cores).unwrap_or(2);
+        // SAFETY: mallopt only sets an allocator tunable; called at start-up, before
+        // any other thread exists.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, arenas);
+        }
+    }
 }

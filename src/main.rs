@@ -6,6 +6,7 @@ use clap::Parser;
 use usage_agent::cli::{self, Cli, UsageError};
 
 fn main() -> ExitCode {
+    usage_agent::daemon::limit_malloc_arenas();
     let args = Cli::parse();
     match cli::run(args) {
         Ok(code) => code,
