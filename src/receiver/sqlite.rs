@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::config::DbConfig;
@@ -119,6 +119,10 @@ CREATE INDEX events_by_time ON events (created_at, install, event_id);
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// Group commit: batches that arrive while one commits wait here and are committed
+    /// together, one transaction and one fsync for all of them.
+    ingest_queue: Mutex<IngestQueue>,
+    committed: Condvar,
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -144,6 +148,8 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            ingest_queue: Mutex::new(IngestQueue::default()),
+            committed: Condvar::new(),
         })
     }
 
@@ -155,6 +161,22 @@ impl SqliteStore {
 
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ingest_queue(&self) -> MutexGuard<'_, IngestQueue> {
+        self.ingest_queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the batches of a group in one transaction: all of them, or none.
+    fn commit_group(&self, group: &[Arc<PendingIngest>]) -> Result<Vec<IngestCounts>, StoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let counts = group
+            .iter()
+            .map(|p| insert_batch(&tx, p.install, &p.events, p.received_at_ms))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(counts)
     }
 }
 
@@ -279,64 +301,35 @@ impl Store for SqliteStore {
         events: &[NewEvent],
         received_at_ms: i64,
     ) -> Result<IngestCounts, StoreError> {
-        let mut conn = self.writer();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut counts = IngestCounts::default();
-        // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
-        let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
-        {
-            // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id stored by an
-            // earlier batch or earlier in this one, inside this same transaction.
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
-                     prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
-                     reasoning_tokens, context, created_at, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?;
-            for event in events {
-                let inserted = insert.execute(params![
-                    install,
-                    event.event_id.as_bytes().as_slice(),
-                    event.user_hash.as_slice(),
-                    event.source.code(),
-                    event.model,
-                    event.prompt_tokens,
-                    event.completion_tokens,
-                    event.cached_tokens,
-                    event.cache_write_tokens,
-                    event.reasoning_tokens,
-                    event.context,
-                    event.created_at_ms,
-                    received_at_ms,
-                ])?;
-                if inserted == 1 {
-                    counts.accepted += 1;
-                    let day = event.created_at_ms.div_euclid(MS_PER_DAY);
-                    let sums = daily.entry((day, event.model.as_str())).or_default();
-                    sums.0 += 1;
-                    sums.1 += event.prompt_tokens;
-                    sums.2 += event.completion_tokens;
-                } else {
-                    counts.duplicates += 1;
-                }
+        let mine = Arc::new(PendingIngest {
+            install,
+            events: events.to_vec(),
+            received_at_ms,
+            outcome: Mutex::new(None),
+        });
+        let mut queue = self.ingest_queue();
+        queue.waiting.push(Arc::clone(&mine));
+        loop {
+            if let Some(outcome) = mine.take_outcome() {
+                return outcome.map_err(|message| StoreError::Backend(message.into()));
             }
-            let mut rollup = tx.prepare_cached(
-                "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
-                     completion_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (install, day, model) DO UPDATE SET
-                     events = events + excluded.events,
-                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = completion_tokens + excluded.completion_tokens",
-            )?;
-            for ((day, model), (events, prompt, completion)) in &daily {
-                rollup.execute(params![install, day, model, events, prompt, completion])?;
+            if queue.committing {
+                queue = self
+                    .committed
+                    .wait(queue)
+                    .unwrap_or_else(|p| p.into_inner());
+                continue;
             }
-            tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
-                .execute(params![install, received_at_ms])?;
+            // Lead: commit every batch waiting now (this one included) in one transaction.
+            queue.committing = true;
+            let group = Committing {
+                store: self,
+                group: std::mem::take(&mut queue.waiting),
+            };
+            drop(queue);
+            group.commit();
+            queue = self.ingest_queue();
         }
-        tx.commit()?;
-        Ok(counts)
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
@@ -635,6 +628,140 @@ impl Store for SqliteStore {
         tx.commit()?;
         Ok(Some(events as u64))
     }
+}
+
+/// One batch waiting for a group commit.
+struct PendingIngest {
+    install: InstallKey,
+    events: Vec<NewEvent>,
+    received_at_ms: i64,
+    /// Set by whichever thread committed the group; an error as its message.
+    outcome: Mutex<Option<Result<IngestCounts, String>>>,
+}
+
+impl PendingIngest {
+    fn take_outcome(&self) -> Option<Result<IngestCounts, String>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    fn settle(&self, outcome: Result<IngestCounts, String>) {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(outcome);
+    }
+}
+
+/// Batches that arrived while a group was committing; the next thread to find no commit
+/// running takes them all.
+#[derive(Default)]
+struct IngestQueue {
+    waiting: Vec<Arc<PendingIngest>>,
+    committing: bool,
+}
+
+/// A group being committed by the thread that holds this. Dropping it, even by a panic,
+/// settles every batch of the group and lets the next group go.
+struct Committing<'a> {
+    store: &'a SqliteStore,
+    group: Vec<Arc<PendingIngest>>,
+}
+
+impl Committing<'_> {
+    /// Commits the group, settles each batch, and (on drop) lets the next group go.
+    fn commit(self) {
+        match self.store.commit_group(&self.group) {
+            Ok(counts) => {
+                for (pending, counts) in self.group.iter().zip(counts) {
+                    pending.settle(Ok(counts));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for pending in &self.group {
+                    pending.settle(Err(message.clone()));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Committing<'_> {
+    fn drop(&mut self) {
+        for pending in &self.group {
+            pending.settle(Err("the ingest commit did not finish".to_owned()));
+        }
+        self.store.ingest_queue().committing = false;
+        self.store.committed.notify_all();
+    }
+}
+
+/// Inserts one batch's events inside `tx` and adds them to the daily rollup; the counts say
+/// how many were new and how many were already stored (or repeated within the batch).
+fn insert_batch(
+    tx: &rusqlite::Transaction<'_>,
+    install: InstallKey,
+    events: &[NewEvent],
+    received_at_ms: i64,
+) -> Result<IngestCounts, StoreError> {
+    let mut counts = IngestCounts::default();
+    // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
+    let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
+    {
+        // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id stored by an
+        // earlier batch or earlier in this one, inside this same transaction.
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
+                     prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+                     reasoning_tokens, context, created_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        for event in events {
+            let inserted = insert.execute(params![
+                install,
+                event.event_id.as_bytes().as_slice(),
+                event.user_hash.as_slice(),
+                event.source.code(),
+                event.model,
+                event.prompt_tokens,
+                event.completion_tokens,
+                event.cached_tokens,
+                event.cache_write_tokens,
+                event.reasoning_tokens,
+                event.context,
+                event.created_at_ms,
+                received_at_ms,
+            ])?;
+            if inserted == 1 {
+                counts.accepted += 1;
+                let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+                let sums = daily.entry((day, event.model.as_str())).or_default();
+                sums.0 += 1;
+                sums.1 += event.prompt_tokens;
+                sums.2 += event.completion_tokens;
+            } else {
+                counts.duplicates += 1;
+            }
+        }
+        let mut rollup = tx.prepare_cached(
+            "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+                     completion_tokens)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (install, day, model) DO UPDATE SET
+                     events = events + excluded.events,
+                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                     completion_tokens = completion_tokens + excluded.completion_tokens",
+        )?;
+        for ((day, model), (events, prompt, completion)) in &daily {
+            rollup.execute(params![install, day, model, events, prompt, completion])?;
+        }
+        tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
+            .execute(params![install, received_at_ms])?;
+    }
+    Ok(counts)
 }
 
 fn plan_from(text: &str) -> Result<Plan, StoreError> {
@@ -1056,6 +1183,64 @@ mod tests {
             .ingest(install.key, &[stored[1].clone(), event(3, 7_000)], 10)
             .unwrap();
         assert_eq!((counts.accepted, counts.duplicates), (1, 1));
+    }
+
+    #[test]
+    fn concurrent_batches_commit_together_and_count_each_event_once() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        let shared: Vec<NewEvent> = (0..20).map(|n| event(n, 1_000)).collect();
+        let threads = 8u8;
+        let counts: Vec<IngestCounts> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let store = &store;
+                    let mut batch = shared.clone();
+                    // Each thread also sends ten events of its own.
+                    batch.extend((0..10).map(|n| event(100 + t * 10 + n, 2_000)));
+                    scope.spawn(move || store.ingest(a.key, &batch, 5).unwrap())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let accepted: u64 = counts.iter().map(|c| c.accepted).sum();
+        let duplicates: u64 = counts.iter().map(|c| c.duplicates).sum();
+        assert_eq!(accepted, 20 + 10 * u64::from(threads));
+        assert_eq!(duplicates, 20 * (u64::from(threads) - 1));
+        let stored: i64 = store
+            .reader()
+            .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(stored, i64::try_from(accepted).unwrap());
+    }
+
+    #[test]
+    fn a_failed_commit_stores_nothing_and_the_next_batch_still_goes_in() {
+        let (_dir, store) = store();
+        let a = enroll(&store, "a");
+        // Break the rollup the ingest transaction writes after the events.
+        store
+            .writer()
+            .execute_batch("ALTER TABLE daily_usage RENAME TO daily_usage_away")
+            .unwrap();
+        let error = store
+            .ingest(a.key, &[event(1, 0), event(2, 0)], 5)
+            .unwrap_err();
+        assert!(error.to_string().contains("daily_usage"), "{error}");
+        let count = |store: &SqliteStore| -> i64 {
+            store
+                .reader()
+                .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+                .unwrap()
+        };
+        assert_eq!(count(&store), 0, "no event of the failed batch is stored");
+        store
+            .writer()
+            .execute_batch("ALTER TABLE daily_usage_away RENAME TO daily_usage")
+            .unwrap();
+        let counts = store.ingest(a.key, &[event(1, 0), event(2, 0)], 6).unwrap();
+        assert_eq!((counts.accepted, counts.duplicates), (2, 0));
+        assert_eq!(count(&store), 2);
     }
 
     #[test]
