@@ -1,7 +1,7 @@
 //! One sync run ([`SyncEngine::run_once`]): drain the pending queue to the backend, with
 //! the retry rules of SPEC 5, and keep the bookkeeping status reads. The first batch goes
-//! alone; then [`IN_FLIGHT`] lanes ship batches concurrently (the backend dedupes, so the
-//! order batches land in does not matter).
+//! alone; then up to [`MAX_IN_FLIGHT`] lanes ship batches concurrently (the backend
+//! dedupes, so the order batches land in does not matter).
 //!
 //! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work.
 //! It reads the queue on its own database connection and writes only through the
@@ -40,9 +40,18 @@ use crate::store::{Store, StoreError};
 /// the events at a later run instead of holding this one (and a manual `sync`) hostage.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
-/// Batches on the wire at once during a run. The backend dedupes, so batches may land in
-/// any order; several in flight let the agent read and sign while the backend commits.
-pub const IN_FLIGHT: usize = 4;
+/// Most batches on the wire at once during a run. The backend dedupes, so batches may land
+/// in any order; several in flight let the agent read and sign while the backend commits.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// Most events on the wire at once: large batches get fewer lanes, which bounds the memory a
+/// run holds (about 4 MiB of events and their JSON).
+pub const MAX_EVENTS_IN_FLIGHT: usize = 4_000;
+
+/// How many batches of `batch_size` events go out at once: between 2 and [`MAX_IN_FLIGHT`].
+pub fn in_flight(batch_size: usize) -> usize {
+    (MAX_EVENTS_IN_FLIGHT / batch_size.max(1)).clamp(2, MAX_IN_FLIGHT)
+}
 
 /// What one run did (the body of `POST /v1/sync`, SPEC 3).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -186,7 +195,7 @@ impl SyncEngine {
         // The first batch goes alone: a backend that refuses the credentials, or is down,
         // sees one request (and its retries), not one per lane.
         if self.next_batch(&run).await {
-            let lanes = (0..IN_FLIGHT).map(|_| self.lane(&run));
+            let lanes = (0..in_flight(self.sync.batch_size)).map(|_| self.lane(&run));
             futures_util::future::join_all(lanes).await;
         }
         // Whatever stopped the run, the verdicts already received are made durable.
@@ -210,7 +219,7 @@ impl SyncEngine {
 
     /// Reads the next batch and ships it; false once there is nothing more to do. The
     /// read happens under the cursor's lock, so lanes cut disjoint batches in arrival
-    /// order; shipping happens outside it, so up to [`IN_FLIGHT`] batches are on the wire.
+    /// order; shipping happens outside it, so several batches are on the wire at once.
     async fn next_batch(&self, run: &Run<'_>) -> bool {
         let read = async {
             let mut after = run.cursor.lock().await;

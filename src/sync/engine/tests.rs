@@ -235,26 +235,26 @@ async fn a_run_drains_the_backlog_in_signed_batches() {
 async fn after_a_first_batch_alone_several_batches_are_in_flight() {
     use std::sync::atomic::AtomicUsize;
     // A backend that answers the first batch at once and holds each later one until
-    // IN_FLIGHT are waiting (or a deadline passes), noting how many were in flight as each
+    // `in_flight(1)` are waiting (or a deadline passes), noting how many were in flight as each
     // arrived.
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let holding = Arc::new(AtomicUsize::new(0));
     let arrivals = Arc::new(StdMutex::new(Vec::new()));
     let released = Arc::new(AtomicBool::new(false));
-    let (state_in_flight, state_arrivals) = (Arc::clone(&in_flight), Arc::clone(&arrivals));
+    let (state_in_flight, state_arrivals) = (Arc::clone(&holding), Arc::clone(&arrivals));
     let app = axum::Router::new().route(
         "/api/usage/event",
         axum::routing::post(move |headers: HeaderMap, body: Bytes| {
-            let (in_flight, arrivals) = (Arc::clone(&state_in_flight), Arc::clone(&state_arrivals));
+            let (holding, arrivals) = (Arc::clone(&state_in_flight), Arc::clone(&state_arrivals));
             let released = Arc::clone(&released);
             async move {
-                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                let now = holding.fetch_add(1, Ordering::SeqCst) + 1;
                 let first = {
                     let mut arrivals = arrivals.lock().unwrap();
                     arrivals.push(now);
                     arrivals.len() == 1
                 };
                 let deadline = Instant::now() + Duration::from_secs(5);
-                if now == IN_FLIGHT {
+                if now == in_flight(1) {
                     released.store(true, Ordering::SeqCst);
                 }
                 while !first && !released.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -267,7 +267,7 @@ async fn after_a_first_batch_alone_several_batches_are_in_flight() {
                 };
                 let batch: Value = serde_json::from_slice(&raw).unwrap();
                 let answer = accept_all_but(&batch, &[]);
-                in_flight.fetch_sub(1, Ordering::SeqCst);
+                holding.fetch_sub(1, Ordering::SeqCst);
                 answer
             }
         }),
@@ -276,7 +276,7 @@ async fn after_a_first_batch_alone_several_batches_are_in_flight() {
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let n = 1 + IN_FLIGHT as u64;
+    let n = 1 + in_flight(1) as u64;
     let fx = Fixture::new(&url, "batch_size = 1", n).await;
     let report = fx.engine.run_once().await;
     assert_eq!((report.error, report.accepted), (None, n));
@@ -286,8 +286,9 @@ async fn after_a_first_batch_alone_several_batches_are_in_flight() {
     assert_eq!(arrivals[0], 1, "the first batch goes alone");
     assert_eq!(
         arrivals.iter().max(),
-        Some(&IN_FLIGHT),
-        "then {IN_FLIGHT} batches are on the wire at once: {arrivals:?}"
+        Some(&in_flight(1)),
+        "then {} batches are on the wire at once: {arrivals:?}",
+        in_flight(1)
     );
 }
 
@@ -425,4 +426,13 @@ fn full_jitter_stays_within_the_delay() {
     let waits: Vec<Duration> = (0..200).map(|_| full_jitter(delay)).collect();
     assert!(waits.iter().all(|w| *w <= delay));
     assert!(waits.iter().any(|w| *w < delay / 2) && waits.iter().any(|w| *w > delay / 2));
+}
+
+#[test]
+fn big_batches_get_fewer_lanes() {
+    assert_eq!(in_flight(1), MAX_IN_FLIGHT);
+    assert_eq!(in_flight(50), MAX_IN_FLIGHT);
+    assert_eq!(in_flight(1000), 4);
+    assert_eq!(in_flight(wire::MAX_BATCH_EVENTS), 4);
+    assert_eq!(in_flight(10_000), 2);
 }
