@@ -191,7 +191,7 @@ fn handle(
         Default::default()
     } else {
         app.store
-            .ingest(install.key, &valid, now.timestamp_millis())
+            .ingest(install.key, valid, now.timestamp_millis())
             .map_err(store_unavailable)?
     };
     Ok(BatchResult {

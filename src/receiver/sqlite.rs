@@ -298,12 +298,12 @@ impl Store for SqliteStore {
     fn ingest(
         &self,
         install: InstallKey,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, StoreError> {
         let mine = Arc::new(PendingIngest {
             install,
-            events: events.to_vec(),
+            events,
             received_at_ms,
             outcome: Mutex::new(None),
         });
@@ -710,57 +710,55 @@ fn insert_batch(
     let mut counts = IngestCounts::default();
     // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
     let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
-    {
-        // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id stored by an
-        // earlier batch or earlier in this one, inside this same transaction.
-        let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
-                     prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
-                     reasoning_tokens, context, created_at, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-        )?;
-        for event in events {
-            let inserted = insert.execute(params![
-                install,
-                event.event_id.as_bytes().as_slice(),
-                event.user_hash.as_slice(),
-                event.source.code(),
-                event.model,
-                event.prompt_tokens,
-                event.completion_tokens,
-                event.cached_tokens,
-                event.cache_write_tokens,
-                event.reasoning_tokens,
-                event.context,
-                event.created_at_ms,
-                received_at_ms,
-            ])?;
-            if inserted == 1 {
-                counts.accepted += 1;
-                let day = event.created_at_ms.div_euclid(MS_PER_DAY);
-                let sums = daily.entry((day, event.model.as_str())).or_default();
-                sums.0 += 1;
-                sums.1 += event.prompt_tokens;
-                sums.2 += event.completion_tokens;
-            } else {
-                counts.duplicates += 1;
-            }
+    // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id
+    // stored by an earlier batch or earlier in this one, inside this same transaction.
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
+             prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+             reasoning_tokens, context, created_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for event in events {
+        let inserted = insert.execute(params![
+            install,
+            event.event_id.as_bytes().as_slice(),
+            event.user_hash.as_slice(),
+            event.source.code(),
+            event.model,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_tokens,
+            event.cache_write_tokens,
+            event.reasoning_tokens,
+            event.context,
+            event.created_at_ms,
+            received_at_ms,
+        ])?;
+        if inserted == 1 {
+            counts.accepted += 1;
+            let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+            let sums = daily.entry((day, event.model.as_str())).or_default();
+            sums.0 += 1;
+            sums.1 += event.prompt_tokens;
+            sums.2 += event.completion_tokens;
+        } else {
+            counts.duplicates += 1;
         }
-        let mut rollup = tx.prepare_cached(
-            "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
-                     completion_tokens)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (install, day, model) DO UPDATE SET
-                     events = events + excluded.events,
-                     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-                     completion_tokens = completion_tokens + excluded.completion_tokens",
-        )?;
-        for ((day, model), (events, prompt, completion)) in &daily {
-            rollup.execute(params![install, day, model, events, prompt, completion])?;
-        }
-        tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
-            .execute(params![install, received_at_ms])?;
     }
+    let mut rollup = tx.prepare_cached(
+        "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+             completion_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (install, day, model) DO UPDATE SET
+             events = events + excluded.events,
+             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = completion_tokens + excluded.completion_tokens",
+    )?;
+    for ((day, model), (events, prompt, completion)) in &daily {
+        rollup.execute(params![install, day, model, events, prompt, completion])?;
+    }
+    tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
+        .execute(params![install, received_at_ms])?;
     Ok(counts)
 }
 
@@ -853,7 +851,7 @@ mod tests {
         let a = enroll(&store, "a");
         let b = enroll(&store, "b");
         let batch = [event(1, 1000), event(2, 2000), event(1, 1000)];
-        let counts = store.ingest(a.key, &batch, 5).unwrap();
+        let counts = store.ingest(a.key, batch.to_vec(), 5).unwrap();
         assert_eq!(
             counts,
             IngestCounts {
@@ -861,7 +859,7 @@ mod tests {
                 duplicates: 1
             }
         );
-        let again = store.ingest(a.key, &batch, 6).unwrap();
+        let again = store.ingest(a.key, batch.to_vec(), 6).unwrap();
         assert_eq!(
             again,
             IngestCounts {
@@ -870,7 +868,13 @@ mod tests {
             }
         );
         // The same event id from another install is another event.
-        assert_eq!(store.ingest(b.key, &batch[..1], 7).unwrap().accepted, 1);
+        assert_eq!(
+            store
+                .ingest(b.key, batch[..1].to_vec(), 7)
+                .unwrap()
+                .accepted,
+            1
+        );
         let all = store.summary(&SummaryQuery::default()).unwrap();
         assert_eq!(all.totals.events, 3);
         assert!(all.rows.is_empty());
@@ -884,11 +888,11 @@ mod tests {
         store
             .ingest(
                 a.key,
-                &[event(1, 0), event(2, MS_PER_DAY), event(3, MS_PER_DAY + 5)],
+                vec![event(1, 0), event(2, MS_PER_DAY), event(3, MS_PER_DAY + 5)],
                 0,
             )
             .unwrap();
-        store.ingest(b.key, &[event(4, 0)], 0).unwrap();
+        store.ingest(b.key, vec![event(4, 0)], 0).unwrap();
         let query = SummaryQuery {
             install_id: Some("a".into()),
             range: TimeRange::default(),
@@ -941,10 +945,10 @@ mod tests {
         let b = enroll(&store, "b");
         // Two events share a timestamp across installs, to exercise the tie-break.
         store
-            .ingest(a.key, &[event(5, 300), event(6, 100), event(7, 200)], 0)
+            .ingest(a.key, vec![event(5, 300), event(6, 100), event(7, 200)], 0)
             .unwrap();
         store
-            .ingest(b.key, &[event(8, 200), event(9, 400)], 0)
+            .ingest(b.key, vec![event(8, 200), event(9, 400)], 0)
             .unwrap();
         let mut seen = Vec::new();
         let mut after = None;
@@ -971,7 +975,7 @@ mod tests {
         let (_dir, store) = store();
         let a = enroll(&store, "a");
         let events: Vec<_> = (0..10).map(|n| event(n, i64::from(n) * 10)).collect();
-        store.ingest(a.key, &events, 0).unwrap();
+        store.ingest(a.key, events, 0).unwrap();
         assert_eq!(store.delete_events_before(50, 2).unwrap(), 5);
         assert_eq!(
             store
@@ -1011,12 +1015,12 @@ mod tests {
             model_event(5, 70, "x", 9999),  // neither
             model_event(6, 101, "x", 7777), // after today
         ];
-        store.ingest(a.key, &batch, 42).unwrap();
+        store.ingest(a.key, batch.to_vec(), 42).unwrap();
         // Sent again (and one repeat inside the batch): nothing is counted twice.
-        let again = store.ingest(a.key, &[batch[0].clone(), batch[0].clone()], 43);
+        let again = store.ingest(a.key, vec![batch[0].clone(), batch[0].clone()], 43);
         assert_eq!(again.unwrap().duplicates, 2);
         store
-            .ingest(b.key, &[model_event(7, 99, "y", 1)], 44)
+            .ingest(b.key, vec![model_event(7, 99, "y", 1)], 44)
             .unwrap();
 
         let report = store.installations(None, window).unwrap();
@@ -1059,7 +1063,7 @@ mod tests {
         let a = enroll(&store, "a");
         enroll(&store, "b");
         store
-            .ingest(a.key, &[model_event(1, 10, "x", 5)], 0)
+            .ingest(a.key, vec![model_event(1, 10, "x", 5)], 0)
             .unwrap();
         assert!(store.set_plan("a", Plan::Agency).unwrap());
         assert!(!store.set_plan("nope", Plan::Pro).unwrap());
@@ -1180,7 +1184,7 @@ mod tests {
         assert_eq!(page.events[1].context, stored[1].context);
         // The moved events still dedupe a resend; a new event still goes in.
         let counts = store
-            .ingest(install.key, &[stored[1].clone(), event(3, 7_000)], 10)
+            .ingest(install.key, vec![stored[1].clone(), event(3, 7_000)], 10)
             .unwrap();
         assert_eq!((counts.accepted, counts.duplicates), (1, 1));
     }
@@ -1198,7 +1202,7 @@ mod tests {
                     let mut batch = shared.clone();
                     // Each thread also sends ten events of its own.
                     batch.extend((0..10).map(|n| event(100 + t * 10 + n, 2_000)));
-                    scope.spawn(move || store.ingest(a.key, &batch, 5).unwrap())
+                    scope.spawn(move || store.ingest(a.key, batch.clone(), 5).unwrap())
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -1224,7 +1228,7 @@ mod tests {
             .execute_batch("ALTER TABLE daily_usage RENAME TO daily_usage_away")
             .unwrap();
         let error = store
-            .ingest(a.key, &[event(1, 0), event(2, 0)], 5)
+            .ingest(a.key, vec![event(1, 0), event(2, 0)], 5)
             .unwrap_err();
         assert!(error.to_string().contains("daily_usage"), "{error}");
         let count = |store: &SqliteStore| -> i64 {
@@ -1238,7 +1242,9 @@ mod tests {
             .writer()
             .execute_batch("ALTER TABLE daily_usage_away RENAME TO daily_usage")
             .unwrap();
-        let counts = store.ingest(a.key, &[event(1, 0), event(2, 0)], 6).unwrap();
+        let counts = store
+            .ingest(a.key, vec![event(1, 0), event(2, 0)], 6)
+            .unwrap();
         assert_eq!((counts.accepted, counts.duplicates), (2, 0));
         assert_eq!(count(&store), 2);
     }

@@ -32,7 +32,7 @@ pub trait Store: Send + Sync + 'static {
     fn ingest(
         &self,
         install: InstallKey,
-        events: &[NewEvent],
+        events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, StoreError>;
 

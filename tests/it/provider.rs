@@ -667,7 +667,7 @@ async fn the_dashboard_lists_a_thousand_installs() {
                     created_at_ms: at - i64::from(i / 2) * 86_400_000,
                 })
                 .collect();
-            store.ingest(key, &events, at).unwrap();
+            store.ingest(key, events, at).unwrap();
         }
     })
     .await
