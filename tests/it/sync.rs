@@ -789,13 +789,15 @@ async fn scheduled_runs_ship_events_without_being_asked() {
         async || (received(&rx, &agent).await == 3).then_some(()),
     )
     .await;
-    // The run records its bookkeeping after the receiver has answered; wait for it.
+    // The run marks the events and records its bookkeeping after the receiver has
+    // answered; wait for both. (An earlier run with nothing to send may already have set
+    // `last_sync`, so that alone does not show the shipping run has finished.)
     let status = poll(
         "the scheduled run to be recorded in status",
         Duration::from_secs(20),
         async || {
             let status = agent.status().await;
-            status["last_sync"].is_string().then_some(status)
+            (status["last_sync"].is_string() && status["synced_events"] == 3).then_some(status)
         },
     )
     .await;
