@@ -12,6 +12,7 @@ use std::io::{Read, Write};
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
@@ -88,13 +89,42 @@ pub struct WireEvent {
     #[serde(skip_serializing_if = "is_zero")]
     pub reasoning_tokens: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub context: Option<Value>,
+    pub context: Option<RawContext>,
     /// RFC 3339 with millisecond precision and `Z`, as made by [`format_millis`].
     pub created_at: String,
 }
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+/// A `context` object carried as its JSON text. Events keep their context compactly
+/// serialized, so it is sent as it is stored, never parsed into a tree and written back.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct RawContext(Box<RawValue>);
+
+impl RawContext {
+    /// Wraps stored context text; `None` if it is not JSON (a damaged row sends no context
+    /// rather than an unreadable batch).
+    pub fn from_json(text: &str) -> Option<RawContext> {
+        RawValue::from_string(text.to_owned()).ok().map(RawContext)
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The context as a JSON value, for inspection.
+    pub fn to_value(&self) -> Value {
+        serde_json::from_str(self.0.get()).expect("a RawContext always holds valid JSON")
+    }
+}
+
+impl PartialEq for RawContext {
+    fn eq(&self, other: &RawContext) -> bool {
+        self.as_str() == other.as_str()
+    }
 }
 
 impl WireEvent {
@@ -111,10 +141,7 @@ impl WireEvent {
             cached_tokens: event.tokens.cached,
             cache_write_tokens: event.tokens.cache_write,
             reasoning_tokens: event.tokens.reasoning,
-            context: event
-                .context
-                .as_deref()
-                .and_then(|text| serde_json::from_str(text).ok()),
+            context: event.context.as_deref().and_then(RawContext::from_json),
             created_at: format_millis(event.created_at_ms),
         }
     }
@@ -254,10 +281,7 @@ impl CheckedWireEvent {
             cached_tokens: self.tokens.cached,
             cache_write_tokens: self.tokens.cache_write,
             reasoning_tokens: self.tokens.reasoning,
-            context: self
-                .context
-                .as_deref()
-                .and_then(|text| serde_json::from_str(text).ok()),
+            context: self.context.as_deref().and_then(RawContext::from_json),
             created_at: format_millis(self.created_at_ms),
         }
     }
@@ -498,7 +522,10 @@ mod tests {
         assert_eq!(event.source, Source::Bulk);
         assert_eq!(event.total_tokens, 175);
         assert_eq!(event.cached_tokens, 0);
-        assert_eq!(event.context, Some(json!({"attachment_id": 42})));
+        assert_eq!(
+            event.context.map(|c| c.to_value()),
+            Some(json!({"attachment_id": 42}))
+        );
         assert_eq!(event.created_at, "2026-11-27T10:29:58.123Z");
         let offset = with("created_at", json!("2026-11-27T11:29:58+01:00"));
         assert_eq!(
