@@ -196,9 +196,9 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
 
     let event_id = match object.get("event_id") {
         None | Some(Value::Null) => Some(Uuid::now_v7()),
-        Some(v) => match v.as_str().map(Uuid::parse_str) {
-            Some(Ok(id)) if !id.is_nil() => Some(id),
-            _ => {
+        Some(v) => match v.as_str().and_then(parse_event_id) {
+            Some(id) => Some(id),
+            None => {
                 errors.push(FieldError::new("event_id", "must be a UUID string"));
                 None
             }
@@ -265,15 +265,31 @@ pub fn bounded_integer(
     errors: &mut Vec<FieldError>,
 ) -> Option<u64> {
     match value.as_u64() {
-        Some(n) if n <= max => Some(n),
-        _ => {
-            errors.push(FieldError::new(
-                field,
-                format!("must be an integer from 0 to {max}"),
-            ));
+        Some(n) => within(n, field, max, errors),
+        None => {
+            errors.push(out_of_bounds(field, max));
             None
         }
     }
+}
+
+/// Checks an integer already read against its bound `0..=max`.
+pub fn within(n: u64, field: &str, max: u64, errors: &mut Vec<FieldError>) -> Option<u64> {
+    if n <= max {
+        Some(n)
+    } else {
+        errors.push(out_of_bounds(field, max));
+        None
+    }
+}
+
+fn out_of_bounds(field: &str, max: u64) -> FieldError {
+    FieldError::new(field, format!("must be an integer from 0 to {max}"))
+}
+
+/// Reads an `event_id`: a UUID string other than the nil UUID.
+pub fn parse_event_id(text: &str) -> Option<Uuid> {
+    Uuid::parse_str(text).ok().filter(|id| !id.is_nil())
 }
 
 pub fn parse_source(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Source> {
@@ -332,6 +348,18 @@ pub fn parse_tokens(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -
         cache_write: cache_write?,
         reasoning: reasoning?,
     };
+    token_relations(tokens, total, errors)
+}
+
+/// Checks how counters already read and bounded relate: `total` (if given) is prompt +
+/// completion, cached and cache-write tokens are part of the prompt, reasoning tokens part
+/// of the completion.
+pub fn token_relations(
+    tokens: Tokens,
+    total: Option<u64>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Tokens> {
+    let before = errors.len();
     if let Some(total) = total
         && total != tokens.total()
     {
@@ -410,18 +438,20 @@ pub fn parse_created_at(
     limits: Limits,
     errors: &mut Vec<FieldError>,
 ) -> Option<i64> {
-    let at = match value {
-        None | Some(Value::Null) => return Some(limits.now.timestamp_millis()),
-        Some(v) => match v.as_str().map(DateTime::parse_from_rfc3339) {
-            Some(Ok(at)) => at.with_timezone(&Utc),
-            _ => {
-                errors.push(FieldError::new(
-                    "created_at",
-                    "must be an RFC 3339 timestamp such as 2026-11-27T10:29:58Z",
-                ));
-                return None;
-            }
-        },
+    match value {
+        None | Some(Value::Null) => Some(limits.now.timestamp_millis()),
+        Some(v) => check_created_at(v.as_str().unwrap_or(""), limits, errors),
+    }
+}
+
+/// Checks a `created_at` text: RFC 3339, within the allowed window.
+pub fn check_created_at(text: &str, limits: Limits, errors: &mut Vec<FieldError>) -> Option<i64> {
+    let Ok(at) = DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&Utc)) else {
+        errors.push(FieldError::new(
+            "created_at",
+            "must be an RFC 3339 timestamp such as 2026-11-27T10:29:58Z",
+        ));
+        return None;
     };
     if at > limits.now + MAX_FUTURE_SKEW {
         errors.push(FieldError::new(

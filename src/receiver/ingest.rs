@@ -27,8 +27,7 @@ use crate::sync::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
 use crate::sync::wire::{
-    self, BatchEnvelope, BatchResult, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
-    RejectedEvent,
+    self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
 };
 
 /// Longest install id looked up; longer ones cannot be enrolled anyway.
@@ -169,24 +168,9 @@ fn handle(
             "content-type must be application/json",
         ));
     }
-    let envelope = parse_envelope(body)?;
-    check_envelope(&envelope, &install, header_str(headers, HEADER_ID))?;
-
-    let mut valid = Vec::with_capacity(envelope.events.len());
-    let mut rejected = Vec::new();
-    for value in &envelope.events {
-        match wire::check_wire_event(value, now) {
-            Ok(event) => valid.push(new_event(event)),
-            Err(errors) => rejected.push(RejectedEvent {
-                event_id: value
-                    .get("event_id")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-                    .to_owned(),
-                reason: wire::rejection_reason(&errors),
-            }),
-        }
-    }
+    let batch = read_batch(body, now)?;
+    check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
+    let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
     let counts = if valid.is_empty() {
         Default::default()
     } else {
@@ -195,10 +179,10 @@ fn handle(
             .map_err(store_unavailable)?
     };
     Ok(BatchResult {
-        batch_id: envelope.batch_id,
+        batch_id: batch.batch_id,
         accepted: counts.accepted,
         duplicates: counts.duplicates,
-        rejected,
+        rejected: batch.rejected,
     })
 }
 
@@ -220,9 +204,10 @@ fn find_install(app: &AppState, headers: &HeaderMap) -> Result<Install, ApiError
         .ok_or_else(unknown)
 }
 
-/// Reads the batch envelope: bad JSON syntax is `400`, JSON of the wrong shape `422`.
-fn parse_envelope(body: &[u8]) -> Result<BatchEnvelope, ApiError> {
-    serde_json::from_slice(body).map_err(|error| {
+/// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape
+/// `422`; events that break a rule are listed in the answer, not refused with the batch.
+fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ApiError> {
+    wire::check_batch(body, now).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
             ApiError::invalid(
                 "invalid_batch",
@@ -238,7 +223,7 @@ fn parse_envelope(body: &[u8]) -> Result<BatchEnvelope, ApiError> {
 }
 
 fn check_envelope(
-    envelope: &BatchEnvelope,
+    envelope: &CheckedBatch,
     install: &Install,
     webhook_id: &str,
 ) -> Result<(), ApiError> {
@@ -251,9 +236,9 @@ fn check_envelope(
         details.push(json!({"field": "batch_id",
             "message": format!("must equal the {HEADER_ID} header")}));
     }
-    if envelope.events.len() > MAX_BATCH_EVENTS {
+    if envelope.event_count > MAX_BATCH_EVENTS {
         details.push(json!({"field": "events",
-            "message": format!("must hold at most {MAX_BATCH_EVENTS} events, not {}", envelope.events.len())}));
+            "message": format!("must hold at most {MAX_BATCH_EVENTS} events, not {}", envelope.event_count)}));
     }
     if DateTime::parse_from_rfc3339(&envelope.sent_at).is_err() {
         details.push(json!({"field": "sent_at", "message": "must be an RFC 3339 timestamp"}));

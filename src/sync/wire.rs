@@ -312,10 +312,10 @@ pub fn check_wire_event(
     let event_id = match object
         .get("event_id")
         .and_then(Value::as_str)
-        .map(Uuid::parse_str)
+        .and_then(event::parse_event_id)
     {
-        Some(Ok(id)) if !id.is_nil() => Some(id),
-        _ => {
+        Some(id) => Some(id),
+        None => {
             errors.push(FieldError::new(
                 "event_id",
                 "is required and must be a UUID string",
@@ -386,6 +386,146 @@ pub fn check_wire_event(
         }),
         _ => Err(errors),
     }
+}
+
+/// A received batch, each event checked on its own.
+#[derive(Debug, PartialEq)]
+pub struct CheckedBatch {
+    pub batch_id: Uuid,
+    pub install_id: String,
+    pub sent_at: String,
+    /// How many events the batch held, valid or not.
+    pub event_count: usize,
+    pub valid: Vec<CheckedWireEvent>,
+    pub rejected: Vec<RejectedEvent>,
+}
+
+/// Reads a batch body and checks each event with the rules of [`check_wire_event`].
+///
+/// A body in exactly the shape the agent sends, with every event valid, is read straight
+/// into typed fields: no tree of `serde_json::Value`s, no map per event. Anything else (an
+/// unknown or repeated field, an escaped string, a value of another type, a broken rule)
+/// is read again as `Value`s by [`check_wire_event`], which is the reference: it names
+/// every broken rule, and the typed reading only accepts what it accepts.
+pub fn check_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serde_json::Error> {
+    match check_typed_batch(body, now) {
+        Some(batch) => Ok(batch),
+        None => check_batch_values(body, now),
+    }
+}
+
+/// The reference reading of [`check_batch`].
+fn check_batch_values(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serde_json::Error> {
+    let envelope: BatchEnvelope = serde_json::from_slice(body)?;
+    let mut valid = Vec::with_capacity(envelope.events.len());
+    let mut rejected = Vec::new();
+    for value in &envelope.events {
+        match check_wire_event(value, now) {
+            Ok(event) => valid.push(event),
+            Err(errors) => rejected.push(RejectedEvent {
+                event_id: value
+                    .get("event_id")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
+                reason: rejection_reason(&errors),
+            }),
+        }
+    }
+    Ok(CheckedBatch {
+        batch_id: envelope.batch_id,
+        install_id: envelope.install_id,
+        sent_at: envelope.sent_at,
+        event_count: envelope.events.len(),
+        valid,
+        rejected,
+    })
+}
+
+/// A batch in the agent's own shape (see [`check_batch`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedBatch<'a> {
+    batch_id: Uuid,
+    install_id: String,
+    sent_at: String,
+    #[serde(borrow)]
+    events: Vec<TypedWireEvent<'a>>,
+}
+
+/// A wire event in the agent's own shape: strings without escapes, integers, no `null`s.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedWireEvent<'a> {
+    event_id: &'a str,
+    user_hash: &'a str,
+    source: &'a str,
+    model: &'a str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    #[serde(default)]
+    cached_tokens: u64,
+    #[serde(default)]
+    cache_write_tokens: u64,
+    #[serde(default)]
+    reasoning_tokens: u64,
+    #[serde(default, borrow)]
+    context: Option<&'a RawValue>,
+    created_at: &'a str,
+}
+
+/// The typed reading of [`check_batch`]; `None` sends the body to the reference reading.
+fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
+    let batch: TypedBatch = serde_json::from_slice(body).ok()?;
+    let limits = Limits {
+        now,
+        max_age: MAX_WIRE_EVENT_AGE,
+    };
+    let valid = batch
+        .events
+        .iter()
+        .map(|typed| check_typed_event(typed, limits))
+        .collect::<Option<Vec<_>>>()?;
+    Some(CheckedBatch {
+        batch_id: batch.batch_id,
+        install_id: batch.install_id,
+        sent_at: batch.sent_at,
+        event_count: valid.len(),
+        valid,
+        rejected: Vec::new(),
+    })
+}
+
+/// The rules of [`check_wire_event`] on typed fields; `None` if any is broken (the broken
+/// rules are then named by the reference reading, so the messages here are dropped).
+fn check_typed_event(typed: &TypedWireEvent, limits: Limits) -> Option<CheckedWireEvent> {
+    let errors = &mut Vec::new();
+    let max = event::MAX_TOKENS;
+    let tokens = Tokens {
+        prompt: event::within(typed.prompt_tokens, "prompt_tokens", max, errors)?,
+        completion: event::within(typed.completion_tokens, "completion_tokens", max, errors)?,
+        cached: event::within(typed.cached_tokens, "cached_tokens", max, errors)?,
+        cache_write: event::within(typed.cache_write_tokens, "cache_write_tokens", max, errors)?,
+        reasoning: event::within(typed.reasoning_tokens, "reasoning_tokens", max, errors)?,
+    };
+    let total = event::within(typed.total_tokens, "total_tokens", 2 * max, errors)?;
+    let context = match typed.context {
+        None => None,
+        Some(raw) => {
+            let value: Value = serde_json::from_str(raw.get()).ok()?;
+            event::parse_context(Some(&value), errors)?
+        }
+    };
+    Some(CheckedWireEvent {
+        event_id: event::parse_event_id(typed.event_id)?,
+        user_hash: decode_sha256_hex(typed.user_hash)?,
+        source: Source::parse(typed.source)?,
+        model: ModelName::parse(typed.model).ok()?,
+        tokens: event::token_relations(tokens, Some(total), errors)?,
+        context,
+        created_at_ms: event::check_created_at(typed.created_at, limits, errors)?,
+    })
 }
 
 /// The 32 bytes of a SHA-256 written as exactly 64 lowercase hex characters.
@@ -582,7 +722,12 @@ mod tests {
         ];
         for (event, field) in cases {
             assert_eq!(fields_rejected(&event), [field], "event {event}");
+            assert!(
+                check_typed_batch(&batch_body(vec![event.clone()]), now()).is_none(),
+                "the typed reading must not accept {event}"
+            );
         }
+        assert!(check_typed_batch(&batch_body(vec![valid()]), now()).is_some());
         assert_eq!(fields_rejected(&json!([1])), ["event"]);
     }
 
@@ -646,6 +791,89 @@ mod tests {
             "install_id": "i", "sent_at": "x", "events": [], "extra": 1}))
             .is_err()
         );
+    }
+
+    fn batch_body(events: Vec<Value>) -> Vec<u8> {
+        serde_json::to_vec(&json!({"batch_id": "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            "install_id": "inst", "sent_at": "2026-11-27T12:00:00Z", "events": events}))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_agents_batches_take_the_typed_reading_and_match_the_reference() {
+        let agent_event = |i: u64| {
+            let local = Event {
+                event_id: Uuid::new_v4(),
+                user_id: i,
+                source: Source::ALL[i as usize % 4],
+                model: ModelName::parse("gpt-4o-mini").unwrap(),
+                tokens: event::Tokens {
+                    prompt: 100 + i,
+                    completion: 10,
+                    cached: i % 3,
+                    cache_write: 0,
+                    reasoning: i % 2,
+                },
+                context: (i % 2 == 0).then(|| format!(r#"{{"width":{i},"mime":"image/png"}}"#)),
+                created_at_ms: now().timestamp_millis() - 1000,
+            };
+            WireEvent::from_event(&local, "inst")
+        };
+        let batch = Batch {
+            batch_id: Uuid::new_v4(),
+            install_id: "inst".into(),
+            sent_at: format_sent_at(now()),
+            events: (0..6).map(agent_event).collect(),
+        };
+        let body = batch.to_json();
+        let typed = check_typed_batch(&body, now()).expect("the agent's shape is read typed");
+        assert_eq!(typed, check_batch_values(&body, now()).unwrap());
+        assert_eq!(typed.valid.len(), 6);
+        assert_eq!(
+            typed.valid[0].context.as_deref(),
+            Some(r#"{"width":0,"mime":"image/png"}"#),
+            "context keeps its key order"
+        );
+        assert_eq!(check_batch(&body, now()).unwrap(), typed);
+    }
+
+    #[test]
+    fn bodies_off_the_typed_shape_get_the_reference_reading() {
+        let escaped = br#"{"batch_id": "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f", "install_id": "inst",
+            "sent_at": "2026-11-27T12:00:00Z", "events": [{"event_id": "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            "user_hash": "e3bb18cdf81c540bb2435cf887d152e7972812e23cd9393ecf5832c3193e1ff1",
+            "source": "bulk", "model": "gpt\u002d4", "prompt_tokens": 1, "completion_tokens": 1,
+            "total_tokens": 2, "context": { "a" : [1, 2] }, "created_at": "2026-11-27T10:29:58Z"}]}"#;
+        let nulls = batch_body(vec![with("cached_tokens", Value::Null)]);
+        for body in [&escaped[..], &nulls] {
+            assert!(check_typed_batch(body, now()).is_none());
+            let batch = check_batch(body, now()).unwrap();
+            assert_eq!((batch.valid.len(), batch.rejected.len()), (1, 0));
+        }
+        let batch = check_batch(escaped, now()).unwrap();
+        assert_eq!(batch.valid[0].model.as_str(), "gpt-4");
+        assert_eq!(batch.valid[0].context.as_deref(), Some(r#"{"a":[1,2]}"#));
+    }
+
+    #[test]
+    fn one_bad_event_is_rejected_alone_whichever_reading() {
+        let body = batch_body(vec![
+            valid(),
+            with("total_tokens", json!(176)),
+            with("event_id", json!("0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e20")),
+        ]);
+        assert!(check_typed_batch(&body, now()).is_none());
+        let batch = check_batch(&body, now()).unwrap();
+        assert_eq!(batch.event_count, 3);
+        assert_eq!(batch.valid.len(), 2);
+        assert_eq!(
+            batch.rejected,
+            [RejectedEvent {
+                event_id: "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f".into(),
+                reason: "total_tokens: must equal prompt_tokens + completion_tokens (175)".into(),
+            }]
+        );
+        assert!(check_batch(b"{\"events\": 1}", now()).is_err());
     }
 
     #[test]
