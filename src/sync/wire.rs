@@ -814,7 +814,9 @@ mod tests {
                     cache_write: 0,
                     reasoning: i % 2,
                 },
-                context: (i % 2 == 0).then(|| format!(r#"{{"width":{i},"mime":"image/png"}}"#)),
+                context: i
+                    .is_multiple_of(2)
+                    .then(|| format!(r#"{{"width":{i},"mime":"image/png"}}"#)),
                 created_at_ms: now().timestamp_millis() - 1000,
             };
             WireEvent::from_event(&local, "inst")
