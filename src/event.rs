@@ -6,7 +6,8 @@
 //! receiver for wire events. This module does no I/O.
 
 use chrono::{DateTime, Duration, SecondsFormat, TimeZone, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -22,6 +23,8 @@ pub const MAX_CONTEXT_DEPTH: usize = 8;
 pub const MAX_FUTURE_SKEW: Duration = Duration::minutes(5);
 /// Longest accepted model name.
 pub const MAX_MODEL_LEN: usize = 128;
+/// Most events in one batch of the local API.
+pub const MAX_BATCH_EVENTS: usize = 1000;
 
 /// Which part of the site made the AI call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -254,6 +257,134 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
             created_at_ms,
         }),
         _ => Err(errors),
+    }
+}
+
+/// The body of `POST /v1/events` read straight into typed fields, when it is in the plain
+/// shape a site sends: one event or `{"events": [...]}`, strings without escapes, integers,
+/// no `null`s, every rule kept. Returns the events and whether the body was a batch.
+///
+/// `None` means "read it as `Value`s": [`parse_event`] is the reference, which names every
+/// broken rule; this reading only accepts what it accepts, without a map per event.
+pub fn read_typed_events(body: &[u8], limits: Limits) -> Option<(Vec<Event>, bool)> {
+    if let Ok(one) = serde_json::from_slice::<TypedEvent>(body) {
+        return Some((vec![check_typed_event(&one, limits)?], false));
+    }
+    let batch: TypedBatch = serde_json::from_slice(body).ok()?;
+    if batch.events.len() > MAX_BATCH_EVENTS {
+        return None;
+    }
+    let events = batch
+        .events
+        .iter()
+        .map(|typed| check_typed_event(typed, limits))
+        .collect::<Option<Vec<_>>>()?;
+    Some((events, true))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedBatch<'a> {
+    #[serde(borrow)]
+    events: Vec<TypedEvent<'a>>,
+}
+
+/// An event in the plain shape. Optional fields use [`present`], so an explicit `null` is
+/// left to the reference reading rather than read as absent.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TypedEvent<'a> {
+    #[serde(default, deserialize_with = "present")]
+    event_id: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    user_id: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    wp_user_id: Option<u64>,
+    source: &'a str,
+    model: &'a str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    #[serde(default, deserialize_with = "present")]
+    total_tokens: Option<u64>,
+    #[serde(default)]
+    cached_tokens: u64,
+    #[serde(default)]
+    cache_write_tokens: u64,
+    #[serde(default)]
+    reasoning_tokens: u64,
+    #[serde(default, borrow, deserialize_with = "present")]
+    context: Option<&'a RawValue>,
+    #[serde(default, deserialize_with = "present")]
+    created_at: Option<&'a str>,
+}
+
+/// Reads a field that is there (absent fields take their `default`, `None`); `null` fails.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// The rules of [`parse_event`] on typed fields; `None` if any is broken.
+fn check_typed_event(typed: &TypedEvent, limits: Limits) -> Option<Event> {
+    let errors = &mut Vec::new();
+    let event_id = match typed.event_id {
+        None => Uuid::now_v7(),
+        Some(text) => parse_event_id(text)?,
+    };
+    let user_id = match (typed.user_id, typed.wp_user_id) {
+        (Some(id), None) | (None, Some(id)) => within(id, "user_id", MAX_USER_ID, errors)?,
+        _ => return None,
+    };
+    let tokens = Tokens {
+        prompt: within(typed.prompt_tokens, "prompt_tokens", MAX_TOKENS, errors)?,
+        completion: within(
+            typed.completion_tokens,
+            "completion_tokens",
+            MAX_TOKENS,
+            errors,
+        )?,
+        cached: within(typed.cached_tokens, "cached_tokens", MAX_TOKENS, errors)?,
+        cache_write: within(
+            typed.cache_write_tokens,
+            "cache_write_tokens",
+            MAX_TOKENS,
+            errors,
+        )?,
+        reasoning: within(
+            typed.reasoning_tokens,
+            "reasoning_tokens",
+            MAX_TOKENS,
+            errors,
+        )?,
+    };
+    let total = match typed.total_tokens {
+        None => None,
+        Some(total) => Some(within(total, "total_tokens", 2 * MAX_TOKENS, errors)?),
+    };
+    Some(Event {
+        event_id,
+        user_id,
+        source: Source::parse(typed.source)?,
+        model: ModelName::parse(typed.model).ok()?,
+        tokens: token_relations(tokens, total, errors)?,
+        context: typed_context(typed.context, errors)?,
+        created_at_ms: match typed.created_at {
+            None => limits.now.timestamp_millis(),
+            Some(text) => check_created_at(text, limits, errors)?,
+        },
+    })
+}
+
+/// [`parse_context`] for a context read as raw JSON text.
+pub fn typed_context(
+    raw: Option<&RawValue>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Option<String>> {
+    match raw {
+        None => Some(None),
+        Some(raw) => {
+            let value: Value = serde_json::from_str(raw.get()).ok()?;
+            parse_context(Some(&value), errors)
+        }
     }
 }
 
@@ -563,7 +694,74 @@ mod tests {
         ];
         for (event, field) in cases {
             assert_eq!(fields_rejected(event.clone()), [field], "event {event}");
+            assert_eq!(
+                typed(&event),
+                None,
+                "the typed reading must not accept {event}"
+            );
         }
+        for both in [
+            with("wp_user_id", json!(9)),
+            with("user_id", Value::Null),
+            json!({}),
+        ] {
+            assert_eq!(typed(&both), None, "{both}");
+        }
+    }
+
+    /// The typed reading of one event, as the local API would try it.
+    fn typed(event: &Value) -> Option<(Vec<Event>, bool)> {
+        read_typed_events(&serde_json::to_vec(event).unwrap(), limits())
+    }
+
+    #[test]
+    fn the_typed_reading_agrees_with_the_reference() {
+        let id = "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f";
+        let events = [
+            with("event_id", json!(id)),
+            json!({"event_id": id, "wp_user_id": 0, "source": "inline", "model": "m@1:x/y",
+                "prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                "cached_tokens": 3, "cache_write_tokens": 2, "reasoning_tokens": 5,
+                "context": {"width": 1024, "mime": "image/png", "nested": [1, {"a": null}]},
+                "created_at": "2026-11-27T11:29:58.5+01:00"}),
+        ];
+        for event in &events {
+            let reference = parse_event(event, limits()).unwrap();
+            assert_eq!(
+                typed(event),
+                Some((vec![reference.clone()], false)),
+                "{event}"
+            );
+            let batch = serde_json::to_vec(&json!({"events": [event, event]})).unwrap();
+            assert_eq!(
+                read_typed_events(&batch, limits()),
+                Some((vec![reference.clone(), reference], true))
+            );
+        }
+        let minimal = typed(&valid()).unwrap().0.remove(0);
+        assert_eq!(minimal.event_id.get_version_num(), 7);
+        assert_eq!(minimal.created_at_ms, limits().now.timestamp_millis());
+        // Off the plain shape: left to the reference reading, which accepts these.
+        for event in [
+            with("cached_tokens", Value::Null),
+            with("event_id", Value::Null),
+        ] {
+            assert!(parse_event(&event, limits()).is_ok());
+            assert_eq!(typed(&event), None, "{event}");
+        }
+        let escaped = br#"{"user_id": 5, "source": "bulk", "model": "gpt\u002d4",
+            "prompt_tokens": 1, "completion_tokens": 1}"#;
+        assert_eq!(read_typed_events(escaped, limits()), None);
+        let value: Value = serde_json::from_slice(escaped).unwrap();
+        assert_eq!(
+            parse_event(&value, limits()).unwrap().model.as_str(),
+            "gpt-4"
+        );
+        let too_many = json!({"events": vec![valid(); MAX_BATCH_EVENTS + 1]});
+        assert_eq!(
+            read_typed_events(&serde_json::to_vec(&too_many).unwrap(), limits()),
+            None
+        );
     }
 
     #[test]
@@ -590,6 +788,7 @@ mod tests {
             "cached_tokens": MAX_TOKENS, "created_at": "2026-11-27T12:05:00Z",
             "context": {"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":1}}}}}}}}});
         assert!(parse_event(&event, limits()).is_ok());
+        assert!(typed(&event).is_some());
     }
 
     #[test]

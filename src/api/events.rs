@@ -13,8 +13,7 @@ use super::{ApiError, SharedState};
 use crate::event::{self, Event, FieldError, Limits};
 use crate::store::events::Recorded;
 
-/// Most events in one batch request.
-pub const MAX_BATCH_EVENTS: usize = 1000;
+pub use crate::event::MAX_BATCH_EVENTS;
 
 pub async fn record(
     State(state): State<SharedState>,
@@ -37,20 +36,23 @@ pub async fn record(
         }
     })?;
     require_json(&headers)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-
     let limits = Limits {
         now: Utc::now(),
         max_age: Duration::days(state.config.retention.event_days.into()),
     };
-    let (events, is_batch) =
-        parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?;
+    let (events, is_batch) = match event::read_typed_events(&body, limits) {
+        Some(read) => read,
+        None => {
+            let value: Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    format!("the body is not valid JSON: {e}"),
+                )
+            })?;
+            parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?
+        }
+    };
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let logged = state.config.debug.then(|| events.clone());
     let sources: Vec<_> = events.iter().map(|e| e.source).collect();

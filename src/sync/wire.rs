@@ -510,20 +510,13 @@ fn check_typed_event(typed: &TypedWireEvent, limits: Limits) -> Option<CheckedWi
         reasoning: event::within(typed.reasoning_tokens, "reasoning_tokens", max, errors)?,
     };
     let total = event::within(typed.total_tokens, "total_tokens", 2 * max, errors)?;
-    let context = match typed.context {
-        None => None,
-        Some(raw) => {
-            let value: Value = serde_json::from_str(raw.get()).ok()?;
-            event::parse_context(Some(&value), errors)?
-        }
-    };
     Some(CheckedWireEvent {
         event_id: event::parse_event_id(typed.event_id)?,
         user_hash: decode_sha256_hex(typed.user_hash)?,
         source: Source::parse(typed.source)?,
         model: ModelName::parse(typed.model).ok()?,
         tokens: event::token_relations(tokens, Some(total), errors)?,
-        context,
+        context: event::typed_context(typed.context, errors)?,
         created_at_ms: event::check_created_at(typed.created_at, limits, errors)?,
     })
 }
