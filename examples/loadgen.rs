@@ -956,10 +956,12 @@ fn drain_once(
         let per_event = |bytes: u64| bytes as f64 / fill.events.max(1) as f64;
         let agent_written = per_event(bytes_written(agent.child.id()) - written_before.0);
         let receiver_written = per_event(bytes_written(receiver_pid) - written_before.1);
+        let agent_rss = agent.peak_rss_mib().unwrap_or(f64::NAN);
         eprintln!(
             "  {:<24} {:>9.0} events/s  ({} events in {wall:.2} s; CPU s: agent {agent_cpu:.2}, \
              receiver {receiver_cpu:.2}; bytes written per event: agent {agent_written:.0}, \
-             receiver {receiver_written:.0})",
+             receiver {receiver_written:.0}; agent peak RSS over fill and drain \
+             {agent_rss:.1} MiB)",
             format!("drain, batch {batch_size}"),
             fill.events as f64 / wall,
             fill.events

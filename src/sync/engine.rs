@@ -333,6 +333,9 @@ impl SyncEngine {
                 .collect(),
         };
         let prepared = PreparedBatch::new(&batch);
+        // Only the JSON travels (and is re-signed on each attempt); free the events now, not
+        // after the last retry, since several lanes hold a batch each.
+        drop(batch);
         let retries =
             usize::try_from(self.sync.max_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
         let backoff = ExponentialBuilder::default()
