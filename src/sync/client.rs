@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use chrono::Utc;
 use reqwest::StatusCode;
 use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER};
@@ -66,19 +67,20 @@ pub fn endpoint(backend_url: &str, path: &str) -> Result<reqwest::Url, ClientErr
 #[derive(Debug, Clone)]
 pub struct PreparedBatch {
     pub id: Uuid,
-    /// The uncompressed JSON, which the signature covers.
-    json: Vec<u8>,
+    /// The uncompressed JSON, which the signature covers. `Bytes`, so that each attempt
+    /// hands the body to the request without copying it.
+    json: Bytes,
     /// The gzip of `json` when it is over [`GZIP_THRESHOLD`].
-    gzipped: Option<Vec<u8>>,
+    gzipped: Option<Bytes>,
 }
 
 impl PreparedBatch {
     pub fn new(batch: &Batch) -> PreparedBatch {
         let json = batch.to_json();
-        let gzipped = (json.len() > GZIP_THRESHOLD).then(|| wire::gzip(&json));
+        let gzipped = (json.len() > GZIP_THRESHOLD).then(|| wire::gzip(&json).into());
         PreparedBatch {
             id: batch.batch_id,
-            json,
+            json: json.into(),
             gzipped,
         }
     }

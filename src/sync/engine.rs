@@ -28,7 +28,7 @@ use uuid::Uuid;
 use super::client::{BackendClient, ClientError, PreparedBatch, http_client};
 use super::enroll;
 use super::error::{Category, SyncError};
-use super::wire::{Batch, BatchResult, WireEvent, format_sent_at};
+use super::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
 use crate::config::{Config, SyncConfig};
 use crate::identity::Identity;
 use crate::store::status::LastError;
@@ -323,13 +323,21 @@ impl SyncEngine {
         part: &[PendingEvent],
     ) -> Result<BatchResult, SyncError> {
         let install_id = client.install_id();
+        // A batch often holds several events of one user: hash each user once.
+        let mut user_hashes: HashMap<u64, String> = HashMap::new();
         let batch = Batch {
             batch_id: batch_id(install_id, part),
             install_id: install_id.to_owned(),
             sent_at: format_sent_at(Utc::now()),
             events: part
                 .iter()
-                .map(|p| WireEvent::from_event(&p.event, install_id))
+                .map(|p| {
+                    let user_id = p.event.user_id;
+                    let hash = user_hashes
+                        .entry(user_id)
+                        .or_insert_with(|| wire::user_hash(install_id, user_id));
+                    WireEvent::with_user_hash(&p.event, hash.clone())
+                })
                 .collect(),
         };
         let prepared = PreparedBatch::new(&batch);

@@ -130,9 +130,15 @@ impl PartialEq for RawContext {
 impl WireEvent {
     /// The wire form of a stored agent event of the install `install_id`.
     pub fn from_event(event: &Event, install_id: &str) -> WireEvent {
+        WireEvent::with_user_hash(event, user_hash(install_id, event.user_id))
+    }
+
+    /// [`WireEvent::from_event`] with the event's [`user_hash`] already computed (a batch
+    /// computes each user's once).
+    pub fn with_user_hash(event: &Event, user_hash: String) -> WireEvent {
         WireEvent {
             event_id: event.event_id,
-            user_hash: user_hash(install_id, event.user_id),
+            user_hash,
             source: event.source,
             model: event.model.clone(),
             prompt_tokens: event.tokens.prompt,
