@@ -335,43 +335,51 @@ fn check_typed_event(typed: &TypedEvent, limits: Limits) -> Option<Event> {
         _ => return None,
     };
     let tokens = Tokens {
-        prompt: within(typed.prompt_tokens, "prompt_tokens", MAX_TOKENS, errors)?,
-        completion: within(
-            typed.completion_tokens,
-            "completion_tokens",
-            MAX_TOKENS,
-            errors,
-        )?,
-        cached: within(typed.cached_tokens, "cached_tokens", MAX_TOKENS, errors)?,
-        cache_write: within(
-            typed.cache_write_tokens,
-            "cache_write_tokens",
-            MAX_TOKENS,
-            errors,
-        )?,
-        reasoning: within(
-            typed.reasoning_tokens,
-            "reasoning_tokens",
-            MAX_TOKENS,
-            errors,
-        )?,
-    };
-    let total = match typed.total_tokens {
-        None => None,
-        Some(total) => Some(within(total, "total_tokens", 2 * MAX_TOKENS, errors)?),
+        prompt: typed.prompt_tokens,
+        completion: typed.completion_tokens,
+        cached: typed.cached_tokens,
+        cache_write: typed.cache_write_tokens,
+        reasoning: typed.reasoning_tokens,
     };
     Some(Event {
         event_id,
         user_id,
         source: Source::parse(typed.source)?,
         model: ModelName::parse(typed.model).ok()?,
-        tokens: token_relations(tokens, total, errors)?,
+        tokens: check_token_counts(tokens, typed.total_tokens, errors)?,
         context: typed_context(typed.context, errors)?,
         created_at_ms: match typed.created_at {
             None => limits.now.timestamp_millis(),
             Some(text) => check_created_at(text, limits, errors)?,
         },
     })
+}
+
+/// Every token rule for counters read as integers: each within its bound, then
+/// [`token_relations`].
+pub fn check_token_counts(
+    tokens: Tokens,
+    total: Option<u64>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Tokens> {
+    let counters = [
+        (tokens.prompt, "prompt_tokens"),
+        (tokens.completion, "completion_tokens"),
+        (tokens.cached, "cached_tokens"),
+        (tokens.cache_write, "cache_write_tokens"),
+        (tokens.reasoning, "reasoning_tokens"),
+    ];
+    let before = errors.len();
+    for (n, field) in counters {
+        within(n, field, MAX_TOKENS, errors);
+    }
+    if let Some(total) = total {
+        within(total, "total_tokens", 2 * MAX_TOKENS, errors);
+    }
+    if errors.len() > before {
+        return None;
+    }
+    token_relations(tokens, total, errors)
 }
 
 /// [`parse_context`] for a context read as raw JSON text.

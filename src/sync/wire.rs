@@ -507,21 +507,19 @@ fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
 /// rules are then named by the reference reading, so the messages here are dropped).
 fn check_typed_event(typed: &TypedWireEvent, limits: Limits) -> Option<CheckedWireEvent> {
     let errors = &mut Vec::new();
-    let max = event::MAX_TOKENS;
     let tokens = Tokens {
-        prompt: event::within(typed.prompt_tokens, "prompt_tokens", max, errors)?,
-        completion: event::within(typed.completion_tokens, "completion_tokens", max, errors)?,
-        cached: event::within(typed.cached_tokens, "cached_tokens", max, errors)?,
-        cache_write: event::within(typed.cache_write_tokens, "cache_write_tokens", max, errors)?,
-        reasoning: event::within(typed.reasoning_tokens, "reasoning_tokens", max, errors)?,
+        prompt: typed.prompt_tokens,
+        completion: typed.completion_tokens,
+        cached: typed.cached_tokens,
+        cache_write: typed.cache_write_tokens,
+        reasoning: typed.reasoning_tokens,
     };
-    let total = event::within(typed.total_tokens, "total_tokens", 2 * max, errors)?;
     Some(CheckedWireEvent {
         event_id: event::parse_event_id(typed.event_id)?,
         user_hash: decode_sha256_hex(typed.user_hash)?,
         source: Source::parse(typed.source)?,
         model: ModelName::parse(typed.model).ok()?,
-        tokens: event::token_relations(tokens, Some(total), errors)?,
+        tokens: event::check_token_counts(tokens, Some(typed.total_tokens), errors)?,
         context: event::typed_context(typed.context, errors)?,
         created_at_ms: event::check_created_at(typed.created_at, limits, errors)?,
     })
