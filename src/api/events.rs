@@ -13,7 +13,7 @@ use super::{ApiError, SharedState};
 use crate::event::{self, Event, FieldError, Limits};
 use crate::store::events::Recorded;
 
-pub use crate::event::MAX_BATCH_EVENTS;
+use crate::event::MAX_BATCH_EVENTS;
 
 pub async fn record(
     State(state): State<SharedState>,

@@ -306,26 +306,21 @@ mod tests {
         );
     }
 
+    fn pending_seqs(store: &Store) -> Vec<i64> {
+        let until = store.last_seq().unwrap();
+        let pending = store.pending_batch(0, until, 100).unwrap();
+        pending.iter().map(|p| p.seq).collect()
+    }
+
     #[test]
     fn marking_scattered_seqs_synced_leaves_the_gaps_pending() {
         let (_dir, mut store, _) = store_with(8);
-        let until = store.last_seq().unwrap();
-        let seqs: Vec<i64> = store
-            .pending_batch(0, until, 10)
-            .unwrap()
-            .iter()
-            .map(|p| p.seq)
-            .collect();
+        let seqs = pending_seqs(&store);
         // seqs[3] failed before the marks land, so the run over it must skip it.
         store.mark_failed(&[(seqs[3], "bad".into())], 5).unwrap();
         let marked = [seqs[6], seqs[0], seqs[1], seqs[3], seqs[4]];
         assert_eq!(store.mark_synced(&marked, 7).unwrap(), 4);
-        let pending: Vec<i64> = store
-            .pending_batch(0, until, 10)
-            .unwrap()
-            .iter()
-            .map(|p| p.seq)
-            .collect();
+        let pending = pending_seqs(&store);
         assert_eq!(pending, [seqs[2], seqs[5], seqs[7]]);
         let counts = store.queue_counts().unwrap();
         assert_eq!((counts.pending, counts.failed, counts.synced), (3, 1, 4));

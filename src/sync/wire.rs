@@ -459,7 +459,8 @@ struct TypedBatch<'a> {
     events: Vec<TypedWireEvent<'a>>,
 }
 
-/// A wire event in the agent's own shape: strings without escapes, integers, no `null`s.
+/// A wire event in the agent's own shape: strings without escapes, integers, no `null`s
+/// (except a `null` context, which both readings take as absent).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TypedWireEvent<'a> {
