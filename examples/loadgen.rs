@@ -9,6 +9,9 @@
 //! `/proc/<pid>/status`), drives it over the real Unix socket with hyper's HTTP/1.1 client, and prints a
 //! table; with `--json`, one JSON object on the last line with exactly the keys of issue 5.
 //! The drain phases re-execute it once more as the bundled receiver (`__receiver ADDR DB`).
+//! The `http` phase re-executes it as an HTTP-only ceiling (`__http_ceiling SOCKET`): the
+//! agent's own request reading and validation behind the same axum server and socket,
+//! answering without storing anything, so `single_c32_eps` can be read against it.
 //!
 //! Phases, in order: single-event POSTs at 1, 32 and 128 keep-alive clients, 32 clients that
 //! open a new connection per request (a PHP site without a persistent client), batches of 100
@@ -42,6 +45,8 @@ use uuid::Uuid;
 const AGENT_ROLE: &str = "__agent";
 /// Hidden first argument that turns this process into the bundled receiver.
 const RECEIVER_ROLE: &str = "__receiver";
+/// Hidden first argument that turns this process into the HTTP-only ceiling.
+const HTTP_CEILING_ROLE: &str = "__http_ceiling";
 /// The enrollment token the benchmark's receiver expects and its agents present.
 const ENROLL_TOKEN: &str = "loadgen-enroll-token";
 /// How long a child process may take to start listening.
@@ -71,8 +76,8 @@ struct Options {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run only these phases (for profiling); figures of skipped phases are null.
-    #[arg(long, value_delimiter = ',', default_value = "c1,c32,c128,newconn,batch100,limit,drain",
-          value_parser = ["c1", "c32", "c128", "newconn", "batch100", "limit", "drain"])]
+    #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,drain",
+          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain"])]
     phases: Vec<String>,
 }
 
@@ -113,6 +118,7 @@ fn main() -> ExitCode {
     let outcome = match args.get(1).map(String::as_str) {
         Some(AGENT_ROLE) => run_agent(&args[2..]),
         Some(RECEIVER_ROLE) => run_receiver(&args[2..]),
+        Some(HTTP_CEILING_ROLE) => run_http_ceiling(&args[2..]),
         _ => bench(Options::parse()).map(|()| ExitCode::SUCCESS),
     };
     outcome.unwrap_or_else(|error| {
@@ -145,6 +151,47 @@ fn run_receiver(args: &[String]) -> anyhow::Result<ExitCode> {
         db,
     ]);
     usage_agent::cli::run(cli)
+}
+
+/// The child role: the HTTP ceiling. Same runtime, server, socket and request reading as
+/// the agent (`read_typed_events` with the agent's rules), and the agent's answer, but
+/// nothing is stored: what one request costs before the database.
+fn run_http_ceiling(args: &[String]) -> anyhow::Result<ExitCode> {
+    use axum::routing::{get, post};
+    let [socket] = args else {
+        bail!("usage: loadgen {HTTP_CEILING_ROLE} SOCKET")
+    };
+    usage_agent::daemon::limit_malloc_arenas();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener =
+            tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {socket}"))?;
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/v1/events", post(answer_without_storing));
+        axum::serve(listener, app).await.context("serving")?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn answer_without_storing(body: Bytes) -> axum::response::Response {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let limits = usage_agent::event::Limits {
+        now: chrono::Utc::now(),
+        max_age: chrono::Duration::days(90),
+    };
+    match usage_agent::event::read_typed_events(&body, limits) {
+        Some((events, _)) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({"event_id": events[0].event_id.to_string(), "status": "recorded"})),
+        )
+            .into_response(),
+        None => StatusCode::BAD_REQUEST.into_response(),
+    }
 }
 
 /// Every figure of one run; `None` is printed as `null`.
@@ -184,6 +231,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
         ..Figures::default()
     };
     let mut notes = Vec::new();
+    let mut http_ceiling: Option<PhaseResult> = None;
     let n = options.phase_events();
     let cap = options.phase_cap();
     eprintln!(
@@ -202,6 +250,33 @@ fn bench(options: Options) -> anyhow::Result<()> {
         1000.0 / floor.0,
         32_000.0 / floor.0
     ));
+
+    // The HTTP ceiling: the c32 phase against a server that stores nothing.
+    if options.wants("http") {
+        let dir = root.path().join("http");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let socket = dir.join("ceiling.sock");
+        let log = dir.join("ceiling.log");
+        let mut child = spawn_self(
+            &[HTTP_CEILING_ROLE, &socket.display().to_string()],
+            &log,
+            &[],
+        )?;
+        let ready = wait_until(&mut child, &log, "the HTTP ceiling socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        let result =
+            ready.and_then(|()| runtime.block_on(run_phase(&socket, Phase::single(32, n, cap))));
+        let _ = child.kill();
+        let _ = child.wait();
+        let result = result?;
+        eprintln!(
+            "  http      {:>3} clients {}  (HTTP only, nothing stored)",
+            32,
+            result.summary()
+        );
+        http_ceiling = Some(result);
+    }
 
     // Ingest phases against one agent.
     let agent = Agent::start(&root.path().join("ingest"), &options, None)?;
@@ -234,6 +309,16 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.single_c32_eps = Some(c32.eps());
         figures.single_c32_p50_ms = Some(c32.percentile_ms(0.50));
         figures.single_c32_p99_ms = Some(c32.percentile_ms(0.99));
+    }
+    if let (Some(ceiling), Some(c32)) = (&http_ceiling, figures.single_c32_eps) {
+        notes.push(format!(
+            "HTTP ceiling (the agent's server and request reading, nothing stored) at 32 clients: \
+             {:.0} events/s, p50 {:.2} ms, p99 {:.2} ms; single_c32_eps is {:.2} of it",
+            ceiling.eps(),
+            ceiling.percentile_ms(0.50),
+            ceiling.percentile_ms(0.99),
+            c32 / ceiling.eps()
+        ));
     }
     if let Some(c128) = phase("c128", Phase::single(128, n, cap))? {
         figures.single_c128_eps = Some(c128.eps());

@@ -33,9 +33,16 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 /// the p99 acknowledgment at 32 clients fell from 20-26 ms (4000 pages) to 9-10 ms
 /// (BENCHMARKS.md).
 const WRITER_AUTOCHECKPOINT_PAGES: i64 = 16_384;
-/// Size the WAL file is truncated back to after it restarts, so a burst does not leave
-/// a large file behind.
-const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
+/// Size the WAL file is truncated back to after it restarts: above the most a checkpoint
+/// cycle writes (the pages above, 1,048 bytes each with their frame headers), so under
+/// load the WAL keeps its size and each commit overwrites blocks the file already has.
+/// At 4 MiB every restart cut the file (an `ftruncate` of 9-18 ms inside a commit) and
+/// three quarters of the commits grew it again, each sync then also writing the file's
+/// new size (BENCHMARKS.md).
+const WAL_SIZE_LIMIT_BYTES: i64 = 20 * 1024 * 1024;
+/// Quiet time after which the checkpointer empties the WAL file, so an idle agent keeps
+/// no large WAL on disk.
+const IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(2);
 
 type RecordReply = oneshot::Sender<Result<Vec<Recorded>, StoreError>>;
 
@@ -188,8 +195,11 @@ impl Checkpointer {
         // A new connection syncs checkpoints fully (SQLite's default), whatever the writer's
         // `synchronous`; that only affects the background thread.
         // Checkpoints copy pages from the WAL file; they need next to no page cache.
+        // No busy wait: a truncating checkpoint that finds the database busy gives up at
+        // once rather than hold up the writer, and is tried at the next quiet time.
         let conn = match Connection::open(&path)
             .and_then(|conn| conn.pragma_update(None, "cache_size", -64).map(|()| conn))
+            .and_then(|conn| conn.busy_timeout(Duration::ZERO).map(|()| conn))
         {
             Ok(conn) => conn,
             Err(error) => {
@@ -230,11 +240,27 @@ impl Checkpointer {
 
 fn checkpoint_loop(conn: &Connection, wakes: &std_mpsc::Receiver<()>) {
     let mut pending = false;
+    let mut wal_emptied = true;
     loop {
-        if !pending && wakes.recv().is_err() {
-            return;
+        if !pending {
+            let woke = if wal_emptied {
+                wakes
+                    .recv()
+                    .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected)
+            } else {
+                wakes.recv_timeout(IDLE_BEFORE_TRUNCATE)
+            };
+            match woke {
+                Ok(()) => {}
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    wal_emptied = empty_wal(conn);
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
         }
         pending = false;
+        wal_emptied = false;
         let started = Instant::now();
         // PASSIVE copies what it can without waiting for the writer or readers.
         if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
@@ -252,6 +278,22 @@ fn checkpoint_loop(conn: &Connection, wakes: &std_mpsc::Receiver<()>) {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => break,
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
             }
+        }
+    }
+}
+
+/// Checkpoints everything and truncates the WAL file to nothing; `false` when someone
+/// was using the database (the checkpointer does not wait), so it is tried again later.
+fn empty_wal(conn: &Connection) -> bool {
+    match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0)
+    }) {
+        Ok(busy) => busy == 0,
+        Err(error) => {
+            if error.sqlite_error_code() != Some(rusqlite::ErrorCode::DatabaseBusy) {
+                tracing::warn!(%error, "emptying the idle WAL failed");
+            }
+            false
         }
     }
 }
@@ -276,6 +318,36 @@ mod tests {
             context: Some(r#"{"attachment_id":42}"#.into()),
             created_at_ms: 1_764_240_000_000,
         }
+    }
+
+    fn wal_bytes(dir: &std::path::Path) -> u64 {
+        std::fs::metadata(dir.join("usage.db-wal")).map_or(0, |m| m.len())
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_empties_its_wal_and_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        let (writer, _thread) = Writer::spawn(Store::open(&path, Synchronous::Full).unwrap());
+        for _ in 0..20 {
+            writer.record(vec![event(), event()]).await.unwrap();
+        }
+        assert!(wal_bytes(dir.path()) > 0, "the commits went to the WAL");
+        let deadline = Instant::now() + IDLE_BEFORE_TRUNCATE + Duration::from_secs(20);
+        while wal_bytes(dir.path()) > 0 {
+            assert!(Instant::now() < deadline, "the idle WAL was never emptied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Everything committed is in the database file, and writing goes on.
+        assert_eq!(
+            Store::open(&path, Synchronous::Full)
+                .unwrap()
+                .event_count()
+                .unwrap(),
+            40
+        );
+        writer.record(vec![event()]).await.unwrap();
+        assert!(wal_bytes(dir.path()) > 0);
     }
 
     #[tokio::test]
