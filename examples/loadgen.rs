@@ -319,6 +319,18 @@ fn bench(options: Options) -> anyhow::Result<()> {
             ceiling.percentile_ms(0.99),
             c32 / ceiling.eps()
         ));
+        // Each client waits for its answer before sending again, so 32 clients make at most
+        // 32 requests per round trip, and an acknowledged round trip holds at least the HTTP
+        // exchange and one fdatasync.
+        let round_trip_ms = ceiling.percentile_ms(0.50) + floor.0;
+        notes.push(format!(
+            "closed loop: 32 clients / (HTTP p50 {:.2} ms + fdatasync p50 {:.3} ms) = about \
+             {:.0} acknowledged events/s at 32 clients; single_c32_eps is {:.2} of it",
+            ceiling.percentile_ms(0.50),
+            floor.0,
+            32_000.0 / round_trip_ms,
+            c32 * round_trip_ms / 32_000.0
+        ));
     }
     if let Some(c128) = phase("c128", Phase::single(128, n, cap))? {
         figures.single_c128_eps = Some(c128.eps());
