@@ -10,10 +10,8 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
 use super::{ApiError, SharedState};
-use crate::event::{self, Event, FieldError, Limits};
+use crate::event::{self, Event, FieldError, Limits, MAX_BATCH_EVENTS};
 use crate::store::events::Recorded;
-
-use crate::event::MAX_BATCH_EVENTS;
 
 pub async fn record(
     State(state): State<SharedState>,

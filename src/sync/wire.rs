@@ -114,11 +114,6 @@ impl RawContext {
     pub fn as_str(&self) -> &str {
         self.0.get()
     }
-
-    /// The context as a JSON value, for inspection.
-    pub fn to_value(&self) -> Value {
-        serde_json::from_str(self.0.get()).expect("a RawContext always holds valid JSON")
-    }
 }
 
 impl PartialEq for RawContext {
@@ -661,7 +656,9 @@ mod tests {
         assert_eq!(event.total_tokens, 175);
         assert_eq!(event.cached_tokens, 0);
         assert_eq!(
-            event.context.map(|c| c.to_value()),
+            event
+                .context
+                .map(|c| serde_json::from_str::<Value>(c.as_str()).unwrap()),
             Some(json!({"attachment_id": 42}))
         );
         assert_eq!(event.created_at, "2026-11-27T10:29:58.123Z");
