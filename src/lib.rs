@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod event;
+mod gather_vfs;
 pub mod identity;
 pub mod jobs;
 pub mod metrics;

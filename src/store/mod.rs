@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use crate::config::Synchronous;
 
@@ -98,7 +98,13 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        let conn = Connection::open(path).map_err(open_error)?;
+        // Gathering WAL writes relies on every commit syncing (see `crate::gather_vfs`).
+        let conn = if synchronous == Synchronous::Full && crate::gather_vfs::register() {
+            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), crate::gather_vfs::NAME)
+        } else {
+            Connection::open(path)
+        }
+        .map_err(open_error)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_error)?;
         // Small pages: each event's random event_id lands on its own index leaf, and a
