@@ -17,12 +17,13 @@
 
 use std::ffi::{CStr, c_int, c_void};
 use std::mem::{offset_of, size_of};
+use std::path::Path;
 use std::sync::OnceLock;
 
-use rusqlite::ffi;
+use rusqlite::{Connection, OpenFlags, ffi};
 
 /// The name connections open this VFS by.
-pub const NAME: &str = "usage-agent-gather";
+const NAME: &str = "usage-agent-gather";
 const NAME_C: &CStr = c"usage-agent-gather";
 
 /// Most bytes held before they are written anyway: a commit of a dozen single events needs
@@ -31,8 +32,18 @@ const NAME_C: &CStr = c"usage-agent-gather";
 /// the length to 17 bits).
 const GATHER_LIMIT: usize = 64 * 1024;
 
+/// Opens `path` through this VFS, or through the default one should SQLite refuse to
+/// register it. Only for connections that then set `synchronous = FULL`.
+pub fn open_for_full_sync(path: &Path) -> rusqlite::Result<Connection> {
+    if register() {
+        Connection::open_with_flags_and_vfs(path, OpenFlags::default(), NAME)
+    } else {
+        Connection::open(path)
+    }
+}
+
 /// Registers the VFS once per process (not as the default); `false` if SQLite refused.
-pub fn register() -> bool {
+fn register() -> bool {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     *REGISTERED.get_or_init(|| unsafe { register_once() })
 }
@@ -296,7 +307,7 @@ static METHODS_V3: ffi::sqlite3_io_methods = methods(3);
 
 #[cfg(test)]
 mod tests {
-    use rusqlite::{Connection, OpenFlags, params};
+    use rusqlite::params;
 
     use super::*;
     use crate::config::Synchronous;
@@ -306,7 +317,7 @@ mod tests {
     /// A connection through this VFS, set up as the stores set theirs up.
     fn gathering(path: &std::path::Path, cache_pages: i64) -> Connection {
         assert!(register());
-        let conn = Connection::open_with_flags_and_vfs(path, OpenFlags::default(), NAME).unwrap();
+        let conn = open_for_full_sync(path).unwrap();
         conn.pragma_update(None, "page_size", 1024).unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.pragma_update(None, "synchronous", "FULL").unwrap();

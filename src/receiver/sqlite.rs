@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rusqlite::config::DbConfig;
 use rusqlite::types::Value as SqlValue;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::pricing::{ModelTokens, Plan};
@@ -182,11 +182,7 @@ impl SqliteStore {
 
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // Every commit syncs (FULL, below), which gathering WAL writes relies on.
-    let conn = if crate::gather_vfs::register() {
-        Connection::open_with_flags_and_vfs(path, OpenFlags::default(), crate::gather_vfs::NAME)?
-    } else {
-        Connection::open(path)?
-    };
+    let conn = crate::gather_vfs::open_for_full_sync(path)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     // Small pages: the (install, event_id) index takes random inserts, and a commit writes
     // whole pages. Only takes effect when the database is created.

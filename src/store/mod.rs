@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::config::DbConfig;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::Synchronous;
 
@@ -99,8 +99,8 @@ impl Store {
             source,
         };
         // Gathering WAL writes relies on every commit syncing (see `crate::gather_vfs`).
-        let conn = if synchronous == Synchronous::Full && crate::gather_vfs::register() {
-            Connection::open_with_flags_and_vfs(path, OpenFlags::default(), crate::gather_vfs::NAME)
+        let conn = if synchronous == Synchronous::Full {
+            crate::gather_vfs::open_for_full_sync(path)
         } else {
             Connection::open(path)
         }
