@@ -59,9 +59,9 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
     about = "Benchmark the usage-agent over its Unix socket"
 )]
 struct Options {
-    /// Events per major phase (the 1-client phase sends a twentieth of it).
-    #[arg(long, default_value_t = 100_000)]
-    events: usize,
+    /// Events per major phase, at least 100 (the 1-client phase sends a twentieth of it).
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..))]
+    events: u64,
     /// A run under 30 s: at most 10,000 events and about 2.5 s per phase.
     #[arg(long)]
     quick: bool,
@@ -95,12 +95,12 @@ impl Options {
 
     /// Events in each major phase.
     fn phase_events(&self) -> usize {
-        let events = if self.quick {
-            self.events.min(10_000)
+        let events = usize::try_from(self.events).unwrap_or(usize::MAX);
+        if self.quick {
+            events.min(10_000)
         } else {
-            self.events
-        };
-        events.max(100)
+            events
+        }
     }
 
     /// The longest one phase may run; it then reports what it managed.

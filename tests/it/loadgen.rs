@@ -1,0 +1,132 @@
+//! The benchmark harness (`examples/loadgen.rs`, issue 5) runs end to end and prints the
+//! documented JSON line. These tests run it on a few hundred events and check the shape of
+//! what it reports, never how fast anything was.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The keys of the JSON line, exactly as issue 5 lists them.
+const KEYS: [&str; 14] = [
+    "single_c1_eps",
+    "single_c32_eps",
+    "single_c128_eps",
+    "single_c32_p50_ms",
+    "single_c32_p99_ms",
+    "single_c32_newconn_eps",
+    "batch100_eps",
+    "sqlite_limit_eps",
+    "ratio_batch_vs_limit",
+    "drain50_eps",
+    "drain1000_eps",
+    "rss_peak_mib",
+    "bytes_per_event",
+    "synchronous",
+];
+
+/// The example binary: `cargo test` builds every example (next to this test binary's
+/// `deps` directory) before it runs any test.
+fn loadgen() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("the test binary lives in <target>/<profile>/deps");
+    let loadgen = profile_dir.join("examples").join("loadgen");
+    assert!(
+        loadgen.exists(),
+        "{} is missing: run the tests with `cargo test`, which builds the examples",
+        loadgen.display()
+    );
+    loadgen
+}
+
+fn run(args: &[&str]) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir");
+    Command::new(loadgen())
+        .args(args)
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("running loadgen")
+}
+
+/// The JSON object on the last line of a successful run.
+fn json_line(output: &Output) -> serde_json::Map<String, Value> {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed ({}): {stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    match serde_json::from_str(last) {
+        Ok(Value::Object(object)) => object,
+        _ => panic!("the last line is not a JSON object: {last}"),
+    }
+}
+
+fn positive(figures: &serde_json::Map<String, Value>, key: &str) -> f64 {
+    let value = figures[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number: {}", figures[key]));
+    assert!(value > 0.0, "{key} = {value}");
+    value
+}
+
+#[test]
+fn every_phase_reports_every_key_of_the_json_line() {
+    let figures = json_line(&run(&["--events", "400", "--json"]));
+    let mut keys: Vec<&str> = figures.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    let mut expected = KEYS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(keys, expected);
+    for key in KEYS.iter().filter(|k| **k != "synchronous") {
+        positive(&figures, key);
+    }
+    assert_eq!(figures["synchronous"], "full");
+    let ratio = positive(&figures, "batch100_eps") / positive(&figures, "sqlite_limit_eps");
+    let reported = positive(&figures, "ratio_batch_vs_limit");
+    assert!(
+        (ratio - reported).abs() < 0.001,
+        "ratio_batch_vs_limit {reported} is not batch100_eps / sqlite_limit_eps ({ratio})"
+    );
+    assert!(positive(&figures, "single_c32_p50_ms") <= positive(&figures, "single_c32_p99_ms"));
+}
+
+#[test]
+fn skipped_phases_are_null_and_the_durability_mode_is_reported() {
+    let figures = json_line(&run(&[
+        "--events",
+        "200",
+        "--phases",
+        "c1",
+        "--synchronous",
+        "normal",
+        "--json",
+    ]));
+    positive(&figures, "single_c1_eps");
+    positive(&figures, "rss_peak_mib");
+    for key in ["single_c32_eps", "batch100_eps", "drain1000_eps"] {
+        assert!(figures[key].is_null(), "{key} = {}", figures[key]);
+    }
+    assert_eq!(figures["synchronous"], "normal");
+}
+
+#[test]
+fn bad_options_are_refused_with_the_option_and_its_rule() {
+    for (args, named) in [
+        (&["--events", "5"][..], "--events"),
+        (&["--synchronous", "off"][..], "--synchronous"),
+        (&["--phases", "c32,bogus"][..], "--phases"),
+    ] {
+        let output = run(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(output.stdout.is_empty(), "{args:?} measured something");
+    }
+}
