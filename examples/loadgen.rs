@@ -60,8 +60,9 @@ const START_DEADLINE: Duration = Duration::from_secs(60);
 )]
 struct Options {
     /// Events per major phase, at least 100 (the 1-client phase sends a twentieth of it).
-    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..))]
-    events: u64,
+    #[arg(long, default_value_t = 100_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(100..))]
+    events: usize,
     /// A run under 30 s: at most 10,000 events and about 2.5 s per phase.
     #[arg(long)]
     quick: bool,
@@ -95,11 +96,10 @@ impl Options {
 
     /// Events in each major phase.
     fn phase_events(&self) -> usize {
-        let events = usize::try_from(self.events).unwrap_or(usize::MAX);
         if self.quick {
-            events.min(10_000)
+            self.events.min(10_000)
         } else {
-            events
+            self.events
         }
     }
 
@@ -115,7 +115,12 @@ impl Options {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let outcome = match args.get(1).map(String::as_str) {
+    let role = args.get(1).map(String::as_str);
+    if matches!(role, Some(AGENT_ROLE | HTTP_CEILING_ROLE)) {
+        // As `usage-agent`'s `main` does for every command but the receiver.
+        usage_agent::daemon::limit_malloc_arenas();
+    }
+    let outcome = match role {
         Some(AGENT_ROLE) => run_agent(&args[2..]),
         Some(RECEIVER_ROLE) => run_receiver(&args[2..]),
         Some(HTTP_CEILING_ROLE) => run_http_ceiling(&args[2..]),
@@ -132,7 +137,6 @@ fn run_agent(args: &[String]) -> anyhow::Result<ExitCode> {
     let [config] = args else {
         bail!("usage: loadgen {AGENT_ROLE} CONFIG")
     };
-    usage_agent::daemon::limit_malloc_arenas();
     let cli = usage_agent::cli::Cli::parse_from(["usage-agent", "--config", config, "run"]);
     usage_agent::cli::run(cli)
 }
@@ -161,7 +165,6 @@ fn run_http_ceiling(args: &[String]) -> anyhow::Result<ExitCode> {
     let [socket] = args else {
         bail!("usage: loadgen {HTTP_CEILING_ROLE} SOCKET")
     };
-    usage_agent::daemon::limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -286,9 +286,9 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
 /// One glibc malloc arena for all threads, instead of up to eight per core: each thread
 /// that allocates (tokio workers, the writer, blocking reads) otherwise takes an arena of
 /// its own, whose free memory no other thread reuses. One arena per core cost about 1 MiB
-/// of the 20 MiB RSS budget; one in all saves 1.4 MiB more at 128 connections, for about
-/// 10 % of the 128-client and batch throughput (the 32-client figures do not move;
-/// BENCHMARKS.md).
+/// of the 20 MiB RSS budget; one in all saves 1.8 MiB more of the agent's peak, and costs
+/// about 7 % of drain speed at batch 50 (the ingest figures do not move; BENCHMARKS.md).
+/// Called first thing in `main` for every command but `receiver`.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
