@@ -16,9 +16,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use usage_agent::calendar::Calendar;
 use usage_agent::config::{RetentionConfig, Synchronous};
 use usage_agent::event::{Event, ModelName, Source, Tokens};
-use usage_agent::jobs::calendar::Calendar;
 use usage_agent::jobs::{retention, rollup};
 use usage_agent::metrics::Metrics;
 use usage_agent::store::Store;

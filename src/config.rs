@@ -1,12 +1,19 @@
 //! Agent configuration (SPEC section 8): the `agent.toml` keys, their defaults, the
 //! environment overrides, and checks that name the offending key.
 //!
-//! Loading is pure apart from reading the file and the environment; nothing here opens
-//! sockets or databases.
+//! Values are parsed once, here, into the types the rest of the code uses (the time zone,
+//! the cron schedules, the socket mode, the loopback address, the backend URL), so no
+//! other module parses a config string again. Loading is pure apart from reading the file
+//! and the environment; nothing here opens sockets or databases. A leaf: it imports only
+//! [`crate::calendar`].
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use reqwest::Url;
+use serde::{Deserialize, Deserializer};
+
+use crate::calendar::{Calendar, Cron};
 
 /// Where the config comes from when `--config` is not given.
 pub const SYSTEM_CONFIG_PATH: &str = "/etc/usage-agent/agent.toml";
@@ -59,6 +66,119 @@ pub enum LogFormat {
     Json,
 }
 
+/// Octal permission bits of the socket (`socket_mode = "0660"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SocketMode(u32);
+
+impl SocketMode {
+    const RULE: &str = "must be octal permission bits such as \"0660\"";
+
+    pub fn parse(text: &str) -> Option<SocketMode> {
+        u32::from_str_radix(text.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|bits| *bits <= 0o777)
+            .map(SocketMode)
+    }
+
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+}
+
+impl TryFrom<String> for SocketMode {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<SocketMode, String> {
+        SocketMode::parse(&text).ok_or_else(|| format!("{text:?} {}", SocketMode::RULE))
+    }
+}
+
+/// The backend's base URL (`sync.backend_url`): `http` or `https`, with a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl(Url);
+
+impl BackendUrl {
+    const RULE: &str =
+        "must be an http:// or https:// URL with a host, such as https://usage.example.net";
+
+    /// Parses a base URL; a trailing `/` is dropped so endpoints join cleanly.
+    pub fn parse(text: &str) -> Result<BackendUrl, String> {
+        let url = Url::parse(text.trim_end_matches('/'))
+            .map_err(|e| format!("{text:?} {} ({e})", BackendUrl::RULE))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(format!("{text:?} {}", BackendUrl::RULE));
+        }
+        Ok(BackendUrl(url))
+    }
+
+    /// The URL of one of the backend's endpoints (`path` starts with `/`).
+    pub fn endpoint(&self, path: &str) -> Url {
+        let mut url = self.0.clone();
+        let joined = format!("{}{path}", url.path().trim_end_matches('/'));
+        url.set_path(&joined);
+        url
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for BackendUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0.as_str().trim_end_matches('/'))
+    }
+}
+
+/// An empty string is "not set"; anything else must parse.
+fn optional<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        text.parse().map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::str::FromStr for BackendUrl {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<BackendUrl, String> {
+        BackendUrl::parse(text)
+    }
+}
+
+/// The optional loopback TCP listener (`tcp_listen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopbackAddr(SocketAddr);
+
+impl LoopbackAddr {
+    pub fn addr(self) -> SocketAddr {
+        self.0
+    }
+}
+
+impl std::str::FromStr for LoopbackAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<LoopbackAddr, String> {
+        let addr: SocketAddr = text
+            .parse()
+            .map_err(|_| format!("{text:?} must be an address such as 127.0.0.1:8788"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "{text:?} must be a loopback address (127.0.0.1 or ::1)"
+            ));
+        }
+        Ok(LoopbackAddr(addr))
+    }
+}
+
 /// The whole agent configuration.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,15 +188,16 @@ pub struct Config {
     /// Unix socket path; empty means `<data_dir>/agent.sock`.
     pub socket_path: String,
     /// Octal permission bits of the socket, e.g. `"0660"`.
-    pub socket_mode: String,
+    pub socket_mode: SocketMode,
     /// Group that owns the socket (the web server's), empty to keep the agent's own.
     pub socket_group: String,
     /// Optional loopback TCP address for the API; requires `api_token`.
-    pub tcp_listen: String,
+    #[serde(deserialize_with = "optional")]
+    pub tcp_listen: Option<LoopbackAddr>,
     /// Bearer token required on the TCP listener.
     pub api_token: String,
     /// IANA time zone for `usage_date` and the daily schedules.
-    pub timezone: String,
+    pub timezone: Calendar,
     /// Kill switch: when false the API answers `disabled` and stores nothing.
     pub tracking_enabled: bool,
     /// SQLite durability of a commit.
@@ -96,8 +217,9 @@ pub struct Config {
 pub struct SyncConfig {
     /// Whether scheduled and manual syncs run at all.
     pub enabled: bool,
-    /// Backend base URL; empty means local logging only.
-    pub backend_url: String,
+    /// Backend base URL; empty (`None`) means local logging only.
+    #[serde(deserialize_with = "optional")]
+    pub backend_url: Option<BackendUrl>,
     /// Optional bearer token sent with each batch.
     pub auth_token: String,
     /// Enrollment token, used when `init` was not given one.
@@ -130,8 +252,8 @@ pub struct RetentionConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScheduleConfig {
-    pub rollup: String,
-    pub cleanup: String,
+    pub rollup: Cron,
+    pub cleanup: Cron,
 }
 
 impl Default for Config {
@@ -139,11 +261,11 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./usage-agent-data"),
             socket_path: String::new(),
-            socket_mode: "0660".into(),
+            socket_mode: SocketMode(0o660),
             socket_group: String::new(),
-            tcp_listen: String::new(),
+            tcp_listen: None,
             api_token: String::new(),
-            timezone: "UTC".into(),
+            timezone: Calendar::new(chrono_tz::Tz::UTC),
             tracking_enabled: true,
             synchronous: Synchronous::Full,
             log_format: LogFormat::Text,
@@ -159,7 +281,7 @@ impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
             enabled: true,
-            backend_url: String::new(),
+            backend_url: None,
             auth_token: String::new(),
             enroll_token: String::new(),
             interval_secs: 300,
@@ -184,8 +306,8 @@ impl Default for RetentionConfig {
 impl Default for ScheduleConfig {
     fn default() -> Self {
         ScheduleConfig {
-            rollup: "0 0 2 * * *".into(),
-            cleanup: "0 0 3 * * *".into(),
+            rollup: Cron::parse("0 0 2 * * *").expect("the default rollup schedule parses"),
+            cleanup: Cron::parse("0 0 3 * * *").expect("the default cleanup schedule parses"),
         }
     }
 }
@@ -310,7 +432,13 @@ impl Config {
                 .map_err(|_| invalid("USAGE_AGENT_SYNC_BATCH_SIZE", "must be a whole number"))?;
         }
         if let Some(value) = var("USAGE_AGENT_BACKEND_URL") {
-            self.sync.backend_url = value;
+            self.sync.backend_url = match value.trim() {
+                "" => None,
+                text => Some(
+                    BackendUrl::parse(text)
+                        .map_err(|rule| invalid("USAGE_AGENT_BACKEND_URL", rule))?,
+                ),
+            };
         }
         if let Some(value) = var("USAGE_AGENT_DATA_DIR").filter(|v| !v.is_empty()) {
             self.data_dir = PathBuf::from(value);
@@ -323,34 +451,8 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        self.socket_mode_bits()?;
-        if !self.tcp_listen.is_empty() {
-            let addr: std::net::SocketAddr = self
-                .tcp_listen
-                .parse()
-                .map_err(|_| invalid("tcp_listen", "must be an address such as 127.0.0.1:8788"))?;
-            if !addr.ip().is_loopback() {
-                return Err(invalid(
-                    "tcp_listen",
-                    "must be a loopback address (127.0.0.1 or ::1)",
-                ));
-            }
-            if self.api_token.is_empty() {
-                return Err(invalid("api_token", "is required when tcp_listen is set"));
-            }
-        }
-        let Ok(tz) = self.timezone.parse::<chrono_tz::Tz>() else {
-            return Err(invalid(
-                "timezone",
-                "must be an IANA time zone name such as UTC or Europe/Berlin",
-            ));
-        };
-        for (key, expr) in [
-            ("schedule.rollup", &self.schedule.rollup),
-            ("schedule.cleanup", &self.schedule.cleanup),
-        ] {
-            crate::jobs::schedule::CronSchedule::parse(expr, tz)
-                .map_err(|rule| invalid(key, rule))?;
+        if self.tcp_listen.is_some() && self.api_token.is_empty() {
+            return Err(invalid("api_token", "is required when tcp_listen is set"));
         }
         let sync = &self.sync;
         if !(1..=1000).contains(&sync.batch_size) {
@@ -371,15 +473,6 @@ impl Config {
         if sync.request_timeout_secs == 0 {
             return Err(invalid("sync.request_timeout_secs", "must be at least 1"));
         }
-        if !(sync.backend_url.is_empty()
-            || sync.backend_url.starts_with("http://")
-            || sync.backend_url.starts_with("https://"))
-        {
-            return Err(invalid(
-                "sync.backend_url",
-                "must start with http:// or https://",
-            ));
-        }
         if self.retention.event_days == 0 {
             return Err(invalid("retention.event_days", "must be at least 1"));
         }
@@ -390,19 +483,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    /// The socket mode as permission bits.
-    pub fn socket_mode_bits(&self) -> Result<u32, ConfigError> {
-        u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|bits| *bits <= 0o777)
-            .ok_or_else(|| {
-                invalid(
-                    "socket_mode",
-                    "must be octal permission bits such as \"0660\"",
-                )
-            })
     }
 
     /// Where the local API socket lives.
@@ -428,7 +508,22 @@ impl Config {
 
     /// Whether sync can run at all: enabled and pointed at a backend.
     pub fn sync_active(&self) -> bool {
-        self.sync.enabled && !self.sync.backend_url.is_empty()
+        self.sync.enabled && self.sync.backend_url.is_some()
+    }
+
+    /// Why sync is off, or `None` when it can run (SPEC 3 `disabled`).
+    pub fn sync_disabled_reason(&self) -> Option<&'static str> {
+        if !self.tracking_enabled {
+            Some(
+                "sync is disabled because tracking is off (tracking_enabled = false or USAGE_AGENT_DISABLE_TRACKING)",
+            )
+        } else if !self.sync.enabled {
+            Some("sync is disabled (sync.enabled = false or USAGE_AGENT_DISABLE_SYNC)")
+        } else if self.sync.backend_url.is_none() {
+            Some("sync is disabled: no sync.backend_url is configured (events are kept locally)")
+        } else {
+            None
+        }
     }
 }
 
@@ -454,13 +549,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backend_urls_are_checked_once_and_keep_a_path_prefix() {
+        let url = BackendUrl::parse("https://b.example/ingest/").unwrap();
+        assert_eq!(
+            url.endpoint("/api/usage/event").as_str(),
+            "https://b.example/ingest/api/usage/event"
+        );
+        assert_eq!(
+            BackendUrl::parse("http://127.0.0.1:8787")
+                .unwrap()
+                .endpoint("/api/installations")
+                .as_str(),
+            "http://127.0.0.1:8787/api/installations"
+        );
+        for bad in ["b.example", "ftp://b.example", "https://", "http://", ""] {
+            assert!(BackendUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let config = Config::default();
         assert_eq!(
             config.socket_path(),
             PathBuf::from("./usage-agent-data/agent.sock")
         );
-        assert_eq!(config.socket_mode_bits().unwrap(), 0o660);
+        assert_eq!(config.socket_mode.bits(), 0o660);
+        assert_eq!(config.timezone.name(), "UTC");
+        assert_eq!(config.schedule.rollup.as_str(), "0 0 2 * * *");
+        assert_eq!(config.sync.backend_url, None);
         assert_eq!(config.synchronous, Synchronous::Full);
         assert_eq!(config.sync.batch_size, 50);
         assert_eq!(config.retention.daily_days, 730);
@@ -542,8 +659,13 @@ mod tests {
             ("[schedule]\ncleanup = \"daily\"", "schedule.cleanup"),
         ];
         for (text, key) in cases {
-            let error = Config::from_toml(text).unwrap().check().unwrap_err();
-            assert!(error.to_string().contains(key), "{text}: {error}");
+            // A value that does not parse is refused while reading the file; a rule
+            // between keys when the config is checked. Either way the key is named.
+            let error = match Config::from_toml(text) {
+                Err(message) => message,
+                Ok(config) => config.check().unwrap_err().to_string(),
+            };
+            assert!(error.contains(key), "{text}: {error}");
         }
     }
 
@@ -559,6 +681,20 @@ mod tests {
         };
         config.apply_env(env).unwrap();
         assert!(!config.tracking_enabled);
+        config
+            .apply_env(|n| (n == "USAGE_AGENT_BACKEND_URL").then(|| "https://b.example/".into()))
+            .unwrap();
+        assert_eq!(
+            config.sync.backend_url.as_ref().map(ToString::to_string),
+            Some("https://b.example".to_string())
+        );
+        let error = config
+            .apply_env(|n| (n == "USAGE_AGENT_BACKEND_URL").then(|| "b.example".into()))
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("USAGE_AGENT_BACKEND_URL"),
+            "{error}"
+        );
         assert_eq!(config.sync.interval_secs, 15);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
         let error = config

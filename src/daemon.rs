@@ -15,24 +15,18 @@ use std::time::Instant;
 
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::api::{self, AppState, SharedState};
+use tokio_cron_scheduler::JobSchedulerError;
+
+use crate::api;
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
-use crate::jobs::maintenance::Maintenance;
-use crate::jobs::schedule::{ScheduleError, Scheduler};
-use crate::jobs::sync::{SyncJob, disabled_reason};
+use crate::jobs;
+use crate::jobs::schedule::Scheduler;
 use crate::metrics::Metrics;
+use crate::state::{AppState, MaintenanceLock, SharedState};
 use crate::store::writer::Writer;
-use crate::store::{Store, StoreError};
+use crate::store::{SIDE_CACHE_KIB, Store, StoreError, WRITER_CACHE_KIB};
 use crate::sync::engine::{SetupError, SyncEngine};
-
-/// Page cache of the connections beside the writer (reads, sync), in KiB.
-pub const SIDE_CACHE_KIB: u32 = 256;
-
-/// Page cache of the writer, in KiB. Half SQLite's default: the RSS budget is 20 MiB, and
-/// 1 MiB instead of 2 cost no measurable ingest speed (the OS page cache holds the rest,
-/// and a smaller cache also shortens a per-commit scan SQLite does after page splits).
-pub const WRITER_CACHE_KIB: u32 = 1024;
 
 /// Why the daemon could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +56,7 @@ pub enum DaemonError {
     UnknownGroup(String),
     #[error("cannot listen on tcp_listen {addr}: {source}")]
     Tcp {
-        addr: String,
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -73,8 +67,8 @@ pub enum DaemonError {
     Serve(std::io::Error),
     #[error("cannot set up sync: {0}")]
     Sync(#[from] SetupError),
-    #[error(transparent)]
-    Schedule(#[from] ScheduleError),
+    #[error("the job scheduler failed: {0}")]
+    Schedule(#[from] JobSchedulerError),
 }
 
 /// A started daemon: lock held, store open, listeners bound.
@@ -113,31 +107,31 @@ impl Daemon {
         reader.limit_cache(SIDE_CACHE_KIB)?;
         let (writer, writer_thread) = Writer::spawn(writing);
         let metrics = Arc::new(Metrics::new());
-        let sync = match disabled_reason(&config) {
+        let sync = match config.sync_disabled_reason() {
             Some(reason) => {
                 tracing::info!("{reason}");
                 None
             }
-            None => {
-                let engine = SyncEngine::new(&config, identity.clone(), writer.clone())?;
-                let interval = std::time::Duration::from_secs(config.sync.interval_secs);
-                Some(Arc::new(SyncJob::new(engine, interval)))
-            }
+            None => Some(Arc::new(SyncEngine::new(
+                &config,
+                identity.clone(),
+                writer.clone(),
+                Arc::clone(&metrics),
+            )?)),
         };
 
         let socket_path = config.socket_path();
         let unix = bind_socket(&config, &socket_path)?;
-        let tcp = match config.tcp_listen.as_str() {
-            "" => None,
-            addr => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| DaemonError::Tcp {
-                        addr: addr.to_owned(),
+        let tcp =
+            match config.tcp_listen {
+                None => None,
+                Some(listen) => Some(TcpListener::bind(listen.addr()).await.map_err(|source| {
+                    DaemonError::Tcp {
+                        addr: listen.addr(),
                         source,
-                    })?,
-            ),
-        };
+                    }
+                })?),
+            };
 
         let state = Arc::new(AppState {
             config,
@@ -148,7 +142,7 @@ impl Daemon {
             next_sync_ms: AtomicI64::new(0),
             sync,
             metrics,
-            maintenance: Maintenance::new(),
+            maintenance: MaintenanceLock::default(),
         });
         Ok(Daemon {
             state,
@@ -191,11 +185,10 @@ impl Daemon {
             axum::serve(listener, api::tcp_router(self.state.clone()))
                 .with_graceful_shutdown(stopped(stop_rx.clone()))
         });
-        let schedule = self
-            .state
-            .sync
-            .clone()
-            .map(|job| job.spawn_schedule(self.state.clone(), stop_rx.clone()));
+        let schedule =
+            self.state.sync.clone().map(|engine| {
+                jobs::sync::spawn_schedule(self.state.clone(), engine, stop_rx.clone())
+            });
         let daily_jobs = Scheduler::start(self.state.clone()).await?;
         tokio::spawn(async move {
             shutdown.await;
@@ -211,8 +204,8 @@ impl Daemon {
 
         daily_jobs.stop().await;
         // One last bounded sync, then no job holds the writer any more.
-        if let Some(job) = self.state.sync.clone() {
-            job.finish(schedule).await;
+        if let Some(engine) = self.state.sync.clone() {
+            jobs::sync::finish(&engine, schedule).await;
         }
         self.state.writer.stop().await;
         let writer_thread = self.writer_thread;
@@ -269,9 +262,7 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
         std::fs::remove_file(path).map_err(socket_error)?;
     }
     let listener = UnixListener::bind(path).map_err(socket_error)?;
-    let mode = config
-        .socket_mode_bits()
-        .expect("checked when the config was loaded");
+    let mode = config.socket_mode.bits();
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(socket_error)?;
     if !config.socket_group.is_empty() {
         let group = nix::unistd::Group::from_name(&config.socket_group)
@@ -285,10 +276,9 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
 
 /// One glibc malloc arena for all threads, instead of up to eight per core: each thread
 /// that allocates (tokio workers, the writer, blocking reads) otherwise takes an arena of
-/// its own, whose free memory no other thread reuses. One arena per core cost about 1 MiB
-/// of the 20 MiB RSS budget; one in all saves 1.8 MiB more of the agent's peak, and costs
-/// about 7 % of drain speed at batch 50 (the ingest figures do not move; BENCHMARKS.md).
-/// Called first thing in `main` for every command but `receiver`.
+/// its own, whose free memory no other thread reuses, and the agent is held to a small
+/// memory budget (BENCHMARKS.md has what it saves and costs). Called by `cli::run`
+/// before anything starts a thread, for every command but `receiver`.
 pub fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

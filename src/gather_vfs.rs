@@ -310,9 +310,6 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
-    use crate::config::Synchronous;
-    use crate::store::Store;
-    use crate::store::writer::Writer;
 
     /// A connection through this VFS, set up as the stores set theirs up.
     fn gathering(path: &std::path::Path, cache_pages: i64) -> Connection {
@@ -395,54 +392,5 @@ mod tests {
         assert_eq!((rows, integrity.as_str()), (10_000, "ok"));
         drop(conn);
         assert_eq!(seen_by_default_vfs(&path), (10_000, "ok".into()));
-    }
-
-    fn event() -> crate::event::Event {
-        crate::event::Event {
-            event_id: uuid::Uuid::new_v4(),
-            user_id: 5,
-            source: crate::event::Source::Bulk,
-            model: crate::event::ModelName::parse("gpt-4o-mini").unwrap(),
-            tokens: crate::event::Tokens {
-                prompt: 150,
-                completion: 25,
-                ..Default::default()
-            },
-            context: Some(r#"{"attachment_id":42,"width":1024,"height":768}"#.into()),
-            created_at_ms: 1_764_240_000_000,
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_stores_every_event_of_many_concurrent_requests() {
-        // Groups of up to 128 requests, WAL restarts and background checkpoints.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("usage.db");
-        let (writer, thread) = Writer::spawn(Store::open(&path, Synchronous::Full).unwrap());
-        let mut clients = Vec::new();
-        for _ in 0..128 {
-            let writer = writer.clone();
-            clients.push(tokio::spawn(async move {
-                for _ in 0..150 {
-                    writer.record(vec![event()]).await.unwrap();
-                }
-            }));
-        }
-        for client in clients {
-            client.await.unwrap();
-        }
-        writer.stop().await;
-        tokio::task::spawn_blocking(move || thread.join().unwrap())
-            .await
-            .unwrap();
-        let plain = Connection::open(&path).unwrap();
-        let stored: i64 = plain
-            .query_row("SELECT count(*) FROM events", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(stored, 128 * 150);
-        let integrity: String = plain
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(integrity, "ok");
     }
 }

@@ -6,6 +6,7 @@
 //! the command line ([`cli`]).
 
 pub mod api;
+pub mod calendar;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -14,6 +15,8 @@ mod gather_vfs;
 pub mod identity;
 pub mod jobs;
 pub mod metrics;
+pub mod protocol;
 pub mod receiver;
+pub mod state;
 pub mod store;
 pub mod sync;

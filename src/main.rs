@@ -6,14 +6,7 @@ use clap::Parser;
 use usage_agent::cli::{self, Cli, UsageError};
 
 fn main() -> ExitCode {
-    let args = Cli::parse();
-    // The agent is held to a small memory budget; the receiver is the provider's backend,
-    // where one malloc arena cost 13 % of the batch-1000 drain (BENCHMARKS.md). Parsing
-    // starts no thread, so this still comes before any arena but the main one exists.
-    if !matches!(args.command, cli::Command::Receiver(_)) {
-        usage_agent::daemon::limit_malloc_arenas();
-    }
-    match cli::run(args) {
+    match cli::run(Cli::parse()) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -3,8 +3,11 @@
 //! the sync engine, the jobs); queue gauges and the last sync time are read from the store
 //! at each scrape, so they are right even after a restart.
 //!
-//! For the sync engine: [`Metrics::sync_batch`], [`Metrics::sync_events`] and
-//! [`Metrics::sync_error`]. This module does no I/O.
+//! The sync engine calls [`Metrics::sync_batch`], [`Metrics::sync_events`],
+//! [`Metrics::sync_error`] and [`Metrics::sync_round_trip`] as it ships, and
+//! [`Metrics::job_run`] once per run; the schedules call [`Metrics::job_missed`] when a
+//! run's time passed while the previous run was still going. `contrib/prometheus/alerts.yml`
+//! holds the alert rules written against these names. This module does no I/O.
 
 use std::time::Duration;
 
@@ -18,6 +21,10 @@ use serde_json::Value;
 
 use crate::event::Source;
 use crate::store::events::Recorded;
+
+/// Bucket bounds of `usage_agent_sync_batch_duration_seconds`, in seconds.
+const SYNC_BATCH_BUCKETS: [f64; 11] =
+    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -51,8 +58,10 @@ pub struct Metrics {
     sync_batches: Family<ResultLabels, Counter>,
     sync_events: Family<ResultLabels, Counter>,
     sync_errors: Family<CategoryLabels, Counter>,
+    sync_batch_duration: Histogram,
     job_runs: Family<JobLabels, Counter>,
     job_failures: Family<JobLabels, Counter>,
+    job_missed: Family<JobLabels, Counter>,
     purged_events: Counter,
     purged_unsynced: Counter,
     pending: Gauge,
@@ -110,6 +119,15 @@ impl Metrics {
             "Failed sync attempts, by error category",
             sync_errors.clone(),
         );
+        // Bounds at the operators' marks: a batch should take under 500 ms, and one past
+        // 2 s is worth an alert.
+        let sync_batch_duration = Histogram::new(SYNC_BATCH_BUCKETS);
+        registry.register_with_unit(
+            "sync_batch_duration",
+            "Round-trip time of one signed batch request to the backend, answer included",
+            Unit::Seconds,
+            sync_batch_duration.clone(),
+        );
         let job_runs = Family::<JobLabels, Counter>::default();
         registry.register(
             "job_runs",
@@ -121,6 +139,12 @@ impl Metrics {
             "job_failures",
             "Runs of background jobs that failed",
             job_failures.clone(),
+        );
+        let job_missed = Family::<JobLabels, Counter>::default();
+        registry.register(
+            "job_missed",
+            "Scheduled runs of background jobs skipped because the previous run was still going (or the machine slept)",
+            job_missed.clone(),
         );
         let purged_events = Counter::default();
         registry.register(
@@ -160,8 +184,10 @@ impl Metrics {
             sync_batches,
             sync_events,
             sync_errors,
+            sync_batch_duration,
             job_runs,
             job_failures,
+            job_missed,
             purged_events,
             purged_unsynced,
             pending,
@@ -236,6 +262,18 @@ impl Metrics {
                 category: category.to_owned(),
             })
             .inc();
+    }
+
+    /// One batch request to the backend took `elapsed`, from sending to the whole answer.
+    pub fn sync_round_trip(&self, elapsed: Duration) {
+        self.sync_batch_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// `count` scheduled runs of `job` were skipped.
+    pub fn job_missed(&self, job: &'static str, count: u64) {
+        self.job_missed
+            .get_or_create(&JobLabels { job })
+            .inc_by(count);
     }
 
     /// A background job ran; `ok` is false when it failed.

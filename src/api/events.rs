@@ -9,8 +9,9 @@ use axum::response::{IntoResponse, Response};
 use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
-use super::{ApiError, SharedState};
+use super::ApiError;
 use crate::event::{self, Event, FieldError, Limits, MAX_BATCH_EVENTS};
+use crate::state::SharedState;
 use crate::store::events::Recorded;
 
 pub async fn record(

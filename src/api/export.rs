@@ -17,10 +17,11 @@ use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::ApiError;
 use super::usage::{Params, bad_parameter, sums_json};
-use super::{ApiError, AppState, SharedState};
+use crate::calendar::{Calendar, day_text};
 use crate::event::format_millis;
-use crate::jobs::calendar::{Calendar, day_text};
+use crate::state::{AppState, SharedState};
 use crate::store::StoreError;
 use crate::store::export::{ExportCursor, StoredEvent};
 use crate::store::rollup::DailyRow;
@@ -105,8 +106,7 @@ pub async fn export(
             ));
         }
     };
-    let calendar =
-        Calendar::parse(&state.config.timezone).map_err(|e| ApiError::internal(e.to_string()))?;
+    let calendar = state.config.timezone;
     let plan = Plan {
         format,
         daily,

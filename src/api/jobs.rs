@@ -6,10 +6,12 @@ use axum::extract::State;
 use axum::extract::rejection::QueryRejection;
 use axum::http::StatusCode;
 
+use super::ApiError;
 use super::usage::{Params, parse_date};
-use super::{ApiError, SharedState};
+use crate::jobs::maintenance;
 use crate::jobs::retention::PurgeOutcome;
 use crate::jobs::rollup::{JobError, RollupOutcome};
+use crate::state::SharedState;
 
 impl From<JobError> for ApiError {
     fn from(error: JobError) -> ApiError {
@@ -26,7 +28,6 @@ impl From<JobError> for ApiError {
                     error.to_string(),
                 )
             },
-            JobError::TimeZone(_) => ApiError::internal(error.to_string()),
         }
     }
 }
@@ -41,10 +42,10 @@ pub async fn rollup(
         .get("date")
         .map(|text| parse_date("date", text))
         .transpose()?;
-    Ok(Json(state.maintenance.rollup(&state, day).await?))
+    Ok(Json(maintenance::rollup(&state, day).await?))
 }
 
 /// `POST /v1/purge`.
 pub async fn purge(State(state): State<SharedState>) -> Result<Json<PurgeOutcome>, ApiError> {
-    Ok(Json(state.maintenance.purge(&state).await?))
+    Ok(Json(maintenance::purge(&state).await?))
 }

@@ -5,20 +5,20 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{ApiError, SharedState};
+use super::ApiError;
 use crate::metrics::{CONTENT_TYPE, Snapshot};
+use crate::state::SharedState;
 
 pub async fn metrics(State(state): State<SharedState>) -> Result<Response, ApiError> {
-    let snapshot = state
-        .read(|store| {
-            let counts = store.queue_counts()?;
-            Ok(Snapshot {
-                pending_events: counts.pending,
-                failed_events: counts.failed,
-                last_success_ms: store.sync_meta()?.last_success_ms,
-            })
+    let snapshot = super::read(&state, |store| {
+        let counts = store.queue_counts()?;
+        Ok(Snapshot {
+            pending_events: counts.pending,
+            failed_events: counts.failed,
+            last_success_ms: store.sync_meta()?.last_success_ms,
         })
-        .await?;
+    })
+    .await?;
     let text = state.metrics.encode(snapshot);
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }

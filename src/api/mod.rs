@@ -1,12 +1,11 @@
 //! The local HTTP API (SPEC section 3), served on the Unix socket and optionally on a
 //! loopback TCP port with a bearer token. One file per resource; this file holds the
-//! shared state, the router and the error shape.
+//! router and the error shape. The state handlers share with the jobs is
+//! [`crate::state`]'s.
 //!
 //! **Invariant:** handlers never wait on the backend; they only touch the local store.
 
-use std::sync::atomic::AtomicI64;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -17,12 +16,7 @@ use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
-use crate::identity::Identity;
-use crate::jobs::maintenance::Maintenance;
-use crate::jobs::sync::SyncJob;
-use crate::metrics::Metrics;
-use crate::store::writer::Writer;
+use crate::state::SharedState;
 use crate::store::{Store, StoreError};
 
 pub mod events;
@@ -37,43 +31,20 @@ pub mod users;
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// What every handler can reach.
-pub struct AppState {
-    pub config: Config,
-    pub identity: Option<Identity>,
-    /// All writes go through the single writer thread.
-    pub writer: Writer,
-    /// A second connection for reads, used from blocking tasks.
-    pub reader: Mutex<Store>,
-    pub started: Instant,
-    /// Unix ms of the next scheduled sync, 0 when none is scheduled.
-    pub next_sync_ms: AtomicI64,
-    /// The sync job; `None` when sync is disabled (tracking off, sync off, no backend).
-    pub sync: Option<Arc<SyncJob>>,
-    /// Counters and gauges for `GET /metrics`.
-    pub metrics: Arc<Metrics>,
-    /// Rollup, cleanup and erasure, one at a time.
-    pub maintenance: Maintenance,
-}
-
-pub type SharedState = Arc<AppState>;
-
-impl AppState {
-    /// Runs a read on the reader connection without blocking the async runtime.
-    pub async fn read<R, F>(self: &Arc<Self>, work: F) -> Result<R, ApiError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
-    {
-        let state = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let store = state.reader.lock().unwrap_or_else(|p| p.into_inner());
-            work(&store)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("read task failed: {e}")))?
-        .map_err(ApiError::from)
-    }
+/// Runs a read on the reader connection without blocking the async runtime.
+pub async fn read<R, F>(state: &SharedState, work: F) -> Result<R, ApiError>
+where
+    R: Send + 'static,
+    F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
+{
+    let state = Arc::clone(state);
+    tokio::task::spawn_blocking(move || {
+        let store = state.reader.lock().unwrap_or_else(|p| p.into_inner());
+        work(&store)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("read task failed: {e}")))?
+    .map_err(ApiError::from)
 }
 
 /// The routes of the local API.

@@ -7,8 +7,9 @@ use axum::extract::State;
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use super::{ApiError, SharedState};
+use super::ApiError;
 use crate::event::format_millis;
+use crate::state::SharedState;
 use crate::store::status::{QueueCounts, SyncMeta};
 
 /// Error categories of SPEC 5, always listed in status even when zero.
@@ -26,16 +27,15 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let now_ms = Utc::now().timestamp_millis();
-    let (counts, meta, errors, db_bytes) = state
-        .read(move |store| {
-            Ok((
-                store.queue_counts()?,
-                store.sync_meta()?,
-                store.sync_error_counts(now_ms)?,
-                store.db_bytes()?,
-            ))
-        })
-        .await?;
+    let (counts, meta, errors, db_bytes) = super::read(&state, move |store| {
+        Ok((
+            store.queue_counts()?,
+            store.sync_meta()?,
+            store.sync_error_counts(now_ms)?,
+            store.db_bytes()?,
+        ))
+    })
+    .await?;
     let config = &state.config;
     let sync_possible = config.tracking_enabled && config.sync_active();
     let oldest_pending_age_s = counts

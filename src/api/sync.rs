@@ -12,13 +12,16 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::{ApiError, SharedState};
-use crate::jobs::sync::disabled_reason;
+use super::ApiError;
+use crate::state::SharedState;
 use crate::sync::engine::SyncReport;
 
 pub async fn sync_now(State(state): State<SharedState>) -> Result<Json<SyncReport>, ApiError> {
     let Some(job) = state.sync.as_ref().map(Arc::clone) else {
-        let reason = disabled_reason(&state.config).unwrap_or("sync is disabled");
+        let reason = state
+            .config
+            .sync_disabled_reason()
+            .unwrap_or("sync is disabled");
         return Err(ApiError::new(StatusCode::CONFLICT, "sync_disabled", reason));
     };
     let report = tokio::spawn(async move { job.run_now().await })

@@ -11,8 +11,9 @@ use axum::http::StatusCode;
 use chrono::NaiveDate;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, SharedState};
-use crate::jobs::calendar::{day_text, parse_day};
+use super::ApiError;
+use crate::calendar::{day_text, parse_day};
+use crate::state::SharedState;
 use crate::store::rollup::{GroupBy, Sums, UsageRow};
 
 /// Query parameters, checked against the names an endpoint knows.
@@ -146,9 +147,10 @@ pub async fn usage(
     let (from, to) = params.date_range()?;
     let group = parse_group_by(params.get("group_by"))?;
     let (from, to) = (from.map(day_text), to.map(day_text));
-    let (rows, totals) = state
-        .read(move |store| store.usage(from.as_deref(), to.as_deref(), group))
-        .await?;
+    let (rows, totals) = super::read(&state, move |store| {
+        store.usage(from.as_deref(), to.as_deref(), group)
+    })
+    .await?;
     let mut total = Map::new();
     sums_json(&totals, &mut total);
     Ok(Json(json!({

@@ -5,9 +5,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::json;
 
-use super::{ApiError, SharedState};
+use super::ApiError;
 use crate::event::MAX_USER_ID;
+use crate::jobs::maintenance;
 use crate::jobs::retention::ForgetOutcome;
+use crate::state::SharedState;
 
 pub async fn forget(
     State(state): State<SharedState>,
@@ -27,5 +29,5 @@ pub async fn forget(
                 json!({"parameter": "user_id", "message": "must be an integer from 0 to 2^53"}),
             ])
         })?;
-    Ok(Json(state.maintenance.forget(&state, user_id).await?))
+    Ok(Json(maintenance::forget(&state, user_id).await?))
 }

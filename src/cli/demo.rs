@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::client::{AgentClient, error_message};
-use crate::config::Config;
+use crate::config::{BackendUrl, Config};
 use crate::daemon::Daemon;
 use crate::identity::Identity;
 use crate::receiver::{self, ReceiverSettings};
@@ -92,12 +92,13 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
         data_dir: dir.join("agent"),
         ..Config::default()
     };
-    config.sync.backend_url = backend_url.clone();
+    let backend = BackendUrl::parse(&backend_url).map_err(anyhow::Error::msg)?;
+    config.sync.backend_url = Some(backend.clone());
     let identity_path = config.identity_path();
     let mut identity = Identity::generate("https://demo.example.com")?;
     identity.create_once(&identity_path)?;
     let http = reqwest::Client::new();
-    enroll::enroll(&http, &backend_url, &enroll_token, &identity).await?;
+    enroll::enroll(&http, &backend, &enroll_token, &identity).await?;
     identity.enrolled_at =
         Some(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
     identity.save(&identity_path)?;

@@ -8,7 +8,7 @@ use anyhow::Context;
 use chrono::{SecondsFormat, Utc};
 
 use super::UsageError;
-use crate::config::Config;
+use crate::config::{BackendUrl, Config};
 use crate::identity::{Created, Identity};
 use crate::sync::client::http_client;
 use crate::sync::enroll;
@@ -24,15 +24,17 @@ pub struct InitArgs {
     pub site_url: String,
     /// Backend to enroll with (https, or http to a loopback address); defaults to sync.backend_url.
     #[arg(long)]
-    pub backend_url: Option<String>,
+    pub backend_url: Option<BackendUrl>,
     /// Enrollment token issued by the backend's operator; enrolls the identity with the backend.
     #[arg(long)]
     pub enroll_token: Option<String>,
 }
 
 pub fn run(config: Config, args: InitArgs) -> anyhow::Result<ExitCode> {
-    let configured = Some(config.sync.backend_url.clone()).filter(|url| !url.is_empty());
-    let backend = args.backend_url.clone().or(configured);
+    let backend = args
+        .backend_url
+        .clone()
+        .or_else(|| config.sync.backend_url.clone());
     let enrollment = match &args.enroll_token {
         None => None,
         Some(token) => {
@@ -67,7 +69,7 @@ pub fn run(config: Config, args: InitArgs) -> anyhow::Result<ExitCode> {
     }
 
     if let Some(given) = &args.backend_url
-        && given.trim_end_matches('/') != config.sync.backend_url.trim_end_matches('/')
+        && Some(given) != config.sync.backend_url.as_ref()
     {
         println!(
             "Note: set sync.backend_url = \"{given}\" in the config file (or USAGE_AGENT_BACKEND_URL) so the agent syncs there; init does not edit the config."

@@ -76,6 +76,12 @@ pub struct UsageError(pub String);
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // The agent is held to a small memory budget; the receiver, the provider's backend,
+    // keeps glibc's default arenas for its throughput (BENCHMARKS.md). Nothing has started
+    // a thread yet, so this comes before any arena but the main one exists.
+    if !matches!(cli.command, Command::Receiver(_)) {
+        crate::daemon::limit_malloc_arenas();
+    }
     let load = || Config::load(cli.config.as_deref());
     match cli.command {
         Command::Init(args) => init::run(load()?, args),

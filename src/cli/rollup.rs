@@ -24,8 +24,7 @@ pub struct RollupArgs {
 
 /// Parses a `YYYY-MM-DD` command-line date.
 pub fn parse_date(text: &str) -> Result<NaiveDate, String> {
-    crate::jobs::calendar::parse_day(text)
-        .ok_or_else(|| format!("{text:?} is not a date (YYYY-MM-DD)"))
+    crate::calendar::parse_day(text).ok_or_else(|| format!("{text:?} is not a date (YYYY-MM-DD)"))
 }
 
 pub fn run(config: Config, args: RollupArgs) -> anyhow::Result<ExitCode> {

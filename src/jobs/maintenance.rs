@@ -4,92 +4,56 @@
 //! rollup is between its snapshot and its mark). A request that arrives while one runs
 //! waits for it and then runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use chrono::{NaiveDate, Utc};
 
-use super::calendar::Calendar;
 use super::retention::{self, ForgetOutcome, PurgeOutcome};
 use super::rollup::{self, JobError, RollupOutcome};
-use crate::api::AppState;
+use crate::state::AppState;
 
 /// Job names in metrics and logs.
 pub const ROLLUP: &str = "rollup";
 pub const CLEANUP: &str = "cleanup";
 
-/// The lock and stop flag shared by the local-data jobs.
-#[derive(Debug, Default)]
-pub struct Maintenance {
-    lock: tokio::sync::Mutex<()>,
-    stopping: AtomicBool,
+/// Rolls up every day touched since the last rollup, or recomputes `day`.
+pub async fn rollup(state: &AppState, day: Option<NaiveDate>) -> Result<RollupOutcome, JobError> {
+    let _guard = state.maintenance.lock().await;
+    let calendar = state.config.timezone;
+    let result = match day {
+        None => rollup::run_once(&state.writer, calendar).await,
+        Some(day) => {
+            let event_days = state.config.retention.event_days;
+            rollup::run_for_day(&state.writer, calendar, day, Utc::now(), event_days).await
+        }
+    };
+    finish(state, ROLLUP, result)
 }
 
-impl Maintenance {
-    pub fn new() -> Maintenance {
-        Maintenance::default()
-    }
-
-    /// Rolls up every day touched since the last rollup, or recomputes `day`.
-    pub async fn rollup(
-        &self,
-        state: &AppState,
-        day: Option<NaiveDate>,
-    ) -> Result<RollupOutcome, JobError> {
-        let _guard = self.lock.lock().await;
-        let calendar = calendar(state)?;
-        let result = match day {
-            None => rollup::run_once(&state.writer, calendar).await,
-            Some(day) => {
-                let event_days = state.config.retention.event_days;
-                rollup::run_for_day(&state.writer, calendar, day, Utc::now(), event_days).await
-            }
-        };
-        finish(state, ROLLUP, result)
-    }
-
-    /// Applies retention now.
-    pub async fn purge(&self, state: &AppState) -> Result<PurgeOutcome, JobError> {
-        let _guard = self.lock.lock().await;
-        let calendar = calendar(state)?;
-        let result = retention::run_once(
-            &state.writer,
-            calendar,
-            &state.config.retention,
-            Utc::now(),
-            &state.metrics,
-            &self.stopping,
-        )
-        .await;
-        finish(state, CLEANUP, result)
-    }
-
-    /// Erases one user's local data.
-    pub async fn forget(&self, state: &AppState, user_id: u64) -> Result<ForgetOutcome, JobError> {
-        let _guard = self.lock.lock().await;
-        let outcome = retention::forget_user(&state.writer, user_id).await?;
-        tracing::info!(
-            user_id,
-            events = outcome.events_deleted,
-            daily_rows = outcome.daily_rows_deleted,
-            "erased a user's local data"
-        );
-        Ok(outcome)
-    }
-
-    /// Whether [`Maintenance::stop`] was called.
-    pub fn is_stopping(&self) -> bool {
-        self.stopping.load(Ordering::Relaxed)
-    }
-
-    /// Asks a running job to stop at its next transaction and waits until none runs.
-    pub async fn stop(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-        let _ = self.lock.lock().await;
-    }
+/// Applies retention now.
+pub async fn purge(state: &AppState) -> Result<PurgeOutcome, JobError> {
+    let _guard = state.maintenance.lock().await;
+    let result = retention::run_once(
+        &state.writer,
+        state.config.timezone,
+        &state.config.retention,
+        Utc::now(),
+        &state.metrics,
+        state.maintenance.stopping(),
+    )
+    .await;
+    finish(state, CLEANUP, result)
 }
 
-fn calendar(state: &AppState) -> Result<Calendar, JobError> {
-    Calendar::parse(&state.config.timezone).map_err(JobError::from)
+/// Erases one user's local data.
+pub async fn forget(state: &AppState, user_id: u64) -> Result<ForgetOutcome, JobError> {
+    let _guard = state.maintenance.lock().await;
+    let outcome = retention::forget_user(&state.writer, user_id).await?;
+    tracing::info!(
+        user_id,
+        events = outcome.events_deleted,
+        daily_rows = outcome.daily_rows_deleted,
+        "erased a user's local data"
+    );
+    Ok(outcome)
 }
 
 /// Logs and counts a job run.

@@ -3,7 +3,6 @@
 //! directly). Jobs reach the database only through the store's writer and their own
 //! read connections; they never touch the API's.
 
-pub mod calendar;
 pub mod maintenance;
 pub mod retention;
 pub mod rollup;

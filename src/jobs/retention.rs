@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::calendar::{Calendar, day_text};
 use super::rollup::{self, JobError, RollupOutcome};
+use crate::calendar::{Calendar, day_text};
 use crate::config::RetentionConfig;
 use crate::metrics::Metrics;
 use crate::store::writer::Writer;
@@ -146,8 +146,8 @@ mod tests {
     use chrono_tz::Tz;
 
     use super::*;
+    use crate::calendar::parse_day;
     use crate::event::{Event, Source};
-    use crate::jobs::calendar::parse_day;
     use crate::jobs::rollup::tests::{all_daily, event, writer};
 
     const DAY_MS: i64 = 86_400_000;

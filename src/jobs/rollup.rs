@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
-use super::calendar::{Calendar, day_text};
+use crate::calendar::{Calendar, day_text};
 use crate::store::StoreError;
 use crate::store::writer::Writer;
 
@@ -32,8 +32,6 @@ pub enum JobError {
     Purged { day: NaiveDate, days: u32 },
     #[error("the job was interrupted because the agent is shutting down")]
     Stopped,
-    #[error(transparent)]
-    TimeZone(#[from] super::calendar::UnknownTimeZone),
 }
 
 /// What a rollup did (the `POST /v1/rollup` answer).

@@ -1,7 +1,7 @@
 //! Credentials checks of the receiver: the enrollment bearer token and the provider's
 //! basic auth, both compared in constant time.
 //!
-//! Signature verification is not here: it is [`crate::sync::signing::verify`], called by
+//! Signature verification is not here: it is [`crate::protocol::signing::verify`], called by
 //! the ingest handler. Nothing here logs or echoes a credential.
 
 use axum::http::{HeaderMap, HeaderValue, header};
@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
+use super::error::ReceiverError;
 
 /// The challenge sent with every provider `401`.
 pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
@@ -38,9 +38,9 @@ pub fn require_provider(
     headers: &HeaderMap,
     username: Option<&str>,
     password: Option<&str>,
-) -> Result<(), ApiError> {
+) -> Result<(), ReceiverError> {
     let challenge = |message: &str| {
-        ApiError::unauthorized("unauthorized", message).with_header(
+        ReceiverError::unauthorized("unauthorized", message).with_header(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static(BASIC_CHALLENGE),
         )

@@ -17,12 +17,12 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
-use super::AppState;
-use super::error::ApiError;
+use super::ReceiverState;
+use super::error::ReceiverError;
 use super::installations::{InstallRow, load_rows, unknown_install, usage_window};
 use super::pricing::{Cents, Pricing};
 use super::provider::{authorize, bad_param, blocking, day_text};
-use super::store::{DailyTokens, GroupBy, Summary, SummaryQuery, TimeRange};
+use super::store::{DailyTokens, Summary, SummaryGroupBy, SummaryQuery, TimeRange};
 use crate::event::format_millis;
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -86,13 +86,13 @@ pub struct PageParams {
 
 /// `GET /dashboard[?sort=profit|profit_asc|install_id]`.
 pub async fn page(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     params: Result<Query<PageParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ReceiverError> {
     authorize(&app, &headers)?;
     let Query(params) = params
-        .map_err(|rejection| ApiError::bad_request("invalid_query", rejection.body_text()))?;
+        .map_err(|rejection| ReceiverError::bad_request("invalid_query", rejection.body_text()))?;
     let sort = Sort::parse(params.sort.as_deref())
         .ok_or_else(|| bad_param("sort", "must be install_id, profit or profit_asc"))?;
     let now = app.provider_now();
@@ -104,10 +104,10 @@ pub async fn page(
 /// `GET /dashboard/installations/{install_id}`: one install over the last 30 days, by user
 /// hash, source and model, with its month-to-date cost per model.
 pub async fn detail(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ReceiverError> {
     authorize(&app, &headers)?;
     let now = app.provider_now();
     let (rows, chart) = load_rows(&app, Some(install_id.clone()), now).await?;
@@ -121,7 +121,7 @@ pub async fn detail(
     };
     let store = app.store.clone();
     let (by_user, by_source, by_model) = blocking(move || {
-        let grouped = |group_by: GroupBy| {
+        let grouped = |group_by: SummaryGroupBy| {
             store.summary(&SummaryQuery {
                 install_id: Some(install_id.clone()),
                 range,
@@ -129,17 +129,17 @@ pub async fn detail(
             })
         };
         Ok((
-            grouped(GroupBy {
+            grouped(SummaryGroupBy {
                 user: true,
-                ..GroupBy::default()
+                ..SummaryGroupBy::default()
             })?,
-            grouped(GroupBy {
+            grouped(SummaryGroupBy {
                 source: true,
-                ..GroupBy::default()
+                ..SummaryGroupBy::default()
             })?,
-            grouped(GroupBy {
+            grouped(SummaryGroupBy {
                 model: true,
-                ..GroupBy::default()
+                ..SummaryGroupBy::default()
             })?,
         ))
     })

@@ -17,13 +17,13 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
-use super::AppState;
+use super::ReceiverState;
 use super::auth::{bearer_token, credential_eq};
-use super::error::{ApiError, is_json_content_type};
+use super::error::{ReceiverError, is_json_content_type};
 use super::ingest::{body_rejection, store_unavailable};
 use super::store::{EnrollOutcome, NewInstall};
-use crate::sync::signing::Secret;
-use crate::sync::wire::{Enrollment, EnrollmentResult, EnrollmentStatus};
+use crate::protocol::signing::Secret;
+use crate::protocol::wire::{Enrollment, EnrollmentResult, EnrollmentStatus};
 
 /// Longest install id or site hash accepted.
 const MAX_ID_LEN: usize = 128;
@@ -36,25 +36,25 @@ enum Authorization {
 }
 
 pub async fn enroll(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ReceiverError> {
     let authorization = authorize(&app, &headers)?;
     let body = body.map_err(body_rejection)?;
     if !is_json_content_type(&headers) {
-        return Err(ApiError::unsupported_media_type(
+        return Err(ReceiverError::unsupported_media_type(
             "content-type must be application/json",
         ));
     }
     let enrollment: Enrollment = serde_json::from_slice(&body).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
-            ApiError::invalid(
+            ReceiverError::invalid(
                 "invalid_enrollment",
                 format!("the enrollment has the wrong shape: {error}"),
             )
         } else {
-            ApiError::bad_request(
+            ReceiverError::bad_request(
                 "malformed_json",
                 format!("the body is not valid JSON: {error}"),
             )
@@ -68,7 +68,7 @@ pub async fn enroll(
         .await
         .map_err(|error| {
             tracing::error!(%error, "the enrollment task failed");
-            ApiError::new(
+            ReceiverError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "the enrollment could not be processed",
@@ -82,7 +82,7 @@ pub async fn enroll(
         EnrollOutcome::AlreadyEnrolled => (StatusCode::OK, EnrollmentStatus::AlreadyEnrolled),
         EnrollOutcome::Conflict => {
             tracing::warn!(%install_id, ?authorization, "enrollment with a different secret refused");
-            return Err(ApiError::new(
+            return Err(ReceiverError::new(
                 StatusCode::CONFLICT,
                 "install_conflict",
                 "this install is already enrolled with a different secret",
@@ -100,15 +100,15 @@ pub async fn enroll(
         .into_response())
 }
 
-fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Authorization, ApiError> {
+fn authorize(app: &ReceiverState, headers: &HeaderMap) -> Result<Authorization, ReceiverError> {
     let settings = &app.settings;
     let tofu = settings.allow_first_sync_without_signature;
     let unauthorized = |message: &str| {
-        ApiError::unauthorized("invalid_enrollment_token", message)
+        ReceiverError::unauthorized("invalid_enrollment_token", message)
             .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
     };
     match (settings.enrollment_token.as_deref(), bearer_token(headers)) {
-        (None, _) if !tofu => Err(ApiError::new(
+        (None, _) if !tofu => Err(ReceiverError::new(
             StatusCode::FORBIDDEN,
             "enrollment_disabled",
             "enrollment is disabled on this receiver: set ENROLLMENT_TOKEN",
@@ -127,7 +127,7 @@ fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Authorization, ApiEr
     }
 }
 
-fn validate(enrollment: Enrollment) -> Result<NewInstall, ApiError> {
+fn validate(enrollment: Enrollment) -> Result<NewInstall, ReceiverError> {
     let mut details = Vec::new();
     let id_ok = |text: &str| {
         !text.is_empty()
@@ -159,7 +159,7 @@ fn validate(enrollment: Enrollment) -> Result<NewInstall, ApiError> {
             enrolled_at_ms: Utc::now().timestamp_millis(),
         }),
         _ => Err(
-            ApiError::invalid("invalid_enrollment", "the enrollment is invalid")
+            ReceiverError::invalid("invalid_enrollment", "the enrollment is invalid")
                 .with_details(details),
         ),
     }

@@ -8,11 +8,11 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use crate::sync::wire::{ErrorBody, ErrorDetail};
+use crate::protocol::wire::{ErrorBody, ErrorDetail};
 
 /// An error answer.
 #[derive(Debug, Clone)]
-pub struct ApiError {
+pub struct ReceiverError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -20,9 +20,13 @@ pub struct ApiError {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
+impl ReceiverError {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ReceiverError {
+        ReceiverError {
             status,
             code,
             message: message.into(),
@@ -31,34 +35,34 @@ impl ApiError {
         }
     }
 
-    pub fn with_details(mut self, details: Vec<Value>) -> ApiError {
+    pub fn with_details(mut self, details: Vec<Value>) -> ReceiverError {
         self.details = details;
         self
     }
 
-    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ReceiverError {
         self.headers.push((name, value));
         self
     }
 
     /// `400`.
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ReceiverError {
+        ReceiverError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
     /// `401` without a challenge (signatures, bearer tokens).
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ReceiverError {
+        ReceiverError::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
     /// `413`.
-    pub fn too_large(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    pub fn too_large(message: impl Into<String>) -> ReceiverError {
+        ReceiverError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
     /// `415`.
-    pub fn unsupported_media_type(message: impl Into<String>) -> ApiError {
-        ApiError::new(
+    pub fn unsupported_media_type(message: impl Into<String>) -> ReceiverError {
+        ReceiverError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             message,
@@ -66,13 +70,13 @@ impl ApiError {
     }
 
     /// `422`.
-    pub fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> ReceiverError {
+        ReceiverError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
     /// `503` with `Retry-After`, for storage failures: the client should try again later.
-    pub fn unavailable(retry_after_s: u64) -> ApiError {
-        ApiError::new(
+    pub fn unavailable(retry_after_s: u64) -> ReceiverError {
+        ReceiverError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
             "the receiver could not reach its database; try again later",
@@ -81,7 +85,7 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
+impl IntoResponse for ReceiverError {
     fn into_response(self) -> Response {
         let body = ErrorBody {
             error: ErrorDetail {
@@ -99,13 +103,13 @@ impl IntoResponse for ApiError {
 }
 
 /// Answers unknown paths with the error shape.
-pub async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+pub async fn not_found() -> ReceiverError {
+    ReceiverError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
 /// Answers a known path called with the wrong method.
-pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
+pub async fn method_not_allowed() -> ReceiverError {
+    ReceiverError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
         "this endpoint does not answer that method",

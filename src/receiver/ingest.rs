@@ -19,14 +19,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::AppState;
-use super::error::{ApiError, is_json_content_type};
+use super::ReceiverState;
+use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::retry_after_secs;
 use super::store::{Install, NewEvent};
-use crate::sync::signing::{
+use crate::protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
 };
-use crate::sync::wire::{
+use crate::protocol::wire::{
     self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
 };
 
@@ -34,10 +34,10 @@ use crate::sync::wire::{
 const MAX_INSTALL_ID_LEN: usize = 128;
 
 pub async fn ingest(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<BatchResult>, ApiError> {
+) -> Result<Json<BatchResult>, ReceiverError> {
     let body = body.map_err(body_rejection)?;
     let started = Instant::now();
     let install_id = header_str(&headers, HEADER_INSTALL_ID).to_owned();
@@ -47,7 +47,7 @@ pub async fn ingest(
             .await
             .map_err(|error| {
                 tracing::error!(%error, "the ingest task failed");
-                ApiError::new(
+                ReceiverError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "internal",
                     "the batch could not be processed",
@@ -75,18 +75,18 @@ pub async fn ingest(
 }
 
 /// Maps a failure to read the body: too large is `413`, anything else `400`.
-pub fn body_rejection(rejection: BytesRejection) -> ApiError {
+pub fn body_rejection(rejection: BytesRejection) -> ReceiverError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::too_large("the request body is larger than the receiver accepts")
+        ReceiverError::too_large("the request body is larger than the receiver accepts")
     } else {
-        ApiError::bad_request("unreadable_body", "the request body could not be read")
+        ReceiverError::bad_request("unreadable_body", "the request body could not be read")
     }
 }
 
 /// Maps a storage failure to `503`, logging the cause (which never holds a secret).
-pub fn store_unavailable(error: super::store::StoreError) -> ApiError {
+pub fn store_unavailable(error: super::store::ReceiverStoreError) -> ReceiverError {
     tracing::error!(%error, "receiver store failure");
-    ApiError::unavailable(5)
+    ReceiverError::unavailable(5)
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
@@ -99,11 +99,11 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
 
 /// Checks and stores one batch.
 fn handle(
-    app: &AppState,
+    app: &ReceiverState,
     headers: &HeaderMap,
     raw: &[u8],
     now: DateTime<Utc>,
-) -> Result<BatchResult, ApiError> {
+) -> Result<BatchResult, ReceiverError> {
     let install = find_install(app, headers)?;
 
     let decoded;
@@ -113,18 +113,18 @@ fn handle(
             decoded =
                 wire::gunzip(raw, app.settings.max_decompressed_bytes).map_err(
                     |error| match error {
-                        GunzipError::TooLarge { max } => ApiError::too_large(format!(
+                        GunzipError::TooLarge { max } => ReceiverError::too_large(format!(
                             "the decompressed body is larger than {max} bytes"
                         )),
                         GunzipError::Corrupt => {
-                            ApiError::bad_request("bad_gzip", "the body is not valid gzip")
+                            ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
                         }
                     },
                 )?;
             &decoded
         }
         _ => {
-            return Err(ApiError::unsupported_media_type(
+            return Err(ReceiverError::unsupported_media_type(
                 "content-encoding must be gzip or absent",
             ));
         }
@@ -139,10 +139,10 @@ fn handle(
         now.timestamp(),
         app.settings.signature_tolerance_s,
     )
-    .map_err(|error| ApiError::unauthorized("invalid_signature", error.to_string()))?;
+    .map_err(|error| ReceiverError::unauthorized("invalid_signature", error.to_string()))?;
 
     if install.disabled {
-        return Err(ApiError::new(
+        return Err(ReceiverError::new(
             StatusCode::FORBIDDEN,
             "install_disabled",
             "this install is disabled",
@@ -152,7 +152,7 @@ fn handle(
         .check(install.key, Instant::now())
         .map_err(|wait| {
             let seconds = retry_after_secs(wait);
-            ApiError::new(
+            ReceiverError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limited",
                 format!(
@@ -164,7 +164,7 @@ fn handle(
         })?;
 
     if !is_json_content_type(headers) {
-        return Err(ApiError::unsupported_media_type(
+        return Err(ReceiverError::unsupported_media_type(
             "content-type must be application/json",
         ));
     }
@@ -186,15 +186,15 @@ fn handle(
     })
 }
 
-fn find_install(app: &AppState, headers: &HeaderMap) -> Result<Install, ApiError> {
+fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, ReceiverError> {
     let install_id = header_str(headers, HEADER_INSTALL_ID);
     if install_id.is_empty() {
-        return Err(ApiError::unauthorized(
+        return Err(ReceiverError::unauthorized(
             "missing_install_id",
             format!("the {HEADER_INSTALL_ID} header is required"),
         ));
     }
-    let unknown = || ApiError::unauthorized("unknown_install", "this install is not enrolled");
+    let unknown = || ReceiverError::unauthorized("unknown_install", "this install is not enrolled");
     if install_id.len() > MAX_INSTALL_ID_LEN {
         return Err(unknown());
     }
@@ -206,15 +206,15 @@ fn find_install(app: &AppState, headers: &HeaderMap) -> Result<Install, ApiError
 
 /// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape
 /// `422`; events that break a rule are listed in the answer, not refused with the batch.
-fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ApiError> {
+fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ReceiverError> {
     wire::check_batch(body, now).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
-            ApiError::invalid(
+            ReceiverError::invalid(
                 "invalid_batch",
                 format!("the batch has the wrong shape: {error}"),
             )
         } else {
-            ApiError::bad_request(
+            ReceiverError::bad_request(
                 "malformed_json",
                 format!("the body is not valid JSON: {error}"),
             )
@@ -226,7 +226,7 @@ fn check_envelope(
     envelope: &CheckedBatch,
     install: &Install,
     webhook_id: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), ReceiverError> {
     let mut details = Vec::new();
     if envelope.install_id != install.install_id {
         details.push(json!({"field": "install_id",
@@ -247,7 +247,7 @@ fn check_envelope(
         Ok(())
     } else {
         Err(
-            ApiError::invalid("invalid_batch", "the batch envelope is invalid")
+            ReceiverError::invalid("invalid_batch", "the batch envelope is invalid")
                 .with_details(details),
         )
     }

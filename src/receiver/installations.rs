@@ -4,7 +4,7 @@
 //!
 //! The numbers come from the store's daily rollups and the money from [`super::pricing`];
 //! this module only picks the days, parses requests and shapes answers. "Now" is
-//! [`AppState::provider_now`], so tests can stand on a month boundary.
+//! [`ReceiverState::provider_now`], so tests can stand on a month boundary.
 
 use std::sync::Arc;
 
@@ -16,8 +16,8 @@ use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Value, json};
 
-use super::AppState;
-use super::error::ApiError;
+use super::ReceiverState;
+use super::error::ReceiverError;
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan, Pricing};
 use super::provider::{authorize, blocking};
@@ -67,10 +67,10 @@ pub fn install_rows(pricing: &Pricing, usages: Vec<InstallUsage>) -> Vec<Install
 /// Every install (or only `install_id`) priced as of `now`, and the tokens per day of the
 /// last 30 days summed over them.
 pub async fn load_rows(
-    app: &Arc<AppState>,
+    app: &Arc<ReceiverState>,
     install_id: Option<String>,
     now: DateTime<Utc>,
-) -> Result<(Vec<InstallRow>, Vec<DailyTokens>), ApiError> {
+) -> Result<(Vec<InstallRow>, Vec<DailyTokens>), ReceiverError> {
     let window = usage_window(now);
     let store = app.store.clone();
     let report = blocking(move || store.installations(install_id.as_deref(), window)).await?;
@@ -94,9 +94,9 @@ fn row_json(row: &InstallRow) -> Value {
 
 /// `GET /api/usage/installations`.
 pub async fn list(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers)?;
     let (rows, _) = load_rows(&app, None, app.provider_now()).await?;
     let installations: Vec<Value> = rows.iter().map(row_json).collect();
@@ -105,15 +105,15 @@ pub async fn list(
 
 /// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
 pub async fn set_plan(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers)?;
     let body = body.map_err(body_rejection)?;
     let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        ApiError::bad_request(
+        ReceiverError::bad_request(
             "malformed_json",
             format!("the body is not valid JSON: {error}"),
         )
@@ -124,7 +124,7 @@ pub async fn set_plan(
         .and_then(|text| text.parse::<Plan>().ok())
         .ok_or_else(|| {
             let rule = "must be one of free, pro, agency";
-            ApiError::invalid("invalid_plan", format!("plan {rule}"))
+            ReceiverError::invalid("invalid_plan", format!("plan {rule}"))
                 .with_details(vec![json!({"field": "plan", "message": rule})])
         })?;
     let store = app.store.clone();
@@ -141,10 +141,10 @@ pub async fn set_plan(
 /// `DELETE /api/installations/{install_id}`: erases the install's events, rollups and
 /// enrollment. The agent would have to enroll again to send anything more.
 pub async fn erase(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers)?;
     let store = app.store.clone();
     let id = install_id.clone();
@@ -157,8 +157,8 @@ pub async fn erase(
     ))
 }
 
-pub(super) fn unknown_install() -> ApiError {
-    ApiError::new(
+pub(super) fn unknown_install() -> ReceiverError {
+    ReceiverError::new(
         StatusCode::NOT_FOUND,
         "unknown_install",
         "no install with this id is enrolled",

@@ -2,8 +2,8 @@
 //! provider's read views (SPEC section 6).
 //!
 //! **Invariant:** from the rest of the crate the receiver uses only the pure event rules
-//! ([`crate::event`]), the wire types ([`crate::sync::wire`]) and the signing code
-//! ([`crate::sync::signing`]); it shares no state, store or configuration with the agent.
+//! ([`crate::event`]), the wire types ([`crate::protocol::wire`]) and the signing code
+//! ([`crate::protocol::signing`]); it shares no state, store or configuration with the agent.
 //!
 //! Code map: [`serve`] and the router are here; [`settings`] reads the environment;
 //! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
@@ -38,7 +38,7 @@ pub mod sqlite;
 pub mod store;
 
 pub use settings::{ReceiverSettings, SettingsError};
-pub use store::{Store, StoreError};
+pub use store::{ReceiverStore, ReceiverStoreError};
 
 /// How long raw events are kept: longer than any event the receiver accepts (91 days),
 /// so a re-sent event is always recognised as a duplicate.
@@ -49,17 +49,17 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
 const RETENTION_CHUNK: usize = 5000;
 
 /// What every handler shares.
-pub struct AppState {
+pub struct ReceiverState {
     pub settings: ReceiverSettings,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn ReceiverStore>,
     pub limiter: rate_limit::RateLimiter,
     /// The settings' prices, converted once to micro-units.
     pub pricing: pricing::Pricing,
 }
 
-impl AppState {
-    pub fn new(settings: ReceiverSettings, store: Arc<dyn Store>) -> AppState {
-        AppState {
+impl ReceiverState {
+    pub fn new(settings: ReceiverSettings, store: Arc<dyn ReceiverStore>) -> ReceiverState {
+        ReceiverState {
             limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
             pricing: pricing::Pricing::from_settings(&settings),
             settings,
@@ -74,12 +74,12 @@ impl AppState {
 }
 
 /// Opens (creating it and its parent directories if needed) the SQLite store at `path`.
-pub fn open_sqlite(path: &Path) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open_sqlite(path: &Path) -> Result<Arc<dyn ReceiverStore>, ReceiverStoreError> {
     Ok(Arc::new(sqlite::SqliteStore::open(path)?))
 }
 
 /// The receiver's routes over a shared state.
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<ReceiverState>) -> Router {
     let body_limit = state.settings.max_body_bytes;
     Router::new()
         .route("/api/installations", post(enroll::enroll))
@@ -123,10 +123,10 @@ async fn no_sniff(mut response: Response) -> Response {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     settings: ReceiverSettings,
-    store: Arc<dyn Store>,
+    store: Arc<dyn ReceiverStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let state = Arc::new(AppState::new(settings, store.clone()));
+    let state = Arc::new(ReceiverState::new(settings, store.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "receiver listening");
     }
@@ -139,7 +139,7 @@ pub async fn serve(
     result
 }
 
-async fn retention_loop(store: Arc<dyn Store>) {
+async fn retention_loop(store: Arc<dyn ReceiverStore>) {
     let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {

@@ -2,7 +2,7 @@
 //! behind basic auth) and the unauthenticated `GET /health` (SPEC section 6).
 //!
 //! This module parses query parameters and shapes answers; the numbers come from the
-//! [`Store`](super::store::Store). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
+//! [`ReceiverStore`](super::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
 
 use std::sync::Arc;
 
@@ -18,12 +18,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::AppState;
+use super::ReceiverState;
 use super::auth::require_provider;
-use super::error::ApiError;
+use super::error::ReceiverError;
 use super::ingest::store_unavailable;
 use super::store::{
-    EventCursor, EventsQuery, GroupBy, StoredEvent, Summary, SummaryQuery, TimeRange, Totals,
+    EventCursor, EventsQuery, ReceivedEvent, Summary, SummaryGroupBy, SummaryQuery, TimeRange,
+    Totals,
 };
 use crate::event::format_millis;
 
@@ -59,10 +60,10 @@ pub struct EventsParams {
 }
 
 pub async fn summary(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     params: Result<Query<SummaryParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, ReceiverError> {
     authorize(&app, &headers)?;
     let Query(params) = params.map_err(query_rejection)?;
     let csv = match non_empty(&params.format) {
@@ -86,10 +87,10 @@ pub async fn summary(
 }
 
 pub async fn events(
-    State(app): State<Arc<AppState>>,
+    State(app): State<Arc<ReceiverState>>,
     headers: HeaderMap,
     params: Result<Query<EventsParams>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers)?;
     let Query(params) = params.map_err(query_rejection)?;
     let limit = match non_empty(&params.limit) {
@@ -121,7 +122,7 @@ pub async fn events(
     })))
 }
 
-pub(super) fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorize(app: &ReceiverState, headers: &HeaderMap) -> Result<(), ReceiverError> {
     let settings = &app.settings;
     require_provider(
         headers,
@@ -132,13 +133,13 @@ pub(super) fn authorize(app: &AppState, headers: &HeaderMap) -> Result<(), ApiEr
 }
 
 pub(super) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, super::store::StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
+    work: impl FnOnce() -> Result<T, super::store::ReceiverStoreError> + Send + 'static,
+) -> Result<T, ReceiverError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|error| {
             tracing::error!(%error, "a provider query task failed");
-            ApiError::new(
+            ReceiverError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 "the query could not be run",
@@ -147,15 +148,15 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(store_unavailable)
 }
 
-fn query_rejection(rejection: QueryRejection) -> ApiError {
-    ApiError::bad_request(
+fn query_rejection(rejection: QueryRejection) -> ReceiverError {
+    ReceiverError::bad_request(
         "invalid_query",
         format!("the query string is invalid: {}", rejection.body_text()),
     )
 }
 
-pub(super) fn bad_param(name: &str, rule: &str) -> ApiError {
-    ApiError::bad_request("invalid_query", format!("{name} {rule}"))
+pub(super) fn bad_param(name: &str, rule: &str) -> ReceiverError {
+    ReceiverError::bad_request("invalid_query", format!("{name} {rule}"))
         .with_details(vec![json!({"field": name, "message": rule})])
 }
 
@@ -167,8 +168,8 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
 pub(super) fn parse_range(
     from: &Option<String>,
     to: &Option<String>,
-) -> Result<TimeRange, ApiError> {
-    let day = |name: &str, value: &Option<String>| -> Result<Option<i64>, ApiError> {
+) -> Result<TimeRange, ReceiverError> {
+    let day = |name: &str, value: &Option<String>| -> Result<Option<i64>, ReceiverError> {
         let Some(text) = non_empty(value) else {
             return Ok(None);
         };
@@ -189,8 +190,8 @@ pub(super) fn parse_range(
     Ok(TimeRange { from_ms, to_ms })
 }
 
-fn parse_group_by(value: &Option<String>) -> Result<GroupBy, ApiError> {
-    let mut group = GroupBy::default();
+fn parse_group_by(value: &Option<String>) -> Result<SummaryGroupBy, ReceiverError> {
+    let mut group = SummaryGroupBy::default();
     let Some(text) = non_empty(value) else {
         return Ok(group);
     };
@@ -255,7 +256,7 @@ fn summary_json(summary: &Summary) -> Value {
 
 /// The rows as CSV with a header; values never contain commas or quotes (days, hex,
 /// source names and model names are all from safe alphabets).
-fn summary_csv(summary: &Summary, group: GroupBy) -> Response {
+fn summary_csv(summary: &Summary, group: SummaryGroupBy) -> Response {
     let mut columns = Vec::new();
     if group.day {
         columns.push("day");
@@ -313,7 +314,7 @@ fn summary_csv(summary: &Summary, group: GroupBy) -> Response {
         .into_response()
 }
 
-fn event_json(event: &StoredEvent) -> Value {
+fn event_json(event: &ReceivedEvent) -> Value {
     let context = event
         .context
         .as_deref()
@@ -393,10 +394,10 @@ mod tests {
         let group = parse_group_by(&Some("day, model".into())).unwrap();
         assert_eq!(
             group,
-            GroupBy {
+            SummaryGroupBy {
                 day: true,
                 model: true,
-                ..GroupBy::default()
+                ..SummaryGroupBy::default()
             }
         );
         assert!(parse_group_by(&Some("week".into())).is_err());

@@ -22,12 +22,13 @@ use uuid::Uuid;
 use super::pricing::{ModelTokens, Plan};
 use super::store::{
     DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, Store, StoreError,
-    StoredEvent, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
+    ReceiverStore, ReceiverStoreError, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
+    UsageWindow,
 };
 use crate::event::Source;
-use crate::sync::signing::Secret;
-use crate::sync::wire::to_hex;
+use crate::protocol::signing::Secret;
+use crate::protocol::wire::to_hex;
 
 const MS_PER_DAY: i64 = 86_400_000;
 
@@ -125,20 +126,21 @@ pub struct SqliteStore {
     committed: Condvar,
 }
 
-impl From<rusqlite::Error> for StoreError {
-    fn from(error: rusqlite::Error) -> StoreError {
-        StoreError::Backend(Box::new(error))
+impl From<rusqlite::Error> for ReceiverStoreError {
+    fn from(error: rusqlite::Error) -> ReceiverStoreError {
+        ReceiverStoreError::Backend(Box::new(error))
     }
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, creating its parent directories,
     /// and brings its schema up to date.
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let open_error = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
-            path: path.to_owned(),
-            source,
-        };
+    pub fn open(path: &Path) -> Result<SqliteStore, ReceiverStoreError> {
+        let open_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| ReceiverStoreError::Open {
+                path: path.to_owned(),
+                source,
+            };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
         }
@@ -168,7 +170,10 @@ impl SqliteStore {
     }
 
     /// Stores the batches of a group in one transaction: all of them, or none.
-    fn commit_group(&self, group: &[Arc<PendingIngest>]) -> Result<Vec<IngestCounts>, StoreError> {
+    fn commit_group(
+        &self,
+        group: &[Arc<PendingIngest>],
+    ) -> Result<Vec<IngestCounts>, ReceiverStoreError> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let counts = group
@@ -195,9 +200,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     // A modest page cache, on purpose: when a B-tree page splits, SQLite parks a page
     // under the number of the 1 GiB "pending byte" page for a moment, and every commit
     // then scans the whole page-cache hash table to drop pages past the end of the file.
-    // That scan grows with the cache: with 64 MiB it took 8 % of the receiver's CPU, and
-    // 4 MiB drained 20-35 % faster than 64 MiB (BENCHMARKS.md). The OS page cache still
-    // holds the rest of the database. A larger WAL before the automatic checkpoint means
+    // That scan grows with the cache (BENCHMARKS.md, "Where the tuned constants come
+    // from", has what a large cache cost). The OS page cache still holds the rest of the
+    // database. A larger WAL before the automatic checkpoint means
     // fewer checkpoints inside an ingest commit.
     conn.pragma_update(None, "cache_size", -4 * 1024)?;
     conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
@@ -232,17 +237,18 @@ fn range_bounds(range: TimeRange) -> (i64, i64) {
     )
 }
 
-fn source_from(code: i64) -> Result<Source, StoreError> {
+fn source_from(code: i64) -> Result<Source, ReceiverStoreError> {
     Source::from_code(code)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown source code {code}")))
+        .ok_or_else(|| ReceiverStoreError::Corrupt(format!("unknown source code {code}")))
 }
 
-fn uuid_from(bytes: &[u8]) -> Result<Uuid, StoreError> {
-    Uuid::from_slice(bytes).map_err(|_| StoreError::Corrupt("an event id is not 16 bytes".into()))
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, ReceiverStoreError> {
+    Uuid::from_slice(bytes)
+        .map_err(|_| ReceiverStoreError::Corrupt("an event id is not 16 bytes".into()))
 }
 
-impl Store for SqliteStore {
-    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, StoreError> {
+impl ReceiverStore for SqliteStore {
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let existing: Option<String> = tx
@@ -272,7 +278,7 @@ impl Store for SqliteStore {
         Ok(outcome)
     }
 
-    fn find_install(&self, install_id: &str) -> Result<Option<Install>, StoreError> {
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
         let conn = self.reader();
         let row: Option<(InstallKey, String, bool)> = conn
             .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = ?1")?
@@ -284,7 +290,7 @@ impl Store for SqliteStore {
             return Ok(None);
         };
         let secret = Secret::parse(&secret).map_err(|e| {
-            StoreError::Corrupt(format!(
+            ReceiverStoreError::Corrupt(format!(
                 "the stored secret of an install is unreadable: {e}"
             ))
         })?;
@@ -301,7 +307,7 @@ impl Store for SqliteStore {
         install: InstallKey,
         events: Vec<NewEvent>,
         received_at_ms: i64,
-    ) -> Result<IngestCounts, StoreError> {
+    ) -> Result<IngestCounts, ReceiverStoreError> {
         let mine = Arc::new(PendingIngest {
             install,
             events,
@@ -312,7 +318,7 @@ impl Store for SqliteStore {
         queue.waiting.push(Arc::clone(&mine));
         loop {
             if let Some(outcome) = mine.take_outcome() {
-                return outcome.map_err(|message| StoreError::Backend(message.into()));
+                return outcome.map_err(|message| ReceiverStoreError::Backend(message.into()));
             }
             if queue.committing {
                 queue = self
@@ -333,7 +339,7 @@ impl Store for SqliteStore {
         }
     }
 
-    fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError> {
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
         let conn = self.reader();
         let install = match &query.install_id {
             None => None,
@@ -430,7 +436,7 @@ impl Store for SqliteStore {
         Ok(summary)
     }
 
-    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, StoreError> {
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
         let conn = self.reader();
         let install = match &query.install_id {
             None => None,
@@ -481,7 +487,7 @@ impl Store for SqliteStore {
                 install,
                 event_id,
             });
-            page.events.push(StoredEvent {
+            page.events.push(ReceivedEvent {
                 install_id: row.get(0)?,
                 event_id,
                 user_hash: to_hex(&row.get::<_, Vec<u8>>(3)?),
@@ -503,7 +509,11 @@ impl Store for SqliteStore {
         Ok(page)
     }
 
-    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize) -> Result<u64, StoreError> {
+    fn delete_events_before(
+        &self,
+        cutoff_ms: i64,
+        chunk: usize,
+    ) -> Result<u64, ReceiverStoreError> {
         let chunk = i64::try_from(chunk.max(1)).unwrap_or(i64::MAX);
         let mut total = 0u64;
         loop {
@@ -527,7 +537,7 @@ impl Store for SqliteStore {
         &self,
         install_id: Option<&str>,
         window: UsageWindow,
-    ) -> Result<InstallationsReport, StoreError> {
+    ) -> Result<InstallationsReport, ReceiverStoreError> {
         let conn = self.reader();
         // `Some(None)`: every install; `None`: the one asked for is unknown.
         let Some(only) = optional_install(&conn, install_id)? else {
@@ -605,7 +615,7 @@ impl Store for SqliteStore {
         Ok(report)
     }
 
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, StoreError> {
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
         let changed = self
             .writer()
             .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
@@ -613,7 +623,7 @@ impl Store for SqliteStore {
         Ok(changed == 1)
     }
 
-    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, StoreError> {
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let Some(key) = install_key(&tx, install_id)? else {
@@ -707,7 +717,7 @@ fn insert_batch(
     install: InstallKey,
     events: &[NewEvent],
     received_at_ms: i64,
-) -> Result<IngestCounts, StoreError> {
+) -> Result<IngestCounts, ReceiverStoreError> {
     let mut counts = IngestCounts::default();
     // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
     let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
@@ -763,9 +773,9 @@ fn insert_batch(
     Ok(counts)
 }
 
-fn plan_from(text: &str) -> Result<Plan, StoreError> {
+fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
     text.parse()
-        .map_err(|_| StoreError::Corrupt(format!("unknown plan {text:?}")))
+        .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
 }
 
 fn optional_install(
@@ -781,7 +791,7 @@ fn optional_install(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::receiver::store::GroupBy;
+    use crate::receiver::store::SummaryGroupBy;
 
     fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -897,9 +907,9 @@ mod tests {
         let query = SummaryQuery {
             install_id: Some("a".into()),
             range: TimeRange::default(),
-            group_by: GroupBy {
+            group_by: SummaryGroupBy {
                 day: true,
-                ..GroupBy::default()
+                ..SummaryGroupBy::default()
             },
         };
         let summary = store.summary(&query).unwrap();
@@ -916,7 +926,7 @@ mod tests {
                 from_ms: Some(MS_PER_DAY),
                 to_ms: None,
             },
-            group_by: GroupBy {
+            group_by: SummaryGroupBy {
                 source: true,
                 user: true,
                 model: true,

@@ -11,20 +11,20 @@ use uuid::Uuid;
 
 use super::pricing::{ModelTokens, Plan};
 use crate::event::Source;
-use crate::sync::signing::Secret;
+use crate::protocol::signing::Secret;
 
 /// The store's own key for an install (stored once; events refer to it).
 pub type InstallKey = i64;
 
 /// Storage for enrolled installs and the events they send.
-pub trait Store: Send + Sync + 'static {
+pub trait ReceiverStore: Send + Sync + 'static {
     /// Records an install and its secret. Enrolling the same secret again is a no-op
     /// ([`EnrollOutcome::AlreadyEnrolled`]); a different secret never replaces a stored one
     /// ([`EnrollOutcome::Conflict`]).
-    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, StoreError>;
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError>;
 
     /// Finds an install by its id, with the secret to verify its batches.
-    fn find_install(&self, install_id: &str) -> Result<Option<Install>, StoreError>;
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError>;
 
     /// Stores the events of one batch in one transaction. An event whose
     /// `(install, event_id)` is already stored, or appears earlier in `events`, is counted
@@ -34,17 +34,18 @@ pub trait Store: Send + Sync + 'static {
         install: InstallKey,
         events: Vec<NewEvent>,
         received_at_ms: i64,
-    ) -> Result<IngestCounts, StoreError>;
+    ) -> Result<IngestCounts, ReceiverStoreError>;
 
     /// Token totals over a time range, optionally grouped.
-    fn summary(&self, query: &SummaryQuery) -> Result<Summary, StoreError>;
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError>;
 
     /// One page of raw events, oldest first.
-    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, StoreError>;
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError>;
 
     /// Deletes events created before `cutoff_ms`, at most `chunk` per transaction so that
     /// ingest never waits long; returns how many were deleted.
-    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize) -> Result<u64, StoreError>;
+    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize)
+    -> Result<u64, ReceiverStoreError>;
 
     /// Every install (or only `install_id`) with its usage over `window`, sorted by install
     /// id, and the days of the last 30 summed over those installs. Answered from the daily
@@ -54,14 +55,14 @@ pub trait Store: Send + Sync + 'static {
         &self,
         install_id: Option<&str>,
         window: UsageWindow,
-    ) -> Result<InstallationsReport, StoreError>;
+    ) -> Result<InstallationsReport, ReceiverStoreError>;
 
     /// Sets an install's plan; `false` when the install is unknown.
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, StoreError>;
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError>;
 
     /// Erases an install: its events, its rollups and its enrollment, in one transaction.
     /// Returns how many events were deleted, or `None` when the install is unknown.
-    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, StoreError>;
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError>;
 }
 
 /// The days the installations view covers, as days since the Unix epoch (UTC); both
@@ -158,14 +159,14 @@ pub struct IngestCounts {
 
 /// Which keys summary rows are grouped by.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct GroupBy {
+pub struct SummaryGroupBy {
     pub day: bool,
     pub user: bool,
     pub source: bool,
     pub model: bool,
 }
 
-impl GroupBy {
+impl SummaryGroupBy {
     pub fn any(&self) -> bool {
         self.day || self.user || self.source || self.model
     }
@@ -183,7 +184,7 @@ pub struct SummaryQuery {
     /// `None` means every install.
     pub install_id: Option<String>,
     pub range: TimeRange,
-    pub group_by: GroupBy,
+    pub group_by: SummaryGroupBy,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -242,7 +243,7 @@ pub struct EventsQuery {
 
 /// A stored event as the provider sees it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
+pub struct ReceivedEvent {
     pub install_id: String,
     pub event_id: Uuid,
     /// Lowercase hex.
@@ -261,14 +262,14 @@ pub struct StoredEvent {
 
 #[derive(Debug, Clone, Default)]
 pub struct EventsPage {
-    pub events: Vec<StoredEvent>,
+    pub events: Vec<ReceivedEvent>,
     /// Set when more events may follow.
     pub next: Option<EventCursor>,
 }
 
 /// A storage failure. The HTTP side answers `503` with `Retry-After`, so the agent retries.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum ReceiverStoreError {
     #[error("could not open the receiver database at {path}: {source}")]
     Open {
         path: PathBuf,

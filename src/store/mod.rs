@@ -22,9 +22,9 @@ pub mod writer;
 /// The schema and its migrations, applied at open (see the file's header).
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
-/// Page size of a new database. Measured with `examples/loadgen` (BENCHMARKS.md): 1 KiB
-/// pages doubled single-event throughput over 4 KiB at 32 clients, for ~10% more bytes
-/// per event.
+/// Page size of a new database: small pages make each commit's WAL frames small, which
+/// matters more than the few bytes per event they add (BENCHMARKS.md, "Where the tuned
+/// constants come from").
 pub const PAGE_SIZE: i64 = 1024;
 
 /// A database failure, with what was being done.
@@ -71,6 +71,14 @@ impl<T> Doing<T> for rusqlite::Result<T> {
         self.map_err(|source| StoreError::Sql { doing, source })
     }
 }
+
+/// Page cache of the connections beside the writer (reads, sync), in KiB.
+pub const SIDE_CACHE_KIB: u32 = 256;
+
+/// Page cache of the writer, in KiB: half SQLite's default, because every cache counts
+/// toward the agent's resident memory and the OS page cache holds the rest (BENCHMARKS.md,
+/// "Where the tuned constants come from").
+pub const WRITER_CACHE_KIB: u32 = 1024;
 
 /// One connection to the agent database.
 pub struct Store {
@@ -119,8 +127,8 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(open_error)?;
         // Query planner stability: without it, a statement whose plan could depend on a
-        // bound value (`LIMIT ?`) is re-prepared on every rebind, which cost the sync
-        // reader ~5 % of its CPU.
+        // bound value (`LIMIT ?`) is re-prepared on every rebind, a cost the sync reader
+        // felt (BENCHMARKS.md).
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(open_error)?;
         conn.set_prepared_statement_cache_capacity(64);

@@ -3,7 +3,11 @@
 //! alone; then up to [`MAX_IN_FLIGHT`] lanes ship batches concurrently (the backend
 //! dedupes, so the order batches land in does not matter).
 //!
-//! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work.
+//! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work,
+//! and [`SyncEngine::run_now`] makes sure two runs never overlap (a manual sync that
+//! arrives during a scheduled run waits for it and then runs, so it always reports on a
+//! run that started after it was asked for). Every run, batch and failed attempt is
+//! counted in [`Metrics`].
 //! It reads the queue on its own database connection and writes only through the
 //! [`Writer`], so the local API never waits on it or on the backend.
 //!
@@ -28,13 +32,17 @@ use uuid::Uuid;
 use super::client::{BackendClient, ClientError, PreparedBatch, http_client};
 use super::enroll;
 use super::error::{Category, SyncError};
-use super::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
 use crate::config::{Config, SyncConfig};
 use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::protocol::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
 use crate::store::status::LastError;
 use crate::store::sync::PendingEvent;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
+
+/// The sync job's name in `usage_agent_job_runs_total` and the other job metrics.
+pub const SYNC_JOB: &str = "sync";
 
 /// The longest `Retry-After` waited for inside one run; a backend asking for more gets
 /// the events at a later run instead of holding this one (and a manual `sync`) hostage.
@@ -101,6 +109,9 @@ pub struct SyncEngine {
     /// API's reads or the writer.
     queue: Arc<Mutex<Store>>,
     enrolled: AtomicBool,
+    metrics: Arc<Metrics>,
+    /// Held for a whole run: never two at once.
+    running: tokio::sync::Mutex<()>,
 }
 
 impl SyncEngine {
@@ -109,6 +120,7 @@ impl SyncEngine {
         config: &Config,
         identity: Option<Identity>,
         writer: Writer,
+        metrics: Arc<Metrics>,
     ) -> Result<SyncEngine, SetupError> {
         let http = http_client(Duration::from_secs(config.sync.request_timeout_secs))?;
         let client = identity
@@ -116,7 +128,7 @@ impl SyncEngine {
             .map(|identity| BackendClient::new(http.clone(), &config.sync, identity))
             .transpose()?;
         let store = Store::open(&config.database_path(), config.synchronous)?;
-        store.limit_cache(crate::daemon::SIDE_CACHE_KIB)?;
+        store.limit_cache(crate::store::SIDE_CACHE_KIB)?;
         let enrolled = identity.as_ref().is_some_and(|i| i.enrolled_at.is_some())
             || store.sync_meta()?.enrolled_ms.is_some();
         Ok(SyncEngine {
@@ -128,12 +140,23 @@ impl SyncEngine {
             writer,
             queue: Arc::new(Mutex::new(store)),
             enrolled: AtomicBool::new(enrolled),
+            metrics,
+            running: tokio::sync::Mutex::new(()),
         })
     }
 
     /// Whether this install is known to be enrolled with the backend.
     pub fn is_enrolled(&self) -> bool {
         self.enrolled.load(Ordering::Relaxed)
+    }
+
+    /// Runs a sync now, after any run in progress has finished, and counts it as a run of
+    /// the `sync` job (failed when it ended with an error).
+    pub async fn run_now(&self) -> SyncReport {
+        let _running = self.running.lock().await;
+        let report = self.run_once().await;
+        self.metrics.job_run(SYNC_JOB, report.error.is_none());
+        report
     }
 
     /// One run: enroll if still needed, drain the queue up to the newest event that existed
@@ -263,6 +286,10 @@ impl SyncEngine {
             match self.ship(run.client, &part).await {
                 Ok(answer) => {
                     let (synced, failed) = verdicts(&part, &answer)?;
+                    self.metrics.sync_batch("ok");
+                    self.metrics.sync_events("accepted", answer.accepted);
+                    self.metrics.sync_events("duplicate", answer.duplicates);
+                    self.metrics.sync_events("rejected", failed.len() as u64);
                     run.count(|report| {
                         report.batches += 1;
                         report.sent += part.len() as u64;
@@ -280,6 +307,7 @@ impl SyncEngine {
                         .await?;
                 }
                 Err(error) if error.category() == Category::Validation => {
+                    self.metrics.sync_batch("refused");
                     if error.status() == Some(413) {
                         let halved = (part.len() / 2).max(1);
                         let before = run.batch_size.fetch_min(halved, Ordering::Relaxed);
@@ -293,6 +321,7 @@ impl SyncEngine {
                     if part.len() == 1 {
                         let reason = error.to_string();
                         tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
+                        self.metrics.sync_events("rejected", 1);
                         run.count(|report| {
                             report.batches += 1;
                             report.sent += 1;
@@ -309,7 +338,10 @@ impl SyncEngine {
                         parts.push_front(part);
                     }
                 }
-                Err(error) => return Err(error),
+                Err(error) => {
+                    self.metrics.sync_batch("error");
+                    return Err(error);
+                }
             }
         }
         Ok(())
@@ -374,13 +406,19 @@ impl SyncEngine {
             .await
     }
 
-    /// One attempt; a failure is counted for status `error_categories` before it is returned.
+    /// One attempt, timed for `usage_agent_sync_batch_duration_seconds`; a failure is
+    /// counted in the metrics and for status `error_categories` before it is returned.
     async fn attempt(
         &self,
         client: &BackendClient,
         batch: &PreparedBatch,
     ) -> Result<BatchResult, SyncError> {
+        let started = Instant::now();
         let result = client.send(batch).await;
+        self.metrics.sync_round_trip(started.elapsed());
+        if let Err(error) = &result {
+            self.metrics.sync_error(error.category().as_str());
+        }
         if let Err(error) = &result
             && error.category() != Category::Local
         {
@@ -431,17 +469,10 @@ impl SyncEngine {
         if self.is_enrolled() || self.sync.enroll_token.is_empty() {
             return;
         }
-        let Some(identity) = &self.identity else {
+        let (Some(identity), Some(backend_url)) = (&self.identity, &self.sync.backend_url) else {
             return;
         };
-        match enroll::enroll(
-            &self.http,
-            &self.sync.backend_url,
-            &self.sync.enroll_token,
-            identity,
-        )
-        .await
-        {
+        match enroll::enroll(&self.http, backend_url, &self.sync.enroll_token, identity).await {
             Ok(()) => {
                 self.enrolled.store(true, Ordering::Relaxed);
                 let now = Utc::now();

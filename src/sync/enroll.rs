@@ -8,15 +8,14 @@
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{StatusCode, Url};
 
-use super::client::{answer_message, endpoint, error_chain};
-use super::wire::Enrollment;
+use super::client::{answer_message, error_chain};
+use crate::config::BackendUrl;
 use crate::identity::Identity;
+use crate::protocol::wire::Enrollment;
 
 /// Why an enrollment did not happen. Messages never contain the secret or the token.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
-    #[error("backend URL {url:?} is not valid: {reason}")]
-    BadUrl { url: String, reason: String },
     #[error(
         "refusing to send the install secret over plain http to {host}: use an https:// backend URL (plain http is allowed only to a loopback address such as 127.0.0.1)"
     )]
@@ -57,11 +56,8 @@ pub fn check_secure(url: &Url) -> Result<(), EnrollError> {
 }
 
 /// The enrollment URL for a backend, refusing an insecure one before anything is sent.
-pub fn enrollment_url(backend_url: &str) -> Result<Url, EnrollError> {
-    let url = endpoint(backend_url, "/api/installations").map_err(|e| EnrollError::BadUrl {
-        url: backend_url.to_owned(),
-        reason: e.to_string(),
-    })?;
+pub fn enrollment_url(backend_url: &BackendUrl) -> Result<Url, EnrollError> {
+    let url = backend_url.endpoint("/api/installations");
     check_secure(&url)?;
     Ok(url)
 }
@@ -70,7 +66,7 @@ pub fn enrollment_url(backend_url: &str) -> Result<Url, EnrollError> {
 /// it already with the same secret (enrollment is idempotent).
 pub async fn enroll(
     http: &reqwest::Client,
-    backend_url: &str,
+    backend_url: &BackendUrl,
     token: &str,
     identity: &Identity,
 ) -> Result<(), EnrollError> {
@@ -132,10 +128,10 @@ mod tests {
             ("http://localhost.evil.example", false),
         ];
         for (url, allowed) in cases {
-            let result = enrollment_url(url);
+            let result = enrollment_url(&BackendUrl::parse(url).unwrap());
             assert_eq!(result.is_ok(), allowed, "{url}: {result:?}");
         }
-        let error = enrollment_url("http://backend.example")
+        let error = enrollment_url(&BackendUrl::parse("http://backend.example").unwrap())
             .unwrap_err()
             .to_string();
         assert!(

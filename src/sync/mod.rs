@@ -1,7 +1,7 @@
 //! Shipping events to the backend (SPEC 5).
 //!
-//! [`wire`] and [`signing`] are shared with the receiver and do no I/O. The agent side is
-//! [`client`] (one signed HTTP attempt), [`error`] (categories that decide retries),
+//! The wire types and the signing it uses are [`crate::protocol`]'s, shared with the
+//! receiver. This module is the agent side only: [`client`] (one signed HTTP attempt), [`error`] (categories that decide retries),
 //! [`enroll`] (handing the secret to the backend once) and [`engine`] (one sync run over
 //! the queue). Scheduling runs is `crate::jobs`' business, not this module's.
 
@@ -9,8 +9,6 @@ pub mod client;
 pub mod engine;
 pub mod enroll;
 pub mod error;
-pub mod signing;
-pub mod wire;
 
 /// Installs the process-wide TLS crypto provider (ring) that reqwest needs before any
 /// client is built. Safe to call many times.

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use usage_agent::receiver::{self, ReceiverSettings, Store};
+use usage_agent::receiver::{self, ReceiverSettings, ReceiverStore};
 
 /// Enrollment token of [`receiver_settings`].
 pub const ENROLL_TOKEN: &str = "test-enroll-token";
@@ -34,7 +34,7 @@ pub fn receiver_settings() -> ReceiverSettings {
 pub struct TestReceiver {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn ReceiverStore>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
@@ -96,7 +96,7 @@ impl Drop for TestReceiver {
 use chrono::Utc;
 use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
-use usage_agent::sync::signing::{
+use usage_agent::protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
 use uuid::Uuid;

@@ -11,8 +11,8 @@ use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
 
-use usage_agent::sync::signing::{Secret, sign, verify};
-use usage_agent::sync::wire::{Batch, format_sent_at, parse_wire_event, user_hash};
+use usage_agent::protocol::signing::{Secret, sign, verify};
+use usage_agent::protocol::wire::{Batch, format_sent_at, parse_wire_event, user_hash};
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

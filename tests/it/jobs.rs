@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use usage_agent::jobs::calendar::{Calendar, day_text};
+use usage_agent::calendar::{Calendar, day_text};
 
 use crate::harness::{Agent, new_id, poll};
 
@@ -43,7 +43,7 @@ async fn record_all(agent: &Agent, events: &[Value]) {
 }
 
 /// GET with the raw answer text and content type.
-async fn get_text(agent: &Agent, path: &str) -> (StatusCode, String, String) {
+pub async fn get_text(agent: &Agent, path: &str) -> (StatusCode, String, String) {
     let client = reqwest::Client::builder()
         .unix_socket(agent.socket.clone())
         .build()
@@ -519,7 +519,7 @@ async fn the_schedule_runs_rollup_and_cleanup_on_its_own() {
 /// A strict reader of the OpenMetrics text format (the same rules as the unit test's):
 /// every line is a known comment or a sample of a declared family; ends with `# EOF`.
 /// Returns `name{k=v,...}` (labels sorted) to value.
-fn parse_exposition(text: &str) -> Result<HashMap<String, f64>, String> {
+pub fn parse_exposition(text: &str) -> Result<HashMap<String, f64>, String> {
     let mut types: HashMap<String, String> = HashMap::new();
     let mut samples = HashMap::new();
     let mut eof = false;

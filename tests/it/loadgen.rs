@@ -1,4 +1,4 @@
-//! The benchmark harness (`examples/loadgen.rs`, issue 5) runs end to end and prints the
+//! The benchmark harness (`examples/loadgen/`, issue 5) runs end to end and prints the
 //! documented JSON line. These tests run it on a few hundred events and check the shape of
 //! what it reports, never how fast anything was.
 

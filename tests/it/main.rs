@@ -6,6 +6,7 @@ mod demo;
 mod harness;
 mod interop;
 mod jobs;
+mod layers;
 mod loadgen;
 mod ops;
 mod provider;

@@ -190,3 +190,60 @@ fn every_subcommand_explains_itself_with_an_example() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad usage exits 2");
 }
+
+/// Runs `promtool` with `args` from `contrib/prometheus/` and asserts it succeeds.
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prometheus"))
+        .output()
+        .expect("promtool must be installed (.ci/setup installs Debian's prometheus)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool {args:?}: {text}");
+    text
+}
+
+#[test]
+fn the_shipped_alert_rules_are_valid_and_fire_when_they_should() {
+    let checked = promtool(&["check", "rules", "alerts.yml"]);
+    assert!(checked.contains("4 rules found"), "{checked}");
+    // The unit tests feed each rule series that must and must not alert.
+    promtool(&["test", "rules", "alerts.test.yml"]);
+}
+
+#[test]
+fn the_alert_rules_only_name_metrics_the_agent_serves() {
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/contrib/prometheus/alerts.yml"
+    ))
+    .unwrap();
+    // Labelled families appear once they have a child: touch every one the rules use.
+    let metrics = usage_agent::metrics::Metrics::new();
+    metrics.job_run("sync", false);
+    metrics.job_missed("rollup", 1);
+    metrics.sync_round_trip(Duration::from_millis(20));
+    metrics.purged(1, 1);
+    let served = metrics.encode(Default::default());
+    let mut named = 0;
+    for word in rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if let Some(family) = word.strip_prefix("usage_agent_") {
+            named += 1;
+            // A counter is served as `<name>_total`, a histogram's buckets as `<name>_bucket`.
+            let base = family.strip_suffix("_bucket").unwrap_or(family);
+            assert!(
+                served.contains(&format!("# TYPE usage_agent_{base} "))
+                    || served.contains(&format!(
+                        "# TYPE usage_agent_{} ",
+                        base.strip_suffix("_total").unwrap_or(base)
+                    )),
+                "alerts.yml names usage_agent_{family}, which GET /metrics does not serve:\n{served}"
+            );
+        }
+    }
+    assert!(named >= 4, "the rules name the agent's metrics");
+}

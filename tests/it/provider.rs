@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use usage_agent::event::format_millis;
+use usage_agent::protocol::signing::Secret;
+use usage_agent::protocol::wire::user_hash;
 use usage_agent::receiver::ReceiverSettings;
-use usage_agent::sync::signing::Secret;
-use usage_agent::sync::wire::user_hash;
 
 use crate::common::{
     self, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,

@@ -12,13 +12,14 @@ use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use axum::response::{IntoResponse, Response};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use usage_agent::sync::signing::{self, Secret};
-use usage_agent::sync::wire;
+use usage_agent::protocol::signing::{self, Secret};
+use usage_agent::protocol::wire;
 
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,
 };
 use crate::harness::{Agent, bin, event, new_id, poll, wait_with_deadline};
+use crate::jobs::{get_text, parse_exposition};
 
 /// `[sync]` for tests: fast backoff, no scheduled run during the test (only the first,
 /// a few seconds after start, which the assertions tolerate), and `extra` lines.
@@ -803,4 +804,120 @@ async fn scheduled_runs_ship_events_without_being_asked() {
     .await;
     assert!(status["next_sync"].is_string(), "{status}");
     assert_eq!(status["synced_events"], 3, "{status}");
+}
+
+/// The agent's metrics, as `name{labels}` (labels sorted) to value.
+async fn metrics(agent: &Agent) -> std::collections::HashMap<String, f64> {
+    let (code, text, _) = get_text(agent, "/metrics").await;
+    assert_eq!(code, StatusCode::OK, "{text}");
+    parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+fn sample(samples: &std::collections::HashMap<String, f64>, name: &str) -> f64 {
+    samples.get(name).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_counters_move_when_a_real_sync_runs() {
+    let rx = TestReceiver::start(receiver_settings());
+    let mut agent = agent_for(&rx.url(""), "batch_size = 4\nmax_attempts = 2", true);
+    agent.spawn().await;
+    record(&agent, 10).await;
+    assert_eq!(sync_now(&agent).await["error"], Value::Null);
+    assert_eq!(received(&rx, &agent).await, 10);
+
+    // Whether the scheduled first run or the manual one shipped them, 10 events went in
+    // 3 batches of at most 4, each one timed.
+    let after_success = metrics(&agent).await;
+    assert_eq!(
+        sample(&after_success, "usage_agent_sync_batches_total{result=ok}"),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &after_success,
+            "usage_agent_sync_events_total{result=accepted}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        sample(
+            &after_success,
+            "usage_agent_sync_batch_duration_seconds_count"
+        ),
+        3.0
+    );
+    assert!(
+        sample(
+            &after_success,
+            "usage_agent_sync_batch_duration_seconds_sum"
+        ) > 0.0
+    );
+    assert!(sample(&after_success, "usage_agent_job_runs_total{job=sync}") >= 1.0);
+    assert_eq!(
+        sample(&after_success, "usage_agent_job_failures_total{job=sync}"),
+        0.0
+    );
+
+    // With the receiver gone, each failed run is one failed batch after two attempts.
+    drop(rx);
+    record(&agent, 2).await;
+    assert_eq!(sync_now(&agent).await["error"]["category"], "network");
+    let after_failure = metrics(&agent).await;
+    let failed_runs = sample(&after_failure, "usage_agent_job_failures_total{job=sync}");
+    assert!(failed_runs >= 1.0, "{after_failure:?}");
+    assert_eq!(
+        sample(
+            &after_failure,
+            "usage_agent_sync_batches_total{result=error}"
+        ),
+        failed_runs
+    );
+    assert_eq!(
+        sample(
+            &after_failure,
+            "usage_agent_sync_errors_total{category=network}"
+        ),
+        2.0 * failed_runs
+    );
+    assert_eq!(
+        sample(&after_failure, "usage_agent_sync_batches_total{result=ok}"),
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_run_longer_than_the_interval_counts_missed_runs() {
+    // A backend that takes 2.5 s to answer, against a 1 s sync interval.
+    let stub = Stub::start(|_, batch| {
+        std::thread::sleep(Duration::from_millis(2500));
+        accept_all_but(batch, &[])
+    });
+    let mut agent = Agent::configure_with(
+        "",
+        &format!(
+            "[sync]\nbackend_url = {:?}\ninterval_secs = 1\nrequest_timeout_secs = 10\n",
+            stub.url()
+        ),
+    );
+    assert!(
+        agent
+            .cli(&["init", "--site-url", "https://example.com"])
+            .status
+            .success()
+    );
+    agent.spawn().await;
+    record(&agent, 1).await;
+    poll("a missed sync run", Duration::from_secs(30), async || {
+        let samples = metrics(&agent).await;
+        (sample(&samples, "usage_agent_job_missed_total{job=sync}") >= 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        sample(
+            &metrics(&agent).await,
+            "usage_agent_job_missed_total{job=rollup}"
+        ),
+        0.0
+    );
 }

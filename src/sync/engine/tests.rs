@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::config::Synchronous;
 use crate::event::{Event, ModelName, Source, Tokens};
-use crate::sync::signing::{self, Secret};
-use crate::sync::wire;
+use crate::protocol::signing::{self, Secret};
+use crate::protocol::wire;
 
 /// One request as the stub backend saw it.
 struct Seen {
@@ -128,7 +128,9 @@ impl Fixture {
             })
             .collect();
         writer.record(events.clone()).await.unwrap();
-        let engine = SyncEngine::new(&config, Some(identity.clone()), writer.clone()).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let engine =
+            SyncEngine::new(&config, Some(identity.clone()), writer.clone(), metrics).unwrap();
         Fixture {
             _dir: dir,
             engine,

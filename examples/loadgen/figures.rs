@@ -1,0 +1,93 @@
+//! Every figure of one run, and the two ways it is printed: a table for reading, and one
+//! JSON object with exactly the keys of issue 5 for scripts.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// Every figure of one run; `None` is printed as `null`.
+#[derive(Debug, Default)]
+pub(crate) struct Figures {
+    pub(crate) single_c1_eps: Option<f64>,
+    pub(crate) single_c32_eps: Option<f64>,
+    pub(crate) single_c128_eps: Option<f64>,
+    pub(crate) single_c32_p50_ms: Option<f64>,
+    pub(crate) single_c32_p99_ms: Option<f64>,
+    pub(crate) single_c32_newconn_eps: Option<f64>,
+    pub(crate) batch100_eps: Option<f64>,
+    pub(crate) sqlite_limit_eps: Option<f64>,
+    pub(crate) ratio_batch_vs_limit: Option<f64>,
+    pub(crate) drain50_eps: Option<f64>,
+    pub(crate) drain1000_eps: Option<f64>,
+    pub(crate) rss_peak_mib: Option<f64>,
+    pub(crate) bytes_per_event: Option<f64>,
+    pub(crate) synchronous: String,
+}
+
+pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
+    let show = |value: Option<f64>, decimals: usize| match value {
+        Some(v) => format!("{v:.decimals$}"),
+        None => "null".to_owned(),
+    };
+    let rows: [(&str, Option<f64>, usize, &str); 13] = [
+        ("single_c1_eps", figures.single_c1_eps, 0, ""),
+        ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
+        ("single_c128_eps", figures.single_c128_eps, 0, ""),
+        ("single_c32_p50_ms", figures.single_c32_p50_ms, 3, ""),
+        ("single_c32_p99_ms", figures.single_c32_p99_ms, 3, "<= 5"),
+        (
+            "single_c32_newconn_eps",
+            figures.single_c32_newconn_eps,
+            0,
+            "",
+        ),
+        ("batch100_eps", figures.batch100_eps, 0, ""),
+        ("sqlite_limit_eps", figures.sqlite_limit_eps, 0, ""),
+        (
+            "ratio_batch_vs_limit",
+            figures.ratio_batch_vs_limit,
+            3,
+            ">= 0.5",
+        ),
+        ("drain50_eps", figures.drain50_eps, 0, ">= 20000"),
+        ("drain1000_eps", figures.drain1000_eps, 0, ">= 50000"),
+        ("rss_peak_mib", figures.rss_peak_mib, 1, "<= 20"),
+        ("bytes_per_event", figures.bytes_per_event, 1, "<= 250"),
+    ];
+    println!();
+    println!("| figure | value | target |");
+    println!("|---|---:|---|");
+    for (name, value, decimals, target) in rows {
+        println!("| `{name}` | {} | {target} |", show(value, decimals));
+    }
+    println!("| `synchronous` | {} | full |", figures.synchronous);
+    for note in notes {
+        println!("note: {note}");
+    }
+    println!("({:.1} s in all)", took.as_secs_f64());
+}
+
+pub(crate) fn figures_json(figures: &Figures) -> Value {
+    let round = |value: Option<f64>, decimals: i32| {
+        value.map(|v| {
+            let scale = 10f64.powi(decimals);
+            (v * scale).round() / scale
+        })
+    };
+    json!({
+        "single_c1_eps": round(figures.single_c1_eps, 0),
+        "single_c32_eps": round(figures.single_c32_eps, 0),
+        "single_c128_eps": round(figures.single_c128_eps, 0),
+        "single_c32_p50_ms": round(figures.single_c32_p50_ms, 3),
+        "single_c32_p99_ms": round(figures.single_c32_p99_ms, 3),
+        "single_c32_newconn_eps": round(figures.single_c32_newconn_eps, 0),
+        "batch100_eps": round(figures.batch100_eps, 0),
+        "sqlite_limit_eps": round(figures.sqlite_limit_eps, 0),
+        "ratio_batch_vs_limit": round(figures.ratio_batch_vs_limit, 3),
+        "drain50_eps": round(figures.drain50_eps, 0),
+        "drain1000_eps": round(figures.drain1000_eps, 0),
+        "rss_peak_mib": round(figures.rss_peak_mib, 1),
+        "bytes_per_event": round(figures.bytes_per_event, 1),
+        "synchronous": figures.synchronous,
+    })
+}
