@@ -206,6 +206,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log every recorded event.
     pub debug: bool,
+    /// Open API connections at once (socket and TCP port each); past that, new ones are
+    /// closed at once (SPEC 10).
+    pub max_connections: usize,
+    /// How long shutdown may take in all: draining connections, the last sync, the
+    /// checkpoint (SPEC 10).
+    pub shutdown_timeout_secs: u64,
     pub sync: SyncConfig,
     pub retention: RetentionConfig,
     pub schedule: ScheduleConfig,
@@ -270,6 +276,8 @@ impl Default for Config {
             synchronous: Synchronous::Full,
             log_format: LogFormat::Text,
             debug: false,
+            max_connections: 512,
+            shutdown_timeout_secs: 10,
             sync: SyncConfig::default(),
             retention: RetentionConfig::default(),
             schedule: ScheduleConfig::default(),
@@ -330,6 +338,8 @@ impl std::fmt::Debug for Config {
             .field("synchronous", &self.synchronous)
             .field("log_format", &self.log_format)
             .field("debug", &self.debug)
+            .field("max_connections", &self.max_connections)
+            .field("shutdown_timeout_secs", &self.shutdown_timeout_secs)
             .field("sync", &self.sync)
             .field("retention", &self.retention)
             .field("schedule", &self.schedule)
@@ -450,6 +460,12 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.shutdown_timeout_secs == 0 {
+            return Err(invalid("shutdown_timeout_secs", "must be at least 1"));
         }
         if self.tcp_listen.is_some() && self.api_token.is_empty() {
             return Err(invalid("api_token", "is required when tcp_listen is set"));
@@ -606,6 +622,8 @@ mod tests {
             "synchronous",
             "log_format",
             "debug",
+            "max_connections",
+            "shutdown_timeout_secs",
             "[sync]",
             "enabled",
             "backend_url",
@@ -653,6 +671,8 @@ mod tests {
             ("tcp_listen = \"127.0.0.1:9000\"", "api_token"),
             ("[sync]\nbackend_url = \"ftp://x\"", "sync.backend_url"),
             ("[retention]\nevent_days = 0", "retention.event_days"),
+            ("max_connections = 0", "max_connections"),
+            ("shutdown_timeout_secs = 0", "shutdown_timeout_secs"),
             ("timezone = \"Mars/Olympus\"", "timezone"),
             ("timezone = \"\"", "timezone"),
             ("[schedule]\nrollup = \"0 2 * * *\"", "schedule.rollup"),

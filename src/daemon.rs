@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, UnixListener};
 
@@ -23,6 +23,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::jobs;
 use crate::jobs::schedule::Scheduler;
 use crate::metrics::Metrics;
+use crate::server::{self, Limits};
 use crate::state::{AppState, MaintenanceLock, SharedState};
 use crate::store::writer::Writer;
 use crate::store::{SIDE_CACHE_KIB, Store, StoreError, WRITER_CACHE_KIB};
@@ -63,8 +64,6 @@ pub enum DaemonError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
-    #[error("the API server failed: {0}")]
-    Serve(std::io::Error),
     #[error("cannot set up sync: {0}")]
     Sync(#[from] SetupError),
     #[error("the job scheduler failed: {0}")]
@@ -163,60 +162,92 @@ impl Daemon {
         &self.socket_path
     }
 
-    /// Serves until `shutdown` resolves; then stops accepting, lets in-flight requests
-    /// finish, commits and checkpoints the database and removes the socket.
+    /// Serves until `shutdown` resolves; then, all within `shutdown_timeout_secs` (SPEC 10):
+    /// stops accepting, lets in-flight requests finish for up to half that time and cuts
+    /// connections still open then, makes the last sync with what is left (keeping a
+    /// little for the end), commits and checkpoints the database and removes the socket.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), DaemonError> {
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+        let config = &self.state.config;
+        let budget = Duration::from_secs(config.shutdown_timeout_secs);
+        let limits = Limits::new(config.max_connections, budget / 2);
+        // `Some(when)` once shutdown has begun.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<Instant>);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<Option<Instant>>| async move {
+            let _ = rx.wait_for(Option::is_some).await;
         };
         tracing::info!(socket = %self.socket_path.display(), "usage-agent listening");
         // Under systemd (Type=notify) this tells it the socket is ready; elsewhere a no-op.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let unix_server = axum::serve(self.unix, api::router(self.state.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()));
+        let unix_server = server::serve(
+            self.unix,
+            api::router(self.state.clone()),
+            limits,
+            stopped(stop_rx.clone()),
+        );
         let tcp_server = self.tcp.map(|listener| {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(%addr, "also listening on loopback TCP (bearer token required)");
             }
-            axum::serve(listener, api::tcp_router(self.state.clone()))
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
+            server::serve(
+                listener,
+                api::tcp_router(self.state.clone()),
+                limits,
+                stopped(stop_rx.clone()),
+            )
         });
-        let schedule =
-            self.state.sync.clone().map(|engine| {
-                jobs::sync::spawn_schedule(self.state.clone(), engine, stop_rx.clone())
-            });
+        let (sync_stop_tx, sync_stop_rx) = tokio::sync::watch::channel(false);
+        let schedule = self
+            .state
+            .sync
+            .clone()
+            .map(|engine| jobs::sync::spawn_schedule(self.state.clone(), engine, sync_stop_rx));
         let daily_jobs = Scheduler::start(self.state.clone()).await?;
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight requests");
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-            let _ = stop_tx.send(true);
+            let _ = stop_tx.send(Some(Instant::now()));
+            let _ = sync_stop_tx.send(true);
         });
 
-        let served = match tcp_server {
-            Some(tcp) => tokio::try_join!(unix_server.into_future(), tcp.into_future()).map(drop),
+        match tcp_server {
+            Some(tcp) => {
+                tokio::join!(unix_server, tcp);
+            }
             None => unix_server.await,
-        };
+        }
+        let began = stop_rx.borrow().unwrap_or_else(Instant::now);
+        let deadline = began + budget;
 
         daily_jobs.stop().await;
-        // One last bounded sync, then no job holds the writer any more.
+        // One last bounded sync, then no job holds the writer any more. The checkpoint
+        // and clean-up after it keep a little of the budget.
         if let Some(engine) = self.state.sync.clone() {
-            jobs::sync::finish(&engine, schedule).await;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .saturating_sub(CHECKPOINT_RESERVE);
+            jobs::sync::finish(&engine, schedule, left).await;
         }
         self.state.writer.stop().await;
         let writer_thread = self.writer_thread;
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
         let _ = std::fs::remove_file(&self.socket_path);
-        tracing::info!("usage-agent stopped");
-        served.map_err(DaemonError::Serve)
+        tracing::info!(
+            took_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "usage-agent stopped"
+        );
+        Ok(())
     }
 }
 
+/// Of the shutdown budget, what the last sync leaves for the checkpoint and clean-up.
+const CHECKPOINT_RESERVE: Duration = Duration::from_secs(1);
+
 fn take_lock(config: &Config) -> Result<File, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = config.lock_path();
     let lock_error = |source| DaemonError::Lock {
         path: path.clone(),
@@ -226,6 +257,7 @@ fn take_lock(config: &Config) -> Result<File, DaemonError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(lock_error)?;
     match file.try_lock() {
@@ -254,7 +286,28 @@ fn bind_socket(config: &Config, path: &Path) -> Result<UnixListener, DaemonError
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(socket_error)?;
     }
-    if path.exists() {
+    if let Ok(found) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only a socket may be replaced: whatever else is at socket_path (a file, a
+        // directory, a link) may be someone's data, so the agent refuses to start.
+        let kind = found.file_type();
+        if !kind.is_socket() {
+            let what = if kind.is_file() {
+                "a regular file"
+            } else if kind.is_dir() {
+                "a directory"
+            } else if kind.is_symlink() {
+                "a symbolic link"
+            } else {
+                "something other than a socket"
+            };
+            return Err(socket_error(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "socket_path is {what}, not a socket; usage-agent replaces only a stale socket, so move it away or set socket_path elsewhere"
+                ),
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::SocketInUse(path.to_path_buf()));
         }

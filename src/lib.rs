@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod protocol;
 pub mod receiver;
+pub mod server;
 pub mod state;
 pub mod store;
 pub mod sync;

@@ -5,15 +5,18 @@
 //!
 //! **Invariant:** handlers never wait on the backend; they only touch the local store.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::state::SharedState;
@@ -25,6 +28,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod status;
 pub mod sync;
+pub mod throttle;
 pub mod usage;
 pub mod users;
 
@@ -62,36 +66,104 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .route("/healthz", get(status::healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
-/// The same routes, requiring `Authorization: Bearer <api_token>` (for `tcp_listen`).
+/// The same routes, requiring `Authorization: Bearer <api_token>` (for `tcp_listen`), with
+/// failed tokens throttled per client address. The server must put the peer's
+/// `ConnectInfo<SocketAddr>` in each request (the daemon's does), or all clients share
+/// one count.
 pub fn tcp_router(state: SharedState) -> Router {
-    router(Arc::clone(&state)).layer(middleware::from_fn_with_state(state, require_token))
+    let guard = Arc::new(TokenGuard {
+        state: Arc::clone(&state),
+        throttle: throttle::Throttle::default(),
+    });
+    router(state).layer(middleware::from_fn_with_state(guard, require_token))
 }
 
-async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
-    let expected = format!("Bearer {}", state.config.api_token);
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    if !state.config.api_token.is_empty() && bool::from(given.ct_eq(expected.as_bytes())) {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this listener requires Authorization: Bearer <api_token>",
-        )
-        .into_response()
+/// What the bearer check needs: the configured token and the failures seen so far.
+struct TokenGuard {
+    state: SharedState,
+    throttle: throttle::Throttle,
+}
+
+/// Order of checks: a throttled address is refused before its token is looked at, so
+/// even the right token waits out the window; then the token; a failure is counted.
+async fn require_token(
+    State(guard): State<Arc<TokenGuard>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // Without connection info (a router served without it) every client shares one count.
+    let client = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip());
+    if let Err(wait) = guard.throttle.check(client, Instant::now()) {
+        return ApiError {
+            retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!(
+                    "{} failed bearer tokens from {client} within {} s: try again later",
+                    throttle::MAX_FAILURES,
+                    throttle::WINDOW.as_secs()
+                ),
+            )
+        }
+        .into_response();
     }
+    let expected = &guard.state.config.api_token;
+    let accepted = bearer_token(request.headers())
+        .is_some_and(|given| !expected.is_empty() && token_eq(given, expected));
+    if accepted {
+        return next.run(request).await;
+    }
+    guard.throttle.record_failure(client, Instant::now());
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this listener requires Authorization: Bearer <api_token>",
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme word in any case.
+fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares tokens in constant time over their SHA-256 digests, so the time taken does
+/// not even reveal the expected token's length.
+fn token_eq(given: &str, expected: &str) -> bool {
+    Sha256::digest(given.as_bytes())
+        .ct_eq(&Sha256::digest(expected.as_bytes()))
+        .into()
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// A known path called with a method it does not answer; axum adds the `Allow` header.
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not answer that method",
+    )
 }
 
 /// An error answer: `{"error": {"code", "message", "details"}}`.
@@ -151,5 +223,39 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_nothing_else_is() {
+        let cases = [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER  abc ", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ];
+        for (value, expected) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+            assert_eq!(bearer_token(&headers), expected, "{value:?}");
+        }
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn tokens_match_only_when_equal_whatever_their_lengths() {
+        assert!(token_eq("s3cret", "s3cret"));
+        for given in ["", "s3cre", "s3cret ", "s3cretx", "S3cret"] {
+            assert!(!token_eq(given, "s3cret"), "{given:?}");
+        }
     }
 }

@@ -17,7 +17,8 @@ use crate::sync::engine::{SYNC_JOB, SyncEngine};
 /// Delay before the first scheduled run, so a freshly started daemon ships what a
 /// previous life left pending soon, but only once it is fully up.
 pub const FIRST_RUN_DELAY: Duration = Duration::from_secs(5);
-/// How long shutdown waits for the last sync attempt.
+/// The longest shutdown waits for the last sync attempt, however much of
+/// `shutdown_timeout_secs` is left.
 pub const FINAL_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Starts the schedule: a run shortly after start, then every interval, until `stop`
@@ -61,9 +62,10 @@ pub fn spawn_schedule(
 }
 
 /// At shutdown: lets a scheduled run in progress finish and makes one last attempt to
-/// ship what is pending, all within [`FINAL_SYNC_TIMEOUT`]. What is not sent by then
-/// stays pending for the next start.
-pub async fn finish(engine: &SyncEngine, schedule: Option<JoinHandle<()>>) {
+/// ship what is pending, all within `left` (at most [`FINAL_SYNC_TIMEOUT`]). What is not
+/// sent by then stays pending for the next start.
+pub async fn finish(engine: &SyncEngine, schedule: Option<JoinHandle<()>>, left: Duration) {
+    let limit = left.min(FINAL_SYNC_TIMEOUT);
     let mut schedule = schedule;
     let last = async {
         if let Some(handle) = schedule.as_mut() {
@@ -71,14 +73,14 @@ pub async fn finish(engine: &SyncEngine, schedule: Option<JoinHandle<()>>) {
         }
         engine.run_now().await
     };
-    match tokio::time::timeout(FINAL_SYNC_TIMEOUT, last).await {
+    match tokio::time::timeout(limit, last).await {
         Ok(report) => tracing::info!(
             accepted = report.accepted,
             error = report.error.is_some(),
             "final sync done"
         ),
         Err(_) => tracing::warn!(
-            timeout_s = FINAL_SYNC_TIMEOUT.as_secs(),
+            timeout_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
             "final sync did not finish in time; unsent events stay pending"
         ),
     }

@@ -177,8 +177,10 @@ pub struct RejectedEvent {
     pub reason: String,
 }
 
-/// The body of `POST /api/installations`.
+/// The body of `POST /api/installations`. Unknown fields are refused, naming the field, so
+/// a misspelt or misplaced field is never silently dropped.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Enrollment {
     pub install_id: String,
     /// `whsec_` + standard base64.

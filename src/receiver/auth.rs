@@ -1,19 +1,56 @@
 //! Credentials checks of the receiver: the enrollment bearer token and the provider's
-//! basic auth, both compared in constant time.
+//! basic auth, both compared in constant time, their schemes matched whatever their case,
+//! and both throttled per client address ([`throttled`]).
 //!
 //! Signature verification is not here: it is [`crate::protocol::signing::verify`], called by
 //! the ingest handler. Nothing here logs or echoes a credential.
 
-use axum::http::{HeaderMap, HeaderValue, header};
+use std::net::IpAddr;
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::error::ReceiverError;
+use super::rate_limit::retry_after_secs;
+use super::throttle::FailureThrottle;
 
 /// The challenge sent with every provider `401`.
 pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
+
+/// Runs the credentials `check` of a request from `peer` under the failure throttle: while
+/// the address is blocked it is answered `429` with `Retry-After` without being checked,
+/// and a `401` from `check` counts against it if the request presented credentials (an
+/// `Authorization` header). A request without any is no guess: it is how a browser or a
+/// client learns that credentials are needed, and must not lock the provider out.
+///
+/// Checking and counting are not one atomic step, so requests checked at the same moment
+/// can pass the limit by at most one per runtime worker thread.
+pub fn throttled<T>(
+    throttle: &FailureThrottle,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    check: impl FnOnce() -> Result<T, ReceiverError>,
+) -> Result<T, ReceiverError> {
+    throttle.check(peer, Instant::now()).map_err(|wait| {
+        let seconds = retry_after_secs(wait);
+        ReceiverError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failed_credentials",
+            format!("too many failed credentials from this address; retry in {seconds} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
+    })?;
+    let result = check();
+    let presented = headers.contains_key(header::AUTHORIZATION);
+    if presented && matches!(&result, Err(error) if error.status == StatusCode::UNAUTHORIZED) {
+        throttle.record_failure(peer, Instant::now());
+    }
+    result
+}
 
 /// Compares two credentials in constant time. Both sides are hashed first, so the time
 /// taken does not even reveal the expected length.
@@ -122,6 +159,33 @@ mod tests {
         assert_eq!(bearer_token(&with_auth("Basic abc")), None);
         assert_eq!(bearer_token(&with_auth("Bearer ")), None);
         assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_refused_credentials_count_against_the_address() {
+        let throttle = FailureThrottle::new(2, std::time::Duration::from_secs(60), 10);
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let presented = basic("admin", "guess");
+        let refused = || Err::<(), _>(ReceiverError::unauthorized("unauthorized", "wrong"));
+        // A `403` (enrollment switched off) says nothing about a guess, and a request
+        // without credentials guessed nothing.
+        for _ in 0..5 {
+            let error = throttled(&throttle, peer, &presented, || {
+                Err::<(), _>(ReceiverError::new(StatusCode::FORBIDDEN, "off", "off"))
+            })
+            .unwrap_err();
+            assert_eq!(error.status, StatusCode::FORBIDDEN);
+            let error = throttled(&throttle, peer, &HeaderMap::new(), refused).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+        }
+        assert!(throttled(&throttle, peer, &presented, || Ok(())).is_ok());
+        for _ in 0..2 {
+            let error = throttled(&throttle, peer, &presented, refused).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+        }
+        let blocked = throttled(&throttle, peer, &basic("admin", "right"), || Ok(())).unwrap_err();
+        assert_eq!(blocked.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(blocked.code, "too_many_failed_credentials");
     }
 
     #[test]

@@ -7,10 +7,11 @@
 //! carry a `Content-Security-Policy` that forbids scripts, frames and every fetch.
 //! The page costs a fixed number of store queries however many installs there are.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
@@ -87,10 +88,11 @@ pub struct PageParams {
 /// `GET /dashboard[?sort=profit|profit_asc|install_id]`.
 pub async fn page(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: Result<Query<PageParams>, QueryRejection>,
 ) -> Result<Response, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let Query(params) = params
         .map_err(|rejection| ReceiverError::bad_request("invalid_query", rejection.body_text()))?;
     let sort = Sort::parse(params.sort.as_deref())
@@ -105,10 +107,11 @@ pub async fn page(
 /// hash, source and model, with its month-to-date cost per model.
 pub async fn detail(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
 ) -> Result<Response, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let now = app.provider_now();
     let (rows, chart) = load_rows(&app, Some(install_id.clone()), now).await?;
     let Some(row) = rows.into_iter().next() else {

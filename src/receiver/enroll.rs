@@ -6,19 +6,21 @@
 //! secret for a known install is `409` and never replaces the stored one. With neither a
 //! token configured nor trust on first use, enrollment is refused outright (`403`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
 use super::ReceiverState;
-use super::auth::{bearer_token, credential_eq};
+use super::auth::{bearer_token, credential_eq, throttled};
+use super::clip::clip;
 use super::error::{ReceiverError, is_json_content_type};
 use super::ingest::{body_rejection, store_unavailable};
 use super::store::{EnrollOutcome, NewInstall};
@@ -37,10 +39,13 @@ enum Authorization {
 
 pub async fn enroll(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ReceiverError> {
-    let authorization = authorize(&app, &headers)?;
+    let authorization = throttled(&app.credential_throttle, peer.ip(), &headers, || {
+        authorize(&app, &headers)
+    })?;
     let body = body.map_err(body_rejection)?;
     if !is_json_content_type(&headers) {
         return Err(ReceiverError::unsupported_media_type(
@@ -81,7 +86,7 @@ pub async fn enroll(
         EnrollOutcome::Created => (StatusCode::CREATED, EnrollmentStatus::Enrolled),
         EnrollOutcome::AlreadyEnrolled => (StatusCode::OK, EnrollmentStatus::AlreadyEnrolled),
         EnrollOutcome::Conflict => {
-            tracing::warn!(%install_id, ?authorization, "enrollment with a different secret refused");
+            tracing::warn!(install_id = %clip(&install_id), ?authorization, "enrollment with a different secret refused");
             return Err(ReceiverError::new(
                 StatusCode::CONFLICT,
                 "install_conflict",
@@ -89,7 +94,7 @@ pub async fn enroll(
             ));
         }
     };
-    tracing::info!(%install_id, ?authorization, status = ?result, "install enrolled");
+    tracing::info!(install_id = %clip(&install_id), ?authorization, status = ?result, "install enrolled");
     Ok((
         status,
         Json(EnrollmentResult {

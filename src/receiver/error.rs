@@ -50,7 +50,7 @@ impl ReceiverError {
         ReceiverError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    /// `401` without a challenge (signatures, bearer tokens).
+    /// `401`; the caller adds the `WWW-Authenticate` challenge of its scheme.
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ReceiverError {
         ReceiverError::new(StatusCode::UNAUTHORIZED, code, message)
     }

@@ -20,6 +20,7 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use super::ReceiverState;
+use super::clip::clip;
 use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::retry_after_secs;
 use super::store::{Install, NewEvent};
@@ -32,6 +33,10 @@ use crate::protocol::wire::{
 
 /// Longest install id looked up; longer ones cannot be enrolled anyway.
 const MAX_INSTALL_ID_LEN: usize = 128;
+
+/// The challenge sent with every ingest `401`: batches authenticate by their Standard
+/// Webhooks signature, not by an `Authorization` header.
+pub const SIGNATURE_CHALLENGE: &str = r#"Signature realm="usage-agent ingest""#;
 
 pub async fn ingest(
     State(app): State<Arc<ReceiverState>>,
@@ -55,7 +60,7 @@ pub async fn ingest(
             })?;
     match &result {
         Ok(result) => tracing::info!(
-            install_id = %install_id,
+            install_id = %clip(&install_id),
             batch_id = %result.batch_id,
             accepted = result.accepted,
             duplicates = result.duplicates,
@@ -63,11 +68,12 @@ pub async fn ingest(
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "batch ingested"
         ),
+        // The install id is the raw header of a request that may not be authenticated.
         Err(error) => tracing::warn!(
-            install_id = %install_id,
+            install_id = %clip(&install_id),
             status = error.status.as_u16(),
             code = error.code,
-            message = %error.message,
+            message = %clip(&error.message),
             "batch refused"
         ),
     }
@@ -139,7 +145,7 @@ fn handle(
         now.timestamp(),
         app.settings.signature_tolerance_s,
     )
-    .map_err(|error| ReceiverError::unauthorized("invalid_signature", error.to_string()))?;
+    .map_err(|error| unauthenticated("invalid_signature", error.to_string()))?;
 
     if install.disabled {
         return Err(ReceiverError::new(
@@ -189,12 +195,12 @@ fn handle(
 fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, ReceiverError> {
     let install_id = header_str(headers, HEADER_INSTALL_ID);
     if install_id.is_empty() {
-        return Err(ReceiverError::unauthorized(
+        return Err(unauthenticated(
             "missing_install_id",
             format!("the {HEADER_INSTALL_ID} header is required"),
         ));
     }
-    let unknown = || ReceiverError::unauthorized("unknown_install", "this install is not enrolled");
+    let unknown = || unauthenticated("unknown_install", "this install is not enrolled");
     if install_id.len() > MAX_INSTALL_ID_LEN {
         return Err(unknown());
     }
@@ -202,6 +208,14 @@ fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, Rec
         .find_install(install_id)
         .map_err(store_unavailable)?
         .ok_or_else(unknown)
+}
+
+/// A `401` with the signature challenge.
+fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverError {
+    ReceiverError::unauthorized(code, message).with_header(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(SIGNATURE_CHALLENGE),
+    )
 }
 
 /// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape

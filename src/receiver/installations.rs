@@ -6,17 +6,19 @@
 //! this module only picks the days, parses requests and shapes answers. "Now" is
 //! [`ReceiverState::provider_now`], so tests can stand on a month boundary.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Value, json};
 
 use super::ReceiverState;
+use super::clip::clip;
 use super::error::ReceiverError;
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan, Pricing};
@@ -95,9 +97,10 @@ fn row_json(row: &InstallRow) -> Value {
 /// `GET /api/usage/installations`.
 pub async fn list(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let (rows, _) = load_rows(&app, None, app.provider_now()).await?;
     let installations: Vec<Value> = rows.iter().map(row_json).collect();
     Ok(Json(json!({ "installations": installations })))
@@ -106,11 +109,12 @@ pub async fn list(
 /// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
 pub async fn set_plan(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
     let value: Value = serde_json::from_slice(&body).map_err(|error| {
         ReceiverError::bad_request(
@@ -132,7 +136,7 @@ pub async fn set_plan(
     if !blocking(move || store.set_plan(&id, plan)).await? {
         return Err(unknown_install());
     }
-    tracing::info!(%install_id, plan = plan.as_str(), "plan changed");
+    tracing::info!(install_id = %clip(&install_id), plan = plan.as_str(), "plan changed");
     Ok(Json(
         json!({"install_id": install_id, "plan": plan.as_str()}),
     ))
@@ -142,16 +146,17 @@ pub async fn set_plan(
 /// enrollment. The agent would have to enroll again to send anything more.
 pub async fn erase(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(install_id): Path<String>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let store = app.store.clone();
     let id = install_id.clone();
     let Some(events) = blocking(move || store.erase_install(&id)).await? else {
         return Err(unknown_install());
     };
-    tracing::info!(%install_id, events, "install erased");
+    tracing::info!(install_id = %clip(&install_id), events, "install erased");
     Ok(Json(
         json!({"install_id": install_id, "erased": true, "events_deleted": events}),
     ))

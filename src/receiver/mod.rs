@@ -9,8 +9,9 @@
 //! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
 //! plans, erasure) and [`dashboard`] (HTML) are the handlers; [`pricing`] is the money
-//! arithmetic; [`auth`] checks tokens and basic auth; [`rate_limit`] limits requests per
-//! install; [`error`] shapes error answers.
+//! arithmetic; [`auth`] checks tokens and basic auth; [`throttle`] counts failed
+//! credentials per client address; [`rate_limit`] limits requests per install; [`clip`]
+//! bounds request values before they are logged; [`error`] shapes error answers.
 
 use std::future::Future;
 use std::path::Path;
@@ -24,7 +25,10 @@ use axum::response::Response;
 use axum::routing::{delete, get, post, put};
 use chrono::{DateTime, Utc};
 
+use crate::server::{self, Limits};
+
 pub mod auth;
+pub mod clip;
 pub mod dashboard;
 pub mod enroll;
 pub mod error;
@@ -36,6 +40,7 @@ pub mod rate_limit;
 pub mod settings;
 pub mod sqlite;
 pub mod store;
+pub mod throttle;
 
 pub use settings::{ReceiverSettings, SettingsError};
 pub use store::{ReceiverStore, ReceiverStoreError};
@@ -53,6 +58,8 @@ pub struct ReceiverState {
     pub settings: ReceiverSettings,
     pub store: Arc<dyn ReceiverStore>,
     pub limiter: rate_limit::RateLimiter,
+    /// Failed credentials per client address (SPEC 10).
+    pub credential_throttle: throttle::FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: pricing::Pricing,
 }
@@ -61,6 +68,7 @@ impl ReceiverState {
     pub fn new(settings: ReceiverSettings, store: Arc<dyn ReceiverStore>) -> ReceiverState {
         ReceiverState {
             limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
+            credential_throttle: throttle::FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
             settings,
             store,
@@ -117,8 +125,11 @@ async fn no_sniff(mut response: Response) -> Response {
     response
 }
 
-/// Serves the receiver on an already-bound listener until `shutdown` completes, then
-/// finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
+/// How long a stopping receiver lets open connections finish their request.
+pub const RECEIVER_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the receiver on an already-bound listener, within the bounds of SPEC 10
+/// ([`crate::server`]), until `shutdown` completes, then finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
 /// at start and every hour.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -126,17 +137,16 @@ pub async fn serve(
     store: Arc<dyn ReceiverStore>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let limits = Limits::new(settings.max_connections, RECEIVER_DRAIN_TIMEOUT);
     let state = Arc::new(ReceiverState::new(settings, store.clone()));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "receiver listening");
     }
     let retention = tokio::spawn(retention_loop(store));
-    let result = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
+    server::serve(listener, router(state), limits, shutdown).await;
     retention.abort();
     tracing::info!("receiver stopped");
-    result
+    Ok(())
 }
 
 async fn retention_loop(store: Arc<dyn ReceiverStore>) {

@@ -4,11 +4,12 @@
 //! This module parses query parameters and shapes answers; the numbers come from the
 //! [`ReceiverStore`](super::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
@@ -19,7 +20,7 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::ReceiverState;
-use super::auth::require_provider;
+use super::auth::{require_provider, throttled};
 use super::error::ReceiverError;
 use super::ingest::store_unavailable;
 use super::store::{
@@ -61,10 +62,11 @@ pub struct EventsParams {
 
 pub async fn summary(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: Result<Query<SummaryParams>, QueryRejection>,
 ) -> Result<Response, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let Query(params) = params.map_err(query_rejection)?;
     let csv = match non_empty(&params.format) {
         None | Some("json") => false,
@@ -88,10 +90,11 @@ pub async fn summary(
 
 pub async fn events(
     State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers)?;
+    authorize(&app, &headers, peer.ip())?;
     let Query(params) = params.map_err(query_rejection)?;
     let limit = match non_empty(&params.limit) {
         None => DEFAULT_PAGE_SIZE,
@@ -122,14 +125,21 @@ pub async fn events(
     })))
 }
 
-pub(super) fn authorize(app: &ReceiverState, headers: &HeaderMap) -> Result<(), ReceiverError> {
+/// Checks the provider's basic auth of a request from `peer`, throttled per address.
+pub(super) fn authorize(
+    app: &ReceiverState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<(), ReceiverError> {
     let settings = &app.settings;
-    require_provider(
-        headers,
-        settings.provider_username.as_deref(),
-        settings.provider_password.as_deref(),
-    )
-    .inspect_err(|_| tracing::warn!("provider request refused: bad or missing basic auth"))
+    throttled(&app.credential_throttle, peer, headers, || {
+        require_provider(
+            headers,
+            settings.provider_username.as_deref(),
+            settings.provider_password.as_deref(),
+        )
+    })
+    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
 }
 
 pub(super) async fn blocking<T: Send + 'static>(

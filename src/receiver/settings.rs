@@ -10,6 +10,8 @@ use chrono::{DateTime, Utc};
 
 /// Default requests per install per minute.
 pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
+/// Default `MAX_CONNECTIONS` (SPEC 10).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default signature timestamp tolerance, in seconds, in either direction.
 pub const DEFAULT_SIGNATURE_TOLERANCE_S: i64 = 300;
 /// Default largest request body as received (compressed or not).
@@ -44,6 +46,8 @@ pub struct ReceiverSettings {
     pub plan_pro_monthly: Option<f64>,
     /// `PLAN_AGENCY_MONTHLY`: monthly revenue of an agency install.
     pub plan_agency_monthly: Option<f64>,
+    /// `MAX_CONNECTIONS`: open connections at once; past that, new ones are closed.
+    pub max_connections: usize,
     /// Largest request body as received (not an environment variable).
     pub max_body_bytes: usize,
     /// Largest ingest body after gzip decompression (not an environment variable).
@@ -68,6 +72,7 @@ impl Default for ReceiverSettings {
             plan_free_monthly: None,
             plan_pro_monthly: None,
             plan_agency_monthly: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             provider_now: None,
@@ -96,6 +101,7 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("plan_free_monthly", &self.plan_free_monthly)
             .field("plan_pro_monthly", &self.plan_pro_monthly)
             .field("plan_agency_monthly", &self.plan_agency_monthly)
+            .field("max_connections", &self.max_connections)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
             .field("provider_now", &self.provider_now)
@@ -170,6 +176,18 @@ impl ReceiverSettings {
             plan_free_monthly: parse_money(&get, "PLAN_FREE_MONTHLY")?,
             plan_pro_monthly: parse_money(&get, "PLAN_PRO_MONTHLY")?,
             plan_agency_monthly: parse_money(&get, "PLAN_AGENCY_MONTHLY")?,
+            max_connections: match get("MAX_CONNECTIONS") {
+                None => defaults.max_connections,
+                Some(text) => match text.trim().parse::<usize>() {
+                    Ok(count) if count > 0 => count,
+                    _ => {
+                        return Err(SettingsError::new(
+                            "MAX_CONNECTIONS",
+                            "must be a whole number of connections, at least 1",
+                        ));
+                    }
+                },
+            },
             ..defaults
         })
     }

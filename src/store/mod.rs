@@ -40,6 +40,11 @@ pub enum StoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot create database file {path} (mode 0600): {source}")]
+    CreateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "database {path} has schema version {found}, newer than this binary knows ({known}); upgrade usage-agent"
     )]
@@ -87,14 +92,39 @@ pub struct Store {
     model_ids: std::collections::HashMap<String, i64>,
 }
 
+/// Creates an empty database file readable by its owner only, whatever the umask, unless
+/// one exists. SQLite then creates the `-wal` and `-shm` files with the database file's
+/// permissions (it sets them explicitly, past the umask), so they are 0600 too.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+    let create_error = |source| StoreError::CreateFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    match created {
+        // `mode` is filtered by the umask; a umask that takes owner bits (such as 0277)
+        // is put right here, and nothing wider than 0600 ever existed.
+        Ok(file) => file
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(create_error),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(create_error(error)),
+    }
+}
+
 /// The migrations in `schema.sql`, numbered from 1.
 fn migrations() -> Vec<&'static str> {
     SCHEMA.split("-- migration ").skip(1).collect()
 }
 
 impl Store {
-    /// Opens (creating if needed) the database, applies pending migrations and sets
-    /// WAL mode and the configured durability.
+    /// Opens (creating if needed, mode 0600) the database, applies pending migrations and
+    /// sets WAL mode and the configured durability.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
@@ -102,6 +132,7 @@ impl Store {
                 source,
             })?;
         }
+        create_private(path)?;
         let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -244,6 +275,22 @@ mod tests {
         drop(store);
         // Reopening must not re-run migration 1 (which would fail on existing tables).
         Store::open(&path, Synchronous::Normal).unwrap();
+    }
+
+    #[test]
+    fn a_new_database_and_its_wal_and_shm_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Under any umask; `tests/it/hardening_agent.rs` runs the agent under 022.
+        let store = Store::open(&dir.path().join("usage.db"), Synchronous::Full).unwrap();
+        store.set_meta("probe", "1").unwrap();
+        for name in ["usage.db", "usage.db-wal", "usage.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "daemon",
         &[
             "api", "jobs", "state", "sync", "store", "metrics", "identity", "config", "calendar",
-            "event",
+            "event", "server",
         ],
     ),
     (
@@ -45,12 +45,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("store", &["event", "config", "calendar", "gather_vfs"]),
     ("identity", &["protocol"]),
     // The provider's backend: beside the agent, never on top of it.
-    ("receiver", &["protocol", "event", "calendar", "gather_vfs"]),
+    (
+        "receiver",
+        &["protocol", "event", "calendar", "gather_vfs", "server"],
+    ),
     ("protocol", &["event"]),
     ("config", &["calendar"]),
     ("event", &[]),
     ("calendar", &[]),
     ("gather_vfs", &[]),
+    ("server", &[]),
 ];
 
 /// The top-level modules each module of `src/` names in `crate::` paths.

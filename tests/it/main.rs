@@ -3,10 +3,13 @@
 mod agent;
 mod common;
 mod demo;
+mod hardening_agent;
+mod hardening_receiver;
 mod harness;
 mod interop;
 mod jobs;
 mod layers;
+mod limits;
 mod loadgen;
 mod ops;
 mod provider;
