@@ -9,6 +9,7 @@ pub mod api;
 pub mod calendar;
 pub mod cli;
 pub mod config;
+pub mod credentials;
 pub mod daemon;
 pub mod event;
 mod gather_vfs;

@@ -16,9 +16,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
+use crate::credentials::{FailureThrottle, THROTTLED_CODE, bearer_token, credential_eq, presented};
 use crate::state::SharedState;
 use crate::store::{Store, StoreError};
 
@@ -28,7 +27,6 @@ pub mod jobs;
 pub mod metrics;
 pub mod status;
 pub mod sync;
-pub mod throttle;
 pub mod usage;
 pub mod users;
 
@@ -78,7 +76,7 @@ pub fn router(state: SharedState) -> Router {
 pub fn tcp_router(state: SharedState) -> Router {
     let guard = Arc::new(TokenGuard {
         state: Arc::clone(&state),
-        throttle: throttle::Throttle::default(),
+        throttle: FailureThrottle::default(),
     });
     router(state).layer(middleware::from_fn_with_state(guard, require_token))
 }
@@ -86,11 +84,12 @@ pub fn tcp_router(state: SharedState) -> Router {
 /// What the bearer check needs: the configured token and the failures seen so far.
 struct TokenGuard {
     state: SharedState,
-    throttle: throttle::Throttle,
+    throttle: FailureThrottle,
 }
 
 /// Order of checks: a throttled address is refused before its token is looked at, so
-/// even the right token waits out the window; then the token; a failure is counted.
+/// even the right token waits out the window; then the token; a refused token that was
+/// presented is counted (the receiver's rule, [`crate::credentials::presented`]).
 async fn require_token(
     State(guard): State<Arc<TokenGuard>>,
     request: Request,
@@ -106,23 +105,26 @@ async fn require_token(
             retry_after_s: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
             ..ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "too_many_failures",
+                THROTTLED_CODE,
                 format!(
                     "{} failed bearer tokens from {client} within {} s: try again later",
-                    throttle::MAX_FAILURES,
-                    throttle::WINDOW.as_secs()
+                    crate::credentials::throttle::MAX_FAILURES,
+                    crate::credentials::throttle::WINDOW.as_secs()
                 ),
             )
         }
         .into_response();
     }
     let expected = &guard.state.config.api_token;
-    let accepted = bearer_token(request.headers())
-        .is_some_and(|given| !expected.is_empty() && token_eq(given, expected));
+    let accepted = bearer_token(request.headers()).is_some_and(|given| {
+        !expected.is_empty() && credential_eq(given.as_bytes(), expected.as_bytes())
+    });
     if accepted {
         return next.run(request).await;
     }
-    guard.throttle.record_failure(client, Instant::now());
+    if presented(request.headers()) {
+        guard.throttle.record_failure(client, Instant::now());
+    }
     let mut response = ApiError::new(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -133,24 +135,6 @@ async fn require_token(
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     response
-}
-
-/// The token of an `Authorization: Bearer <token>` header; the scheme word in any case.
-fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
-}
-
-/// Compares tokens in constant time over their SHA-256 digests, so the time taken does
-/// not even reveal the expected token's length.
-fn token_eq(given: &str, expected: &str) -> bool {
-    Sha256::digest(given.as_bytes())
-        .ct_eq(&Sha256::digest(expected.as_bytes()))
-        .into()
 }
 
 async fn not_found() -> ApiError {
@@ -223,39 +207,5 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::http::HeaderMap;
-
-    use super::*;
-
-    #[test]
-    fn the_bearer_scheme_is_read_in_any_case_and_nothing_else_is() {
-        let cases = [
-            ("Bearer abc", Some("abc")),
-            ("bearer abc", Some("abc")),
-            ("BEARER  abc ", Some("abc")),
-            ("Basic abc", None),
-            ("Bearer", None),
-            ("Bearer ", None),
-            ("Bearerabc", None),
-        ];
-        for (value, expected) in cases {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
-            assert_eq!(bearer_token(&headers), expected, "{value:?}");
-        }
-        assert_eq!(bearer_token(&HeaderMap::new()), None);
-    }
-
-    #[test]
-    fn tokens_match_only_when_equal_whatever_their_lengths() {
-        assert!(token_eq("s3cret", "s3cret"));
-        for given in ["", "s3cre", "s3cret ", "s3cretx", "S3cret"] {
-            assert!(!token_eq(given, "s3cret"), "{given:?}");
-        }
     }
 }

@@ -11,12 +11,10 @@ use std::time::Instant;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::error::ReceiverError;
 use super::rate_limit::retry_after_secs;
-use super::throttle::FailureThrottle;
+use crate::credentials::{FailureThrottle, THROTTLED_CODE, credential_eq, presented};
 
 /// The challenge sent with every provider `401`.
 pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
@@ -24,8 +22,7 @@ pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
 /// Runs the credentials `check` of a request from `peer` under the failure throttle: while
 /// the address is blocked it is answered `429` with `Retry-After` without being checked,
 /// and a `401` from `check` counts against it if the request presented credentials (an
-/// `Authorization` header). A request without any is no guess: it is how a browser or a
-/// client learns that credentials are needed, and must not lock the provider out.
+/// `Authorization` header; see [`crate::credentials::presented`]).
 ///
 /// Checking and counting are not one atomic step, so requests checked at the same moment
 /// can pass the limit by at most one per runtime worker thread.
@@ -39,35 +36,18 @@ pub fn throttled<T>(
         let seconds = retry_after_secs(wait);
         ReceiverError::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "too_many_failed_credentials",
+            THROTTLED_CODE,
             format!("too many failed credentials from this address; retry in {seconds} s"),
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
     })?;
     let result = check();
-    let presented = headers.contains_key(header::AUTHORIZATION);
-    if presented && matches!(&result, Err(error) if error.status == StatusCode::UNAUTHORIZED) {
+    if presented(headers)
+        && matches!(&result, Err(error) if error.status == StatusCode::UNAUTHORIZED)
+    {
         throttle.record_failure(peer, Instant::now());
     }
     result
-}
-
-/// Compares two credentials in constant time. Both sides are hashed first, so the time
-/// taken does not even reveal the expected length.
-pub fn credential_eq(given: &[u8], expected: &[u8]) -> bool {
-    let given = Sha256::digest(given);
-    let expected = Sha256::digest(expected);
-    given.ct_eq(&expected).into()
-}
-
-/// The token of an `Authorization: Bearer <token>` header, if there is one.
-pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim())
-        .filter(|t| !t.is_empty())
 }
 
 /// Checks provider basic auth. Unset credentials refuse everyone.
@@ -153,15 +133,6 @@ mod tests {
     }
 
     #[test]
-    fn bearer_tokens_are_read_case_insensitively() {
-        assert_eq!(bearer_token(&with_auth("Bearer abc")), Some("abc"));
-        assert_eq!(bearer_token(&with_auth("bearer  abc ")), Some("abc"));
-        assert_eq!(bearer_token(&with_auth("Basic abc")), None);
-        assert_eq!(bearer_token(&with_auth("Bearer ")), None);
-        assert_eq!(bearer_token(&HeaderMap::new()), None);
-    }
-
-    #[test]
     fn only_refused_credentials_count_against_the_address() {
         let throttle = FailureThrottle::new(2, std::time::Duration::from_secs(60), 10);
         let peer: IpAddr = "192.0.2.1".parse().unwrap();
@@ -186,12 +157,5 @@ mod tests {
         let blocked = throttled(&throttle, peer, &basic("admin", "right"), || Ok(())).unwrap_err();
         assert_eq!(blocked.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(blocked.code, "too_many_failed_credentials");
-    }
-
-    #[test]
-    fn credentials_compare_by_content() {
-        assert!(credential_eq(b"token", b"token"));
-        assert!(!credential_eq(b"token", b"token2"));
-        assert!(!credential_eq(b"", b"token"));
     }
 }

@@ -19,11 +19,12 @@ use chrono::Utc;
 use serde_json::json;
 
 use super::ReceiverState;
-use super::auth::{bearer_token, credential_eq, throttled};
+use super::auth::throttled;
 use super::clip::clip;
 use super::error::{ReceiverError, is_json_content_type};
 use super::ingest::{body_rejection, store_unavailable};
 use super::store::{EnrollOutcome, NewInstall};
+use crate::credentials::{bearer_token, credential_eq};
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::{Enrollment, EnrollmentResult, EnrollmentStatus};
 

@@ -9,8 +9,8 @@
 //! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
 //! plans, erasure) and [`dashboard`] (HTML) are the handlers; [`pricing`] is the money
-//! arithmetic; [`auth`] checks tokens and basic auth; [`throttle`] counts failed
-//! credentials per client address; [`rate_limit`] limits requests per install; [`clip`]
+//! arithmetic; [`auth`] checks tokens and basic auth, failed ones throttled per client
+//! address by [`crate::credentials`]; [`rate_limit`] limits requests per install; [`clip`]
 //! bounds request values before they are logged; [`error`] shapes error answers.
 
 use std::future::Future;
@@ -25,6 +25,7 @@ use axum::response::Response;
 use axum::routing::{delete, get, post, put};
 use chrono::{DateTime, Utc};
 
+use crate::credentials::FailureThrottle;
 use crate::server::{self, Limits};
 
 pub mod auth;
@@ -40,7 +41,6 @@ pub mod rate_limit;
 pub mod settings;
 pub mod sqlite;
 pub mod store;
-pub mod throttle;
 
 pub use settings::{ReceiverSettings, SettingsError};
 pub use store::{ReceiverStore, ReceiverStoreError};
@@ -59,7 +59,7 @@ pub struct ReceiverState {
     pub store: Arc<dyn ReceiverStore>,
     pub limiter: rate_limit::RateLimiter,
     /// Failed credentials per client address (SPEC 10).
-    pub credential_throttle: throttle::FailureThrottle,
+    pub credential_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: pricing::Pricing,
 }
@@ -68,7 +68,7 @@ impl ReceiverState {
     pub fn new(settings: ReceiverSettings, store: Arc<dyn ReceiverStore>) -> ReceiverState {
         ReceiverState {
             limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
-            credential_throttle: throttle::FailureThrottle::default(),
+            credential_throttle: FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
             settings,
             store,

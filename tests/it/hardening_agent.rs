@@ -127,7 +127,10 @@ async fn twenty_failed_tokens_close_that_address_even_to_the_right_token() {
         .parse()
         .expect("Retry-After in seconds");
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
-    assert_error_shape(&response.json().await.unwrap(), "too_many_failures");
+    assert_error_shape(
+        &response.json().await.unwrap(),
+        "too_many_failed_credentials",
+    );
     assert_eq!(agent.stored_events(), 0);
 
     // Another client address is not held back by the first one's failures.

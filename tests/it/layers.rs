@@ -25,7 +25,16 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "api",
         &[
-            "jobs", "state", "sync", "store", "metrics", "identity", "event", "config", "calendar",
+            "jobs",
+            "state",
+            "sync",
+            "store",
+            "metrics",
+            "identity",
+            "event",
+            "config",
+            "calendar",
+            "credentials",
         ],
     ),
     (
@@ -47,7 +56,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The provider's backend: beside the agent, never on top of it.
     (
         "receiver",
-        &["protocol", "event", "calendar", "gather_vfs", "server"],
+        &[
+            "protocol",
+            "event",
+            "calendar",
+            "gather_vfs",
+            "server",
+            "credentials",
+        ],
     ),
     ("protocol", &["event"]),
     ("config", &["calendar"]),
@@ -55,6 +71,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("calendar", &[]),
     ("gather_vfs", &[]),
     ("server", &[]),
+    ("credentials", &[]),
 ];
 
 /// The top-level modules each module of `src/` names in `crate::` paths.

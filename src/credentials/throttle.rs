@@ -8,10 +8,11 @@
 //! addresses: when full, expired windows go first, then the oldest quarter, so a flood of
 //! addresses costs bounded memory and the eviction work is paid once per many new entries.
 //!
-//! This type only counts; [`super::auth::throttled`] decides what is a failure (a `401`)
-//! and answers `429`. Signature failures at ingest are not counted: they come from agents
-//! that are not enrolled yet, which may share an address on shared hosting. The clock is
-//! passed in, so tests need no sleeping.
+//! This type only counts; each server decides what is a failure (a refused credential
+//! that was presented, see [`super::presented`]) and answers `429`. The receiver does not
+//! count signature failures at ingest: they come from agents that are not enrolled yet,
+//! which may share an address on shared hosting. The clock is passed in, so tests need
+//! no sleeping.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
