@@ -2,9 +2,12 @@
 //! of both servers (the agent's socket and TCP port, the receiver): what one client can
 //! hold is bounded, and shutdown ends on time.
 //!
-//! - Headers must arrive within [`HEADER_TIMEOUT`] (hyper's header read timeout, which
-//!   also runs while a kept-alive connection waits for its next request, so an idle
-//!   connection is closed then too).
+//! - A request's headers must arrive within [`HEADER_TIMEOUT`] of its first byte, and a
+//!   kept-alive connection that waits for its next request is closed after
+//!   [`IDLE_TIMEOUT`]. hyper has one timer for both (its header read timeout starts as
+//!   soon as a connection waits for a request), so it is set to the idle time, and
+//!   [`Watched`] closes a connection whose started headers take longer than the header
+//!   time.
 //! - A body must arrive within [`BODY_TIMEOUT`] of its headers, else `408` and the
 //!   connection is closed.
 //! - At most `max_connections` connections are open at once; past that, a new one is
@@ -17,7 +20,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,12 +36,15 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 /// How long a client may take to send a request's headers (SPEC 10).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kept-alive connection may wait for its next request (SPEC 10).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client may take to send a body once its headers are in (SPEC 10).
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -46,6 +52,7 @@ pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub header_timeout: Duration,
+    pub idle_timeout: Duration,
     pub body_timeout: Duration,
     /// Open connections at once.
     pub max_connections: usize,
@@ -58,6 +65,7 @@ impl Limits {
     pub fn new(max_connections: usize, drain_timeout: Duration) -> Limits {
         Limits {
             header_timeout: HEADER_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             max_connections,
             drain_timeout,
@@ -86,7 +94,7 @@ pub async fn serve<L>(
     let mut connections = JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
+        .header_read_timeout(limits.idle_timeout)
         .keep_alive(true);
     let mut refused: u64 = 0;
     tokio::pin!(shutdown);
@@ -109,10 +117,25 @@ pub async fn serve<L>(
             }
             continue;
         };
-        let service = router.clone().map_request(move |mut request: Request<_>| {
-            request.extensions_mut().insert(ConnectInfo(addr.clone()));
-            request
-        });
+        let phase = Arc::new(AtomicU8::new(BETWEEN_REQUESTS));
+        let (on_request, on_response) = (Arc::clone(&phase), Arc::clone(&phase));
+        let service = router
+            .clone()
+            .map_request(move |mut request: Request<_>| {
+                on_request.store(IN_REQUEST, Ordering::Relaxed);
+                request.extensions_mut().insert(ConnectInfo(addr.clone()));
+                request
+            })
+            .map_response(move |response| {
+                on_response.store(BETWEEN_REQUESTS, Ordering::Relaxed);
+                response
+            });
+        let io = Watched {
+            io,
+            phase,
+            header_timeout: limits.header_timeout,
+            deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
+        };
         let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         connections.spawn(async move {
@@ -136,6 +159,87 @@ pub async fn serve<L>(
     connections.shutdown().await;
 }
 
+/// Where a connection is: waiting for a request, reading one's headers, or in a request
+/// (headers parsed, until its response is made).
+const BETWEEN_REQUESTS: u8 = 0;
+const READING_HEADERS: u8 = 1;
+const IN_REQUEST: u8 = 2;
+
+/// A connection's IO that fails once a request's headers, begun, take longer than the
+/// header time: the first byte after [`BETWEEN_REQUESTS`] starts the clock, the service
+/// seeing the request stops it.
+struct Watched<IO> {
+    io: IO,
+    phase: Arc<AtomicU8>,
+    header_timeout: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.io).poll_read(cx, buf);
+        let got_bytes = buf.filled().len() > before;
+        if got_bytes
+            && self
+                .phase
+                .compare_exchange(
+                    BETWEEN_REQUESTS,
+                    READING_HEADERS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            let until = tokio::time::Instant::now() + self.header_timeout;
+            self.deadline.as_mut().reset(until);
+        }
+        if self.phase.load(Ordering::Relaxed) == READING_HEADERS
+            && self.deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request headers did not arrive in time",
+            )));
+        }
+        read
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 /// Gives the request body a deadline; a body that is not in by then makes the answer
 /// `408` with `Connection: close`, whatever the handler made of the cut body.
 async fn body_deadline(
@@ -143,6 +247,10 @@ async fn body_deadline(
     request: Request,
     next: Next,
 ) -> Response {
+    if request.body().is_end_stream() {
+        // Nothing to wait for (a GET): no timer on the way.
+        return next.run(request).await;
+    }
     let expired = Arc::new(AtomicBool::new(false));
     let request = request.map(|body| {
         Body::new(DeadlineBody {
@@ -218,6 +326,7 @@ mod tests {
 
     const SHORT: Limits = Limits {
         header_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(1200),
         body_timeout: Duration::from_millis(300),
         max_connections: 2,
         drain_timeout: Duration::from_millis(300),
@@ -279,27 +388,51 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn half_sent_headers_and_idle_connections_are_closed() {
-        let (addr, _stop, _task) = start(SHORT).await;
+    async fn half_sent_headers_close_at_the_header_time_and_idle_connections_at_the_idle_time() {
+        let limits = Limits {
+            max_connections: 8,
+            ..SHORT
+        };
+        let (addr, _stop, _task) = start(limits).await;
         let mut half = TcpStream::connect(addr).await.unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
         half.write_all(b"POST /echo HTTP/1.1\r\nHost: x\r\n")
             .await
             .unwrap();
-        let mut idle = TcpStream::connect(addr).await.unwrap();
-        let started = Instant::now();
+        kept.write_all(REQUEST).await.unwrap();
+        let mut buffer = [0u8; 1024];
+        assert!(kept.read(&mut buffer).await.unwrap() > 0);
         assert!(
             read_until_closed(&mut half, Duration::from_secs(5))
                 .await
                 .is_some()
         );
+        let half_closed = started.elapsed();
+        assert!(
+            half_closed >= Duration::from_millis(250) && half_closed < Duration::from_millis(1000),
+            "half-sent headers closed after {half_closed:?}, not at the 300 ms header time"
+        );
+        // Past the header time, an idle connection and one kept alive after a request are
+        // still open, and the kept one serves its next request.
+        assert!(
+            read_until_closed(&mut idle, Duration::from_millis(100))
+                .await
+                .is_none()
+        );
+        kept.write_all(REQUEST).await.unwrap();
+        let n = kept.read(&mut buffer).await.unwrap();
+        assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
         assert!(
             read_until_closed(&mut idle, Duration::from_secs(5))
                 .await
                 .is_some()
         );
+        let idle_closed = started.elapsed();
         assert!(
-            started.elapsed() >= Duration::from_millis(250),
-            "not before the timeout"
+            idle_closed >= Duration::from_millis(1100),
+            "the idle connection closed after {idle_closed:?}, before the 1.2 s idle time"
         );
     }
 
