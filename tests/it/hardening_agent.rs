@@ -10,21 +10,10 @@ use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 
 use crate::common::{ENROLL_TOKEN, TestReceiver, receiver_settings};
-use crate::harness::{Agent, bin, event, new_id, poll, poll_blocking};
+use crate::harness::{Agent, assert_error_shape, bin, event, new_id, poll, poll_blocking};
 
 /// The API token of [`tcp_agent`].
 const API_TOKEN: &str = "s3cret-api-token";
-
-/// Asserts `body` is `{"error": {"code": code, "message": "...", "details": [...]}}`.
-fn assert_error_shape(body: &Value, code: &str) {
-    let error = &body["error"];
-    assert_eq!(error["code"], code, "{body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(error["details"].is_array(), "{body}");
-}
 
 /// A free loopback port, for `tcp_listen`.
 fn free_port() -> u16 {

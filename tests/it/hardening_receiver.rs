@@ -17,15 +17,13 @@ use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
     enroll, enroll_request, provider_request, receiver_settings, signed,
 };
-use crate::harness::poll_blocking;
+use crate::harness::{assert_error_shape, poll_blocking};
 
 /// Asserts `response` is `status` with the error shape and `code`; returns the body.
 async fn assert_error(response: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status);
     let body: Value = response.json().await.expect("a JSON error body");
-    assert_eq!(body["error"]["code"], code, "{body}");
-    assert!(body["error"]["message"].is_string(), "{body}");
-    assert!(body["error"]["details"].is_array(), "{body}");
+    assert_error_shape(&body, code);
     body
 }
 

@@ -280,3 +280,15 @@ pub fn new_id() -> String {
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
 }
+
+/// Asserts `body` is `{"error": {"code": code, "message": "...", "details": [...]}}`, the
+/// error shape of both servers.
+pub fn assert_error_shape(body: &Value, code: &str) {
+    let error = &body["error"];
+    assert_eq!(error["code"], code, "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(error["details"].is_array(), "{body}");
+}

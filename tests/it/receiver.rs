@@ -18,20 +18,15 @@ use crate::common::{
     ENROLL_TOKEN, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client, enroll,
     enroll_request, provider_request, receiver_settings, signed, signed_at,
 };
+use crate::harness::assert_error_shape;
 
 /// Asserts the status and the `{"error": {"code", "message", "details"}}` shape; returns
 /// the error object.
 async fn assert_error(response: Response, status: StatusCode, code: &str) -> Value {
     assert_eq!(response.status(), status);
     let body: Value = response.json().await.expect("error bodies are JSON");
-    let error = &body["error"];
-    assert_eq!(error["code"], code, "{body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(error["details"].is_array(), "{body}");
-    error.clone()
+    assert_error_shape(&body, code);
+    body["error"].clone()
 }
 
 fn event_at(install: &TestInstall, user: u64, created_at: DateTime<Utc>) -> Value {
