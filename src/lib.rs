@@ -16,6 +16,7 @@ mod gather_vfs;
 pub mod identity;
 pub mod jobs;
 pub mod metrics;
+mod private_file;
 pub mod protocol;
 pub mod receiver;
 pub mod server;

@@ -27,6 +27,7 @@ use super::store::{
     UsageWindow,
 };
 use crate::event::Source;
+use crate::private_file::create_private;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
 
@@ -183,26 +184,6 @@ impl SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(counts)
-    }
-}
-
-/// Creates the database file, empty and mode 0600, unless it exists (SPEC 10: the
-/// provider's records are readable by the receiver's user only, whatever the umask).
-/// SQLite would create it with 0644 less the umask; it creates the `-wal` and `-shm` files
-/// with the mode of the database file, so those are private too. An existing file keeps
-/// the mode its operator gave it.
-fn create_private(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        // The umask may have taken bits from 0600 too (0400 would leave SQLite read-only).
-        Ok(file) => file.set_permissions(std::fs::Permissions::from_mode(0o600)),
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(error) => Err(error),
     }
 }
 

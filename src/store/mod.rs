@@ -10,6 +10,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::Synchronous;
+use crate::private_file::create_private;
 
 pub mod events;
 pub mod export;
@@ -92,31 +93,6 @@ pub struct Store {
     model_ids: std::collections::HashMap<String, i64>,
 }
 
-/// Creates an empty database file readable by its owner only, whatever the umask, unless
-/// one exists. SQLite then creates the `-wal` and `-shm` files with the database file's
-/// permissions (it sets them explicitly, past the umask), so they are 0600 too.
-fn create_private(path: &Path) -> Result<(), StoreError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let created = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path);
-    let create_error = |source| StoreError::CreateFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    match created {
-        // `mode` is filtered by the umask; a umask that takes owner bits (such as 0277)
-        // is put right here, and nothing wider than 0600 ever existed.
-        Ok(file) => file
-            .set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(create_error),
-        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(error) => Err(create_error(error)),
-    }
-}
-
 /// The migrations in `schema.sql`, numbered from 1.
 fn migrations() -> Vec<&'static str> {
     SCHEMA.split("-- migration ").skip(1).collect()
@@ -132,7 +108,10 @@ impl Store {
                 source,
             })?;
         }
-        create_private(path)?;
+        create_private(path).map_err(|source| StoreError::CreateFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let open_error = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,

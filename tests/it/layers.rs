@@ -51,7 +51,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
         ],
     ),
     ("metrics", &["store", "event"]),
-    ("store", &["event", "config", "calendar", "gather_vfs"]),
+    (
+        "store",
+        &["event", "config", "calendar", "gather_vfs", "private_file"],
+    ),
     ("identity", &["protocol"]),
     // The provider's backend: beside the agent, never on top of it.
     (
@@ -63,6 +66,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "gather_vfs",
             "server",
             "credentials",
+            "private_file",
         ],
     ),
     ("protocol", &["event"]),
@@ -72,6 +76,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("gather_vfs", &[]),
     ("server", &[]),
     ("credentials", &[]),
+    ("private_file", &[]),
 ];
 
 /// The top-level modules each module of `src/` names in `crate::` paths.
