@@ -134,7 +134,8 @@ pub async fn serve<L>(
             io,
             phase,
             header_timeout: limits.header_timeout,
-            deadline: Box::pin(tokio::time::sleep(limits.header_timeout)),
+            deadline: tokio::time::Instant::now(),
+            timer: None,
         };
         let connection = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
@@ -167,12 +168,16 @@ const IN_REQUEST: u8 = 2;
 
 /// A connection's IO that fails once a request's headers, begun, take longer than the
 /// header time: the first byte after [`BETWEEN_REQUESTS`] starts the clock, the service
-/// seeing the request stops it.
+/// seeing the request stops it. The timer is armed only when a read has to wait in the
+/// middle of headers; a request whose headers come in one read (nearly all) costs a clock
+/// read, not a timer.
 struct Watched<IO> {
     io: IO,
     phase: Arc<AtomicU8>,
     header_timeout: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// When the headers being read must be complete.
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
@@ -195,16 +200,32 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
                 )
                 .is_ok()
         {
-            let until = tokio::time::Instant::now() + self.header_timeout;
-            self.deadline.as_mut().reset(until);
+            self.deadline = tokio::time::Instant::now() + self.header_timeout;
         }
-        if self.phase.load(Ordering::Relaxed) == READING_HEADERS
-            && self.deadline.as_mut().poll(cx).is_ready()
-        {
-            return Poll::Ready(Err(std::io::Error::new(
+        if self.phase.load(Ordering::Relaxed) != READING_HEADERS {
+            return read;
+        }
+        let timed_out = || {
+            Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the request headers did not arrive in time",
-            )));
+            )))
+        };
+        if tokio::time::Instant::now() >= self.deadline {
+            return timed_out();
+        }
+        if read.is_pending() {
+            // Wake up at the deadline, should the rest of the headers not come.
+            let deadline = self.deadline;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return timed_out();
+            }
         }
         read
     }
@@ -255,7 +276,8 @@ async fn body_deadline(
     let request = request.map(|body| {
         Body::new(DeadlineBody {
             inner: body,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            deadline: tokio::time::Instant::now() + timeout,
+            sleep: None,
             expired: Arc::clone(&expired),
         })
     });
@@ -275,10 +297,13 @@ async fn body_deadline(
     response
 }
 
-/// A request body that fails once its deadline passes.
+/// A request body that fails once its deadline passes. The timer is made only when the
+/// body has to be waited for: most bodies are in the buffer with their headers, and a
+/// timer per request costs the ingest path (the timer wheel is shared by all workers).
 struct DeadlineBody {
     inner: Body,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    deadline: tokio::time::Instant,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     expired: Arc<AtomicBool>,
 }
 
@@ -298,7 +323,11 @@ impl HttpBody for DeadlineBody {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
-        if self.sleep.as_mut().poll(cx).is_ready() {
+        let deadline = self.deadline;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.as_mut().poll(cx).is_ready() {
             self.expired.store(true, Ordering::Relaxed);
             return Poll::Ready(Some(Err(Box::new(BodyTimedOut))));
         }
