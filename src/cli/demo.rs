@@ -152,8 +152,10 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     println!("\nreceiver summary by model (what the provider bills from):");
     print_summary(&summary);
 
+    // Ctrl-C is handled from before the hint that invites it is printed.
+    let stop = super::run::shutdown_signal()?;
     print_next_steps(&socket, &backend_url, &provider_password);
-    super::run::shutdown_signal()?.await;
+    stop.await;
     println!("\nstopping the demo and removing {}", dir.display());
     let _ = stop_tx.send(true);
     agent_task.await??;

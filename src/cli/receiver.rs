@@ -1,7 +1,7 @@
 //! `usage-agent receiver`: run the bundled receiver until SIGINT or SIGTERM.
 //!
-//! Reads the receiver's settings from the environment (SPEC section 6), opens its SQLite
-//! database, binds the listen address and hands both to [`crate::receiver::serve`]. It
+//! Reads the receiver's settings from the environment (SPEC section 6), opens its store
+//! (SQLite, or PostgreSQL with `--database-url`, SPEC 9), binds the listen address and hands both to [`crate::receiver::serve`]. It
 //! touches nothing of the agent's (no config file, no identity, no agent database).
 
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use crate::receiver::{self, ReceiverSettings};
 /// Options of `usage-agent receiver`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Settings come from the environment: ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S and the pricing variables.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
+    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S and the pricing variables.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
 )]
 pub struct ReceiverArgs {
     /// Address to listen on.
@@ -22,28 +22,45 @@ pub struct ReceiverArgs {
     /// SQLite database path.
     #[arg(long, default_value = "./receiver-data/receiver.db")]
     pub db: PathBuf,
+    /// Store in PostgreSQL instead (libpq's URL form:
+    /// postgres://user:password@host:port/dbname, or ?host=/run/postgresql for a Unix
+    /// socket); several receiver nodes may share one database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        conflicts_with = "db",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
 }
 
 pub fn run(args: ReceiverArgs) -> anyhow::Result<()> {
     super::run::init_logging(crate::config::LogFormat::Text);
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
-    let store = receiver::open_sqlite(&args.db)
-        .with_context(|| format!("opening the receiver database {}", args.db.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let (store, described) = match &args.database_url {
+        Some(url) => (
+            receiver::open_postgres(url, runtime.handle().clone())
+                .context("opening the receiver's PostgreSQL database")?,
+            "PostgreSQL".to_owned(),
+        ),
+        None => (
+            receiver::open_sqlite(&args.db)
+                .with_context(|| format!("opening the receiver database {}", args.db.display()))?,
+            args.db.display().to_string(),
+        ),
+    };
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         let shutdown = shutdown_signal()?;
-        println!(
-            "usage-agent receiver listening on http://{addr} (database {})",
-            args.db.display()
-        );
+        println!("usage-agent receiver listening on http://{addr} (database {described})");
         receiver::serve(listener, settings, store, shutdown)
             .await
             .context("serving the receiver")

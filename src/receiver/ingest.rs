@@ -22,7 +22,7 @@ use serde_json::json;
 use super::ReceiverState;
 use super::clip::clip;
 use super::error::{ReceiverError, is_json_content_type};
-use super::rate_limit::retry_after_secs;
+use super::rate_limit::{Rate, retry_after_secs};
 use super::store::{Install, NewEvent};
 use crate::protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
@@ -89,8 +89,13 @@ pub fn body_rejection(rejection: BytesRejection) -> ReceiverError {
     }
 }
 
-/// Maps a storage failure to `503`, logging the cause (which never holds a secret).
+/// Maps a storage failure to `503`, logging the cause (which never holds a secret); an
+/// install erased or disabled while its batch was stored is `401`, as if it came a moment
+/// later.
 pub fn store_unavailable(error: super::store::ReceiverStoreError) -> ReceiverError {
+    if matches!(error, super::store::ReceiverStoreError::InstallGone) {
+        return unauthenticated("unknown_install", "this install is not enrolled");
+    }
     tracing::error!(%error, "receiver store failure");
     ReceiverError::unavailable(5)
 }
@@ -154,8 +159,14 @@ fn handle(
             "this install is disabled",
         ));
     }
-    app.limiter
-        .check(install.key, Instant::now())
+    app.store
+        .take_request(
+            install.key,
+            Rate {
+                per_min: app.settings.rate_limit_per_min,
+            },
+        )
+        .map_err(store_unavailable)?
         .map_err(|wait| {
             let seconds = retry_after_secs(wait);
             ReceiverError::new(

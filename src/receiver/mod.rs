@@ -6,7 +6,8 @@
 //! ([`crate::protocol::signing`]); it shares no state, store or configuration with the agent.
 //!
 //! Code map: [`serve`] and the router are here; [`settings`] reads the environment;
-//! [`store`] is the storage trait and [`sqlite`] its SQLite implementation (all SQL);
+//! [`store`] is the storage trait, with its SQLite and PostgreSQL implementations (all
+//! SQL) beneath it;
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
 //! plans, erasure) and [`dashboard`] (HTML) are the handlers; [`pricing`] is the money
 //! arithmetic; [`auth`] checks tokens and basic auth, failed ones throttled per client
@@ -39,7 +40,6 @@ pub mod pricing;
 pub mod provider;
 pub mod rate_limit;
 pub mod settings;
-pub mod sqlite;
 pub mod store;
 
 pub use settings::{ReceiverSettings, SettingsError};
@@ -48,16 +48,13 @@ pub use store::{ReceiverStore, ReceiverStoreError};
 /// How long raw events are kept: longer than any event the receiver accepts (91 days),
 /// so a re-sent event is always recognised as a duplicate.
 pub const EVENT_RETENTION: chrono::Duration = chrono::Duration::days(92);
-/// How often old events are purged.
+/// How often old events are purged (and, on PostgreSQL, partitions made ahead).
 const RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
-/// Events deleted per purge transaction.
-const RETENTION_CHUNK: usize = 5000;
 
 /// What every handler shares.
 pub struct ReceiverState {
     pub settings: ReceiverSettings,
     pub store: Arc<dyn ReceiverStore>,
-    pub limiter: rate_limit::RateLimiter,
     /// Failed credentials per client address (SPEC 10).
     pub credential_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
@@ -67,7 +64,6 @@ pub struct ReceiverState {
 impl ReceiverState {
     pub fn new(settings: ReceiverSettings, store: Arc<dyn ReceiverStore>) -> ReceiverState {
         ReceiverState {
-            limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
             credential_throttle: FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
             settings,
@@ -83,7 +79,17 @@ impl ReceiverState {
 
 /// Opens (creating it and its parent directories if needed) the SQLite store at `path`.
 pub fn open_sqlite(path: &Path) -> Result<Arc<dyn ReceiverStore>, ReceiverStoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(path)?))
+    Ok(Arc::new(store::sqlite::SqliteStore::open(path)?))
+}
+
+/// Connects to the PostgreSQL store at `url`, its connections on `runtime` (SPEC 9).
+pub fn open_postgres(
+    url: &str,
+    runtime: tokio::runtime::Handle,
+) -> Result<Arc<dyn ReceiverStore>, ReceiverStoreError> {
+    Ok(Arc::new(store::postgres::PostgresStore::open(
+        url, runtime,
+    )?))
 }
 
 /// The receiver's routes over a shared state.
@@ -154,12 +160,13 @@ async fn retention_loop(store: Arc<dyn ReceiverStore>) {
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         ticks.tick().await;
-        let cutoff = (Utc::now() - EVENT_RETENTION).timestamp_millis();
+        let today = Utc::now().timestamp_millis().div_euclid(86_400_000);
+        let days = store::RetainedDays {
+            first_kept: today - EVENT_RETENTION.num_days(),
+            today,
+        };
         let task_store = store.clone();
-        let purged = tokio::task::spawn_blocking(move || {
-            task_store.delete_events_before(cutoff, RETENTION_CHUNK)
-        })
-        .await;
+        let purged = tokio::task::spawn_blocking(move || task_store.maintain(days)).await;
         match purged {
             Ok(Ok(0)) => {}
             Ok(Ok(count)) => tracing::info!(count, "purged events past retention"),

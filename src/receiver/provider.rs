@@ -36,8 +36,13 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 
 const MS_PER_DAY: i64 = 86_400_000;
 
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `{"status": "ok", "store"}` while the database answers, `503` while it does not
+/// (SPEC 9), so a load balancer takes a node that lost its database out of rotation.
+pub async fn health(State(app): State<Arc<ReceiverState>>) -> Result<Json<Value>, ReceiverError> {
+    let store = app.store.clone();
+    let kind = store.kind().as_str();
+    blocking(move || store.ping()).await?;
+    Ok(Json(json!({"status": "ok", "store": kind})))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -3,6 +3,10 @@
 //!
 //! Only requests whose signature verified are counted, so nobody can spend another
 //! install's allowance. The clock is passed in, so tests need no sleeping.
+//!
+//! This is the allowance of a single node (the SQLite store's). Nodes sharing PostgreSQL
+//! keep the same schedule in a table instead, so the limit holds across them (SPEC 9):
+//! [`crate::receiver::store::ReceiverStore::take_request`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -10,41 +14,45 @@ use std::time::{Duration, Instant};
 
 use super::store::InstallKey;
 
-/// The limiter shared by all ingest requests.
-#[derive(Debug)]
-pub struct RateLimiter {
+/// `per_min` requests per install per minute, in bursts of up to `per_min`; 0 means no
+/// limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_min: u32,
+}
+
+impl Rate {
     /// Time one request "costs"; `None` when limiting is off.
-    interval: Option<Duration>,
+    pub fn interval(self) -> Option<Duration> {
+        (self.per_min > 0).then(|| Duration::from_secs(60) / self.per_min)
+    }
+
     /// How far ahead of now the schedule may run: the burst allowance.
-    burst: Duration,
+    pub fn burst(self) -> Duration {
+        self.interval()
+            .map_or(Duration::ZERO, |i| i * self.per_min.saturating_sub(1))
+    }
+}
+
+/// One node's allowances, in memory.
+#[derive(Debug, Default)]
+pub struct RateLimiter {
     /// Per install, the theoretical arrival time of its next request.
     next_at: Mutex<HashMap<InstallKey, Instant>>,
 }
 
 impl RateLimiter {
-    /// `per_min` requests per install per minute, in bursts of up to `per_min`;
-    /// 0 turns limiting off.
-    pub fn new(per_min: u32) -> RateLimiter {
-        let interval = (per_min > 0).then(|| Duration::from_secs(60) / per_min);
-        let burst = interval.map_or(Duration::ZERO, |i| i * per_min.saturating_sub(1));
-        RateLimiter {
-            interval,
-            burst,
-            next_at: Mutex::new(HashMap::new()),
-        }
-    }
-
     /// Takes one request from the install's allowance, or says how long until one is free.
-    pub fn check(&self, install: InstallKey, now: Instant) -> Result<(), Duration> {
-        let Some(interval) = self.interval else {
+    pub fn check(&self, install: InstallKey, rate: Rate, now: Instant) -> Result<(), Duration> {
+        let Some(interval) = rate.interval() else {
             return Ok(());
         };
         // The map only holds plain instants, so a poisoned lock is still consistent.
         let mut next_at = self.next_at.lock().unwrap_or_else(|p| p.into_inner());
         let scheduled = next_at.get(&install).copied().unwrap_or(now).max(now);
         let ahead = scheduled.saturating_duration_since(now);
-        if ahead > self.burst {
-            return Err(ahead - self.burst);
+        if ahead > rate.burst() {
+            return Err(ahead - rate.burst());
         }
         next_at.insert(install, scheduled + interval);
         Ok(())
@@ -63,43 +71,54 @@ mod tests {
 
     #[test]
     fn a_full_minute_of_requests_may_come_at_once_then_one_per_interval() {
-        let limiter = RateLimiter::new(60);
+        let limiter = RateLimiter::default();
+        let rate = Rate { per_min: 60 };
         let start = Instant::now();
         for _ in 0..60 {
-            assert_eq!(limiter.check(1, start), Ok(()));
+            assert_eq!(limiter.check(1, rate, start), Ok(()));
         }
-        let wait = limiter.check(1, start).unwrap_err();
+        let wait = limiter.check(1, rate, start).unwrap_err();
         assert_eq!(retry_after_secs(wait), 1);
         // One request per second refills.
-        assert_eq!(limiter.check(1, start + Duration::from_secs(1)), Ok(()));
-        assert!(limiter.check(1, start + Duration::from_secs(1)).is_err());
+        assert_eq!(
+            limiter.check(1, rate, start + Duration::from_secs(1)),
+            Ok(())
+        );
+        assert!(
+            limiter
+                .check(1, rate, start + Duration::from_secs(1))
+                .is_err()
+        );
     }
 
     #[test]
     fn installs_have_separate_allowances() {
-        let limiter = RateLimiter::new(2);
+        let limiter = RateLimiter::default();
+        let rate = Rate { per_min: 2 };
         let now = Instant::now();
-        assert!(limiter.check(1, now).is_ok() && limiter.check(1, now).is_ok());
-        assert!(limiter.check(1, now).is_err());
-        assert!(limiter.check(2, now).is_ok());
+        assert!(limiter.check(1, rate, now).is_ok() && limiter.check(1, rate, now).is_ok());
+        assert!(limiter.check(1, rate, now).is_err());
+        assert!(limiter.check(2, rate, now).is_ok());
     }
 
     #[test]
     fn retry_after_tells_when_a_request_is_free() {
-        let limiter = RateLimiter::new(2);
+        let limiter = RateLimiter::default();
+        let rate = Rate { per_min: 2 };
         let now = Instant::now();
-        limiter.check(1, now).unwrap();
-        limiter.check(1, now).unwrap();
-        let wait = limiter.check(1, now).unwrap_err();
+        limiter.check(1, rate, now).unwrap();
+        limiter.check(1, rate, now).unwrap();
+        let wait = limiter.check(1, rate, now).unwrap_err();
         assert_eq!(retry_after_secs(wait), 30);
-        assert!(limiter.check(1, now + wait).is_ok());
+        assert!(limiter.check(1, rate, now + wait).is_ok());
     }
 
     #[test]
     fn zero_turns_the_limit_off() {
-        let limiter = RateLimiter::new(0);
+        let limiter = RateLimiter::default();
+        let rate = Rate { per_min: 0 };
         let now = Instant::now();
-        assert!((0..10_000).all(|_| limiter.check(1, now).is_ok()));
+        assert!((0..10_000).all(|_| limiter.check(1, rate, now).is_ok()));
     }
 
     #[test]

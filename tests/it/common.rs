@@ -5,8 +5,10 @@
 // ---------------------------------------------------------------------------------------
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use usage_agent::receiver::store::StoreKind;
+use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayCluster};
 use usage_agent::receiver::{self, ReceiverSettings, ReceiverStore};
 
 /// Enrollment token of [`receiver_settings`].
@@ -28,9 +30,40 @@ pub fn receiver_settings() -> ReceiverSettings {
     }
 }
 
+/// The test binary's PostgreSQL cluster, stopped when the binary ends.
+pub fn test_cluster() -> &'static ThrowawayCluster {
+    static CLUSTER: OnceLock<ThrowawayCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        ThrowawayCluster::start(Durability::Fast).expect("start a throwaway PostgreSQL cluster")
+    })
+}
+
+/// The runtime every PostgreSQL store of the test binary runs its connections on.
+fn store_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("start the store runtime")
+    })
+}
+
+/// A PostgreSQL store ("a receiver node's") on the database at `url`. Opened on a thread of
+/// its own, as async tests may call this.
+pub fn open_postgres(url: &str) -> Arc<dyn ReceiverStore> {
+    let url = url.to_owned();
+    std::thread::spawn(move || receiver::open_postgres(&url, store_runtime().handle().clone()))
+        .join()
+        .expect("the open thread")
+        .expect("open the PostgreSQL store")
+}
+
 /// A receiver serving on 127.0.0.1 (port chosen by the OS) from its own thread and runtime,
-/// with its database in a temporary directory. Works from sync and async tests alike.
-/// Dropping it shuts the server down and waits for it.
+/// with its database in a temporary directory, or a fresh database of the test cluster
+/// when the test binary runs on PostgreSQL (`crate::RECEIVER_STORE`). Works from sync and
+/// async tests alike. Dropping it shuts the server down and waits for it.
 pub struct TestReceiver {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -42,7 +75,23 @@ pub struct TestReceiver {
 impl TestReceiver {
     pub fn start(settings: ReceiverSettings) -> TestReceiver {
         let dir = tempfile::tempdir().expect("create a temp dir");
-        let store = receiver::open_sqlite(&dir.path().join("receiver.db")).expect("open the store");
+        let store = match crate::RECEIVER_STORE {
+            StoreKind::Sqlite => {
+                receiver::open_sqlite(&dir.path().join("receiver.db")).expect("open the store")
+            }
+            StoreKind::Postgres => {
+                open_postgres(&test_cluster().new_database().expect("make a database"))
+            }
+        };
+        TestReceiver::serve(settings, store, dir)
+    }
+
+    /// Serves `store` (a node of a shared database, say) with `settings`.
+    pub fn serve(
+        settings: ReceiverSettings,
+        store: Arc<dyn ReceiverStore>,
+        dir: tempfile::TempDir,
+    ) -> TestReceiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         listener
             .set_nonblocking(true)

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use usage_agent::calendar::{Calendar, day_text};
 
-use crate::harness::{Agent, new_id, poll};
+use crate::harness::{Agent, get_text, new_id, parse_exposition, poll};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -40,26 +40,6 @@ fn event(
 async fn record_all(agent: &Agent, events: &[Value]) {
     let (code, body) = agent.post("/v1/events", &json!({"events": events})).await;
     assert_eq!(code, StatusCode::ACCEPTED, "{body}");
-}
-
-/// GET with the raw answer text and content type.
-pub async fn get_text(agent: &Agent, path: &str) -> (StatusCode, String, String) {
-    let client = reqwest::Client::builder()
-        .unix_socket(agent.socket.clone())
-        .build()
-        .unwrap();
-    let response = client
-        .get(format!("http://localhost{path}"))
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, response.text().await.unwrap(), content_type)
 }
 
 fn assert_bad_parameter(code: StatusCode, body: &Value, parameter: &str) {
@@ -514,87 +494,4 @@ async fn the_schedule_runs_rollup_and_cleanup_on_its_own() {
         agent.terminate().success(),
         "stops cleanly with the scheduler running"
     );
-}
-
-/// A strict reader of the OpenMetrics text format (the same rules as the unit test's):
-/// every line is a known comment or a sample of a declared family; ends with `# EOF`.
-/// Returns `name{k=v,...}` (labels sorted) to value.
-pub fn parse_exposition(text: &str) -> Result<HashMap<String, f64>, String> {
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut samples = HashMap::new();
-    let mut eof = false;
-    for line in text.lines() {
-        if eof {
-            return Err(format!("text after # EOF: {line:?}"));
-        }
-        if line == "# EOF" {
-            eof = true;
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# ") {
-            let parts: Vec<&str> = rest.splitn(3, ' ').collect();
-            match parts.as_slice() {
-                ["HELP" | "UNIT", _, ..] => {}
-                ["TYPE", name, kind] if ["counter", "gauge", "histogram"].contains(kind) => {
-                    types.insert((*name).to_owned(), (*kind).to_owned());
-                }
-                _ => return Err(format!("unknown comment {line:?}")),
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').ok_or(format!("no value: {line:?}"))?;
-        let value: f64 = if value == "+Inf" {
-            f64::INFINITY
-        } else {
-            value.parse().map_err(|_| format!("bad value: {line:?}"))?
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => (
-                name,
-                rest.strip_suffix('}')
-                    .ok_or(format!("unclosed labels: {line:?}"))?,
-            ),
-            None => (series, ""),
-        };
-        let mut pairs = Vec::new();
-        for pair in labels.split(',').filter(|p| !p.is_empty()) {
-            let (key, quoted) = pair.split_once('=').ok_or(format!("bad label: {line:?}"))?;
-            let inner = quoted
-                .strip_prefix('"')
-                .and_then(|q| q.strip_suffix('"'))
-                .ok_or(format!("bad label: {line:?}"))?;
-            pairs.push(format!("{key}={inner}"));
-        }
-        pairs.sort();
-        let family = ["_total", "_bucket", "_count", "_sum", "_created"]
-            .iter()
-            .find_map(|s| {
-                name.strip_suffix(s)
-                    .filter(|base| types.contains_key(*base))
-            })
-            .unwrap_or(name);
-        let kind = types
-            .get(family)
-            .ok_or(format!("undeclared family: {line:?}"))?;
-        let suffix = &name[family.len()..];
-        let fits = match kind.as_str() {
-            "counter" => ["_total", "_created"].contains(&suffix),
-            "histogram" => ["_bucket", "_count", "_sum", "_created"].contains(&suffix),
-            _ => suffix.is_empty(),
-        };
-        if !fits {
-            return Err(format!("{name} does not fit its {kind} family"));
-        }
-        let key = if pairs.is_empty() {
-            name.to_owned()
-        } else {
-            format!("{name}{{{}}}", pairs.join(","))
-        };
-        samples.insert(key, value);
-    }
-    if eof {
-        Ok(samples)
-    } else {
-        Err("missing # EOF".into())
-    }
 }

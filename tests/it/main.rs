@@ -1,4 +1,9 @@
-//! Integration tests: one binary, one module per area.
+//! Integration tests: one binary, one module per area. The receiver's HTTP tests and the
+//! end-to-end agent tests run again on PostgreSQL in `tests/postgres`.
+
+/// The store the test receivers of this binary use.
+pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
+    usage_agent::receiver::store::StoreKind::Sqlite;
 
 mod agent;
 mod common;

@@ -18,8 +18,9 @@ use usage_agent::protocol::wire;
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,
 };
-use crate::harness::{Agent, bin, event, new_id, poll, wait_with_deadline};
-use crate::jobs::{get_text, parse_exposition};
+use crate::harness::{
+    Agent, bin, event, get_text, new_id, parse_exposition, poll, wait_with_deadline,
+};
 
 /// `[sync]` for tests: fast backoff, no scheduled run during the test (only the first,
 /// a few seconds after start, which the assertions tolerate), and `extra` lines.

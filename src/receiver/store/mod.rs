@@ -1,23 +1,41 @@
-//! The receiver's storage contract: one trait, so a server database can replace the
-//! bundled SQLite store ([`super::sqlite`]) without touching the HTTP side.
+//! The receiver's storage contract: one trait, with the bundled SQLite store ([`sqlite`])
+//! and the PostgreSQL store of a fleet ([`postgres`]) side by side behind it, so the HTTP
+//! side never knows which one it talks to. [`conformance`] is one suite of tests that
+//! runs against both.
 //!
 //! This module defines types only; it holds no SQL and does no I/O. Every method is
 //! blocking: the HTTP handlers call them inside `spawn_blocking`.
 
 use std::error::Error;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use uuid::Uuid;
 
 use super::pricing::{ModelTokens, Plan};
+use super::rate_limit::Rate;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
 
 /// The store's own key for an install (stored once; events refer to it).
 pub type InstallKey = i64;
 
+#[cfg(test)]
+mod conformance;
+pub mod postgres;
+pub mod sqlite;
+
 /// Storage for enrolled installs and the events they send.
+///
+/// **Invariant:** an implementation keeps nothing in memory that another receiver node
+/// sharing its database would need (SPEC 9): every answer comes from the database.
 pub trait ReceiverStore: Send + Sync + 'static {
+    /// Which database this is, as `GET /health` names it.
+    fn kind(&self) -> StoreKind;
+
+    /// Succeeds when the database answers.
+    fn ping(&self) -> Result<(), ReceiverStoreError>;
+
     /// Records an install and its secret. Enrolling the same secret again is a no-op
     /// ([`EnrollOutcome::AlreadyEnrolled`]); a different secret never replaces a stored one
     /// ([`EnrollOutcome::Conflict`]).
@@ -42,10 +60,19 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// One page of raw events, oldest first.
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError>;
 
-    /// Deletes events created before `cutoff_ms`, at most `chunk` per transaction so that
-    /// ingest never waits long; returns how many were deleted.
-    fn delete_events_before(&self, cutoff_ms: i64, chunk: usize)
-    -> Result<u64, ReceiverStoreError>;
+    /// Takes one request from an install's allowance of `rate`, or says how long until one
+    /// is free. The allowance is the store's, so nodes sharing a database share it.
+    fn take_request(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError>;
+
+    /// Keeps raw events from `days.first_kept` on and deletes those of every earlier UTC
+    /// day, without ingest waiting long (small transactions, or whole partitions dropped),
+    /// and makes ready the days up to a little past `days.today`. Returns how many events
+    /// were deleted. The daily rollups stay.
+    fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError>;
 
     /// Every install (or only `install_id`) with its usage over `window`, sorted by install
     /// id, and the days of the last 30 summed over those installs. Answered from the daily
@@ -63,6 +90,31 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// Erases an install: its events, its rollups and its enrollment, in one transaction.
     /// Returns how many events were deleted, or `None` when the install is unknown.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError>;
+}
+
+/// Which database a store keeps its data in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl StoreKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Postgres => "postgres",
+        }
+    }
+}
+
+/// The UTC days (days since the Unix epoch) whose raw events a store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetainedDays {
+    /// The first day kept; every earlier day's events are deleted.
+    pub first_kept: i64,
+    /// Today; the store makes ready for events up to a little past it.
+    pub today: i64,
 }
 
 /// The days the installations view covers, as days since the Unix epoch (UTC); both
@@ -276,8 +328,22 @@ pub enum ReceiverStoreError {
         #[source]
         source: Box<dyn Error + Send + Sync>,
     },
+    #[error("could not connect to the receiver database {target}: {source}")]
+    Connect {
+        /// The database URL, password hidden.
+        target: String,
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+    /// The install was erased or disabled after its batch was checked: nothing stored.
+    #[error("the install was erased or disabled while its batch was being stored")]
+    InstallGone,
     #[error("receiver database error: {0}")]
     Backend(#[source] Box<dyn Error + Send + Sync>),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    #[error(
+        "the database schema is at version {found}, newer than this receiver knows ({known}); run a newer usage-agent"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
 }

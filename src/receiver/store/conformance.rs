@@ -1,0 +1,484 @@
+//! One suite of store tests, run against both stores: every answer of the receiver is
+//! the same on SQLite and on PostgreSQL (SPEC 9). Each test is a function of a
+//! `&dyn ReceiverStore`; [`suite!`] runs it on a fresh SQLite file and on a fresh database
+//! of a throwaway PostgreSQL cluster shared by the test binary.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::postgres::PostgresStore;
+use super::postgres::throwaway::{Durability, ThrowawayCluster};
+use super::sqlite::SqliteStore;
+use super::*;
+use crate::event::Source;
+use crate::protocol::signing::Secret;
+use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::rate_limit::Rate;
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// A store under test and what must live as long as it.
+pub struct TestStore {
+    pub store: Box<dyn ReceiverStore>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl std::ops::Deref for TestStore {
+    type Target = dyn ReceiverStore;
+    fn deref(&self) -> &Self::Target {
+        &*self.store
+    }
+}
+
+pub fn sqlite_store() -> TestStore {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("nested/receiver.db")).unwrap();
+    TestStore {
+        store: Box::new(store),
+        _dir: Some(dir),
+    }
+}
+
+/// The runtime the PostgreSQL stores of the unit tests run their connections on.
+pub fn test_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    })
+}
+
+/// The test binary's cluster, stopped when the binary ends (see [`ThrowawayCluster`]).
+pub fn test_cluster() -> &'static ThrowawayCluster {
+    static CLUSTER: OnceLock<ThrowawayCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        ThrowawayCluster::start(Durability::Fast).expect("start a throwaway PostgreSQL cluster")
+    })
+}
+
+/// A fresh database of the test cluster, and a store ("node") on it.
+pub fn postgres_url() -> String {
+    test_cluster().new_database().unwrap()
+}
+
+pub fn postgres_node(url: &str) -> PostgresStore {
+    PostgresStore::open(url, test_runtime().handle().clone()).unwrap()
+}
+
+pub fn postgres_store() -> TestStore {
+    TestStore {
+        store: Box::new(postgres_node(&postgres_url())),
+        _dir: None,
+    }
+}
+
+macro_rules! suite {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[test] fn $test() { super::$test(&*super::sqlite_store()) } )*
+        }
+        mod on_postgres {
+            $( #[test] fn $test() { super::$test(&*super::postgres_store()) } )*
+        }
+    };
+}
+
+suite!(
+    enrollment_is_idempotent_and_never_replaces_a_secret,
+    ingest_dedupes_across_and_within_batches_per_install,
+    summary_groups_and_filters,
+    events_page_walks_every_event_once_in_time_order,
+    rollups_follow_ingest_and_skip_duplicates,
+    plans_change_and_erasure_removes_everything,
+    retention_keeps_the_days_from_the_first_kept_one,
+    an_install_erased_meanwhile_stores_nothing,
+    the_request_allowance_is_the_stores,
+    concurrent_batches_count_each_event_once,
+    the_store_names_itself_and_answers_a_ping,
+);
+
+pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
+    let install = NewInstall {
+        install_id: id.into(),
+        secret: Secret::generate(),
+        site_hash: "site".into(),
+        enrolled_at_ms: 0,
+    };
+    assert_eq!(store.enroll(&install).unwrap(), EnrollOutcome::Created);
+    store.find_install(id).unwrap().unwrap()
+}
+
+pub fn event(n: u8, created_at_ms: i64) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::from_bytes([n; 16]),
+        user_hash: [n % 2; 32],
+        source: if n.is_multiple_of(2) {
+            Source::Bulk
+        } else {
+            Source::Inline
+        },
+        model: "m".into(),
+        prompt_tokens: 10,
+        completion_tokens: u64::from(n),
+        cached_tokens: 0,
+        cache_write_tokens: 0,
+        reasoning_tokens: 0,
+        context: Some(r#"{"n":1}"#.into()),
+        created_at_ms,
+    }
+}
+
+fn model_event(n: u8, day: i64, model: &str, tokens: u64) -> NewEvent {
+    NewEvent {
+        model: model.into(),
+        prompt_tokens: tokens,
+        completion_tokens: 0,
+        ..event(n, day * MS_PER_DAY + 1000)
+    }
+}
+
+fn enrollment_is_idempotent_and_never_replaces_a_secret(store: &dyn ReceiverStore) {
+    let first = NewInstall {
+        install_id: "a".into(),
+        secret: Secret::generate(),
+        site_hash: "h".into(),
+        enrolled_at_ms: 1,
+    };
+    assert_eq!(store.enroll(&first).unwrap(), EnrollOutcome::Created);
+    assert_eq!(
+        store.enroll(&first).unwrap(),
+        EnrollOutcome::AlreadyEnrolled
+    );
+    let other = NewInstall {
+        secret: Secret::generate(),
+        ..first.clone()
+    };
+    assert_eq!(store.enroll(&other).unwrap(), EnrollOutcome::Conflict);
+    assert_eq!(
+        store.find_install("a").unwrap().unwrap().secret,
+        first.secret
+    );
+    assert!(store.find_install("b").unwrap().is_none());
+}
+
+fn ingest_dedupes_across_and_within_batches_per_install(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    let batch = [event(1, 1000), event(2, 2000), event(1, 1000)];
+    let counts = store.ingest(a.key, batch.to_vec(), 5).unwrap();
+    assert_eq!(
+        counts,
+        IngestCounts {
+            accepted: 2,
+            duplicates: 1
+        }
+    );
+    let again = store.ingest(a.key, batch.to_vec(), 6).unwrap();
+    assert_eq!(
+        again,
+        IngestCounts {
+            accepted: 0,
+            duplicates: 3
+        }
+    );
+    // The same event id from another install is another event.
+    assert_eq!(
+        store
+            .ingest(b.key, batch[..1].to_vec(), 7)
+            .unwrap()
+            .accepted,
+        1
+    );
+    let all = store.summary(&SummaryQuery::default()).unwrap();
+    assert_eq!(all.totals.events, 3);
+    assert!(all.rows.is_empty());
+}
+
+fn summary_groups_and_filters(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    store
+        .ingest(
+            a.key,
+            vec![event(1, 0), event(2, MS_PER_DAY), event(3, MS_PER_DAY + 5)],
+            0,
+        )
+        .unwrap();
+    store.ingest(b.key, vec![event(4, 0)], 0).unwrap();
+    let query = SummaryQuery {
+        install_id: Some("a".into()),
+        range: TimeRange::default(),
+        group_by: SummaryGroupBy {
+            day: true,
+            ..SummaryGroupBy::default()
+        },
+    };
+    let summary = store.summary(&query).unwrap();
+    assert_eq!(summary.totals.events, 3);
+    assert_eq!(summary.totals.total_tokens, 30 + 1 + 2 + 3);
+    let days: Vec<_> = summary
+        .rows
+        .iter()
+        .map(|r| (r.day, r.totals.events))
+        .collect();
+    assert_eq!(days, [(Some(0), 1), (Some(1), 2)]);
+    let ranged = SummaryQuery {
+        range: TimeRange {
+            from_ms: Some(MS_PER_DAY),
+            to_ms: None,
+        },
+        group_by: SummaryGroupBy {
+            source: true,
+            user: true,
+            model: true,
+            day: false,
+        },
+        install_id: None,
+    };
+    let summary = store.summary(&ranged).unwrap();
+    assert_eq!(summary.totals.events, 2);
+    assert!(
+        summary
+            .rows
+            .iter()
+            .all(|r| r.model.as_deref() == Some("m") && r.day.is_none())
+    );
+    let unknown = SummaryQuery {
+        install_id: Some("zzz".into()),
+        ..SummaryQuery::default()
+    };
+    assert_eq!(store.summary(&unknown).unwrap(), Summary::default());
+}
+
+fn events_page_walks_every_event_once_in_time_order(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    // Two events share a timestamp across installs, to exercise the tie-break.
+    store
+        .ingest(a.key, vec![event(5, 300), event(6, 100), event(7, 200)], 0)
+        .unwrap();
+    store
+        .ingest(b.key, vec![event(8, 200), event(9, 400)], 0)
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let page = store
+            .events_page(&EventsQuery {
+                install_id: None,
+                range: TimeRange::default(),
+                limit: 2,
+                after,
+            })
+            .unwrap();
+        seen.extend(page.events.iter().map(|e| e.created_at_ms));
+        match page.next {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [100, 200, 200, 300, 400]);
+}
+
+fn rollups_follow_ingest_and_skip_duplicates(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    // Day 100 is "today"; the month started on day 95; 30 days start on day 71.
+    let window = UsageWindow {
+        today: 100,
+        from_30d: 71,
+        month_start: 95,
+    };
+    let batch = [
+        model_event(1, 100, "x", 10),
+        model_event(2, 100, "x", 20),
+        model_event(3, 95, "y", 5),
+        model_event(4, 94, "x", 1000),  // 30d, not this month
+        model_event(5, 70, "x", 9999),  // neither
+        model_event(6, 101, "x", 7777), // after today
+    ];
+    store.ingest(a.key, batch.to_vec(), 42).unwrap();
+    // Sent again (and one repeat inside the batch): nothing is counted twice.
+    let again = store.ingest(a.key, vec![batch[0].clone(), batch[0].clone()], 43);
+    assert_eq!(again.unwrap().duplicates, 2);
+    store
+        .ingest(b.key, vec![model_event(7, 99, "y", 1)], 44)
+        .unwrap();
+
+    let report = store.installations(None, window).unwrap();
+    let rows = &report.installs;
+    assert_eq!(rows.len(), 2);
+    let a_row = &rows[0];
+    assert_eq!(a_row.install_id, "a");
+    assert_eq!(a_row.plan, Plan::Free);
+    assert_eq!(a_row.last_seen_ms, Some(43));
+    assert_eq!((a_row.events_30d, a_row.tokens_30d), (4, 1035));
+    assert_eq!(
+        a_row.models_mtd,
+        [
+            ModelTokens {
+                model: "x".into(),
+                tokens: 30
+            },
+            ModelTokens {
+                model: "y".into(),
+                tokens: 5
+            }
+        ]
+    );
+    assert_eq!(rows[1].models_mtd.len(), 1);
+
+    // The chart: the 30 days summed over every install.
+    let tokens: Vec<_> = report.daily.iter().map(|d| (d.day, d.tokens)).collect();
+    assert_eq!(tokens, [(94, 1000), (95, 5), (99, 1), (100, 30)]);
+
+    let only_b = store.installations(Some("b"), window).unwrap();
+    assert_eq!(only_b.installs.len(), 1);
+    assert_eq!(only_b.daily.len(), 1);
+    let unknown = store.installations(Some("zz"), window).unwrap();
+    assert!(unknown.installs.is_empty() && unknown.daily.is_empty());
+}
+
+fn plans_change_and_erasure_removes_everything(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    enroll(store, "b");
+    store
+        .ingest(a.key, vec![model_event(1, 10, "x", 5)], 0)
+        .unwrap();
+    assert!(store.set_plan("a", Plan::Agency).unwrap());
+    assert!(!store.set_plan("nope", Plan::Pro).unwrap());
+    let window = UsageWindow {
+        today: 10,
+        from_30d: 0,
+        month_start: 0,
+    };
+    assert_eq!(
+        store.installations(Some("a"), window).unwrap().installs[0].plan,
+        Plan::Agency
+    );
+
+    assert_eq!(store.erase_install("a").unwrap(), Some(1));
+    assert_eq!(store.erase_install("a").unwrap(), None);
+    assert!(store.find_install("a").unwrap().is_none());
+    let after = store.installations(None, window).unwrap();
+    assert_eq!(after.installs.len(), 1);
+    assert!(after.daily.is_empty());
+    assert_eq!(
+        store
+            .summary(&SummaryQuery::default())
+            .unwrap()
+            .totals
+            .events,
+        0
+    );
+    assert!(store.find_install("b").unwrap().is_some());
+}
+
+fn total_events(store: &dyn ReceiverStore) -> u64 {
+    store
+        .summary(&SummaryQuery::default())
+        .unwrap()
+        .totals
+        .events
+}
+
+fn retention_keeps_the_days_from_the_first_kept_one(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    // Days around the real retention edge, where PostgreSQL has partitions for some and
+    // not for others.
+    let today = chrono::Utc::now().timestamp_millis().div_euclid(MS_PER_DAY);
+    let days = [-95, -93, -92, -91, -90, 0];
+    let events: Vec<_> = (0u8..)
+        .zip(days)
+        .map(|(n, day)| event(n, (today + day) * MS_PER_DAY + i64::from(n)))
+        .collect();
+    store.ingest(a.key, events, 0).unwrap();
+    let first_kept = today - 91;
+    let deleted = store.maintain(RetainedDays { first_kept, today }).unwrap();
+    assert_eq!(deleted, 3, "the events of days -95, -93 and -92 go");
+    assert_eq!(total_events(store), 3);
+    // Again: nothing more to delete.
+    assert_eq!(
+        store.maintain(RetainedDays { first_kept, today }).unwrap(),
+        0
+    );
+    // The rollups stay.
+    let window = UsageWindow {
+        today,
+        from_30d: today - 200,
+        month_start: today - 200,
+    };
+    let report = store.installations(Some("a"), window).unwrap();
+    assert_eq!(report.installs[0].events_30d, 6);
+}
+
+fn an_install_erased_meanwhile_stores_nothing(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    store.ingest(a.key, vec![event(1, 1000)], 1).unwrap();
+    assert_eq!(store.erase_install("a").unwrap(), Some(1));
+    // A batch checked before the erasure arrives after it.
+    let late = store.ingest(a.key, vec![event(2, 2000)], 2);
+    assert!(
+        matches!(late, Err(ReceiverStoreError::InstallGone)),
+        "{late:?}"
+    );
+    assert_eq!(total_events(store), 0);
+    // Enrolled again, it is a new install that starts empty.
+    let again = enroll(store, "a");
+    assert_eq!(
+        store
+            .ingest(again.key, vec![event(2, 2000)], 3)
+            .unwrap()
+            .accepted,
+        1
+    );
+}
+
+fn the_request_allowance_is_the_stores(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    let rate = Rate { per_min: 2 };
+    assert_eq!(store.take_request(a.key, rate).unwrap(), Ok(()));
+    assert_eq!(store.take_request(a.key, rate).unwrap(), Ok(()));
+    let wait = store.take_request(a.key, rate).unwrap().unwrap_err();
+    // The next request is free 30 s after the first (the test took a little of that).
+    assert!(
+        wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+        "{wait:?}"
+    );
+    assert_eq!(store.take_request(b.key, rate).unwrap(), Ok(()));
+    let off = Rate { per_min: 0 };
+    assert!((0..50).all(|_| store.take_request(a.key, off).unwrap().is_ok()));
+}
+
+fn concurrent_batches_count_each_event_once(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let shared: Vec<NewEvent> = (0..20).map(|n| event(n, 1_000)).collect();
+    let threads = 8u8;
+    let counts: Vec<IngestCounts> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let mut batch = shared.clone();
+                // Each thread also sends ten events of its own.
+                batch.extend((0..10).map(|n| event(100 + t * 10 + n, 2_000)));
+                scope.spawn(move || store.ingest(a.key, batch, 5).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let accepted: u64 = counts.iter().map(|c| c.accepted).sum();
+    let duplicates: u64 = counts.iter().map(|c| c.duplicates).sum();
+    assert_eq!(accepted, 20 + 10 * u64::from(threads));
+    assert_eq!(duplicates, 20 * (u64::from(threads) - 1));
+    assert_eq!(total_events(store), accepted);
+}
+
+fn the_store_names_itself_and_answers_a_ping(store: &dyn ReceiverStore) {
+    store.ping().unwrap();
+    assert!(["sqlite", "postgres"].contains(&store.kind().as_str()));
+}

@@ -1,0 +1,750 @@
+//! The receiver's PostgreSQL store, for a fleet of receiver nodes on one database
+//! (SPEC 9): every SQL statement of it lives here and in [`migrations`].
+//!
+//! What makes several nodes one receiver:
+//! - **dedupe in the insert**: each event's `(install, event_id)` goes into `event_ids`
+//!   (`ON CONFLICT DO NOTHING`), and only the keys that went in are stored as events and
+//!   added to the daily rollup, all in one statement; a second node inserting the same key
+//!   at the same moment waits for the first to commit, then skips it;
+//! - **the install row locked in the same statement** (`FOR NO KEY UPDATE`, as its
+//!   `last_seen` is updated): batches of one install take turns, whichever node they reach,
+//!   and an erasure (`FOR UPDATE`) either waits for a batch in flight, then deletes it too,
+//!   or goes first, and the batch then stores nothing; a disabled install stores nothing;
+//! - **the rate limit in a table** (`request_schedule`), one atomic upsert per request, in
+//!   the database's clock;
+//! - **nothing cached**: installs, plans and secrets are read from the database on every
+//!   request.
+//!
+//! Raw events are partitioned by UTC day ([`partitions`]), made ahead and dropped whole
+//! past retention. The trait is blocking (the handlers call it on the blocking pool), so
+//! each method runs its queries on the server's runtime with [`Handle::block_on`]; the
+//! pool's connections live there too.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use tokio::runtime::Handle;
+use uuid::Uuid;
+
+use super::{
+    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
+    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
+    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
+    Totals, UsageWindow,
+};
+use crate::event::Source;
+use crate::protocol::signing::Secret;
+use crate::protocol::wire::to_hex;
+use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::rate_limit::Rate;
+
+mod migrations;
+mod partitions;
+pub mod throwaway;
+
+const MS_PER_DAY: i64 = 86_400_000;
+/// Connections per node. Ingest holds one for about one statement; more than the cores
+/// of a small database server only queue inside it.
+const POOL_SIZE: usize = 16;
+/// How long a request waits for a connection, or for one to be made.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Raw event ids deleted per retention transaction.
+const RETENTION_CHUNK: i64 = 5000;
+
+/// The receiver's PostgreSQL database.
+pub struct PostgresStore {
+    pool: Pool,
+    runtime: Handle,
+}
+
+impl From<tokio_postgres::Error> for ReceiverStoreError {
+    fn from(error: tokio_postgres::Error) -> ReceiverStoreError {
+        ReceiverStoreError::Backend(Box::new(error))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ReceiverStoreError {
+    fn from(error: deadpool_postgres::PoolError) -> ReceiverStoreError {
+        ReceiverStoreError::Backend(Box::new(error))
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (libpq's URL form), brings its schema up to date
+    /// under a database lock, and makes the partitions of the days around today. Its
+    /// connections run on `runtime`; call this from outside that runtime's tasks.
+    pub fn open(url: &str, runtime: Handle) -> Result<PostgresStore, ReceiverStoreError> {
+        let connect_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| ReceiverStoreError::Connect {
+                target: redacted(url),
+                source,
+            };
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(|e| connect_error(Box::new(e)))?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("usage-agent receiver");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| connect_error(Box::new(e)))?;
+        let store = PostgresStore { pool, runtime };
+        store
+            .run(async |store| {
+                let mut client = store.client().await?;
+                migrations::migrate(&mut client).await
+            })
+            .map_err(|error| match error {
+                ReceiverStoreError::Backend(source) => connect_error(source),
+                other => other,
+            })?;
+        let today = chrono::Utc::now().timestamp_millis().div_euclid(MS_PER_DAY);
+        store.maintain(RetainedDays {
+            first_kept: today - crate::receiver::EVENT_RETENTION.num_days(),
+            today,
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `work` on the store's runtime and waits for it.
+    fn run<T>(
+        &self,
+        work: impl AsyncFnOnce(&PostgresStore) -> Result<T, ReceiverStoreError>,
+    ) -> Result<T, ReceiverStoreError> {
+        self.runtime.block_on(work(self))
+    }
+
+    async fn client(&self) -> Result<Object, ReceiverStoreError> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// `url` without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "the PostgreSQL URL given".to_owned(),
+    }
+}
+
+fn count(value: i64) -> Result<u64, ReceiverStoreError> {
+    u64::try_from(value)
+        .map_err(|_| ReceiverStoreError::Corrupt(format!("a stored count is negative: {value}")))
+}
+
+fn tokens(value: u64) -> i64 {
+    // Validated events hold at most 10^8 tokens of each kind.
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn source_from(code: i16) -> Result<Source, ReceiverStoreError> {
+    Source::from_code(i64::from(code))
+        .ok_or_else(|| ReceiverStoreError::Corrupt(format!("unknown source code {code}")))
+}
+
+fn source_code(source: Source) -> i16 {
+    i16::from(source.code())
+}
+
+fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
+    text.parse()
+        .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
+}
+
+async fn install_key(
+    client: &Object,
+    install_id: &str,
+) -> Result<Option<InstallKey>, ReceiverStoreError> {
+    let statement = client
+        .prepare_cached("SELECT id FROM installs WHERE install_id = $1")
+        .await?;
+    Ok(client
+        .query_opt(&statement, &[&install_id])
+        .await?
+        .map(|row| row.get(0)))
+}
+
+/// `Some(None)`: every install; `Some(Some(key))`: that one; `None`: the one asked for is
+/// unknown.
+async fn optional_install(
+    client: &Object,
+    install_id: Option<&str>,
+) -> Result<Option<Option<InstallKey>>, ReceiverStoreError> {
+    match install_id {
+        None => Ok(Some(None)),
+        Some(id) => Ok(install_key(client, id).await?.map(Some)),
+    }
+}
+
+/// One batch as column arrays, for `unnest`: one statement stores the whole batch.
+#[derive(Default)]
+struct Columns {
+    event_id: Vec<Uuid>,
+    user_hash: Vec<Vec<u8>>,
+    source: Vec<i16>,
+    model: Vec<String>,
+    prompt: Vec<i64>,
+    completion: Vec<i64>,
+    cached: Vec<i64>,
+    cache_write: Vec<i64>,
+    reasoning: Vec<i64>,
+    context: Vec<Option<String>>,
+    created_at: Vec<i64>,
+}
+
+impl Columns {
+    fn push(&mut self, event: NewEvent) {
+        self.event_id.push(event.event_id);
+        self.user_hash.push(event.user_hash.to_vec());
+        self.source.push(source_code(event.source));
+        self.model.push(event.model);
+        self.prompt.push(tokens(event.prompt_tokens));
+        self.completion.push(tokens(event.completion_tokens));
+        self.cached.push(tokens(event.cached_tokens));
+        self.cache_write.push(tokens(event.cache_write_tokens));
+        self.reasoning.push(tokens(event.reasoning_tokens));
+        self.context.push(event.context);
+        self.created_at.push(event.created_at_ms);
+    }
+}
+
+/// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
+/// `events`, and their sums into `daily_usage`, under a lock on the install's row, which
+/// must exist and not be disabled. Answers (install still accepting, events stored).
+const INGEST: &str = "
+WITH install AS (
+    SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
+), input AS (
+    SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
+                         $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
+                         $13::int8[])
+        AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
+             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
+), fresh AS (
+    INSERT INTO event_ids (install, event_id, created_at)
+    SELECT install.id, input.event_id, input.created_at FROM input, install
+    ORDER BY input.event_id
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), stored AS (
+    INSERT INTO events (install, event_id, user_hash, source, model, prompt_tokens,
+                        completion_tokens, cached_tokens, cache_write_tokens,
+                        reasoning_tokens, context, created_at, received_at)
+    SELECT $1, i.event_id, i.user_hash, i.source, i.model, i.prompt_tokens,
+           i.completion_tokens, i.cached_tokens, i.cache_write_tokens, i.reasoning_tokens,
+           i.context, i.created_at, $2
+    FROM input i JOIN fresh USING (event_id)
+    RETURNING created_at, model, prompt_tokens, completion_tokens
+), rolled AS (
+    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
+                                  completion_tokens)
+    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
+           sum(completion_tokens)
+    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
+    ON CONFLICT (install, day, model) DO UPDATE SET
+        events = d.events + excluded.events,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens
+), seen AS (
+    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM install)
+)
+SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored)";
+
+impl ReceiverStore for PostgresStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Postgres
+    }
+
+    fn ping(&self) -> Result<(), ReceiverStoreError> {
+        self.run(async |store| {
+            store.client().await?.simple_query("SELECT 1").await?;
+            Ok(())
+        })
+    }
+
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            // Inserting first makes two nodes enrolling the same install at once agree:
+            // one inserts, the other finds its row.
+            let inserted = client
+                .execute(
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT (install_id) DO NOTHING",
+                    &[
+                        &install.install_id,
+                        &install.secret.to_whsec(),
+                        &install.site_hash,
+                        &install.enrolled_at_ms,
+                    ],
+                )
+                .await?;
+            if inserted == 1 {
+                return Ok(EnrollOutcome::Created);
+            }
+            let stored: String = client
+                .query_one(
+                    "SELECT secret FROM installs WHERE install_id = $1",
+                    &[&install.install_id],
+                )
+                .await?
+                .get(0);
+            Ok(match Secret::parse(&stored) {
+                Ok(stored) if stored == install.secret => EnrollOutcome::AlreadyEnrolled,
+                _ => EnrollOutcome::Conflict,
+            })
+        })
+    }
+
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let statement = client
+                .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = $1")
+                .await?;
+            let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
+                return Ok(None);
+            };
+            let secret = Secret::parse(row.get(1)).map_err(|e| {
+                ReceiverStoreError::Corrupt(format!(
+                    "the stored secret of an install is unreadable: {e}"
+                ))
+            })?;
+            Ok(Some(Install {
+                key: row.get(0),
+                install_id: install_id.to_owned(),
+                secret,
+                disabled: row.get(2),
+            }))
+        })
+    }
+
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, ReceiverStoreError> {
+        let sent = events.len() as u64;
+        // Within a batch the first occurrence of an id counts; the rest are duplicates.
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        let mut columns = Columns::default();
+        for event in events {
+            if seen.insert(event.event_id) {
+                columns.push(event);
+            }
+        }
+        self.run(async |store| {
+            let client = store.client().await?;
+            let statement = client.prepare_cached(INGEST).await?;
+            let c = &columns;
+            let row = client
+                .query_one(
+                    &statement,
+                    &[
+                        &install,
+                        &received_at_ms,
+                        &c.event_id,
+                        &c.user_hash,
+                        &c.source,
+                        &c.model,
+                        &c.prompt,
+                        &c.completion,
+                        &c.cached,
+                        &c.cache_write,
+                        &c.reasoning,
+                        &c.context,
+                        &c.created_at,
+                    ],
+                )
+                .await?;
+            if row.get::<_, i64>(0) == 0 {
+                return Err(ReceiverStoreError::InstallGone);
+            }
+            let accepted = count(row.get(1))?;
+            Ok(IngestCounts {
+                accepted,
+                duplicates: sent - accepted,
+            })
+        })
+    }
+
+    fn take_request(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        let Some(interval) = rate.interval() else {
+            return Ok(Ok(()));
+        };
+        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
+        self.run(async |store| {
+            let client = store.client().await?;
+            // The schedule moves on only when the request fits in the burst; the row lock
+            // makes two nodes' requests of one install take turns.
+            let statement = client
+                .prepare_cached(
+                    "INSERT INTO request_schedule AS s (install, next_at_ms)
+                     VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
+                     ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+                         (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
+                     WHERE s.next_at_ms
+                         - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
+                     RETURNING next_at_ms",
+                )
+                .await?;
+            if client
+                .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
+                .await?
+                .is_some()
+            {
+                return Ok(Ok(()));
+            }
+            let ahead: i64 = client
+                .query_one(
+                    "SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
+                     FROM request_schedule WHERE install = $1",
+                    &[&install],
+                )
+                .await?
+                .get(0);
+            let wait_ms = u64::try_from(ahead - burst_ms).unwrap_or(0).max(1);
+            Ok(Err(Duration::from_millis(wait_ms)))
+        })
+    }
+
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let Some(only) = optional_install(&client, query.install_id.as_deref()).await? else {
+                return Ok(Summary::default());
+            };
+            let group = query.group_by;
+            // Only these fixed fragments are ever spliced into the SQL text. Text sorts
+            // bytewise (`COLLATE "C"`), as in SQLite.
+            let mut keys = Vec::new();
+            if group.day {
+                keys.push(format!("created_at / {MS_PER_DAY}"));
+            }
+            if group.user {
+                keys.push("user_hash".to_owned());
+            }
+            if group.source {
+                keys.push("source".to_owned());
+            }
+            if group.model {
+                keys.push(r#"model COLLATE "C""#.to_owned());
+            }
+            let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
+            let group_clause = if keys.is_empty() {
+                String::new()
+            } else {
+                format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
+            };
+            let install_clause = if only.is_some() {
+                "install = $1"
+            } else {
+                "$1::bigint IS NULL"
+            };
+            let sql = format!(
+                "SELECT {key_columns} count(*), coalesce(sum(prompt_tokens), 0)::bigint,
+                        coalesce(sum(completion_tokens), 0)::bigint
+                 FROM events
+                 WHERE {install_clause} AND created_at >= $2 AND created_at < $3
+                 {group_clause}"
+            );
+            let from = query.range.from_ms.unwrap_or(i64::MIN);
+            let to = query.range.to_ms.unwrap_or(i64::MAX);
+            let rows = client.query(&sql, &[&only, &from, &to]).await?;
+            let mut summary = Summary::default();
+            for row in rows {
+                let mut column = 0;
+                let mut next = || {
+                    column += 1;
+                    column - 1
+                };
+                let day = group.day.then(|| row.get::<_, i64>(next()));
+                let user_hash = group.user.then(|| to_hex(row.get::<_, &[u8]>(next())));
+                let source = if group.source {
+                    Some(source_from(row.get(next()))?)
+                } else {
+                    None
+                };
+                let model = group.model.then(|| row.get::<_, String>(next()));
+                let events = count(row.get(next()))?;
+                let prompt_tokens = count(row.get(next()))?;
+                let completion_tokens = count(row.get(next()))?;
+                let totals = Totals {
+                    events,
+                    prompt_tokens,
+                    completion_tokens,
+                    total_tokens: prompt_tokens + completion_tokens,
+                };
+                summary.totals.add(&totals);
+                if group.any() {
+                    summary.rows.push(SummaryRow {
+                        day,
+                        user_hash,
+                        source,
+                        model,
+                        totals,
+                    });
+                }
+            }
+            Ok(summary)
+        })
+    }
+
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let Some(only) = optional_install(&client, query.install_id.as_deref()).await? else {
+                return Ok(EventsPage::default());
+            };
+            let from = query.range.from_ms.unwrap_or(i64::MIN);
+            let to = query.range.to_ms.unwrap_or(i64::MAX);
+            // No cursor: start before every event (the nil id sorts first).
+            let after = query.after.unwrap_or(EventCursor {
+                created_at_ms: i64::MIN,
+                install: i64::MIN,
+                event_id: Uuid::nil(),
+            });
+            let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
+            let statement = client
+                .prepare_cached(
+                    "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
+                            e.prompt_tokens, e.completion_tokens, e.cached_tokens,
+                            e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
+                            e.received_at
+                     FROM events e JOIN installs i ON i.id = e.install
+                     WHERE ($1::bigint IS NULL OR e.install = $1)
+                       AND e.created_at >= $2 AND e.created_at < $3
+                       AND (e.created_at, e.install, e.event_id) > ($4, $5, $6)
+                     ORDER BY e.created_at, e.install, e.event_id
+                     LIMIT $7",
+                )
+                .await?;
+            let rows = client
+                .query(
+                    &statement,
+                    &[
+                        &only,
+                        &from,
+                        &to,
+                        &after.created_at_ms,
+                        &after.install,
+                        &after.event_id,
+                        &limit,
+                    ],
+                )
+                .await?;
+            let mut page = EventsPage::default();
+            for row in &rows {
+                page.events.push(received_event(row)?);
+            }
+            if page.events.len() == query.limit.max(1) {
+                page.next = rows.last().map(|row| EventCursor {
+                    created_at_ms: row.get(12),
+                    install: row.get(1),
+                    event_id: row.get(2),
+                });
+            }
+            Ok(page)
+        })
+    }
+
+    fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError> {
+        self.run(async |store| {
+            let mut client = store.client().await?;
+            let deleted = partitions::maintain(&mut client, days).await?;
+            // The dedupe keys of the days dropped, in small transactions.
+            let cutoff = days.first_kept.saturating_mul(MS_PER_DAY);
+            let purge = client
+                .prepare_cached(
+                    "DELETE FROM event_ids WHERE ctid = ANY (ARRAY(
+                         SELECT ctid FROM event_ids WHERE created_at < $1 LIMIT $2))",
+                )
+                .await?;
+            while client.execute(&purge, &[&cutoff, &RETENTION_CHUNK]).await?
+                == RETENTION_CHUNK as u64
+            {}
+            Ok(deleted)
+        })
+    }
+
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let Some(only) = optional_install(&client, install_id).await? else {
+                return Ok(InstallationsReport::default());
+            };
+            let mut report = InstallationsReport::default();
+            let mut by_key = std::collections::HashMap::new();
+            let installs = client
+                .query(
+                    r#"SELECT id, install_id, plan, last_seen FROM installs
+                       WHERE $1::bigint IS NULL OR id = $1 ORDER BY install_id COLLATE "C""#,
+                    &[&only],
+                )
+                .await?;
+            for row in installs {
+                by_key.insert(row.get::<_, i64>(0), report.installs.len());
+                report.installs.push(InstallUsage {
+                    install_id: row.get(1),
+                    plan: plan_from(row.get(2))?,
+                    last_seen_ms: row.get(3),
+                    events_30d: 0,
+                    tokens_30d: 0,
+                    models_mtd: Vec::new(),
+                });
+            }
+            let first_day = window.from_30d.min(window.month_start);
+            // Summed in the database per install and model: a few rows per install
+            // however many days it has.
+            let per_model = client
+                .query(
+                    "SELECT install, model,
+                            coalesce(sum(events) FILTER (WHERE day >= $2), 0)::bigint,
+                            coalesce(sum(prompt_tokens + completion_tokens)
+                                FILTER (WHERE day >= $2), 0)::bigint,
+                            coalesce(sum(prompt_tokens + completion_tokens)
+                                FILTER (WHERE day >= $3), 0)::bigint,
+                            count(*) FILTER (WHERE day >= $3)
+                     FROM daily_usage
+                     WHERE day >= $1 AND day <= $4 AND ($5::bigint IS NULL OR install = $5)
+                     GROUP BY install, model",
+                    &[
+                        &first_day,
+                        &window.from_30d,
+                        &window.month_start,
+                        &window.today,
+                        &only,
+                    ],
+                )
+                .await?;
+            for row in per_model {
+                let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
+                    continue;
+                };
+                let install = &mut report.installs[index];
+                install.events_30d += count(row.get(2))?;
+                install.tokens_30d += count(row.get(3))?;
+                if row.get::<_, i64>(5) > 0 {
+                    install.models_mtd.push(ModelTokens {
+                        model: row.get(1),
+                        tokens: count(row.get(4))?,
+                    });
+                }
+            }
+            for install in &mut report.installs {
+                install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
+            }
+            let days = client
+                .query(
+                    "SELECT day, sum(events)::bigint,
+                            sum(prompt_tokens + completion_tokens)::bigint
+                     FROM daily_usage
+                     WHERE day >= $1 AND day <= $2 AND ($3::bigint IS NULL OR install = $3)
+                     GROUP BY day ORDER BY day",
+                    &[&window.from_30d, &window.today, &only],
+                )
+                .await?;
+            let mut daily = BTreeMap::new();
+            for row in days {
+                let day: i64 = row.get(0);
+                daily.insert(
+                    day,
+                    DailyTokens {
+                        day,
+                        events: count(row.get(1))?,
+                        tokens: count(row.get(2))?,
+                    },
+                );
+            }
+            report.daily = daily.into_values().collect();
+            Ok(report)
+        })
+    }
+
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
+        self.run(async |store| {
+            let changed = store
+                .client()
+                .await?
+                .execute(
+                    "UPDATE installs SET plan = $2 WHERE install_id = $1",
+                    &[&install_id, &plan.as_str()],
+                )
+                .await?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        self.run(async |store| {
+            let mut client = store.client().await?;
+            let tx = client.transaction().await?;
+            // The row lock waits for a batch of this install in flight (it holds a lock on
+            // the row), and makes any later one find no install.
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT id FROM installs WHERE install_id = $1 FOR UPDATE",
+                    &[&install_id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let key: i64 = row.get(0);
+            let events = tx
+                .execute("DELETE FROM events WHERE install = $1", &[&key])
+                .await?;
+            for table in ["event_ids", "daily_usage", "request_schedule"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE install = $1"), &[&key])
+                    .await?;
+            }
+            tx.execute("DELETE FROM installs WHERE id = $1", &[&key])
+                .await?;
+            tx.commit().await?;
+            Ok(Some(events))
+        })
+    }
+}
+
+fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
+    Ok(ReceivedEvent {
+        install_id: row.get(0),
+        event_id: row.get(2),
+        user_hash: to_hex(row.get::<_, &[u8]>(3)),
+        source: source_from(row.get(4))?,
+        model: row.get(5),
+        prompt_tokens: count(row.get(6))?,
+        completion_tokens: count(row.get(7))?,
+        cached_tokens: count(row.get(8))?,
+        cache_write_tokens: count(row.get(9))?,
+        reasoning_tokens: count(row.get(10))?,
+        context: row.get(11),
+        created_at_ms: row.get(12),
+        received_at_ms: row.get(13),
+    })
+}

@@ -1,0 +1,636 @@
+//! The bundled receiver's SQLite store: every SQL statement of the receiver lives here.
+//!
+//! One writer connection (enroll, ingest, retention) and one reader connection (install
+//! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
+//! Each install is stored once and events refer to it by an integer key; event ids are
+//! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
+//! `daily_usage` holds per install, UTC day and model the events and tokens stored; ingest
+//! adds to it in the same transaction as the events it inserts (only those not deduped),
+//! so it always equals a sum over the events ever stored, including those since purged.
+//! This module knows nothing about HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::config::DbConfig;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::{
+    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
+    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
+    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
+    TimeRange, Totals, UsageWindow,
+};
+use crate::event::Source;
+use crate::private_file::create_private;
+use crate::protocol::signing::Secret;
+use crate::protocol::wire::to_hex;
+use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::rate_limit::{Rate, RateLimiter};
+
+mod group_commit;
+mod migrations;
+
+use group_commit::{IngestQueue, PendingIngest};
+use migrations::migrate;
+
+const MS_PER_DAY: i64 = 86_400_000;
+/// Events deleted per retention transaction, so a batch waiting to commit gets in soon.
+const RETENTION_CHUNK: i64 = 5000;
+
+/// The receiver's SQLite database.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Group commit: batches that arrive while one commits wait here and are committed
+    /// together, one transaction and one fsync for all of them.
+    ingest_queue: Mutex<IngestQueue>,
+    committed: Condvar,
+    /// Requests per install: in memory, as one node owns a SQLite database.
+    limiter: RateLimiter,
+}
+
+impl From<rusqlite::Error> for ReceiverStoreError {
+    fn from(error: rusqlite::Error) -> ReceiverStoreError {
+        ReceiverStoreError::Backend(Box::new(error))
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, creating its parent directories,
+    /// and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, ReceiverStoreError> {
+        let open_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| ReceiverStoreError::Open {
+                path: path.to_owned(),
+                source,
+            };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
+        }
+        create_private(path).map_err(|e| open_error(Box::new(e)))?;
+        let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        migrate(&mut writer).map_err(|e| open_error(Box::new(e)))?;
+        let reader = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            ingest_queue: Mutex::new(IngestQueue::default()),
+            committed: Condvar::new(),
+            limiter: RateLimiter::default(),
+        })
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction behind
+        // (rusqlite rolls back on drop), so a poisoned lock is safe to reuse.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ingest_queue(&self) -> MutexGuard<'_, IngestQueue> {
+        self.ingest_queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the batches of a group in one transaction: all of them, or none. A batch
+    /// whose install is gone is `None` and stores nothing.
+    fn commit_group(
+        &self,
+        group: &[Arc<PendingIngest>],
+    ) -> Result<Vec<Option<IngestCounts>>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let counts = group
+            .iter()
+            .map(|p| insert_batch(&tx, p.install, &p.events, p.received_at_ms))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(counts)
+    }
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    // Every commit syncs (FULL, below), which gathering WAL writes relies on.
+    let conn = crate::gather_vfs::open_for_full_sync(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Small pages: the (install, event_id) index takes random inserts, and a commit writes
+    // whole pages. Only takes effect when the database is created.
+    conn.pragma_update(None, "page_size", 1024)?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    // FULL: a batch is answered 200 only after its commit is on disk. Once the agent has
+    // that answer it marks the events synced and never sends them again, so a commit lost
+    // to a power cut would be billing data lost.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // A modest page cache, on purpose: when a B-tree page splits, SQLite parks a page
+    // under the number of the 1 GiB "pending byte" page for a moment, and every commit
+    // then scans the whole page-cache hash table to drop pages past the end of the file.
+    // That scan grows with the cache (BENCHMARKS.md, "Where the tuned constants come
+    // from", has what a large cache cost). The OS page cache still holds the rest of the
+    // database. A larger WAL before the automatic checkpoint means
+    // fewer checkpoints inside an ingest commit.
+    conn.pragma_update(None, "cache_size", -4 * 1024)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    // Plans never depend on bound values, so `LIMIT ?` statements are not re-prepared
+    // on every rebind.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn install_key(conn: &Connection, install_id: &str) -> rusqlite::Result<Option<InstallKey>> {
+    conn.prepare_cached("SELECT id FROM installs WHERE install_id = ?1")?
+        .query_row(params![install_id], |row| row.get(0))
+        .optional()
+}
+
+fn range_bounds(range: TimeRange) -> (i64, i64) {
+    (
+        range.from_ms.unwrap_or(i64::MIN),
+        range.to_ms.unwrap_or(i64::MAX),
+    )
+}
+
+fn source_from(code: i64) -> Result<Source, ReceiverStoreError> {
+    Source::from_code(code)
+        .ok_or_else(|| ReceiverStoreError::Corrupt(format!("unknown source code {code}")))
+}
+
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, ReceiverStoreError> {
+    Uuid::from_slice(bytes)
+        .map_err(|_| ReceiverStoreError::Corrupt("an event id is not 16 bytes".into()))
+}
+
+impl ReceiverStore for SqliteStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Sqlite
+    }
+
+    fn ping(&self) -> Result<(), ReceiverStoreError> {
+        self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn take_request(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        Ok(self.limiter.check(install, rate, std::time::Instant::now()))
+    }
+
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .prepare_cached("SELECT secret FROM installs WHERE install_id = ?1")?
+            .query_row(params![install.install_id], |row| row.get(0))
+            .optional()?;
+        let outcome = match existing {
+            Some(stored) => match Secret::parse(&stored) {
+                Ok(stored) if stored == install.secret => EnrollOutcome::AlreadyEnrolled,
+                _ => EnrollOutcome::Conflict,
+            },
+            None => {
+                tx.prepare_cached(
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    install.install_id,
+                    install.secret.to_whsec(),
+                    install.site_hash,
+                    install.enrolled_at_ms
+                ])?;
+                EnrollOutcome::Created
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
+        let conn = self.reader();
+        let row: Option<(InstallKey, String, bool)> = conn
+            .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = ?1")?
+            .query_row(params![install_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .optional()?;
+        let Some((key, secret, disabled)) = row else {
+            return Ok(None);
+        };
+        let secret = Secret::parse(&secret).map_err(|e| {
+            ReceiverStoreError::Corrupt(format!(
+                "the stored secret of an install is unreadable: {e}"
+            ))
+        })?;
+        Ok(Some(Install {
+            key,
+            install_id: install_id.to_owned(),
+            secret,
+            disabled,
+        }))
+    }
+
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, ReceiverStoreError> {
+        group_commit::ingest(self, install, events, received_at_ms)
+    }
+
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(Summary::default()),
+            },
+        };
+        let group = query.group_by;
+        // Only these fixed fragments are ever spliced into the SQL text.
+        let mut keys = Vec::new();
+        if group.day {
+            keys.push(format!("created_at / {MS_PER_DAY}"));
+        }
+        if group.user {
+            keys.push("user_hash".to_owned());
+        }
+        if group.source {
+            keys.push("source".to_owned());
+        }
+        if group.model {
+            keys.push("model".to_owned());
+        }
+        let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
+        let group_clause = if keys.is_empty() {
+            String::new()
+        } else {
+            format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
+        };
+        // For one install, a plain `install = ?1` lets SQLite read only that install's
+        // events through the primary key.
+        let install_clause = if install.is_some() {
+            "install = ?1"
+        } else {
+            "?1 IS NULL"
+        };
+        let sql = format!(
+            "SELECT {key_columns} count(*), coalesce(sum(prompt_tokens), 0),
+                    coalesce(sum(completion_tokens), 0)
+             FROM events
+             WHERE {install_clause} AND created_at >= ?2 AND created_at < ?3
+             {group_clause}"
+        );
+        let (from, to) = range_bounds(query.range);
+        let mut statement = conn.prepare_cached(&sql)?;
+        let mut rows = statement.query(params![install, from, to])?;
+        let mut summary = Summary::default();
+        while let Some(row) = rows.next()? {
+            let mut column = 0;
+            let mut next = || {
+                column += 1;
+                column - 1
+            };
+            let day = if group.day {
+                Some(row.get::<_, i64>(next())?)
+            } else {
+                None
+            };
+            let user_hash = if group.user {
+                Some(to_hex(&row.get::<_, Vec<u8>>(next())?))
+            } else {
+                None
+            };
+            let source = if group.source {
+                Some(source_from(row.get(next())?)?)
+            } else {
+                None
+            };
+            let model = if group.model {
+                Some(row.get::<_, String>(next())?)
+            } else {
+                None
+            };
+            let events: u64 = row.get(next())?;
+            let prompt_tokens: u64 = row.get(next())?;
+            let completion_tokens: u64 = row.get(next())?;
+            let totals = Totals {
+                events,
+                prompt_tokens,
+                completion_tokens,
+                total_tokens: prompt_tokens + completion_tokens,
+            };
+            summary.totals.add(&totals);
+            if group.any() {
+                summary.rows.push(SummaryRow {
+                    day,
+                    user_hash,
+                    source,
+                    model,
+                    totals,
+                });
+            }
+        }
+        Ok(summary)
+    }
+
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(EventsPage::default()),
+            },
+        };
+        let (from, to) = range_bounds(query.range);
+        let (after_at, after_install, after_id) = match query.after {
+            Some(cursor) => (
+                cursor.created_at_ms,
+                cursor.install,
+                SqlValue::Blob(cursor.event_id.as_bytes().to_vec()),
+            ),
+            // An empty blob sorts before every event id.
+            None => (i64::MIN, i64::MIN, SqlValue::Blob(Vec::new())),
+        };
+        let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
+        let mut statement = conn.prepare_cached(
+            "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
+                    e.prompt_tokens, e.completion_tokens, e.cached_tokens,
+                    e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
+                    e.received_at
+             FROM events e JOIN installs i ON i.id = e.install
+             WHERE (?1 IS NULL OR e.install = ?1) AND e.created_at >= ?2 AND e.created_at < ?3
+               AND (e.created_at, e.install, e.event_id) > (?4, ?5, ?6)
+             ORDER BY e.created_at, e.install, e.event_id
+             LIMIT ?7",
+        )?;
+        let mut rows = statement.query(params![
+            install,
+            from,
+            to,
+            after_at,
+            after_install,
+            after_id,
+            limit
+        ])?;
+        let mut page = EventsPage::default();
+        let mut last = None;
+        while let Some(row) = rows.next()? {
+            let install: InstallKey = row.get(1)?;
+            let event_id = uuid_from(&row.get::<_, Vec<u8>>(2)?)?;
+            let created_at_ms: i64 = row.get(12)?;
+            last = Some(EventCursor {
+                created_at_ms,
+                install,
+                event_id,
+            });
+            page.events.push(ReceivedEvent {
+                install_id: row.get(0)?,
+                event_id,
+                user_hash: to_hex(&row.get::<_, Vec<u8>>(3)?),
+                source: source_from(row.get(4)?)?,
+                model: row.get(5)?,
+                prompt_tokens: row.get(6)?,
+                completion_tokens: row.get(7)?,
+                cached_tokens: row.get(8)?,
+                cache_write_tokens: row.get(9)?,
+                reasoning_tokens: row.get(10)?,
+                context: row.get(11)?,
+                created_at_ms,
+                received_at_ms: row.get(13)?,
+            });
+        }
+        if page.events.len() == query.limit.max(1) {
+            page.next = last;
+        }
+        Ok(page)
+    }
+
+    fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError> {
+        let cutoff = days.first_kept.saturating_mul(MS_PER_DAY);
+        let mut total = 0u64;
+        loop {
+            // Each chunk is its own short transaction, and the lock is released between
+            // chunks, so a batch waiting to commit gets in.
+            let deleted = self
+                .writer()
+                .prepare_cached(
+                    "DELETE FROM events WHERE rowid IN (
+                         SELECT rowid FROM events WHERE created_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cutoff, RETENTION_CHUNK])?;
+            total += deleted as u64;
+            if (deleted as i64) < RETENTION_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, ReceiverStoreError> {
+        let conn = self.reader();
+        // `Some(None)`: every install; `None`: the one asked for is unknown.
+        let Some(only) = optional_install(&conn, install_id)? else {
+            return Ok(InstallationsReport::default());
+        };
+        let mut report = InstallationsReport::default();
+        let mut by_key = HashMap::new();
+        {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, install_id, plan, last_seen FROM installs
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY install_id",
+            )?;
+            let mut rows = statement.query(params![only])?;
+            while let Some(row) = rows.next()? {
+                let key: InstallKey = row.get(0)?;
+                by_key.insert(key, report.installs.len());
+                report.installs.push(InstallUsage {
+                    install_id: row.get(1)?,
+                    plan: plan_from(&row.get::<_, String>(2)?)?,
+                    last_seen_ms: row.get(3)?,
+                    events_30d: 0,
+                    tokens_30d: 0,
+                    models_mtd: Vec::new(),
+                });
+            }
+        }
+        // One range scan of the rollup rows of both windows (a covering index for every
+        // install, the primary key for one), summed here: cheaper than SQL grouping, and
+        // it gives the chart's days in the same pass.
+        let first_day = window.from_30d.min(window.month_start);
+        let mut statement = conn.prepare_cached(if only.is_some() {
+            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+             FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
+        } else {
+            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+             FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
+        })?;
+        let mut rows = statement.query(params![first_day, window.today, only])?;
+        let mut daily: BTreeMap<i64, DailyTokens> = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let key: InstallKey = row.get(0)?;
+            let Some(install) = by_key.get(&key).map(|&index| &mut report.installs[index]) else {
+                continue;
+            };
+            let day: i64 = row.get(1)?;
+            let events: u64 = row.get(3)?;
+            let tokens: u64 = row.get(4)?;
+            if day >= window.from_30d {
+                install.events_30d += events;
+                install.tokens_30d += tokens;
+                let totals = daily.entry(day).or_insert(DailyTokens {
+                    day,
+                    events: 0,
+                    tokens: 0,
+                });
+                totals.events += events;
+                totals.tokens += tokens;
+            }
+            if day >= window.month_start {
+                let model = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+                // An install uses a handful of models: a linear search beats hashing.
+                match install.models_mtd.iter_mut().find(|m| m.model == model) {
+                    Some(usage) => usage.tokens += tokens,
+                    None => install.models_mtd.push(ModelTokens {
+                        model: model.to_owned(),
+                        tokens,
+                    }),
+                }
+            }
+        }
+        for install in &mut report.installs {
+            install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
+        }
+        report.daily = daily.into_values().collect();
+        Ok(report)
+    }
+
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, plan.as_str()])?;
+        Ok(changed == 1)
+    }
+
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(None);
+        };
+        let events = tx
+            .prepare_cached("DELETE FROM events WHERE install = ?1")?
+            .execute(params![key])?;
+        tx.prepare_cached("DELETE FROM daily_usage WHERE install = ?1")?
+            .execute(params![key])?;
+        tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
+            .execute(params![key])?;
+        tx.commit()?;
+        Ok(Some(events as u64))
+    }
+}
+
+/// Inserts one batch's events inside `tx` and adds them to the daily rollup; the counts say
+/// how many were new and how many were already stored (or repeated within the batch).
+/// `None`, with nothing written, when the install was erased or disabled meanwhile.
+fn insert_batch(
+    tx: &rusqlite::Transaction<'_>,
+    install: InstallKey,
+    events: &[NewEvent],
+    received_at_ms: i64,
+) -> Result<Option<IngestCounts>, ReceiverStoreError> {
+    let accepting: Option<bool> = tx
+        .prepare_cached("SELECT NOT disabled FROM installs WHERE id = ?1")?
+        .query_row(params![install], |row| row.get(0))
+        .optional()?;
+    if accepting != Some(true) {
+        return Ok(None);
+    }
+    let mut counts = IngestCounts::default();
+    // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
+    let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
+    // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id
+    // stored by an earlier batch or earlier in this one, inside this same transaction.
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
+             prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+             reasoning_tokens, context, created_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for event in events {
+        let inserted = insert.execute(params![
+            install,
+            event.event_id.as_bytes().as_slice(),
+            event.user_hash.as_slice(),
+            event.source.code(),
+            event.model,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_tokens,
+            event.cache_write_tokens,
+            event.reasoning_tokens,
+            event.context,
+            event.created_at_ms,
+            received_at_ms,
+        ])?;
+        if inserted == 1 {
+            counts.accepted += 1;
+            let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+            let sums = daily.entry((day, event.model.as_str())).or_default();
+            sums.0 += 1;
+            sums.1 += event.prompt_tokens;
+            sums.2 += event.completion_tokens;
+        } else {
+            counts.duplicates += 1;
+        }
+    }
+    let mut rollup = tx.prepare_cached(
+        "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+             completion_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (install, day, model) DO UPDATE SET
+             events = events + excluded.events,
+             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = completion_tokens + excluded.completion_tokens",
+    )?;
+    for ((day, model), (events, prompt, completion)) in &daily {
+        rollup.execute(params![install, day, model, events, prompt, completion])?;
+    }
+    tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
+        .execute(params![install, received_at_ms])?;
+    Ok(Some(counts))
+}
+
+fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
+    text.parse()
+        .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
+}
+
+fn optional_install(
+    conn: &Connection,
+    install_id: Option<&str>,
+) -> rusqlite::Result<Option<Option<InstallKey>>> {
+    match install_id {
+        None => Ok(Some(None)),
+        Some(id) => Ok(install_key(conn, id)?.map(Some)),
+    }
+}
+
+#[cfg(test)]
+mod tests;
