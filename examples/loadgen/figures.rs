@@ -21,6 +21,11 @@ pub(crate) struct Figures {
     pub(crate) drain1000_eps: Option<f64>,
     pub(crate) rss_peak_mib: Option<f64>,
     pub(crate) bytes_per_event: Option<f64>,
+    pub(crate) fleet_eps: Option<f64>,
+    pub(crate) fleet_ceiling_eps: Option<f64>,
+    pub(crate) fleet_ratio: Option<f64>,
+    pub(crate) fleet_p99_ms: Option<f64>,
+    pub(crate) installations_100k_ms: Option<f64>,
     pub(crate) synchronous: String,
 }
 
@@ -29,7 +34,7 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         Some(v) => format!("{v:.decimals$}"),
         None => "null".to_owned(),
     };
-    let rows: [(&str, Option<f64>, usize, &str); 13] = [
+    let rows: [(&str, Option<f64>, usize, &str); 18] = [
         ("single_c1_eps", figures.single_c1_eps, 0, ""),
         ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
         ("single_c128_eps", figures.single_c128_eps, 0, ""),
@@ -53,6 +58,16 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         ("drain1000_eps", figures.drain1000_eps, 0, ">= 50000"),
         ("rss_peak_mib", figures.rss_peak_mib, 1, "<= 20"),
         ("bytes_per_event", figures.bytes_per_event, 1, "<= 250"),
+        ("fleet_eps", figures.fleet_eps, 0, ">= 20000"),
+        ("fleet_ceiling_eps", figures.fleet_ceiling_eps, 0, ""),
+        ("fleet_ratio", figures.fleet_ratio, 3, ">= 0.5"),
+        ("fleet_p99_ms", figures.fleet_p99_ms, 1, "<= 50"),
+        (
+            "installations_100k_ms",
+            figures.installations_100k_ms,
+            1,
+            "<= 300",
+        ),
     ];
     println!();
     println!("| figure | value | target |");
@@ -88,6 +103,11 @@ pub(crate) fn figures_json(figures: &Figures) -> Value {
         "drain1000_eps": round(figures.drain1000_eps, 0),
         "rss_peak_mib": round(figures.rss_peak_mib, 1),
         "bytes_per_event": round(figures.bytes_per_event, 1),
+        "fleet_eps": round(figures.fleet_eps, 0),
+        "fleet_ceiling_eps": round(figures.fleet_ceiling_eps, 0),
+        "fleet_ratio": round(figures.fleet_ratio, 3),
+        "fleet_p99_ms": round(figures.fleet_p99_ms, 1),
+        "installations_100k_ms": round(figures.installations_100k_ms, 1),
         "synchronous": figures.synchronous,
     })
 }

@@ -49,6 +49,7 @@ use usage_agent::config::Synchronous;
 
 use crate::figures::{Figures, figures_json, print_table};
 use crate::phases::drain::drain_phases;
+use crate::phases::fleet::fleet_phase;
 use crate::phases::fsync_floor::fsync_floor;
 use crate::phases::http_ceiling::http_ceiling_phase;
 use crate::phases::ingest::{Phase, PhaseResult, run_phase};
@@ -79,10 +80,23 @@ struct Options {
     /// Must be a real disk, not tmpfs, or fsync costs nothing.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Run only these phases (for profiling); figures of skipped phases are null.
+    /// Run only these phases (for profiling); figures of skipped phases are null. `fleet`
+    /// (the receiver on PostgreSQL) runs only when named.
     #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,drain",
-          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain"])]
+          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain", "fleet"])]
     phases: Vec<String>,
+    /// For `fleet`: a PostgreSQL server where loadgen may create (and then drops) its
+    /// databases, e.g. postgres://user@localhost/postgres; default: a throwaway cluster of
+    /// its own, fsync on.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// For `fleet`: installs that enroll and send one batch of 50 each (default 10,000;
+    /// 1,000 with --quick).
+    #[arg(long)]
+    fleet_installs: Option<usize>,
+    /// For `fleet`: installs in the installations view that is timed.
+    #[arg(long, default_value_t = 100_000)]
+    view_installs: u32,
 }
 
 impl Options {
@@ -179,6 +193,44 @@ fn bench(options: Options) -> anyhow::Result<()> {
         http_ceiling = Some(http_ceiling_phase(&runtime, root.path(), n, cap)?);
     }
 
+    // The receiver for a fleet, alone: it needs the machine to itself.
+    if options.wants("fleet") {
+        let installs = options
+            .fleet_installs
+            .unwrap_or(if options.quick { 1_000 } else { 10_000 });
+        let fleet = fleet_phase(
+            &runtime,
+            root.path(),
+            options.database_url.as_deref(),
+            installs,
+            options.view_installs,
+        )?;
+        eprintln!(
+            "  fleet     {:>9.0} events/s through two nodes, p99 {:.1} ms; COPY ceiling {:.0} events/s; installations view of {} installs {:.0} ms",
+            fleet.eps,
+            fleet.p99_ms,
+            fleet.ceiling_eps,
+            options.view_installs,
+            fleet.installations_100k_ms
+        );
+        notes.push(format!(
+            "fleet: {} installs each sent one gzipped, signed batch of 50 ({} events) through two \
+             receiver nodes on one PostgreSQL, {} requests in flight",
+            fleet.installs,
+            fleet.events,
+            crate::phases::fleet::IN_FLIGHT
+        ));
+        figures.fleet_eps = Some(fleet.eps);
+        figures.fleet_ceiling_eps = Some(fleet.ceiling_eps);
+        figures.fleet_ratio = Some(fleet.eps / fleet.ceiling_eps);
+        figures.fleet_p99_ms = Some(fleet.p99_ms);
+        figures.installations_100k_ms = Some(fleet.installations_100k_ms);
+    }
+    let agent_phases = ["c1", "c32", "c128", "newconn", "batch100", "limit"];
+    if !agent_phases.iter().any(|phase| options.wants(phase)) {
+        return finish(figures, notes, started, &options, &runtime, root.path());
+    }
+
     // Ingest phases against one agent.
     let agent = Agent::start(&root.path().join("ingest"), &options, None)?;
     let socket = agent.socket.clone();
@@ -273,9 +325,21 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.ratio_batch_vs_limit = figures.batch100_eps.map(|batch| batch / limit_eps);
     }
 
+    finish(figures, notes, started, &options, &runtime, root.path())
+}
+
+/// The drain phases (they start agents of their own), then the figures printed.
+fn finish(
+    mut figures: Figures,
+    mut notes: Vec<String>,
+    started: Instant,
+    options: &Options,
+    runtime: &tokio::runtime::Runtime,
+    root: &std::path::Path,
+) -> anyhow::Result<()> {
     // Draining a backlog to the bundled receiver.
     if options.wants("drain") {
-        match drain_phases(&runtime, root.path(), &options, n) {
+        match drain_phases(runtime, root, options, options.phase_events()) {
             Ok((drain50, drain1000)) => {
                 figures.drain50_eps = Some(drain50);
                 figures.drain1000_eps = Some(drain1000);
@@ -283,7 +347,6 @@ fn bench(options: Options) -> anyhow::Result<()> {
             Err(why) => notes.push(format!("drain50_eps and drain1000_eps are null: {why:#}")),
         }
     }
-
     print_table(&figures, &notes, started.elapsed());
     if options.json {
         println!("{}", figures_json(&figures));

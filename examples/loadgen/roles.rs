@@ -38,19 +38,19 @@ pub(crate) fn run_agent(args: &[String]) -> anyhow::Result<ExitCode> {
     usage_agent::cli::run(cli)
 }
 
-/// The child role: the real `usage-agent receiver` on the given address and database.
+/// The child role: the real `usage-agent receiver` on the given address and database (a
+/// SQLite path, or `--database-url URL`).
 pub(crate) fn run_receiver(args: &[String]) -> anyhow::Result<ExitCode> {
-    let [listen, db] = args else {
-        bail!("usage: loadgen {RECEIVER_ROLE} ADDR DB")
+    let store: Vec<&str> = match args {
+        [_, db] => vec!["--db", db],
+        [_, flag, url] if flag == "--database-url" => vec!["--database-url", url],
+        _ => bail!("usage: loadgen {RECEIVER_ROLE} ADDR (DB | --database-url URL)"),
     };
-    let cli = usage_agent::cli::Cli::parse_from([
-        "usage-agent",
-        "receiver",
-        "--listen",
-        listen,
-        "--db",
-        db,
-    ]);
+    let cli = usage_agent::cli::Cli::parse_from(
+        ["usage-agent", "receiver", "--listen", &args[0]]
+            .into_iter()
+            .chain(store),
+    );
     usage_agent::cli::run(cli)
 }
 

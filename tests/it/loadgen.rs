@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-/// The keys of the JSON line, exactly as issue 5 lists them.
-const KEYS: [&str; 14] = [
+/// The keys of the JSON line, exactly as issues 5 and 16 list them.
+const KEYS: [&str; 19] = [
     "single_c1_eps",
     "single_c32_eps",
     "single_c128_eps",
@@ -22,7 +22,21 @@ const KEYS: [&str; 14] = [
     "drain1000_eps",
     "rss_peak_mib",
     "bytes_per_event",
+    "fleet_eps",
+    "fleet_ceiling_eps",
+    "fleet_ratio",
+    "fleet_p99_ms",
+    "installations_100k_ms",
     "synchronous",
+];
+
+/// The figures of the fleet phase, which runs only when asked for.
+const FLEET_KEYS: [&str; 5] = [
+    "fleet_eps",
+    "fleet_ceiling_eps",
+    "fleet_ratio",
+    "fleet_p99_ms",
+    "installations_100k_ms",
 ];
 
 /// The example binary: `cargo test` builds every example (next to this test binary's
@@ -84,8 +98,14 @@ fn every_phase_reports_every_key_of_the_json_line() {
     let mut expected = KEYS.to_vec();
     expected.sort_unstable();
     assert_eq!(keys, expected);
-    for key in KEYS.iter().filter(|k| **k != "synchronous") {
+    for key in KEYS
+        .iter()
+        .filter(|k| **k != "synchronous" && !FLEET_KEYS.contains(k))
+    {
         positive(&figures, key);
+    }
+    for key in FLEET_KEYS {
+        assert!(figures[key].is_null(), "{key} without the fleet phase");
     }
     assert_eq!(figures["synchronous"], "full");
     let ratio = positive(&figures, "batch100_eps") / positive(&figures, "sqlite_limit_eps");
@@ -129,4 +149,23 @@ fn bad_options_are_refused_with_the_option_and_its_rule() {
         assert!(stderr.contains(named), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty(), "{args:?} measured something");
     }
+}
+
+#[test]
+fn the_fleet_phase_reports_its_figures_on_a_throwaway_postgresql() {
+    let figures = json_line(&run(&[
+        "--phases",
+        "fleet",
+        "--fleet-installs",
+        "40",
+        "--view-installs",
+        "300",
+        "--json",
+    ]));
+    for key in FLEET_KEYS {
+        positive(&figures, key);
+    }
+    let ratio = positive(&figures, "fleet_eps") / positive(&figures, "fleet_ceiling_eps");
+    assert!((ratio - positive(&figures, "fleet_ratio")).abs() < 0.001);
+    assert!(figures["single_c32_eps"].is_null());
 }

@@ -170,7 +170,7 @@ fn bytes_written(pid: u32) -> u64 {
 }
 
 /// A loopback address nobody listens on (bind port 0, note it, release it).
-fn free_port() -> anyhow::Result<SocketAddr> {
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     listener.local_addr().context("reading the free port")
 }

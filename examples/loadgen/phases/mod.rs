@@ -3,6 +3,7 @@
 //! business (in `main.rs`).
 
 pub(crate) mod drain;
+pub(crate) mod fleet;
 pub(crate) mod fsync_floor;
 pub(crate) mod http_ceiling;
 pub(crate) mod ingest;

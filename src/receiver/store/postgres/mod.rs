@@ -56,6 +56,10 @@ const RETENTION_CHUNK: i64 = 5000;
 /// The receiver's PostgreSQL database.
 pub struct PostgresStore {
     pool: Pool,
+    /// Connections that commit without waiting for the WAL flush, for the request
+    /// schedule only: a crash may forget the last few requests counted, which only lets an
+    /// install send a few more; billing data never goes through them.
+    relaxed: Pool,
     runtime: Handle,
 }
 
@@ -85,21 +89,29 @@ impl PostgresStore {
             url.parse().map_err(|e| connect_error(Box::new(e)))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("usage-agent receiver");
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .build()
-            .map_err(|e| connect_error(Box::new(e)))?;
-        let store = PostgresStore { pool, runtime };
+        let mut relaxed = config.clone();
+        relaxed.options("-c synchronous_commit=off");
+        let pool = |config, size| {
+            let manager = Manager::from_config(
+                config,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            Pool::builder(manager)
+                .max_size(size)
+                .wait_timeout(Some(CONNECT_TIMEOUT))
+                .create_timeout(Some(CONNECT_TIMEOUT))
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .build()
+                .map_err(|e| connect_error(Box::new(e)))
+        };
+        let store = PostgresStore {
+            pool: pool(config, POOL_SIZE)?,
+            relaxed: pool(relaxed, POOL_SIZE / 4)?,
+            runtime,
+        };
         store
             .run(async |store| {
                 let mut client = store.client().await?;
@@ -395,7 +407,7 @@ impl ReceiverStore for PostgresStore {
         let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
         let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
         self.run(async |store| {
-            let client = store.client().await?;
+            let client = store.relaxed.get().await?;
             // The schedule moves on only when the request fits in the burst; the row lock
             // makes two nodes' requests of one install take turns.
             let statement = client
@@ -594,7 +606,7 @@ impl ReceiverStore for PostgresStore {
         window: UsageWindow,
     ) -> Result<InstallationsReport, ReceiverStoreError> {
         self.run(async |store| {
-            let client = store.client().await?;
+            let mut client = store.client().await?;
             let Some(only) = optional_install(&client, install_id).await? else {
                 return Ok(InstallationsReport::default());
             };
@@ -619,11 +631,16 @@ impl ReceiverStore for PostgresStore {
                 });
             }
             let first_day = window.from_30d.min(window.month_start);
-            // Summed in the database per install and model: a few rows per install
-            // however many days it has.
-            let per_model = client
+            // One scan of the rollup rows of both windows, summed in the database per
+            // install and model (a few rows per install however many days it has) and per
+            // day for the chart. Enough memory that the sums never spill to disk, and no
+            // JIT: compiling costs more than this query saves by it.
+            let tx = client.build_transaction().read_only(true).start().await?;
+            tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
+                .await?;
+            let sums = tx
                 .query(
-                    "SELECT install, model,
+                    "SELECT install, model, day,
                             coalesce(sum(events) FILTER (WHERE day >= $2), 0)::bigint,
                             coalesce(sum(prompt_tokens + completion_tokens)
                                 FILTER (WHERE day >= $2), 0)::bigint,
@@ -632,7 +649,7 @@ impl ReceiverStore for PostgresStore {
                             count(*) FILTER (WHERE day >= $3)
                      FROM daily_usage
                      WHERE day >= $1 AND day <= $4 AND ($5::bigint IS NULL OR install = $5)
-                     GROUP BY install, model",
+                     GROUP BY GROUPING SETS ((install, model), (day))",
                     &[
                         &first_day,
                         &window.from_30d,
@@ -642,44 +659,40 @@ impl ReceiverStore for PostgresStore {
                     ],
                 )
                 .await?;
-            for row in per_model {
+            tx.commit().await?;
+            let mut daily = BTreeMap::new();
+            for row in sums {
+                let events_30d = count(row.get(3))?;
+                let tokens_30d = count(row.get(4))?;
+                // A row of the (day) set: the chart's day, summed over every install.
+                if let Some(day) = row.get::<_, Option<i64>>(2) {
+                    if day >= window.from_30d {
+                        daily.insert(
+                            day,
+                            DailyTokens {
+                                day,
+                                events: events_30d,
+                                tokens: tokens_30d,
+                            },
+                        );
+                    }
+                    continue;
+                }
                 let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
                     continue;
                 };
                 let install = &mut report.installs[index];
-                install.events_30d += count(row.get(2))?;
-                install.tokens_30d += count(row.get(3))?;
-                if row.get::<_, i64>(5) > 0 {
+                install.events_30d += events_30d;
+                install.tokens_30d += tokens_30d;
+                if row.get::<_, i64>(6) > 0 {
                     install.models_mtd.push(ModelTokens {
                         model: row.get(1),
-                        tokens: count(row.get(4))?,
+                        tokens: count(row.get(5))?,
                     });
                 }
             }
             for install in &mut report.installs {
                 install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
-            }
-            let days = client
-                .query(
-                    "SELECT day, sum(events)::bigint,
-                            sum(prompt_tokens + completion_tokens)::bigint
-                     FROM daily_usage
-                     WHERE day >= $1 AND day <= $2 AND ($3::bigint IS NULL OR install = $3)
-                     GROUP BY day ORDER BY day",
-                    &[&window.from_30d, &window.today, &only],
-                )
-                .await?;
-            let mut daily = BTreeMap::new();
-            for row in days {
-                let day: i64 = row.get(0);
-                daily.insert(
-                    day,
-                    DailyTokens {
-                        day,
-                        events: count(row.get(1))?,
-                        tokens: count(row.get(2))?,
-                    },
-                );
             }
             report.daily = daily.into_values().collect();
             Ok(report)
