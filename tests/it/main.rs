@@ -2,6 +2,7 @@
 
 mod agent;
 mod common;
+mod damage;
 mod demo;
 mod hardening_agent;
 mod hardening_receiver;
