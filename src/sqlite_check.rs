@@ -38,18 +38,22 @@ pub fn check_file(path: &Path, depth: Depth) -> rusqlite::Result<Verdict> {
     if !path.exists() {
         return Ok(Verdict::Sound);
     }
-    // Without CREATE: checking never makes a file. Read-write, so the WAL can be read
-    // like any other connection reads it.
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = match Connection::open_with_flags(path, flags) {
+    let conn = match open_read_only(path) {
         Ok(conn) => conn,
         Err(error) if is_damage(&error) => return Ok(Verdict::Damaged(vec![error.to_string()])),
         Err(error) => return Err(error),
     };
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // Nothing is written by a check.
-    conn.pragma_update(None, "query_only", true)?;
     check(&conn, depth)
+}
+
+/// Opens a database that must not change: read only, so not even the checkpoint SQLite
+/// runs when a last connection closes can write to it (a damaged file is evidence), and
+/// without CREATE, so no file is made. The WAL is still read (through the `-shm`).
+pub fn open_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
 }
 
 /// A server's refusal to open a database a `quick_check` found damaged.

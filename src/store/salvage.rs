@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags, Transaction, params_from_iter};
+use rusqlite::{Connection, Transaction, params_from_iter};
 
 use super::health::StorageState;
 use super::{Doing, Store, StoreError};
@@ -181,11 +181,7 @@ impl Store {
 }
 
 fn open_damaged(path: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.pragma_update(None, "query_only", true)?;
+    let conn = sqlite_check::open_read_only(path)?;
     // Reads the header and the schema now, so an unreadable file fails here, once.
     conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
     Ok(conn)
@@ -463,8 +459,19 @@ mod tests {
             recover_if_damaged(&path, Synchronous::Normal).unwrap(),
             None
         );
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1, "nothing moved aside: {names:?}");
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains("damaged"))
+            .collect();
+        assert!(aside.is_empty(), "nothing moved aside: {aside:?}");
+        assert_eq!(
+            Store::open(&path, Synchronous::Normal)
+                .unwrap()
+                .event_count()
+                .unwrap(),
+            10
+        );
     }
 
     #[test]

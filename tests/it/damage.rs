@@ -84,6 +84,7 @@ async fn a_damaged_database_is_moved_aside_salvaged_and_degraded_until_check_fin
     let index = all_pages(&db, &["events_event_id"]);
     garble(&db, bad.iter().map(|(page, _)| *page).chain(index));
     let expected = 3000 - lost;
+    let garbled = std::fs::read(&db).unwrap();
 
     agent.spawn().await;
     let status = agent.status().await;
@@ -92,7 +93,11 @@ async fn a_damaged_database_is_moved_aside_salvaged_and_degraded_until_check_fin
     assert_eq!(storage["events_recovered"], expected, "{status}");
     assert!(storage["at"].is_string(), "{status}");
     let damaged = PathBuf::from(storage["damaged_file"].as_str().unwrap());
-    assert!(damaged.exists(), "{status}");
+    assert_eq!(
+        std::fs::read(&damaged).unwrap(),
+        garbled,
+        "the damaged file is evidence: moved, never written"
+    );
     assert!(
         damaged
             .file_name()
