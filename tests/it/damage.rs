@@ -151,12 +151,12 @@ async fn a_file_that_is_not_a_database_is_replaced_and_the_agent_serves() {
     assert_eq!(code, StatusCode::ACCEPTED, "{body}");
 }
 
-/// A running agent with 3000 events, the later half of whose table pages were then
-/// overwritten under it. The WAL is empty first (its idle checkpoint), which also makes
-/// every connection of the agent drop its page cache at its next transaction, so the
-/// agent reads the damage from the file, as it would after pages went bad on the disk.
-/// The first 1000 events (an export's first page) stay readable.
-async fn damaged_under_a_running_agent() -> Agent {
+/// A running agent with 3000 events, then pages of its database (chosen by `pick` from
+/// the file) overwritten under it. The WAL is empty first (its idle checkpoint), which
+/// also makes every connection of the agent drop its page cache at its next transaction,
+/// so the agent reads the damage from the file, as it would after pages went bad on the
+/// disk.
+async fn damaged_under_a_running_agent(pick: fn(&Path) -> Vec<u64>) -> Agent {
     let agent = Agent::start("").await;
     record(&agent, 3000).await;
     let data = agent.data_dir();
@@ -170,17 +170,36 @@ async fn damaged_under_a_running_agent() -> Agent {
     )
     .await;
     let db = data.join("usage.db");
-    let leaves = pages(&db, "events", "leaf");
-    garble(
-        &db,
-        leaves[leaves.len() / 2..].iter().map(|(page, _)| *page),
-    );
+    garble(&db, pick(&db));
     agent
+}
+
+/// The later half of the events table's leaves: the first 1000 events (an export's
+/// first page) stay readable, the newest leaf (where the next insert goes) does not.
+fn later_half(db: &Path) -> Vec<u64> {
+    let leaves = pages(db, "events", "leaf");
+    leaves[leaves.len() / 2..]
+        .iter()
+        .map(|(page, _)| *page)
+        .collect()
+}
+
+/// Every page of the events table and its indexes.
+fn every_event_page(db: &Path) -> Vec<u64> {
+    all_pages(
+        db,
+        &[
+            "events",
+            "events_event_id",
+            "events_unsynced",
+            "events_created_at",
+        ],
+    )
 }
 
 #[tokio::test]
 async fn a_write_that_fails_on_damage_answers_503_and_status_turns_failing() {
-    let agent = damaged_under_a_running_agent().await;
+    let agent = damaged_under_a_running_agent(later_half).await;
     let response = reqwest::Client::builder()
         .unix_socket(agent.socket.clone())
         .build()
@@ -203,7 +222,7 @@ async fn a_write_that_fails_on_damage_answers_503_and_status_turns_failing() {
 
 #[tokio::test]
 async fn check_exits_3_on_a_damaged_database_and_keeps_status_failing() {
-    let agent = damaged_under_a_running_agent().await;
+    let agent = damaged_under_a_running_agent(later_half).await;
     let out = agent.cli(&["check", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -219,7 +238,7 @@ async fn check_exits_3_on_a_damaged_database_and_keeps_status_failing() {
 
 #[tokio::test]
 async fn a_failed_export_ends_without_its_last_chunk_and_the_cli_exits_1() {
-    let agent = damaged_under_a_running_agent().await;
+    let agent = damaged_under_a_running_agent(later_half).await;
     let socket = agent.socket.clone();
     let raw = tokio::task::spawn_blocking(move || {
         let mut stream = UnixStream::connect(socket).unwrap();
@@ -255,6 +274,19 @@ async fn a_failed_export_ends_without_its_last_chunk_and_the_cli_exits_1() {
         out.stdout.split(|b| *b == b'\n').count() < 3000,
         "not every event was written"
     );
+}
+
+#[tokio::test]
+async fn an_export_that_cannot_read_its_first_page_answers_503_and_the_cli_exits_1() {
+    let agent = damaged_under_a_running_agent(every_event_page).await;
+    let (code, body) = agent.get("/v1/export").await.unwrap();
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_error_shape(&body, "storage_failing");
+    let out = agent.cli(&["export"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("503"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty(), "nothing that looks like an export");
+    assert_eq!(agent.status().await["status"], "failing");
 }
 
 #[test]
