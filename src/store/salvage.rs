@@ -24,9 +24,13 @@ use crate::sqlite_check::{self, Depth, Verdict};
 
 /// Rows read per range scan.
 const CHUNK: i64 = 512;
-/// Most single-rowid lookups after one failed range; beyond it the rest of the range is
-/// given up (it would only be reached after a bad region billions of rowids wide).
+/// Most single-rowid lookups over the span a probe jumped to get past a bad region
+/// (twice the region's width at most); beyond it the rest is given up.
 const MAX_LOOKUPS_PER_GAP: i64 = 1 << 20;
+/// Most single-rowid lookups when no probe got past the bad region (everything to the
+/// right is unreadable, or SQLite fails on every read): good pages there would have
+/// answered a probe, so this is only a last look, kept short.
+const MAX_LOOKUPS_AT_END: i64 = 1 << 14;
 
 /// Tables with rowids, parents first (events refer to models).
 const ROWID_TABLES: [&str; 4] = ["models", "events", "sync_failures", "sync_errors"];
@@ -252,6 +256,9 @@ impl Store {
             )
             .doing("naming models whose row was lost")?;
         }
+        // Lost newest rows hand their `seq`s out again; new events must not hide under
+        // the rollup mark.
+        super::rollup::clamp_rollup_seq(&tx)?;
         let state = StorageState::Recovered {
             at: format_millis(at_ms),
             damaged_file: moved_to.display().to_string(),
@@ -420,8 +427,10 @@ fn copy_rowid_table(
             }
         };
         // The rowids jumped over may sit on good pages between bad ones: one by one.
-        let end = resume.map_or(i64::MAX, |(key, _)| key);
-        let last_lookup = end.min(next.saturating_add(MAX_LOOKUPS_PER_GAP));
+        let last_lookup = match resume {
+            Some((key, _)) => key.min(next.saturating_add(MAX_LOOKUPS_PER_GAP)),
+            None => next.saturating_add(MAX_LOOKUPS_AT_END),
+        };
         for rowid in next..last_lookup {
             let (rows, _) = read_rows(from, &one, Some(rowid), columns.len() + 1);
             store(rows, &mut copy)?;
@@ -702,6 +711,29 @@ mod tests {
         assert!(!with_suffix(&path, ".salvaging").exists());
         let store = Store::open(&path, Synchronous::Normal).unwrap();
         assert_eq!(store.event_count().unwrap(), 50);
+    }
+
+    #[test]
+    fn losing_the_newest_events_lowers_the_rollup_mark_so_new_events_are_rolled_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        let before = database(&path, 300, 0);
+        let newest = *before.keys().max().unwrap();
+        Store::open(&path, Synchronous::Normal)
+            .unwrap()
+            .set_rollup_seq(newest)
+            .unwrap();
+        let leaves = pages(&path, "events", "leaf");
+        let (last_leaf, lost) = *leaves.iter().max_by_key(|(page, _)| *page).unwrap();
+        garble(&path, [last_leaf]);
+        let recovery = recover_if_damaged(&path, Synchronous::Normal)
+            .unwrap()
+            .unwrap();
+        assert_eq!(recovery.events_recovered, 300 - lost as u64);
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let kept = store.max_event_seq().unwrap();
+        assert!(kept < newest, "the newest rows were on the last page");
+        assert_eq!(store.rollup_seq().unwrap(), kept);
     }
 
     #[test]
