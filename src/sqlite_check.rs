@@ -17,7 +17,7 @@ pub const MAX_PROBLEMS: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Sound,
-    /// The first problems SQLite named (at most [`MAX_PROBLEMS`]).
+    /// The first problems SQLite named (at most `MAX_PROBLEMS`).
     Damaged(Vec<String>),
 }
 

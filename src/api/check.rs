@@ -39,8 +39,9 @@ pub async fn check(State(state): State<SharedState>) -> Result<Json<Value>, ApiE
             problems.clone()
         }
     };
+    let sound = verdict == Verdict::Sound;
     Ok(Json(json!({
-        "result": if problems.is_empty() { "sound" } else { "damaged" },
+        "result": if sound { "sound" } else { "damaged" },
         "database": path.display().to_string(),
         "problems": problems,
         "storage": state.writer.storage().get(),

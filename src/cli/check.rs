@@ -80,12 +80,12 @@ fn direct(config: &Config) -> anyhow::Result<Value> {
         config.socket_path().display(),
         path.display()
     );
-    let problems = match integrity_check(&path)? {
-        Verdict::Sound => Vec::new(),
-        Verdict::Damaged(problems) => problems,
+    let (sound, problems) = match integrity_check(&path)? {
+        Verdict::Sound => (true, Vec::new()),
+        Verdict::Damaged(problems) => (false, problems),
     };
     Ok(serde_json::json!({
-        "result": if problems.is_empty() { "sound" } else { "damaged" },
+        "result": if sound { "sound" } else { "damaged" },
         "database": path.display().to_string(),
         "problems": problems,
     }))

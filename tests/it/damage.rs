@@ -11,6 +11,7 @@ use std::time::Duration;
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
 
+use crate::common::{ENROLL_TOKEN, TestReceiver, receiver_settings};
 use crate::harness::{Agent, assert_error_shape, bin, event, new_id, poll, wait_with_deadline};
 
 /// Page size of both servers' databases.
@@ -135,6 +136,50 @@ async fn a_damaged_database_is_moved_aside_salvaged_and_degraded_until_check_fin
     let status = agent.status().await;
     assert_eq!(status["storage"], json!({"state": "ok"}), "{status}");
     assert_eq!(status["status"], "disabled", "no backend here: {status}");
+}
+
+#[tokio::test]
+async fn salvaged_events_keep_their_sync_state_so_nothing_synced_is_sent_again() {
+    let receiver = TestReceiver::start(receiver_settings());
+    let backend = receiver.url("");
+    let mut agent = Agent::configure_with(
+        "",
+        &format!("[sync]\nbackend_url = {backend:?}\ninterval_secs = 3600\n"),
+    );
+    let out = agent.cli(&[
+        "init",
+        "--site-url",
+        "https://example.com",
+        "--backend-url",
+        &backend,
+        "--enroll-token",
+        ENROLL_TOKEN,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    agent.spawn().await;
+    record(&agent, 2000).await;
+    let (code, report) = agent.post("/v1/sync", &json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{report}");
+    let status = agent.status().await;
+    assert_eq!(status["synced_events"], 2000, "{status}");
+    assert!(agent.terminate().success());
+
+    let db = agent.data_dir().join("usage.db");
+    let leaves = pages(&db, "events", "leaf");
+    let bad = leaves[leaves.len() / 3];
+    garble(&db, [bad.0]);
+    agent.spawn().await;
+    let status = agent.status().await;
+    let expected = 2000 - bad.1;
+    assert_eq!(status["storage"]["events_recovered"], expected, "{status}");
+    assert_eq!(status["synced_events"], expected, "{status}");
+    assert_eq!(status["pending_events"], 0, "{status}");
+
+    record(&agent, 10).await;
+    let (code, report) = agent.post("/v1/sync", &json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{report}");
+    assert_eq!(report["sent"], 10, "only the new events go out: {report}");
+    assert_eq!(report["duplicates"], 0, "{report}");
 }
 
 #[tokio::test]
