@@ -1,8 +1,10 @@
-//! Damaged storage at start (SPEC 10): a `quick_check` of the database; on damage the
-//! file (with its `-wal` and `-shm`) is moved aside as `usage.db.damaged-<unix seconds>`,
-//! a fresh database is created in its place, and every row that can still be read is
-//! copied into it, with its `seq`, its sync state and its `synced_at`, so an event synced
-//! before the damage is never sent again and the arrival order stays the sync order.
+//! Damaged storage at start (SPEC 10): a `quick_check` of the database; on damage every
+//! row that can still be read is copied into a fresh database, with its `seq`, its sync
+//! state and its `synced_at` (so an event synced before the damage is never sent again,
+//! and the arrival order stays the sync order); then the damaged file (with its `-wal`
+//! and `-shm`) is moved aside as `usage.db.damaged-<unix seconds>` and the fresh one takes
+//! its place. The damaged file is only ever read (it is evidence); it is also what
+//! `usage-agent check` runs its `integrity_check` with ([`integrity_check`]).
 //!
 //! Reading goes by rowid ranges, not one `SELECT *`: a scan stops at the first bad page,
 //! so after a failure the copier probes further keys at doubling distances until reading
@@ -191,8 +193,9 @@ fn remove_database(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Under systemd (`Type=notify`), asks for more start time than the default 90 s: a
-/// salvage reads and rewrites the whole database (500,000 events, 95 MB, took 16 s on a
-/// busy 2-core VM). Ten minutes; a salvage cut short by systemd starts over, whole.
+/// salvage reads and rewrites the whole database (500,000 events, 95 MB: 6 s on the
+/// 2-core VM, 16 s while it also compiled). Ten minutes; a salvage cut short by systemd
+/// starts over, whole.
 fn sd_notify_extend() -> std::io::Result<()> {
     sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(600_000_000)])
 }

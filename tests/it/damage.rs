@@ -334,6 +334,25 @@ async fn an_export_that_cannot_read_its_first_page_answers_503_and_the_cli_exits
     assert_eq!(agent.status().await["status"], "failing");
 }
 
+#[tokio::test]
+async fn without_a_running_agent_check_reads_the_file_directly_and_changes_nothing() {
+    let mut agent = Agent::start("").await;
+    record(&agent, 500).await;
+    assert!(agent.terminate().success());
+    let out = agent.cli(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("directly"), "{}", stderr(&out));
+
+    let db = agent.data_dir().join("usage.db");
+    garble(&db, all_pages(&db, &["events_created_at"]));
+    let garbled = std::fs::read(&db).unwrap();
+    let out = agent.cli(&["check", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["result"], "damaged", "{answer}");
+    assert_eq!(std::fs::read(&db).unwrap(), garbled, "a check only reads");
+}
+
 #[test]
 fn the_receiver_refuses_a_damaged_database_naming_the_file_and_leaves_it_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
