@@ -10,8 +10,9 @@
 //! so after a failure the copier probes further keys at doubling distances until reading
 //! works again, then looks up every rowid it jumped over one by one. Rows on good pages
 //! between two bad ones are kept; only rows on pages SQLite cannot read are lost.
-//! `WITHOUT ROWID` tables (`meta`, `usage_daily`) are read in key order up to their
-//! first bad page.
+//! `WITHOUT ROWID` tables (`meta`, `usage_daily`) are read in key order; past a bad page
+//! the daily summaries (the only record of days whose raw events were purged) are read
+//! again one day at a time.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,10 @@ const MAX_LOOKUPS_PER_GAP: i64 = 1 << 20;
 /// right is unreadable, or SQLite fails on every read): good pages there would have
 /// answered a probe, so this is only a last look, kept short.
 const MAX_LOOKUPS_AT_END: i64 = 1 << 14;
+
+/// Days back from today whose daily summaries a salvage reads one day at a time past a
+/// bad page: ten years, beyond any sensible `retention.daily_days` (730 by default).
+const SUMMARY_DAYS_LOOKED_AT: u64 = 3660;
 
 /// Tables with rowids, parents first (events refer to models).
 const ROWID_TABLES: [&str; 4] = ["models", "events", "sync_failures", "sync_errors"];
@@ -339,15 +344,12 @@ fn insert_sql(table: &str, columns: &[String]) -> String {
 fn read_rows(
     from: &Connection,
     sql: &str,
-    key: Option<i64>,
+    args: &[Value],
     width: usize,
 ) -> (Vec<Vec<Value>>, Option<rusqlite::Error>) {
     let mut rows = Vec::new();
     let outcome = from.prepare_cached(sql).and_then(|mut stmt| {
-        let mut cursor = match key {
-            Some(key) => stmt.query([key])?,
-            None => stmt.query([])?,
-        };
+        let mut cursor = stmt.query(params_from_iter(args))?;
         while let Some(row) = cursor.next()? {
             rows.push(
                 (0..width)
@@ -401,7 +403,7 @@ fn copy_rowid_table(
     // SQLite gives these tables' rowids from 1 up; nothing is stored below 1.
     let mut next = 1_i64;
     loop {
-        let (rows, failure) = read_rows(from, &scan, Some(next), columns.len() + 1);
+        let (rows, failure) = read_rows(from, &scan, &[Value::Integer(next)], columns.len() + 1);
         let read = rows.len() as i64;
         let last = store(rows, &mut copy)?;
         if last != i64::MIN {
@@ -435,7 +437,7 @@ fn copy_rowid_table(
             None => next.saturating_add(MAX_LOOKUPS_AT_END),
         };
         for rowid in next..last_lookup {
-            let (rows, _) = read_rows(from, &one, Some(rowid), columns.len() + 1);
+            let (rows, _) = read_rows(from, &one, &[Value::Integer(rowid)], columns.len() + 1);
             store(rows, &mut copy)?;
         }
         match resume {
@@ -452,24 +454,49 @@ fn copy_keyed_table(
     table: &str,
 ) -> Result<TableCopy, StoreError> {
     let columns = columns(to, table)?;
-    let (rows, failure) = read_rows(
-        from,
-        &format!("SELECT {} FROM {table}", columns.join(", ")),
-        None,
-        columns.len(),
-    );
+    let list = columns.join(", ");
     let mut insert = to
         .prepare(&insert_sql(table, &columns))
         .doing("preparing the salvage")?;
     let mut copy = TableCopy::default();
-    for row in rows {
-        copy.rows += insert
-            .execute(params_from_iter(&row))
-            .doing("copying a salvaged row")? as u64;
+    let mut store = |rows: Vec<Vec<Value>>, copy: &mut TableCopy| -> Result<(), StoreError> {
+        for row in rows {
+            // Rows read twice (the whole scan, then by day) are kept once.
+            copy.rows += insert
+                .execute(params_from_iter(&row))
+                .doing("copying a salvaged row")? as u64;
+        }
+        Ok(())
+    };
+    let (rows, failure) = read_rows(
+        from,
+        &format!("SELECT {list} FROM {table}"),
+        &[],
+        columns.len(),
+    );
+    store(rows, &mut copy)?;
+    let Some(error) = failure else {
+        return Ok(copy);
+    };
+    tracing::warn!(%error, table, rows = copy.rows, "an unreadable page in this table of the damaged database");
+    copy.unreadable_ranges += 1;
+    if table != "usage_daily" {
+        return Ok(copy);
     }
-    if let Some(error) = failure {
-        tracing::warn!(%error, table, rows = copy.rows, "stopped reading this table of the damaged database at an unreadable page");
-        copy.unreadable_ranges += 1;
+    // The daily summaries are the only record of days whose raw events retention has
+    // purged: past a bad page, read them day by day (a seek per day keyed by
+    // `usage_date`), so one bad page costs the days on it, not every later day.
+    let by_day = format!("SELECT {list} FROM {table} WHERE usage_date = ?1");
+    let today = chrono::Utc::now().date_naive();
+    let mut day = today - chrono::Days::new(SUMMARY_DAYS_LOOKED_AT);
+    while day <= today + chrono::Days::new(2) {
+        let text = Value::Text(day.format("%Y-%m-%d").to_string());
+        let (rows, failure) = read_rows(from, &by_day, &[text], columns.len());
+        store(rows, &mut copy)?;
+        if failure.is_some() {
+            copy.unreadable_ranges += 1;
+        }
+        day = day + chrono::Days::new(1);
     }
     Ok(copy)
 }
@@ -737,6 +764,58 @@ mod tests {
         let kept = store.max_event_seq().unwrap();
         assert!(kept < newest, "the newest rows were on the last page");
         assert_eq!(store.rollup_seq().unwrap(), kept);
+    }
+
+    #[test]
+    fn daily_summaries_after_a_bad_page_are_read_day_by_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        database(&path, 2, 0);
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let today = chrono::Utc::now().date_naive();
+        for back in 0..400_u64 {
+            let day = (today - chrono::Days::new(back))
+                .format("%Y-%m-%d")
+                .to_string();
+            for user in 0..5 {
+                store
+                    .conn
+                    .execute(
+                        "INSERT INTO usage_daily VALUES (?1, ?2, 0, 1, 1, 10, 1, 11, 0, 0, 0)",
+                        rusqlite::params![day, user],
+                    )
+                    .unwrap();
+            }
+        }
+        store.checkpoint().unwrap();
+        drop(store);
+        let leaves = pages(&path, "usage_daily", "leaf");
+        let (bad, lost) = leaves[leaves.len() / 4];
+        garble(&path, [bad]);
+
+        recover_if_damaged(&path, Synchronous::Normal)
+            .unwrap()
+            .expect("the damage is found");
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let kept: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM usage_daily", [], |r| r.get(0))
+            .unwrap();
+        // The rows on the bad page, and at most the rest of the two days it cuts.
+        assert!(kept < 2000, "{kept}");
+        assert!(
+            kept >= 2000 - lost - 2 * 5,
+            "{kept} kept, {lost} on the bad page"
+        );
+        let newest: i64 = store
+            .conn
+            .query_row(
+                "SELECT count(*) FROM usage_daily WHERE usage_date = ?1",
+                [today.format("%Y-%m-%d").to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(newest, 5, "days after the bad page are kept");
     }
 
     #[test]
