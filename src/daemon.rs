@@ -97,6 +97,8 @@ impl Daemon {
             );
         }
 
+        // SPEC 10: a damaged database is moved aside and salvaged before anything opens it.
+        crate::store::salvage::recover_if_damaged(&config.database_path(), config.synchronous)?;
         let writing = Store::open(&config.database_path(), config.synchronous)?;
         if let Some(identity) = &identity {
             writing.set_install_id(&identity.install_id)?;

@@ -20,6 +20,7 @@ mod private_file;
 pub mod protocol;
 pub mod receiver;
 pub mod server;
+mod sqlite_check;
 pub mod state;
 pub mod store;
 pub mod sync;

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::NaiveDate;
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::ApiError;
@@ -114,23 +115,46 @@ pub async fn export(
         to,
     };
 
-    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(BUFFERED_PAGES);
+    let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(BUFFERED_PAGES);
     let reading = Arc::clone(&state);
     tokio::task::spawn_blocking(move || {
         if let Err(error) = produce(&reading, plan, calendar, &tx) {
-            tracing::error!(%error, "export failed midway");
-            let _ = tx.blocking_send(Err(std::io::Error::other(error.to_string())));
+            tracing::error!(%error, "export failed");
+            reading.writer.storage().observe(&error);
+            // An error item makes the server cut the chunked body before its last
+            // chunk, so a client never takes a partial export for a whole one (SPEC 10).
+            let _ = tx.blocking_send(Err(std::io::Error::other(error)));
         }
     });
+    // The first page is read before answering, so an export that cannot start gets an
+    // error answer rather than a `200` cut short.
+    let first = match rx.recv().await {
+        Some(Ok(bytes)) => bytes,
+        Some(Err(error)) => return Err(first_page_error(error)),
+        None => return Err(ApiError::internal("the export ended before its first page")),
+    };
     let content_type = match format {
         Format::Csv => "text/csv; charset=utf-8",
         Format::Json => "application/json",
     };
+    let body = tokio_stream::once(Ok(first)).chain(ReceiverStream::new(rx));
     Ok((
         [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(ReceiverStream::new(rx)),
+        Body::from_stream(body),
     )
         .into_response())
+}
+
+/// The error answer of an export whose first page could not be read.
+fn first_page_error(error: std::io::Error) -> ApiError {
+    match error
+        .into_inner()
+        .map(|inner| inner.downcast::<StoreError>())
+    {
+        Some(Ok(store_error)) => ApiError::from(*store_error),
+        Some(Err(other)) => ApiError::internal(other.to_string()),
+        None => ApiError::internal("the export failed before its first page"),
+    }
 }
 
 /// Reads page after page and sends each, formatted; stops early when the client is gone.

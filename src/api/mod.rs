@@ -21,6 +21,7 @@ use crate::credentials::{FailureThrottle, THROTTLED_CODE, bearer_token, credenti
 use crate::state::SharedState;
 use crate::store::{Store, StoreError};
 
+pub mod check;
 pub mod events;
 pub mod export;
 pub mod jobs;
@@ -39,14 +40,17 @@ where
     R: Send + 'static,
     F: FnOnce(&Store) -> Result<R, StoreError> + Send + 'static,
 {
-    let state = Arc::clone(state);
+    let reading = Arc::clone(state);
     tokio::task::spawn_blocking(move || {
-        let store = state.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let store = reading.reader.lock().unwrap_or_else(|p| p.into_inner());
         work(&store)
     })
     .await
     .map_err(|e| ApiError::internal(format!("read task failed: {e}")))?
-    .map_err(ApiError::from)
+    .map_err(|error| {
+        state.writer.storage().observe(&error);
+        ApiError::from(error)
+    })
 }
 
 /// The routes of the local API.
@@ -54,6 +58,7 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/events", post(events::record))
         .route("/v1/status", get(status::status))
+        .route("/v1/check", post(check::check))
         .route("/v1/sync", post(sync::sync_now))
         .route("/v1/retry-failed", post(sync::retry_failed))
         .route("/v1/rollup", post(jobs::rollup))
@@ -182,14 +187,21 @@ impl ApiError {
 }
 
 impl From<StoreError> for ApiError {
-    /// A database that cannot take the request is a temporary condition for the site.
+    /// A database that cannot take the request is a temporary condition for the site,
+    /// whatever the cause; damage or I/O gets its own code, so an admin reading the
+    /// answer knows to run `usage-agent check` (status then says `failing`).
     fn from(error: StoreError) -> ApiError {
         tracing::error!(%error, "database unavailable");
+        let code = if error.is_damage() {
+            "storage_failing"
+        } else {
+            "unavailable"
+        };
         ApiError {
             retry_after_s: Some(1),
             ..ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
+                code,
                 format!("the agent cannot store data right now: {error}"),
             )
         }

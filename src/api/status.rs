@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::ApiError;
 use crate::event::format_millis;
 use crate::state::SharedState;
+use crate::store::health::StorageState;
 use crate::store::status::{QueueCounts, SyncMeta};
 
 /// Error categories of SPEC 5, always listed in status even when zero.
@@ -27,7 +28,7 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, ApiError> {
     let now_ms = Utc::now().timestamp_millis();
-    let (counts, meta, errors, db_bytes) = super::read(&state, move |store| {
+    let read = super::read(&state, move |store| {
         Ok((
             store.queue_counts()?,
             store.sync_meta()?,
@@ -35,7 +36,15 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
             store.db_bytes()?,
         ))
     })
-    .await?;
+    .await;
+    let storage = state.writer.storage().get();
+    // A database that fails on damage still gets a status answer, `failing`, so
+    // monitoring sees why; the figures it could not read are `null`.
+    let (readable, (counts, meta, errors, db_bytes)) = match read {
+        Ok(stored) => (true, stored),
+        Err(_) if matches!(storage, StorageState::Failing { .. }) => (false, Default::default()),
+        Err(error) => return Err(error),
+    };
     let config = &state.config;
     let sync_possible = config.tracking_enabled && config.sync_active();
     let oldest_pending_age_s = counts
@@ -47,6 +56,7 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         meta: &meta,
         oldest_pending_age_s,
         interval_secs: config.sync.interval_secs,
+        storage: &storage,
     });
     let mut categories = serde_json::Map::new();
     for category in ERROR_CATEGORIES {
@@ -57,7 +67,7 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         categories.insert(category.into(), n.into());
     }
     let next_sync_ms = state.next_sync_ms.load(Ordering::Relaxed);
-    Ok(Json(json!({
+    let mut body = json!({
         "status": health,
         "install_id": state.identity.as_ref().map(|i| i.install_id.clone()),
         "version": env!("CARGO_PKG_VERSION"),
@@ -77,8 +87,29 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         "error_categories": categories,
         "db_bytes": db_bytes,
         "uptime_s": state.started.elapsed().as_secs(),
-    })))
+        "storage": storage,
+    });
+    if !readable {
+        for key in UNREADABLE_FIELDS {
+            body[key] = Value::Null;
+        }
+    }
+    Ok(Json(body))
 }
+
+/// The fields read from the database, `null` when it cannot be read.
+const UNREADABLE_FIELDS: [&str; 10] = [
+    "pending_events",
+    "failed_events",
+    "synced_events",
+    "oldest_pending_age_s",
+    "consecutive_failures",
+    "last_sync",
+    "last_attempt",
+    "last_error",
+    "error_categories",
+    "db_bytes",
+];
 
 /// The inputs of the health word.
 pub struct Health<'a> {
@@ -88,10 +119,22 @@ pub struct Health<'a> {
     pub meta: &'a SyncMeta,
     pub oldest_pending_age_s: u64,
     pub interval_secs: u64,
+    /// SPEC 10: `failing` storage makes the status `failing`, `recovered` storage at
+    /// least `degraded`, whatever sync says (even `disabled`).
+    pub storage: &'a StorageState,
 }
 
-/// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as SPEC 3 defines them.
+/// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as SPEC 3 defines them,
+/// raised by the storage state (SPEC 10).
 pub fn health(h: &Health) -> &'static str {
+    match (h.storage, sync_health(h)) {
+        (StorageState::Failing { .. }, _) | (_, "failing") => "failing",
+        (StorageState::Recovered { .. }, _) => "degraded",
+        (StorageState::Ok, sync) => sync,
+    }
+}
+
+fn sync_health(h: &Health) -> &'static str {
     if !h.sync_possible {
         return "disabled";
     }
@@ -162,8 +205,42 @@ mod tests {
                 meta: &meta,
                 oldest_pending_age_s: age,
                 interval_secs: 300,
+                storage: &StorageState::Ok,
             });
             assert_eq!(got, expected, "{counts:?} {meta:?} age {age}");
+        }
+    }
+
+    #[test]
+    fn storage_raises_the_health_whatever_sync_says() {
+        let recovered = StorageState::Recovered {
+            at: "2026-11-29T21:00:00.000Z".into(),
+            damaged_file: "/x".into(),
+            events_recovered: 1,
+        };
+        let failing = StorageState::Failing {
+            at: "2026-11-29T21:00:00.000Z".into(),
+            message: "disk I/O error".into(),
+        };
+        let ok = SyncMeta::default();
+        let cases: Vec<(bool, SyncMeta, &StorageState, &str)> = vec![
+            (false, ok.clone(), &recovered, "degraded"),
+            (true, ok.clone(), &recovered, "degraded"),
+            (true, failed("server", 3), &recovered, "failing"),
+            (false, ok.clone(), &failing, "failing"),
+            (true, ok.clone(), &failing, "failing"),
+            (true, ok.clone(), &StorageState::Ok, "healthy"),
+        ];
+        for (possible, meta, storage, expected) in cases {
+            let got = health(&Health {
+                sync_possible: possible,
+                counts: QueueCounts::default(),
+                meta: &meta,
+                oldest_pending_age_s: 0,
+                interval_secs: 300,
+                storage,
+            });
+            assert_eq!(got, expected, "{storage:?} {meta:?}");
         }
     }
 }

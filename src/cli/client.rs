@@ -65,19 +65,23 @@ impl AgentClient {
     }
 
     /// Sends a GET and returns the answer unread, for bodies streamed to the caller.
+    /// An agent that takes the connection and closes it before its answer's head (a
+    /// stream that failed at once) is not "not running": the error says it was cut off.
     pub async fn get_streamed(&self, path: &str) -> anyhow::Result<reqwest::Response> {
         self.http
             .get(format!("http://localhost{path}"))
             .send()
             .await
             .map_err(|error| {
-                if error.is_connect() || error.is_request() {
+                if std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
                     anyhow::Error::new(NotRunning {
                         socket: self.socket.clone(),
                     })
                 } else {
-                    anyhow::Error::new(error)
-                        .context(format!("talking to the agent on {}", self.socket.display()))
+                    anyhow::Error::new(error).context(format!(
+                        "the agent on {} closed the connection before its answer ended",
+                        self.socket.display()
+                    ))
                 }
             })
     }

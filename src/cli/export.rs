@@ -58,7 +58,10 @@ pub fn run(config: Config, args: ExportArgs) -> anyhow::Result<ExitCode> {
     let path = format!("/v1/export?{}", query.join("&"));
     let client = AgentClient::new(&config)?;
     super::runtime()?.block_on(async {
-        let mut response = client.get_streamed(&path).await?;
+        let mut response = client
+            .get_streamed(&path)
+            .await
+            .context("the export was cut off: nothing of it is complete")?;
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
@@ -70,7 +73,9 @@ pub fn run(config: Config, args: ExportArgs) -> anyhow::Result<ExitCode> {
         while let Some(chunk) = response
             .chunk()
             .await
-            .context("the export was cut off before its end")?
+            .context(
+                "the export was cut off before its end: what was written is incomplete (the agent's log says why; `usage-agent status` shows the storage state)",
+            )?
         {
             out.write_all(&chunk)
                 .context("writing the export to stdout")?;

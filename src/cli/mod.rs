@@ -1,7 +1,7 @@
 //! The command line: one file per subcommand; this file only declares and dispatches them.
 //!
 //! Exit codes (SPEC 2): 0 success, 1 failure, 2 bad usage; `status` adds 3 (degraded)
-//! and 4 (failing).
+//! and 4 (failing), `check` 3 (damaged).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Config;
 
+pub mod check;
 pub mod client;
 pub mod demo;
 pub mod export;
@@ -57,6 +58,8 @@ pub enum Command {
     Rollup(rollup::RollupArgs),
     /// Apply retention now.
     Purge(purge::PurgeArgs),
+    /// Run a full integrity check of the database; exit 0 sound, 3 damaged.
+    Check(check::CheckArgs),
     /// Write events (or daily summaries) to stdout as CSV or JSON.
     Export(export::ExportArgs),
     /// Erase one user's local data (right to erasure).
@@ -92,6 +95,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::RetryFailed(args) => retry_failed::run(load()?, args),
         Command::Rollup(args) => rollup::run(load()?, args),
         Command::Purge(args) => purge::run(load()?, args),
+        Command::Check(args) => check::run(load()?, args),
         Command::Export(args) => export::run(load()?, args),
         Command::Forget(args) => forget::run(load()?, args),
         Command::Receiver(args) => receiver::run(args).map(|()| ExitCode::SUCCESS),

@@ -81,6 +81,14 @@ pub fn summary(status: &Value, colour: bool) -> String {
         text("db_bytes"),
         text("uptime_s"),
     );
+    if let Some(storage) = status["storage"].as_object()
+        && storage.get("state").and_then(Value::as_str) != Some("ok")
+    {
+        out.push_str(&format!(
+            "  storage   {} (run `usage-agent check`)\n",
+            Value::Object(storage.clone())
+        ));
+    }
     if let Some(error) = status["last_error"].as_object() {
         out.push_str(&format!(
             "  last error [{}] {}\n",

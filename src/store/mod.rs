@@ -14,11 +14,15 @@ use crate::private_file::create_private;
 
 pub mod events;
 pub mod export;
+pub mod health;
 pub mod retention;
 pub mod rollup;
+pub mod salvage;
 pub mod status;
 pub mod sync;
 pub mod writer;
+
+pub use crate::sqlite_check::Verdict;
 
 /// The schema and its migrations, applied at open (see the file's header).
 pub const SCHEMA: &str = include_str!("../../schema.sql");
@@ -63,8 +67,34 @@ pub enum StoreError {
     WriterGone,
     #[error("the database writer is overloaded")]
     Overloaded,
-    #[error("{0}")]
-    GroupFailed(String),
+    /// A group commit failed; every request of the group gets this copy of the error.
+    #[error("{message}")]
+    GroupFailed { message: String, damage: bool },
+    #[error("cannot check database {path}: {source}")]
+    Check {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot move the damaged database {from} aside to {to}: {source}")]
+    MoveAside {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether the database failed on damage or I/O (SQLite's `CORRUPT`, `NOTADB`,
+    /// `IOERR`), as opposed to a full disk, an overload or a stopped writer, which pass.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            StoreError::Open { source, .. }
+            | StoreError::Sql { source, .. }
+            | StoreError::Check { source, .. } => crate::sqlite_check::is_damage(source),
+            StoreError::GroupFailed { damage, .. } => *damage,
+            _ => false,
+        }
+    }
 }
 
 /// Attaches what was being done to a rusqlite error.
@@ -203,6 +233,15 @@ impl Store {
             )
             .and_then(|mut stmt| stmt.execute(params![key, value]))
             .doing("writing metadata")
+            .map(drop)
+    }
+
+    /// Removes one `meta` value.
+    pub fn delete_meta(&self, key: &str) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached("DELETE FROM meta WHERE key = ?1")
+            .and_then(|mut stmt| stmt.execute(params![key]))
+            .doing("removing metadata")
             .map(drop)
     }
 

@@ -8,6 +8,7 @@
 //! for one: with SQLite's default auto-checkpoint, every few dozen commits stalled every
 //! waiting request for a whole checkpoint, which set the p99 acknowledgment latency.
 
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::Recorded;
+use super::health::StorageHealth;
 use super::{Store, StoreError};
 use crate::event::Event;
 
@@ -43,13 +45,15 @@ const WAL_SIZE_LIMIT_BYTES: i64 = 20 * 1024 * 1024;
 const IDLE_BEFORE_TRUNCATE: Duration = Duration::from_secs(2);
 
 type RecordReply = oneshot::Sender<Result<Vec<Recorded>, StoreError>>;
+/// Any other write, given the storage state to mark should it fail on damage.
+type Work = Box<dyn FnOnce(&mut Store, &StorageHealth) + Send>;
 
 enum Job {
     Record {
         events: Vec<Event>,
         reply: RecordReply,
     },
-    Run(Box<dyn FnOnce(&mut Store) + Send>),
+    Run(Work),
     /// Finish what is queued before this, checkpoint, and end the thread.
     Stop,
 }
@@ -59,18 +63,30 @@ enum Job {
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    health: Arc<StorageHealth>,
 }
 
 impl Writer {
-    /// Starts the writer thread on `store`.
+    /// Starts the writer thread on `store`, with the storage state recorded in it.
     pub fn spawn(store: Store) -> (Writer, JoinHandle<()>) {
+        let state = store.storage_state().unwrap_or_else(|error| {
+            health_unreadable(&error);
+            Default::default()
+        });
+        let health = Arc::new(StorageHealth::new(state));
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         let checkpointer = Checkpointer::start(&store);
+        let watching = Arc::clone(&health);
         let thread = std::thread::Builder::new()
             .name("db-writer".into())
-            .spawn(move || writer_loop(store, queue, checkpointer))
+            .spawn(move || writer_loop(store, queue, checkpointer, &watching))
             .expect("spawning the writer thread (out of threads?)");
-        (Writer { jobs }, thread)
+        (Writer { jobs, health }, thread)
+    }
+
+    /// The storage state; every write that fails on damage or I/O sets it `failing`.
+    pub fn storage(&self) -> &Arc<StorageHealth> {
+        &self.health
     }
 
     /// Stores the events of one request; resolves only after the commit is on disk.
@@ -98,10 +114,16 @@ impl Writer {
         F: FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job = Job::Run(Box::new(move |store: &mut Store| {
-            // The caller may have gone away; its result is then simply dropped.
-            let _ = reply.send(work(store));
-        }));
+        let job = Job::Run(Box::new(
+            move |store: &mut Store, health: &StorageHealth| {
+                let result = work(store);
+                if let Err(error) = &result {
+                    health.observe(error);
+                }
+                // The caller may have gone away; its result is then simply dropped.
+                let _ = reply.send(result);
+            },
+        ));
         self.jobs
             .send(job)
             .await
@@ -110,10 +132,15 @@ impl Writer {
     }
 }
 
+fn health_unreadable(error: &StoreError) {
+    tracing::error!(%error, "cannot read the recorded storage state; assuming ok");
+}
+
 fn writer_loop(
     mut store: Store,
     mut queue: mpsc::Receiver<Job>,
     checkpointer: Option<Checkpointer>,
+    health: &StorageHealth,
 ) {
     let mut pending_run = None;
     loop {
@@ -126,7 +153,7 @@ fn writer_loop(
         };
         match first {
             Job::Stop => break,
-            Job::Run(work) => work(&mut store),
+            Job::Run(work) => work(&mut store, health),
             Job::Record { events, reply } => {
                 let mut group = vec![(events, reply)];
                 let mut size = group[0].0.len();
@@ -144,7 +171,7 @@ fn writer_loop(
                         Err(_) => break,
                     }
                 }
-                commit_group(&mut store, group);
+                commit_group(&mut store, group, health);
             }
         }
         if let Some(checkpointer) = &checkpointer {
@@ -159,7 +186,7 @@ fn writer_loop(
     }
 }
 
-fn commit_group(store: &mut Store, group: Vec<(Vec<Event>, RecordReply)>) {
+fn commit_group(store: &mut Store, group: Vec<(Vec<Event>, RecordReply)>, health: &StorageHealth) {
     let slices: Vec<&[Event]> = group.iter().map(|(events, _)| events.as_slice()).collect();
     match store.record_groups(&slices) {
         Ok(outcomes) => {
@@ -169,9 +196,13 @@ fn commit_group(store: &mut Store, group: Vec<(Vec<Event>, RecordReply)>) {
         }
         Err(error) => {
             tracing::error!(%error, requests = group.len(), "write failed; nothing of it was stored");
+            let damage = health.observe(&error);
             let message = error.to_string();
             for (_, reply) in group {
-                let _ = reply.send(Err(StoreError::GroupFailed(message.clone())));
+                let _ = reply.send(Err(StoreError::GroupFailed {
+                    message: message.clone(),
+                    damage,
+                }));
             }
         }
     }

@@ -53,7 +53,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &["store", "event"]),
     (
         "store",
-        &["event", "config", "calendar", "gather_vfs", "private_file"],
+        &[
+            "event",
+            "config",
+            "calendar",
+            "gather_vfs",
+            "private_file",
+            "sqlite_check",
+        ],
     ),
     ("identity", &["protocol"]),
     // The provider's backend: beside the agent, never on top of it.
@@ -67,6 +74,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "server",
             "credentials",
             "private_file",
+            "sqlite_check",
         ],
     ),
     ("protocol", &["event"]),
@@ -77,6 +85,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("server", &[]),
     ("credentials", &[]),
     ("private_file", &[]),
+    ("sqlite_check", &[]),
 ];
 
 /// The top-level modules each module of `src/` names in `crate::` paths.

@@ -7,6 +7,7 @@ pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
 
 mod agent;
 mod common;
+mod damage;
 mod demo;
 mod hardening_agent;
 mod hardening_receiver;

@@ -72,6 +72,8 @@ impl SqliteStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
         }
+        // SPEC 10: the provider's record is never silently rebuilt; damage stops the start.
+        crate::sqlite_check::refuse_if_damaged(path).map_err(open_error)?;
         create_private(path).map_err(|e| open_error(Box::new(e)))?;
         let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;
         migrate(&mut writer).map_err(|e| open_error(Box::new(e)))?;
