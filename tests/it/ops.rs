@@ -86,9 +86,13 @@ fn the_systemd_units_verify() {
     for (source, target) in [
         ("usage-agent.service", "usage-agent.service"),
         ("usage-agent@.service", "usage-agent@shop.service"),
+        ("usage-receiver.service", "usage-receiver.service"),
     ] {
         let text = std::fs::read_to_string(format!("{units}/{source}")).unwrap();
-        assert!(text.contains("Type=notify") && text.contains("ProtectSystem=strict"));
+        assert!(text.contains("ProtectSystem=strict") && text.contains("NoNewPrivileges=yes"));
+        if source.starts_with("usage-agent") {
+            assert!(text.contains("Type=notify"), "{source}");
+        }
         let path = dir.path().join(target);
         std::fs::write(
             &path,
