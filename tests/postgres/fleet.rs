@@ -24,7 +24,7 @@ use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayClu
 
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
-    enroll, open_postgres, provider_request, receiver_settings, test_cluster,
+    enroll, open_postgres, provider_request, receiver_settings, signed, test_cluster,
 };
 use crate::harness::{assert_error_shape, bin, wait_with_deadline};
 
@@ -343,6 +343,8 @@ async fn health_names_the_store_and_answers_503_while_the_database_is_down() {
         health.json::<Value>().await.unwrap(),
         json!({"status": "ok", "store": "postgres"})
     );
+    let install = TestInstall::new();
+    enroll(&rx, &install).await;
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
         .unwrap();
@@ -350,6 +352,15 @@ async fn health_names_the_store_and_answers_503_while_the_database_is_down() {
     assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(down.headers().contains_key("retry-after"));
     assert_error_shape(&down.json().await.unwrap(), "store_unavailable");
+    // A batch meanwhile is refused so that the agent keeps it and tries again later.
+    let batch = batch(&install, &[event(&install, 1)]);
+    let response = signed(&rx, &install, batch.id, &batch.body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_error_shape(&response.json().await.unwrap(), "store_unavailable");
 }
 
 /// A receiver process on the shared database; its address read from its first line.
