@@ -10,7 +10,6 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Child;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,9 +98,10 @@ fn run(
         .collect();
     runtime.block_on(enroll_all(&http, &bases, &fleet))?;
 
+    let batches = ready_batches(&fleet);
     eprintln!("  fleet     {installs} batches of {BATCH_EVENTS} through two nodes");
     let started = Instant::now();
-    let latencies = runtime.block_on(send_all(&http, &bases, &fleet))?;
+    let latencies = runtime.block_on(send_all(&http, &bases, batches))?;
     let took = started.elapsed();
     let events = (installs * BATCH_EVENTS) as u64;
     let mut figures = FleetFigures {
@@ -292,32 +292,59 @@ fn batch_body(install_id: &str, n: usize) -> (Uuid, Vec<u8>, Vec<u8>) {
     (batch_id, json, gzipped)
 }
 
-/// Sends one batch per install, `IN_FLIGHT` at a time, alternating nodes; the latency of
-/// each acknowledged batch.
+/// One batch ready to send: gzipped and signed ahead, so the timed phase spends the
+/// client's share of the two cores on sending, not on building requests. Signatures stay
+/// valid for the receiver's five-minute tolerance.
+struct ReadyBatch {
+    install_id: String,
+    batch_id: String,
+    timestamp: i64,
+    signature: String,
+    gzipped: Vec<u8>,
+}
+
+fn ready_batches(fleet: &[(String, Secret)]) -> Vec<ReadyBatch> {
+    let timestamp = Utc::now().timestamp();
+    fleet
+        .iter()
+        .enumerate()
+        .map(|(n, (install_id, secret))| {
+            let (batch_id, json, gzipped) = batch_body(install_id, n);
+            let batch_id = batch_id.to_string();
+            ReadyBatch {
+                signature: sign(secret, &batch_id, timestamp, &json),
+                install_id: install_id.clone(),
+                batch_id,
+                timestamp,
+                gzipped,
+            }
+        })
+        .collect()
+}
+
+/// Sends every batch, `IN_FLIGHT` at a time, alternating nodes; the latency of each
+/// acknowledged batch.
 async fn send_all(
     http: &reqwest::Client,
     bases: &[String],
-    fleet: &[(String, Secret)],
+    batches: Vec<ReadyBatch>,
 ) -> anyhow::Result<Vec<Duration>> {
     use futures_util::StreamExt;
-    let bases = Rc::new(bases.to_vec());
-    let mut answers = futures_util::stream::iter(fleet.iter().enumerate())
-        .map(|(n, (install_id, secret))| {
-            let bases = bases.clone();
+    let count = batches.len();
+    let mut answers = futures_util::stream::iter(batches.into_iter().enumerate())
+        .map(|(n, batch)| {
+            let url = format!("{}/api/usage/event", bases[n % bases.len()]);
             async move {
-                let (batch_id, json, gzipped) = batch_body(install_id, n);
-                let id = batch_id.to_string();
-                let timestamp = Utc::now().timestamp();
                 let started = Instant::now();
                 let response = http
-                    .post(format!("{}/api/usage/event", bases[n % bases.len()]))
+                    .post(url)
                     .header("content-type", "application/json")
                     .header("content-encoding", "gzip")
-                    .header(HEADER_ID, &id)
-                    .header(HEADER_TIMESTAMP, timestamp.to_string())
-                    .header(HEADER_SIGNATURE, sign(secret, &id, timestamp, &json))
-                    .header(HEADER_INSTALL_ID, install_id)
-                    .body(gzipped)
+                    .header(HEADER_ID, &batch.batch_id)
+                    .header(HEADER_TIMESTAMP, batch.timestamp.to_string())
+                    .header(HEADER_SIGNATURE, &batch.signature)
+                    .header(HEADER_INSTALL_ID, &batch.install_id)
+                    .body(batch.gzipped)
                     .send()
                     .await
                     .context("sending a batch")?;
@@ -330,7 +357,7 @@ async fn send_all(
             }
         })
         .buffer_unordered(IN_FLIGHT);
-    let mut latencies = Vec::with_capacity(fleet.len());
+    let mut latencies = Vec::with_capacity(count);
     while let Some(latency) = answers.next().await {
         latencies.push(latency?);
     }
