@@ -75,7 +75,12 @@ impl Rig {
                     random_event(&mut self.rng, user, (0, 30))
                 })
                 .collect();
-            assert!(post_events(&self.client, &events).await.expect("agent"));
+            assert!(
+                post_events(&self.client, &events)
+                    .await
+                    .expect("agent")
+                    .is_some()
+            );
             self.ledger.note(&events, true);
         }
     }

@@ -240,21 +240,27 @@ impl Ledger {
     }
 }
 
-/// Posts `events` as one batch; `Ok(true)` for a `202` that covers them all.
-pub async fn post_events(client: &reqwest::Client, events: &[Value]) -> reqwest::Result<bool> {
-    let (code, body) = call(
-        client,
-        reqwest::Method::POST,
-        "/v1/events",
-        Some(&json!({"events": events})),
-    )
-    .await?;
+/// Posts `events`: a lone event in the one-event form, more as a batch. On `202`,
+/// `Some(duplicates)`: how many of them the agent already had.
+pub async fn post_events(
+    client: &reqwest::Client,
+    events: &[Value],
+) -> reqwest::Result<Option<u64>> {
+    let body = match events {
+        [one] => one.clone(),
+        _ => json!({"events": events}),
+    };
+    let (code, answer) = call(client, reqwest::Method::POST, "/v1/events", Some(&body)).await?;
     if code != StatusCode::ACCEPTED {
-        return Ok(false);
+        return Ok(None);
     }
-    let ids = body["event_ids"].as_array().map_or(0, Vec::len);
-    assert_eq!(ids, events.len(), "a 202 names every event: {body}");
-    Ok(true)
+    if let [one] = events {
+        assert_eq!(answer["event_id"], one["event_id"], "{answer}");
+        return Ok(Some(u64::from(answer["status"] == "duplicate")));
+    }
+    let ids = answer["event_ids"].as_array().map_or(0, Vec::len);
+    assert_eq!(ids, events.len(), "a 202 names every event: {answer}");
+    Ok(Some(answer["duplicates"].as_u64().expect("duplicates")))
 }
 
 /// Inserts `count` events of user 900 and model `old-model`, on `day_offset` days ago
