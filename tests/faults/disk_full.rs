@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::common::{TestReceiver, receiver_settings};
 use crate::harness::{Agent, assert_error_shape, poll};
 use crate::support::{
-    Ledger, Rng, call, enrolled_agent, install_id, post_events, random_event, seed, socket_client,
-    sync_table, verify,
+    Ledger, Rng, call, enrolled_agent, install_id, post_events, random_event, receiver_total, seed,
+    socket_client, sync_table, verify,
 };
 
 /// A tmpfs mounted over a directory; unmounted on drop.
@@ -167,6 +167,8 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
             let retry_after = response.headers().get("retry-after").cloned();
             let body: Value = response.json().await.unwrap();
             assert_error_shape(&body, "unavailable");
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(message.contains("full"), "{body}");
             let seconds = retry_after
                 .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<u64>().ok()))
                 .unwrap_or_else(|| panic!("503 without a numeric Retry-After: {body}"));
@@ -190,6 +192,22 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "{body}");
         refused.push(events);
     }
+    // A sync on the full disk: the receiver may store batches the agent then cannot mark
+    // synced. They stay pending, and are duplicates when sent again once space returns.
+    let (code, report) = call(&client, Method::POST, "/v1/sync", Some(&json!({})))
+        .await
+        .unwrap();
+    assert_eq!(
+        code,
+        StatusCode::OK,
+        "a failed run is still answered: {report}"
+    );
+    eprintln!("sync on the full disk: {report}");
+    // The events recorded before the fill were pending (the first scheduled run comes
+    // 5 s after start): the receiver took them, the agent could not note it.
+    assert_eq!(report["accepted"], 100, "{report}");
+    assert_eq!(report["error"]["category"], "local", "{report}");
+    assert_eq!(receiver_total(&rx, &install).await, 100);
     let (code, status) = call(&client, Method::GET, "/v1/status", None)
         .await
         .unwrap();
@@ -198,6 +216,8 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
         StatusCode::OK,
         "status answers on a full disk: {status}"
     );
+    eprintln!("status on the full disk: {status}");
+    assert_eq!(status["pending_events"], 100, "still to send: {status}");
     assert!(
         rig.agent
             .child
@@ -241,6 +261,7 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
     }
 
     // Everything acknowledged is there, and reaches the receiver exactly once.
+    // The 100 shipped on the full disk go again: duplicates, never counted twice.
     let seen = verify(&client, &rx, &install, &ledger, &[]).await;
     assert_eq!(seen.local_events, ledger.acked());
     assert_eq!(seen.received_events, ledger.acked());
