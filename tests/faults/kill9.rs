@@ -132,6 +132,8 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
     let mut resent_events = 0usize;
     // Of those re-sent, events the agent had committed before the kill cut its answer.
     let mut stored_unanswered = 0usize;
+    // Events the receiver already had when the agent sent them again after a restart.
+    let mut resent_to_receiver = 0u64;
 
     for kill in 0..kills {
         let phase = kill % PHASES.len();
@@ -270,6 +272,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
             ranges.push((first_day, last_day));
         }
         let seen = verify(&client, &rx, &install, &ledger, &ranges).await;
+        resent_to_receiver += seen.duplicates;
         eprintln!(
             "kill {kill:3} at {:6.1} s: {:7} after {delay:4} ms, {} in flight; {} acknowledged in all; {} check: {} at the agent, {} at the receiver",
             began.elapsed().as_secs_f64(),
@@ -290,7 +293,9 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
 
     eprintln!(
         "{kills} kills in {:?}; unanswered events {unanswered_events}, re-sent {resent_events}, \
-         of which {stored_unanswered} had been stored before the kill (answered duplicate)",
+         of which {stored_unanswered} had been stored before the kill (answered duplicate); \
+         the syncs after the restarts re-sent {resent_to_receiver} events the receiver already had \
+         (answered duplicate)",
         began.elapsed()
     );
     for (i, phase) in PHASES.iter().enumerate() {

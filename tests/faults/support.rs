@@ -315,19 +315,22 @@ pub fn plant_old_events(
     day_of(&rfc3339(day_start))
 }
 
-/// Runs syncs until nothing is pending (the scheduled runs may take part).
-pub async fn drain(client: &reqwest::Client, within: Duration) -> Value {
+/// Runs syncs until nothing is pending (the scheduled runs may take part). Returns the
+/// status and how many events the receiver answered as duplicates in those runs.
+pub async fn drain(client: &reqwest::Client, within: Duration) -> (Value, u64) {
     let deadline = Instant::now() + within;
+    let mut duplicates = 0;
     loop {
         let (code, report) = call(client, reqwest::Method::POST, "/v1/sync", Some(&json!({})))
             .await
             .expect("the agent answers /v1/sync");
         assert_eq!(code, StatusCode::OK, "{report}");
+        duplicates += report["duplicates"].as_u64().unwrap_or(0);
         let (_, status) = call(client, reqwest::Method::GET, "/v1/status", None)
             .await
             .expect("the agent answers /v1/status");
         if report["error"].is_null() && status["pending_events"] == 0 {
-            return status;
+            return (status, duplicates);
         }
         assert!(
             Instant::now() < deadline,
@@ -390,6 +393,9 @@ async fn export(client: &reqwest::Client, query: &str) -> Value {
 pub struct Verified {
     pub local_events: usize,
     pub received_events: usize,
+    /// Events the receiver answered as duplicates while the queue was drained: sent
+    /// before, but never noted synced by the agent.
+    pub duplicates: u64,
 }
 
 /// Days to check, both ends included (`YYYY-MM-DD`, UTC); none means everything.
@@ -431,7 +437,7 @@ pub async fn verify(
     ledger: &Ledger,
     ranges: &Ranges,
 ) -> Verified {
-    let status = drain(client, Duration::from_secs(60)).await;
+    let (status, duplicates) = drain(client, Duration::from_secs(60)).await;
     assert_eq!(status["failed_events"], 0, "{status}");
     let (code, body) = call(
         client,
@@ -624,6 +630,7 @@ pub async fn verify(
     Verified {
         local_events: local.len(),
         received_events: received.len(),
+        duplicates,
     }
 }
 
