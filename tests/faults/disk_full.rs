@@ -18,7 +18,7 @@ use crate::common::{TestReceiver, receiver_settings};
 use crate::harness::{Agent, assert_error_shape, poll};
 use crate::support::{
     Ledger, Rng, call, enrolled_agent, install_id, post_events, random_event, receiver_total, seed,
-    socket_client, sync_table, verify,
+    socket_client, start, sync_table, verify,
 };
 
 /// A tmpfs mounted over a directory; unmounted on drop.
@@ -98,7 +98,7 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
     ));
     let rx = TestReceiver::start(receiver_settings());
     let tables = sync_table(&rx.url(""), "interval_secs = 3600");
-    let agent = enrolled_agent("synchronous = \"full\"", &tables, &rx);
+    let agent = enrolled_agent("synchronous = \"full\"", &tables, &rx.url(""));
     let data_dir = agent.data_dir();
     let identity = std::fs::read(data_dir.join("identity.json")).expect("identity.json");
     let mount = match Tmpfs::mount(&data_dir, "2m") {
@@ -125,7 +125,7 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
-    rig.agent.spawn().await;
+    start(&mut rig.agent).await;
     let client = socket_client(&rig.agent);
     let install = install_id(&rig.agent);
     let mut ledger = Ledger::default();
@@ -207,7 +207,7 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
     // 5 s after start): the receiver took them, the agent could not note it.
     assert_eq!(report["accepted"], 100, "{report}");
     assert_eq!(report["error"]["category"], "local", "{report}");
-    assert_eq!(receiver_total(&rx, &install).await, 100);
+    assert_eq!(receiver_total(&rx.url(""), &install).await, 100);
     let (code, status) = call(&client, Method::GET, "/v1/status", None)
         .await
         .unwrap();
@@ -262,7 +262,7 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
 
     // Everything acknowledged is there, and reaches the receiver exactly once.
     // The 100 shipped on the full disk go again: duplicates, never counted twice.
-    let seen = verify(&client, &rx, &install, &ledger, &[]).await;
+    let seen = verify(&client, &rx.url(""), &install, &ledger, &[]).await;
     assert_eq!(seen.local_events, ledger.acked());
     assert_eq!(seen.received_events, ledger.acked());
 }

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::common::{TestReceiver, receiver_settings};
 use crate::support::{
     DAY_MS, Ledger, Rng, call, day_of, enrolled_agent, install_id, plant_old_events, post_events,
-    random_event, rfc3339, seed, socket_client, sync_table, verify,
+    random_event, rfc3339, seed, socket_client, start, sync_table, verify,
 };
 
 const PHASES: [&str; 5] = ["ingest", "sync", "rollup", "purge", "erasure"];
@@ -117,8 +117,8 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
     );
     // `full` is the default durability, and the one whose commits go through the
     // gathering VFS (which holds WAL writes back until the commit's sync).
-    let mut agent = enrolled_agent("synchronous = \"full\"", &tables, &rx);
-    agent.spawn().await;
+    let mut agent = enrolled_agent("synchronous = \"full\"", &tables, &rx.url(""));
+    start(&mut agent).await;
     let install = install_id(&agent);
     let mut ledger = Ledger::default();
 
@@ -231,7 +231,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
             in_flight[phase] += 1;
         }
 
-        agent.spawn().await;
+        start(&mut agent).await;
         let client = socket_client(&agent);
         // A client that retries sends the same ids again: half of the unanswered
         // requests are re-sent (a duplicate if the first try was stored), the others
@@ -271,7 +271,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged_and_counts_nothing_
             ));
             ranges.push((first_day, last_day));
         }
-        let seen = verify(&client, &rx, &install, &ledger, &ranges).await;
+        let seen = verify(&client, &rx.url(""), &install, &ledger, &ranges).await;
         resent_to_receiver += seen.duplicates;
         eprintln!(
             "kill {kill:3} at {:6.1} s: {:7} after {delay:4} ms, {} in flight; {} acknowledged in all; {} check: {} at the agent, {} at the receiver",

@@ -15,5 +15,6 @@ mod disk_full;
 mod kill9;
 mod network;
 mod proxy;
+mod receiver_kill9;
 mod slow_clients;
 mod support;

@@ -15,7 +15,7 @@ use crate::harness::{Agent, poll};
 use crate::proxy::{Fault, FaultProxy};
 use crate::support::{
     Ledger, Rng, call, enrolled_agent, install_id, post_events, random_event, receiver_total, seed,
-    socket_client, sync_table, verify,
+    socket_client, start, sync_table, verify,
 };
 
 /// How long the black hole lasts (SPEC 5's 30 s); `FAULT_BLACK_HOLE_SECS` overrides it.
@@ -51,8 +51,8 @@ impl Rig {
                 "interval_secs = 1\nbatch_size = 10\nmax_attempts = 2\nrequest_timeout_secs = {request_timeout_secs}"
             ),
         );
-        let mut agent = enrolled_agent("", &tables, &rx);
-        agent.spawn().await;
+        let mut agent = enrolled_agent("", &tables, &rx.url(""));
+        start(&mut agent).await;
         let install = install_id(&agent);
         let client = socket_client(&agent);
         Rig {
@@ -94,7 +94,7 @@ impl Rig {
     }
 
     async fn received(&self) -> u64 {
-        receiver_total(&self.rx, &self.install).await
+        receiver_total(&self.rx.url(""), &self.install).await
     }
 
     /// Waits until a scheduled run has failed with a network error since `since_failures`
@@ -145,7 +145,14 @@ impl Rig {
             acked,
             "each event once at the receiver"
         );
-        let seen = verify(&self.client, &self.rx, &self.install, &self.ledger, &[]).await;
+        let seen = verify(
+            &self.client,
+            &self.rx.url(""),
+            &self.install,
+            &self.ledger,
+            &[],
+        )
+        .await;
         assert_eq!(seen.received_events as u64, acked);
     }
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver};
+use crate::common::{ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER};
 use crate::harness::Agent;
 
 pub const DAY_MS: i64 = 86_400_000;
@@ -74,16 +74,17 @@ pub fn sync_table(backend: &str, extra: &str) -> String {
     )
 }
 
-/// An agent (not started) syncing to `backend`, enrolled with the test receiver `rx`
-/// (enrollment goes straight to the receiver, whatever sits between them later).
-pub fn enrolled_agent(top: &str, tables: &str, rx: &TestReceiver) -> Agent {
+/// An agent (not started) configured by `top` and `tables`, enrolled with the receiver at
+/// `receiver` (`http://host:port`; enrollment goes straight to it, whatever sits between
+/// them later).
+pub fn enrolled_agent(top: &str, tables: &str, receiver: &str) -> Agent {
     let agent = Agent::configure_with(top, tables);
     let out = agent.cli(&[
         "init",
         "--site-url",
         "https://example.com",
         "--backend-url",
-        &rx.url(""),
+        receiver,
         "--enroll-token",
         ENROLL_TOKEN,
     ]);
@@ -93,6 +94,17 @@ pub fn enrolled_agent(top: &str, tables: &str, rx: &TestReceiver) -> Agent {
         String::from_utf8_lossy(&out.stderr)
     );
     agent
+}
+
+/// Starts the daemon and reads its log away. The harness pipes the daemon's stderr and
+/// never reads it: a daemon that logs for long (a sync every second, warnings on every
+/// failed attempt) fills the 64 KiB pipe, and every thread that logs then blocks on the
+/// write, which looks exactly like a hung agent.
+pub async fn start(agent: &mut Agent) {
+    agent.spawn().await;
+    if let Some(mut log) = agent.child.as_mut().and_then(|c| c.stderr.take()) {
+        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
+    }
 }
 
 pub fn install_id(agent: &Agent) -> String {
@@ -339,9 +351,9 @@ pub async fn drain(client: &reqwest::Client, within: Duration) -> (Value, u64) {
     }
 }
 
-/// Every event of `install` the receiver holds (`query`: more parameters, such as
-/// `&from=...&to=...`), through the provider API.
-pub async fn receiver_events(rx: &TestReceiver, install: &str, query: &str) -> Vec<Value> {
+/// Every event of `install` the receiver at `receiver` holds (`query`: more parameters,
+/// such as `&from=...&to=...`), through the provider API.
+pub async fn receiver_events(receiver: &str, install: &str, query: &str) -> Vec<Value> {
     let mut events = Vec::new();
     let mut after: Option<String> = None;
     loop {
@@ -349,7 +361,7 @@ pub async fn receiver_events(rx: &TestReceiver, install: &str, query: &str) -> V
         if let Some(cursor) = &after {
             url.push_str(&format!("&after={cursor}"));
         }
-        let page = provider_get(rx, &url).await;
+        let page = provider_get(receiver, &url).await;
         events.extend(page["events"].as_array().expect("events").iter().cloned());
         match page["next"].as_str() {
             Some(next) => after = Some(next.to_owned()),
@@ -358,9 +370,10 @@ pub async fn receiver_events(rx: &TestReceiver, install: &str, query: &str) -> V
     }
 }
 
-pub async fn provider_get(rx: &TestReceiver, path: &str) -> Value {
+/// A provider request (basic auth) to the receiver at `receiver`; must answer `200`.
+pub async fn provider_get(receiver: &str, path: &str) -> Value {
     let response = reqwest::Client::new()
-        .get(rx.url(path))
+        .get(format!("{receiver}{path}"))
         .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
         .send()
         .await
@@ -370,8 +383,12 @@ pub async fn provider_get(rx: &TestReceiver, path: &str) -> Value {
 }
 
 /// Events the receiver counts for `install` in its totals.
-pub async fn receiver_total(rx: &TestReceiver, install: &str) -> u64 {
-    let summary = provider_get(rx, &format!("/api/usage/summary?install_id={install}")).await;
+pub async fn receiver_total(receiver: &str, install: &str) -> u64 {
+    let summary = provider_get(
+        receiver,
+        &format!("/api/usage/summary?install_id={install}"),
+    )
+    .await;
     summary["totals"]["events"].as_u64().expect("totals.events")
 }
 
@@ -432,7 +449,7 @@ fn range_queries(ranges: &Ranges) -> Vec<String> {
 ///   and model.
 pub async fn verify(
     client: &reqwest::Client,
-    rx: &TestReceiver,
+    receiver: &str,
     install: &str,
     ledger: &Ledger,
     ranges: &Ranges,
@@ -460,9 +477,9 @@ pub async fn verify(
         raw.extend(page["events"].as_array().expect("export events").clone());
         let page = export(client, &format!("&daily{query}")).await;
         daily.extend(page["rows"].as_array().expect("daily rows").clone());
-        received.extend(receiver_events(rx, install, &query).await);
+        received.extend(receiver_events(receiver, install, &query).await);
         let summary = provider_get(
-            rx,
+            receiver,
             &format!(
                 "/api/usage/summary?install_id={install}&group_by=day,user,source,model{query}"
             ),
