@@ -135,13 +135,10 @@ impl BackendClient {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
-        let body = response.bytes().await.map_err(|error| {
-            if status.is_success() {
-                SyncError::BadAnswer(error_chain(&error))
-            } else {
-                network(error)
-            }
-        })?;
+        // An answer cut off (a reset, a timeout) is a transport failure whatever its
+        // status line said: `network`, as SPEC 5 files resets and timeouts. `BadAnswer`
+        // is for an answer that arrived whole and cannot be read.
+        let body = response.bytes().await.map_err(network)?;
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|e| {
                 SyncError::BadAnswer(format!("a {status} answer that is not a batch result: {e}"))

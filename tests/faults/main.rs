@@ -1,0 +1,20 @@
+//! The fault suite (issue 17 item 3): the real agent binary and a real receiver under
+//! crashes, a full disk, a misbehaving network and slow clients, each test asserting that
+//! nothing acknowledged is lost and nothing is counted twice. `README.md` beside this file
+//! says what each fault proves and how to run one.
+
+// The integration tests' helpers, shared as they are; this binary uses only some of them.
+#[allow(dead_code)]
+#[path = "../it/common.rs"]
+mod common;
+#[allow(dead_code)]
+#[path = "../it/harness.rs"]
+mod harness;
+
+mod disk_full;
+mod kill9;
+mod network;
+mod proxy;
+mod receiver_kill9;
+mod slow_clients;
+mod support;
