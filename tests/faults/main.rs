@@ -3,6 +3,10 @@
 //! nothing acknowledged is lost and nothing is counted twice. `README.md` beside this file
 //! says what each fault proves and how to run one.
 
+/// The store the test receivers of this binary use.
+pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
+    usage_agent::receiver::store::StoreKind::Sqlite;
+
 // The integration tests' helpers, shared as they are; this binary uses only some of them.
 #[allow(dead_code)]
 #[path = "../it/common.rs"]
