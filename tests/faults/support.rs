@@ -96,15 +96,9 @@ pub fn enrolled_agent(top: &str, tables: &str, receiver: &str) -> Agent {
     agent
 }
 
-/// Starts the daemon and reads its log away. The harness pipes the daemon's stderr and
-/// never reads it: a daemon that logs for long (a sync every second, warnings on every
-/// failed attempt) fills the 64 KiB pipe, and every thread that logs then blocks on the
-/// write, which looks exactly like a hung agent.
+/// Starts the daemon (its log goes to `agent.log` in its temp dir).
 pub async fn start(agent: &mut Agent) {
     agent.spawn().await;
-    if let Some(mut log) = agent.child.as_mut().and_then(|c| c.stderr.take()) {
-        std::thread::spawn(move || std::io::copy(&mut log, &mut std::io::sink()));
-    }
 }
 
 pub fn install_id(agent: &Agent) -> String {

@@ -152,9 +152,9 @@ fn something_at_socket_path_that_is_not_a_socket_is_kept_and_named() {
             Duration::from_secs(20),
             || agent.child.as_mut().unwrap().try_wait().unwrap(),
         );
-        let out = agent.child.take().unwrap().wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        let status = agent.child.take().unwrap().wait().unwrap();
+        let stderr = std::fs::read_to_string(agent.log_path()).unwrap();
+        assert_eq!(status.code(), Some(1), "{what}: {stderr}");
         assert!(
             stderr.contains(&path.display().to_string()) && stderr.contains("not a socket"),
             "{what}: {stderr}"

@@ -120,9 +120,24 @@ impl Agent {
             .env_remove("USAGE_AGENT_CONFIG")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            // A file, not a pipe: a daemon that logs for long would fill a pipe nobody reads
+            // and block on its next log line, which looks exactly like a hung agent.
+            .stderr(self.log_file())
             .spawn()
             .expect("spawning usage-agent run")
+    }
+
+    /// Where the daemon's log goes (appended across restarts).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("open the agent's log")
     }
 
     pub async fn wait_ready(&mut self) {
@@ -133,12 +148,8 @@ impl Agent {
                 if let Some(child) = self.child.as_mut()
                     && let Ok(Some(status)) = child.try_wait()
                 {
-                    let mut stderr = String::new();
-                    if let Some(mut pipe) = child.stderr.take() {
-                        use std::io::Read;
-                        let _ = pipe.read_to_string(&mut stderr);
-                    }
-                    panic!("agent exited early with {status}: {stderr}");
+                    let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+                    panic!("agent exited early with {status}: {log}");
                 }
                 match self.get("/healthz").await {
                     Ok((StatusCode::OK, _)) => Some(()),
