@@ -580,17 +580,43 @@ pub enum GunzipError {
 
 /// Expands a gzip body, refusing to produce more than `max` bytes (a gzip bomb stops there).
 pub fn gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
-    let decoder = flate2::read::GzDecoder::new(bytes);
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(max));
-    decoder
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|_| GunzipError::Corrupt)?;
-    if out.len() > max {
-        return Err(GunzipError::TooLarge { max });
-    }
+    gunzip_each(bytes, max, |piece| out.extend_from_slice(piece))?;
     Ok(out)
+}
+
+/// Size of the pieces [`gunzip_each`] hands on.
+const INFLATE_PIECE: usize = 32 << 10;
+
+/// Expands a gzip body piece by piece, handing each piece to `sink` and keeping none, and
+/// returns the expanded length. Refuses, as [`gunzip`] does, to go past `max` bytes: it
+/// stops as soon as the output passes `max`, so `sink` never sees more than `max` bytes.
+/// The pieces, joined, are exactly what [`gunzip`] returns for the same input, since
+/// [`gunzip`] is this with a sink that keeps them.
+pub fn gunzip_each(
+    bytes: &[u8],
+    max: usize,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<usize, GunzipError> {
+    let mut decoder = flate2::read::GzDecoder::new(bytes);
+    let mut piece = vec![0u8; INFLATE_PIECE];
+    let mut total = 0usize;
+    loop {
+        // Never ask for more than one byte past the limit, so the answer to a body that
+        // is corrupt after `max + 1` bytes is `TooLarge`, whatever the piece size.
+        let want = piece.len().min(max.saturating_sub(total).saturating_add(1));
+        let n = match decoder.read(&mut piece[..want]) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(GunzipError::Corrupt),
+        };
+        total += n;
+        if total > max {
+            return Err(GunzipError::TooLarge { max });
+        }
+        sink(&piece[..n]);
+    }
 }
 
 #[cfg(test)]
@@ -904,5 +930,63 @@ mod tests {
             Err(GunzipError::TooLarge { max: 10 << 20 })
         );
         assert_eq!(gunzip(b"not gzip", 1000), Err(GunzipError::Corrupt));
+    }
+
+    /// The plain reading `gunzip_each` must agree with: the whole output through
+    /// `read_to_end`, capped at one byte past `max`.
+    fn reference_gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|_| GunzipError::Corrupt)?;
+        if out.len() > max {
+            return Err(GunzipError::TooLarge { max });
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn streamed_gunzip_hands_on_what_gunzip_keeps_and_stops_at_the_same_cap() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 97) as u8).collect();
+        let packed = gzip(&body);
+        let mut joined = Vec::new();
+        let mut largest = 0;
+        let len = gunzip_each(&packed, body.len(), |piece| {
+            largest = largest.max(piece.len());
+            joined.extend_from_slice(piece);
+        });
+        assert_eq!(len, Ok(body.len()));
+        assert_eq!(joined, body);
+        assert_eq!(gunzip(&packed, body.len()).unwrap(), body);
+        assert!(largest <= INFLATE_PIECE, "{largest}");
+
+        // Past the cap nothing beyond `max` reaches the sink, and the answer is the same
+        // as the reference's, even when the damage lies past the cap.
+        for max in [0, 1, 1000, body.len() - 1] {
+            let mut seen = 0;
+            let streamed = gunzip_each(&packed, max, |piece| seen += piece.len());
+            assert_eq!(streamed, Err(GunzipError::TooLarge { max }), "{max}");
+            assert_eq!(
+                reference_gunzip(&packed, max),
+                Err(GunzipError::TooLarge { max })
+            );
+            assert!(seen <= max, "{seen} > {max}");
+        }
+        let mut damaged = packed.clone();
+        let at = damaged.len() - 6;
+        damaged[at] ^= 0xff; // the CRC at the end
+        for max in [1000, body.len(), body.len() + 1] {
+            let expected = reference_gunzip(&damaged, max).map(|out| out.len());
+            assert_eq!(gunzip_each(&damaged, max, |_| ()), expected, "{max}");
+        }
+        assert_eq!(
+            reference_gunzip(&damaged, body.len()),
+            Err(GunzipError::Corrupt)
+        );
+        for odd in [&b""[..], b"not gzip", &packed[..10]] {
+            let expected = reference_gunzip(odd, 1000).map(|out| out.len());
+            assert_eq!(gunzip_each(odd, 1000, |_| ()), expected);
+        }
     }
 }

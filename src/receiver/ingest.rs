@@ -2,11 +2,26 @@
 //! (SPEC section 5).
 //!
 //! Checks run in this order, so an unauthenticated caller learns nothing about the body:
-//! body size (413), install id (401), content encoding (415) and decompression (413/400),
-//! signature and timestamp (401), install disabled (403), rate limit (429), content type
-//! (415), JSON (400), batch shape (422), then each event on its own (rejected events are
-//! listed in the answer, the others stored). The whole check-and-store runs on the
-//! blocking pool: it is CPU work (gzip, HMAC, JSON) followed by one SQLite transaction.
+//! body size (413), a turn among the batches in progress (503 after waiting), install id
+//! (401), content encoding (415) and decompression (413/400), signature and timestamp
+//! (401), install disabled (403), rate limit (429), content type (415), JSON (400), batch
+//! shape (422), then each event on its own (rejected events are listed in the answer, the
+//! others stored).
+//!
+//! SPEC 10 bounds the memory one batch can take. A gzip body is inflated twice: first as a
+//! stream into the HMAC, piece by piece, keeping nothing, so an unauthenticated bomb costs
+//! one piece of memory however far it inflates; then, only if the signature verified,
+//! into memory for the JSON reader. Decompression is deterministic, so the bytes parsed
+//! are the bytes that verified.
+//!
+//! The costly work (inflating, HMAC, JSON, the database write) runs on the blocking pool
+//! for at most [`ReceiverSettings::max_inflight_batches`] batches at once. The turn (a
+//! semaphore permit) is taken once the compressed body has been read, not before: a
+//! client slow to send its body holds a connection (bounded by `MAX_CONNECTIONS` and the
+//! 30 s body deadline) but never a turn. The permit goes into the blocking task, so a
+//! client that hangs up does not free the turn while its work still runs.
+//!
+//! [`ReceiverSettings::max_inflight_batches`]: super::ReceiverSettings::max_inflight_batches
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +40,7 @@ use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::retry_after_secs;
 use super::store::{Install, NewEvent};
 use crate::protocol::signing::{
-    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag,
 };
 use crate::protocol::wire::{
     self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
@@ -46,9 +61,14 @@ pub async fn ingest(
     let body = body.map_err(body_rejection)?;
     let started = Instant::now();
     let install_id = header_str(&headers, HEADER_INSTALL_ID).to_owned();
-    let task_app = app.clone();
-    let result =
-        tokio::task::spawn_blocking(move || handle(&task_app, &headers, &body, Utc::now()))
+    let result = match wait_for_turn(&app).await {
+        Ok(turn) => {
+            let task_app = app.clone();
+            tokio::task::spawn_blocking(move || {
+                // Held until the work is done, even if the client has gone.
+                let _turn = turn;
+                handle(&task_app, &headers, &body, Utc::now())
+            })
             .await
             .map_err(|error| {
                 tracing::error!(%error, "the ingest task failed");
@@ -57,7 +77,10 @@ pub async fn ingest(
                     "internal",
                     "the batch could not be processed",
                 )
-            })?;
+            })?
+        }
+        Err(busy) => Err(busy),
+    };
     match &result {
         Ok(result) => tracing::info!(
             install_id = %clip(&install_id),
@@ -78,6 +101,32 @@ pub async fn ingest(
         ),
     }
     result.map(Json)
+}
+
+/// Seconds a batch refused for want of a turn is told to wait before it is sent again.
+pub const BUSY_RETRY_AFTER_S: u64 = 5;
+
+/// Waits for one of the [`ReceiverState::inflight`] permits, at most
+/// [`ReceiverSettings::inflight_wait`](super::ReceiverSettings::inflight_wait); past that,
+/// `503` with `Retry-After`.
+async fn wait_for_turn(
+    app: &ReceiverState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ReceiverError> {
+    let wait = app.settings.inflight_wait;
+    match tokio::time::timeout(wait, app.inflight.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => Ok(turn),
+        // The semaphore is never closed; a closed one would mean no turn ever comes.
+        Ok(Err(_)) | Err(_) => Err(ReceiverError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_busy",
+            format!(
+                "the receiver is working on {} batches and this one waited {} ms for its turn; retry in {BUSY_RETRY_AFTER_S} s",
+                app.settings.max_inflight_batches,
+                wait.as_millis()
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_S))),
+    }
 }
 
 /// Maps a failure to read the body: too large is `413`, anything else `400`.
@@ -112,21 +161,41 @@ fn handle(
 ) -> Result<BatchResult, ReceiverError> {
     let install = find_install(app, headers)?;
 
+    let msg_id = header_str(headers, HEADER_ID);
+    let timestamp = header_str(headers, HEADER_TIMESTAMP);
+    let signature = header_str(headers, HEADER_SIGNATURE);
+    let tolerance_s = app.settings.signature_tolerance_s;
     let decoded;
     let body: &[u8] = match header_str(headers, header::CONTENT_ENCODING.as_str()) {
-        "" | "identity" => raw,
+        "" | "identity" => {
+            signing::verify(
+                &install.secret,
+                msg_id,
+                timestamp,
+                signature,
+                raw,
+                now.timestamp(),
+                tolerance_s,
+            )
+            .map_err(invalid_signature)?;
+            raw
+        }
         encoding if encoding.eq_ignore_ascii_case("gzip") => {
-            decoded =
-                wire::gunzip(raw, app.settings.max_decompressed_bytes).map_err(
-                    |error| match error {
-                        GunzipError::TooLarge { max } => ReceiverError::too_large(format!(
-                            "the decompressed body is larger than {max} bytes"
-                        )),
-                        GunzipError::Corrupt => {
-                            ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
-                        }
-                    },
-                )?;
+            let max = app.settings.max_decompressed_bytes;
+            // First pass: the inflated body goes through the HMAC and nowhere else.
+            let mut tag = MessageTag::new(&install.secret, msg_id, timestamp);
+            wire::gunzip_each(raw, max, |piece| tag.update(piece)).map_err(gunzip_error)?;
+            signing::verify_tag(
+                tag,
+                msg_id,
+                timestamp,
+                signature,
+                now.timestamp(),
+                tolerance_s,
+            )
+            .map_err(invalid_signature)?;
+            // Second pass, for a body that verified: the same bytes, now kept.
+            decoded = wire::gunzip(raw, max).map_err(gunzip_error)?;
             &decoded
         }
         _ => {
@@ -135,17 +204,6 @@ fn handle(
             ));
         }
     };
-
-    signing::verify(
-        &install.secret,
-        header_str(headers, HEADER_ID),
-        header_str(headers, HEADER_TIMESTAMP),
-        header_str(headers, HEADER_SIGNATURE),
-        body,
-        now.timestamp(),
-        app.settings.signature_tolerance_s,
-    )
-    .map_err(|error| unauthenticated("invalid_signature", error.to_string()))?;
 
     if install.disabled {
         return Err(ReceiverError::new(
@@ -208,6 +266,21 @@ fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, Rec
         .find_install(install_id)
         .map_err(store_unavailable)?
         .ok_or_else(unknown)
+}
+
+fn invalid_signature(error: signing::VerifyError) -> ReceiverError {
+    unauthenticated("invalid_signature", error.to_string())
+}
+
+fn gunzip_error(error: GunzipError) -> ReceiverError {
+    match error {
+        GunzipError::TooLarge { max } => {
+            ReceiverError::too_large(format!("the decompressed body is larger than {max} bytes"))
+        }
+        GunzipError::Corrupt => {
+            ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
+        }
+    }
 }
 
 /// A `401` with the signature challenge.

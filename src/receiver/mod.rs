@@ -62,6 +62,9 @@ pub struct ReceiverState {
     pub credential_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: pricing::Pricing,
+    /// One permit per batch whose costly work may run now
+    /// ([`ReceiverSettings::max_inflight_batches`], SPEC 10).
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReceiverState {
@@ -70,6 +73,7 @@ impl ReceiverState {
             limiter: rate_limit::RateLimiter::new(settings.rate_limit_per_min),
             credential_throttle: FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
+            inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
             settings,
             store,
         }

@@ -41,6 +41,15 @@ pub struct TestReceiver {
 
 impl TestReceiver {
     pub fn start(settings: ReceiverSettings) -> TestReceiver {
+        TestReceiver::start_wrapped(settings, |store| store)
+    }
+
+    /// Like [`TestReceiver::start`], serving from `wrap` of the SQLite store (a test's
+    /// store that slows or watches some calls); [`TestReceiver::store`] stays the plain one.
+    pub fn start_wrapped(
+        settings: ReceiverSettings,
+        wrap: impl FnOnce(Arc<dyn ReceiverStore>) -> Arc<dyn ReceiverStore>,
+    ) -> TestReceiver {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let store = receiver::open_sqlite(&dir.path().join("receiver.db")).expect("open the store");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
@@ -49,7 +58,7 @@ impl TestReceiver {
             .expect("make the listener non-blocking");
         let addr = listener.local_addr().expect("read the bound address");
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let task_store = store.clone();
+        let task_store = wrap(store.clone());
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
