@@ -16,7 +16,9 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::event::{self, Event, FieldError, Limits, ModelName, Source, Tokens, format_millis};
+use crate::event::{
+    self, Event, FieldError, FromObject, Limits, ModelName, Source, Tokens, format_millis,
+};
 
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -417,9 +419,14 @@ pub fn check_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serd
     }
 }
 
-/// The reference reading of [`check_batch`].
-fn check_batch_values(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serde_json::Error> {
-    let envelope: BatchEnvelope = serde_json::from_slice(body)?;
+/// The reference reading of [`check_batch`], public so the fuzzer can hold the typed
+/// reading to it.
+pub fn check_batch_values(
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Result<CheckedBatch, serde_json::Error> {
+    // An object, as SPEC 5 has it: a derived struct would also read an array.
+    let FromObject(envelope) = serde_json::from_slice::<FromObject<BatchEnvelope>>(body)?;
     let mut valid = Vec::with_capacity(envelope.events.len());
     let mut rejected = Vec::new();
     for value in &envelope.events {
@@ -453,7 +460,7 @@ struct TypedBatch<'a> {
     install_id: String,
     sent_at: String,
     #[serde(borrow)]
-    events: Vec<TypedWireEvent<'a>>,
+    events: Vec<FromObject<TypedWireEvent<'a>>>,
 }
 
 /// A wire event in the agent's own shape: strings without escapes, integers, no `null`s
@@ -481,7 +488,7 @@ struct TypedWireEvent<'a> {
 
 /// The typed reading of [`check_batch`]; `None` sends the body to the reference reading.
 fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
-    let batch: TypedBatch = serde_json::from_slice(body).ok()?;
+    let FromObject(batch) = serde_json::from_slice::<FromObject<TypedBatch>>(body).ok()?;
     let limits = Limits {
         now,
         max_age: MAX_WIRE_EVENT_AGE,
@@ -489,7 +496,7 @@ fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
     let valid = batch
         .events
         .iter()
-        .map(|typed| check_typed_event(typed, limits))
+        .map(|FromObject(typed)| check_typed_event(typed, limits))
         .collect::<Option<Vec<_>>>()?;
     Some(CheckedBatch {
         batch_id: batch.batch_id,
@@ -899,6 +906,47 @@ mod tests {
             }]
         );
         assert!(check_batch(b"{\"events\": 1}", now()).is_err());
+    }
+
+    /// A wire event as a JSON array of its field values, in the typed struct's order.
+    fn array_event() -> Value {
+        json!([
+            "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            user_hash("inst", 5),
+            "bulk",
+            "gpt-4o-mini",
+            150,
+            25,
+            175,
+            0,
+            0,
+            0,
+            null,
+            "2026-11-27T10:29:58.123Z"
+        ])
+    }
+
+    /// Serde's derived structs also read arrays: the typed reading took an event written
+    /// as an array, which the reference rejects, and both took an array envelope.
+    #[test]
+    fn batches_and_events_in_array_form_are_refused_by_both_readings() {
+        let body = batch_body(vec![array_event(), valid()]);
+        assert!(check_typed_batch(&body, now()).is_none());
+        let batch = check_batch(&body, now()).unwrap();
+        assert_eq!(batch, check_batch_values(&body, now()).unwrap());
+        assert_eq!((batch.valid.len(), batch.rejected.len()), (1, 1));
+        assert_eq!(batch.rejected[0].reason, "event: must be a JSON object");
+
+        let envelope = serde_json::to_vec(&json!([
+            "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            "inst",
+            "2026-11-27T12:00:00Z",
+            [valid()]
+        ]))
+        .unwrap();
+        let error = check_batch(&envelope, now()).unwrap_err();
+        assert_eq!(error.classify(), serde_json::error::Category::Data);
+        assert!(check_batch_values(&envelope, now()).is_err());
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //!
 //! [`ReceiverSettings::max_inflight_batches`]: super::ReceiverSettings::max_inflight_batches
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,7 +41,7 @@ use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::retry_after_secs;
 use super::store::{Install, NewEvent};
 use crate::protocol::signing::{
-    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag,
+    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret,
 };
 use crate::protocol::wire::{
     self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
@@ -161,49 +162,14 @@ fn handle(
 ) -> Result<BatchResult, ReceiverError> {
     let install = find_install(app, headers)?;
 
-    let msg_id = header_str(headers, HEADER_ID);
-    let timestamp = header_str(headers, HEADER_TIMESTAMP);
-    let signature = header_str(headers, HEADER_SIGNATURE);
-    let tolerance_s = app.settings.signature_tolerance_s;
-    let decoded;
-    let body: &[u8] = match header_str(headers, header::CONTENT_ENCODING.as_str()) {
-        "" | "identity" => {
-            signing::verify(
-                &install.secret,
-                msg_id,
-                timestamp,
-                signature,
-                raw,
-                now.timestamp(),
-                tolerance_s,
-            )
-            .map_err(invalid_signature)?;
-            raw
-        }
-        encoding if encoding.eq_ignore_ascii_case("gzip") => {
-            let max = app.settings.max_decompressed_bytes;
-            // First pass: the inflated body goes through the HMAC and nowhere else.
-            let mut tag = MessageTag::new(&install.secret, msg_id, timestamp);
-            wire::gunzip_each(raw, max, |piece| tag.update(piece)).map_err(gunzip_error)?;
-            signing::verify_tag(
-                tag,
-                msg_id,
-                timestamp,
-                signature,
-                now.timestamp(),
-                tolerance_s,
-            )
-            .map_err(invalid_signature)?;
-            // Second pass, for a body that verified: the same bytes, now kept.
-            decoded = wire::gunzip(raw, max).map_err(gunzip_error)?;
-            &decoded
-        }
-        _ => {
-            return Err(ReceiverError::unsupported_media_type(
-                "content-encoding must be gzip or absent",
-            ));
-        }
-    };
+    let body = verified_body(
+        raw,
+        headers,
+        &install.secret,
+        now.timestamp(),
+        app.settings.signature_tolerance_s,
+        app.settings.max_decompressed_bytes,
+    )?;
 
     if install.disabled {
         return Err(ReceiverError::new(
@@ -232,7 +198,7 @@ fn handle(
             "content-type must be application/json",
         ));
     }
-    let batch = read_batch(body, now)?;
+    let batch = read_batch(&body, now)?;
     check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
     let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
     let counts = if valid.is_empty() {
@@ -248,6 +214,55 @@ fn handle(
         duplicates: counts.duplicates,
         rejected: batch.rejected,
     })
+}
+
+/// The body of a batch whose signature verified with `secret`, decompressed if it came
+/// gzipped; or the answer for one that did not: content encoding (415), decompression
+/// (413/400), then signature and timestamp (401), in that order.
+///
+/// A gzip body is inflated as a stream into the HMAC, keeping nothing, and inflated again
+/// into memory only once it verified, so an unauthenticated body is never held
+/// decompressed.
+pub fn verified_body<'a>(
+    raw: &'a [u8],
+    headers: &HeaderMap,
+    secret: &Secret,
+    now_unix: i64,
+    tolerance_s: i64,
+    max_decompressed: usize,
+) -> Result<Cow<'a, [u8]>, ReceiverError> {
+    let msg_id = header_str(headers, HEADER_ID);
+    let timestamp = header_str(headers, HEADER_TIMESTAMP);
+    let signature = header_str(headers, HEADER_SIGNATURE);
+    match header_str(headers, header::CONTENT_ENCODING.as_str()) {
+        "" | "identity" => {
+            signing::verify(
+                secret,
+                msg_id,
+                timestamp,
+                signature,
+                raw,
+                now_unix,
+                tolerance_s,
+            )
+            .map_err(invalid_signature)?;
+            Ok(Cow::Borrowed(raw))
+        }
+        encoding if encoding.eq_ignore_ascii_case("gzip") => {
+            // First pass: the inflated body goes through the HMAC and nowhere else.
+            let mut tag = MessageTag::new(secret, msg_id, timestamp);
+            wire::gunzip_each(raw, max_decompressed, |piece| tag.update(piece))
+                .map_err(gunzip_error)?;
+            signing::verify_tag(tag, msg_id, timestamp, signature, now_unix, tolerance_s)
+                .map_err(invalid_signature)?;
+            // Second pass, for a body that verified: the same bytes, now kept.
+            let decoded = wire::gunzip(raw, max_decompressed).map_err(gunzip_error)?;
+            Ok(Cow::Owned(decoded))
+        }
+        _ => Err(ReceiverError::unsupported_media_type(
+            "content-encoding must be gzip or absent",
+        )),
+    }
 }
 
 fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, ReceiverError> {
@@ -293,7 +308,7 @@ fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverEr
 
 /// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape
 /// `422`; events that break a rule are listed in the answer, not refused with the batch.
-fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ReceiverError> {
+pub fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ReceiverError> {
     wire::check_batch(body, now).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
             ReceiverError::invalid(
