@@ -303,6 +303,30 @@ async fn an_enrollment_with_an_unknown_field_is_refused_naming_the_field() {
 }
 
 #[tokio::test]
+async fn an_enrollment_written_as_an_array_is_refused() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    let response = client()
+        .post(rx.url("/api/installations"))
+        .bearer_auth(ENROLL_TOKEN)
+        .json(&json!([
+            install.id,
+            install.secret.to_whsec(),
+            "cd".repeat(32)
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_enrollment",
+    )
+    .await;
+    assert!(rx.store.find_install(&install.id).unwrap().is_none());
+}
+
+#[tokio::test]
 async fn the_agents_own_enrollment_is_accepted() {
     use usage_agent::config::BackendUrl;
     use usage_agent::identity::Identity;
