@@ -84,8 +84,7 @@ fuzz_target!(|input: Input| {
         assert_eq!(whole, Ok(()), "the right signature was refused: {header:?}");
     }
 
-    // The receiver reads the same headers from HTTP, trimmed; text HTTP cannot carry is
-    // not tried.
+    // The receiver reads the same headers from HTTP; text HTTP cannot carry is not tried.
     let (Ok(id), Ok(ts), Ok(sig)) = (
         HeaderValue::from_str(&input.msg_id),
         HeaderValue::from_str(&input.timestamp),
@@ -98,18 +97,32 @@ fuzz_target!(|input: Input| {
     headers.insert(HEADER_TIMESTAMP, ts);
     headers.insert(HEADER_SIGNATURE, sig);
     let received = verified_body(&input.body, &headers, &secret, NOW, TOLERANCE_S, 1 << 20);
-    let trimmed = verify(
+    let as_read = verify(
         &secret,
-        input.msg_id.trim(),
-        input.timestamp.trim(),
-        header.trim(),
+        as_received(&input.msg_id),
+        as_received(&input.timestamp),
+        as_received(&header),
         &input.body,
         NOW,
         TOLERANCE_S,
     );
     assert_eq!(
         received.is_ok(),
-        trimmed.is_ok(),
-        "{received:?} against {trimmed:?}"
+        as_read.is_ok(),
+        "{received:?} against {as_read:?}"
     );
 });
+
+/// A header value as the receiver reads it: trimmed, and empty (missing) unless it is
+/// visible ASCII; HTTP also carries other bytes (found by this target: a right entry
+/// beside non-ASCII bytes counts as no header, never as a signature).
+fn as_received(value: &str) -> &str {
+    if value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        value.trim()
+    } else {
+        ""
+    }
+}

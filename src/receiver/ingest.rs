@@ -371,3 +371,98 @@ fn new_event(event: CheckedWireEvent) -> NewEvent {
         created_at_ms: event.created_at_ms,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::signing::sign;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn headers(signature: HeaderValue, encoding: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_ID, HeaderValue::from_static("batch-1"));
+        headers.insert(HEADER_TIMESTAMP, HeaderValue::from(NOW));
+        headers.insert(HEADER_SIGNATURE, signature);
+        if let Some(encoding) = encoding {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        }
+        headers
+    }
+
+    fn code(result: Result<Cow<'_, [u8]>, ReceiverError>) -> (u16, &'static str) {
+        let error = result.expect_err("a refusal");
+        (error.status.as_u16(), error.code)
+    }
+
+    #[test]
+    fn a_gzip_body_comes_back_as_signed_and_is_refused_in_the_documented_order() {
+        let secret = Secret::generate();
+        let body = br#"{"events":[]}"#.repeat(100);
+        let signed = sign(&secret, "batch-1", NOW, &body);
+        let good = headers(signed.parse().unwrap(), Some("gzip"));
+        let packed = wire::gzip(&body);
+        let verified = verified_body(&packed, &good, &secret, NOW, 300, body.len()).unwrap();
+        assert_eq!(&verified[..], &body[..]);
+        // Decompression answers come before the signature's, as before streaming.
+        let unsigned = headers(HeaderValue::from_static("v1,AAAA"), Some("gzip"));
+        assert_eq!(
+            code(verified_body(
+                &packed,
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                body.len()
+            )),
+            (401, "invalid_signature")
+        );
+        assert_eq!(
+            code(verified_body(
+                &packed,
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                body.len() - 1
+            )),
+            (413, "payload_too_large")
+        );
+        assert_eq!(
+            code(verified_body(
+                b"not gzip",
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                1000
+            )),
+            (400, "bad_gzip")
+        );
+        let brotli = headers(signed.parse().unwrap(), Some("br"));
+        assert_eq!(
+            code(verified_body(&packed, &brotli, &secret, NOW, 300, 1000)),
+            (415, "unsupported_media_type")
+        );
+    }
+
+    /// Found by the `signature_headers` fuzz target: HTTP carries header bytes that are not
+    /// visible ASCII, which the receiver cannot read as text. Such a header counts as
+    /// missing, even with the right entry beside the odd bytes: never as a signature.
+    #[test]
+    fn a_signature_header_that_is_not_visible_ascii_counts_as_missing() {
+        let secret = Secret::generate();
+        let body = b"{}";
+        let right = sign(&secret, "batch-1", NOW, body);
+        let odd = HeaderValue::from_bytes(format!("{right} v2,\u{e9}").as_bytes()).unwrap();
+        let result = verified_body(body, &headers(odd, None), &secret, NOW, 300, 1000);
+        let error = result.expect_err("refused");
+        assert_eq!(
+            (error.status.as_u16(), error.code),
+            (401, "invalid_signature")
+        );
+        assert_eq!(error.message, "the webhook-signature header is missing");
+        let plain = headers(right.parse().unwrap(), None);
+        assert!(verified_body(body, &plain, &secret, NOW, 300, 1000).is_ok());
+    }
+}
