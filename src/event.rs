@@ -267,17 +267,17 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
 /// `None` means "read it as `Value`s": [`parse_event`] is the reference, which names every
 /// broken rule; this reading only accepts what it accepts, without a map per event.
 pub fn read_typed_events(body: &[u8], limits: Limits) -> Option<(Vec<Event>, bool)> {
-    if let Ok(one) = serde_json::from_slice::<TypedEvent>(body) {
+    if let Ok(FromObject(one)) = serde_json::from_slice::<FromObject<TypedEvent>>(body) {
         return Some((vec![check_typed_event(&one, limits)?], false));
     }
-    let batch: TypedBatch = serde_json::from_slice(body).ok()?;
+    let FromObject(batch) = serde_json::from_slice::<FromObject<TypedBatch>>(body).ok()?;
     if batch.events.len() > MAX_BATCH_EVENTS {
         return None;
     }
     let events = batch
         .events
         .iter()
-        .map(|typed| check_typed_event(typed, limits))
+        .map(|FromObject(typed)| check_typed_event(typed, limits))
         .collect::<Option<Vec<_>>>()?;
     Some((events, true))
 }
@@ -286,7 +286,7 @@ pub fn read_typed_events(body: &[u8], limits: Limits) -> Option<(Vec<Event>, boo
 #[serde(deny_unknown_fields)]
 struct TypedBatch<'a> {
     #[serde(borrow)]
-    events: Vec<TypedEvent<'a>>,
+    events: Vec<FromObject<TypedEvent<'a>>>,
 }
 
 /// An event in the plain shape. Optional fields use [`present`], so an explicit `null` is
@@ -316,6 +316,51 @@ struct TypedEvent<'a> {
     context: Option<&'a RawValue>,
     #[serde(default, deserialize_with = "present")]
     created_at: Option<&'a str>,
+}
+
+/// A derived struct read only from a JSON object.
+///
+/// Serde's derived structs also read a JSON array of the field values in order
+/// (`[[{...}]]` as a batch), a shape no reading of SPEC 3 or 5 allows and the reference
+/// readings (`Value` objects) refuse. Found by the `event_reader` fuzz target: the typed
+/// readings wrap their structs in this so they never accept what the reference refuses.
+pub struct FromObject<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for FromObject<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        T::deserialize(ObjectOnly(deserializer)).map(FromObject)
+    }
+}
+
+/// Hands a derived struct's request to a map, so an array is a type error. Only
+/// `deserialize_struct` is ever asked of it; everything else goes through unchanged.
+struct ObjectOnly<D>(D);
+
+impl<'de, D: Deserializer<'de>> Deserializer<'de> for ObjectOnly<D> {
+    type Error = D::Error;
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, D::Error> {
+        self.0.deserialize_map(visitor)
+    }
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, visitor: V) -> Result<V::Value, D::Error> {
+        self.0.deserialize_any(visitor)
+    }
+
+    fn is_human_readable(&self) -> bool {
+        self.0.is_human_readable()
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
 }
 
 /// Reads a field that is there (absent fields take their `default`, `None`); `null` fails.
@@ -770,6 +815,30 @@ mod tests {
             read_typed_events(&serde_json::to_vec(&too_many).unwrap(), limits()),
             None
         );
+    }
+
+    /// Found by the `event_reader` fuzz target (`fuzz/corpus/event_reader/regression-array-batch`):
+    /// the typed reading took `[[]]` as an empty batch, which the reference refuses.
+    #[test]
+    fn bodies_in_array_form_are_refused_by_the_typed_reading_as_by_the_reference() {
+        for body in [
+            &b"[[]]"[..],
+            br#"[[{"user_id": 5, "source": "bulk", "model": "m",
+            "prompt_tokens": 1, "completion_tokens": 1}]]"#,
+            br#"{"events": [[5, 0]]}"#,
+        ] {
+            assert_eq!(read_typed_events(body, limits()), None, "{:?}", body);
+            let value: Value = serde_json::from_slice(body).unwrap();
+            let reference = match value.get("events") {
+                Some(events) => parse_event(&events[0], limits()),
+                None => parse_event(&value, limits()),
+            };
+            assert!(reference.is_err(), "{value}");
+        }
+        // The object form of the same batch still takes the typed reading.
+        let object = br#"{"events": [{"user_id": 5, "source": "bulk", "model": "m",
+            "prompt_tokens": 1, "completion_tokens": 1}]}"#;
+        assert_eq!(read_typed_events(object, limits()).unwrap().0.len(), 1);
     }
 
     #[test]

@@ -39,19 +39,12 @@ pub async fn record(
         now: Utc::now(),
         max_age: Duration::days(state.config.retention.event_days.into()),
     };
-    let (events, is_batch) = match event::read_typed_events(&body, limits) {
-        Some(read) => read,
-        None => {
-            let value: Value = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_json",
-                    format!("the body is not valid JSON: {e}"),
-                )
-            })?;
-            parse_body(&value, limits).inspect_err(|_| state.metrics.events_rejected(&value))?
+    let (events, is_batch) = read_body(&body, limits).map_err(|rejected| {
+        if let Some(value) = &rejected.value {
+            state.metrics.events_rejected(value);
         }
-    };
+        rejected.error
+    })?;
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let logged = state.config.debug.then(|| events.clone());
     let sources: Vec<_> = events.iter().map(|e| e.source).collect();
@@ -94,8 +87,38 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Turns the body into validated events; any invalid event rejects the whole request.
-fn parse_body(value: &Value, limits: Limits) -> Result<(Vec<Event>, bool), ApiError> {
+/// A body refused by [`read_body`]: the answer, and the body as JSON when it was JSON
+/// (the metrics count what its events were).
+#[derive(Debug)]
+pub struct BodyRejection {
+    pub error: ApiError,
+    pub value: Option<Box<Value>>,
+}
+
+/// Reads the body of `POST /v1/events`: one event or `{"events": [...]}`, every event
+/// valid or none recorded. The typed reading first ([`event::read_typed_events`]); a body
+/// it gives up on is read as `Value`s by [`parse_body`], which names every broken rule.
+pub fn read_body(body: &[u8], limits: Limits) -> Result<(Vec<Event>, bool), BodyRejection> {
+    if let Some(read) = event::read_typed_events(body, limits) {
+        return Ok(read);
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| BodyRejection {
+        error: ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        ),
+        value: None,
+    })?;
+    parse_body(&value, limits).map_err(|error| BodyRejection {
+        error,
+        value: Some(Box::new(value)),
+    })
+}
+
+/// Turns the body, read as JSON, into validated events; any invalid event rejects the
+/// whole request. The reference reading of [`read_body`].
+pub fn parse_body(value: &Value, limits: Limits) -> Result<(Vec<Event>, bool), ApiError> {
     let Some(batch) = value.as_object().and_then(|o| o.get("events")) else {
         return event::parse_event(value, limits)
             .map(|event| (vec![event], false))

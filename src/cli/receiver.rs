@@ -13,7 +13,7 @@ use crate::receiver::{self, ReceiverSettings};
 /// Options of `usage-agent receiver`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S and the pricing variables.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
+    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S, MAX_CONNECTIONS, MAX_INFLIGHT_BATCHES and the pricing variables.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
 )]
 pub struct ReceiverArgs {
     /// Address to listen on.

@@ -130,15 +130,42 @@ pub enum VerifyError {
     NoMatchingSignature,
 }
 
+/// The HMAC of one message, `{msg_id}.{timestamp}.{body}`, fed the body in pieces, so a
+/// verifier can check a body as it inflates it without ever holding it whole.
+pub struct MessageTag(HmacSha256);
+
+impl MessageTag {
+    /// Starts the tag of a message with this id and timestamp text, as signed.
+    pub fn new(secret: &Secret, msg_id: &str, timestamp: &str) -> MessageTag {
+        let mut mac =
+            HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
+        mac.update(msg_id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        MessageTag(mac)
+    }
+
+    /// Feeds the next piece of the body.
+    pub fn update(&mut self, piece: &[u8]) {
+        self.0.update(piece);
+    }
+
+    fn finish(self) -> [u8; 32] {
+        self.0.finalize().into_bytes().into()
+    }
+}
+
+impl std::fmt::Debug for MessageTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MessageTag(<redacted>)")
+    }
+}
+
 fn tag(secret: &Secret, msg_id: &str, timestamp: &str, body: &[u8]) -> [u8; 32] {
-    let mut mac =
-        HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts keys of any length");
-    mac.update(msg_id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.finalize().into_bytes().into()
+    let mut tag = MessageTag::new(secret, msg_id, timestamp);
+    tag.update(body);
+    tag.finish()
 }
 
 /// Signs one message: `v1,` + base64(HMAC-SHA256(secret, "{msg_id}.{timestamp}.{body}")).
@@ -160,6 +187,47 @@ pub fn verify(
     timestamp_header: &str,
     signature_header: &str,
     body: &[u8],
+    now_unix: i64,
+    tolerance_s: i64,
+) -> Result<(), VerifyError> {
+    check_headers(
+        msg_id,
+        timestamp_header,
+        signature_header,
+        now_unix,
+        tolerance_s,
+    )?;
+    let expected = tag(secret, msg_id, timestamp_header, body);
+    matches(signature_header, &expected)
+}
+
+/// Verifies a message whose body was fed to `tag` piece by piece (see [`MessageTag`]),
+/// with the same checks, in the same order and with the same errors, as [`verify`]. The
+/// tag must have been started with the same `msg_id` and `timestamp_header`.
+pub fn verify_tag(
+    tag: MessageTag,
+    msg_id: &str,
+    timestamp_header: &str,
+    signature_header: &str,
+    now_unix: i64,
+    tolerance_s: i64,
+) -> Result<(), VerifyError> {
+    check_headers(
+        msg_id,
+        timestamp_header,
+        signature_header,
+        now_unix,
+        tolerance_s,
+    )?;
+    matches(signature_header, &tag.finish())
+}
+
+/// The checks made before any signature is compared: every header present and the
+/// timestamp within the tolerance.
+fn check_headers(
+    msg_id: &str,
+    timestamp_header: &str,
+    signature_header: &str,
     now_unix: i64,
     tolerance_s: i64,
 ) -> Result<(), VerifyError> {
@@ -186,8 +254,12 @@ pub fn verify(
             tolerance_s,
         });
     }
+    Ok(())
+}
 
-    let expected = tag(secret, msg_id, timestamp_header, body);
+/// Whether any `v1` entry of the header (several during key rotation: each is compared
+/// with the one tag of the install's key) equals `expected`, compared in constant time.
+fn matches(signature_header: &str, expected: &[u8; 32]) -> Result<(), VerifyError> {
     let mut matched = subtle::Choice::from(0u8);
     for entry in signature_header
         .split(' ')
@@ -198,7 +270,7 @@ pub fn verify(
             continue;
         };
         if let Ok(candidate) = STANDARD.decode(encoded) {
-            matched |= candidate.as_slice().ct_eq(&expected);
+            matched |= candidate.as_slice().ct_eq(expected);
         }
     }
     if matched.into() {
@@ -364,6 +436,37 @@ mod tests {
         assert_eq!(
             check(&secret, NOW, "v1,%%%", b"{\"a\":1}"),
             Err(VerifyError::NoMatchingSignature)
+        );
+    }
+
+    #[test]
+    fn a_body_fed_in_pieces_verifies_exactly_as_the_whole_body() {
+        let secret = Secret::generate();
+        let body: Vec<u8> = (0..5000u32).map(|b| (b * 31 % 251) as u8).collect();
+        let ts = NOW.to_string();
+        let good = sign(&secret, "msg_1", NOW, &body);
+        let headers: [(&str, &str, String); 5] = [
+            ("msg_1", ts.as_str(), good.clone()),
+            ("msg_1", ts.as_str(), format!("v1,AAAA {good}")),
+            ("msg_1", ts.as_str(), sign(&secret, "msg_1", NOW, b"other")),
+            ("", ts.as_str(), good.clone()),
+            ("msg_1", "1", good.clone()),
+        ];
+        for (id, timestamp, signature) in &headers {
+            let whole = verify(&secret, id, timestamp, signature, &body, NOW, 300);
+            for piece in [1, 7, 4096, body.len()] {
+                let mut tag = MessageTag::new(&secret, id, timestamp);
+                body.chunks(piece).for_each(|chunk| tag.update(chunk));
+                let streamed = verify_tag(tag, id, timestamp, signature, NOW, 300);
+                assert_eq!(
+                    streamed, whole,
+                    "{id:?} {timestamp:?} {signature:?} {piece}"
+                );
+            }
+        }
+        assert_eq!(
+            verify(&secret, "msg_1", &ts, &good, &body, NOW, 300),
+            Ok(())
         );
     }
 

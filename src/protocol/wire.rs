@@ -16,7 +16,9 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::event::{self, Event, FieldError, Limits, ModelName, Source, Tokens, format_millis};
+use crate::event::{
+    self, Event, FieldError, FromObject, Limits, ModelName, Source, Tokens, format_millis,
+};
 
 /// Most events in one batch.
 pub const MAX_BATCH_EVENTS: usize = 1000;
@@ -417,9 +419,14 @@ pub fn check_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serd
     }
 }
 
-/// The reference reading of [`check_batch`].
-fn check_batch_values(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, serde_json::Error> {
-    let envelope: BatchEnvelope = serde_json::from_slice(body)?;
+/// The reference reading of [`check_batch`], public so the fuzzer can hold the typed
+/// reading to it.
+pub fn check_batch_values(
+    body: &[u8],
+    now: DateTime<Utc>,
+) -> Result<CheckedBatch, serde_json::Error> {
+    // An object, as SPEC 5 has it: a derived struct would also read an array.
+    let FromObject(envelope) = serde_json::from_slice::<FromObject<BatchEnvelope>>(body)?;
     let mut valid = Vec::with_capacity(envelope.events.len());
     let mut rejected = Vec::new();
     for value in &envelope.events {
@@ -453,7 +460,7 @@ struct TypedBatch<'a> {
     install_id: String,
     sent_at: String,
     #[serde(borrow)]
-    events: Vec<TypedWireEvent<'a>>,
+    events: Vec<FromObject<TypedWireEvent<'a>>>,
 }
 
 /// A wire event in the agent's own shape: strings without escapes, integers, no `null`s
@@ -481,7 +488,7 @@ struct TypedWireEvent<'a> {
 
 /// The typed reading of [`check_batch`]; `None` sends the body to the reference reading.
 fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
-    let batch: TypedBatch = serde_json::from_slice(body).ok()?;
+    let FromObject(batch) = serde_json::from_slice::<FromObject<TypedBatch>>(body).ok()?;
     let limits = Limits {
         now,
         max_age: MAX_WIRE_EVENT_AGE,
@@ -489,7 +496,7 @@ fn check_typed_batch(body: &[u8], now: DateTime<Utc>) -> Option<CheckedBatch> {
     let valid = batch
         .events
         .iter()
-        .map(|typed| check_typed_event(typed, limits))
+        .map(|FromObject(typed)| check_typed_event(typed, limits))
         .collect::<Option<Vec<_>>>()?;
     Some(CheckedBatch {
         batch_id: batch.batch_id,
@@ -580,17 +587,43 @@ pub enum GunzipError {
 
 /// Expands a gzip body, refusing to produce more than `max` bytes (a gzip bomb stops there).
 pub fn gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
-    let decoder = flate2::read::GzDecoder::new(bytes);
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(4).min(max));
-    decoder
-        .take(limit)
-        .read_to_end(&mut out)
-        .map_err(|_| GunzipError::Corrupt)?;
-    if out.len() > max {
-        return Err(GunzipError::TooLarge { max });
-    }
+    gunzip_each(bytes, max, |piece| out.extend_from_slice(piece))?;
     Ok(out)
+}
+
+/// Size of the pieces [`gunzip_each`] hands on.
+const INFLATE_PIECE: usize = 32 << 10;
+
+/// Expands a gzip body piece by piece, handing each piece to `sink` and keeping none, and
+/// returns the expanded length. Refuses, as [`gunzip`] does, to go past `max` bytes: it
+/// stops as soon as the output passes `max`, so `sink` never sees more than `max` bytes.
+/// The pieces, joined, are exactly what [`gunzip`] returns for the same input, since
+/// [`gunzip`] is this with a sink that keeps them.
+pub fn gunzip_each(
+    bytes: &[u8],
+    max: usize,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<usize, GunzipError> {
+    let mut decoder = flate2::read::GzDecoder::new(bytes);
+    let mut piece = vec![0u8; INFLATE_PIECE];
+    let mut total = 0usize;
+    loop {
+        // Never ask for more than one byte past the limit, so the answer to a body that
+        // is corrupt after `max + 1` bytes is `TooLarge`, whatever the piece size.
+        let want = piece.len().min(max.saturating_sub(total).saturating_add(1));
+        let n = match decoder.read(&mut piece[..want]) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Err(GunzipError::Corrupt),
+        };
+        total += n;
+        if total > max {
+            return Err(GunzipError::TooLarge { max });
+        }
+        sink(&piece[..n]);
+    }
 }
 
 #[cfg(test)]
@@ -875,6 +908,47 @@ mod tests {
         assert!(check_batch(b"{\"events\": 1}", now()).is_err());
     }
 
+    /// A wire event as a JSON array of its field values, in the typed struct's order.
+    fn array_event() -> Value {
+        json!([
+            "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            user_hash("inst", 5),
+            "bulk",
+            "gpt-4o-mini",
+            150,
+            25,
+            175,
+            0,
+            0,
+            0,
+            null,
+            "2026-11-27T10:29:58.123Z"
+        ])
+    }
+
+    /// Serde's derived structs also read arrays: the typed reading took an event written
+    /// as an array, which the reference rejects, and both took an array envelope.
+    #[test]
+    fn batches_and_events_in_array_form_are_refused_by_both_readings() {
+        let body = batch_body(vec![array_event(), valid()]);
+        assert!(check_typed_batch(&body, now()).is_none());
+        let batch = check_batch(&body, now()).unwrap();
+        assert_eq!(batch, check_batch_values(&body, now()).unwrap());
+        assert_eq!((batch.valid.len(), batch.rejected.len()), (1, 1));
+        assert_eq!(batch.rejected[0].reason, "event: must be a JSON object");
+
+        let envelope = serde_json::to_vec(&json!([
+            "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f",
+            "inst",
+            "2026-11-27T12:00:00Z",
+            [valid()]
+        ]))
+        .unwrap();
+        let error = check_batch(&envelope, now()).unwrap_err();
+        assert_eq!(error.classify(), serde_json::error::Category::Data);
+        assert!(check_batch_values(&envelope, now()).is_err());
+    }
+
     #[test]
     fn enrollment_debug_hides_the_secret() {
         let enrollment = Enrollment {
@@ -904,5 +978,63 @@ mod tests {
             Err(GunzipError::TooLarge { max: 10 << 20 })
         );
         assert_eq!(gunzip(b"not gzip", 1000), Err(GunzipError::Corrupt));
+    }
+
+    /// The plain reading `gunzip_each` must agree with: the whole output through
+    /// `read_to_end`, capped at one byte past `max`.
+    fn reference_gunzip(bytes: &[u8], max: usize) -> Result<Vec<u8>, GunzipError> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .take(max as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|_| GunzipError::Corrupt)?;
+        if out.len() > max {
+            return Err(GunzipError::TooLarge { max });
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn streamed_gunzip_hands_on_what_gunzip_keeps_and_stops_at_the_same_cap() {
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 97) as u8).collect();
+        let packed = gzip(&body);
+        let mut joined = Vec::new();
+        let mut largest = 0;
+        let len = gunzip_each(&packed, body.len(), |piece| {
+            largest = largest.max(piece.len());
+            joined.extend_from_slice(piece);
+        });
+        assert_eq!(len, Ok(body.len()));
+        assert_eq!(joined, body);
+        assert_eq!(gunzip(&packed, body.len()).unwrap(), body);
+        assert!(largest <= INFLATE_PIECE, "{largest}");
+
+        // Past the cap nothing beyond `max` reaches the sink, and the answer is the same
+        // as the reference's, even when the damage lies past the cap.
+        for max in [0, 1, 1000, body.len() - 1] {
+            let mut seen = 0;
+            let streamed = gunzip_each(&packed, max, |piece| seen += piece.len());
+            assert_eq!(streamed, Err(GunzipError::TooLarge { max }), "{max}");
+            assert_eq!(
+                reference_gunzip(&packed, max),
+                Err(GunzipError::TooLarge { max })
+            );
+            assert!(seen <= max, "{seen} > {max}");
+        }
+        let mut damaged = packed.clone();
+        let at = damaged.len() - 6;
+        damaged[at] ^= 0xff; // the CRC at the end
+        for max in [1000, body.len(), body.len() + 1] {
+            let expected = reference_gunzip(&damaged, max).map(|out| out.len());
+            assert_eq!(gunzip_each(&damaged, max, |_| ()), expected, "{max}");
+        }
+        assert_eq!(
+            reference_gunzip(&damaged, body.len()),
+            Err(GunzipError::Corrupt)
+        );
+        for odd in [&b""[..], b"not gzip", &packed[..10]] {
+            let expected = reference_gunzip(odd, 1000).map(|out| out.len());
+            assert_eq!(gunzip_each(odd, 1000, |_| ()), expected);
+        }
     }
 }

@@ -25,6 +25,7 @@ use super::error::{ReceiverError, is_json_content_type};
 use super::ingest::{body_rejection, store_unavailable};
 use super::store::{EnrollOutcome, NewInstall};
 use crate::credentials::{bearer_token, credential_eq};
+use crate::event::FromObject;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::{Enrollment, EnrollmentResult, EnrollmentStatus};
 
@@ -53,7 +54,8 @@ pub async fn enroll(
             "content-type must be application/json",
         ));
     }
-    let enrollment: Enrollment = serde_json::from_slice(&body).map_err(|error| {
+    // An object only: a derived struct would also read `[install_id, secret, site_hash]`.
+    let FromObject(enrollment) = serde_json::from_slice(&body).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
             ReceiverError::invalid(
                 "invalid_enrollment",

@@ -2,12 +2,28 @@
 //! (SPEC section 5).
 //!
 //! Checks run in this order, so an unauthenticated caller learns nothing about the body:
-//! body size (413), install id (401), content encoding (415) and decompression (413/400),
-//! signature and timestamp (401), install disabled (403), rate limit (429), content type
-//! (415), JSON (400), batch shape (422), then each event on its own (rejected events are
-//! listed in the answer, the others stored). The whole check-and-store runs on the
-//! blocking pool: it is CPU work (gzip, HMAC, JSON) followed by one SQLite transaction.
+//! body size (413), a turn among the batches in progress (503 after waiting), install id
+//! (401), content encoding (415) and decompression (413/400), signature and timestamp
+//! (401), install disabled (403), rate limit (429), content type (415), JSON (400), batch
+//! shape (422), then each event on its own (rejected events are listed in the answer, the
+//! others stored).
+//!
+//! SPEC 10 bounds the memory one batch can take. A gzip body is inflated twice: first as a
+//! stream into the HMAC, piece by piece, keeping nothing, so an unauthenticated bomb costs
+//! one piece of memory however far it inflates; then, only if the signature verified,
+//! into memory for the JSON reader. Decompression is deterministic, so the bytes parsed
+//! are the bytes that verified.
+//!
+//! The costly work (inflating, HMAC, JSON, the database write) runs on the blocking pool
+//! for at most [`ReceiverSettings::max_inflight_batches`] batches at once. The turn (a
+//! semaphore permit) is taken once the compressed body has been read, not before: a
+//! client slow to send its body holds a connection (bounded by `MAX_CONNECTIONS` and the
+//! 30 s body deadline) but never a turn. The permit goes into the blocking task, so a
+//! client that hangs up does not free the turn while its work still runs.
+//!
+//! [`ReceiverSettings::max_inflight_batches`]: super::ReceiverSettings::max_inflight_batches
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +41,7 @@ use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::{Rate, retry_after_secs};
 use super::store::{Install, NewEvent};
 use crate::protocol::signing::{
-    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP,
+    self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret,
 };
 use crate::protocol::wire::{
     self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
@@ -46,9 +62,14 @@ pub async fn ingest(
     let body = body.map_err(body_rejection)?;
     let started = Instant::now();
     let install_id = header_str(&headers, HEADER_INSTALL_ID).to_owned();
-    let task_app = app.clone();
-    let result =
-        tokio::task::spawn_blocking(move || handle(&task_app, &headers, &body, Utc::now()))
+    let result = match wait_for_turn(&app).await {
+        Ok(turn) => {
+            let task_app = app.clone();
+            tokio::task::spawn_blocking(move || {
+                // Held until the work is done, even if the client has gone.
+                let _turn = turn;
+                handle(&task_app, &headers, &body, Utc::now())
+            })
             .await
             .map_err(|error| {
                 tracing::error!(%error, "the ingest task failed");
@@ -57,7 +78,10 @@ pub async fn ingest(
                     "internal",
                     "the batch could not be processed",
                 )
-            })?;
+            })?
+        }
+        Err(busy) => Err(busy),
+    };
     match &result {
         Ok(result) => tracing::info!(
             install_id = %clip(&install_id),
@@ -78,6 +102,32 @@ pub async fn ingest(
         ),
     }
     result.map(Json)
+}
+
+/// Seconds a batch refused for want of a turn is told to wait before it is sent again.
+pub const BUSY_RETRY_AFTER_S: u64 = 5;
+
+/// Waits for one of the [`ReceiverState::inflight`] permits, at most
+/// [`ReceiverSettings::inflight_wait`](super::ReceiverSettings::inflight_wait); past that,
+/// `503` with `Retry-After`.
+async fn wait_for_turn(
+    app: &ReceiverState,
+) -> Result<tokio::sync::OwnedSemaphorePermit, ReceiverError> {
+    let wait = app.settings.inflight_wait;
+    match tokio::time::timeout(wait, app.inflight.clone().acquire_owned()).await {
+        Ok(Ok(turn)) => Ok(turn),
+        // The semaphore is never closed; a closed one would mean no turn ever comes.
+        Ok(Err(_)) | Err(_) => Err(ReceiverError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_busy",
+            format!(
+                "the receiver is working on {} batches and this one waited {} ms for its turn; retry in {BUSY_RETRY_AFTER_S} s",
+                app.settings.max_inflight_batches,
+                wait.as_millis()
+            ),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_S))),
+    }
 }
 
 /// Maps a failure to read the body: too large is `413`, anything else `400`.
@@ -117,40 +167,14 @@ fn handle(
 ) -> Result<BatchResult, ReceiverError> {
     let install = find_install(app, headers)?;
 
-    let decoded;
-    let body: &[u8] = match header_str(headers, header::CONTENT_ENCODING.as_str()) {
-        "" | "identity" => raw,
-        encoding if encoding.eq_ignore_ascii_case("gzip") => {
-            decoded =
-                wire::gunzip(raw, app.settings.max_decompressed_bytes).map_err(
-                    |error| match error {
-                        GunzipError::TooLarge { max } => ReceiverError::too_large(format!(
-                            "the decompressed body is larger than {max} bytes"
-                        )),
-                        GunzipError::Corrupt => {
-                            ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
-                        }
-                    },
-                )?;
-            &decoded
-        }
-        _ => {
-            return Err(ReceiverError::unsupported_media_type(
-                "content-encoding must be gzip or absent",
-            ));
-        }
-    };
-
-    signing::verify(
+    let body = verified_body(
+        raw,
+        headers,
         &install.secret,
-        header_str(headers, HEADER_ID),
-        header_str(headers, HEADER_TIMESTAMP),
-        header_str(headers, HEADER_SIGNATURE),
-        body,
         now.timestamp(),
         app.settings.signature_tolerance_s,
-    )
-    .map_err(|error| unauthenticated("invalid_signature", error.to_string()))?;
+        app.settings.max_decompressed_bytes,
+    )?;
 
     if install.disabled {
         return Err(ReceiverError::new(
@@ -185,7 +209,7 @@ fn handle(
             "content-type must be application/json",
         ));
     }
-    let batch = read_batch(body, now)?;
+    let batch = read_batch(&body, now)?;
     check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
     let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
     let counts = if valid.is_empty() {
@@ -201,6 +225,55 @@ fn handle(
         duplicates: counts.duplicates,
         rejected: batch.rejected,
     })
+}
+
+/// The body of a batch whose signature verified with `secret`, decompressed if it came
+/// gzipped; or the answer for one that did not: content encoding (415), decompression
+/// (413/400), then signature and timestamp (401), in that order.
+///
+/// A gzip body is inflated as a stream into the HMAC, keeping nothing, and inflated again
+/// into memory only once it verified, so an unauthenticated body is never held
+/// decompressed.
+pub fn verified_body<'a>(
+    raw: &'a [u8],
+    headers: &HeaderMap,
+    secret: &Secret,
+    now_unix: i64,
+    tolerance_s: i64,
+    max_decompressed: usize,
+) -> Result<Cow<'a, [u8]>, ReceiverError> {
+    let msg_id = header_str(headers, HEADER_ID);
+    let timestamp = header_str(headers, HEADER_TIMESTAMP);
+    let signature = header_str(headers, HEADER_SIGNATURE);
+    match header_str(headers, header::CONTENT_ENCODING.as_str()) {
+        "" | "identity" => {
+            signing::verify(
+                secret,
+                msg_id,
+                timestamp,
+                signature,
+                raw,
+                now_unix,
+                tolerance_s,
+            )
+            .map_err(invalid_signature)?;
+            Ok(Cow::Borrowed(raw))
+        }
+        encoding if encoding.eq_ignore_ascii_case("gzip") => {
+            // First pass: the inflated body goes through the HMAC and nowhere else.
+            let mut tag = MessageTag::new(secret, msg_id, timestamp);
+            wire::gunzip_each(raw, max_decompressed, |piece| tag.update(piece))
+                .map_err(gunzip_error)?;
+            signing::verify_tag(tag, msg_id, timestamp, signature, now_unix, tolerance_s)
+                .map_err(invalid_signature)?;
+            // Second pass, for a body that verified: the same bytes, now kept.
+            let decoded = wire::gunzip(raw, max_decompressed).map_err(gunzip_error)?;
+            Ok(Cow::Owned(decoded))
+        }
+        _ => Err(ReceiverError::unsupported_media_type(
+            "content-encoding must be gzip or absent",
+        )),
+    }
 }
 
 fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, ReceiverError> {
@@ -221,6 +294,21 @@ fn find_install(app: &ReceiverState, headers: &HeaderMap) -> Result<Install, Rec
         .ok_or_else(unknown)
 }
 
+fn invalid_signature(error: signing::VerifyError) -> ReceiverError {
+    unauthenticated("invalid_signature", error.to_string())
+}
+
+fn gunzip_error(error: GunzipError) -> ReceiverError {
+    match error {
+        GunzipError::TooLarge { max } => {
+            ReceiverError::too_large(format!("the decompressed body is larger than {max} bytes"))
+        }
+        GunzipError::Corrupt => {
+            ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
+        }
+    }
+}
+
 /// A `401` with the signature challenge.
 fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverError {
     ReceiverError::unauthorized(code, message).with_header(
@@ -231,7 +319,7 @@ fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverEr
 
 /// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape
 /// `422`; events that break a rule are listed in the answer, not refused with the batch.
-fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ReceiverError> {
+pub fn read_batch(body: &[u8], now: DateTime<Utc>) -> Result<CheckedBatch, ReceiverError> {
     wire::check_batch(body, now).map_err(|error| {
         if error.classify() == serde_json::error::Category::Data {
             ReceiverError::invalid(
@@ -292,5 +380,100 @@ fn new_event(event: CheckedWireEvent) -> NewEvent {
         reasoning_tokens: event.tokens.reasoning,
         context: event.context,
         created_at_ms: event.created_at_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::signing::sign;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn headers(signature: HeaderValue, encoding: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_ID, HeaderValue::from_static("batch-1"));
+        headers.insert(HEADER_TIMESTAMP, HeaderValue::from(NOW));
+        headers.insert(HEADER_SIGNATURE, signature);
+        if let Some(encoding) = encoding {
+            headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static(encoding));
+        }
+        headers
+    }
+
+    fn code(result: Result<Cow<'_, [u8]>, ReceiverError>) -> (u16, &'static str) {
+        let error = result.expect_err("a refusal");
+        (error.status.as_u16(), error.code)
+    }
+
+    #[test]
+    fn a_gzip_body_comes_back_as_signed_and_is_refused_in_the_documented_order() {
+        let secret = Secret::generate();
+        let body = br#"{"events":[]}"#.repeat(100);
+        let signed = sign(&secret, "batch-1", NOW, &body);
+        let good = headers(signed.parse().unwrap(), Some("gzip"));
+        let packed = wire::gzip(&body);
+        let verified = verified_body(&packed, &good, &secret, NOW, 300, body.len()).unwrap();
+        assert_eq!(&verified[..], &body[..]);
+        // Decompression answers come before the signature's, as before streaming.
+        let unsigned = headers(HeaderValue::from_static("v1,AAAA"), Some("gzip"));
+        assert_eq!(
+            code(verified_body(
+                &packed,
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                body.len()
+            )),
+            (401, "invalid_signature")
+        );
+        assert_eq!(
+            code(verified_body(
+                &packed,
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                body.len() - 1
+            )),
+            (413, "payload_too_large")
+        );
+        assert_eq!(
+            code(verified_body(
+                b"not gzip",
+                &unsigned,
+                &secret,
+                NOW,
+                300,
+                1000
+            )),
+            (400, "bad_gzip")
+        );
+        let brotli = headers(signed.parse().unwrap(), Some("br"));
+        assert_eq!(
+            code(verified_body(&packed, &brotli, &secret, NOW, 300, 1000)),
+            (415, "unsupported_media_type")
+        );
+    }
+
+    /// Found by the `signature_headers` fuzz target: HTTP carries header bytes that are not
+    /// visible ASCII, which the receiver cannot read as text. Such a header counts as
+    /// missing, even with the right entry beside the odd bytes: never as a signature.
+    #[test]
+    fn a_signature_header_that_is_not_visible_ascii_counts_as_missing() {
+        let secret = Secret::generate();
+        let body = b"{}";
+        let right = sign(&secret, "batch-1", NOW, body);
+        let odd = HeaderValue::from_bytes(format!("{right} v2,\u{e9}").as_bytes()).unwrap();
+        let result = verified_body(body, &headers(odd, None), &secret, NOW, 300, 1000);
+        let error = result.expect_err("refused");
+        assert_eq!(
+            (error.status.as_u16(), error.code),
+            (401, "invalid_signature")
+        );
+        assert_eq!(error.message, "the webhook-signature header is missing");
+        let plain = headers(right.parse().unwrap(), None);
+        assert!(verified_body(body, &plain, &secret, NOW, 300, 1000).is_ok());
     }
 }

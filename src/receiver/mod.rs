@@ -59,6 +59,9 @@ pub struct ReceiverState {
     pub credential_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: pricing::Pricing,
+    /// One permit per batch whose costly work may run now
+    /// ([`ReceiverSettings::max_inflight_batches`], SPEC 10).
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 impl ReceiverState {
@@ -66,6 +69,7 @@ impl ReceiverState {
         ReceiverState {
             credential_throttle: FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
+            inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
             settings,
             store,
         }

@@ -5,6 +5,7 @@
 //! enrollment token and the provider password) never appear in `Debug` output.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -14,6 +15,12 @@ pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default signature timestamp tolerance, in seconds, in either direction.
 pub const DEFAULT_SIGNATURE_TOLERANCE_S: i64 = 300;
+/// Default `MAX_INFLIGHT_BATCHES` (SPEC 10).
+pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 64;
+/// Most `MAX_INFLIGHT_BATCHES` accepted (what a semaphore can count).
+pub const MAX_MAX_INFLIGHT_BATCHES: usize = tokio::sync::Semaphore::MAX_PERMITS;
+/// Default longest wait of a batch for its turn before `503` (SPEC 10).
+pub const DEFAULT_INFLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// Default largest request body as received (compressed or not).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;
 /// Default largest body after gzip decompression.
@@ -48,6 +55,12 @@ pub struct ReceiverSettings {
     pub plan_agency_monthly: Option<f64>,
     /// `MAX_CONNECTIONS`: open connections at once; past that, new ones are closed.
     pub max_connections: usize,
+    /// `MAX_INFLIGHT_BATCHES`: batches whose costly work (decompression, JSON, database
+    /// writes) runs at once; the others wait their turn.
+    pub max_inflight_batches: usize,
+    /// How long a batch waits for its turn before it is answered `503` with `Retry-After`
+    /// (not an environment variable: SPEC 10 fixes it at 10 s; tests shorten it).
+    pub inflight_wait: Duration,
     /// Largest request body as received (not an environment variable).
     pub max_body_bytes: usize,
     /// Largest ingest body after gzip decompression (not an environment variable).
@@ -73,6 +86,8 @@ impl Default for ReceiverSettings {
             plan_pro_monthly: None,
             plan_agency_monthly: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_inflight_batches: DEFAULT_MAX_INFLIGHT_BATCHES,
+            inflight_wait: DEFAULT_INFLIGHT_WAIT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             provider_now: None,
@@ -102,6 +117,8 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("plan_pro_monthly", &self.plan_pro_monthly)
             .field("plan_agency_monthly", &self.plan_agency_monthly)
             .field("max_connections", &self.max_connections)
+            .field("max_inflight_batches", &self.max_inflight_batches)
+            .field("inflight_wait", &self.inflight_wait)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
             .field("provider_now", &self.provider_now)
@@ -188,6 +205,20 @@ impl ReceiverSettings {
                     }
                 },
             },
+            max_inflight_batches: match get("MAX_INFLIGHT_BATCHES") {
+                None => defaults.max_inflight_batches,
+                Some(text) => match text.trim().parse::<usize>() {
+                    Ok(count) if (1..=MAX_MAX_INFLIGHT_BATCHES).contains(&count) => count,
+                    _ => {
+                        return Err(SettingsError::new(
+                            "MAX_INFLIGHT_BATCHES",
+                            format!(
+                                "must be a whole number of batches from 1 to {MAX_MAX_INFLIGHT_BATCHES}"
+                            ),
+                        ));
+                    }
+                },
+            },
             ..defaults
         })
     }
@@ -253,6 +284,8 @@ mod tests {
         assert_eq!(settings.rate_limit_per_min, 100);
         assert_eq!(settings.signature_tolerance_s, 300);
         assert!(settings.model_cost_overrides.is_empty());
+        assert_eq!(settings.max_inflight_batches, 64);
+        assert_eq!(settings.inflight_wait, Duration::from_secs(10));
     }
 
     #[test]
@@ -269,6 +302,7 @@ mod tests {
             ("PLAN_FREE_MONTHLY", "0"),
             ("PLAN_PRO_MONTHLY", "19"),
             ("PLAN_AGENCY_MONTHLY", "99.5"),
+            ("MAX_INFLIGHT_BATCHES", " 3 "),
         ])
         .unwrap();
         assert_eq!(settings.enrollment_token.as_deref(), Some("tok"));
@@ -282,6 +316,7 @@ mod tests {
         assert_eq!(settings.plan_free_monthly, Some(0.0));
         assert_eq!(settings.plan_pro_monthly, Some(19.0));
         assert_eq!(settings.plan_agency_monthly, Some(99.5));
+        assert_eq!(settings.max_inflight_batches, 3);
     }
 
     #[test]
@@ -294,12 +329,24 @@ mod tests {
             ("MODEL_COST_OVERRIDES", "[1]"),
             ("MODEL_COST_OVERRIDES", r#"{"m": -1}"#),
             ("PLAN_PRO_MONTHLY", "-5"),
+            ("MAX_INFLIGHT_BATCHES", "0"),
+            ("MAX_INFLIGHT_BATCHES", "-1"),
+            ("MAX_INFLIGHT_BATCHES", "many"),
+            ("MAX_INFLIGHT_BATCHES", "2.5"),
+            ("MAX_INFLIGHT_BATCHES", "99999999999999999999"),
         ];
         for (name, value) in cases {
             let error = from(&[(name, value)]).unwrap_err();
             assert_eq!(error.name, name);
             assert!(error.to_string().starts_with("environment variable"));
         }
+        let error = from(&[("MAX_INFLIGHT_BATCHES", "0")]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("environment variable MAX_INFLIGHT_BATCHES must be a whole number of batches from 1 to "),
+            "{error}"
+        );
     }
 
     #[test]

@@ -74,6 +74,22 @@ pub struct TestReceiver {
 
 impl TestReceiver {
     pub fn start(settings: ReceiverSettings) -> TestReceiver {
+        let (store, dir) = TestReceiver::fresh_store();
+        TestReceiver::serve(settings, store, dir)
+    }
+
+    /// Like [`TestReceiver::start`], serving from `wrap` of the store (a test's store that
+    /// slows or watches some calls); [`TestReceiver::store`] stays the plain one.
+    pub fn start_wrapped(
+        settings: ReceiverSettings,
+        wrap: impl FnOnce(Arc<dyn ReceiverStore>) -> Arc<dyn ReceiverStore>,
+    ) -> TestReceiver {
+        let (store, dir) = TestReceiver::fresh_store();
+        TestReceiver::serve_wrapped(settings, store, dir, wrap)
+    }
+
+    /// A new store of this binary's kind, and a temporary directory.
+    fn fresh_store() -> (Arc<dyn ReceiverStore>, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let store = match crate::RECEIVER_STORE {
             StoreKind::Sqlite => {
@@ -83,7 +99,7 @@ impl TestReceiver {
                 open_postgres(&test_cluster().new_database().expect("make a database"))
             }
         };
-        TestReceiver::serve(settings, store, dir)
+        (store, dir)
     }
 
     /// Serves `store` (a node of a shared database, say) with `settings`.
@@ -92,13 +108,22 @@ impl TestReceiver {
         store: Arc<dyn ReceiverStore>,
         dir: tempfile::TempDir,
     ) -> TestReceiver {
+        TestReceiver::serve_wrapped(settings, store, dir, |store| store)
+    }
+
+    fn serve_wrapped(
+        settings: ReceiverSettings,
+        store: Arc<dyn ReceiverStore>,
+        dir: tempfile::TempDir,
+        wrap: impl FnOnce(Arc<dyn ReceiverStore>) -> Arc<dyn ReceiverStore>,
+    ) -> TestReceiver {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
         listener
             .set_nonblocking(true)
             .expect("make the listener non-blocking");
         let addr = listener.local_addr().expect("read the bound address");
         let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let task_store = store.clone();
+        let task_store = wrap(store.clone());
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

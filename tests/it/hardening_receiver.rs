@@ -8,9 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
-use usage_agent::protocol::signing::{HEADER_INSTALL_ID, Secret};
+use usage_agent::protocol::signing::{
+    HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
+};
+use usage_agent::protocol::wire::gzip;
+use usage_agent::receiver::settings::DEFAULT_MAX_DECOMPRESSED_BYTES;
 use uuid::Uuid;
 
 use crate::common::{
@@ -299,6 +303,30 @@ async fn an_enrollment_with_an_unknown_field_is_refused_naming_the_field() {
 }
 
 #[tokio::test]
+async fn an_enrollment_written_as_an_array_is_refused() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    let response = client()
+        .post(rx.url("/api/installations"))
+        .bearer_auth(ENROLL_TOKEN)
+        .json(&json!([
+            install.id,
+            install.secret.to_whsec(),
+            "cd".repeat(32)
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_error(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_enrollment",
+    )
+    .await;
+    assert!(rx.store.find_install(&install.id).unwrap().is_none());
+}
+
+#[tokio::test]
 async fn the_agents_own_enrollment_is_accepted() {
     use usage_agent::config::BackendUrl;
     use usage_agent::identity::Identity;
@@ -330,6 +358,11 @@ struct ReceiverProcess {
 
 impl ReceiverProcess {
     fn start(umask: &str) -> ReceiverProcess {
+        ReceiverProcess::start_with(umask, &[])
+    }
+
+    /// Like [`ReceiverProcess::start`], with these environment variables (settings) set.
+    fn start_with(umask: &str, env: &[(&str, &str)]) -> ReceiverProcess {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("data").join("receiver.db");
         let log = dir.path().join("receiver.log");
@@ -342,6 +375,7 @@ impl ReceiverProcess {
             .arg(&db)
             // Only what the test sets: no settings or log filter from the caller's shell.
             .env_clear()
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -446,4 +480,100 @@ fn the_database_and_its_wal_and_shm_are_private_whatever_the_umask() {
         let path = entry.unwrap().path();
         assert_eq!(mode(&path) & 0o077, 0, "{}", path.display());
     }
+}
+
+// -- An unauthenticated body is never held decompressed ----------------------------------
+
+/// A field of `/proc/<pid>/status` in bytes (`VmRSS`, `VmHWM`: the resident set now, and
+/// its peak since the process started).
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable {line:?}"));
+    kib * 1024
+}
+
+/// A gzip bomb from an enrolled install: a body that inflates to exactly the receiver's
+/// limit (so it is inflated to the end, not stopped at the cap) and is signed with the
+/// wrong key, so every byte of it is unauthenticated.
+fn badly_signed_bomb(rx: &ReceiverProcess, install: &TestInstall, packed: &[u8]) -> RequestBuilder {
+    let batch_id = Uuid::new_v4();
+    let id = batch_id.to_string();
+    let now = chrono::Utc::now().timestamp();
+    // What is signed does not matter: no key the receiver has made this signature.
+    let signature = sign(&Secret::generate(), &id, now, b"{}");
+    client()
+        .post(rx.url("/api/usage/event"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .header(HEADER_ID, &id)
+        .header(HEADER_TIMESTAMP, now.to_string())
+        .header(HEADER_SIGNATURE, signature)
+        .header(HEADER_INSTALL_ID, &install.id)
+        .body(packed.to_vec())
+}
+
+#[tokio::test]
+async fn concurrent_badly_signed_gzip_bombs_are_refused_without_holding_them_inflated() {
+    const BOMBS: usize = 32;
+    let inflated = DEFAULT_MAX_DECOMPRESSED_BYTES;
+    let rx = ReceiverProcess::start_with("022", &[("ENROLLMENT_TOKEN", ENROLL_TOKEN)]);
+    let install = TestInstall::new();
+    let enrolled = client()
+        .post(rx.url("/api/installations"))
+        .bearer_auth(ENROLL_TOKEN)
+        .json(&json!({
+            "install_id": install.id,
+            "secret": install.secret.to_whsec(),
+            "site_hash": "cd".repeat(32),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status(), StatusCode::CREATED);
+    let mut body = batch_body(Uuid::new_v4(), &install.id, &[]);
+    body.resize(inflated, b' ');
+    let packed = gzip(&body);
+    assert!(packed.len() < 64 << 10, "{} bytes compressed", packed.len());
+
+    // One bomb alone first, so the baseline holds what any one request costs (a blocking
+    // thread, buffers); the peak after that is what the concurrent ones added.
+    let response = badly_signed_bomb(&rx, &install, &packed)
+        .send()
+        .await
+        .unwrap();
+    assert_error(response, StatusCode::UNAUTHORIZED, "invalid_signature").await;
+    let pid = rx.child.id();
+    let baseline = proc_status_bytes(pid, "VmHWM");
+
+    let answers = futures_util::future::join_all(
+        (0..BOMBS).map(|_| badly_signed_bomb(&rx, &install, &packed).send()),
+    )
+    .await;
+    for response in answers {
+        assert_error(
+            response.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+        )
+        .await;
+    }
+    let grown = proc_status_bytes(pid, "VmHWM").saturating_sub(baseline);
+    // Holding each bomb inflated would take BOMBS × 10 MiB (320 MiB) at once; checking it
+    // as a stream keeps a few buffers per bomb.
+    let allowed = (BOMBS * inflated / 8) as u64;
+    assert!(
+        grown < allowed,
+        "the receiver's peak memory grew by {} MiB for {BOMBS} bombs of {} MiB (allowed {} MiB)",
+        grown >> 20,
+        inflated >> 20,
+        allowed >> 20
+    );
 }

@@ -1,13 +1,27 @@
 //! What one client can hold (SPEC 10), tried on the real servers: the connection cap of
 //! the agent's socket and of the receiver, and the agent's shutdown deadline against a
 //! client that never finishes its request. The timeouts themselves are unit-tested in
-//! `src/server.rs` with short limits.
+//! `src/server.rs` with short limits. And the receiver's turns for costly work
+//! (`MAX_INFLIGHT_BATCHES`), held by batches whose database write the test keeps waiting.
 
 use std::io::{Read, Write};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::{TestReceiver, receiver_settings};
-use crate::harness::{Agent, exists, signal, wait_with_deadline};
+use serde_json::{Value, json};
+use usage_agent::event::format_millis;
+use usage_agent::protocol::wire::user_hash;
+use usage_agent::receiver::pricing::Plan;
+use usage_agent::receiver::rate_limit::Rate;
+use usage_agent::receiver::store::{
+    EnrollOutcome, EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallationsReport,
+    NewEvent, NewInstall, RetainedDays, StoreKind, Summary, SummaryQuery, UsageWindow,
+};
+use usage_agent::receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
+use uuid::Uuid;
+
+use crate::common::{TestInstall, TestReceiver, batch_body, enroll, receiver_settings, signed};
+use crate::harness::{Agent, assert_error_shape, exists, poll, signal, wait_with_deadline};
 
 /// Whether the peer closes `stream` within `within` (a read that ends, not one that waits).
 fn closed_within<S: Read>(stream: &mut S, within: Duration) -> bool {
@@ -135,4 +149,231 @@ async fn sigterm_ends_within_shutdown_timeout_while_a_client_holds_a_half_sent_r
     );
     assert!(!exists(&agent.socket), "the socket is removed");
     drop(holder);
+}
+
+// -- MAX_INFLIGHT_BATCHES: costly work for a bounded number of batches at once ----------
+
+/// A store whose `ingest` (the database write, the last of a batch's costly work) waits
+/// at a gate the test opens, and counts the batches inside it at once.
+struct GatedStore {
+    inner: Arc<dyn ReceiverStore>,
+    gate: Mutex<Gate>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    open: bool,
+    inside: usize,
+    most_inside: usize,
+    entered: usize,
+}
+
+impl GatedStore {
+    fn new(inner: Arc<dyn ReceiverStore>) -> GatedStore {
+        GatedStore {
+            inner,
+            gate: Mutex::default(),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn open(&self) {
+        self.gate.lock().unwrap().open = true;
+        self.changed.notify_all();
+    }
+
+    /// (batches that reached the write, most of them inside at once)
+    fn counts(&self) -> (usize, usize) {
+        let gate = self.gate.lock().unwrap();
+        (gate.entered, gate.most_inside)
+    }
+}
+
+impl ReceiverStore for GatedStore {
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, ReceiverStoreError> {
+        let mut gate = self.gate.lock().unwrap();
+        gate.entered += 1;
+        gate.inside += 1;
+        gate.most_inside = gate.most_inside.max(gate.inside);
+        // Bounded, so a broken test cannot hang the suite.
+        let (mut gate, _) = self
+            .changed
+            .wait_timeout_while(gate, Duration::from_secs(30), |gate| !gate.open)
+            .unwrap();
+        gate.inside -= 1;
+        drop(gate);
+        self.inner.ingest(install, events, received_at_ms)
+    }
+
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError> {
+        self.inner.enroll(install)
+    }
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
+        self.inner.find_install(install_id)
+    }
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        self.inner.summary(query)
+    }
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
+        self.inner.events_page(query)
+    }
+    fn kind(&self) -> StoreKind {
+        self.inner.kind()
+    }
+    fn ping(&self) -> Result<(), ReceiverStoreError> {
+        self.inner.ping()
+    }
+    fn take_request(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        self.inner.take_request(install, rate)
+    }
+    fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError> {
+        self.inner.maintain(days)
+    }
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, ReceiverStoreError> {
+        self.inner.installations(install_id, window)
+    }
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
+        self.inner.set_plan(install_id, plan)
+    }
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        self.inner.erase_install(install_id)
+    }
+}
+
+/// A receiver with `MAX_INFLIGHT_BATCHES = cap`, waits of `wait`, and a gated store; and
+/// an enrolled install.
+async fn gated_receiver(
+    cap: usize,
+    wait: Duration,
+) -> (TestReceiver, Arc<GatedStore>, TestInstall) {
+    let settings = ReceiverSettings {
+        max_inflight_batches: cap,
+        inflight_wait: wait,
+        ..receiver_settings()
+    };
+    let mut gated = None;
+    let rx = TestReceiver::start_wrapped(settings, |store| {
+        let store = Arc::new(GatedStore::new(store));
+        gated = Some(store.clone());
+        store
+    });
+    let install = TestInstall::new();
+    enroll(&rx, &install).await;
+    (rx, gated.expect("the store was wrapped"), install)
+}
+
+/// One signed batch of one valid event, sent on its own task.
+fn send_one(
+    rx: &TestReceiver,
+    install: &TestInstall,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let batch_id = Uuid::new_v4();
+    let event = json!({
+        "event_id": Uuid::now_v7(),
+        "user_hash": user_hash(&install.id, 1),
+        "source": "bulk",
+        "model": "gpt-4o-mini",
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "total_tokens": 120,
+        "created_at": format_millis(chrono::Utc::now().timestamp_millis() - 1000),
+    });
+    let body = batch_body(batch_id, &install.id, &[event]);
+    let request = signed(rx, install, batch_id, &body);
+    tokio::spawn(async move { request.send().await.expect("an answer") })
+}
+
+async fn assert_accepted(response: reqwest::Response) {
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["accepted"], 1, "{body}");
+}
+
+#[tokio::test]
+async fn batches_past_max_inflight_batches_wait_their_turn_then_go_through() {
+    let (rx, gated, install) = gated_receiver(1, Duration::from_secs(10)).await;
+    let first = send_one(&rx, &install);
+    poll(
+        "the first batch to reach its write",
+        Duration::from_secs(10),
+        async || (gated.counts().0 == 1).then_some(()),
+    )
+    .await;
+    let second = send_one(&rx, &install);
+    // While the first holds the only turn, the second gets no answer and no write.
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        while !second.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "the second batch was answered while the first held the turn"
+    );
+    assert_eq!(gated.counts(), (1, 1));
+    gated.open();
+    assert_accepted(first.await.unwrap()).await;
+    assert_accepted(second.await.unwrap()).await;
+    assert_eq!(
+        gated.counts(),
+        (2, 1),
+        "one batch in its costly work at a time"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_that_waits_past_the_inflight_wait_is_answered_503_with_retry_after() {
+    const CAP: usize = 2;
+    const SENT: usize = 5;
+    let wait = Duration::from_millis(500);
+    let (rx, gated, install) = gated_receiver(CAP, wait).await;
+    let started = Instant::now();
+    let mut pending: Vec<_> = (0..SENT).map(|_| send_one(&rx, &install)).collect();
+    // With the gate shut, CAP batches hold the turns and the rest time out.
+    let mut refused = Vec::new();
+    poll(
+        "the batches past the cap to be refused",
+        Duration::from_secs(20),
+        async || {
+            let (done, still): (Vec<_>, Vec<_>) = std::mem::take(&mut pending)
+                .into_iter()
+                .partition(|task| task.is_finished());
+            pending = still;
+            for task in done {
+                refused.push(task.await.unwrap());
+            }
+            (refused.len() >= SENT - CAP).then_some(())
+        },
+    )
+    .await;
+    assert!(started.elapsed() >= wait, "refused before waiting {wait:?}");
+    assert_eq!(refused.len(), SENT - CAP);
+    assert_eq!(gated.counts(), (CAP, CAP));
+    for response in refused {
+        assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "5");
+        let body: Value = response.json().await.unwrap();
+        assert_error_shape(&body, "too_busy");
+    }
+    gated.open();
+    for task in pending {
+        assert_accepted(task.await.unwrap()).await;
+    }
+    // The turns are free again.
+    assert_accepted(send_one(&rx, &install).await.unwrap()).await;
 }
