@@ -132,11 +132,31 @@ pub struct Pricing {
     agency: Micros,
 }
 
-/// The token count of one model over a period.
+/// Tokens of every kind, as events count them: cached and cache-write tokens are part of
+/// the prompt, reasoning tokens part of the completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl TokenCounts {
+    /// Prompt plus completion tokens.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// The tokens one install used of one model on one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelTokens {
+pub struct ModelDayTokens {
     pub model: String,
-    pub tokens: u64,
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub tokens: TokenCounts,
 }
 
 /// What an installation costs and brings in over a month, in displayed cents.
@@ -192,17 +212,15 @@ impl Pricing {
         }
     }
 
-    /// The month's bill of an installation on `plan` that used `models`.
-    pub fn bill(&self, plan: Plan, models: &[ModelTokens]) -> Bill {
+    /// The month's bill of an installation on `plan` that used `usage`.
+    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
         let mut cost = Micros(0);
         let mut tokens = 0u64;
         let mut unpriced_models = Vec::new();
-        for usage in models {
-            cost = Micros(
-                cost.0
-                    .saturating_add(self.cost(&usage.model, usage.tokens).0),
-            );
-            tokens = tokens.saturating_add(usage.tokens);
+        for usage in usage {
+            let total = usage.tokens.total();
+            cost = Micros(cost.0.saturating_add(self.cost(&usage.model, total).0));
+            tokens = tokens.saturating_add(total);
             if !self.price_per_1k(&usage.model).1 {
                 unpriced_models.push(usage.model.clone());
             }
@@ -237,10 +255,14 @@ mod tests {
         })
     }
 
-    fn usage(model: &str, tokens: u64) -> ModelTokens {
-        ModelTokens {
+    fn usage(model: &str, tokens: u64) -> ModelDayTokens {
+        ModelDayTokens {
             model: model.into(),
-            tokens,
+            day: 0,
+            tokens: TokenCounts {
+                prompt: tokens,
+                ..TokenCounts::default()
+            },
         }
     }
 
