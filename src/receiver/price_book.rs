@@ -133,7 +133,7 @@ impl PriceBook {
                 )
             })?;
             let effective_from =
-                NaiveDate::parse_from_str(entry.effective_from.get_ref().trim(), "%Y-%m-%d")
+                NaiveDate::parse_from_str(&entry.effective_from.get_ref().to_text(), "%Y-%m-%d")
                     .map_err(|_| {
                         invalid(
                             entry.effective_from.span(),
@@ -263,6 +263,45 @@ fn parse_match(text: &str) -> Option<ModelMatch> {
     }
 }
 
+/// `effective_from` as written: a string (`"2024-07-18"`, as SPEC 11 shows it) or a bare
+/// TOML date (`2024-07-18`), which operators write as readily.
+enum DateText {
+    Text(String),
+    Date(toml::value::Datetime),
+}
+
+impl<'de> Deserialize<'de> for DateText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<DateText, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DateText;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a UTC date written YYYY-MM-DD")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<DateText, E> {
+                Ok(DateText::Text(text.to_owned()))
+            }
+            // TOML hands a bare date over as a one-entry map, which `Datetime` reads.
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<DateText, A::Error> {
+                let date = toml::value::Datetime::deserialize(
+                    serde::de::value::MapAccessDeserializer::new(map),
+                )?;
+                Ok(DateText::Date(date))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl DateText {
+    fn to_text(&self) -> String {
+        match self {
+            DateText::Text(text) => text.trim().to_owned(),
+            DateText::Date(date) => date.to_string(),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBook {
@@ -276,7 +315,7 @@ struct RawBook {
 struct RawEntry {
     #[serde(rename = "match")]
     pattern: Spanned<String>,
-    effective_from: Spanned<String>,
+    effective_from: Spanned<DateText>,
     input_per_mtok: Spanned<f64>,
     cached_input_per_mtok: Option<Spanned<f64>>,
     cache_write_per_mtok: Option<Spanned<f64>>,
@@ -437,6 +476,27 @@ mod tests {
             let error = PriceBook::parse(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn effective_from_may_be_a_string_or_a_bare_toml_date() {
+        let entry = |from: &str| {
+            format!(
+                "currency = \"USD\"\n[[model]]\nmatch = \"m\"\neffective_from = {from}\ninput_per_mtok = 1\noutput_per_mtok = 2\n"
+            )
+        };
+        for from in ["\"2024-07-18\"", "2024-07-18"] {
+            let book = book(&entry(from));
+            assert_eq!(book.entries[0].from_day, day("2024-07-18"), "{from}");
+        }
+        // A date with a time is not a day.
+        let error = PriceBook::parse(&entry("2024-07-18T00:00:00Z")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("line 4, key `model.effective_from`"),
+            "{error}"
+        );
     }
 
     #[test]
