@@ -16,6 +16,7 @@ pub mod demo;
 pub mod export;
 pub mod forget;
 pub mod init;
+pub mod prices;
 pub mod purge;
 pub mod receiver;
 pub mod record;
@@ -66,6 +67,8 @@ pub enum Command {
     Forget(forget::ForgetArgs),
     /// Run the bundled receiver (the backend's ingest side).
     Receiver(receiver::ReceiverArgs),
+    /// Receiver price books: `prices check PATH` validates one.
+    Prices(prices::PricesArgs),
     /// Newcomer quickstart: a receiver and an agent in a temp dir, sample events, a sync,
     /// and what to try next; runs until Ctrl-C.
     #[command(after_help = "Example:\n  cargo run --release -- demo")]
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(load()?, args),
         Command::Forget(args) => forget::run(load()?, args),
         Command::Receiver(args) => receiver::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Prices(args) => prices::run(args),
         Command::Demo => demo::run(),
     }
 }

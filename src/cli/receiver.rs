@@ -13,7 +13,7 @@ use crate::receiver::{self, ReceiverSettings};
 /// Options of `usage-agent receiver`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S, MAX_CONNECTIONS, MAX_INFLIGHT_BATCHES and the pricing variables.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
+    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S, MAX_CONNECTIONS, MAX_INFLIGHT_BATCHES, and the prices: PRICE_BOOK (path to a TOML price book, read at start; check one with `usage-agent prices check PATH`, see contrib/prices.example.toml), then for models it does not price MODEL_COST_OVERRIDES (JSON, model to price per 1K tokens) and DEFAULT_COST_PER_1K_TOKENS, and PLAN_FREE_MONTHLY, PLAN_PRO_MONTHLY, PLAN_AGENCY_MONTHLY.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-agent receiver --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
 )]
 pub struct ReceiverArgs {
     /// Address to listen on.
@@ -71,6 +71,13 @@ fn warn_about_settings(settings: &ReceiverSettings) {
     if settings.enrollment_token.is_none() && !settings.allow_first_sync_without_signature {
         tracing::warn!(
             "ENROLLMENT_TOKEN is not set and ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE is off: enrollment is refused"
+        );
+    }
+    if let Some(book) = &settings.price_book {
+        tracing::info!(
+            entries = book.entries.len(),
+            currency = %book.currency,
+            "costs come from the price book PRICE_BOOK names"
         );
     }
     if settings.provider_username.is_none() || settings.provider_password.is_none() {

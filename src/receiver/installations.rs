@@ -56,7 +56,7 @@ pub fn install_rows(pricing: &Pricing, usages: Vec<InstallUsage>) -> Vec<Install
     usages
         .into_iter()
         .map(|usage| InstallRow {
-            bill: pricing.bill(usage.plan, &usage.models_mtd),
+            bill: pricing.bill(usage.plan, &usage.usage_mtd),
             install_id: usage.install_id,
             plan: usage.plan,
             last_seen_ms: usage.last_seen_ms,

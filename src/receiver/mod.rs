@@ -9,7 +9,8 @@
 //! [`store`] is the storage trait, with its SQLite and PostgreSQL implementations (all
 //! SQL) beneath it;
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
-//! plans, erasure) and [`dashboard`] (HTML) are the handlers; [`pricing`] is the money
+//! plans, erasure), [`prices`] (the price book in force) and [`dashboard`] (HTML) are the
+//! handlers; [`price_book`] reads and checks the price book and [`pricing`] is the money
 //! arithmetic; [`auth`] checks tokens and basic auth, failed ones throttled per client
 //! address by [`crate::credentials`]; [`rate_limit`] limits requests per install; [`clip`]
 //! bounds request values before they are logged; [`error`] shapes error answers.
@@ -36,6 +37,8 @@ pub mod enroll;
 pub mod error;
 pub mod ingest;
 pub mod installations;
+pub mod price_book;
+pub mod prices;
 pub mod pricing;
 pub mod provider;
 pub mod rate_limit;
@@ -105,6 +108,7 @@ pub fn router(state: Arc<ReceiverState>) -> Router {
         .route("/api/usage/summary", get(provider::summary))
         .route("/api/usage/events", get(provider::events))
         .route("/api/usage/installations", get(installations::list))
+        .route("/api/prices", get(prices::show))
         .route(
             "/api/installations/{install_id}/plan",
             put(installations::set_plan),

@@ -2,15 +2,20 @@
 //! an installation (SPEC section 6).
 //!
 //! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
-//! unit); floats appear only where a configured price is read, once, at start. A model's
-//! cost is `tokens × price per 1K / 1000`, computed exactly in 128-bit integers and rounded
-//! half up to a micro-unit; amounts are rounded to cents only for display. Model prices
-//! match the model name exactly. This module does no I/O and knows nothing about HTTP.
+//! unit); floats appear only where a configured price is read, once, at start. Prices come
+//! from the price book ([`super::price_book`], SPEC 11) by token kind and day, else from the
+//! environment (`MODEL_COST_OVERRIDES` by exact name, then `DEFAULT_COST_PER_1K_TOKENS`,
+//! for every token). The cost of one model on one day is computed exactly in 128-bit
+//! integers from the stored token counts and rounded half up to a micro-unit once
+//! ([`cost_at`]); amounts are rounded to cents only for display. Costs are never stored, so
+//! a corrected book reprices history. This module does no I/O and knows nothing about
+//! HTTP.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
+use super::price_book::{PriceBook, Rates};
 use super::settings::ReceiverSettings;
 
 /// Micro-units in one currency unit.
@@ -122,9 +127,11 @@ impl FromStr for Plan {
 /// The prices, converted once from the settings.
 #[derive(Debug, Clone, Default)]
 pub struct Pricing {
-    /// `DEFAULT_COST_PER_1K_TOKENS` (0 when unset).
-    default_per_1k: Micros,
-    /// `MODEL_COST_OVERRIDES`, by exact model name.
+    /// `PRICE_BOOK`: prices by token kind and day, tried first.
+    book: Option<PriceBook>,
+    /// `DEFAULT_COST_PER_1K_TOKENS`: the last fallback, for every token.
+    default_per_1k: Option<Micros>,
+    /// `MODEL_COST_OVERRIDES`, by exact model name, for every token.
     overrides: HashMap<String, Micros>,
     /// `PLAN_FREE_MONTHLY`, `PLAN_PRO_MONTHLY`, `PLAN_AGENCY_MONTHLY` (0 when unset).
     free: Micros,
@@ -132,11 +139,31 @@ pub struct Pricing {
     agency: Micros,
 }
 
-/// The token count of one model over a period.
+/// Tokens of every kind, as events count them: cached and cache-write tokens are part of
+/// the prompt, reasoning tokens part of the completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl TokenCounts {
+    /// Prompt plus completion tokens.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// The tokens one install used of one model on one UTC day.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelTokens {
+pub struct ModelDayTokens {
     pub model: String,
-    pub tokens: u64,
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub tokens: TokenCounts,
 }
 
 /// What an installation costs and brings in over a month, in displayed cents.
@@ -147,15 +174,39 @@ pub struct Bill {
     pub revenue: Cents,
     /// `revenue - cost` of the rounded amounts, so the shown numbers always add up.
     pub profit: Cents,
-    /// Models with no price of their own, billed at the default price; sorted.
+    /// Models with no price on at least one day of their usage (counted as 0 that day);
+    /// sorted.
     pub unpriced_models: Vec<String>,
+}
+
+/// The cost of `tokens` at `rates`, in micro-units, rounded half up (SPEC 11):
+/// `((prompt - cached - cache_write) × input + cached × cached_input + cache_write ×
+/// cache_write_price + (completion - reasoning) × output + reasoning × reasoning_price)
+/// / 10^6`. Events may count cached and cache-write tokens that together exceed the
+/// prompt (each alone cannot); the uncached input is then 0, never negative.
+pub fn cost_at(rates: &Rates, tokens: &TokenCounts) -> Micros {
+    let uncached = tokens
+        .prompt
+        .saturating_sub(tokens.cached)
+        .saturating_sub(tokens.cache_write);
+    let plain_output = tokens.completion.saturating_sub(tokens.reasoning);
+    let term = |count: u64, price: Micros| i128::from(count) * i128::from(price.0);
+    // Counts below 2^64 times prices below 2^63: each term and their sum fit in 128 bits.
+    let exact = term(uncached, rates.input)
+        + term(tokens.cached, rates.cached_input)
+        + term(tokens.cache_write, rates.cache_write)
+        + term(plain_output, rates.output)
+        + term(tokens.reasoning, rates.reasoning);
+    let rounded = (exact + 500_000) / 1_000_000;
+    Micros(i64::try_from(rounded).unwrap_or(i64::MAX))
 }
 
 impl Pricing {
     pub fn from_settings(settings: &ReceiverSettings) -> Pricing {
         let money = |value: Option<f64>| value.map(Micros::from_units).unwrap_or_default();
         Pricing {
-            default_per_1k: money(settings.default_cost_per_1k_tokens),
+            book: settings.price_book.clone(),
+            default_per_1k: settings.default_cost_per_1k_tokens.map(Micros::from_units),
             overrides: settings
                 .model_cost_overrides
                 .iter()
@@ -167,20 +218,36 @@ impl Pricing {
         }
     }
 
-    /// The price of 1000 tokens of `model`, and whether the model has a price of its own.
+    /// The price book in force, if `PRICE_BOOK` names one.
+    pub fn book(&self) -> Option<&PriceBook> {
+        self.book.as_ref()
+    }
+
+    /// The environment's price of 1000 tokens of `model` (any kind), and whether the model
+    /// has an override of its own; 0 when neither price is set.
     pub fn price_per_1k(&self, model: &str) -> (Micros, bool) {
         match self.overrides.get(model) {
             Some(price) => (*price, true),
-            None => (self.default_per_1k, false),
+            None => (self.default_per_1k.unwrap_or_default(), false),
         }
     }
 
-    /// The cost of `tokens` tokens of `model`, exact to the micro-unit (halves rounded up).
-    pub fn cost(&self, model: &str, tokens: u64) -> Micros {
-        let (price, _) = self.price_per_1k(model);
-        let exact = i128::from(tokens) * i128::from(price.0);
-        let rounded = (exact + 500) / 1000;
-        Micros(i64::try_from(rounded).unwrap_or(i64::MAX))
+    /// The rates of `model` on `day`: the book's entry in force that day, else the
+    /// model's override, else the default price, the last two for every token. `None`
+    /// when none of them prices it.
+    pub fn rates(&self, model: &str, day: i64) -> Option<Rates> {
+        if let Some(rates) = self.book.as_ref().and_then(|book| book.rates(model, day)) {
+            return Some(rates);
+        }
+        let per_1k = self.overrides.get(model).copied().or(self.default_per_1k)?;
+        Some(Rates::flat(Micros(per_1k.0.saturating_mul(1000))))
+    }
+
+    /// The cost of one model's usage on one day, rounded half up to a micro-unit, or
+    /// `None` when the model has no price that day.
+    pub fn day_cost(&self, usage: &ModelDayTokens) -> Option<Micros> {
+        let rates = self.rates(&usage.model, usage.day)?;
+        Some(cost_at(&rates, &usage.tokens))
     }
 
     /// A plan's monthly price.
@@ -192,19 +259,17 @@ impl Pricing {
         }
     }
 
-    /// The month's bill of an installation on `plan` that used `models`.
-    pub fn bill(&self, plan: Plan, models: &[ModelTokens]) -> Bill {
+    /// The month's bill of an installation on `plan` that used `usage` (one entry per
+    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
         let mut cost = Micros(0);
         let mut tokens = 0u64;
         let mut unpriced_models = Vec::new();
-        for usage in models {
-            cost = Micros(
-                cost.0
-                    .saturating_add(self.cost(&usage.model, usage.tokens).0),
-            );
-            tokens = tokens.saturating_add(usage.tokens);
-            if !self.price_per_1k(&usage.model).1 {
-                unpriced_models.push(usage.model.clone());
+        for usage in usage {
+            tokens = tokens.saturating_add(usage.tokens.total());
+            match self.day_cost(usage) {
+                Some(day_cost) => cost = Micros(cost.0.saturating_add(day_cost.0)),
+                None => unpriced_models.push(usage.model.clone()),
             }
         }
         unpriced_models.sort();
@@ -224,23 +289,75 @@ impl Pricing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::receiver::price_book::day_number;
+    use chrono::NaiveDate;
 
-    fn pricing() -> Pricing {
-        Pricing::from_settings(&ReceiverSettings {
-            default_cost_per_1k_tokens: Some(0.002),
-            model_cost_overrides: [("gpt-4o".to_owned(), 0.005), ("cheap".to_owned(), 0.00015)]
-                .into_iter()
-                .collect(),
+    /// Per million tokens: gpt-4o-mini 0.15 in, 0.075 cached, 0.1875 cache write, 0.60 out
+    /// (reasoning as out); "o-*" 2.00 / 0.50 / (write as in) / 8.00 / 10.00 reasoning from
+    /// 2025-01-01, then 1.00 / 0.25 / 4.00 / 5.00 from 2025-01-16; the exact "o-mini" 1.10
+    /// in, 4.40 out from 2025-01-01. The environment: "flat" 0.005 per 1K, else 0.002.
+    const BOOK: &str = r#"
+currency = "USD"
+[[model]]
+match = "gpt-4o-mini"
+effective_from = "2024-07-18"
+input_per_mtok = 0.15
+cached_input_per_mtok = 0.075
+cache_write_per_mtok = 0.1875
+output_per_mtok = 0.60
+[[model]]
+match = "o-*"
+effective_from = "2025-01-01"
+input_per_mtok = 2.00
+cached_input_per_mtok = 0.50
+output_per_mtok = 8.00
+reasoning_per_mtok = 10.00
+[[model]]
+match = "o-mini"
+effective_from = "2025-01-01"
+input_per_mtok = 1.10
+output_per_mtok = 4.40
+[[model]]
+match = "o-*"
+effective_from = "2025-01-16"
+input_per_mtok = 1.00
+cached_input_per_mtok = 0.25
+output_per_mtok = 4.00
+reasoning_per_mtok = 5.00
+"#;
+
+    fn settings(default_per_1k: Option<f64>) -> ReceiverSettings {
+        ReceiverSettings {
+            price_book: Some(PriceBook::parse(BOOK).unwrap()),
+            default_cost_per_1k_tokens: default_per_1k,
+            model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),
             plan_pro_monthly: Some(19.0),
             plan_agency_monthly: Some(99.99),
             ..ReceiverSettings::default()
-        })
+        }
     }
 
-    fn usage(model: &str, tokens: u64) -> ModelTokens {
-        ModelTokens {
+    fn pricing() -> Pricing {
+        Pricing::from_settings(&settings(Some(0.002)))
+    }
+
+    fn day(date: &str) -> i64 {
+        day_number(NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap())
+    }
+
+    /// `[prompt, completion, cached, cache_write, reasoning]` of `model` on `date`.
+    fn usage(model: &str, date: &str, kinds: [u64; 5]) -> ModelDayTokens {
+        let [prompt, completion, cached, cache_write, reasoning] = kinds;
+        ModelDayTokens {
             model: model.into(),
-            tokens,
+            day: day(date),
+            tokens: TokenCounts {
+                prompt,
+                completion,
+                cached,
+                cache_write,
+                reasoning,
+            },
         }
     }
 
@@ -257,56 +374,158 @@ mod tests {
     }
 
     #[test]
-    fn costs_are_exact_per_model() {
+    fn one_days_cost_follows_the_formula_by_token_kind() {
         let p = pricing();
-        // Hand-computed: tokens × price / 1000.
-        let cases = [
-            ("gpt-4o", 1_000, 5_000),       // 1K × 0.005 = 0.005
-            ("gpt-4o", 123_456, 617_280),   // 123.456 × 0.005 = 0.61728
-            ("cheap", 1, 0),                // 0.00000015 rounds to 0 micro-units
-            ("cheap", 10, 2),               // 0.0000015 rounds half up to 2 micro-units
-            ("cheap", 1_000_000, 150_000),  // 1000K × 0.00015 = 0.15
-            ("unknown", 2_500, 5_000),      // default: 2.5 × 0.002 = 0.005
-            ("GPT-4O", 1_000, 2_000),       // names match exactly: default price
-            ("gpt-4o", u64::MAX, i64::MAX), // saturates instead of wrapping
+        // Worked by hand: Σ tokens × price per Mtok in micro-units, / 10^6, half up.
+        let cases: [(&str, &str, [u64; 5], Option<i64>); 14] = [
+            // 1M in × 150,000 + 1M out × 600,000 = 7.5e11 / 1e6 = 750,000 (0.75).
+            (
+                "gpt-4o-mini",
+                "2024-07-18",
+                [1_000_000, 1_000_000, 0, 0, 0],
+                Some(750_000),
+            ),
+            // Cached and cache write: 500K × 150,000 + 400K × 75,000 + 100K × 187,500
+            // = 7.5e10 + 3e10 + 1.875e10 = 1.2375e11 → 123,750.
+            (
+                "gpt-4o-mini",
+                "2024-08-01",
+                [1_000_000, 0, 400_000, 100_000, 0],
+                Some(123_750),
+            ),
+            // Reasoning, "o-*" before the 16th: 1000 × 2e6 + 1000 × 8e6 + 2000 × 10e6
+            // = 3e10 → 30,000.
+            (
+                "o-large",
+                "2025-01-15",
+                [1_000, 3_000, 0, 0, 2_000],
+                Some(30_000),
+            ),
+            // The same usage from the 16th, when the newer entry is in force:
+            // 1000 × 1e6 + 1000 × 4e6 + 2000 × 5e6 = 1.5e10 → 15,000.
+            (
+                "o-large",
+                "2025-01-16",
+                [1_000, 3_000, 0, 0, 2_000],
+                Some(15_000),
+            ),
+            // The exact "o-mini" beats the prefix, and its reasoning defaults to its output
+            // price: 1000 × 1.1e6 + 500 × 4.4e6 + 500 × 4.4e6 = 5.5e9 → 5,500.
+            (
+                "o-mini",
+                "2025-01-20",
+                [1_000, 1_000, 0, 0, 500],
+                Some(5_500),
+            ),
+            // Cached defaults to input on "o-mini": 600 × 1.1e6 + 400 × 1.1e6 = 1.1e9 → 1,100.
+            ("o-mini", "2025-01-20", [1_000, 0, 400, 0, 0], Some(1_100)),
+            // Rounding half up, once: 10 × 150,000 = 1.5e6 → 1.5 → 2; 3 × 150,000 → 0.45 → 0;
+            // 7 × 150,000 → 1.05 → 1.
+            ("gpt-4o-mini", "2024-07-18", [10, 0, 0, 0, 0], Some(2)),
+            ("gpt-4o-mini", "2024-07-18", [3, 0, 0, 0, 0], Some(0)),
+            ("gpt-4o-mini", "2024-07-18", [7, 0, 0, 0, 0], Some(1)),
+            // Cached + cache write above the prompt: uncached input is 0, not negative:
+            // 80 × 75,000 + 80 × 187,500 = 2.1e7 → 21.
+            ("gpt-4o-mini", "2024-07-18", [100, 0, 80, 80, 0], Some(21)),
+            // Before its book entry starts, a model falls back to the environment: the
+            // default 0.002 per 1K (2e6 per Mtok) on every token: 1000 × 2e6 → 2,000.
+            ("o-large", "2024-12-31", [1_000, 0, 0, 0, 0], Some(2_000)),
+            // The override 0.005 per 1K (5e6 per Mtok), every kind alike:
+            // 1234 × 5e6 = 6.17e9 → 6,170.
+            (
+                "flat",
+                "2025-01-01",
+                [1_000, 234, 500, 100, 100],
+                Some(6_170),
+            ),
+            // Default price for a model nothing else prices: 2500 × 2e6 → 5,000.
+            ("mystery", "2025-01-01", [2_000, 500, 0, 0, 0], Some(5_000)),
+            // Saturates instead of wrapping.
+            ("flat", "2025-01-01", [u64::MAX, 0, 0, 0, 0], Some(i64::MAX)),
         ];
-        for (model, tokens, micros) in cases {
-            assert_eq!(p.cost(model, tokens), Micros(micros), "{model} × {tokens}");
+        for (model, date, kinds, micros) in cases {
+            let got = p.day_cost(&usage(model, date, kinds)).map(|m| m.0);
+            assert_eq!(got, micros, "{model} on {date}: {kinds:?}");
         }
+        // Without DEFAULT_COST_PER_1K_TOKENS a model nothing prices has no price.
+        let no_default = Pricing::from_settings(&settings(None));
+        let unpriced = usage("mystery", "2025-01-01", [2_000, 500, 0, 0, 0]);
+        assert_eq!(no_default.day_cost(&unpriced), None);
+        let before = usage("o-large", "2024-12-31", [1_000, 0, 0, 0, 0]);
+        assert_eq!(no_default.day_cost(&before), None);
     }
 
     #[test]
-    fn bills_round_to_cents_and_list_unpriced_models() {
-        let p = pricing();
+    fn bills_round_each_day_then_the_month_to_cents_and_list_unpriced_models() {
+        let p = Pricing::from_settings(&settings(None));
         let bill = p.bill(
             Plan::Pro,
             &[
-                usage("gpt-4o", 1_234_567), // 6.172835
-                usage("cheap", 2_000_000),  // 0.30
-                usage("mystery", 1_000),    // 0.002, default
-                usage("another", 3_000),    // 0.006, default
+                // 30,000 + 15,000: the price changed on the 16th.
+                usage("o-large", "2025-01-15", [1_000, 3_000, 0, 0, 2_000]),
+                usage("o-large", "2025-01-16", [1_000, 3_000, 0, 0, 2_000]),
+                // 1.5 → 2 micro-units on each day: 4, not the 3 of one monthly rounding.
+                usage("gpt-4o-mini", "2025-01-02", [10, 0, 0, 0, 0]),
+                usage("gpt-4o-mini", "2025-01-03", [10, 0, 0, 0, 0]),
+                // No price at all: adds 0, listed once.
+                usage("mystery", "2025-01-02", [1_000_000, 0, 0, 0, 0]),
+                usage("mystery", "2025-01-03", [1, 0, 0, 0, 0]),
             ],
         );
-        // 6.172835 + 0.30 + 0.002 + 0.006 = 6.480835 → 6.48
-        assert_eq!(bill.cost, Cents(648));
+        // 45,004 micro-units = 0.045004 → 0.05 (cents round half up).
+        assert_eq!(bill.cost, Cents(5));
         assert_eq!(bill.revenue, Cents(1900));
-        assert_eq!(bill.profit, Cents(1252));
-        assert_eq!(bill.tokens, 3_238_567);
-        assert_eq!(bill.unpriced_models, ["another", "mystery"]);
+        assert_eq!(bill.profit, Cents(1895));
+        assert_eq!(bill.tokens, 8_000 + 20 + 1_000_001);
+        assert_eq!(bill.unpriced_models, ["mystery"]);
 
-        let half_cent = p.bill(Plan::Free, &[usage("gpt-4o", 1_000)]); // 0.005 → 0.01
-        assert_eq!(half_cent.cost, Cents(1));
-        assert_eq!(half_cent.profit, Cents(-1));
-        assert!(half_cent.unpriced_models.is_empty());
+        // A model priced on some days and not on others is listed too.
+        let partly = p.bill(
+            Plan::Free,
+            &[
+                usage("o-large", "2024-12-31", [1_000, 0, 0, 0, 0]),
+                usage("o-large", "2025-01-15", [1_000, 3_000, 0, 0, 2_000]),
+            ],
+        );
+        assert_eq!(
+            (partly.cost, partly.unpriced_models),
+            (Cents(3), vec!["o-large".into()])
+        );
 
         let agency = p.bill(Plan::Agency, &[]);
         assert_eq!((agency.cost, agency.revenue), (Cents(0), Cents(9999)));
     }
 
     #[test]
+    fn the_environment_prices_every_token_alike_when_there_is_no_book() {
+        let p = Pricing::from_settings(&ReceiverSettings {
+            default_cost_per_1k_tokens: Some(0.002),
+            model_cost_overrides: [("gpt-4o".to_owned(), 0.005)].into_iter().collect(),
+            ..ReceiverSettings::default()
+        });
+        let bill = p.bill(
+            Plan::Free,
+            &[
+                // 123,456 × 5e6 / 1e6 = 617,280 (0.61728).
+                usage("gpt-4o", "2025-01-01", [100_000, 23_456, 50_000, 0, 3_000]),
+                // Names match exactly: the default, 1000 × 2e6 → 2,000.
+                usage("GPT-4O", "2025-01-01", [1_000, 0, 0, 0, 0]),
+            ],
+        );
+        // 619,280 → 0.62.
+        assert_eq!(bill.cost, Cents(62));
+        assert!(bill.unpriced_models.is_empty());
+        assert_eq!(p.price_per_1k("gpt-4o"), (Micros(5_000), true));
+        assert_eq!(p.price_per_1k("other"), (Micros(2_000), false));
+    }
+
+    #[test]
     fn missing_prices_are_zero() {
         let p = Pricing::from_settings(&ReceiverSettings::default());
-        let bill = p.bill(Plan::Pro, &[usage("m", 1_000_000)]);
+        let bill = p.bill(
+            Plan::Pro,
+            &[usage("m", "2025-01-01", [1_000_000, 0, 0, 0, 0])],
+        );
         assert_eq!(
             (bill.cost, bill.revenue, bill.profit),
             (Cents(0), Cents(0), Cents(0))

@@ -1,13 +1,17 @@
 //! The receiver's settings, read from the environment variables its operators know
 //! (SPEC section 6), or built directly as a plain struct in tests.
 //!
-//! This module only reads and checks values; it does not act on them. Secrets (the
+//! This module only reads and checks values (and the price book file `PRICE_BOOK` names);
+//! it does not act on them. Secrets (the
 //! enrollment token and the provider password) never appear in `Debug` output.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+
+use super::price_book::PriceBook;
 
 /// Default requests per install per minute.
 pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
@@ -47,6 +51,9 @@ pub struct ReceiverSettings {
     pub default_cost_per_1k_tokens: Option<f64>,
     /// `MODEL_COST_OVERRIDES`: JSON object, model name to price per 1000 tokens.
     pub model_cost_overrides: BTreeMap<String, f64>,
+    /// `PRICE_BOOK`: the TOML price book at that path (SPEC 11), read and checked at start;
+    /// the two prices above are the fallback for models it does not price.
+    pub price_book: Option<PriceBook>,
     /// `PLAN_FREE_MONTHLY`: monthly revenue of a free install.
     pub plan_free_monthly: Option<f64>,
     /// `PLAN_PRO_MONTHLY`: monthly revenue of a pro install.
@@ -82,6 +89,7 @@ impl Default for ReceiverSettings {
             signature_tolerance_s: DEFAULT_SIGNATURE_TOLERANCE_S,
             default_cost_per_1k_tokens: None,
             model_cost_overrides: BTreeMap::new(),
+            price_book: None,
             plan_free_monthly: None,
             plan_pro_monthly: None,
             plan_agency_monthly: None,
@@ -113,6 +121,13 @@ impl std::fmt::Debug for ReceiverSettings {
                 &self.default_cost_per_1k_tokens,
             )
             .field("model_cost_overrides", &self.model_cost_overrides)
+            .field(
+                "price_book",
+                &self
+                    .price_book
+                    .as_ref()
+                    .map(|book| format!("{} entries in {}", book.entries.len(), book.currency)),
+            )
             .field("plan_free_monthly", &self.plan_free_monthly)
             .field("plan_pro_monthly", &self.plan_pro_monthly)
             .field("plan_agency_monthly", &self.plan_agency_monthly)
@@ -189,6 +204,15 @@ impl ReceiverSettings {
             model_cost_overrides: match get("MODEL_COST_OVERRIDES") {
                 None => BTreeMap::new(),
                 Some(text) => parse_overrides(&text)?,
+            },
+            price_book: match get("PRICE_BOOK") {
+                None => None,
+                Some(path) => Some(PriceBook::load(Path::new(path.trim())).map_err(|error| {
+                    SettingsError::new(
+                        "PRICE_BOOK",
+                        format!("names an invalid price book: {error}"),
+                    )
+                })?),
             },
             plan_free_monthly: parse_money(&get, "PLAN_FREE_MONTHLY")?,
             plan_pro_monthly: parse_money(&get, "PLAN_PRO_MONTHLY")?,
@@ -347,6 +371,29 @@ mod tests {
                 .starts_with("environment variable MAX_INFLIGHT_BATCHES must be a whole number of batches from 1 to "),
             "{error}"
         );
+    }
+
+    #[test]
+    fn the_price_book_is_read_and_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("prices.toml");
+        std::fs::write(
+            &good,
+            "currency = \"USD\"\n[[model]]\nmatch = \"m\"\neffective_from = \"2024-01-01\"\ninput_per_mtok = 1\noutput_per_mtok = 2\n",
+        )
+        .unwrap();
+        let settings = from(&[("PRICE_BOOK", good.to_str().unwrap())]).unwrap();
+        let book = settings.price_book.expect("the book is read");
+        assert_eq!((book.currency.as_str(), book.entries.len()), ("USD", 1));
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "currency = \"USD\"\nvat = 1\n").unwrap();
+        let error = from(&[("PRICE_BOOK", bad.to_str().unwrap())]).unwrap_err();
+        assert_eq!(error.name, "PRICE_BOOK");
+        assert!(error.to_string().contains("line 2, key `vat`"), "{error}");
+        let missing = dir.path().join("missing.toml");
+        let error = from(&[("PRICE_BOOK", missing.to_str().unwrap())]).unwrap_err();
+        assert!(error.to_string().contains("could not read"), "{error}");
     }
 
     #[test]

@@ -130,7 +130,7 @@ async fn installations_show_hand_computed_cost_revenue_and_profit() {
     let a = enroll(&rx).await;
     let b = enroll(&rx).await;
     let idle = enroll(&rx).await;
-    // a: 120K gpt-4o tokens at 0.005 = 0.60, plus 50K of an unpriced model at the
+    // a: 120K gpt-4o tokens at 0.005 = 0.60, plus 50K of a model with no override at the
     // default 0.002 = 0.10; cost 0.70.
     let a_events = [
         event(&a, "gpt-4o", 100_000, at),
@@ -163,7 +163,8 @@ async fn installations_show_hand_computed_cost_revenue_and_profit() {
     assert_eq!(row_a["cost_mtd"], json!(0.7));
     assert_eq!(row_a["revenue_mtd"], json!(19.0));
     assert_eq!(row_a["profit_mtd"], json!(18.3));
-    assert_eq!(row_a["unpriced_models"], json!(["llama-3"]));
+    // The default price is a price (SPEC 11): only a model with none is unpriced.
+    assert_eq!(row_a["unpriced_models"], json!([]));
     assert!(
         row_a["last_seen"]
             .as_str()
@@ -474,6 +475,7 @@ async fn every_provider_route_refuses_missing_or_wrong_credentials() {
     let detail = format!("/dashboard/installations/{}", install.id);
     let routes = [
         (Method::GET, "/api/usage/installations"),
+        (Method::GET, "/api/prices"),
         (Method::GET, "/api/usage/summary"),
         (Method::GET, "/api/usage/summary?format=csv"),
         (Method::GET, "/api/usage/events"),
@@ -691,4 +693,153 @@ async fn the_dashboard_lists_a_thousand_installs() {
     let rows = installations(&rx).await;
     assert_eq!(rows.len(), 1000);
     assert_eq!(rows["install-0000"]["events_30d"], 60);
+}
+
+/// Per million tokens: gpt-4o-mini 0.15 in, 0.075 cached, 0.1875 cache write, 0.60 out;
+/// "o-*" 2.00 in, 8.00 out, 10.00 reasoning, and a dearer "o-*" only from tomorrow.
+fn price_book(tomorrow: &str) -> String {
+    format!(
+        r#"currency = "USD"
+[[model]]
+match = "gpt-4o-mini"
+effective_from = "2000-01-01"
+input_per_mtok = 0.15
+cached_input_per_mtok = 0.075
+cache_write_per_mtok = 0.1875
+output_per_mtok = 0.60
+[[model]]
+match = "o-*"
+effective_from = "2000-01-01"
+input_per_mtok = 2.00
+output_per_mtok = 8.00
+reasoning_per_mtok = 10.00
+[[model]]
+match = "o-*"
+effective_from = "{tomorrow}"
+input_per_mtok = 100
+output_per_mtok = 100
+"#
+    )
+}
+
+/// An event with every token kind: `[prompt, completion, cached, cache_write, reasoning]`.
+fn kinds_event(install: &TestInstall, model: &str, kinds: [u64; 5], at: DateTime<Utc>) -> Value {
+    let [prompt, completion, cached, cache_write, reasoning] = kinds;
+    json!({
+        "event_id": Uuid::now_v7(),
+        "user_hash": user_hash(&install.id, 7),
+        "source": "inline",
+        "model": model,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": cached,
+        "cache_write_tokens": cache_write,
+        "reasoning_tokens": reasoning,
+        "total_tokens": prompt + completion,
+        "created_at": format_millis(at.timestamp_millis()),
+    })
+}
+
+#[tokio::test]
+async fn a_price_book_prices_each_token_kind_and_is_answered_at_api_prices() {
+    let now = Utc::now();
+    let tomorrow = (now + Duration::days(1)).format("%Y-%m-%d").to_string();
+    let book = usage_agent::receiver::price_book::PriceBook::parse(&price_book(&tomorrow));
+    let rx = TestReceiver::start(ReceiverSettings {
+        price_book: Some(book.unwrap()),
+        model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),
+        provider_now: Some(now),
+        ..receiver_settings()
+    });
+    let at = earlier_today(now);
+    let install = enroll(&rx).await;
+    let events = [
+        // 500K × 0.15 + 400K × 0.075 + 100K × 0.1875 + 200K × 0.60 per million
+        // = 0.075 + 0.03 + 0.01875 + 0.12 = 0.24375.
+        kinds_event(
+            &install,
+            "gpt-4o-mini",
+            [1_000_000, 200_000, 400_000, 100_000, 0],
+            at,
+        ),
+        // The prefix, today's entry: 10K × 2 + 10K × 8 + 20K × 10 per million = 0.30.
+        kinds_event(&install, "o-large", [10_000, 30_000, 0, 0, 20_000], at),
+        // Not in the book: the override, 0.005 per 1K of every token = 0.005.
+        kinds_event(&install, "flat", [600, 400, 600, 0, 400], at),
+        // No price anywhere: adds 0.
+        kinds_event(&install, "mystery", [5_000, 0, 0, 0, 0], at),
+    ];
+    assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
+    let row = &installations(&rx).await[&install.id];
+    // 0.24375 + 0.30 + 0.005 = 0.54875, shown as 0.55.
+    assert_eq!(row["cost_mtd"], json!(0.55), "{row}");
+    assert_eq!(row["tokens_mtd"], 1_246_000, "{row}");
+    assert_eq!(row["unpriced_models"], json!(["mystery"]), "{row}");
+
+    let response = provider(&rx, Method::GET, "/api/prices")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let prices: Value = response.json().await.unwrap();
+    assert_eq!(prices["currency"], "USD");
+    let models = prices["model"].as_array().unwrap();
+    assert_eq!(models.len(), 3);
+    assert_eq!(
+        models[0],
+        json!({
+            "match": "gpt-4o-mini",
+            "effective_from": "2000-01-01",
+            "input_per_mtok": 0.15,
+            "cached_input_per_mtok": 0.075,
+            "cache_write_per_mtok": 0.1875,
+            "output_per_mtok": 0.6,
+            "reasoning_per_mtok": 0.6,
+        })
+    );
+    // Defaults filled in: cached and cache write as input, reasoning as given.
+    assert_eq!(models[1]["cached_input_per_mtok"], json!(2.0));
+    assert_eq!(models[1]["reasoning_per_mtok"], json!(10.0));
+    assert_eq!(models[2]["effective_from"], json!(tomorrow));
+    assert_eq!(
+        prices["fallback"]["model_cost_overrides"],
+        json!({"flat": 0.005})
+    );
+    assert_eq!(
+        prices["fallback"]["default_cost_per_1k_tokens"],
+        Value::Null
+    );
+
+    let anonymous = client().get(rx.url("/api/prices")).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[test]
+fn prices_check_accepts_the_example_and_names_the_line_and_key_of_a_mistake() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prices.example.toml");
+    let output = std::process::Command::new(crate::harness::bin())
+        .args(["prices", "check", example])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("valid"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("prices.toml");
+    std::fs::write(
+        &bad,
+        "currency = \"USD\"\n[[model]]\nmatch = \"m\"\neffective_from = \"2025-01-01\"\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 1\n",
+    )
+    .unwrap();
+    let output = std::process::Command::new(crate::harness::bin())
+        .args(["prices", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 7, key `model.cache_read_per_mtok`"),
+        "{stderr}"
+    );
 }

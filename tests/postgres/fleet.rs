@@ -228,6 +228,50 @@ async fn the_rate_limit_counts_the_requests_of_every_node() {
 }
 
 #[test]
+fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
+    // A database at schema 1: a rollup of prompt and completion only, one day of it still
+    // backed by raw events and one whose events were dropped.
+    let url = test_cluster().new_database().unwrap();
+    let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+    let schema_1 = include_str!("../../src/receiver/store/postgres/migrations/0001_schema.sql");
+    test_cluster().psql(name, schema_1).unwrap();
+    test_cluster()
+        .psql(
+            name,
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations (version) VALUES (1);
+             INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                 VALUES ('a', 'x', 's', 0);
+             INSERT INTO events SELECT 1, gen_random_uuid(), '\\x00', 0, 'm', p, c, k, w, r,
+                 NULL, 86400000 * 5 + n, 0
+                 FROM (VALUES (1, 30, 20, 10, 5, 4), (2, 3, 2, 1, 2, 1)) v(n, p, c, k, w, r);
+             INSERT INTO daily_usage VALUES (1, 5, 'm', 2, 33, 22), (1, 4, 'm', 9, 90, 90);",
+        )
+        .unwrap();
+    let store = open_postgres(&url);
+    let window = usage_agent::receiver::store::UsageWindow {
+        today: 10,
+        from_30d: 0,
+        month_start: 0,
+    };
+    let report = store.installations(Some("a"), window).unwrap();
+    let kinds: Vec<_> = report.installs[0]
+        .usage_mtd
+        .iter()
+        .map(|u| {
+            let t = u.tokens;
+            (
+                u.day,
+                [t.prompt, t.completion, t.cached, t.cache_write, t.reasoning],
+            )
+        })
+        .collect();
+    // Day 4's events are gone: its new kinds stay 0.
+    assert_eq!(kinds, [(4, [90, 90, 0, 0, 0]), (5, [33, 22, 11, 7, 5])]);
+}
+
+#[test]
 fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refused() {
     let url = test_cluster().new_database().unwrap();
     let nodes: Vec<_> = (0..4)
@@ -243,10 +287,10 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
     let applied = test_cluster()
         .psql(
             name,
-            "SELECT string_agg(version::text, ',') FROM schema_migrations",
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM schema_migrations",
         )
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(applied, "1");
+    assert_eq!(applied, "1,2");
 
     // A node of an older build meets a schema a newer one migrated.
     test_cluster()
@@ -282,7 +326,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
             refused,
             Some(ReceiverStoreError::SchemaTooNew {
                 found: 99,
-                known: 1
+                known: 2
             })
         ),
         "{refused:?}"

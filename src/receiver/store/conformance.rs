@@ -14,7 +14,7 @@ use super::sqlite::SqliteStore;
 use super::*;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
-use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -94,6 +94,7 @@ suite!(
     summary_groups_and_filters,
     events_page_walks_every_event_once_in_time_order,
     rollups_follow_ingest_and_skip_duplicates,
+    the_rollup_keeps_every_token_kind_per_model_and_day,
     plans_change_and_erasure_removes_everything,
     retention_keeps_the_days_from_the_first_kept_one,
     an_install_erased_meanwhile_stores_nothing,
@@ -318,20 +319,16 @@ fn rollups_follow_ingest_and_skip_duplicates(store: &dyn ReceiverStore) {
     assert_eq!(a_row.plan, Plan::Free);
     assert_eq!(a_row.last_seen_ms, Some(43));
     assert_eq!((a_row.events_30d, a_row.tokens_30d), (4, 1035));
-    assert_eq!(
-        a_row.models_mtd,
-        [
-            ModelTokens {
-                model: "x".into(),
-                tokens: 30
-            },
-            ModelTokens {
-                model: "y".into(),
-                tokens: 5
-            }
-        ]
-    );
-    assert_eq!(rows[1].models_mtd.len(), 1);
+    let prompt = |model: &str, day, prompt| ModelDayTokens {
+        model: model.into(),
+        day,
+        tokens: TokenCounts {
+            prompt,
+            ..TokenCounts::default()
+        },
+    };
+    assert_eq!(a_row.usage_mtd, [prompt("x", 100, 30), prompt("y", 95, 5)]);
+    assert_eq!(rows[1].usage_mtd, [prompt("y", 99, 1)]);
 
     // The chart: the 30 days summed over every install.
     let tokens: Vec<_> = report.daily.iter().map(|d| (d.day, d.tokens)).collect();
@@ -342,6 +339,67 @@ fn rollups_follow_ingest_and_skip_duplicates(store: &dyn ReceiverStore) {
     assert_eq!(only_b.daily.len(), 1);
     let unknown = store.installations(Some("zz"), window).unwrap();
     assert!(unknown.installs.is_empty() && unknown.daily.is_empty());
+}
+
+fn kinds_event(n: u8, day: i64, model: &str, kinds: [u64; 5]) -> NewEvent {
+    let [prompt, completion, cached, cache_write, reasoning] = kinds;
+    NewEvent {
+        model: model.into(),
+        prompt_tokens: prompt,
+        completion_tokens: completion,
+        cached_tokens: cached,
+        cache_write_tokens: cache_write,
+        reasoning_tokens: reasoning,
+        ..event(n, day * MS_PER_DAY + i64::from(n))
+    }
+}
+
+fn the_rollup_keeps_every_token_kind_per_model_and_day(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let window = UsageWindow {
+        today: 40,
+        from_30d: 11,
+        month_start: 31,
+    };
+    let first = [
+        kinds_event(1, 32, "x", [100, 50, 30, 20, 10]),
+        kinds_event(2, 32, "x", [10, 5, 1, 2, 3]),
+        kinds_event(3, 33, "x", [7, 7, 0, 7, 0]),
+        kinds_event(4, 32, "y", [1, 1, 1, 0, 1]),
+        // Before the month: in the 30 days only.
+        kinds_event(5, 30, "x", [1000, 0, 1000, 0, 0]),
+    ];
+    store.ingest(a.key, first.to_vec(), 1).unwrap();
+    // A later batch adds to the same day and model; its resent event adds nothing.
+    let second = [kinds_event(6, 32, "x", [1, 1, 1, 1, 1]), first[0].clone()];
+    let counts = store.ingest(a.key, second.to_vec(), 2).unwrap();
+    assert_eq!((counts.accepted, counts.duplicates), (1, 1));
+
+    let report = store.installations(Some("a"), window).unwrap();
+    let install = &report.installs[0];
+    let day = |model: &str, day, [prompt, completion, cached, cache_write, reasoning]: [u64; 5]| {
+        ModelDayTokens {
+            model: model.into(),
+            day,
+            tokens: TokenCounts {
+                prompt,
+                completion,
+                cached,
+                cache_write,
+                reasoning,
+            },
+        }
+    };
+    assert_eq!(
+        install.usage_mtd,
+        [
+            day("x", 32, [111, 56, 32, 23, 14]),
+            day("x", 33, [7, 7, 0, 7, 0]),
+            day("y", 32, [1, 1, 1, 0, 1]),
+        ]
+    );
+    assert_eq!(install.events_30d, 6);
+    assert_eq!(install.tokens_30d, 111 + 56 + 14 + 2 + 1000);
 }
 
 fn plans_change_and_erasure_removes_everything(store: &dyn ReceiverStore) {

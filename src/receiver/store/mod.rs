@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::pricing::{ModelTokens, Plan};
+use super::pricing::{ModelDayTokens, Plan};
 use super::rate_limit::Rate;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -137,9 +137,10 @@ pub struct InstallUsage {
     pub last_seen_ms: Option<i64>,
     pub events_30d: u64,
     pub tokens_30d: u64,
-    /// Tokens per model since the first of the month, sorted by model; models with no
-    /// events this month are left out.
-    pub models_mtd: Vec<ModelTokens>,
+    /// Tokens of every kind per model and UTC day since the first of the month (prices
+    /// change by day, and costs round once per model and day), sorted by model, then day;
+    /// days without events left out.
+    pub usage_mtd: Vec<ModelDayTokens>,
 }
 
 /// The installations view: one entry per install, and the chart of the last 30 days.

@@ -7,7 +7,10 @@ use deadpool_postgres::Object;
 use crate::receiver::store::ReceiverStoreError;
 
 /// The migrations this build knows, numbered from 1.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_schema.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_schema.sql"),
+    include_str!("migrations/0002_rollup_token_kinds.sql"),
+];
 
 /// Key of the advisory lock held while migrating (any constant the receiver owns).
 const MIGRATION_LOCK: i64 = 0x7573_6167_655f_6d67; // "usage_mg"

@@ -37,7 +37,7 @@ use super::{
 use crate::event::Source;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 mod migrations;
@@ -261,17 +261,23 @@ WITH install AS (
            i.completion_tokens, i.cached_tokens, i.cache_write_tokens, i.reasoning_tokens,
            i.context, i.created_at, $2
     FROM input i JOIN fresh USING (event_id)
-    RETURNING created_at, model, prompt_tokens, completion_tokens
+    RETURNING created_at, model, prompt_tokens, completion_tokens, cached_tokens,
+              cache_write_tokens, reasoning_tokens
 ), rolled AS (
     INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens)
+                                  completion_tokens, cached_tokens, cache_write_tokens,
+                                  reasoning_tokens)
     SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
-           sum(completion_tokens)
+           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
+           sum(reasoning_tokens)
     FROM stored GROUP BY 2, 3 ORDER BY 2, 3
     ON CONFLICT (install, day, model) DO UPDATE SET
         events = d.events + excluded.events,
         prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        cached_tokens = d.cached_tokens + excluded.cached_tokens,
+        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
+        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
 ), seen AS (
     UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM install)
 )
@@ -627,72 +633,80 @@ impl ReceiverStore for PostgresStore {
                     last_seen_ms: row.get(3),
                     events_30d: 0,
                     tokens_30d: 0,
-                    models_mtd: Vec::new(),
+                    usage_mtd: Vec::new(),
                 });
             }
-            let first_day = window.from_30d.min(window.month_start);
-            // One scan of the rollup rows of both windows, summed in the database per
-            // install and model (a few rows per install however many days it has) and per
-            // day for the chart. Enough memory that the sums never spill to disk, and no
-            // JIT: compiling costs more than this query saves by it.
+            // One statement, so one snapshot: the month's rollup rows as they are (prices
+            // change by day and costs round per model and day, so they cannot be summed
+            // here), and the last 30 days summed in the database per install and per day
+            // for the chart. Enough memory that the sums never spill to disk, and no JIT:
+            // compiling costs more than this query saves by it.
             let tx = client.build_transaction().read_only(true).start().await?;
             tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
                 .await?;
-            let sums = tx
+            let rows = tx
                 .query(
-                    "SELECT install, model, day,
-                            coalesce(sum(events) FILTER (WHERE day >= $2), 0)::bigint,
-                            coalesce(sum(prompt_tokens + completion_tokens)
-                                FILTER (WHERE day >= $2), 0)::bigint,
-                            coalesce(sum(prompt_tokens + completion_tokens)
-                                FILTER (WHERE day >= $3), 0)::bigint,
-                            count(*) FILTER (WHERE day >= $3)
+                    "SELECT 0::int2, install, model, day, events, prompt_tokens,
+                            completion_tokens, cached_tokens, cache_write_tokens,
+                            reasoning_tokens
                      FROM daily_usage
-                     WHERE day >= $1 AND day <= $4 AND ($5::bigint IS NULL OR install = $5)
-                     GROUP BY GROUPING SETS ((install, model), (day))",
-                    &[
-                        &first_day,
-                        &window.from_30d,
-                        &window.month_start,
-                        &window.today,
-                        &only,
-                    ],
+                     WHERE day >= $2 AND day <= $3 AND ($4::bigint IS NULL OR install = $4)
+                     UNION ALL
+                     SELECT CASE WHEN GROUPING(day) = 1 THEN 1 ELSE 2 END::int2, install,
+                            NULL, day, sum(events)::bigint, sum(prompt_tokens)::bigint,
+                            sum(completion_tokens)::bigint, 0::bigint, 0::bigint, 0::bigint
+                     FROM daily_usage
+                     WHERE day >= $1 AND day <= $3 AND ($4::bigint IS NULL OR install = $4)
+                     GROUP BY GROUPING SETS ((install), (day))",
+                    &[&window.from_30d, &window.month_start, &window.today, &only],
                 )
                 .await?;
             tx.commit().await?;
             let mut daily = BTreeMap::new();
-            for row in sums {
-                let events_30d = count(row.get(3))?;
-                let tokens_30d = count(row.get(4))?;
-                // A row of the (day) set: the chart's day, summed over every install.
-                if let Some(day) = row.get::<_, Option<i64>>(2) {
-                    if day >= window.from_30d {
+            for row in rows {
+                let events = count(row.get(4))?;
+                let kinds = TokenCounts {
+                    prompt: count(row.get(5))?,
+                    completion: count(row.get(6))?,
+                    cached: count(row.get(7))?,
+                    cache_write: count(row.get(8))?,
+                    reasoning: count(row.get(9))?,
+                };
+                match row.get::<_, i16>(0) {
+                    // The chart's day, summed over every install.
+                    2 => {
+                        let day: i64 = row.get(3);
                         daily.insert(
                             day,
                             DailyTokens {
                                 day,
-                                events: events_30d,
-                                tokens: tokens_30d,
+                                events,
+                                tokens: kinds.total(),
                             },
                         );
                     }
-                    continue;
-                }
-                let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
-                    continue;
-                };
-                let install = &mut report.installs[index];
-                install.events_30d += events_30d;
-                install.tokens_30d += tokens_30d;
-                if row.get::<_, i64>(6) > 0 {
-                    install.models_mtd.push(ModelTokens {
-                        model: row.get(1),
-                        tokens: count(row.get(5))?,
-                    });
+                    kind => {
+                        let Some(&index) = by_key.get(&row.get::<_, i64>(1)) else {
+                            continue;
+                        };
+                        let install = &mut report.installs[index];
+                        if kind == 1 {
+                            install.events_30d = events;
+                            install.tokens_30d = kinds.total();
+                        } else {
+                            install.usage_mtd.push(ModelDayTokens {
+                                model: row.get(2),
+                                day: row.get(3),
+                                tokens: kinds,
+                            });
+                        }
+                    }
                 }
             }
             for install in &mut report.installs {
-                install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
+                install
+                    .usage_mtd
+                    .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
             }
             report.daily = daily.into_values().collect();
             Ok(report)

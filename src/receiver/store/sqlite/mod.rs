@@ -4,7 +4,8 @@
 //! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
 //! Each install is stored once and events refer to it by an integer key; event ids are
 //! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
-//! `daily_usage` holds per install, UTC day and model the events and tokens stored; ingest
+//! `daily_usage` holds per install, UTC day and model the events and tokens of every kind
+//! stored; ingest
 //! adds to it in the same transaction as the events it inserts (only those not deduped),
 //! so it always equals a sum over the events ever stored, including those since purged.
 //! This module knows nothing about HTTP.
@@ -29,7 +30,7 @@ use crate::event::Source;
 use crate::private_file::create_private;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{ModelTokens, Plan};
+use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::{Rate, RateLimiter};
 
 mod group_commit;
@@ -467,7 +468,7 @@ impl ReceiverStore for SqliteStore {
                     last_seen_ms: row.get(3)?,
                     events_30d: 0,
                     tokens_30d: 0,
-                    models_mtd: Vec::new(),
+                    usage_mtd: Vec::new(),
                 });
             }
         }
@@ -476,10 +477,12 @@ impl ReceiverStore for SqliteStore {
         // it gives the chart's days in the same pass.
         let first_day = window.from_30d.min(window.month_start);
         let mut statement = conn.prepare_cached(if only.is_some() {
-            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                    cached_tokens, cache_write_tokens, reasoning_tokens
              FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
         } else {
-            "SELECT install, day, model, events, prompt_tokens + completion_tokens
+            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                    cached_tokens, cache_write_tokens, reasoning_tokens
              FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
         })?;
         let mut rows = statement.query(params![first_day, window.today, only])?;
@@ -491,7 +494,14 @@ impl ReceiverStore for SqliteStore {
             };
             let day: i64 = row.get(1)?;
             let events: u64 = row.get(3)?;
-            let tokens: u64 = row.get(4)?;
+            let kinds = TokenCounts {
+                prompt: row.get(4)?,
+                completion: row.get(5)?,
+                cached: row.get(6)?,
+                cache_write: row.get(7)?,
+                reasoning: row.get(8)?,
+            };
+            let tokens = kinds.total();
             if day >= window.from_30d {
                 install.events_30d += events;
                 install.tokens_30d += tokens;
@@ -504,19 +514,18 @@ impl ReceiverStore for SqliteStore {
                 totals.tokens += tokens;
             }
             if day >= window.month_start {
-                let model = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
-                // An install uses a handful of models: a linear search beats hashing.
-                match install.models_mtd.iter_mut().find(|m| m.model == model) {
-                    Some(usage) => usage.tokens += tokens,
-                    None => install.models_mtd.push(ModelTokens {
-                        model: model.to_owned(),
-                        tokens,
-                    }),
-                }
+                // The primary key makes each (install, day, model) one row.
+                install.usage_mtd.push(ModelDayTokens {
+                    model: row.get(2)?,
+                    day,
+                    tokens: kinds,
+                });
             }
         }
         for install in &mut report.installs {
-            install.models_mtd.sort_by(|a, b| a.model.cmp(&b.model));
+            install
+                .usage_mtd
+                .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
         }
         report.daily = daily.into_values().collect();
         Ok(report)
@@ -565,8 +574,8 @@ fn insert_batch(
         return Ok(None);
     }
     let mut counts = IngestCounts::default();
-    // (day, model) to (events, prompt tokens, completion tokens) of the inserted events.
-    let mut daily: BTreeMap<(i64, &str), (u64, u64, u64)> = BTreeMap::new();
+    // (day, model) to the events and tokens of the inserted events.
+    let mut daily: BTreeMap<(i64, &str), (u64, TokenCounts)> = BTreeMap::new();
     // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id
     // stored by an earlier batch or earlier in this one, inside this same transaction.
     let mut insert = tx.prepare_cached(
@@ -594,25 +603,41 @@ fn insert_batch(
         if inserted == 1 {
             counts.accepted += 1;
             let day = event.created_at_ms.div_euclid(MS_PER_DAY);
-            let sums = daily.entry((day, event.model.as_str())).or_default();
-            sums.0 += 1;
-            sums.1 += event.prompt_tokens;
-            sums.2 += event.completion_tokens;
+            let (count, sums) = daily.entry((day, event.model.as_str())).or_default();
+            *count += 1;
+            sums.prompt += event.prompt_tokens;
+            sums.completion += event.completion_tokens;
+            sums.cached += event.cached_tokens;
+            sums.cache_write += event.cache_write_tokens;
+            sums.reasoning += event.reasoning_tokens;
         } else {
             counts.duplicates += 1;
         }
     }
     let mut rollup = tx.prepare_cached(
         "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
-             completion_tokens)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (install, day, model) DO UPDATE SET
              events = events + excluded.events,
              prompt_tokens = prompt_tokens + excluded.prompt_tokens,
-             completion_tokens = completion_tokens + excluded.completion_tokens",
+             completion_tokens = completion_tokens + excluded.completion_tokens,
+             cached_tokens = cached_tokens + excluded.cached_tokens,
+             cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
+             reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens",
     )?;
-    for ((day, model), (events, prompt, completion)) in &daily {
-        rollup.execute(params![install, day, model, events, prompt, completion])?;
+    for ((day, model), (events, sums)) in &daily {
+        rollup.execute(params![
+            install,
+            day,
+            model,
+            events,
+            sums.prompt,
+            sums.completion,
+            sums.cached,
+            sums.cache_write,
+            sums.reasoning
+        ])?;
     }
     tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
         .execute(params![install, received_at_ms])?;

@@ -174,3 +174,82 @@ fn reopening_keeps_data_and_schema() {
     let store = SqliteStore::open(&path).unwrap();
     assert!(store.find_install("a").unwrap().is_some());
 }
+
+#[test]
+fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    {
+        // A database at schema 3: a rollup of prompt and completion only, two days of it
+        // still backed by raw events and one whose events were purged.
+        let mut conn = connect(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for sql in &MIGRATIONS[..3] {
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 3).unwrap();
+        tx.execute(
+            "INSERT INTO installs (id, install_id, secret, site_hash, enrolled_at)
+                 VALUES (1, 'a', ?1, 's', 0)",
+            [Secret::generate().to_whsec()],
+        )
+        .unwrap();
+        tx.execute_batch(
+            "INSERT INTO events VALUES (1, x'01', x'00', 0, 'm', 30, 20, 10, 5, 4, NULL,
+                 86400000 * 5 + 1, 0);
+             INSERT INTO events VALUES (1, x'02', x'00', 0, 'm', 3, 2, 1, 2, 1, NULL,
+                 86400000 * 5 + 2, 0);
+             INSERT INTO events VALUES (1, x'03', x'00', 0, 'n', 8, 8, 0, 8, 0, NULL,
+                 86400000 * 5 + 3, 0);
+             INSERT INTO events VALUES (1, x'04', x'00', 0, 'm', 6, 6, 6, 0, 6, NULL,
+                 86400000 * 6 + 1, 0);
+             INSERT INTO daily_usage VALUES (1, 5, 'm', 2, 33, 22);
+             INSERT INTO daily_usage VALUES (1, 5, 'n', 1, 8, 8);
+             INSERT INTO daily_usage VALUES (1, 6, 'm', 1, 6, 6);
+             INSERT INTO daily_usage VALUES (1, 4, 'm', 9, 90, 90);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let window = UsageWindow {
+        today: 10,
+        from_30d: 0,
+        month_start: 0,
+    };
+    let report = store.installations(Some("a"), window).unwrap();
+    let kinds: Vec<_> = report.installs[0]
+        .usage_mtd
+        .iter()
+        .map(|u| {
+            let t = u.tokens;
+            (
+                u.model.as_str(),
+                u.day,
+                [t.prompt, t.completion, t.cached, t.cache_write, t.reasoning],
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            // Purged: only what the old rollup knew; the new kinds stay 0.
+            ("m", 4, [90, 90, 0, 0, 0]),
+            ("m", 5, [33, 22, 11, 7, 5]),
+            ("m", 6, [6, 6, 6, 0, 6]),
+            ("n", 5, [8, 8, 0, 8, 0]),
+        ]
+    );
+    // Later batches add to the backfilled rows.
+    let install = store.find_install("a").unwrap().unwrap();
+    let more = NewEvent {
+        model: "m".into(),
+        cached_tokens: 1,
+        reasoning_tokens: 1,
+        ..event(9, 86_400_000 * 5 + 9)
+    };
+    store.ingest(install.key, vec![more], 1).unwrap();
+    let report = store.installations(Some("a"), window).unwrap();
+    let day5 = report.installs[0].usage_mtd[1].tokens;
+    assert_eq!((day5.prompt, day5.cached, day5.reasoning), (43, 12, 6));
+}
