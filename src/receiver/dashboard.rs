@@ -307,7 +307,7 @@ pub fn render_detail(
             (row.bill.revenue) ", profit " (row.bill.profit) "."
         }
         @if !row.bill.unpriced_models.is_empty() {
-            p { "Billed at the default price (no price of their own): "
+            p { "No price on some days, counted as 0 there (unpriced): "
                 (row.bill.unpriced_models.join(", ")) }
         }
         h2 { "Tokens per day, last 30 days" }
