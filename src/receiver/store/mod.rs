@@ -249,6 +249,16 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// The totals of `events` events with these prompt and completion tokens.
+    pub fn of(events: u64, prompt_tokens: u64, completion_tokens: u64) -> Totals {
+        Totals {
+            events,
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+
     pub fn add(&mut self, other: &Totals) {
         self.events += other.events;
         self.prompt_tokens += other.prompt_tokens;
@@ -274,6 +284,17 @@ pub struct Summary {
     pub totals: Totals,
     /// Empty when the query groups by nothing.
     pub rows: Vec<SummaryRow>,
+}
+
+impl Summary {
+    /// Counts one group's row in the totals, and keeps it when the query groups by
+    /// anything (`grouped`).
+    pub fn add_row(&mut self, row: SummaryRow, grouped: bool) {
+        self.totals.add(&row.totals);
+        if grouped {
+            self.rows.push(row);
+        }
+    }
 }
 
 /// Where a page of events starts: just after this event in (created_at, install, event_id)

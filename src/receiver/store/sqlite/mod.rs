@@ -328,22 +328,16 @@ impl ReceiverStore for SqliteStore {
             let events: u64 = row.get(next())?;
             let prompt_tokens: u64 = row.get(next())?;
             let completion_tokens: u64 = row.get(next())?;
-            let totals = Totals {
-                events,
-                prompt_tokens,
-                completion_tokens,
-                total_tokens: prompt_tokens + completion_tokens,
-            };
-            summary.totals.add(&totals);
-            if group.any() {
-                summary.rows.push(SummaryRow {
+            summary.add_row(
+                SummaryRow {
                     day,
                     user_hash,
                     source,
                     model,
-                    totals,
-                });
-            }
+                    totals: Totals::of(events, prompt_tokens, completion_tokens),
+                },
+                group.any(),
+            );
         }
         Ok(summary)
     }
