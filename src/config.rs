@@ -397,16 +397,7 @@ impl Config {
 
     /// Parses TOML text; an unknown key or a bad value is an error naming it.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| match e.span() {
-            Some(span) => {
-                let line = text[..span.start].lines().count().max(1);
-                match key_at(text, span.start) {
-                    Some(key) => format!("line {line}, key `{key}`: {}", e.message()),
-                    None => format!("line {line}: {}", e.message()),
-                }
-            }
-            None => e.message().to_owned(),
-        })
+        toml::from_str(text).map_err(|e| crate::toml_place::describe(text, &e))
     }
 
     /// Applies the `USAGE_AGENT_*` environment overrides, which win over the file.
@@ -541,23 +532,6 @@ impl Config {
             None
         }
     }
-}
-
-/// The dotted key (`sync.batch_size`) on the line holding `offset`, for error messages.
-fn key_at(text: &str, offset: usize) -> Option<String> {
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next()?;
-    let key = line.split_once('=')?.0.trim();
-    let table = before[..line_start].lines().rev().find_map(|l| {
-        let l = l.trim();
-        l.starts_with('[')
-            .then(|| l.trim_matches(['[', ']']).trim().to_owned())
-    });
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
 }
 
 #[cfg(test)]

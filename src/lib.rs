@@ -24,3 +24,4 @@ mod sqlite_check;
 pub mod state;
 pub mod store;
 pub mod sync;
+mod toml_place;

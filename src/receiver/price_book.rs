@@ -17,6 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::pricing::Micros;
+use crate::toml_place::{describe, placed};
 
 /// What one million tokens of each kind cost, in micro-units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,14 +107,10 @@ impl PriceBook {
     /// Checks the TOML text of a book; an unknown key or a bad value is an error naming
     /// its line and key.
     pub fn parse(text: &str) -> Result<PriceBook, PriceBookError> {
-        let raw: RawBook = toml::from_str(text).map_err(|e| {
-            PriceBookError::Invalid(match e.span() {
-                Some(span) => placed(text, span.start, key_on_line(text, span.start), e.message()),
-                None => e.message().to_owned(),
-            })
-        })?;
+        let raw: RawBook =
+            toml::from_str(text).map_err(|e| PriceBookError::Invalid(describe(text, &e)))?;
         let invalid = |span: std::ops::Range<usize>, key: &str, rule: &str| {
-            PriceBookError::Invalid(placed(text, span.start, Some(key.to_owned()), rule))
+            PriceBookError::Invalid(placed(text, span.start, Some(key), rule))
         };
         let currency = raw.currency.get_ref().trim();
         if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
@@ -321,36 +318,6 @@ struct RawEntry {
     cache_write_per_mtok: Option<Spanned<f64>>,
     output_per_mtok: Spanned<f64>,
     reasoning_per_mtok: Option<Spanned<f64>>,
-}
-
-/// `line N, key `k`: message` for a place in `text`.
-fn placed(text: &str, offset: usize, key: Option<String>, message: &str) -> String {
-    let offset = offset.min(text.len());
-    let line = text[..offset].matches('\n').count() + 1;
-    match key {
-        Some(key) => format!("line {line}, key `{key}`: {message}"),
-        None => format!("line {line}: {message}"),
-    }
-}
-
-/// The key assigned on the line at `offset`, qualified by the table it is in
-/// (`model.input_per_mtok`). The agent's config reads its errors the same way; the receiver
-/// shares no code with the agent's configuration, hence this small copy.
-fn key_on_line(text: &str, offset: usize) -> Option<String> {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next()?;
-    let key = line.split_once('=')?.0.trim();
-    let table = before[..line_start].lines().rev().find_map(|l| {
-        let l = l.trim();
-        l.starts_with('[')
-            .then(|| l.trim_matches(['[', ']']).trim().to_owned())
-    });
-    Some(match table {
-        Some(table) => format!("{table}.{key}"),
-        None => key.to_owned(),
-    })
 }
 
 #[cfg(test)]

@@ -75,10 +75,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "credentials",
             "private_file",
             "sqlite_check",
+            "toml_place",
         ],
     ),
     ("protocol", &["event"]),
-    ("config", &["calendar"]),
+    ("config", &["calendar", "toml_place"]),
     ("event", &[]),
     ("calendar", &[]),
     ("gather_vfs", &[]),
@@ -86,6 +87,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("credentials", &[]),
     ("private_file", &[]),
     ("sqlite_check", &[]),
+    ("toml_place", &[]),
 ];
 
 /// The top-level modules each module of `src/` names in `crate::` paths.
