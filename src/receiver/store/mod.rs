@@ -151,6 +151,19 @@ pub struct InstallationsReport {
     pub daily: Vec<DailyTokens>,
 }
 
+impl InstallationsReport {
+    /// Finishes a report both stores build the same way: each install's month in (model,
+    /// day) order, and the chart's days in order.
+    pub fn finish(&mut self, daily: std::collections::BTreeMap<i64, DailyTokens>) {
+        for install in &mut self.installs {
+            install
+                .usage_mtd
+                .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
+        }
+        self.daily = daily.into_values().collect();
+    }
+}
+
 /// One day of a usage chart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DailyTokens {

@@ -697,12 +697,7 @@ impl ReceiverStore for PostgresStore {
                     }
                 }
             }
-            for install in &mut report.installs {
-                install
-                    .usage_mtd
-                    .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
-            }
-            report.daily = daily.into_values().collect();
+            report.finish(daily);
             Ok(report)
         })
     }

@@ -516,12 +516,7 @@ impl ReceiverStore for SqliteStore {
                 });
             }
         }
-        for install in &mut report.installs {
-            install
-                .usage_mtd
-                .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
-        }
-        report.daily = daily.into_values().collect();
+        report.finish(daily);
         Ok(report)
     }
 
