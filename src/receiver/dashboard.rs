@@ -425,6 +425,8 @@ mod tests {
             last_seen_ms: Some(0),
             events_30d: 3,
             tokens_30d: 300,
+            budget: None,
+            alerted_mtd: Vec::new(),
             bill: Bill {
                 tokens: 100,
                 cost: Cents(5),

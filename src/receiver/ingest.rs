@@ -35,11 +35,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::ReceiverState;
 use super::clip::clip;
 use super::error::{ReceiverError, is_json_content_type};
 use super::rate_limit::{Rate, retry_after_secs};
 use super::store::{Install, NewEvent};
+use super::{ReceiverState, budgets};
 use crate::protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret,
 };
@@ -212,6 +212,7 @@ fn handle(
     let batch = read_batch(&body, now)?;
     check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
     let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
+    let has_valid = !valid.is_empty();
     let counts = if valid.is_empty() {
         Default::default()
     } else {
@@ -219,6 +220,11 @@ fn handle(
             .ingest(install.key, valid, now.timestamp_millis())
             .map_err(store_unavailable)?
     };
+    if has_valid {
+        // Also after a batch of duplicates: the retry of a batch whose node died before
+        // its alert was recorded records it.
+        budgets::check_after_ingest(app, &install, now).map_err(store_unavailable)?;
+    }
     Ok(BatchResult {
         batch_id: batch.batch_id,
         accepted: counts.accepted,

@@ -1,6 +1,7 @@
 //! The provider's installation views (SPEC section 6), all behind basic auth:
 //! `GET /api/usage/installations` (usage, cost, revenue and profit per install),
-//! `PUT /api/installations/{install_id}/plan` and `DELETE /api/installations/{install_id}`.
+//! `PUT /api/installations/{install_id}/plan` and `DELETE /api/installations/{install_id}`;
+//! budgets are set in [`super::budgets`].
 //!
 //! The numbers come from the store's daily rollups and the money from [`super::pricing`];
 //! this module only picks the days, parses requests and shapes answers. "Now" is
@@ -18,12 +19,13 @@ use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Value, json};
 
 use super::ReceiverState;
+use super::budgets::{budget_in_force, used_pct};
 use super::clip::clip;
 use super::error::ReceiverError;
 use super::ingest::body_rejection;
-use super::pricing::{Bill, Plan, Pricing};
+use super::pricing::{Bill, Plan};
 use super::provider::{authorize, blocking};
-use super::store::{DailyTokens, InstallUsage, UsageWindow};
+use super::store::{Budget, DailyTokens, InstallUsage, UsageWindow};
 use crate::event::format_millis;
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -38,6 +40,10 @@ pub struct InstallRow {
     pub tokens_30d: u64,
     /// `bill.tokens` is the month-to-date token count.
     pub bill: Bill,
+    /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
+    pub budget: Option<Budget>,
+    /// Thresholds alerted this month, ascending.
+    pub alerted_mtd: Vec<u32>,
 }
 
 /// The UTC days of the last 30 days (today included) and of the current month.
@@ -51,12 +57,14 @@ pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
     }
 }
 
-/// Prices every install's month.
-pub fn install_rows(pricing: &Pricing, usages: Vec<InstallUsage>) -> Vec<InstallRow> {
+/// Prices every install's month, and gives each the budget in force.
+pub fn install_rows(app: &ReceiverState, usages: Vec<InstallUsage>) -> Vec<InstallRow> {
     usages
         .into_iter()
         .map(|usage| InstallRow {
-            bill: pricing.bill(usage.plan, &usage.usage_mtd),
+            bill: app.pricing.bill(usage.plan, &usage.usage_mtd),
+            budget: budget_in_force(app, usage.budget.as_ref()),
+            alerted_mtd: usage.alerted_mtd,
             install_id: usage.install_id,
             plan: usage.plan,
             last_seen_ms: usage.last_seen_ms,
@@ -76,7 +84,7 @@ pub async fn load_rows(
     let window = usage_window(now);
     let store = app.store.clone();
     let report = blocking(move || store.installations(install_id.as_deref(), window)).await?;
-    Ok((install_rows(&app.pricing, report.installs), report.daily))
+    Ok((install_rows(app, report.installs), report.daily))
 }
 
 fn row_json(row: &InstallRow) -> Value {
@@ -91,6 +99,8 @@ fn row_json(row: &InstallRow) -> Value {
         "revenue_mtd": row.bill.revenue.to_json(),
         "profit_mtd": row.bill.profit.to_json(),
         "unpriced_models": row.bill.unpriced_models,
+        "budget_monthly": row.budget.as_ref().map(|budget| budget.monthly.to_cents().to_json()),
+        "budget_used_pct": row.budget.as_ref().map(|budget| used_pct(row.bill.cost, budget)),
     })
 }
 

@@ -10,7 +10,8 @@
 //! SQL) beneath it;
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
 //! plans, erasure), [`prices`] (the price book in force) and [`dashboard`] (HTML) are the
-//! handlers; [`price_book`] reads and checks the price book and [`pricing`] is the money
+//! handlers; [`budgets`] sets budgets and checks them after each batch, and [`alerts`]
+//! lists the alerts and delivers them to the webhook from the store's outbox; [`price_book`] reads and checks the price book and [`pricing`] is the money
 //! arithmetic; [`auth`] checks tokens and basic auth, failed ones throttled per client
 //! address by [`crate::credentials`]; [`rate_limit`] limits requests per install; [`clip`]
 //! bounds request values before they are logged; [`error`] shapes error answers.
@@ -30,7 +31,9 @@ use chrono::{DateTime, Utc};
 use crate::credentials::FailureThrottle;
 use crate::server::{self, Limits};
 
+pub mod alerts;
 pub mod auth;
+pub mod budgets;
 pub mod clip;
 pub mod dashboard;
 pub mod enroll;
@@ -65,6 +68,9 @@ pub struct ReceiverState {
     /// One permit per batch whose costly work may run now
     /// ([`ReceiverSettings::max_inflight_batches`], SPEC 10).
     pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Wakes this node's alert delivery when it records an alert (other nodes' alerts
+    /// are found by polling).
+    pub alerts_recorded: tokio::sync::Notify,
 }
 
 impl ReceiverState {
@@ -73,6 +79,7 @@ impl ReceiverState {
             credential_throttle: FailureThrottle::default(),
             pricing: pricing::Pricing::from_settings(&settings),
             inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
+            alerts_recorded: tokio::sync::Notify::new(),
             settings,
             store,
         }
@@ -117,6 +124,11 @@ pub fn router(state: Arc<ReceiverState>) -> Router {
             "/api/installations/{install_id}",
             delete(installations::erase),
         )
+        .route(
+            "/api/installations/{install_id}/budget",
+            put(budgets::set).delete(budgets::remove),
+        )
+        .route("/api/alerts", get(alerts::list))
         .route("/dashboard", get(dashboard::page))
         .route(
             "/dashboard/installations/{install_id}",
@@ -144,7 +156,7 @@ pub const RECEIVER_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::fro
 
 /// Serves the receiver on an already-bound listener, within the bounds of SPEC 10
 /// ([`crate::server`]), until `shutdown` completes, then finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
-/// at start and every hour.
+/// at start and every hour, and, with `ALERT_WEBHOOK_URL`, delivers budget alerts.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     settings: ReceiverSettings,
@@ -157,8 +169,16 @@ pub async fn serve(
         tracing::info!(%addr, "receiver listening");
     }
     let retention = tokio::spawn(retention_loop(store));
+    let delivery = state
+        .settings
+        .alert_webhook
+        .clone()
+        .map(|webhook| tokio::spawn(alerts::deliver_loop(state.clone(), webhook)));
     server::serve(listener, router(state), limits, shutdown).await;
     retention.abort();
+    if let Some(delivery) = delivery {
+        delivery.abort();
+    }
     tracing::info!("receiver stopped");
     Ok(())
 }

@@ -259,14 +259,19 @@ impl Pricing {
         }
     }
 
-    /// The month's bill of an installation on `plan` that used `usage` (one entry per
-    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
-    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
+    /// The currency of every amount: the price book's, else `USD`.
+    pub fn currency(&self) -> &str {
+        self.book
+            .as_ref()
+            .map_or("USD", |book| book.currency.as_str())
+    }
+
+    /// The cost of `usage` (one entry per model and day), each day's cost rounded to a
+    /// micro-unit, and the models with no price on some day (which add 0), sorted.
+    pub fn cost(&self, usage: &[ModelDayTokens]) -> (Micros, Vec<String>) {
         let mut cost = Micros(0);
-        let mut tokens = 0u64;
         let mut unpriced_models = Vec::new();
         for usage in usage {
-            tokens = tokens.saturating_add(usage.tokens.total());
             match self.day_cost(usage) {
                 Some(day_cost) => cost = Micros(cost.0.saturating_add(day_cost.0)),
                 None => unpriced_models.push(usage.model.clone()),
@@ -274,6 +279,16 @@ impl Pricing {
         }
         unpriced_models.sort();
         unpriced_models.dedup();
+        (cost, unpriced_models)
+    }
+
+    /// The month's bill of an installation on `plan` that used `usage` (one entry per
+    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
+        let tokens = usage
+            .iter()
+            .fold(0u64, |sum, usage| sum.saturating_add(usage.tokens.total()));
+        let (cost, unpriced_models) = self.cost(usage);
         let cost = cost.to_cents();
         let revenue = self.revenue(plan).to_cents();
         Bill {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::price_book::PriceBook;
+use crate::protocol::signing::Secret;
 
 /// Default requests per install per minute.
 pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
@@ -76,7 +77,26 @@ pub struct ReceiverSettings {
     /// default, reads the system clock. For tests of month boundaries; not an environment
     /// variable, and ingest always uses the system clock.
     pub provider_now: Option<DateTime<Utc>>,
+    /// `DEFAULT_MONTHLY_BUDGET`: the monthly budget, in currency units, of every install
+    /// without one of its own (SPEC 11).
+    pub default_monthly_budget: Option<f64>,
+    /// `ALERT_WEBHOOK_URL` and `ALERT_WEBHOOK_SECRET`: where budget alerts are POSTed,
+    /// signed with Standard Webhooks.
+    pub alert_webhook: Option<AlertWebhook>,
+    /// The longest wait between two delivery attempts of an alert (not an environment
+    /// variable; tests shorten it).
+    pub alert_retry_max: Duration,
 }
+
+/// Where budget alerts go.
+#[derive(Clone)]
+pub struct AlertWebhook {
+    pub url: url::Url,
+    pub secret: Secret,
+}
+
+/// Default [`ReceiverSettings::alert_retry_max`].
+pub const DEFAULT_ALERT_RETRY_MAX: Duration = Duration::from_secs(300);
 
 impl Default for ReceiverSettings {
     fn default() -> ReceiverSettings {
@@ -99,6 +119,9 @@ impl Default for ReceiverSettings {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
             provider_now: None,
+            default_monthly_budget: None,
+            alert_webhook: None,
+            alert_retry_max: DEFAULT_ALERT_RETRY_MAX,
         }
     }
 }
@@ -137,6 +160,15 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
             .field("provider_now", &self.provider_now)
+            .field("default_monthly_budget", &self.default_monthly_budget)
+            .field(
+                "alert_webhook",
+                &self
+                    .alert_webhook
+                    .as_ref()
+                    .map(|webhook| format!("{} (secret redacted)", webhook.url)),
+            )
+            .field("alert_retry_max", &self.alert_retry_max)
             .finish()
     }
 }
@@ -243,9 +275,51 @@ impl ReceiverSettings {
                     }
                 },
             },
+            default_monthly_budget: match parse_money(&get, "DEFAULT_MONTHLY_BUDGET")? {
+                Some(amount) if amount <= 0.0 => {
+                    return Err(SettingsError::new(
+                        "DEFAULT_MONTHLY_BUDGET",
+                        "must be a positive amount such as 50.0",
+                    ));
+                }
+                amount => amount,
+            },
+            alert_webhook: alert_webhook(&get)?,
             ..defaults
         })
     }
+}
+
+/// `ALERT_WEBHOOK_URL` (http or https) and its `ALERT_WEBHOOK_SECRET` (`whsec_...`), which
+/// it requires.
+fn alert_webhook(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<AlertWebhook>, SettingsError> {
+    let Some(text) = get("ALERT_WEBHOOK_URL") else {
+        return Ok(None);
+    };
+    let url = url::Url::parse(text.trim())
+        .ok()
+        .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+        .ok_or_else(|| {
+            SettingsError::new(
+                "ALERT_WEBHOOK_URL",
+                "must be an http or https URL such as https://hooks.example.com/usage",
+            )
+        })?;
+    let secret = get("ALERT_WEBHOOK_SECRET").ok_or_else(|| {
+        SettingsError::new(
+            "ALERT_WEBHOOK_SECRET",
+            "must be set when ALERT_WEBHOOK_URL is (whsec_ followed by base64)",
+        )
+    })?;
+    let secret = Secret::parse(secret.trim()).map_err(|error| {
+        SettingsError::new(
+            "ALERT_WEBHOOK_SECRET",
+            format!("must be whsec_ followed by base64 of 24 to 64 bytes ({error})"),
+        )
+    })?;
+    Ok(Some(AlertWebhook { url, secret }))
 }
 
 fn parse_bool(name: &'static str, text: &str) -> Result<bool, SettingsError> {
@@ -298,6 +372,47 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         ReceiverSettings::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn budgets_and_the_alert_webhook_are_read_and_checked() {
+        let secret = Secret::generate().to_whsec();
+        let settings = from(&[
+            ("DEFAULT_MONTHLY_BUDGET", "50.5"),
+            ("ALERT_WEBHOOK_URL", "https://hooks.example.com/usage"),
+            ("ALERT_WEBHOOK_SECRET", &secret),
+        ])
+        .unwrap();
+        assert_eq!(settings.default_monthly_budget, Some(50.5));
+        let webhook = settings.alert_webhook.unwrap();
+        assert_eq!(webhook.url.as_str(), "https://hooks.example.com/usage");
+        assert_eq!(webhook.secret.to_whsec(), secret);
+        assert!(!format!("{:?}", from(&[]).unwrap()).contains("whsec_"));
+
+        let refused = |vars: &[(&str, &str)]| from(vars).unwrap_err().name;
+        assert_eq!(
+            refused(&[("DEFAULT_MONTHLY_BUDGET", "0")]),
+            "DEFAULT_MONTHLY_BUDGET"
+        );
+        assert_eq!(
+            refused(&[("DEFAULT_MONTHLY_BUDGET", "lots")]),
+            "DEFAULT_MONTHLY_BUDGET"
+        );
+        assert_eq!(
+            refused(&[("ALERT_WEBHOOK_URL", "ftp://x")]),
+            "ALERT_WEBHOOK_URL"
+        );
+        assert_eq!(
+            refused(&[("ALERT_WEBHOOK_URL", "http://127.0.0.1:9/")]),
+            "ALERT_WEBHOOK_SECRET"
+        );
+        assert_eq!(
+            refused(&[
+                ("ALERT_WEBHOOK_URL", "http://127.0.0.1:9/"),
+                ("ALERT_WEBHOOK_SECRET", "not-a-secret")
+            ]),
+            "ALERT_WEBHOOK_SECRET"
+        );
     }
 
     #[test]

@@ -146,6 +146,23 @@ impl TestReceiver {
         }
     }
 
+    /// Stops the server and serves the same data again with `settings`, as a node
+    /// restarted: the SQLite file of [`TestReceiver::start`] reopened, or the same
+    /// PostgreSQL database.
+    pub fn restart(mut self, settings: ReceiverSettings) -> TestReceiver {
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("a temp dir"));
+        let store = self.store.clone();
+        drop(self);
+        let store = match store.kind() {
+            StoreKind::Sqlite => {
+                drop(store);
+                receiver::open_sqlite(&dir.path().join("receiver.db")).expect("reopen the store")
+            }
+            StoreKind::Postgres => store,
+        };
+        TestReceiver::serve(settings, store, dir)
+    }
+
     /// `http://127.0.0.1:PORT` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)

@@ -14,8 +14,9 @@ use usage_agent::protocol::wire::user_hash;
 use usage_agent::receiver::pricing::Plan;
 use usage_agent::receiver::rate_limit::Rate;
 use usage_agent::receiver::store::{
-    EnrollOutcome, EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallationsReport,
-    NewEvent, NewInstall, RetainedDays, StoreKind, Summary, SummaryQuery, UsageWindow,
+    Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
+    Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
+    RetainedDays, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
 };
 use usage_agent::receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
@@ -251,6 +252,42 @@ impl ReceiverStore for GatedStore {
     }
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.inner.erase_install(install_id)
+    }
+    fn set_budget(
+        &self,
+        install_id: &str,
+        budget: Option<&Budget>,
+    ) -> Result<bool, ReceiverStoreError> {
+        self.inner.set_budget(install_id, budget)
+    }
+    fn month_spend(
+        &self,
+        install: InstallKey,
+        days: DayRange,
+        month: &str,
+    ) -> Result<MonthSpend, ReceiverStoreError> {
+        self.inner.month_spend(install, days, month)
+    }
+    fn record_alerts(&self, alerts: &[NewAlert]) -> Result<Vec<Uuid>, ReceiverStoreError> {
+        self.inner.record_alerts(alerts)
+    }
+    fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.inner.alerts(range)
+    }
+    fn claim_alerts(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.inner.claim_alerts(now_ms, lease_ms, limit)
+    }
+    fn finish_alert(
+        &self,
+        alert_id: Uuid,
+        outcome: DeliveryOutcome,
+    ) -> Result<(), ReceiverStoreError> {
+        self.inner.finish_alert(alert_id, outcome)
     }
 }
 

@@ -6,6 +6,7 @@ pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
     usage_agent::receiver::store::StoreKind::Sqlite;
 
 mod agent;
+mod budgets;
 mod common;
 mod damage;
 mod demo;

@@ -581,3 +581,79 @@ fn raw_events_live_in_day_partitions_made_ahead_and_dropped_whole() {
     assert!(kept.contains(&day_name(today - 10)) && kept.contains(&day_name(today + 3)));
     assert_eq!(kept.split(' ').count(), 11 + 3 + 1, "{kept}");
 }
+
+#[tokio::test]
+async fn two_nodes_record_each_budget_alert_once_and_deliver_it_under_its_one_id() {
+    use crate::budgets::{
+        Sink, budget_settings, closed_port, put_budget, verified_bodies, webhook,
+    };
+    let secret = usage_agent::protocol::signing::Secret::generate();
+    let sink_addr = closed_port();
+    let sink = Sink::default();
+    sink.serve(sink_addr).await;
+    let (a, b) = two_nodes(usage_agent::receiver::ReceiverSettings {
+        alert_webhook: Some(webhook(sink_addr, &secret)),
+        ..budget_settings()
+    });
+    let install = TestInstall::new();
+    enroll(&a, &install).await;
+    // Set through one node, in force on the other at once. Each event below costs about
+    // 0.12 (1.00 per 1000 tokens): ten thresholds crossed over 20 batches of 5 events.
+    let (status, _) = put_budget(
+        &a,
+        &install.id,
+        r#"{"monthly": 10.0, "thresholds": [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let batches: Vec<Batch> = (0..20)
+        .map(|n| {
+            let events: Vec<Value> = (0..5).map(|e| event(&install, n * 5 + e)).collect();
+            batch(&install, &events)
+        })
+        .collect();
+    let (base_a, base_b) = (base(&a), base(&b));
+    let answers = futures_util::future::join_all(batches.iter().flat_map(|batch| {
+        [
+            send(&base_a, &install, batch),
+            send(&base_b, &install, batch),
+        ]
+    }))
+    .await;
+    for answer in answers {
+        let (status, body) = answer.expect("every node answers");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let listed = provider_json(&base_b, "/api/alerts").await["alerts"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let mut thresholds: Vec<u64> = listed
+        .iter()
+        .map(|alert| alert["threshold"].as_u64().unwrap())
+        .collect();
+    thresholds.sort_unstable();
+    assert_eq!(thresholds, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+
+    let ids: HashSet<String> = listed
+        .iter()
+        .map(|alert| alert["alert_id"].as_str().unwrap().to_owned())
+        .collect();
+    crate::harness::poll(
+        "every alert delivered",
+        Duration::from_secs(30),
+        async || {
+            let listed = provider_json(&base_a, "/api/alerts").await;
+            listed["alerts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|alert| !alert["delivered_at"].is_null())
+                .then_some(())
+        },
+    )
+    .await;
+    verified_bodies(&sink, &secret);
+    let sent: HashSet<String> = sink.ids().into_iter().collect();
+    assert_eq!(sent, ids, "each alert sent, under its own id only");
+}

@@ -10,6 +10,8 @@
 pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
     usage_agent::receiver::store::StoreKind::Postgres;
 
+#[path = "../it/budgets.rs"]
+mod budgets;
 #[path = "../it/common.rs"]
 mod common;
 mod fleet;

@@ -101,6 +101,10 @@ suite!(
     the_request_allowance_is_the_stores,
     concurrent_batches_count_each_event_once,
     the_store_names_itself_and_answers_a_ping,
+    budgets_are_set_read_with_the_install_and_removed,
+    an_alert_is_recorded_once_per_install_threshold_and_month,
+    alerts_are_claimed_once_until_their_lease_ends_and_delivered,
+    erasure_removes_the_budget_and_alerts,
 );
 
 pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
@@ -539,4 +543,206 @@ fn concurrent_batches_count_each_event_once(store: &dyn ReceiverStore) {
 fn the_store_names_itself_and_answers_a_ping(store: &dyn ReceiverStore) {
     store.ping().unwrap();
     assert!(["sqlite", "postgres"].contains(&store.kind().as_str()));
+}
+
+fn budget(monthly_units: i64, thresholds: &[u32]) -> Budget {
+    Budget {
+        monthly: crate::receiver::pricing::Micros(monthly_units * 1_000_000),
+        thresholds: thresholds.to_vec(),
+    }
+}
+
+fn new_alert(install: InstallKey, threshold: u32, month: &str, at_ms: i64) -> NewAlert {
+    NewAlert {
+        alert_id: Uuid::now_v7(),
+        install,
+        threshold,
+        month: month.into(),
+        cost: crate::receiver::pricing::Micros(41_000_000),
+        budget: crate::receiver::pricing::Micros(50_000_000),
+        currency: "USD".into(),
+        at_ms,
+    }
+}
+
+fn budgets_are_set_read_with_the_install_and_removed(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    assert_eq!(a.budget, None);
+    assert!(
+        store
+            .set_budget("a", Some(&budget(50, &[50, 80, 100])))
+            .unwrap()
+    );
+    assert_eq!(
+        store.find_install("a").unwrap().unwrap().budget,
+        Some(budget(50, &[50, 80, 100]))
+    );
+    // Replaced whole.
+    assert!(store.set_budget("a", Some(&budget(7, &[90]))).unwrap());
+    assert_eq!(
+        store.find_install("a").unwrap().unwrap().budget,
+        Some(budget(7, &[90]))
+    );
+    let window = UsageWindow {
+        today: 20,
+        from_30d: -9,
+        month_start: 0,
+    };
+    let report = store.installations(None, window).unwrap();
+    assert_eq!(report.installs[0].budget, Some(budget(7, &[90])));
+    assert!(store.set_budget("a", None).unwrap());
+    assert_eq!(store.find_install("a").unwrap().unwrap().budget, None);
+    // Removing a budget the install does not have is no error; an unknown install is.
+    assert!(store.set_budget("a", None).unwrap());
+    assert!(!store.set_budget("nobody", Some(&budget(1, &[50]))).unwrap());
+    assert!(!store.set_budget("nobody", None).unwrap());
+}
+
+fn an_alert_is_recorded_once_per_install_threshold_and_month(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    // Day 0 is 1970-01-01: the month 1970-01.
+    store
+        .ingest(
+            a.key,
+            vec![model_event(1, 2, "m", 100), model_event(2, 3, "m", 5)],
+            1,
+        )
+        .unwrap();
+    let first = new_alert(a.key, 50, "1970-01", 10);
+    let recorded = store.record_alerts(std::slice::from_ref(&first)).unwrap();
+    assert_eq!(recorded, vec![first.alert_id]);
+    // Again, under another id, with another threshold beside it: only the new one.
+    let again = new_alert(a.key, 50, "1970-01", 11);
+    let eighty = new_alert(a.key, 80, "1970-01", 11);
+    let recorded = store.record_alerts(&[again, eighty.clone()]).unwrap();
+    assert_eq!(recorded, vec![eighty.alert_id]);
+    // Another month and another install are other alerts.
+    let next_month = new_alert(a.key, 50, "1970-02", 12);
+    let other_install = new_alert(b.key, 50, "1970-01", 13);
+    assert_eq!(
+        store
+            .record_alerts(&[next_month.clone(), other_install.clone()])
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let spend = store
+        .month_spend(a.key, DayRange { first: 0, last: 30 }, "1970-01")
+        .unwrap();
+    assert_eq!(spend.alerted, vec![50, 80]);
+    let days: Vec<(i64, u64)> = spend
+        .usage
+        .iter()
+        .map(|u| (u.day, u.tokens.prompt))
+        .collect();
+    assert_eq!(days, vec![(2, 100), (3, 5)]);
+    let spend = store
+        .month_spend(a.key, DayRange { first: 3, last: 3 }, "1970-03")
+        .unwrap();
+    assert!(spend.alerted.is_empty());
+    assert_eq!(spend.usage.len(), 1);
+
+    let all = store.alerts(TimeRange::default()).unwrap();
+    let ids: Vec<Uuid> = all.iter().map(|alert| alert.alert_id).collect();
+    assert_eq!(
+        ids,
+        vec![
+            first.alert_id,
+            eighty.alert_id,
+            next_month.alert_id,
+            other_install.alert_id
+        ]
+    );
+    assert_eq!(all[0].install_id, "a");
+    assert_eq!(all[0].cost, first.cost);
+    assert_eq!(all[0].delivered_at_ms, None);
+    let window = store
+        .alerts(TimeRange {
+            from_ms: Some(11),
+            to_ms: Some(13),
+        })
+        .unwrap();
+    assert_eq!(window.len(), 2);
+    let report = store
+        .installations(
+            None,
+            UsageWindow {
+                today: 20,
+                from_30d: -9,
+                month_start: 0,
+            },
+        )
+        .unwrap();
+    assert_eq!(report.installs[0].alerted_mtd, vec![50, 80]);
+    assert_eq!(report.installs[1].alerted_mtd, vec![50]);
+}
+
+fn alerts_are_claimed_once_until_their_lease_ends_and_delivered(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let alerts = [
+        new_alert(a.key, 50, "2026-11", 100),
+        new_alert(a.key, 80, "2026-11", 200),
+    ];
+    store.record_alerts(&alerts).unwrap();
+    // Not due before they were recorded.
+    assert!(store.claim_alerts(50, 1000, 10).unwrap().is_empty());
+    let claimed = store.claim_alerts(300, 1000, 1).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempts, 1);
+    let first = claimed[0].alert_id;
+    // Leased: another node (or loop) takes only the other one.
+    let claimed = store.claim_alerts(300, 1000, 10).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_ne!(claimed[0].alert_id, first);
+    let second = claimed[0].alert_id;
+    assert!(store.claim_alerts(1299, 1000, 10).unwrap().is_empty());
+
+    store
+        .finish_alert(first, DeliveryOutcome::Delivered { at_ms: 400 })
+        .unwrap();
+    store
+        .finish_alert(second, DeliveryOutcome::RetryAt { at_ms: 5000 })
+        .unwrap();
+    // The delivered one never comes back; the other at its retry time, attempt 2.
+    assert!(store.claim_alerts(4999, 1000, 10).unwrap().is_empty());
+    let claimed = store.claim_alerts(5000, 1000, 10).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].alert_id, claimed[0].attempts), (second, 2));
+    let listed = store.alerts(TimeRange::default()).unwrap();
+    let delivered: Vec<Option<i64>> = listed.iter().map(|a| a.delivered_at_ms).collect();
+    assert_eq!(delivered, vec![Some(400), None]);
+    // A late retry mark never undoes a delivery.
+    store
+        .finish_alert(first, DeliveryOutcome::RetryAt { at_ms: 0 })
+        .unwrap();
+    assert!(store.claim_alerts(5000, 1000, 10).unwrap().is_empty());
+}
+
+fn erasure_removes_the_budget_and_alerts(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    store.set_budget("a", Some(&budget(5, &[50]))).unwrap();
+    store
+        .record_alerts(&[new_alert(a.key, 50, "2026-11", 1)])
+        .unwrap();
+    store.erase_install("a").unwrap().unwrap();
+    assert!(store.alerts(TimeRange::default()).unwrap().is_empty());
+    assert!(store.claim_alerts(i64::MAX / 2, 1, 10).unwrap().is_empty());
+    // Enrolled again, it starts with no budget and its thresholds can fire again.
+    let again = enroll(store, "a");
+    assert_eq!(again.budget, None);
+    let alert = new_alert(again.key, 50, "2026-11", 2);
+    assert_eq!(
+        store.record_alerts(std::slice::from_ref(&alert)).unwrap(),
+        vec![alert.alert_id]
+    );
+    // An alert for an install gone meanwhile is not recorded.
+    store.erase_install("a").unwrap().unwrap();
+    assert!(
+        store
+            .record_alerts(&[new_alert(again.key, 80, "2026-11", 3)])
+            .unwrap()
+            .is_empty()
+    );
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::pricing::{ModelDayTokens, Plan};
+use super::pricing::{Micros, ModelDayTokens, Plan};
 use super::rate_limit::Rate;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -41,7 +41,8 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// ([`EnrollOutcome::Conflict`]).
     fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError>;
 
-    /// Finds an install by its id, with the secret to verify its batches.
+    /// Finds an install by its id, with the secret to verify its batches and its own
+    /// budget (read in the same query, so a batch costs no extra one for it).
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError>;
 
     /// Stores the events of one batch in one transaction. An event whose
@@ -87,9 +88,144 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// Sets an install's plan; `false` when the install is unknown.
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError>;
 
-    /// Erases an install: its events, its rollups and its enrollment, in one transaction.
-    /// Returns how many events were deleted, or `None` when the install is unknown.
+    /// Erases an install: its events, its rollups, its budget and alerts and its
+    /// enrollment, in one transaction. Returns how many events were deleted, or `None` when
+    /// the install is unknown.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError>;
+
+    /// Sets (`Some`) or removes (`None`) an install's own budget; `false` when the install
+    /// is unknown.
+    fn set_budget(
+        &self,
+        install_id: &str,
+        budget: Option<&Budget>,
+    ) -> Result<bool, ReceiverStoreError>;
+
+    /// What a budget check needs of one install's calendar month: its tokens per model and
+    /// day over `days`, and the thresholds already alerted for `month` (`YYYY-MM`).
+    fn month_spend(
+        &self,
+        install: InstallKey,
+        days: DayRange,
+        month: &str,
+    ) -> Result<MonthSpend, ReceiverStoreError>;
+
+    /// Records the alerts not recorded yet; one of an install, threshold and month already
+    /// recorded (by any node) is skipped. Returns the ids of those recorded now.
+    fn record_alerts(&self, alerts: &[NewAlert]) -> Result<Vec<Uuid>, ReceiverStoreError>;
+
+    /// The alerts recorded in `range` (by their `at`), oldest first.
+    fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError>;
+
+    /// Takes up to `limit` undelivered alerts whose next attempt is due at `now_ms`, and
+    /// moves their next attempt to `now_ms + lease_ms`, so no other node takes them
+    /// meanwhile; counts the attempt.
+    fn claim_alerts(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError>;
+
+    /// Marks an alert delivered at `at_ms` (`Delivered`), or schedules its next attempt.
+    fn finish_alert(
+        &self,
+        alert_id: Uuid,
+        outcome: DeliveryOutcome,
+    ) -> Result<(), ReceiverStoreError>;
+}
+
+/// An install's monthly budget (SPEC 11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Budget {
+    pub monthly: Micros,
+    /// Percentages of `monthly`, ascending and distinct.
+    pub thresholds: Vec<u32>,
+}
+
+impl Budget {
+    /// The thresholds as stored: `"50,80,100"`.
+    pub fn thresholds_text(&self) -> String {
+        let texts: Vec<String> = self.thresholds.iter().map(u32::to_string).collect();
+        texts.join(",")
+    }
+
+    /// A budget as stored; an error when it is not one this code writes.
+    pub fn from_stored(
+        monthly_micros: i64,
+        thresholds: &str,
+    ) -> Result<Budget, ReceiverStoreError> {
+        let parsed: Result<Vec<u32>, _> = thresholds.split(',').map(str::parse).collect();
+        match parsed {
+            Ok(thresholds) if monthly_micros > 0 && !thresholds.is_empty() => Ok(Budget {
+                monthly: Micros(monthly_micros),
+                thresholds,
+            }),
+            _ => Err(ReceiverStoreError::Corrupt(format!(
+                "a stored budget is unreadable: {monthly_micros} with thresholds {thresholds:?}"
+            ))),
+        }
+    }
+}
+
+/// The month of a UTC day (days since the Unix epoch) as `YYYY-MM`.
+pub fn month_of_day(day: i64) -> String {
+    let date = chrono::DateTime::from_timestamp(day.saturating_mul(86_400), 0).unwrap_or_default();
+    date.format("%Y-%m").to_string()
+}
+
+/// An inclusive range of UTC days (days since the Unix epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayRange {
+    pub first: i64,
+    pub last: i64,
+}
+
+/// One install's month as a budget check reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MonthSpend {
+    pub usage: Vec<ModelDayTokens>,
+    /// Thresholds already alerted this month, ascending.
+    pub alerted: Vec<u32>,
+}
+
+/// An alert to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewAlert {
+    pub alert_id: Uuid,
+    pub install: InstallKey,
+    pub threshold: u32,
+    /// `YYYY-MM` (UTC).
+    pub month: String,
+    /// The month-to-date cost that crossed the threshold.
+    pub cost: Micros,
+    pub budget: Micros,
+    pub currency: String,
+    pub at_ms: i64,
+}
+
+/// A recorded alert, with its delivery state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub alert_id: Uuid,
+    pub install_id: String,
+    pub label: Option<String>,
+    pub threshold: u32,
+    pub month: String,
+    pub cost: Micros,
+    pub budget: Micros,
+    pub currency: String,
+    pub at_ms: i64,
+    pub delivered_at_ms: Option<i64>,
+    /// Delivery attempts begun so far.
+    pub attempts: u32,
+}
+
+/// How one delivery attempt of an alert ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered { at_ms: i64 },
+    RetryAt { at_ms: i64 },
 }
 
 /// Which database a store keeps its data in.
@@ -141,6 +277,10 @@ pub struct InstallUsage {
     /// change by day, and costs round once per model and day), sorted by model, then day;
     /// days without events left out.
     pub usage_mtd: Vec<ModelDayTokens>,
+    /// Its own budget, if it has one.
+    pub budget: Option<Budget>,
+    /// Thresholds alerted this month, ascending.
+    pub alerted_mtd: Vec<u32>,
 }
 
 /// The installations view: one entry per install, and the chart of the last 30 days.
@@ -197,6 +337,8 @@ pub struct Install {
     pub secret: Secret,
     /// A disabled install's batches are refused with `403`.
     pub disabled: bool,
+    /// Its own budget, if it has one.
+    pub budget: Option<Budget>,
 }
 
 /// One validated event ready to store.

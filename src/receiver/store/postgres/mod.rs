@@ -29,15 +29,15 @@ use tokio::runtime::Handle;
 use uuid::Uuid;
 
 use super::{
-    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
-    Totals, UsageWindow,
+    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
+    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
+    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
+use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 mod migrations;
@@ -333,7 +333,11 @@ impl ReceiverStore for PostgresStore {
         self.run(async |store| {
             let client = store.client().await?;
             let statement = client
-                .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = $1")
+                .prepare_cached(
+                    "SELECT i.id, i.secret, i.disabled, b.monthly_micros, b.thresholds
+                     FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                     WHERE i.install_id = $1",
+                )
                 .await?;
             let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
                 return Ok(None);
@@ -348,6 +352,7 @@ impl ReceiverStore for PostgresStore {
                 install_id: install_id.to_owned(),
                 secret,
                 disabled: row.get(2),
+                budget: stored_budget(row.get(3), row.get(4))?,
             }))
         })
     }
@@ -614,8 +619,10 @@ impl ReceiverStore for PostgresStore {
             let mut by_key = std::collections::HashMap::new();
             let installs = client
                 .query(
-                    r#"SELECT id, install_id, plan, last_seen FROM installs
-                       WHERE $1::bigint IS NULL OR id = $1 ORDER BY install_id COLLATE "C""#,
+                    r#"SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros,
+                              b.thresholds
+                       FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                       WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
                     &[&only],
                 )
                 .await?;
@@ -628,7 +635,24 @@ impl ReceiverStore for PostgresStore {
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
+                    budget: stored_budget(row.get(4), row.get(5))?,
+                    alerted_mtd: Vec::new(),
                 });
+            }
+            let alerted = client
+                .query(
+                    "SELECT install, threshold FROM alerts
+                     WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
+                     ORDER BY install, threshold",
+                    &[&month_of_day(window.month_start), &only],
+                )
+                .await?;
+            for row in alerted {
+                if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
+                    report.installs[index]
+                        .alerted_mtd
+                        .push(threshold_from(row.get(1))?);
+                }
             }
             // One statement, so one snapshot: the month's rollup rows as they are (prices
             // change by day and costs round per model and day, so they cannot be summed
@@ -735,7 +759,13 @@ impl ReceiverStore for PostgresStore {
             let events = tx
                 .execute("DELETE FROM events WHERE install = $1", &[&key])
                 .await?;
-            for table in ["event_ids", "daily_usage", "request_schedule"] {
+            for table in [
+                "event_ids",
+                "daily_usage",
+                "request_schedule",
+                "budgets",
+                "alerts",
+            ] {
                 tx.execute(&format!("DELETE FROM {table} WHERE install = $1"), &[&key])
                     .await?;
             }
@@ -744,6 +774,233 @@ impl ReceiverStore for PostgresStore {
             tx.commit().await?;
             Ok(Some(events))
         })
+    }
+
+    fn set_budget(
+        &self,
+        install_id: &str,
+        budget: Option<&Budget>,
+    ) -> Result<bool, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let changed = match budget {
+                Some(budget) => {
+                    client
+                        .execute(
+                            "INSERT INTO budgets (install, monthly_micros, thresholds)
+                             SELECT id, $2, $3 FROM installs WHERE install_id = $1
+                             ON CONFLICT (install) DO UPDATE
+                                 SET monthly_micros = excluded.monthly_micros,
+                                     thresholds = excluded.thresholds",
+                            &[&install_id, &budget.monthly.0, &budget.thresholds_text()],
+                        )
+                        .await?
+                }
+                None => {
+                    // The install's existence, whether or not it had a budget.
+                    client
+                        .query_one(
+                            "WITH gone AS (DELETE FROM budgets WHERE install =
+                                 (SELECT id FROM installs WHERE install_id = $1))
+                             SELECT count(*) FROM installs WHERE install_id = $1",
+                            &[&install_id],
+                        )
+                        .await?
+                        .get::<_, i64>(0) as u64
+                }
+            };
+            Ok(changed == 1)
+        })
+    }
+
+    fn month_spend(
+        &self,
+        install: InstallKey,
+        days: DayRange,
+        month: &str,
+    ) -> Result<MonthSpend, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            // One statement, one snapshot: the month's rollup and its alerts.
+            let rows = client
+                .query(
+                    r#"SELECT 0::int2, model COLLATE "C", day, prompt_tokens, completion_tokens,
+                              cached_tokens, cache_write_tokens, reasoning_tokens, 0
+                       FROM daily_usage WHERE install = $1 AND day >= $2 AND day <= $3
+                       UNION ALL
+                       SELECT 1::int2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, threshold
+                       FROM alerts WHERE install = $1 AND month = $4
+                       ORDER BY 1, 2, 3, 9"#,
+                    &[&install, &days.first, &days.last, &month],
+                )
+                .await?;
+            let mut spend = MonthSpend::default();
+            for row in rows {
+                if row.get::<_, i16>(0) == 1 {
+                    spend.alerted.push(threshold_from(row.get(8))?);
+                    continue;
+                }
+                spend.usage.push(ModelDayTokens {
+                    model: row.get(1),
+                    day: row.get(2),
+                    tokens: TokenCounts {
+                        prompt: count(row.get(3))?,
+                        completion: count(row.get(4))?,
+                        cached: count(row.get(5))?,
+                        cache_write: count(row.get(6))?,
+                        reasoning: count(row.get(7))?,
+                    },
+                });
+            }
+            Ok(spend)
+        })
+    }
+
+    fn record_alerts(&self, alerts: &[NewAlert]) -> Result<Vec<Uuid>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let mut recorded = Vec::new();
+            for alert in alerts {
+                // The unique (install, threshold, month) makes a second node's insert of
+                // the same crossing wait for the first, then skip it. An install erased
+                // meanwhile gets no alert (its row is gone).
+                let inserted = client
+                    .execute(
+                        "INSERT INTO alerts (alert_id, install, threshold, month, cost_micros,
+                             budget_micros, currency, at, next_attempt_at)
+                         SELECT $1, id, $3, $4, $5, $6, $7, $8, $8 FROM installs WHERE id = $2
+                         ON CONFLICT (install, threshold, month) DO NOTHING",
+                        &[
+                            &alert.alert_id,
+                            &alert.install,
+                            &(alert.threshold as i32),
+                            &alert.month,
+                            &alert.cost.0,
+                            &alert.budget.0,
+                            &alert.currency,
+                            &alert.at_ms,
+                        ],
+                    )
+                    .await?;
+                if inserted == 1 {
+                    recorded.push(alert.alert_id);
+                }
+            }
+            Ok(recorded)
+        })
+    }
+
+    fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let rows = client
+                .query(
+                    &format!(
+                        "{ALERT_COLUMNS} WHERE ($1::bigint IS NULL OR a.at >= $1)
+                         AND ($2::bigint IS NULL OR a.at < $2) ORDER BY a.at, a.alert_id"
+                    ),
+                    &[&range.from_ms, &range.to_ms],
+                )
+                .await?;
+            rows.iter().map(alert_row).collect()
+        })
+    }
+
+    fn claim_alerts(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            // SKIP LOCKED: nodes claiming at the same moment take different alerts.
+            let rows = client
+                .query(
+                    &format!(
+                        "WITH claimed AS (
+                             UPDATE alerts SET next_attempt_at = $2, attempts = attempts + 1
+                             WHERE alert_id IN (SELECT alert_id FROM alerts
+                                 WHERE delivered_at IS NULL AND next_attempt_at <= $1
+                                 ORDER BY next_attempt_at, at LIMIT $3
+                                 FOR UPDATE SKIP LOCKED)
+                             RETURNING *)
+                         {}",
+                        ALERT_COLUMNS.replace("FROM alerts a", "FROM claimed a")
+                    ),
+                    &[&now_ms, &now_ms.saturating_add(lease_ms), &(limit as i64)],
+                )
+                .await?;
+            rows.iter().map(alert_row).collect()
+        })
+    }
+
+    fn finish_alert(
+        &self,
+        alert_id: Uuid,
+        outcome: DeliveryOutcome,
+    ) -> Result<(), ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            match outcome {
+                DeliveryOutcome::Delivered { at_ms } => {
+                    client
+                        .execute(
+                            "UPDATE alerts SET delivered_at = $2 WHERE alert_id = $1",
+                            &[&alert_id, &at_ms],
+                        )
+                        .await?
+                }
+                DeliveryOutcome::RetryAt { at_ms } => {
+                    client
+                        .execute(
+                            "UPDATE alerts SET next_attempt_at = $2
+                             WHERE alert_id = $1 AND delivered_at IS NULL",
+                            &[&alert_id, &at_ms],
+                        )
+                        .await?
+                }
+            };
+            Ok(())
+        })
+    }
+}
+
+/// The columns [`alert_row`] reads, joined to the install for its id.
+const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
+        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts
+    FROM alerts a JOIN installs i ON i.id = a.install";
+
+fn alert_row(row: &Row) -> Result<Alert, ReceiverStoreError> {
+    Ok(Alert {
+        alert_id: row.get(0),
+        install_id: row.get(1),
+        label: None,
+        threshold: threshold_from(row.get(2))?,
+        month: row.get(3),
+        cost: Micros(row.get(4)),
+        budget: Micros(row.get(5)),
+        currency: row.get(6),
+        at_ms: row.get(7),
+        delivered_at_ms: row.get(8),
+        attempts: u32::try_from(row.get::<_, i32>(9)).unwrap_or(0),
+    })
+}
+
+fn threshold_from(value: i32) -> Result<u32, ReceiverStoreError> {
+    u32::try_from(value).map_err(|_| {
+        ReceiverStoreError::Corrupt(format!("a stored threshold is negative: {value}"))
+    })
+}
+
+/// A budget from the columns of a `LEFT JOIN budgets`: `None` when the install has none.
+fn stored_budget(
+    monthly_micros: Option<i64>,
+    thresholds: Option<&str>,
+) -> Result<Option<Budget>, ReceiverStoreError> {
+    match (monthly_micros, thresholds) {
+        (Some(monthly), Some(thresholds)) => Budget::from_stored(monthly, thresholds).map(Some),
+        _ => Ok(None),
     }
 }
 

@@ -107,6 +107,32 @@ CREATE INDEX daily_usage_by_day
     ON daily_usage (day, install, model, events, prompt_tokens, completion_tokens,
                     cached_tokens, cache_write_tokens, reasoning_tokens);
 "#,
+    // Budgets and their alerts (SPEC 11); the alerts table is also the outbox of their
+    // delivery. The unique key makes an alert fire once per install, threshold and month.
+    // (Foreign keys are off in SQLite: erasure deletes both explicitly.)
+    r#"
+CREATE TABLE budgets (
+    install        INTEGER PRIMARY KEY,
+    monthly_micros INTEGER NOT NULL CHECK (monthly_micros > 0),
+    thresholds     TEXT NOT NULL
+);
+CREATE TABLE alerts (
+    alert_id        BLOB PRIMARY KEY,
+    install         INTEGER NOT NULL,
+    threshold       INTEGER NOT NULL,
+    month           TEXT NOT NULL,
+    cost_micros     INTEGER NOT NULL,
+    budget_micros   INTEGER NOT NULL,
+    currency        TEXT NOT NULL,
+    at              INTEGER NOT NULL,
+    delivered_at    INTEGER,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    UNIQUE (install, threshold, month)
+);
+CREATE INDEX alerts_by_time ON alerts (at, alert_id);
+CREATE INDEX alerts_undelivered ON alerts (next_attempt_at) WHERE delivered_at IS NULL;
+"#,
 ];
 
 /// Applies the migrations not applied yet; refuses a schema newer than this build knows.

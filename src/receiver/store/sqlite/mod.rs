@@ -21,16 +21,16 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
-    TimeRange, Totals, UsageWindow,
+    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
+    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
+    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
 };
 use crate::event::Source;
 use crate::private_file::create_private;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
+use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::{Rate, RateLimiter};
 
 mod group_commit;
@@ -220,13 +220,24 @@ impl ReceiverStore for SqliteStore {
 
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
         let conn = self.reader();
-        let row: Option<(InstallKey, String, bool)> = conn
-            .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = ?1")?
+        type Row = (InstallKey, String, bool, Option<i64>, Option<String>);
+        let row: Option<Row> = conn
+            .prepare_cached(
+                "SELECT i.id, i.secret, i.disabled, b.monthly_micros, b.thresholds
+                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                 WHERE i.install_id = ?1",
+            )?
             .query_row(params![install_id], |row| {
-                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
             })
             .optional()?;
-        let Some((key, secret, disabled)) = row else {
+        let Some((key, secret, disabled, monthly, thresholds)) = row else {
             return Ok(None);
         };
         let secret = Secret::parse(&secret).map_err(|e| {
@@ -239,6 +250,7 @@ impl ReceiverStore for SqliteStore {
             install_id: install_id.to_owned(),
             secret,
             disabled,
+            budget: stored_budget(monthly, thresholds.as_deref())?,
         }))
     }
 
@@ -449,8 +461,9 @@ impl ReceiverStore for SqliteStore {
         let mut by_key = HashMap::new();
         {
             let mut statement = conn.prepare_cached(
-                "SELECT id, install_id, plan, last_seen FROM installs
-                 WHERE ?1 IS NULL OR id = ?1 ORDER BY install_id",
+                "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds
+                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                 WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
             )?;
             let mut rows = statement.query(params![only])?;
             while let Some(row) = rows.next()? {
@@ -463,7 +476,22 @@ impl ReceiverStore for SqliteStore {
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
+                    budget: stored_budget(
+                        row.get(4)?,
+                        row.get::<_, Option<String>>(5)?.as_deref(),
+                    )?,
+                    alerted_mtd: Vec::new(),
                 });
+            }
+            let mut statement = conn.prepare_cached(
+                "SELECT install, threshold FROM alerts
+                 WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
+            )?;
+            let mut rows = statement.query(params![month_of_day(window.month_start), only])?;
+            while let Some(row) = rows.next()? {
+                if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
+                    report.installs[index].alerted_mtd.push(row.get(1)?);
+                }
             }
         }
         // One range scan of the rollup rows of both windows (a covering index for every
@@ -537,12 +565,217 @@ impl ReceiverStore for SqliteStore {
         let events = tx
             .prepare_cached("DELETE FROM events WHERE install = ?1")?
             .execute(params![key])?;
-        tx.prepare_cached("DELETE FROM daily_usage WHERE install = ?1")?
-            .execute(params![key])?;
+        for table in ["daily_usage", "budgets", "alerts"] {
+            tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
+                .execute(params![key])?;
+        }
         tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
             .execute(params![key])?;
         tx.commit()?;
         Ok(Some(events as u64))
+    }
+
+    fn set_budget(
+        &self,
+        install_id: &str,
+        budget: Option<&Budget>,
+    ) -> Result<bool, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(false);
+        };
+        match budget {
+            Some(budget) => tx
+                .prepare_cached(
+                    "INSERT INTO budgets (install, monthly_micros, thresholds) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (install) DO UPDATE SET monthly_micros = excluded.monthly_micros,
+                         thresholds = excluded.thresholds",
+                )?
+                .execute(params![key, budget.monthly.0, budget.thresholds_text()])?,
+            None => tx
+                .prepare_cached("DELETE FROM budgets WHERE install = ?1")?
+                .execute(params![key])?,
+        };
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn month_spend(
+        &self,
+        install: InstallKey,
+        days: DayRange,
+        month: &str,
+    ) -> Result<MonthSpend, ReceiverStoreError> {
+        let conn = self.reader();
+        let tx = conn.unchecked_transaction()?;
+        let mut spend = MonthSpend::default();
+        {
+            let mut statement = tx.prepare_cached(
+                "SELECT model, day, prompt_tokens, completion_tokens, cached_tokens,
+                        cache_write_tokens, reasoning_tokens
+                 FROM daily_usage WHERE install = ?1 AND day >= ?2 AND day <= ?3
+                 ORDER BY model, day",
+            )?;
+            let mut rows = statement.query(params![install, days.first, days.last])?;
+            while let Some(row) = rows.next()? {
+                spend.usage.push(ModelDayTokens {
+                    model: row.get(0)?,
+                    day: row.get(1)?,
+                    tokens: TokenCounts {
+                        prompt: row.get(2)?,
+                        completion: row.get(3)?,
+                        cached: row.get(4)?,
+                        cache_write: row.get(5)?,
+                        reasoning: row.get(6)?,
+                    },
+                });
+            }
+            let mut statement = tx.prepare_cached(
+                "SELECT threshold FROM alerts WHERE install = ?1 AND month = ?2 ORDER BY threshold",
+            )?;
+            let mut rows = statement.query(params![install, month])?;
+            while let Some(row) = rows.next()? {
+                spend.alerted.push(row.get(0)?);
+            }
+        }
+        tx.commit()?;
+        Ok(spend)
+    }
+
+    fn record_alerts(&self, alerts: &[NewAlert]) -> Result<Vec<Uuid>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut recorded = Vec::new();
+        {
+            // An install erased meanwhile gets no alert (its row is gone).
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO alerts (alert_id, install, threshold, month, cost_micros,
+                     budget_micros, currency, at, next_attempt_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8
+                 WHERE EXISTS (SELECT 1 FROM installs WHERE id = ?2)
+                 ON CONFLICT (install, threshold, month) DO NOTHING",
+            )?;
+            for alert in alerts {
+                let inserted = insert.execute(params![
+                    alert.alert_id.as_bytes().as_slice(),
+                    alert.install,
+                    alert.threshold,
+                    alert.month,
+                    alert.cost.0,
+                    alert.budget.0,
+                    alert.currency,
+                    alert.at_ms,
+                ])?;
+                if inserted == 1 {
+                    recorded.push(alert.alert_id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(recorded)
+    }
+
+    fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement = conn.prepare_cached(&format!(
+            "{ALERT_COLUMNS} WHERE (?1 IS NULL OR a.at >= ?1) AND (?2 IS NULL OR a.at < ?2)
+             ORDER BY a.at, a.alert_id"
+        ))?;
+        let rows = statement.query_map(params![range.from_ms, range.to_ms], alert_row)?;
+        rows.map(|row| row?).collect()
+    }
+
+    fn claim_alerts(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let claimed = {
+            let mut statement = tx.prepare_cached(
+                "UPDATE alerts SET next_attempt_at = ?2, attempts = attempts + 1
+                 WHERE alert_id IN (SELECT alert_id FROM alerts
+                     WHERE delivered_at IS NULL AND next_attempt_at <= ?1
+                     ORDER BY next_attempt_at, at LIMIT ?3)
+                 RETURNING alert_id",
+            )?;
+            let ids = statement.query_map(
+                params![now_ms, now_ms.saturating_add(lease_ms), limit as i64],
+                |row| row.get::<_, Vec<u8>>(0),
+            )?;
+            let ids = ids.collect::<Result<Vec<_>, _>>()?;
+            let mut select =
+                tx.prepare_cached(&format!("{ALERT_COLUMNS} WHERE a.alert_id = ?1"))?;
+            let mut claimed = Vec::with_capacity(ids.len());
+            for id in ids {
+                claimed.push(select.query_row(params![id], alert_row)??);
+            }
+            claimed
+        };
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    fn finish_alert(
+        &self,
+        alert_id: Uuid,
+        outcome: DeliveryOutcome,
+    ) -> Result<(), ReceiverStoreError> {
+        let id = alert_id.as_bytes().as_slice();
+        let conn = self.writer();
+        match outcome {
+            DeliveryOutcome::Delivered { at_ms } => conn
+                .prepare_cached("UPDATE alerts SET delivered_at = ?2 WHERE alert_id = ?1")?
+                .execute(params![id, at_ms])?,
+            DeliveryOutcome::RetryAt { at_ms } => conn
+                .prepare_cached(
+                    "UPDATE alerts SET next_attempt_at = ?2
+                     WHERE alert_id = ?1 AND delivered_at IS NULL",
+                )?
+                .execute(params![id, at_ms])?,
+        };
+        Ok(())
+    }
+}
+
+/// The columns [`alert_row`] reads, joined to the install for its id.
+const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
+        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts
+    FROM alerts a JOIN installs i ON i.id = a.install";
+
+fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, ReceiverStoreError>> {
+    let id: Vec<u8> = row.get(0)?;
+    let Ok(alert_id) = Uuid::from_slice(&id) else {
+        return Ok(Err(ReceiverStoreError::Corrupt(
+            "a stored alert id is not 16 bytes".into(),
+        )));
+    };
+    Ok(Ok(Alert {
+        alert_id,
+        install_id: row.get(1)?,
+        label: None,
+        threshold: row.get(2)?,
+        month: row.get(3)?,
+        cost: Micros(row.get(4)?),
+        budget: Micros(row.get(5)?),
+        currency: row.get(6)?,
+        at_ms: row.get(7)?,
+        delivered_at_ms: row.get(8)?,
+        attempts: row.get(9)?,
+    }))
+}
+
+/// A budget from the columns of a `LEFT JOIN budgets`: `None` when the install has none.
+fn stored_budget(
+    monthly_micros: Option<i64>,
+    thresholds: Option<&str>,
+) -> Result<Option<Budget>, ReceiverStoreError> {
+    match (monthly_micros, thresholds) {
+        (Some(monthly), Some(thresholds)) => Budget::from_stored(monthly, thresholds).map(Some),
+        _ => Ok(None),
     }
 }
 
