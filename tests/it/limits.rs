@@ -14,8 +14,9 @@ use usage_agent::protocol::wire::user_hash;
 use usage_agent::receiver::pricing::Plan;
 use usage_agent::receiver::rate_limit::Rate;
 use usage_agent::receiver::store::{
-    EnrollOutcome, EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallationsReport,
-    NewEvent, NewInstall, RetainedDays, StoreKind, Summary, SummaryQuery, UsageWindow,
+    DayRange, EnrollOutcome, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
+    InstallationsReport, NewEvent, NewInstall, RetainedDays, SourceModelDay, StoreKind, Summary,
+    SummaryQuery, UsageWindow,
 };
 use usage_agent::receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
@@ -248,6 +249,16 @@ impl ReceiverStore for GatedStore {
     }
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
         self.inner.set_plan(install_id, plan)
+    }
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        self.inner.set_label(install_id, label)
+    }
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        self.inner.source_usage(install_id, days)
     }
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.inner.erase_install(install_id)

@@ -29,10 +29,10 @@ use tokio::runtime::Handle;
 use uuid::Uuid;
 
 use super::{
-    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
-    Totals, UsageWindow,
+    DailyTokens, DayRange, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts,
+    Install, InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
+    ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay, StoreKind, Summary,
+    SummaryQuery, SummaryRow, Totals, UsageWindow,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -614,7 +614,7 @@ impl ReceiverStore for PostgresStore {
             let mut by_key = std::collections::HashMap::new();
             let installs = client
                 .query(
-                    r#"SELECT id, install_id, plan, last_seen FROM installs
+                    r#"SELECT id, install_id, plan, last_seen, label FROM installs
                        WHERE $1::bigint IS NULL OR id = $1 ORDER BY install_id COLLATE "C""#,
                     &[&only],
                 )
@@ -623,6 +623,7 @@ impl ReceiverStore for PostgresStore {
                 by_key.insert(row.get::<_, i64>(0), report.installs.len());
                 report.installs.push(InstallUsage {
                     install_id: row.get(1),
+                    label: row.get(4),
                     plan: plan_from(row.get(2))?,
                     last_seen_ms: row.get(3),
                     events_30d: 0,
@@ -713,6 +714,63 @@ impl ReceiverStore for PostgresStore {
                 )
                 .await?;
             Ok(changed == 1)
+        })
+    }
+
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        self.run(async |store| {
+            let changed = store
+                .client()
+                .await?
+                .execute(
+                    "UPDATE installs SET label = $2 WHERE install_id = $1",
+                    &[&install_id, &label],
+                )
+                .await?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let from = days.first.saturating_mul(MS_PER_DAY);
+            let to = days.last.saturating_add(1).saturating_mul(MS_PER_DAY);
+            let rows = client
+                .query(
+                    "SELECT e.source, e.model, e.created_at / 86400000 AS day,
+                            count(*)::bigint, sum(e.prompt_tokens)::bigint,
+                            sum(e.completion_tokens)::bigint, sum(e.cached_tokens)::bigint,
+                            sum(e.cache_write_tokens)::bigint, sum(e.reasoning_tokens)::bigint
+                     FROM events e JOIN installs i ON i.id = e.install
+                     WHERE i.install_id = $1 AND e.created_at >= $2 AND e.created_at < $3
+                     GROUP BY 1, 2, 3 ORDER BY 1, e.model COLLATE \"C\", 3",
+                    &[&install_id, &from, &to],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SourceModelDay {
+                        source: source_from(row.get(0))?,
+                        events: count(row.get(3))?,
+                        usage: ModelDayTokens {
+                            model: row.get(1),
+                            day: row.get(2),
+                            tokens: TokenCounts {
+                                prompt: count(row.get(4))?,
+                                completion: count(row.get(5))?,
+                                cached: count(row.get(6))?,
+                                cache_write: count(row.get(7))?,
+                                reasoning: count(row.get(8))?,
+                            },
+                        },
+                    })
+                })
+                .collect()
         })
     }
 

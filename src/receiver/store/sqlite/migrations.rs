@@ -107,6 +107,10 @@ CREATE INDEX daily_usage_by_day
     ON daily_usage (day, install, model, events, prompt_tokens, completion_tokens,
                     cached_tokens, cache_write_tokens, reasoning_tokens);
 "#,
+    // The provider's label of an install (SPEC 11), shown on the dashboard; NULL when none.
+    r#"
+ALTER TABLE installs ADD COLUMN label TEXT;
+"#,
 ];
 
 /// Applies the migrations not applied yet; refuses a schema newer than this build knows.

@@ -21,10 +21,10 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
-    TimeRange, Totals, UsageWindow,
+    DailyTokens, DayRange, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts,
+    Install, InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
+    ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay, StoreKind, Summary,
+    SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
 };
 use crate::event::Source;
 use crate::private_file::create_private;
@@ -449,7 +449,7 @@ impl ReceiverStore for SqliteStore {
         let mut by_key = HashMap::new();
         {
             let mut statement = conn.prepare_cached(
-                "SELECT id, install_id, plan, last_seen FROM installs
+                "SELECT id, install_id, plan, last_seen, label FROM installs
                  WHERE ?1 IS NULL OR id = ?1 ORDER BY install_id",
             )?;
             let mut rows = statement.query(params![only])?;
@@ -458,6 +458,7 @@ impl ReceiverStore for SqliteStore {
                 by_key.insert(key, report.installs.len());
                 report.installs.push(InstallUsage {
                     install_id: row.get(1)?,
+                    label: row.get(4)?,
                     plan: plan_from(&row.get::<_, String>(2)?)?,
                     last_seen_ms: row.get(3)?,
                     events_30d: 0,
@@ -526,6 +527,55 @@ impl ReceiverStore for SqliteStore {
             .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
             .execute(params![install_id, plan.as_str()])?;
         Ok(changed == 1)
+    }
+
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET label = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, label])?;
+        Ok(changed == 1)
+    }
+
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        let conn = self.reader();
+        let Some(key) = install_key(&conn, install_id)? else {
+            return Ok(Vec::new());
+        };
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT source, model, created_at / {MS_PER_DAY} AS day, count(*),
+                    sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens),
+                    sum(cache_write_tokens), sum(reasoning_tokens)
+             FROM events
+             WHERE install = ?1 AND created_at >= ?2 AND created_at < ?3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        ))?;
+        let from = days.first.saturating_mul(MS_PER_DAY);
+        let to = days.last.saturating_add(1).saturating_mul(MS_PER_DAY);
+        let mut rows = statement.query(params![key, from, to])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(SourceModelDay {
+                source: source_from(row.get(0)?)?,
+                events: row.get(3)?,
+                usage: ModelDayTokens {
+                    model: row.get(1)?,
+                    day: row.get(2)?,
+                    tokens: TokenCounts {
+                        prompt: row.get(4)?,
+                        completion: row.get(5)?,
+                        cached: row.get(6)?,
+                        cache_write: row.get(7)?,
+                        reasoning: row.get(8)?,
+                    },
+                },
+            });
+        }
+        Ok(out)
     }
 
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
