@@ -887,8 +887,10 @@ async fn every_provider_route_refuses_missing_or_wrong_credentials() {
     assert_eq!(rows[&install.id]["plan"], "free");
 }
 
-/// Runs headless Chromium with `args` and returns its stdout; fails the test after a minute.
-fn chromium(profile: &std::path::Path, args: &[&str]) -> String {
+/// Runs headless Chromium with `args` and returns its stdout and its log (the page's
+/// console, where a Content Security Policy violation would be reported); fails the test
+/// after a minute.
+fn chromium(profile: &std::path::Path, args: &[&str]) -> (String, String) {
     use std::process::{Command, Stdio};
     let mut child = Command::new("chromium")
         .args([
@@ -899,31 +901,74 @@ fn chromium(profile: &std::path::Path, args: &[&str]) -> String {
             "--disable-component-update",
             "--disable-sync",
             "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("chromium must be installed (Debian's chromium package; .ci/setup installs it)");
+    // Read both pipes while it runs, so a full pipe never stalls it.
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut text).map(|_| text)
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut text).map(|_| text)
+    });
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        if child.try_wait().expect("poll chromium").is_some() {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll chromium") {
+            break status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             panic!("chromium did not finish within a minute");
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("read chromium's output");
-    assert!(
-        output.status.success(),
-        "chromium failed: {:?}",
-        output.status
+    };
+    assert!(status.success(), "chromium failed: {status:?}");
+    (
+        out.join().unwrap().unwrap_or_default(),
+        err.join().unwrap().unwrap_or_default(),
+    )
+}
+
+/// Renders `path` of `rx` in headless Chromium: the DOM it built, a screenshot, and its
+/// log.
+async fn render_in_chromium(rx: &TestReceiver, path: &str, height: u32) -> (String, Vec<u8>) {
+    let url = format!(
+        "http://{PROVIDER_USER}:{PROVIDER_PASSWORD}@{}{path}",
+        rx.addr
     );
-    String::from_utf8_lossy(&output.stdout).into_owned()
+    let size = format!("--window-size=1400,{height}");
+    tokio::task::spawn_blocking(move || {
+        let profile = tempfile::tempdir().unwrap();
+        let shot = profile.path().join("shot.png");
+        let shot_arg = format!("--screenshot={}", shot.display());
+        let (dom, log) = chromium(&profile.path().join("dom"), &["--dump-dom", &url]);
+        let (_, shot_log) = chromium(
+            &profile.path().join("shot"),
+            &[&size, "--hide-scrollbars", &shot_arg, &url],
+        );
+        for log in [&log, &shot_log] {
+            assert!(
+                !log.contains("Content Security Policy") && !log.contains("Refused to"),
+                "the page broke its own policy: {log}"
+            );
+        }
+        (
+            dom,
+            std::fs::read(&shot).expect("chromium wrote the screenshot"),
+        )
+    })
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -935,15 +980,27 @@ async fn the_dashboard_renders_in_headless_chromium() {
         ("claude-3", 640_000),
         ("llama-3", 90_000),
     ];
+    let installs = [
+        ("free", Some("Bakery blog")),
+        ("pro", Some("Acme shop")),
+        ("agency", Some("Northwind agency sites")),
+        ("pro", None),
+        ("free", None),
+        ("agency", Some("Contoso support desk")),
+    ];
     let mut ids = Vec::new();
-    for (n, plan) in ["free", "pro", "agency", "pro"].into_iter().enumerate() {
+    for (n, (plan, label)) in installs.into_iter().enumerate() {
         let install = enroll(&rx).await;
-        // A few days of history each, so the chart has bars.
-        let events: Vec<Value> = (0..8u32)
+        // Two weeks of history each, from both sources, so the charts have bars.
+        let events: Vec<Value> = (0..14u32)
             .map(|day| {
                 let (model, tokens) = models[(n + day as usize) % models.len()];
-                let at = earlier_today(now) - Duration::days(i64::from(day * 3));
-                event(&install, model, tokens / (u64::from(day) + 1), at)
+                let at = earlier_today(now) - Duration::days(i64::from(day * 2));
+                let mut event = event(&install, model, tokens / (u64::from(day % 5) + 1), at);
+                if (n + day as usize).is_multiple_of(3) {
+                    event["source"] = json!("bulk");
+                }
+                event
             })
             .collect();
         assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
@@ -952,34 +1009,16 @@ async fn the_dashboard_renders_in_headless_chromium() {
             set_plan(&rx, &install.id, &body).await.status(),
             StatusCode::OK
         );
+        if let Some(label) = label {
+            let body = json!({ "label": label }).to_string();
+            assert_eq!(
+                set_label(&rx, &install.id, &body).await.status(),
+                StatusCode::OK
+            );
+        }
         ids.push(install.id);
     }
-    let url = format!(
-        "http://{PROVIDER_USER}:{PROVIDER_PASSWORD}@{}/dashboard?sort=-profit",
-        rx.addr
-    );
-    let profile = tempfile::tempdir().unwrap();
-    let shot = profile.path().join("dashboard.png");
-    let shot_arg = format!("--screenshot={}", shot.display());
-    let (dom, png) = tokio::task::spawn_blocking(move || {
-        let dom = chromium(&profile.path().join("dom"), &["--dump-dom", &url]);
-        chromium(
-            &profile.path().join("shot"),
-            &[
-                "--window-size=1400,900",
-                "--hide-scrollbars",
-                &shot_arg,
-                &url,
-            ],
-        );
-        (
-            dom,
-            std::fs::read(&shot).expect("chromium wrote the screenshot"),
-        )
-    })
-    .await
-    .unwrap();
-
+    let (dom, png) = render_in_chromium(&rx, "/dashboard?period=30d&sort=-profit", 900).await;
     // The rows are in the DOM the browser built, one per install, and nothing ran.
     assert_eq!(
         dom.matches(r#"<tr class="install">"#).count(),
@@ -988,16 +1027,28 @@ async fn the_dashboard_renders_in_headless_chromium() {
     );
     for id in &ids {
         assert!(
-            dom.contains(id.as_str()),
+            dom.contains(&format!("title=\"{id}\"")),
             "{id} missing from the rendered table"
         );
     }
+    assert!(dom.contains("Acme shop"));
     assert!(dom.contains("<svg"), "the chart is rendered");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
-    // `DASHBOARD_SCREENSHOT=docs/dashboard.png cargo test ... headless` refreshes the
-    // screenshot kept in the repository.
+
+    let detail = format!("/dashboard/installations/{}?period=30d", ids[1]);
+    let (detail_dom, detail_png) = render_in_chromium(&rx, &detail, 1100).await;
+    assert!(detail_dom.contains("Acme shop"));
+    assert!(detail_dom.contains(r#"<table id="by-model">"#));
+    assert!(detail_dom.contains(r#"<table id="by-source">"#));
+    assert!(detail_dom.contains(r#"<section id="alerts">"#));
+    assert!(detail_png.starts_with(b"\x89PNG"));
+    // `DASHBOARD_SCREENSHOT=docs/dashboard.png DASHBOARD_INSTALL_SCREENSHOT=...` refresh
+    // the screenshots kept in the repository (docs/dashboard.md).
     if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
         std::fs::write(path, &png).expect("write the screenshot");
+    }
+    if let Ok(path) = std::env::var("DASHBOARD_INSTALL_SCREENSHOT") {
+        std::fs::write(path, &detail_png).expect("write the screenshot");
     }
 }
 
