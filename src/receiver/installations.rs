@@ -1,7 +1,8 @@
-//! The provider's installation views (SPEC section 6), all behind basic auth:
-//! `GET /api/usage/installations` (usage, cost, revenue and profit per install),
-//! `PUT /api/installations/{install_id}/plan` and `DELETE /api/installations/{install_id}`;
-//! budgets are set in [`super::budgets`].
+//! The provider's installation views (SPEC sections 6 and 11), all behind basic auth:
+//! `GET /api/usage/installations` (usage, cost, revenue and profit per install, as JSON or
+//! CSV, over SPEC 6's days or a period, sorted as [`super::view`] reads it),
+//! `PUT /api/installations/{install_id}/plan`, `PUT /api/installations/{install_id}/label`
+//! and `DELETE /api/installations/{install_id}`; budgets are set in [`super::budgets`].
 //!
 //! The numbers come from the store's daily rollups and the money from [`super::pricing`];
 //! this module only picks the days, parses requests and shapes answers. "Now" is
@@ -12,10 +13,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Datelike, Utc};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ReceiverState;
@@ -24,26 +27,32 @@ use super::clip::clip;
 use super::error::ReceiverError;
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan};
-use super::provider::{authorize, blocking};
+use super::provider::{authorize, bad_param, blocking, day_text};
 use super::store::{Budget, DailyTokens, InstallUsage, UsageWindow};
+use super::view::{Period, Sort};
 use crate::event::format_millis;
 
 const MS_PER_DAY: i64 = 86_400_000;
 
-/// One installation with its month's bill: a row of the API answer and of the dashboard.
+/// One installation with its bill: a row of the API answer and of the dashboard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstallRow {
     pub install_id: String,
+    pub label: Option<String>,
     pub plan: Plan,
     pub last_seen_ms: Option<i64>,
-    pub events_30d: u64,
-    pub tokens_30d: u64,
-    /// `bill.tokens` is the month-to-date token count.
+    /// Events and tokens over the counted days: the last 30 days in SPEC 6's answer, the
+    /// period in a period's view.
+    pub events: u64,
+    pub tokens: u64,
+    /// Over the priced days: month to date in SPEC 6's answer, the period in a period's
+    /// view. `bill.tokens` counts the tokens of those days.
     pub bill: Bill,
     /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
     pub budget: Option<Budget>,
-    /// Thresholds alerted this month, ascending.
-    pub alerted_mtd: Vec<u32>,
+    /// Thresholds alerted in the calendar month of the last day reported (this month in
+    /// SPEC 6's answer and a month-to-date view), ascending.
+    pub alerted_in_month: Vec<u32>,
 }
 
 /// The UTC days of the last 30 days (today included) and of the current month.
@@ -57,43 +66,65 @@ pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
     }
 }
 
-/// Prices every install's month, and gives each the budget in force.
-pub fn install_rows(app: &ReceiverState, usages: Vec<InstallUsage>) -> Vec<InstallRow> {
+/// Prices every install's usage; `period`, when given, decides the revenue (a whole
+/// monthly price, or prorated by day), else it is the plan's monthly price.
+pub fn install_rows(
+    app: &ReceiverState,
+    usages: Vec<InstallUsage>,
+    period: Option<Period>,
+) -> Vec<InstallRow> {
+    let pricing = &app.pricing;
     usages
         .into_iter()
-        .map(|usage| InstallRow {
-            bill: app.pricing.bill(usage.plan, &usage.usage_mtd),
-            budget: budget_in_force(app, usage.budget.as_ref()),
-            alerted_mtd: usage.alerted_mtd,
-            install_id: usage.install_id,
-            plan: usage.plan,
-            last_seen_ms: usage.last_seen_ms,
-            events_30d: usage.events_30d,
-            tokens_30d: usage.tokens_30d,
+        .map(|usage| {
+            let revenue = match period {
+                Some(period) if !period.is_monthly() => {
+                    pricing.prorated_revenue(usage.plan, period.days.first, period.days.last)
+                }
+                _ => pricing.revenue(usage.plan),
+            };
+            InstallRow {
+                bill: pricing.bill_with_revenue(revenue, &usage.usage_mtd),
+                install_id: usage.install_id,
+                label: usage.label,
+                plan: usage.plan,
+                last_seen_ms: usage.last_seen_ms,
+                events: usage.events_30d,
+                tokens: usage.tokens_30d,
+                budget: budget_in_force(app, usage.budget.as_ref()),
+                alerted_in_month: usage.alerted_in_month,
+            }
         })
         .collect()
 }
 
-/// Every install (or only `install_id`) priced as of `now`, and the tokens per day of the
-/// last 30 days summed over them.
+/// Every install (or only `install_id`) priced as of `now` over SPEC 6's days (`period`
+/// `None`: the last 30 days counted, month to date priced) or over a period, and the
+/// tokens per day of the counted days summed over them.
 pub async fn load_rows(
     app: &Arc<ReceiverState>,
     install_id: Option<String>,
     now: DateTime<Utc>,
+    period: Option<Period>,
 ) -> Result<(Vec<InstallRow>, Vec<DailyTokens>), ReceiverError> {
-    let window = usage_window(now);
+    let window = match period {
+        Some(period) => period.days.as_window(),
+        None => usage_window(now),
+    };
     let store = app.store.clone();
     let report = blocking(move || store.installations(install_id.as_deref(), window)).await?;
-    Ok((install_rows(app, report.installs), report.daily))
+    Ok((install_rows(app, report.installs, period), report.daily))
 }
 
+/// SPEC 6's row: the last 30 days and month to date.
 fn row_json(row: &InstallRow) -> Value {
     json!({
         "install_id": row.install_id,
+        "label": row.label,
         "plan": row.plan.as_str(),
         "last_seen": row.last_seen_ms.map(format_millis),
-        "events_30d": row.events_30d,
-        "tokens_30d": row.tokens_30d,
+        "events_30d": row.events,
+        "tokens_30d": row.tokens,
         "tokens_mtd": row.bill.tokens,
         "cost_mtd": row.bill.cost.to_json(),
         "revenue_mtd": row.bill.revenue.to_json(),
@@ -104,16 +135,162 @@ fn row_json(row: &InstallRow) -> Value {
     })
 }
 
-/// `GET /api/usage/installations`.
+/// A period's row: every figure over the period; the share of the monthly budget used
+/// only for a calendar month's period (null for others).
+fn period_row_json(row: &InstallRow, period: &Period) -> Value {
+    let used_pct = row
+        .budget
+        .as_ref()
+        .filter(|_| period.is_monthly())
+        .map(|budget| used_pct(row.bill.cost, budget));
+    json!({
+        "install_id": row.install_id,
+        "label": row.label,
+        "plan": row.plan.as_str(),
+        "last_seen": row.last_seen_ms.map(format_millis),
+        "events": row.events,
+        "tokens": row.bill.tokens,
+        "cost": row.bill.cost.to_json(),
+        "revenue": row.bill.revenue.to_json(),
+        "profit": row.bill.profit.to_json(),
+        "unpriced_models": row.bill.unpriced_models,
+        "budget_monthly": row.budget.as_ref().map(|budget| budget.monthly.to_cents().to_json()),
+        "budget_used_pct": used_pct,
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    format: Option<String>,
+    period: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    sort: Option<String>,
+}
+
+/// `GET /api/usage/installations[?format=json|csv][&period=mtd|last_month|30d |
+/// &from=&to=][&sort=[-]column]`. Without a period the answer is SPEC 6's (the last 30
+/// days and month to date); with one, every figure is over that period and the answer
+/// names it. CSV has the same columns as the JSON rows.
 pub async fn list(
     State(app): State<Arc<ReceiverState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ReceiverError> {
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let (rows, _) = load_rows(&app, None, app.provider_now()).await?;
-    let installations: Vec<Value> = rows.iter().map(row_json).collect();
-    Ok(Json(json!({ "installations": installations })))
+    let Query(params) = params.map_err(|rejection| {
+        ReceiverError::bad_request(
+            "invalid_query",
+            format!("the query string is invalid: {}", rejection.body_text()),
+        )
+    })?;
+    let csv = match params.format.as_deref().map(str::trim) {
+        None | Some("") | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => return Err(bad_param("format", "must be json or csv")),
+    };
+    let now = app.provider_now();
+    let period = Period::parse(
+        params.period.as_deref(),
+        params.from.as_deref(),
+        params.to.as_deref(),
+        now,
+    )?;
+    let sort = Sort::parse(params.sort.as_deref())?;
+    let (mut rows, _) = load_rows(&app, None, now, period).await?;
+    sort.apply(&mut rows);
+    let installations: Vec<Value> = match &period {
+        Some(period) => rows
+            .iter()
+            .map(|row| period_row_json(row, period))
+            .collect(),
+        None => rows.iter().map(row_json).collect(),
+    };
+    if csv {
+        let columns: &[&str] = if period.is_some() {
+            &PERIOD_COLUMNS
+        } else {
+            &COLUMNS
+        };
+        return Ok(rows_csv(columns, &installations));
+    }
+    let mut answer = json!({ "installations": installations });
+    if let Some(period) = period {
+        answer["period"] = json!({
+            "name": period.name(),
+            "from": day_text(period.days.first),
+            "to": day_text(period.days.last),
+        });
+    }
+    Ok(Json(answer).into_response())
+}
+
+/// The keys of SPEC 6's rows, in order: the CSV header without a period.
+const COLUMNS: [&str; 13] = [
+    "install_id",
+    "label",
+    "plan",
+    "last_seen",
+    "events_30d",
+    "tokens_30d",
+    "tokens_mtd",
+    "cost_mtd",
+    "revenue_mtd",
+    "profit_mtd",
+    "unpriced_models",
+    "budget_monthly",
+    "budget_used_pct",
+];
+
+/// The keys of a period's rows, in order: the CSV header with a period.
+const PERIOD_COLUMNS: [&str; 12] = [
+    "install_id",
+    "label",
+    "plan",
+    "last_seen",
+    "events",
+    "tokens",
+    "cost",
+    "revenue",
+    "profit",
+    "unpriced_models",
+    "budget_monthly",
+    "budget_used_pct",
+];
+
+/// The JSON rows as CSV with `columns` as the header: a list as its items joined by `;`,
+/// `null` as an empty cell; quoted where needed (labels may hold anything).
+fn rows_csv(columns: &[&str], rows: &[Value]) -> Response {
+    let cell = |value: &Value| match value {
+        Value::Null => String::new(),
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(";"),
+        other => other.to_string(),
+    };
+    let write = || -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        writer.write_record(columns)?;
+        for row in rows {
+            writer.write_record(columns.iter().map(|key| cell(&row[*key])))?;
+        }
+        Ok(writer.into_inner()?)
+    };
+    // Writing to memory cannot fail.
+    let body = write().unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
@@ -150,6 +327,49 @@ pub async fn set_plan(
     Ok(Json(
         json!({"install_id": install_id, "plan": plan.as_str()}),
     ))
+}
+
+/// `PUT /api/installations/{install_id}/label` with `{"label": "..."}` (1 to 100
+/// characters, none of them a control character).
+pub async fn set_label(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(install_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let body = body.map_err(body_rejection)?;
+    let value: Value = serde_json::from_slice(&body).map_err(|error| {
+        ReceiverError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {error}"),
+        )
+    })?;
+    let label = value
+        .get("label")
+        .and_then(Value::as_str)
+        .filter(|label| is_valid_label(label))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            let rule = "must be a string of 1 to 100 characters, none of them a control character";
+            ReceiverError::invalid("invalid_label", format!("label {rule}"))
+                .with_details(vec![json!({"field": "label", "message": rule})])
+        })?;
+    let store = app.store.clone();
+    let (id, text) = (install_id.clone(), label.clone());
+    if !blocking(move || store.set_label(&id, &text)).await? {
+        return Err(unknown_install());
+    }
+    tracing::info!(install_id = %clip(&install_id), "label changed");
+    Ok(Json(json!({"install_id": install_id, "label": label})))
+}
+
+/// SPEC 11: 1 to 100 characters (Unicode scalar values); control characters would only
+/// garble the dashboard and the CSV.
+fn is_valid_label(label: &str) -> bool {
+    let count = label.chars().count();
+    (1..=100).contains(&count) && !label.chars().any(char::is_control)
 }
 
 /// `DELETE /api/installations/{install_id}`: erases the install's events, rollups and

@@ -47,6 +47,7 @@ pub mod provider;
 pub mod rate_limit;
 pub mod settings;
 pub mod store;
+pub mod view;
 
 pub use settings::{ReceiverSettings, SettingsError};
 pub use store::{ReceiverStore, ReceiverStoreError};
@@ -119,6 +120,10 @@ pub fn router(state: Arc<ReceiverState>) -> Router {
         .route(
             "/api/installations/{install_id}/plan",
             put(installations::set_plan),
+        )
+        .route(
+            "/api/installations/{install_id}/label",
+            put(installations::set_label),
         )
         .route(
             "/api/installations/{install_id}",

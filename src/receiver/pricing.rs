@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
+use chrono::{Datelike, Months, NaiveDate, TimeDelta};
+
 use super::price_book::{PriceBook, Rates};
 use super::settings::ReceiverSettings;
 
@@ -259,6 +261,32 @@ impl Pricing {
         }
     }
 
+    /// The month's bill of an installation on `plan` that used `usage` (one entry per
+    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
+        self.bill_with_revenue(self.revenue(plan), usage)
+    }
+
+    /// The plan's revenue over the UTC days `first..=last` of a period that is not one
+    /// whole calendar month: for each month it touches, the monthly price times the days of
+    /// the period in that month over the days of that month, each part rounded half up to
+    /// a micro-unit. A period of whole months brings in exactly their monthly prices.
+    pub fn prorated_revenue(&self, plan: Plan, first: i64, last: i64) -> Micros {
+        let monthly = i128::from(self.revenue(plan).0);
+        let mut total = 0i128;
+        let mut day = first;
+        while day <= last {
+            let (month_first, month_last) = month_of(day);
+            let part_last = month_last.min(last);
+            let days = i128::from(part_last - day + 1);
+            let month_days = i128::from(month_last - month_first + 1);
+            // Half up: (2·a·d + m) / (2·m).
+            total += (2 * monthly * days + month_days) / (2 * month_days);
+            day = part_last + 1;
+        }
+        Micros(i64::try_from(total).unwrap_or(i64::MAX))
+    }
+
     /// The currency of every amount: the price book's, else `USD`.
     pub fn currency(&self) -> &str {
         self.book
@@ -282,15 +310,15 @@ impl Pricing {
         (cost, unpriced_models)
     }
 
-    /// The month's bill of an installation on `plan` that used `usage` (one entry per
-    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
-    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
+    /// A bill whose revenue is `revenue` (a plan's monthly price, or a prorated one):
+    /// each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill_with_revenue(&self, revenue: Micros, usage: &[ModelDayTokens]) -> Bill {
         let tokens = usage
             .iter()
             .fold(0u64, |sum, usage| sum.saturating_add(usage.tokens.total()));
         let (cost, unpriced_models) = self.cost(usage);
         let cost = cost.to_cents();
-        let revenue = self.revenue(plan).to_cents();
+        let revenue = revenue.to_cents();
         Bill {
             tokens,
             cost,
@@ -299,6 +327,20 @@ impl Pricing {
             unpriced_models,
         }
     }
+}
+
+/// The first and last day (days since the Unix epoch, UTC) of the month of `day`.
+pub fn month_of(day: i64) -> (i64, i64) {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
+    let date = TimeDelta::try_days(day)
+        .and_then(|delta| epoch.checked_add_signed(delta))
+        .unwrap_or(epoch);
+    let first = date.with_day(1).expect("every month has a first day");
+    let next = first
+        .checked_add_months(Months::new(1))
+        .unwrap_or(NaiveDate::MAX);
+    let number = |d: NaiveDate| (d - epoch).num_days();
+    (number(first), number(next) - 1)
 }
 
 #[cfg(test)]
@@ -374,6 +416,43 @@ reasoning_per_mtok = 5.00
                 reasoning,
             },
         }
+    }
+
+    #[test]
+    fn revenue_over_a_period_is_prorated_by_day_within_each_month() {
+        let pricing = Pricing::from_settings(&settings(None));
+        let day = |y, m, d| day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        // A whole month, or two: exactly the monthly prices.
+        let (first, last) = month_of(day(2026, 2, 10));
+        assert_eq!((first, last), (day(2026, 2, 1), day(2026, 2, 28)));
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Pro, first, last),
+            Micros(19_000_000)
+        );
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
+            Micros(2 * 99_990_000)
+        );
+        // 30 days from 2026-01-17: 15 of January's 31, 15 of February's 28.
+        // 19 × 15/31 = 9.193548387 → 9.193548; 19 × 15/28 = 10.178571428 → 10.178571.
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
+            Micros(9_193_548 + 10_178_571)
+        );
+        // One day of a 30-day month, half up: 99.99 / 30 = 3.333 exactly.
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
+            Micros(3_333_000)
+        );
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
+            Micros(0)
+        );
+        // December to January crosses the year.
+        assert_eq!(
+            month_of(day(2026, 12, 31)),
+            (day(2026, 12, 1), day(2026, 12, 31))
+        );
     }
 
     #[test]

@@ -85,6 +85,19 @@ pub async fn put_budget(rx: &TestReceiver, install_id: &str, body: &str) -> (Sta
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+pub async fn put_label(rx: &TestReceiver, install_id: &str, label: &str) {
+    let response = provider_request(
+        rx,
+        Method::PUT,
+        &format!("/api/installations/{install_id}/label"),
+    )
+    .json(&json!({ "label": label }))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
 pub async fn alerts(rx: &TestReceiver) -> Vec<Value> {
     let response = provider_request(rx, Method::GET, "/api/alerts")
         .send()
@@ -235,6 +248,7 @@ async fn each_threshold_fires_once_as_the_month_to_date_cost_crosses_it() {
     assert_eq!(thresholds(&listed), vec![50]);
     let alert = &listed[0];
     assert_eq!(alert["install_id"], install.id.as_str());
+    assert_eq!(alert["label"], Value::Null);
     assert_eq!(alert["cost"], json!(6.0));
     assert_eq!(alert["budget"], json!(10.0));
     assert_eq!(alert["currency"], "USD");
@@ -247,10 +261,12 @@ async fn each_threshold_fires_once_as_the_month_to_date_cost_crosses_it() {
     assert_eq!(send(&rx, &install, &first).await, 0);
     send(&rx, &install, &events(&install, 1000)).await;
     assert_eq!(thresholds(&alerts(&rx).await), vec![50]);
-    // 12.00: past 80 % and 100 % in one batch, one alert each.
+    // 12.00: past 80 % and 100 % in one batch, one alert each; alerts show the label.
+    put_label(&rx, &install.id, "Example shop").await;
     send(&rx, &install, &events(&install, 5000)).await;
     let listed = alerts(&rx).await;
     assert_eq!(thresholds(&listed), vec![50, 80, 100]);
+    assert!(listed.iter().all(|alert| alert["label"] == "Example shop"));
     assert_eq!(listed[2]["cost"], json!(12.0));
     let row = installation(&rx, &install.id).await;
     assert_eq!(row["budget_used_pct"], json!(120.0));
@@ -413,7 +429,8 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
     assert!(ids.len() >= 2, "{ids:?}");
     assert!(ids.iter().all(|id| *id == fifty), "{ids:?}");
 
-    // Crossing 100 % with the sink up: delivered, once.
+    // Crossing 100 % with the sink up: delivered, once, named by its label.
+    put_label(&rx, &install.id, "Shop <One>").await;
     send(&rx, &install, &events(&install, 500)).await;
     let hundred = poll(
         "the second alert to be delivered",
@@ -435,8 +452,9 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
     assert_eq!(last["currency"], "USD");
     assert_eq!(last["month"], hundred["month"]);
     let text = last["text"].as_str().unwrap();
+    assert_eq!(last["label"], "Shop <One>");
     assert!(
-        text.contains("100%") && text.contains(&install.id),
+        text.contains("100%") && text.contains("Shop <One>"),
         "{text}"
     );
     let distinct: std::collections::BTreeSet<String> = sink.ids().into_iter().collect();

@@ -16,7 +16,7 @@ use usage_agent::receiver::rate_limit::Rate;
 use usage_agent::receiver::store::{
     Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
     Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
-    RetainedDays, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
+    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
 };
 use usage_agent::receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
@@ -249,6 +249,16 @@ impl ReceiverStore for GatedStore {
     }
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
         self.inner.set_plan(install_id, plan)
+    }
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        self.inner.set_label(install_id, label)
+    }
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        self.inner.source_usage(install_id, days)
     }
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.inner.erase_install(install_id)

@@ -105,6 +105,9 @@ suite!(
     an_alert_is_recorded_once_per_install_threshold_and_month,
     alerts_are_claimed_once_until_their_lease_ends_and_delivered,
     erasure_removes_the_budget_and_alerts,
+    labels_are_stored_shown_and_erased,
+    a_period_window_counts_and_prices_the_same_days,
+    source_usage_groups_one_installs_raw_events_by_source_model_and_day,
 );
 
 pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
@@ -441,6 +444,127 @@ fn plans_change_and_erasure_removes_everything(store: &dyn ReceiverStore) {
     assert!(store.find_install("b").unwrap().is_some());
 }
 
+fn labels_are_stored_shown_and_erased(store: &dyn ReceiverStore) {
+    enroll(store, "a");
+    enroll(store, "b");
+    let window = DayRange { first: 0, last: 10 }.as_window();
+    let labels = |store: &dyn ReceiverStore| -> Vec<Option<String>> {
+        let report = store.installations(None, window).unwrap();
+        report.installs.into_iter().map(|i| i.label).collect()
+    };
+    assert_eq!(labels(store), [None, None]);
+    let label = "Ünïcode shop, \"quoted\" & <b>";
+    assert!(store.set_label("a", label).unwrap());
+    assert!(!store.set_label("nope", "x").unwrap());
+    assert_eq!(labels(store), [Some(label.to_owned()), None]);
+    assert!(store.set_label("a", "renamed").unwrap());
+    assert_eq!(labels(store), [Some("renamed".to_owned()), None]);
+    store.erase_install("a").unwrap();
+    // Enrolled again, the id starts without a label.
+    enroll(store, "a");
+    assert_eq!(labels(store), [None, None]);
+}
+
+fn a_period_window_counts_and_prices_the_same_days(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    store
+        .ingest(
+            a.key,
+            vec![
+                model_event(1, 9, "x", 5),
+                model_event(2, 10, "x", 7),
+                model_event(3, 12, "y", 11),
+                model_event(4, 13, "x", 13),
+            ],
+            0,
+        )
+        .unwrap();
+    let report = store
+        .installations(
+            None,
+            DayRange {
+                first: 10,
+                last: 12,
+            }
+            .as_window(),
+        )
+        .unwrap();
+    let install = &report.installs[0];
+    assert_eq!((install.events_30d, install.tokens_30d), (2, 18));
+    let priced: Vec<(&str, i64)> = install
+        .usage_mtd
+        .iter()
+        .map(|u| (u.model.as_str(), u.day))
+        .collect();
+    assert_eq!(priced, [("x", 10), ("y", 12)]);
+    let days: Vec<i64> = report.daily.iter().map(|d| d.day).collect();
+    assert_eq!(days, [10, 12]);
+}
+
+fn source_usage_groups_one_installs_raw_events_by_source_model_and_day(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    let kinds = |n: u8, day: i64, model: &str, source: Source| NewEvent {
+        source,
+        cached_tokens: 2,
+        cache_write_tokens: 1,
+        reasoning_tokens: u64::from(n) / 2,
+        ..model_event(n, day, model, 10)
+    };
+    store
+        .ingest(
+            a.key,
+            vec![
+                kinds(1, 5, "x", Source::Bulk),
+                kinds(2, 5, "x", Source::Bulk),
+                kinds(3, 5, "x", Source::Inline),
+                kinds(4, 6, "B", Source::Bulk),
+                kinds(5, 7, "x", Source::Bulk),
+            ],
+            0,
+        )
+        .unwrap();
+    store
+        .ingest(b.key, vec![kinds(6, 5, "x", Source::Bulk)], 0)
+        .unwrap();
+    let groups = store
+        .source_usage("a", DayRange { first: 5, last: 6 })
+        .unwrap();
+    let seen: Vec<(Source, &str, i64, u64, TokenCounts)> = groups
+        .iter()
+        .map(|g| {
+            (
+                g.source,
+                g.usage.model.as_str(),
+                g.usage.day,
+                g.events,
+                g.usage.tokens,
+            )
+        })
+        .collect();
+    let tokens = |n: u64, completion: u64, reasoning: u64| TokenCounts {
+        prompt: 10 * n,
+        completion,
+        cached: 2 * n,
+        cache_write: n,
+        reasoning,
+    };
+    // Sources in code order (inline before bulk), models bytewise ("B" before "x").
+    let mut expected = vec![
+        (Source::Bulk, "B", 6, 1, tokens(1, 0, 2)),
+        (Source::Bulk, "x", 5, 2, tokens(2, 0, 1)),
+        (Source::Inline, "x", 5, 1, tokens(1, 0, 1)),
+    ];
+    expected.sort_by_key(|e| (e.0.code(), e.1.to_owned(), e.2));
+    assert_eq!(seen, expected);
+    assert!(
+        store
+            .source_usage("nope", DayRange { first: 0, last: 9 })
+            .unwrap()
+            .is_empty()
+    );
+}
+
 fn total_events(store: &dyn ReceiverStore) -> u64 {
     store
         .summary(&SummaryQuery::default())
@@ -675,8 +799,8 @@ fn an_alert_is_recorded_once_per_install_threshold_and_month(store: &dyn Receive
             },
         )
         .unwrap();
-    assert_eq!(report.installs[0].alerted_mtd, vec![50, 80]);
-    assert_eq!(report.installs[1].alerted_mtd, vec![50]);
+    assert_eq!(report.installs[0].alerted_in_month, vec![50, 80]);
+    assert_eq!(report.installs[1].alerted_in_month, vec![50]);
 }
 
 fn alerts_are_claimed_once_until_their_lease_ends_and_delivered(store: &dyn ReceiverStore) {

@@ -88,6 +88,19 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// Sets an install's plan; `false` when the install is unknown.
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError>;
 
+    /// Sets an install's label (already checked: 1 to 100 characters); `false` when the
+    /// install is unknown.
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError>;
+
+    /// One install's events and tokens of every kind per source, model and UTC day over
+    /// `days`, from its raw events (kept 90 days), sorted by source, model and day. Empty
+    /// when the install is unknown.
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError>;
+
     /// Erases an install: its events, its rollups, its budget and alerts and its
     /// enrollment, in one transaction. Returns how many events were deleted, or `None` when
     /// the install is unknown.
@@ -174,13 +187,6 @@ pub fn month_of_day(day: i64) -> String {
     date.format("%Y-%m").to_string()
 }
 
-/// An inclusive range of UTC days (days since the Unix epoch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DayRange {
-    pub first: i64,
-    pub last: i64,
-}
-
 /// One install's month as a budget check reads it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MonthSpend {
@@ -254,7 +260,9 @@ pub struct RetainedDays {
 }
 
 /// The days the installations view covers, as days since the Unix epoch (UTC); both
-/// ranges end with `today` included.
+/// ranges end with `today` included. Events and tokens are counted (and charted) over
+/// `from_30d..=today`, usage is priced over `month_start..=today`; a view of one period
+/// sets both to it ([`DayRange::as_window`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageWindow {
     pub today: i64,
@@ -264,10 +272,38 @@ pub struct UsageWindow {
     pub month_start: i64,
 }
 
+/// UTC days `first..=last`, as days since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DayRange {
+    pub first: i64,
+    pub last: i64,
+}
+
+impl DayRange {
+    /// The window that reports exactly these days: counted and priced alike.
+    pub fn as_window(self) -> UsageWindow {
+        UsageWindow {
+            today: self.last,
+            from_30d: self.first,
+            month_start: self.first,
+        }
+    }
+}
+
+/// One install's usage of one model from one source on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceModelDay {
+    pub source: Source,
+    pub events: u64,
+    pub usage: ModelDayTokens,
+}
+
 /// One install's usage as the installations view needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstallUsage {
     pub install_id: String,
+    /// The provider's label, if one was set.
+    pub label: Option<String>,
     pub plan: Plan,
     /// When its last batch was stored.
     pub last_seen_ms: Option<i64>,
@@ -279,8 +315,9 @@ pub struct InstallUsage {
     pub usage_mtd: Vec<ModelDayTokens>,
     /// Its own budget, if it has one.
     pub budget: Option<Budget>,
-    /// Thresholds alerted this month, ascending.
-    pub alerted_mtd: Vec<u32>,
+    /// Thresholds alerted in the calendar month of the last day reported (this month in
+    /// SPEC 6's answer and a month-to-date view), ascending.
+    pub alerted_in_month: Vec<u32>,
 }
 
 /// The installations view: one entry per install, and the chart of the last 30 days.

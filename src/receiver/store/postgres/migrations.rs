@@ -10,6 +10,7 @@ use crate::receiver::store::ReceiverStoreError;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_schema.sql"),
     include_str!("migrations/0002_rollup_token_kinds.sql"),
+    include_str!("migrations/0003_install_labels.sql"),
     include_str!("migrations/0004_budgets_alerts.sql"),
 ];
 

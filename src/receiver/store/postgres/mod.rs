@@ -32,7 +32,8 @@ use super::{
     Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
     NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
+    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    month_of_day,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -620,7 +621,7 @@ impl ReceiverStore for PostgresStore {
             let installs = client
                 .query(
                     r#"SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros,
-                              b.thresholds
+                              b.thresholds, i.label
                        FROM installs i LEFT JOIN budgets b ON b.install = i.id
                        WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
                     &[&only],
@@ -630,13 +631,14 @@ impl ReceiverStore for PostgresStore {
                 by_key.insert(row.get::<_, i64>(0), report.installs.len());
                 report.installs.push(InstallUsage {
                     install_id: row.get(1),
+                    label: row.get(6),
                     plan: plan_from(row.get(2))?,
                     last_seen_ms: row.get(3),
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
                     budget: stored_budget(row.get(4), row.get(5))?,
-                    alerted_mtd: Vec::new(),
+                    alerted_in_month: Vec::new(),
                 });
             }
             let alerted = client
@@ -644,13 +646,13 @@ impl ReceiverStore for PostgresStore {
                     "SELECT install, threshold FROM alerts
                      WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
                      ORDER BY install, threshold",
-                    &[&month_of_day(window.month_start), &only],
+                    &[&month_of_day(window.today), &only],
                 )
                 .await?;
             for row in alerted {
                 if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
                     report.installs[index]
-                        .alerted_mtd
+                        .alerted_in_month
                         .push(threshold_from(row.get(1))?);
                 }
             }
@@ -737,6 +739,63 @@ impl ReceiverStore for PostgresStore {
                 )
                 .await?;
             Ok(changed == 1)
+        })
+    }
+
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        self.run(async |store| {
+            let changed = store
+                .client()
+                .await?
+                .execute(
+                    "UPDATE installs SET label = $2 WHERE install_id = $1",
+                    &[&install_id, &label],
+                )
+                .await?;
+            Ok(changed == 1)
+        })
+    }
+
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let from = days.first.saturating_mul(MS_PER_DAY);
+            let to = days.last.saturating_add(1).saturating_mul(MS_PER_DAY);
+            let rows = client
+                .query(
+                    "SELECT e.source, e.model, e.created_at / 86400000 AS day,
+                            count(*)::bigint, sum(e.prompt_tokens)::bigint,
+                            sum(e.completion_tokens)::bigint, sum(e.cached_tokens)::bigint,
+                            sum(e.cache_write_tokens)::bigint, sum(e.reasoning_tokens)::bigint
+                     FROM events e JOIN installs i ON i.id = e.install
+                     WHERE i.install_id = $1 AND e.created_at >= $2 AND e.created_at < $3
+                     GROUP BY 1, 2, 3 ORDER BY 1, e.model COLLATE \"C\", 3",
+                    &[&install_id, &from, &to],
+                )
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    Ok(SourceModelDay {
+                        source: source_from(row.get(0))?,
+                        events: count(row.get(3))?,
+                        usage: ModelDayTokens {
+                            model: row.get(1),
+                            day: row.get(2),
+                            tokens: TokenCounts {
+                                prompt: count(row.get(4))?,
+                                completion: count(row.get(5))?,
+                                cached: count(row.get(6))?,
+                                cache_write: count(row.get(7))?,
+                                reasoning: count(row.get(8))?,
+                            },
+                        },
+                    })
+                })
+                .collect()
         })
     }
 
@@ -968,14 +1027,14 @@ impl ReceiverStore for PostgresStore {
 
 /// The columns [`alert_row`] reads, joined to the install for its id.
 const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
-        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts
+        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts, i.label
     FROM alerts a JOIN installs i ON i.id = a.install";
 
 fn alert_row(row: &Row) -> Result<Alert, ReceiverStoreError> {
     Ok(Alert {
         alert_id: row.get(0),
         install_id: row.get(1),
-        label: None,
+        label: row.get(10),
         threshold: threshold_from(row.get(2))?,
         month: row.get(3),
         cost: Micros(row.get(4)),

@@ -107,6 +107,10 @@ CREATE INDEX daily_usage_by_day
     ON daily_usage (day, install, model, events, prompt_tokens, completion_tokens,
                     cached_tokens, cache_write_tokens, reasoning_tokens);
 "#,
+    // The provider's label of an install (SPEC 11), shown on the dashboard; NULL when none.
+    r#"
+ALTER TABLE installs ADD COLUMN label TEXT;
+"#,
     // Budgets and their alerts (SPEC 11); the alerts table is also the outbox of their
     // delivery. The unique key makes an alert fire once per install, threshold and month.
     // (Foreign keys are off in SQLite: erasure deletes both explicitly.)

@@ -24,7 +24,8 @@ use super::{
     Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
     NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
+    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    month_of_day,
 };
 use crate::event::Source;
 use crate::private_file::create_private;
@@ -461,7 +462,8 @@ impl ReceiverStore for SqliteStore {
         let mut by_key = HashMap::new();
         {
             let mut statement = conn.prepare_cached(
-                "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds
+                "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
+                        i.label
                  FROM installs i LEFT JOIN budgets b ON b.install = i.id
                  WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
             )?;
@@ -471,6 +473,7 @@ impl ReceiverStore for SqliteStore {
                 by_key.insert(key, report.installs.len());
                 report.installs.push(InstallUsage {
                     install_id: row.get(1)?,
+                    label: row.get(6)?,
                     plan: plan_from(&row.get::<_, String>(2)?)?,
                     last_seen_ms: row.get(3)?,
                     events_30d: 0,
@@ -480,17 +483,17 @@ impl ReceiverStore for SqliteStore {
                         row.get(4)?,
                         row.get::<_, Option<String>>(5)?.as_deref(),
                     )?,
-                    alerted_mtd: Vec::new(),
+                    alerted_in_month: Vec::new(),
                 });
             }
             let mut statement = conn.prepare_cached(
                 "SELECT install, threshold FROM alerts
                  WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
             )?;
-            let mut rows = statement.query(params![month_of_day(window.month_start), only])?;
+            let mut rows = statement.query(params![month_of_day(window.today), only])?;
             while let Some(row) = rows.next()? {
                 if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
-                    report.installs[index].alerted_mtd.push(row.get(1)?);
+                    report.installs[index].alerted_in_month.push(row.get(1)?);
                 }
             }
         }
@@ -554,6 +557,55 @@ impl ReceiverStore for SqliteStore {
             .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
             .execute(params![install_id, plan.as_str()])?;
         Ok(changed == 1)
+    }
+
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET label = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, label])?;
+        Ok(changed == 1)
+    }
+
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        let conn = self.reader();
+        let Some(key) = install_key(&conn, install_id)? else {
+            return Ok(Vec::new());
+        };
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT source, model, created_at / {MS_PER_DAY} AS day, count(*),
+                    sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens),
+                    sum(cache_write_tokens), sum(reasoning_tokens)
+             FROM events
+             WHERE install = ?1 AND created_at >= ?2 AND created_at < ?3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        ))?;
+        let from = days.first.saturating_mul(MS_PER_DAY);
+        let to = days.last.saturating_add(1).saturating_mul(MS_PER_DAY);
+        let mut rows = statement.query(params![key, from, to])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(SourceModelDay {
+                source: source_from(row.get(0)?)?,
+                events: row.get(3)?,
+                usage: ModelDayTokens {
+                    model: row.get(1)?,
+                    day: row.get(2)?,
+                    tokens: TokenCounts {
+                        prompt: row.get(4)?,
+                        completion: row.get(5)?,
+                        cached: row.get(6)?,
+                        cache_write: row.get(7)?,
+                        reasoning: row.get(8)?,
+                    },
+                },
+            });
+        }
+        Ok(out)
     }
 
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
@@ -743,7 +795,7 @@ impl ReceiverStore for SqliteStore {
 
 /// The columns [`alert_row`] reads, joined to the install for its id.
 const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
-        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts
+        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts, i.label
     FROM alerts a JOIN installs i ON i.id = a.install";
 
 fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, ReceiverStoreError>> {
@@ -756,7 +808,7 @@ fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, Receiver
     Ok(Ok(Alert {
         alert_id,
         install_id: row.get(1)?,
-        label: None,
+        label: row.get(10)?,
         threshold: row.get(2)?,
         month: row.get(3)?,
         cost: Micros(row.get(4)?),
