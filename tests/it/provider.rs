@@ -993,6 +993,16 @@ async fn the_dashboard_renders_in_headless_chromium() {
     let mut ids = Vec::new();
     for (n, (plan, label)) in installs.into_iter().enumerate() {
         let install = enroll(&rx).await;
+        // Acme shop's budget is spent (badges and alerts to show); Northwind's is not.
+        let budget = match label {
+            Some("Acme shop") => Some(r#"{"monthly": 0.05, "thresholds": [50, 80, 100]}"#),
+            Some("Northwind agency sites") => Some(r#"{"monthly": 5000}"#),
+            _ => None,
+        };
+        if let Some(budget) = budget {
+            let (status, _) = crate::budgets::put_budget(&rx, &install.id, budget).await;
+            assert_eq!(status, StatusCode::OK);
+        }
         // Two weeks of history each, from both sources, so the charts have bars.
         let events: Vec<Value> = (0..14u32)
             .map(|day| {
@@ -1034,6 +1044,11 @@ async fn the_dashboard_renders_in_headless_chromium() {
         );
     }
     assert!(dom.contains("Acme shop"));
+    assert_eq!(
+        dom.matches(r#"class="badge"#).count(),
+        3,
+        "Acme shop's alerts"
+    );
     assert!(dom.contains("<svg"), "the chart is rendered");
     assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
 
@@ -1043,6 +1058,11 @@ async fn the_dashboard_renders_in_headless_chromium() {
     assert!(detail_dom.contains(r#"<table id="by-model">"#));
     assert!(detail_dom.contains(r#"<table id="by-source">"#));
     assert!(detail_dom.contains(r#"<section id="alerts">"#));
+    assert_eq!(
+        detail_dom.matches("<tr><td class=\"nowrap\">").count(),
+        3,
+        "Acme shop's three alerts listed"
+    );
     assert!(detail_png.starts_with(b"\x89PNG"));
     // `DASHBOARD_SCREENSHOT=docs/dashboard.png DASHBOARD_INSTALL_SCREENSHOT=...` refresh
     // the screenshots kept in the repository (docs/dashboard.md).
