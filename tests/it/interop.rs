@@ -108,3 +108,50 @@ fn we_verify_what_the_reference_library_signs() {
         Ok(())
     );
 }
+
+/// A budget alert as the receiver delivers it to `ALERT_WEBHOOK_URL` (SPEC 11) verifies
+/// with the reference library, so any Standard Webhooks consumer can check it.
+#[tokio::test]
+async fn the_reference_library_verifies_a_delivered_budget_alert() {
+    use crate::budgets::{
+        Sink, budget_settings, closed_port, enroll, events, put_budget, send, webhook,
+    };
+    use crate::common::TestReceiver;
+    use usage_agent::protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+    use usage_agent::receiver::ReceiverSettings;
+
+    let secret = Secret::generate();
+    let sink_addr = closed_port();
+    let sink = Sink::default();
+    sink.serve(sink_addr).await;
+    let rx = TestReceiver::start(ReceiverSettings {
+        alert_webhook: Some(webhook(sink_addr, &secret)),
+        ..budget_settings()
+    });
+    let install = enroll(&rx).await;
+    put_budget(&rx, &install.id, r#"{"monthly": 1.0, "thresholds": [100]}"#).await;
+    send(&rx, &install, &events(&install, 1500)).await;
+    let (headers, body) = crate::harness::poll(
+        "the alert to reach the sink",
+        std::time::Duration::from_secs(20),
+        async || sink.received.lock().unwrap().first().cloned(),
+    )
+    .await;
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let (id, ts, signature) = (
+        header(HEADER_ID),
+        header(HEADER_TIMESTAMP),
+        header(HEADER_SIGNATURE),
+    );
+    let args = ["verify", &secret.to_whsec(), &id, &ts, &signature];
+    let verified = python(&args, &body);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let other = Secret::generate().to_whsec();
+    let refused = python(&["verify", &other, &id, &ts, &signature], &body);
+    assert_eq!(refused.status.code(), Some(1), "another secret is refused");
+}
