@@ -16,11 +16,14 @@
 //!   request.
 //!
 //! Raw events are partitioned by UTC day ([`partitions`]), made ahead and dropped whole
-//! past retention. The trait is blocking (the handlers call it on the blocking pool), so
-//! each method runs its queries on the server's runtime with [`Handle::block_on`]; the
-//! pool's connections live there too.
+//! past retention. The ingest path (`find_install_async`, `take_request_async`,
+//! `ingest_async`) is async: the handler of a batch awaits its queries on the runtime where
+//! the pool's connections live, so a batch costs no thread switch per query. The other
+//! methods of the trait are blocking (the handlers call them on the blocking pool) and run
+//! their queries on the server's runtime with [`Handle::block_on`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
@@ -31,8 +34,8 @@ use uuid::Uuid;
 use super::{
     DailyTokens, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
     InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, StoreKind, Summary, SummaryQuery, SummaryRow,
-    Totals, UsageWindow,
+    ReceiverStore, ReceiverStoreError, RetainedDays, StoreFuture, StoreKind, Summary, SummaryQuery,
+    SummaryRow, Totals, UsageWindow,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -139,6 +142,126 @@ impl PostgresStore {
 
     async fn client(&self) -> Result<Object, ReceiverStoreError> {
         Ok(self.pool.get().await?)
+    }
+
+    // The ingest path: awaited on the runtime by the handler of every batch, and by the
+    // blocking methods of the trait through `run`.
+
+    async fn find_install_now(
+        &self,
+        install_id: &str,
+    ) -> Result<Option<Install>, ReceiverStoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = $1")
+            .await?;
+        let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
+            return Ok(None);
+        };
+        let secret = Secret::parse(row.get(1)).map_err(|e| {
+            ReceiverStoreError::Corrupt(format!(
+                "the stored secret of an install is unreadable: {e}"
+            ))
+        })?;
+        Ok(Some(Install {
+            key: row.get(0),
+            install_id: install_id.to_owned(),
+            secret,
+            disabled: row.get(2),
+        }))
+    }
+
+    async fn ingest_now(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, ReceiverStoreError> {
+        let sent = events.len() as u64;
+        // Within a batch the first occurrence of an id counts; the rest are duplicates.
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        let mut columns = Columns::default();
+        for event in events {
+            if seen.insert(event.event_id) {
+                columns.push(event);
+            }
+        }
+
+        let client = self.client().await?;
+        let statement = client.prepare_cached(INGEST).await?;
+        let c = &columns;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &install,
+                    &received_at_ms,
+                    &c.event_id,
+                    &c.user_hash,
+                    &c.source,
+                    &c.model,
+                    &c.prompt,
+                    &c.completion,
+                    &c.cached,
+                    &c.cache_write,
+                    &c.reasoning,
+                    &c.context,
+                    &c.created_at,
+                ],
+            )
+            .await?;
+        if row.get::<_, i64>(0) == 0 {
+            return Err(ReceiverStoreError::InstallGone);
+        }
+        let accepted = count(row.get(1))?;
+        Ok(IngestCounts {
+            accepted,
+            duplicates: sent - accepted,
+        })
+    }
+
+    async fn take_request_now(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        let Some(interval) = rate.interval() else {
+            return Ok(Ok(()));
+        };
+        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
+        let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
+
+        let client = self.relaxed.get().await?;
+        // The schedule moves on only when the request fits in the burst; the row lock
+        // makes two nodes' requests of one install take turns.
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO request_schedule AS s (install, next_at_ms)
+                     VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
+                     ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+                         (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
+                     WHERE s.next_at_ms
+                         - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
+                     RETURNING next_at_ms",
+            )
+            .await?;
+        if client
+            .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
+            .await?
+            .is_some()
+        {
+            return Ok(Ok(()));
+        }
+        let ahead: i64 = client
+            .query_one(
+                "SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
+                     FROM request_schedule WHERE install = $1",
+                &[&install],
+            )
+            .await?
+            .get(0);
+        let wait_ms = u64::try_from(ahead - burst_ms).unwrap_or(0).max(1);
+        Ok(Err(Duration::from_millis(wait_ms)))
     }
 }
 
@@ -330,26 +453,7 @@ impl ReceiverStore for PostgresStore {
     }
 
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
-        self.run(async |store| {
-            let client = store.client().await?;
-            let statement = client
-                .prepare_cached("SELECT id, secret, disabled FROM installs WHERE install_id = $1")
-                .await?;
-            let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
-                return Ok(None);
-            };
-            let secret = Secret::parse(row.get(1)).map_err(|e| {
-                ReceiverStoreError::Corrupt(format!(
-                    "the stored secret of an install is unreadable: {e}"
-                ))
-            })?;
-            Ok(Some(Install {
-                key: row.get(0),
-                install_id: install_id.to_owned(),
-                secret,
-                disabled: row.get(2),
-            }))
-        })
+        self.run(async |store| store.find_install_now(install_id).await)
     }
 
     fn ingest(
@@ -358,48 +462,7 @@ impl ReceiverStore for PostgresStore {
         events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, ReceiverStoreError> {
-        let sent = events.len() as u64;
-        // Within a batch the first occurrence of an id counts; the rest are duplicates.
-        let mut seen = std::collections::HashSet::with_capacity(events.len());
-        let mut columns = Columns::default();
-        for event in events {
-            if seen.insert(event.event_id) {
-                columns.push(event);
-            }
-        }
-        self.run(async |store| {
-            let client = store.client().await?;
-            let statement = client.prepare_cached(INGEST).await?;
-            let c = &columns;
-            let row = client
-                .query_one(
-                    &statement,
-                    &[
-                        &install,
-                        &received_at_ms,
-                        &c.event_id,
-                        &c.user_hash,
-                        &c.source,
-                        &c.model,
-                        &c.prompt,
-                        &c.completion,
-                        &c.cached,
-                        &c.cache_write,
-                        &c.reasoning,
-                        &c.context,
-                        &c.created_at,
-                    ],
-                )
-                .await?;
-            if row.get::<_, i64>(0) == 0 {
-                return Err(ReceiverStoreError::InstallGone);
-            }
-            let accepted = count(row.get(1))?;
-            Ok(IngestCounts {
-                accepted,
-                duplicates: sent - accepted,
-            })
-        })
+        self.run(async |store| store.ingest_now(install, events, received_at_ms).await)
     }
 
     fn take_request(
@@ -407,44 +470,7 @@ impl ReceiverStore for PostgresStore {
         install: InstallKey,
         rate: Rate,
     ) -> Result<Result<(), Duration>, ReceiverStoreError> {
-        let Some(interval) = rate.interval() else {
-            return Ok(Ok(()));
-        };
-        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
-        let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
-        self.run(async |store| {
-            let client = store.relaxed.get().await?;
-            // The schedule moves on only when the request fits in the burst; the row lock
-            // makes two nodes' requests of one install take turns.
-            let statement = client
-                .prepare_cached(
-                    "INSERT INTO request_schedule AS s (install, next_at_ms)
-                     VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
-                     ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-                         (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
-                     WHERE s.next_at_ms
-                         - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
-                     RETURNING next_at_ms",
-                )
-                .await?;
-            if client
-                .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
-                .await?
-                .is_some()
-            {
-                return Ok(Ok(()));
-            }
-            let ahead: i64 = client
-                .query_one(
-                    "SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
-                     FROM request_schedule WHERE install = $1",
-                    &[&install],
-                )
-                .await?
-                .get(0);
-            let wait_ms = u64::try_from(ahead - burst_ms).unwrap_or(0).max(1);
-            Ok(Err(Duration::from_millis(wait_ms)))
-        })
+        self.run(async |store| store.take_request_now(install, rate).await)
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
@@ -744,6 +770,27 @@ impl ReceiverStore for PostgresStore {
             tx.commit().await?;
             Ok(Some(events))
         })
+    }
+
+    fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
+        Box::pin(async move { self.find_install_now(&install_id).await })
+    }
+
+    fn take_request_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        rate: Rate,
+    ) -> StoreFuture<Result<(), Duration>> {
+        Box::pin(async move { self.take_request_now(install, rate).await })
+    }
+
+    fn ingest_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> StoreFuture<IngestCounts> {
+        Box::pin(async move { self.ingest_now(install, events, received_at_ms).await })
     }
 }
 
