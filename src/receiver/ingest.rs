@@ -212,47 +212,63 @@ async fn handle(
             "this install is disabled",
         ));
     }
-    app.store
-        .clone()
-        .take_request_async(
-            install.key,
-            Rate {
-                per_min: app.settings.rate_limit_per_min,
-            },
-        )
-        .await
-        .map_err(store_unavailable)?
-        .map_err(|wait| {
-            let seconds = retry_after_secs(wait);
-            ReceiverError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!(
-                    "more than {} requests per minute; retry in {seconds} s",
-                    app.settings.rate_limit_per_min
-                ),
-            )
-            .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
-        })?;
-
-    let batch = batch?;
-    check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
-    let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
+    let rate = Rate {
+        per_min: app.settings.rate_limit_per_min,
+    };
+    // A batch with events to store takes its request in the same step as it is stored;
+    // any other takes it alone, and its answer comes after the rate limit's.
+    let batch = batch.and_then(|batch| {
+        check_envelope(&batch, &install, header_str(headers, HEADER_ID))?;
+        Ok(batch)
+    });
+    let (batch, valid) = match batch {
+        Ok(batch) if !batch.valid.is_empty() => {
+            let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
+            let rest = CheckedBatch {
+                valid: Vec::new(),
+                ..batch
+            };
+            (Ok(rest), valid)
+        }
+        other => (other, Vec::new()),
+    };
     let counts = if valid.is_empty() {
+        app.store
+            .clone()
+            .take_request_async(install.key, rate)
+            .await
+            .map_err(store_unavailable)?
+            .map_err(|wait| rate_limited(app, wait))?;
         Default::default()
     } else {
         app.store
             .clone()
-            .ingest_async(install.key, valid, now.timestamp_millis())
+            .ingest_async(install.key, valid, now.timestamp_millis(), rate)
             .await
             .map_err(store_unavailable)?
+            .map_err(|wait| rate_limited(app, wait))?
     };
+    let batch = batch?;
     Ok(BatchResult {
         batch_id: batch.batch_id,
         accepted: counts.accepted,
         duplicates: counts.duplicates,
         rejected: batch.rejected,
     })
+}
+
+/// The `429` for a request that does not fit in its install's allowance for `wait`.
+fn rate_limited(app: &ReceiverState, wait: std::time::Duration) -> ReceiverError {
+    let seconds = retry_after_secs(wait);
+    ReceiverError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "more than {} requests per minute; retry in {seconds} s",
+            app.settings.rate_limit_per_min
+        ),
+    )
+    .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
 }
 
 /// The batch of a body whose signature verified with `secret`: `Err` for a body refused

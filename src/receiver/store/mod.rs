@@ -118,14 +118,20 @@ pub trait ReceiverStore: Send + Sync + 'static {
         on_blocking_pool(move || self.take_request(install, rate))
     }
 
-    /// [`ReceiverStore::ingest`] as a future.
+    /// [`ReceiverStore::take_request`] of `rate`, then, if the request fits,
+    /// [`ReceiverStore::ingest`], as a future; nothing is stored for a request that does not
+    /// fit. A store may do both in one round trip (PostgreSQL does).
     fn ingest_async(
         self: Arc<Self>,
         install: InstallKey,
         events: Vec<NewEvent>,
         received_at_ms: i64,
-    ) -> StoreFuture<IngestCounts> {
-        on_blocking_pool(move || self.ingest(install, events, received_at_ms))
+        rate: Rate,
+    ) -> StoreFuture<Result<IngestCounts, Duration>> {
+        on_blocking_pool(move || match self.take_request(install, rate)? {
+            Ok(()) => Ok(Ok(self.ingest(install, events, received_at_ms)?)),
+            Err(wait) => Ok(Err(wait)),
+        })
     }
 }
 

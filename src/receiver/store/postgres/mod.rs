@@ -171,12 +171,15 @@ impl PostgresStore {
         }))
     }
 
+    /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
+    /// one statement ([`INGEST`]).
     async fn ingest_now(
         &self,
         install: InstallKey,
         events: Vec<NewEvent>,
         received_at_ms: i64,
-    ) -> Result<IngestCounts, ReceiverStoreError> {
+        rate: Option<Rate>,
+    ) -> Result<Result<IngestCounts, Duration>, ReceiverStoreError> {
         let sent = events.len() as u64;
         // Within a batch the first occurrence of an id counts; the rest are duplicates.
         let mut seen = std::collections::HashSet::with_capacity(events.len());
@@ -186,6 +189,10 @@ impl PostgresStore {
                 columns.push(event);
             }
         }
+        let (interval_ms, burst_ms) = match rate.and_then(schedule_ms) {
+            Some((interval, burst)) => (Some(interval), Some(burst)),
+            None => (None, None),
+        };
 
         let client = self.client().await?;
         let statement = client.prepare_cached(INGEST).await?;
@@ -207,17 +214,23 @@ impl PostgresStore {
                     &c.reasoning,
                     &c.context,
                     &c.created_at,
+                    &interval_ms,
+                    &burst_ms,
                 ],
             )
             .await?;
         if row.get::<_, i64>(0) == 0 {
             return Err(ReceiverStoreError::InstallGone);
         }
+        if row.get::<_, i64>(2) == 0 {
+            let burst_ms = burst_ms.unwrap_or(0);
+            return Ok(Err(wait_for(&client, install, burst_ms).await?));
+        }
         let accepted = count(row.get(1))?;
-        Ok(IngestCounts {
+        Ok(Ok(IngestCounts {
             accepted,
             duplicates: sent - accepted,
-        })
+        }))
     }
 
     async fn take_request_now(
@@ -225,26 +238,11 @@ impl PostgresStore {
         install: InstallKey,
         rate: Rate,
     ) -> Result<Result<(), Duration>, ReceiverStoreError> {
-        let Some(interval) = rate.interval() else {
+        let Some((interval_ms, burst_ms)) = schedule_ms(rate) else {
             return Ok(Ok(()));
         };
-        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
-        let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
-
         let client = self.relaxed.get().await?;
-        // The schedule moves on only when the request fits in the burst; the row lock
-        // makes two nodes' requests of one install take turns.
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO request_schedule AS s (install, next_at_ms)
-                     VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
-                     ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-                         (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
-                     WHERE s.next_at_ms
-                         - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
-                     RETURNING next_at_ms",
-            )
-            .await?;
+        let statement = client.prepare_cached(TAKE_REQUEST).await?;
         if client
             .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
             .await?
@@ -252,17 +250,30 @@ impl PostgresStore {
         {
             return Ok(Ok(()));
         }
-        let ahead: i64 = client
-            .query_one(
-                "SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
-                     FROM request_schedule WHERE install = $1",
-                &[&install],
-            )
-            .await?
-            .get(0);
-        let wait_ms = u64::try_from(ahead - burst_ms).unwrap_or(0).max(1);
-        Ok(Err(Duration::from_millis(wait_ms)))
+        Ok(Err(wait_for(&client, install, burst_ms).await?))
     }
+}
+
+/// A rate's interval and burst in ms, as the schedule counts them; `None` for no limit.
+fn schedule_ms(rate: Rate) -> Option<(i64, i64)> {
+    let interval = rate.interval()?;
+    Some((
+        i64::try_from(interval.as_millis()).unwrap_or(i64::MAX),
+        i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX),
+    ))
+}
+
+/// How long until an install whose request did not fit in `burst_ms` may send again.
+async fn wait_for(
+    client: &Object,
+    install: InstallKey,
+    burst_ms: i64,
+) -> Result<Duration, ReceiverStoreError> {
+    let statement = client.prepare_cached(SCHEDULE_AHEAD).await?;
+    let ahead: i64 = client.query_one(&statement, &[&install]).await?.get(0);
+    Ok(Duration::from_millis(
+        u64::try_from(ahead - burst_ms).unwrap_or(0).max(1),
+    ))
 }
 
 /// `url` without its password, for messages.
@@ -360,10 +371,27 @@ impl Columns {
 
 /// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
 /// `events`, and their sums into `daily_usage`, under a lock on the install's row, which
-/// must exist and not be disabled. Answers (install still accepting, events stored).
+/// must exist and not be disabled. Answers (install still accepting, events stored,
+/// request allowed).
+///
+/// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
+/// same statement first takes the request from the install's schedule, as
+/// [`TAKE_REQUEST`] does, and stores nothing if it does not fit: one round trip and one
+/// commit for the whole batch. The install's row is locked before the schedule's, in the
+/// order an erasure locks them.
 const INGEST: &str = "
 WITH install AS (
     SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
+), allowed AS (
+    INSERT INTO request_schedule AS s (install, next_at_ms)
+    SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $14
+    FROM install WHERE $14::bigint IS NOT NULL
+    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $14
+    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $15
+    RETURNING install
+), go AS (
+    SELECT id FROM install WHERE $14::bigint IS NULL OR EXISTS (SELECT FROM allowed)
 ), input AS (
     SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
                          $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
@@ -372,7 +400,7 @@ WITH install AS (
              cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
 ), fresh AS (
     INSERT INTO event_ids (install, event_id, created_at)
-    SELECT install.id, input.event_id, input.created_at FROM input, install
+    SELECT go.id, input.event_id, input.created_at FROM input, go
     ORDER BY input.event_id
     ON CONFLICT DO NOTHING
     RETURNING event_id
@@ -402,9 +430,26 @@ WITH install AS (
         cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
         reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
 ), seen AS (
-    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM install)
+    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM go)
 )
-SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored)";
+SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
+       (SELECT count(*) FROM go)";
+
+/// Takes one request from an install's schedule (`$2` the interval, `$3` the burst, in ms):
+/// the schedule moves on only when the request fits in the burst; the row lock makes two
+/// nodes' requests of one install take turns. Answers a row when the request fits.
+const TAKE_REQUEST: &str = "
+INSERT INTO request_schedule AS s (install, next_at_ms)
+VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
+ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+    (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
+WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
+RETURNING next_at_ms";
+
+/// How far an install's schedule runs ahead of now, in ms.
+const SCHEDULE_AHEAD: &str = "
+SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
+FROM request_schedule WHERE install = $1";
 
 impl ReceiverStore for PostgresStore {
     fn kind(&self) -> StoreKind {
@@ -462,7 +507,13 @@ impl ReceiverStore for PostgresStore {
         events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, ReceiverStoreError> {
-        self.run(async |store| store.ingest_now(install, events, received_at_ms).await)
+        let stored = self.run(async |store| {
+            store
+                .ingest_now(install, events, received_at_ms, None)
+                .await
+        })?;
+        // Without a rate the request always fits.
+        stored.map_err(|_| ReceiverStoreError::Corrupt("no rate, yet a wait".to_owned()))
     }
 
     fn take_request(
@@ -789,8 +840,12 @@ impl ReceiverStore for PostgresStore {
         install: InstallKey,
         events: Vec<NewEvent>,
         received_at_ms: i64,
-    ) -> StoreFuture<IngestCounts> {
-        Box::pin(async move { self.ingest_now(install, events, received_at_ms).await })
+        rate: Rate,
+    ) -> StoreFuture<Result<IngestCounts, Duration>> {
+        Box::pin(async move {
+            self.ingest_now(install, events, received_at_ms, Some(rate))
+                .await
+        })
     }
 }
 
