@@ -3,7 +3,7 @@
 //! `&dyn ReceiverStore`; [`suite!`] runs it on a fresh SQLite file and on a fresh database
 //! of a throwaway PostgreSQL cluster shared by the test binary.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -21,7 +21,7 @@ const MS_PER_DAY: i64 = 86_400_000;
 
 /// A store under test and what must live as long as it.
 pub struct TestStore {
-    pub store: Box<dyn ReceiverStore>,
+    pub store: Arc<dyn ReceiverStore>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -36,7 +36,7 @@ pub fn sqlite_store() -> TestStore {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("nested/receiver.db")).unwrap();
     TestStore {
-        store: Box::new(store),
+        store: Arc::new(store),
         _dir: Some(dir),
     }
 }
@@ -72,7 +72,7 @@ pub fn postgres_node(url: &str) -> PostgresStore {
 
 pub fn postgres_store() -> TestStore {
     TestStore {
-        store: Box::new(postgres_node(&postgres_url())),
+        store: Arc::new(postgres_node(&postgres_url())),
         _dir: None,
     }
 }
@@ -869,4 +869,56 @@ fn erasure_removes_the_budget_and_alerts(store: &dyn ReceiverStore) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The async ingest path answers as the blocking methods do, and a batch takes its request
+/// with it: one that does not fit in the allowance stores nothing.
+fn the_ingest_path_takes_the_request_with_the_batch(store: Arc<dyn ReceiverStore>) {
+    // Each future on its own: the blocking methods may not run inside the runtime.
+    let wait = |future| test_runtime().block_on(future);
+    enroll(&*store, "a");
+    let a = wait(store.clone().find_install_async("a".into()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.install_id, "a");
+    assert!(
+        wait(store.clone().find_install_async("b".into()))
+            .unwrap()
+            .is_none()
+    );
+    let rate = Rate { per_min: 2 };
+    let ingest = |n: u8, rate: Rate| {
+        test_runtime()
+            .block_on(
+                store
+                    .clone()
+                    .ingest_async(a.key, vec![event(n, 1_000)], 5, rate),
+            )
+            .unwrap()
+    };
+    assert_eq!(ingest(0, rate).unwrap().accepted, 1);
+    assert_eq!(ingest(1, rate).unwrap().accepted, 1);
+    let refused = ingest(2, rate).unwrap_err();
+    assert!(
+        refused > Duration::from_secs(25) && refused <= Duration::from_secs(30),
+        "{refused:?}"
+    );
+    assert_eq!(total_events(&*store), 2);
+    // The same allowance as a request taken alone.
+    let alone = test_runtime()
+        .block_on(store.clone().take_request_async(a.key, rate))
+        .unwrap();
+    assert!(alone.is_err());
+    assert_eq!(ingest(2, Rate { per_min: 0 }).unwrap().accepted, 1);
+    assert_eq!(total_events(&*store), 3);
+}
+
+#[test]
+fn the_ingest_path_takes_the_request_with_the_batch_on_sqlite() {
+    the_ingest_path_takes_the_request_with_the_batch(sqlite_store().store);
+}
+
+#[test]
+fn the_ingest_path_takes_the_request_with_the_batch_on_postgres() {
+    the_ingest_path_takes_the_request_with_the_batch(postgres_store().store);
 }

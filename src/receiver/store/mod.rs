@@ -4,10 +4,18 @@
 //! runs against both.
 //!
 //! This module defines types only; it holds no SQL and does no I/O. Every method is
-//! blocking: the HTTP handlers call them inside `spawn_blocking`.
+//! blocking (the HTTP handlers call them inside `spawn_blocking`) but the three of the
+//! ingest path, which also come as futures ([`ReceiverStore::find_install_async`],
+//! [`ReceiverStore::take_request_async`], [`ReceiverStore::ingest_async`]): **the ingest
+//! path is async so a fleet node never hops threads per query**. PostgreSQL awaits its
+//! queries on the runtime that runs the handler; SQLite keeps its blocking code, which the
+//! default implementations run on the blocking pool.
 
 use std::error::Error;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -146,6 +154,41 @@ pub trait ReceiverStore: Send + Sync + 'static {
         alert_id: Uuid,
         outcome: DeliveryOutcome,
     ) -> Result<(), ReceiverStoreError>;
+
+    // The ingest path, awaited by the handler of every batch. Each answers exactly as its
+    // blocking twin above; by default it runs that twin on the blocking pool, and a store
+    // whose database client is async (PostgreSQL) awaits its queries on the runtime
+    // instead, so a batch's queries cost no thread switch.
+
+    /// [`ReceiverStore::find_install`] as a future.
+    fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
+        on_blocking_pool(move || self.find_install(&install_id))
+    }
+
+    /// [`ReceiverStore::take_request`] as a future.
+    fn take_request_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        rate: Rate,
+    ) -> StoreFuture<Result<(), Duration>> {
+        on_blocking_pool(move || self.take_request(install, rate))
+    }
+
+    /// [`ReceiverStore::take_request`] of `rate`, then, if the request fits,
+    /// [`ReceiverStore::ingest`], as a future; nothing is stored for a request that does not
+    /// fit. A store may do both in one round trip (PostgreSQL does).
+    fn ingest_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+        rate: Rate,
+    ) -> StoreFuture<Result<IngestCounts, Duration>> {
+        on_blocking_pool(move || match self.take_request(install, rate)? {
+            Ok(()) => Ok(Ok(self.ingest(install, events, received_at_ms)?)),
+            Err(wait) => Ok(Err(wait)),
+        })
+    }
 }
 
 /// An install's monthly budget (SPEC 11).
@@ -232,6 +275,21 @@ pub struct Alert {
 pub enum DeliveryOutcome {
     Delivered { at_ms: i64 },
     RetryAt { at_ms: i64 },
+}
+
+/// What the async methods of the ingest path return: a future that owns what it needs, so
+/// the handler may run it on a task of its own.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, ReceiverStoreError>> + Send>>;
+
+/// Runs a blocking store call on the blocking pool, as a [`StoreFuture`].
+fn on_blocking_pool<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ReceiverStoreError> + Send + 'static,
+) -> StoreFuture<T> {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| ReceiverStoreError::Backend(Box::new(error)))?
+    })
 }
 
 /// Which database a store keeps its data in.

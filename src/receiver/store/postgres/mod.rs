@@ -16,11 +16,14 @@
 //!   request.
 //!
 //! Raw events are partitioned by UTC day ([`partitions`]), made ahead and dropped whole
-//! past retention. The trait is blocking (the handlers call it on the blocking pool), so
-//! each method runs its queries on the server's runtime with [`Handle::block_on`]; the
-//! pool's connections live there too.
+//! past retention. The ingest path (`find_install_async`, `take_request_async`,
+//! `ingest_async`) is async: the handler of a batch awaits its queries on the runtime where
+//! the pool's connections live, so a batch costs no thread switch per query. The other
+//! methods of the trait are blocking (the handlers call them on the blocking pool) and run
+//! their queries on the server's runtime with [`Handle::block_on`].
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
@@ -32,8 +35,8 @@ use super::{
     Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
     NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
-    month_of_day,
+    SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
+    UsageWindow, month_of_day,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -141,6 +144,142 @@ impl PostgresStore {
     async fn client(&self) -> Result<Object, ReceiverStoreError> {
         Ok(self.pool.get().await?)
     }
+
+    // The ingest path: awaited on the runtime by the handler of every batch, and by the
+    // blocking methods of the trait through `run`.
+
+    async fn find_install_now(
+        &self,
+        install_id: &str,
+    ) -> Result<Option<Install>, ReceiverStoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT i.id, i.secret, i.disabled, b.monthly_micros, b.thresholds
+                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                 WHERE i.install_id = $1",
+            )
+            .await?;
+        let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
+            return Ok(None);
+        };
+        let secret = Secret::parse(row.get(1)).map_err(|e| {
+            ReceiverStoreError::Corrupt(format!(
+                "the stored secret of an install is unreadable: {e}"
+            ))
+        })?;
+        Ok(Some(Install {
+            key: row.get(0),
+            install_id: install_id.to_owned(),
+            secret,
+            disabled: row.get(2),
+            budget: stored_budget(row.get(3), row.get(4))?,
+        }))
+    }
+
+    /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
+    /// one statement ([`INGEST`]).
+    async fn ingest_now(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+        rate: Option<Rate>,
+    ) -> Result<Result<IngestCounts, Duration>, ReceiverStoreError> {
+        let sent = events.len() as u64;
+        // Within a batch the first occurrence of an id counts; the rest are duplicates.
+        let mut seen = std::collections::HashSet::with_capacity(events.len());
+        let mut columns = Columns::default();
+        for event in events {
+            if seen.insert(event.event_id) {
+                columns.push(event);
+            }
+        }
+        let (interval_ms, burst_ms) = match rate.and_then(schedule_ms) {
+            Some((interval, burst)) => (Some(interval), Some(burst)),
+            None => (None, None),
+        };
+
+        let client = self.client().await?;
+        let statement = client.prepare_cached(INGEST).await?;
+        let c = &columns;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &install,
+                    &received_at_ms,
+                    &c.event_id,
+                    &c.user_hash,
+                    &c.source,
+                    &c.model,
+                    &c.prompt,
+                    &c.completion,
+                    &c.cached,
+                    &c.cache_write,
+                    &c.reasoning,
+                    &c.context,
+                    &c.created_at,
+                    &interval_ms,
+                    &burst_ms,
+                ],
+            )
+            .await?;
+        if row.get::<_, i64>(0) == 0 {
+            return Err(ReceiverStoreError::InstallGone);
+        }
+        if row.get::<_, i64>(2) == 0 {
+            let burst_ms = burst_ms.unwrap_or(0);
+            return Ok(Err(wait_for(&client, install, burst_ms).await?));
+        }
+        let accepted = count(row.get(1))?;
+        Ok(Ok(IngestCounts {
+            accepted,
+            duplicates: sent - accepted,
+        }))
+    }
+
+    async fn take_request_now(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        let Some((interval_ms, burst_ms)) = schedule_ms(rate) else {
+            return Ok(Ok(()));
+        };
+        let client = self.relaxed.get().await?;
+        let statement = client.prepare_cached(TAKE_REQUEST).await?;
+        if client
+            .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
+            .await?
+            .is_some()
+        {
+            return Ok(Ok(()));
+        }
+        Ok(Err(wait_for(&client, install, burst_ms).await?))
+    }
+}
+
+/// A rate's interval and burst in ms, as the schedule counts them; `None` for no limit.
+fn schedule_ms(rate: Rate) -> Option<(i64, i64)> {
+    let interval = rate.interval()?;
+    Some((
+        i64::try_from(interval.as_millis()).unwrap_or(i64::MAX),
+        i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX),
+    ))
+}
+
+/// How long until an install whose request did not fit in `burst_ms` may send again.
+async fn wait_for(
+    client: &Object,
+    install: InstallKey,
+    burst_ms: i64,
+) -> Result<Duration, ReceiverStoreError> {
+    let statement = client.prepare_cached(SCHEDULE_AHEAD).await?;
+    let ahead: i64 = client.query_one(&statement, &[&install]).await?.get(0);
+    Ok(Duration::from_millis(
+        u64::try_from(ahead - burst_ms).unwrap_or(0).max(1),
+    ))
 }
 
 /// `url` without its password, for messages.
@@ -238,10 +377,27 @@ impl Columns {
 
 /// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
 /// `events`, and their sums into `daily_usage`, under a lock on the install's row, which
-/// must exist and not be disabled. Answers (install still accepting, events stored).
+/// must exist and not be disabled. Answers (install still accepting, events stored,
+/// request allowed).
+///
+/// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
+/// same statement first takes the request from the install's schedule, as
+/// [`TAKE_REQUEST`] does, and stores nothing if it does not fit: one round trip and one
+/// commit for the whole batch. The install's row is locked before the schedule's, in the
+/// order an erasure locks them.
 const INGEST: &str = "
 WITH install AS (
     SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
+), allowed AS (
+    INSERT INTO request_schedule AS s (install, next_at_ms)
+    SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $14
+    FROM install WHERE $14::bigint IS NOT NULL
+    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $14
+    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $15
+    RETURNING install
+), go AS (
+    SELECT id FROM install WHERE $14::bigint IS NULL OR EXISTS (SELECT FROM allowed)
 ), input AS (
     SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
                          $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
@@ -250,7 +406,7 @@ WITH install AS (
              cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
 ), fresh AS (
     INSERT INTO event_ids (install, event_id, created_at)
-    SELECT install.id, input.event_id, input.created_at FROM input, install
+    SELECT go.id, input.event_id, input.created_at FROM input, go
     ORDER BY input.event_id
     ON CONFLICT DO NOTHING
     RETURNING event_id
@@ -280,9 +436,26 @@ WITH install AS (
         cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
         reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
 ), seen AS (
-    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM install)
+    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM go)
 )
-SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored)";
+SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
+       (SELECT count(*) FROM go)";
+
+/// Takes one request from an install's schedule (`$2` the interval, `$3` the burst, in ms):
+/// the schedule moves on only when the request fits in the burst; the row lock makes two
+/// nodes' requests of one install take turns. Answers a row when the request fits.
+const TAKE_REQUEST: &str = "
+INSERT INTO request_schedule AS s (install, next_at_ms)
+VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
+ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+    (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
+WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
+RETURNING next_at_ms";
+
+/// How far an install's schedule runs ahead of now, in ms.
+const SCHEDULE_AHEAD: &str = "
+SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
+FROM request_schedule WHERE install = $1";
 
 impl ReceiverStore for PostgresStore {
     fn kind(&self) -> StoreKind {
@@ -331,31 +504,7 @@ impl ReceiverStore for PostgresStore {
     }
 
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
-        self.run(async |store| {
-            let client = store.client().await?;
-            let statement = client
-                .prepare_cached(
-                    "SELECT i.id, i.secret, i.disabled, b.monthly_micros, b.thresholds
-                     FROM installs i LEFT JOIN budgets b ON b.install = i.id
-                     WHERE i.install_id = $1",
-                )
-                .await?;
-            let Some(row) = client.query_opt(&statement, &[&install_id]).await? else {
-                return Ok(None);
-            };
-            let secret = Secret::parse(row.get(1)).map_err(|e| {
-                ReceiverStoreError::Corrupt(format!(
-                    "the stored secret of an install is unreadable: {e}"
-                ))
-            })?;
-            Ok(Some(Install {
-                key: row.get(0),
-                install_id: install_id.to_owned(),
-                secret,
-                disabled: row.get(2),
-                budget: stored_budget(row.get(3), row.get(4))?,
-            }))
-        })
+        self.run(async |store| store.find_install_now(install_id).await)
     }
 
     fn ingest(
@@ -364,48 +513,13 @@ impl ReceiverStore for PostgresStore {
         events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, ReceiverStoreError> {
-        let sent = events.len() as u64;
-        // Within a batch the first occurrence of an id counts; the rest are duplicates.
-        let mut seen = std::collections::HashSet::with_capacity(events.len());
-        let mut columns = Columns::default();
-        for event in events {
-            if seen.insert(event.event_id) {
-                columns.push(event);
-            }
-        }
-        self.run(async |store| {
-            let client = store.client().await?;
-            let statement = client.prepare_cached(INGEST).await?;
-            let c = &columns;
-            let row = client
-                .query_one(
-                    &statement,
-                    &[
-                        &install,
-                        &received_at_ms,
-                        &c.event_id,
-                        &c.user_hash,
-                        &c.source,
-                        &c.model,
-                        &c.prompt,
-                        &c.completion,
-                        &c.cached,
-                        &c.cache_write,
-                        &c.reasoning,
-                        &c.context,
-                        &c.created_at,
-                    ],
-                )
-                .await?;
-            if row.get::<_, i64>(0) == 0 {
-                return Err(ReceiverStoreError::InstallGone);
-            }
-            let accepted = count(row.get(1))?;
-            Ok(IngestCounts {
-                accepted,
-                duplicates: sent - accepted,
-            })
-        })
+        let stored = self.run(async |store| {
+            store
+                .ingest_now(install, events, received_at_ms, None)
+                .await
+        })?;
+        // Without a rate the request always fits.
+        stored.map_err(|_| ReceiverStoreError::Corrupt("no rate, yet a wait".to_owned()))
     }
 
     fn take_request(
@@ -413,44 +527,7 @@ impl ReceiverStore for PostgresStore {
         install: InstallKey,
         rate: Rate,
     ) -> Result<Result<(), Duration>, ReceiverStoreError> {
-        let Some(interval) = rate.interval() else {
-            return Ok(Ok(()));
-        };
-        let interval_ms = i64::try_from(interval.as_millis()).unwrap_or(i64::MAX);
-        let burst_ms = i64::try_from(rate.burst().as_millis()).unwrap_or(i64::MAX);
-        self.run(async |store| {
-            let client = store.relaxed.get().await?;
-            // The schedule moves on only when the request fits in the burst; the row lock
-            // makes two nodes' requests of one install take turns.
-            let statement = client
-                .prepare_cached(
-                    "INSERT INTO request_schedule AS s (install, next_at_ms)
-                     VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
-                     ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-                         (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
-                     WHERE s.next_at_ms
-                         - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
-                     RETURNING next_at_ms",
-                )
-                .await?;
-            if client
-                .query_opt(&statement, &[&install, &interval_ms, &burst_ms])
-                .await?
-                .is_some()
-            {
-                return Ok(Ok(()));
-            }
-            let ahead: i64 = client
-                .query_one(
-                    "SELECT next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint
-                     FROM request_schedule WHERE install = $1",
-                    &[&install],
-                )
-                .await?
-                .get(0);
-            let wait_ms = u64::try_from(ahead - burst_ms).unwrap_or(0).max(1);
-            Ok(Err(Duration::from_millis(wait_ms)))
-        })
+        self.run(async |store| store.take_request_now(install, rate).await)
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
@@ -1021,6 +1098,31 @@ impl ReceiverStore for PostgresStore {
                 }
             };
             Ok(())
+        })
+    }
+
+    fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
+        Box::pin(async move { self.find_install_now(&install_id).await })
+    }
+
+    fn take_request_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        rate: Rate,
+    ) -> StoreFuture<Result<(), Duration>> {
+        Box::pin(async move { self.take_request_now(install, rate).await })
+    }
+
+    fn ingest_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+        rate: Rate,
+    ) -> StoreFuture<Result<IngestCounts, Duration>> {
+        Box::pin(async move {
+            self.ingest_now(install, events, received_at_ms, Some(rate))
+                .await
         })
     }
 }
