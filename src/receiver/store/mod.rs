@@ -206,6 +206,18 @@ impl Budget {
         texts.join(",")
     }
 
+    /// A budget from the columns of a `LEFT JOIN budgets`: `None` when the install has
+    /// none.
+    pub fn from_columns(
+        monthly_micros: Option<i64>,
+        thresholds: Option<&str>,
+    ) -> Result<Option<Budget>, ReceiverStoreError> {
+        match (monthly_micros, thresholds) {
+            (Some(monthly), Some(thresholds)) => Budget::from_stored(monthly, thresholds).map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// A budget as stored; an error when it is not one this code writes.
     pub fn from_stored(
         monthly_micros: i64,

@@ -173,7 +173,7 @@ impl PostgresStore {
             install_id: install_id.to_owned(),
             secret,
             disabled: row.get(2),
-            budget: stored_budget(row.get(3), row.get(4))?,
+            budget: Budget::from_columns(row.get(3), row.get(4))?,
         }))
     }
 
@@ -714,7 +714,7 @@ impl ReceiverStore for PostgresStore {
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
-                    budget: stored_budget(row.get(4), row.get(5))?,
+                    budget: Budget::from_columns(row.get(4), row.get(5))?,
                     alerted_in_month: Vec::new(),
                 });
             }
@@ -1152,17 +1152,6 @@ fn threshold_from(value: i32) -> Result<u32, ReceiverStoreError> {
     u32::try_from(value).map_err(|_| {
         ReceiverStoreError::Corrupt(format!("a stored threshold is negative: {value}"))
     })
-}
-
-/// A budget from the columns of a `LEFT JOIN budgets`: `None` when the install has none.
-fn stored_budget(
-    monthly_micros: Option<i64>,
-    thresholds: Option<&str>,
-) -> Result<Option<Budget>, ReceiverStoreError> {
-    match (monthly_micros, thresholds) {
-        (Some(monthly), Some(thresholds)) => Budget::from_stored(monthly, thresholds).map(Some),
-        _ => Ok(None),
-    }
 }
 
 fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {

@@ -251,7 +251,7 @@ impl ReceiverStore for SqliteStore {
             install_id: install_id.to_owned(),
             secret,
             disabled,
-            budget: stored_budget(monthly, thresholds.as_deref())?,
+            budget: Budget::from_columns(monthly, thresholds.as_deref())?,
         }))
     }
 
@@ -479,7 +479,7 @@ impl ReceiverStore for SqliteStore {
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
-                    budget: stored_budget(
+                    budget: Budget::from_columns(
                         row.get(4)?,
                         row.get::<_, Option<String>>(5)?.as_deref(),
                     )?,
@@ -818,17 +818,6 @@ fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, Receiver
         delivered_at_ms: row.get(8)?,
         attempts: row.get(9)?,
     }))
-}
-
-/// A budget from the columns of a `LEFT JOIN budgets`: `None` when the install has none.
-fn stored_budget(
-    monthly_micros: Option<i64>,
-    thresholds: Option<&str>,
-) -> Result<Option<Budget>, ReceiverStoreError> {
-    match (monthly_micros, thresholds) {
-        (Some(monthly), Some(thresholds)) => Budget::from_stored(monthly, thresholds).map(Some),
-        _ => Ok(None),
-    }
 }
 
 /// Inserts one batch's events inside `tx` and adds them to the daily rollup; the counts say
