@@ -27,7 +27,7 @@ use super::ReceiverState;
 use super::clip::clip;
 use super::error::ReceiverError;
 use super::pricing::Micros;
-use super::provider::{authorize, blocking, parse_range};
+use super::provider::{authorize, blocking, parse_range, query_rejection};
 use super::settings::AlertWebhook;
 use super::store::{Alert, DeliveryOutcome, ReceiverStore};
 use crate::event::format_millis;
@@ -61,12 +61,7 @@ pub async fn list(
     params: Result<Query<AlertsParams>, QueryRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let Query(params) = params.map_err(|rejection| {
-        ReceiverError::bad_request(
-            "invalid_query",
-            format!("the query string is invalid: {}", rejection.body_text()),
-        )
-    })?;
+    let Query(params) = params.map_err(query_rejection)?;
     let range = parse_range(&params.from, &params.to)?;
     let store = app.store.clone();
     let alerts = blocking(move || store.alerts(range)).await?;

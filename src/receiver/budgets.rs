@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use super::ReceiverState;
 use super::clip::clip;
-use super::error::ReceiverError;
+use super::error::{ReceiverError, json_body};
 use super::ingest::body_rejection;
 use super::installations::{unknown_install, usage_window};
 use super::pricing::{Cents, Micros};
@@ -180,12 +180,7 @@ pub fn budget_json(budget: &Budget) -> Value {
 
 /// Reads a budget body, naming the field and the rule of the first mistake.
 pub fn parse_budget(body: &[u8]) -> Result<Budget, ReceiverError> {
-    let value: Value = serde_json::from_slice(body).map_err(|error| {
-        ReceiverError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {error}"),
-        )
-    })?;
+    let value = json_body(body)?;
     let Some(object) = value.as_object() else {
         return Err(invalid("body", "must be a JSON object"));
     };
@@ -246,8 +241,7 @@ pub fn parse_budget(body: &[u8]) -> Result<Budget, ReceiverError> {
 }
 
 fn invalid(field: &str, rule: &str) -> ReceiverError {
-    ReceiverError::invalid("invalid_budget", format!("{field} {rule}"))
-        .with_details(vec![json!({"field": field, "message": rule})])
+    ReceiverError::invalid_field("invalid_budget", field, rule)
 }
 
 #[cfg(test)]

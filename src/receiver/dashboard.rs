@@ -25,7 +25,7 @@ use super::ReceiverState;
 use super::error::ReceiverError;
 use super::installations::{InstallRow, install_rows, load_rows, unknown_install};
 use super::pricing::{Cents, Micros, ModelDayTokens, Pricing, TokenCounts};
-use super::provider::{authorize, blocking, day_text};
+use super::provider::{authorize, blocking, day_text, query_rejection};
 use super::store::{
     Alert, DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery, TimeRange,
 };
@@ -64,13 +64,6 @@ pub struct DetailParams {
     to: Option<String>,
 }
 
-fn query_error(rejection: QueryRejection) -> ReceiverError {
-    ReceiverError::bad_request(
-        "invalid_query",
-        format!("the query string is invalid: {}", rejection.body_text()),
-    )
-}
-
 /// What one dashboard page shows: the period (month to date unless asked), the order and
 /// the page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +96,7 @@ pub async fn page(
     params: Result<Query<PageParams>, QueryRejection>,
 ) -> Result<Response, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let Query(params) = params.map_err(query_error)?;
+    let Query(params) = params.map_err(query_rejection)?;
     let now = app.provider_now();
     let period = Period::parse(
         params.period.as_deref(),
@@ -133,7 +126,7 @@ pub async fn detail(
     params: Result<Query<DetailParams>, QueryRejection>,
 ) -> Result<Response, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let Query(params) = params.map_err(query_error)?;
+    let Query(params) = params.map_err(query_rejection)?;
     let now = app.provider_now();
     let period = Period::parse(
         params.period.as_deref(),

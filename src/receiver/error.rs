@@ -74,6 +74,12 @@ impl ReceiverError {
         ReceiverError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    /// `422` naming the field and its rule: `"{field} {rule}"`, and the pair in `details`.
+    pub fn invalid_field(code: &'static str, field: &str, rule: &str) -> ReceiverError {
+        ReceiverError::invalid(code, format!("{field} {rule}"))
+            .with_details(vec![serde_json::json!({"field": field, "message": rule})])
+    }
+
     /// `503` with `Retry-After`, for storage failures: the client should try again later.
     pub fn unavailable(retry_after_s: u64) -> ReceiverError {
         ReceiverError::new(
@@ -118,6 +124,16 @@ pub async fn method_not_allowed() -> ReceiverError {
 
 /// Whether a `content-type` header names JSON (`application/json` or `application/*+json`,
 /// with any parameters).
+/// A provider request's body as JSON, or `400 malformed_json`.
+pub fn json_body(body: &[u8]) -> Result<Value, ReceiverError> {
+    serde_json::from_slice(body).map_err(|error| {
+        ReceiverError::bad_request(
+            "malformed_json",
+            format!("the body is not valid JSON: {error}"),
+        )
+    })
+}
+
 pub fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
     let Some(value) = headers
         .get(header::CONTENT_TYPE)

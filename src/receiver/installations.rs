@@ -24,10 +24,10 @@ use serde_json::{Value, json};
 use super::ReceiverState;
 use super::budgets::{budget_in_force, used_pct};
 use super::clip::clip;
-use super::error::ReceiverError;
+use super::error::{ReceiverError, json_body};
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan};
-use super::provider::{authorize, bad_param, blocking, day_text};
+use super::provider::{authorize, bad_param, blocking, day_text, query_rejection};
 use super::store::{Budget, DailyTokens, InstallUsage, UsageWindow};
 use super::view::{Period, Sort};
 use crate::event::format_millis;
@@ -180,12 +180,7 @@ pub async fn list(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let Query(params) = params.map_err(|rejection| {
-        ReceiverError::bad_request(
-            "invalid_query",
-            format!("the query string is invalid: {}", rejection.body_text()),
-        )
-    })?;
+    let Query(params) = params.map_err(query_rejection)?;
     let csv = match params.format.as_deref().map(str::trim) {
         None | Some("") | Some("json") => false,
         Some("csv") => true,
@@ -303,20 +298,13 @@ pub async fn set_plan(
 ) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        ReceiverError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {error}"),
-        )
-    })?;
+    let value = json_body(&body)?;
     let plan = value
         .get("plan")
         .and_then(Value::as_str)
         .and_then(|text| text.parse::<Plan>().ok())
         .ok_or_else(|| {
-            let rule = "must be one of free, pro, agency";
-            ReceiverError::invalid("invalid_plan", format!("plan {rule}"))
-                .with_details(vec![json!({"field": "plan", "message": rule})])
+            ReceiverError::invalid_field("invalid_plan", "plan", "must be one of free, pro, agency")
         })?;
     let store = app.store.clone();
     let id = install_id.clone();
@@ -340,12 +328,7 @@ pub async fn set_label(
 ) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
-    let value: Value = serde_json::from_slice(&body).map_err(|error| {
-        ReceiverError::bad_request(
-            "malformed_json",
-            format!("the body is not valid JSON: {error}"),
-        )
-    })?;
+    let value = json_body(&body)?;
     let label = value
         .get("label")
         .and_then(Value::as_str)
@@ -353,8 +336,7 @@ pub async fn set_label(
         .map(str::to_owned)
         .ok_or_else(|| {
             let rule = "must be a string of 1 to 100 characters, none of them a control character";
-            ReceiverError::invalid("invalid_label", format!("label {rule}"))
-                .with_details(vec![json!({"field": "label", "message": rule})])
+            ReceiverError::invalid_field("invalid_label", "label", rule)
         })?;
     let store = app.store.clone();
     let (id, text) = (install_id.clone(), label.clone());

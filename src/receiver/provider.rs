@@ -163,7 +163,8 @@ pub(super) async fn blocking<T: Send + 'static>(
         .map_err(store_unavailable)
 }
 
-fn query_rejection(rejection: QueryRejection) -> ReceiverError {
+/// A query string that does not parse (an unknown parameter, say), as `400`.
+pub(super) fn query_rejection(rejection: QueryRejection) -> ReceiverError {
     ReceiverError::bad_request(
         "invalid_query",
         format!("the query string is invalid: {}", rejection.body_text()),
