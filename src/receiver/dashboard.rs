@@ -26,7 +26,9 @@ use super::error::ReceiverError;
 use super::installations::{InstallRow, install_rows, load_rows, unknown_install};
 use super::pricing::{Cents, Micros, ModelDayTokens, Pricing, TokenCounts};
 use super::provider::{authorize, blocking, day_text};
-use super::store::{DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery, TimeRange};
+use super::store::{
+    CostedReport, DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery, TimeRange,
+};
 use super::view::{Column, PAGE_SIZE, Period, Sort, page_count, parse_page};
 use crate::event::format_millis;
 
@@ -168,7 +170,10 @@ pub async fn detail(
     let Some(usage) = report.installs.first().map(|i| i.usage_mtd.clone()) else {
         return Err(unknown_install());
     };
-    let row = install_rows(&app.pricing, report.installs, Some(period))
+    let chart = report.daily.clone();
+    let rates = |model: &str, day: i64| app.pricing.rates(model, day);
+    let costed = CostedReport::price(report, &rates);
+    let row = install_rows(&app.pricing, costed.installs, Some(period))
         .into_iter()
         .next()
         .ok_or_else(unknown_install)?;
@@ -178,7 +183,7 @@ pub async fn detail(
         by_model: by_model(&app.pricing, &usage),
         by_source: by_source_costs(&app.pricing, &by_source),
         by_user: &by_user,
-        chart: &report.daily,
+        chart: &chart,
     };
     Ok(html_response(render_detail(&detail, now)))
 }

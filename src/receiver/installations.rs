@@ -27,7 +27,7 @@ use super::error::ReceiverError;
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan, Pricing};
 use super::provider::{authorize, bad_param, blocking, day_text};
-use super::store::{DailyTokens, InstallUsage, UsageWindow};
+use super::store::{CostedInstall, DailyTokens, UsageWindow};
 use super::view::{Period, Sort};
 use crate::event::format_millis;
 
@@ -60,30 +60,30 @@ pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
     }
 }
 
-/// Prices every install's usage; `period`, when given, decides the revenue (a whole
-/// monthly price, or prorated by day), else it is the plan's monthly price.
+/// Bills every install's costed usage; `period`, when given, decides the revenue (a
+/// whole monthly price, or prorated by day), else it is the plan's monthly price.
 pub fn install_rows(
     pricing: &Pricing,
-    usages: Vec<InstallUsage>,
+    installs: Vec<CostedInstall>,
     period: Option<Period>,
 ) -> Vec<InstallRow> {
-    usages
+    installs
         .into_iter()
-        .map(|usage| {
+        .map(|install| {
             let revenue = match period {
                 Some(period) if !period.is_monthly() => {
-                    pricing.prorated_revenue(usage.plan, period.days.first, period.days.last)
+                    pricing.prorated_revenue(install.plan, period.days.first, period.days.last)
                 }
-                _ => pricing.revenue(usage.plan),
+                _ => pricing.revenue(install.plan),
             };
             InstallRow {
-                bill: pricing.bill_with_revenue(revenue, &usage.usage_mtd),
-                install_id: usage.install_id,
-                label: usage.label,
-                plan: usage.plan,
-                last_seen_ms: usage.last_seen_ms,
-                events: usage.events_30d,
-                tokens: usage.tokens_30d,
+                bill: Pricing::bill_of(revenue, &install.priced),
+                install_id: install.install_id,
+                label: install.label,
+                plan: install.plan,
+                last_seen_ms: install.last_seen_ms,
+                events: install.events_30d,
+                tokens: install.tokens_30d,
             }
         })
         .collect()
@@ -102,8 +102,12 @@ pub async fn load_rows(
         Some(period) => period.days.as_window(),
         None => usage_window(now),
     };
-    let store = app.store.clone();
-    let report = blocking(move || store.installations(install_id.as_deref(), window)).await?;
+    let (store, app2) = (app.store.clone(), app.clone());
+    let report = blocking(move || {
+        let rates = |model: &str, day: i64| app2.pricing.rates(model, day);
+        store.costed_installations(install_id.as_deref(), window, &rates)
+    })
+    .await?;
     Ok((
         install_rows(&app.pricing, report.installs, period),
         report.daily,

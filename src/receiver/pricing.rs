@@ -181,6 +181,39 @@ pub struct Bill {
     pub unpriced_models: Vec<String>,
 }
 
+/// Usage costed in micro-units, before the bill rounds it to cents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PricedUsage {
+    pub tokens: u64,
+    /// Each model's day rounded half up to a micro-unit, summed (saturating).
+    pub cost: Micros,
+    /// Models with no rates on some day of their usage; sorted, each once.
+    pub unpriced_models: Vec<String>,
+}
+
+impl PricedUsage {
+    /// Costs `usage` (one entry per model and day) at `rates`.
+    pub fn of(
+        usage: &[ModelDayTokens],
+        rates: &(dyn Fn(&str, i64) -> Option<Rates> + Sync),
+    ) -> PricedUsage {
+        let mut priced = PricedUsage::default();
+        for usage in usage {
+            priced.tokens = priced.tokens.saturating_add(usage.tokens.total());
+            match rates(&usage.model, usage.day) {
+                Some(rates) => {
+                    let day_cost = cost_at(&rates, &usage.tokens);
+                    priced.cost = Micros(priced.cost.0.saturating_add(day_cost.0));
+                }
+                None => priced.unpriced_models.push(usage.model.clone()),
+            }
+        }
+        priced.unpriced_models.sort();
+        priced.unpriced_models.dedup();
+        priced
+    }
+}
+
 /// The cost of `tokens` at `rates`, in micro-units, rounded half up (SPEC 11):
 /// `((prompt - cached - cache_write) × input + cached × cached_input + cache_write ×
 /// cache_write_price + (completion - reasoning) × output + reasoning × reasoning_price)
@@ -290,26 +323,21 @@ impl Pricing {
     /// A bill whose revenue is `revenue` (a plan's monthly price, or a prorated one):
     /// each day's cost rounded to a micro-unit, their sum to cents.
     pub fn bill_with_revenue(&self, revenue: Micros, usage: &[ModelDayTokens]) -> Bill {
-        let mut cost = Micros(0);
-        let mut tokens = 0u64;
-        let mut unpriced_models = Vec::new();
-        for usage in usage {
-            tokens = tokens.saturating_add(usage.tokens.total());
-            match self.day_cost(usage) {
-                Some(day_cost) => cost = Micros(cost.0.saturating_add(day_cost.0)),
-                None => unpriced_models.push(usage.model.clone()),
-            }
-        }
-        unpriced_models.sort();
-        unpriced_models.dedup();
-        let cost = cost.to_cents();
+        let priced = PricedUsage::of(usage, &|model: &str, day| self.rates(model, day));
+        Pricing::bill_of(revenue, &priced)
+    }
+
+    /// The bill of usage already costed: its cost to cents, `revenue` to cents, the
+    /// difference.
+    pub fn bill_of(revenue: Micros, priced: &PricedUsage) -> Bill {
+        let cost = priced.cost.to_cents();
         let revenue = revenue.to_cents();
         Bill {
-            tokens,
+            tokens: priced.tokens,
             cost,
             revenue,
             profit: revenue - cost,
-            unpriced_models,
+            unpriced_models: priced.unpriced_models.clone(),
         }
     }
 }
