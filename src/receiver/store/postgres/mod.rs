@@ -29,15 +29,15 @@ use tokio::runtime::Handle;
 use uuid::Uuid;
 
 use super::{
-    DailyTokens, DayRange, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts,
-    Install, InstallKey, InstallUsage, InstallationsReport, NewEvent, NewInstall, ReceivedEvent,
-    ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay, StoreKind, Summary,
-    SummaryQuery, SummaryRow, Totals, UsageWindow,
+    CostedInstall, CostedReport, DailyTokens, DayRange, EnrollOutcome, EventCursor, EventsPage,
+    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, NewEvent,
+    NewInstall, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, Totals, UsageWindow,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
+use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 mod migrations;
@@ -703,6 +703,35 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    /// Costed in the database, so 100,000 installs' month of rows never leave it: one
+    /// pass sums the counted days per install and per day and lists the (model, day) pairs
+    /// of the priced days; their rates, from the receiver, go back as arrays; a second pass
+    /// costs each rollup row with them in `bigint` (half up, once per row) and sums per
+    /// install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
+    /// then the straightforward computation answers instead, so the answer is always
+    /// exactly [`CostedReport::price`]'s.
+    fn costed_installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+        rates: RatesOf<'_>,
+    ) -> Result<CostedReport, ReceiverStoreError> {
+        match self.run(async |store| costed(store, install_id, window, rates).await) {
+            Err(ReceiverStoreError::Backend(error))
+                if error
+                    .downcast_ref::<tokio_postgres::Error>()
+                    .and_then(tokio_postgres::Error::code)
+                    == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) =>
+            {
+                Ok(CostedReport::price(
+                    self.installations(install_id, window)?,
+                    rates,
+                ))
+            }
+            other => other,
+        }
+    }
+
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
         self.run(async |store| {
             let changed = store
@@ -803,6 +832,166 @@ impl ReceiverStore for PostgresStore {
             Ok(Some(events))
         })
     }
+}
+
+/// [`PostgresStore::costed_installations`] in one read-only snapshot.
+async fn costed(
+    store: &PostgresStore,
+    install_id: Option<&str>,
+    window: UsageWindow,
+    rates: RatesOf<'_>,
+) -> Result<CostedReport, ReceiverStoreError> {
+    let mut client = store.client().await?;
+    let Some(only) = optional_install(&client, install_id).await? else {
+        return Ok(CostedReport::default());
+    };
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
+        .await?;
+    let mut report = CostedReport::default();
+    let mut by_key = std::collections::HashMap::new();
+    let installs = tx
+        .query(
+            r#"SELECT id, install_id, plan, last_seen, label FROM installs
+               WHERE $1::bigint IS NULL OR id = $1 ORDER BY install_id COLLATE "C""#,
+            &[&only],
+        )
+        .await?;
+    for row in installs {
+        by_key.insert(row.get::<_, i64>(0), report.installs.len());
+        report.installs.push(CostedInstall {
+            install_id: row.get(1),
+            label: row.get(4),
+            plan: plan_from(row.get(2))?,
+            last_seen_ms: row.get(3),
+            events_30d: 0,
+            tokens_30d: 0,
+            priced: PricedUsage::default(),
+        });
+    }
+    // Kind 0: an install's counted events and tokens, and its priced tokens; kind 1: the
+    // chart's day over every install; kind 2: a (model, day) pair of the priced days.
+    let sums = tx
+        .query(
+            "SELECT CASE WHEN GROUPING(install) = 0 THEN 0
+                         WHEN GROUPING(model) = 1 THEN 1 ELSE 2 END::int2,
+                    install, day, model,
+                    coalesce(sum(events) FILTER (WHERE day >= $1), 0)::bigint,
+                    coalesce(sum(prompt_tokens + completion_tokens)
+                             FILTER (WHERE day >= $1), 0)::bigint,
+                    coalesce(sum(prompt_tokens + completion_tokens)
+                             FILTER (WHERE day >= $2), 0)::bigint
+             FROM daily_usage
+             WHERE day >= least($1, $2) AND day <= $3
+               AND ($4::bigint IS NULL OR install = $4)
+             GROUP BY GROUPING SETS ((install), (day), (model, day))",
+            &[&window.from_30d, &window.month_start, &window.today, &only],
+        )
+        .await?;
+    let mut daily = BTreeMap::new();
+    let mut models = Vec::new();
+    let mut days = Vec::new();
+    let mut kinds: [Vec<i64>; 5] = Default::default();
+    for row in sums {
+        let day: Option<i64> = row.get(2);
+        match row.get::<_, i16>(0) {
+            0 => {
+                let Some(&index) = by_key.get(&row.get::<_, i64>(1)) else {
+                    continue;
+                };
+                let install = &mut report.installs[index];
+                install.events_30d = count(row.get(4))?;
+                install.tokens_30d = count(row.get(5))?;
+                install.priced.tokens = count(row.get(6))?;
+            }
+            1 => {
+                let day = day.unwrap_or_default();
+                let events = count(row.get(4))?;
+                if day >= window.from_30d && events > 0 {
+                    daily.insert(
+                        day,
+                        DailyTokens {
+                            day,
+                            events,
+                            tokens: count(row.get(5))?,
+                        },
+                    );
+                }
+            }
+            _ => {
+                let (model, day): (String, i64) = (row.get(3), day.unwrap_or_default());
+                if day < window.month_start {
+                    continue;
+                }
+                if let Some(r) = rates(&model, day) {
+                    for (list, rate) in kinds.iter_mut().zip([
+                        r.input,
+                        r.cached_input,
+                        r.cache_write,
+                        r.output,
+                        r.reasoning,
+                    ]) {
+                        list.push(rate.0);
+                    }
+                    models.push(model);
+                    days.push(day);
+                }
+            }
+        }
+    }
+    // Each row's cost as `cost_at` computes it: uncached input never negative, the
+    // exact sum in micro-units per million tokens, half up once.
+    let costs = tx
+        .query(
+            "SELECT d.install,
+                    coalesce(sum((greatest(d.prompt_tokens - d.cached_tokens
+                                           - d.cache_write_tokens, 0) * r.input
+                                  + d.cached_tokens * r.cached
+                                  + d.cache_write_tokens * r.cache_write
+                                  + greatest(d.completion_tokens - d.reasoning_tokens, 0)
+                                    * r.output
+                                  + d.reasoning_tokens * r.reasoning
+                                  + 500000) / 1000000), 0)::bigint,
+                    array_agg(DISTINCT d.model) FILTER (WHERE r.model IS NULL)
+             FROM daily_usage d
+             LEFT JOIN unnest($4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
+                              $8::bigint[], $9::bigint[], $10::bigint[])
+                       AS r (model, day, input, cached, cache_write, output, reasoning)
+                    ON r.model = d.model AND r.day = d.day
+             WHERE d.day >= $1 AND d.day <= $2 AND ($3::bigint IS NULL OR d.install = $3)
+             GROUP BY d.install",
+            &[
+                &window.month_start,
+                &window.today,
+                &only,
+                &models,
+                &days,
+                &kinds[0],
+                &kinds[1],
+                &kinds[2],
+                &kinds[3],
+                &kinds[4],
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    for row in costs {
+        let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
+            continue;
+        };
+        let priced = &mut report.installs[index].priced;
+        priced.cost = Micros(row.get(1));
+        let mut unpriced: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
+        unpriced.sort();
+        priced.unpriced_models = unpriced;
+    }
+    report.daily = daily.into_values().collect();
+    Ok(report)
 }
 
 fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
