@@ -62,8 +62,13 @@ pub struct Cents(pub i64);
 impl Cents {
     /// The amount as a JSON number in currency units with at most two decimals.
     pub fn to_json(self) -> serde_json::Value {
+        serde_json::Value::from(self.as_units())
+    }
+
+    /// The amount in currency units, as JSON shows it.
+    pub fn as_units(self) -> f64 {
         // Exact for any amount below 2^53 cents; the division by 100 only places the point.
-        serde_json::Value::from(self.0 as f64 / 100.0)
+        self.0 as f64 / 100.0
     }
 }
 

@@ -704,10 +704,9 @@ impl ReceiverStore for PostgresStore {
     }
 
     /// Costed in the database, so 100,000 installs' month of rows never leave it: one
-    /// pass sums the counted days per install and per day and lists the (model, day) pairs
-    /// of the priced days; their rates, from the receiver, go back as arrays; a second pass
-    /// costs each rollup row with them in `bigint` (half up, once per row) and sums per
-    /// install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
+    /// pass sums per model and day (the chart, and the (model, day) pairs to price); their
+    /// rates, from the receiver, go back as arrays; a second pass costs each rollup row
+    /// with them in `bigint` (half up, once per row) and sums everything per install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
     /// then the straightforward computation answers instead, so the answer is always
     /// exactly [`CostedReport::price`]'s.
     fn costed_installations(
@@ -874,81 +873,62 @@ async fn costed(
             priced: PricedUsage::default(),
         });
     }
-    // Kind 0: an install's counted events and tokens, and its priced tokens; kind 1: the
-    // chart's day over every install; kind 2: a (model, day) pair of the priced days.
-    let sums = tx
+    // First pass: events and tokens per model and day, for the chart (summed over the
+    // models) and the (model, day) pairs to price; a few hundred groups, so cheap to hash.
+    let first_day = window.from_30d.min(window.month_start);
+    let pairs = tx
         .query(
-            "SELECT CASE WHEN GROUPING(install) = 0 THEN 0
-                         WHEN GROUPING(model) = 1 THEN 1 ELSE 2 END::int2,
-                    install, day, model,
-                    coalesce(sum(events) FILTER (WHERE day >= $1), 0)::bigint,
-                    coalesce(sum(prompt_tokens + completion_tokens)
-                             FILTER (WHERE day >= $1), 0)::bigint,
-                    coalesce(sum(prompt_tokens + completion_tokens)
-                             FILTER (WHERE day >= $2), 0)::bigint
+            "SELECT model, day, sum(events)::bigint,
+                    sum(prompt_tokens + completion_tokens)::bigint
              FROM daily_usage
-             WHERE day >= least($1, $2) AND day <= $3
-               AND ($4::bigint IS NULL OR install = $4)
-             GROUP BY GROUPING SETS ((install), (day), (model, day))",
-            &[&window.from_30d, &window.month_start, &window.today, &only],
+             WHERE day >= $1 AND day <= $2 AND ($3::bigint IS NULL OR install = $3)
+             GROUP BY model, day",
+            &[&first_day, &window.today, &only],
         )
         .await?;
     let mut daily = BTreeMap::new();
     let mut models = Vec::new();
     let mut days = Vec::new();
     let mut kinds: [Vec<i64>; 5] = Default::default();
-    for row in sums {
-        let day: Option<i64> = row.get(2);
-        match row.get::<_, i16>(0) {
-            0 => {
-                let Some(&index) = by_key.get(&row.get::<_, i64>(1)) else {
-                    continue;
-                };
-                let install = &mut report.installs[index];
-                install.events_30d = count(row.get(4))?;
-                install.tokens_30d = count(row.get(5))?;
-                install.priced.tokens = count(row.get(6))?;
+    for row in pairs {
+        let (model, day): (String, i64) = (row.get(0), row.get(1));
+        if day >= window.from_30d {
+            let totals = daily.entry(day).or_insert(DailyTokens {
+                day,
+                events: 0,
+                tokens: 0,
+            });
+            totals.events += count(row.get(2))?;
+            totals.tokens += count(row.get(3))?;
+        }
+        if day < window.month_start {
+            continue;
+        }
+        if let Some(r) = rates(&model, day) {
+            for (list, rate) in kinds.iter_mut().zip([
+                r.input,
+                r.cached_input,
+                r.cache_write,
+                r.output,
+                r.reasoning,
+            ]) {
+                list.push(rate.0);
             }
-            1 => {
-                let day = day.unwrap_or_default();
-                let events = count(row.get(4))?;
-                if day >= window.from_30d && events > 0 {
-                    daily.insert(
-                        day,
-                        DailyTokens {
-                            day,
-                            events,
-                            tokens: count(row.get(5))?,
-                        },
-                    );
-                }
-            }
-            _ => {
-                let (model, day): (String, i64) = (row.get(3), day.unwrap_or_default());
-                if day < window.month_start {
-                    continue;
-                }
-                if let Some(r) = rates(&model, day) {
-                    for (list, rate) in kinds.iter_mut().zip([
-                        r.input,
-                        r.cached_input,
-                        r.cache_write,
-                        r.output,
-                        r.reasoning,
-                    ]) {
-                        list.push(rate.0);
-                    }
-                    models.push(model);
-                    days.push(day);
-                }
-            }
+            models.push(model);
+            days.push(day);
         }
     }
-    // Each row's cost as `cost_at` computes it: uncached input never negative, the
-    // exact sum in micro-units per million tokens, half up once.
+    // Second pass, per install: the counted events and tokens, the priced tokens, and each
+    // priced row's cost as `cost_at` computes it (uncached input never negative, the exact
+    // sum in micro-units per million tokens, half up once).
     let costs = tx
         .query(
             "SELECT d.install,
+                    coalesce(sum(d.events) FILTER (WHERE d.day >= $1), 0)::bigint,
+                    coalesce(sum(d.prompt_tokens + d.completion_tokens)
+                             FILTER (WHERE d.day >= $1), 0)::bigint,
+                    coalesce(sum(d.prompt_tokens + d.completion_tokens)
+                             FILTER (WHERE d.day >= $2), 0)::bigint,
                     coalesce(sum((greatest(d.prompt_tokens - d.cached_tokens
                                            - d.cache_write_tokens, 0) * r.input
                                   + d.cached_tokens * r.cached
@@ -956,16 +936,18 @@ async fn costed(
                                   + greatest(d.completion_tokens - d.reasoning_tokens, 0)
                                     * r.output
                                   + d.reasoning_tokens * r.reasoning
-                                  + 500000) / 1000000), 0)::bigint,
-                    array_agg(DISTINCT d.model) FILTER (WHERE r.model IS NULL)
+                                  + 500000) / 1000000) FILTER (WHERE d.day >= $2), 0)::bigint,
+                    array_agg(d.model) FILTER (WHERE r.model IS NULL AND d.day >= $2)
              FROM daily_usage d
-             LEFT JOIN unnest($4::text[], $5::bigint[], $6::bigint[], $7::bigint[],
-                              $8::bigint[], $9::bigint[], $10::bigint[])
+             LEFT JOIN unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
+                              $9::bigint[], $10::bigint[], $11::bigint[])
                        AS r (model, day, input, cached, cache_write, output, reasoning)
                     ON r.model = d.model AND r.day = d.day
-             WHERE d.day >= $1 AND d.day <= $2 AND ($3::bigint IS NULL OR d.install = $3)
+             WHERE d.day >= least($1, $2) AND d.day <= $3
+               AND ($4::bigint IS NULL OR d.install = $4)
              GROUP BY d.install",
             &[
+                &window.from_30d,
                 &window.month_start,
                 &window.today,
                 &only,
@@ -984,10 +966,16 @@ async fn costed(
         let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
             continue;
         };
-        let priced = &mut report.installs[index].priced;
-        priced.cost = Micros(row.get(1));
-        let mut unpriced: Vec<String> = row.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
+        let install = &mut report.installs[index];
+        install.events_30d = count(row.get(1))?;
+        install.tokens_30d = count(row.get(2))?;
+        let priced = &mut install.priced;
+        priced.tokens = count(row.get(3))?;
+        priced.cost = Micros(row.get(4));
+        let mut unpriced: Vec<String> = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
+        // Not DISTINCT in SQL: a DISTINCT aggregate would force sorting every row.
         unpriced.sort();
+        unpriced.dedup();
         priced.unpriced_models = unpriced;
     }
     report.daily = daily.into_values().collect();
