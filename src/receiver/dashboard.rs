@@ -500,12 +500,14 @@ pub struct InstallDetail<'a> {
     pub chart: &'a [DailyTokens],
 }
 
+/// A breakdown's table; the events column only when its lines know them.
 fn cost_table(id: &str, heading: &str, lines: &[CostLine]) -> Markup {
+    let events = lines.iter().any(|line| line.events.is_some());
     html! {
         table id=(id) {
             tr {
                 th { (heading) }
-                th.n { "Events" }
+                @if events { th.n { "Events" } }
                 th.n { "Prompt" }
                 th.n { "Cached" }
                 th.n { "Cache write" }
@@ -517,7 +519,9 @@ fn cost_table(id: &str, heading: &str, lines: &[CostLine]) -> Markup {
             @for line in lines {
                 tr {
                     td { (line.name) @if line.unpriced { " (unpriced on some days)" } }
-                    td.n { (line.events.map(|n| n.to_string()).unwrap_or_default()) }
+                    @if events {
+                        td.n { (line.events.map(|n| n.to_string()).unwrap_or_default()) }
+                    }
                     td.n { (line.tokens.prompt) }
                     td.n { (line.tokens.cached) }
                     td.n { (line.tokens.cache_write) }
