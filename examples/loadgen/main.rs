@@ -49,7 +49,7 @@ use usage_agent::config::Synchronous;
 
 use crate::figures::{Figures, figures_json, print_table};
 use crate::phases::drain::drain_phases;
-use crate::phases::fleet::fleet_phase;
+use crate::phases::fleet::{fleet_phase, view_phase};
 use crate::phases::fsync_floor::fsync_floor;
 use crate::phases::http_ceiling::http_ceiling_phase;
 use crate::phases::ingest::{Phase, PhaseResult, run_phase};
@@ -81,9 +81,10 @@ struct Options {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run only these phases (for profiling); figures of skipped phases are null. `fleet`
-    /// (the receiver on PostgreSQL) runs only when named.
+    /// (the receiver on PostgreSQL) runs only when named; `view` is only its provider views
+    /// (`installations_100k_ms`, `dashboard_100k_ms`), without its ingest.
     #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,drain",
-          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain", "fleet"])]
+          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain", "fleet", "view"])]
     phases: Vec<String>,
     /// For `fleet`: a PostgreSQL server where loadgen may create (and then drops) its
     /// databases, e.g. postgres://user@localhost/postgres; default: a throwaway cluster of
@@ -225,6 +226,20 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.fleet_ratio = Some(fleet.eps / fleet.ceiling_eps);
         figures.fleet_p99_ms = Some(fleet.p99_ms);
         figures.installations_100k_ms = Some(fleet.installations_100k_ms);
+        figures.dashboard_100k_ms = Some(fleet.dashboard_100k_ms);
+    } else if options.wants("view") {
+        let (installations, dashboard) = view_phase(
+            &runtime,
+            root.path(),
+            options.database_url.as_deref(),
+            options.view_installs,
+        )?;
+        eprintln!(
+            "  view      installations view of {} installs {installations:.0} ms, a dashboard page {dashboard:.0} ms",
+            options.view_installs
+        );
+        figures.installations_100k_ms = Some(installations);
+        figures.dashboard_100k_ms = Some(dashboard);
     }
     let agent_phases = ["c1", "c32", "c128", "newconn", "batch100", "limit"];
     if !agent_phases.iter().any(|phase| options.wants(phase)) {

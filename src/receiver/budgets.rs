@@ -90,7 +90,7 @@ pub fn check_after_ingest(
     if pending.is_empty() {
         return Ok(Vec::new());
     }
-    let (cost, _) = app.pricing.cost(&spend.usage);
+    let cost = app.pricing.price(&spend.usage).cost;
     let reached = |threshold: u32| {
         i128::from(cost.0) * 100 >= i128::from(threshold) * i128::from(budget.monthly.0)
     };

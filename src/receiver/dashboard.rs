@@ -27,7 +27,8 @@ use super::installations::{InstallRow, install_rows, load_rows, unknown_install}
 use super::pricing::{Cents, Micros, ModelDayTokens, Pricing, TokenCounts};
 use super::provider::{authorize, blocking, day_text, query_rejection};
 use super::store::{
-    Alert, DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery, TimeRange,
+    Alert, CostedReport, DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery,
+    TimeRange,
 };
 use super::view::{Column, PAGE_SIZE, Period, Sort, page_count, parse_page};
 use crate::event::format_millis;
@@ -167,7 +168,10 @@ pub async fn detail(
     let Some(usage) = report.installs.first().map(|i| i.usage_mtd.clone()) else {
         return Err(unknown_install());
     };
-    let row = install_rows(&app, report.installs, Some(period))
+    let chart = report.daily.clone();
+    let rates = |model: &str, day: i64| app.pricing.rates(model, day);
+    let costed = CostedReport::price(report, &rates);
+    let row = install_rows(&app, costed.installs, Some(period))
         .into_iter()
         .next()
         .ok_or_else(unknown_install)?;
@@ -177,7 +181,7 @@ pub async fn detail(
         by_model: by_model(&app.pricing, &usage),
         by_source: by_source_costs(&app.pricing, &by_source),
         by_user: &by_user,
-        chart: &report.daily,
+        chart: &chart,
         alerts: &alerts,
     };
     Ok(html_response(render_detail(&detail, now)))
@@ -537,12 +541,14 @@ pub struct InstallDetail<'a> {
     pub alerts: &'a [Alert],
 }
 
+/// A breakdown's table; the events column only when its lines know them.
 fn cost_table(id: &str, heading: &str, lines: &[CostLine]) -> Markup {
+    let events = lines.iter().any(|line| line.events.is_some());
     html! {
         table id=(id) {
             tr {
                 th { (heading) }
-                th.n { "Events" }
+                @if events { th.n { "Events" } }
                 th.n { "Prompt" }
                 th.n { "Cached" }
                 th.n { "Cache write" }
@@ -554,7 +560,9 @@ fn cost_table(id: &str, heading: &str, lines: &[CostLine]) -> Markup {
             @for line in lines {
                 tr {
                     td { (line.name) @if line.unpriced { " (unpriced on some days)" } }
-                    td.n { (line.events.map(|n| n.to_string()).unwrap_or_default()) }
+                    @if events {
+                        td.n { (line.events.map(|n| n.to_string()).unwrap_or_default()) }
+                    }
                     td.n { (line.tokens.prompt) }
                     td.n { (line.tokens.cached) }
                     td.n { (line.tokens.cache_write) }

@@ -62,8 +62,13 @@ pub struct Cents(pub i64);
 impl Cents {
     /// The amount as a JSON number in currency units with at most two decimals.
     pub fn to_json(self) -> serde_json::Value {
+        serde_json::Value::from(self.as_units())
+    }
+
+    /// The amount in currency units, as JSON shows it.
+    pub fn as_units(self) -> f64 {
         // Exact for any amount below 2^53 cents; the division by 100 only places the point.
-        serde_json::Value::from(self.0 as f64 / 100.0)
+        self.0 as f64 / 100.0
     }
 }
 
@@ -181,6 +186,39 @@ pub struct Bill {
     pub unpriced_models: Vec<String>,
 }
 
+/// Usage costed in micro-units, before the bill rounds it to cents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PricedUsage {
+    pub tokens: u64,
+    /// Each model's day rounded half up to a micro-unit, summed (saturating).
+    pub cost: Micros,
+    /// Models with no rates on some day of their usage; sorted, each once.
+    pub unpriced_models: Vec<String>,
+}
+
+impl PricedUsage {
+    /// Costs `usage` (one entry per model and day) at `rates`.
+    pub fn of(
+        usage: &[ModelDayTokens],
+        rates: &(dyn Fn(&str, i64) -> Option<Rates> + Sync),
+    ) -> PricedUsage {
+        let mut priced = PricedUsage::default();
+        for usage in usage {
+            priced.tokens = priced.tokens.saturating_add(usage.tokens.total());
+            match rates(&usage.model, usage.day) {
+                Some(rates) => {
+                    let day_cost = cost_at(&rates, &usage.tokens);
+                    priced.cost = Micros(priced.cost.0.saturating_add(day_cost.0));
+                }
+                None => priced.unpriced_models.push(usage.model.clone()),
+            }
+        }
+        priced.unpriced_models.sort();
+        priced.unpriced_models.dedup();
+        priced
+    }
+}
+
 /// The cost of `tokens` at `rates`, in micro-units, rounded half up (SPEC 11):
 /// `((prompt - cached - cache_write) × input + cached × cached_input + cache_write ×
 /// cache_write_price + (completion - reasoning) × output + reasoning × reasoning_price)
@@ -294,37 +332,28 @@ impl Pricing {
             .map_or("USD", |book| book.currency.as_str())
     }
 
-    /// The cost of `usage` (one entry per model and day), each day's cost rounded to a
-    /// micro-unit, and the models with no price on some day (which add 0), sorted.
-    pub fn cost(&self, usage: &[ModelDayTokens]) -> (Micros, Vec<String>) {
-        let mut cost = Micros(0);
-        let mut unpriced_models = Vec::new();
-        for usage in usage {
-            match self.day_cost(usage) {
-                Some(day_cost) => cost = Micros(cost.0.saturating_add(day_cost.0)),
-                None => unpriced_models.push(usage.model.clone()),
-            }
-        }
-        unpriced_models.sort();
-        unpriced_models.dedup();
-        (cost, unpriced_models)
+    /// `usage` (one entry per model and day) costed at these prices.
+    pub fn price(&self, usage: &[ModelDayTokens]) -> PricedUsage {
+        PricedUsage::of(usage, &|model: &str, day| self.rates(model, day))
     }
 
     /// A bill whose revenue is `revenue` (a plan's monthly price, or a prorated one):
     /// each day's cost rounded to a micro-unit, their sum to cents.
     pub fn bill_with_revenue(&self, revenue: Micros, usage: &[ModelDayTokens]) -> Bill {
-        let tokens = usage
-            .iter()
-            .fold(0u64, |sum, usage| sum.saturating_add(usage.tokens.total()));
-        let (cost, unpriced_models) = self.cost(usage);
-        let cost = cost.to_cents();
+        Pricing::bill_of(revenue, &self.price(usage))
+    }
+
+    /// The bill of usage already costed: its cost to cents, `revenue` to cents, the
+    /// difference.
+    pub fn bill_of(revenue: Micros, priced: &PricedUsage) -> Bill {
+        let cost = priced.cost.to_cents();
         let revenue = revenue.to_cents();
         Bill {
-            tokens,
+            tokens: priced.tokens,
             cost,
             revenue,
             profit: revenue - cost,
-            unpriced_models,
+            unpriced_models: priced.unpriced_models.clone(),
         }
     }
 }

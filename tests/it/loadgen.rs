@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The keys of the JSON line, exactly as issues 5 and 16 list them.
-const KEYS: [&str; 19] = [
+const KEYS: [&str; 20] = [
     "single_c1_eps",
     "single_c32_eps",
     "single_c128_eps",
@@ -27,16 +27,18 @@ const KEYS: [&str; 19] = [
     "fleet_ratio",
     "fleet_p99_ms",
     "installations_100k_ms",
+    "dashboard_100k_ms",
     "synchronous",
 ];
 
 /// The figures of the fleet phase, which runs only when asked for.
-const FLEET_KEYS: [&str; 5] = [
+const FLEET_KEYS: [&str; 6] = [
     "fleet_eps",
     "fleet_ceiling_eps",
     "fleet_ratio",
     "fleet_p99_ms",
     "installations_100k_ms",
+    "dashboard_100k_ms",
 ];
 
 /// The example binary: `cargo test` builds every example (next to this test binary's
@@ -168,4 +170,20 @@ fn the_fleet_phase_reports_its_figures_on_a_throwaway_postgresql() {
     let ratio = positive(&figures, "fleet_eps") / positive(&figures, "fleet_ceiling_eps");
     assert!((ratio - positive(&figures, "fleet_ratio")).abs() < 0.001);
     assert!(figures["single_c32_eps"].is_null());
+}
+
+#[test]
+fn the_view_phase_times_only_the_provider_views() {
+    let figures = json_line(&run(&[
+        "--phases",
+        "view",
+        "--view-installs",
+        "150",
+        "--json",
+    ]));
+    positive(&figures, "installations_100k_ms");
+    positive(&figures, "dashboard_100k_ms");
+    for key in ["fleet_eps", "fleet_ratio", "single_c32_eps"] {
+        assert!(figures[key].is_null(), "{key} = {}", figures[key]);
+    }
 }

@@ -155,7 +155,7 @@ async fn the_same_batches_sent_to_two_nodes_at_once_count_each_event_once() {
 }
 
 #[tokio::test]
-async fn an_erasure_or_a_plan_change_through_one_node_holds_on_the_other_at_once() {
+async fn an_erasure_a_plan_or_a_label_change_through_one_node_holds_on_the_other_at_once() {
     let (a, b) = two_nodes(receiver_settings());
     let install = TestInstall::new();
     enroll(&a, &install).await;
@@ -175,6 +175,18 @@ async fn an_erasure_or_a_plan_change_through_one_node_holds_on_the_other_at_once
     assert_eq!(plan.status(), StatusCode::OK);
     let view = provider_json(&base(&b), "/api/usage/installations").await;
     assert_eq!(view["installations"][0]["plan"], "agency");
+    let label = provider_request(
+        &a,
+        Method::PUT,
+        &format!("/api/installations/{}/label", install.id),
+    )
+    .json(&json!({"label": "Fleet shop"}))
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(label.status(), StatusCode::OK);
+    let view = provider_json(&base(&b), "/api/usage/installations").await;
+    assert_eq!(view["installations"][0]["label"], "Fleet shop");
 
     let erased = provider_request(
         &a,
@@ -197,6 +209,9 @@ async fn an_erasure_or_a_plan_change_through_one_node_holds_on_the_other_at_once
     let (status, _) = send(&base(&a), &install, &first).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stored_events(&base(&a)).await, 1);
+    // Erasure took the label too.
+    let view = provider_json(&base(&a), "/api/usage/installations").await;
+    assert_eq!(view["installations"][0]["label"], Value::Null);
 }
 
 #[tokio::test]

@@ -45,6 +45,8 @@ pub(crate) struct FleetFigures {
     pub(crate) ceiling_eps: f64,
     pub(crate) p99_ms: f64,
     pub(crate) installations_100k_ms: f64,
+    /// A dashboard page (100 rows, sorted by cost) over the same installs.
+    pub(crate) dashboard_100k_ms: f64,
     /// Enrolled installs that sent batches.
     pub(crate) installs: usize,
     pub(crate) events: u64,
@@ -120,15 +122,55 @@ fn run(
     eprintln!("  fleet     ceiling: the same rows by COPY");
     figures.ceiling_eps = runtime.block_on(copy_ceiling(&databases.fleet, installs))?;
 
-    eprintln!("  fleet     installations view over {view_installs} installs");
-    let view_node = Node::start(&dir, "node-view", &databases.view)?;
-    runtime.block_on(seed_view(&databases.view, view_installs))?;
-    figures.installations_100k_ms = runtime.block_on(time_installations(
-        &http,
-        &format!("http://{}", view_node.addr),
-        view_installs,
-    ))?;
+    (figures.installations_100k_ms, figures.dashboard_100k_ms) =
+        time_views(runtime, &dir, &databases.view, &http, view_installs)?;
     Ok(figures)
+}
+
+/// The provider views alone (`--phases view`): the installations view and a dashboard
+/// page over `view_installs` installs, in ms.
+pub(crate) fn view_phase(
+    runtime: &tokio::runtime::Runtime,
+    root: &Path,
+    database_url: Option<&str>,
+    view_installs: u32,
+) -> anyhow::Result<(f64, f64)> {
+    let cluster = match database_url {
+        Some(_) => None,
+        None => Some(ThrowawayCluster::start(Durability::Full).context("starting PostgreSQL")?),
+    };
+    let server = match (&cluster, database_url) {
+        (_, Some(url)) => url.to_owned(),
+        (Some(cluster), None) => cluster.url("postgres"),
+        (None, None) => unreachable!("a cluster was started"),
+    };
+    let databases = Databases::create(runtime, &server)?;
+    let dir = root.join("view");
+    let outcome = std::fs::create_dir_all(&dir)
+        .context("creating the view dir")
+        .and_then(|()| {
+            let http = reqwest::Client::new();
+            time_views(runtime, &dir, &databases.view, &http, view_installs)
+        });
+    databases.drop_all(runtime);
+    outcome
+}
+
+/// Seeds `url` with `view_installs` installs and times both views on a node of its own.
+fn time_views(
+    runtime: &tokio::runtime::Runtime,
+    dir: &Path,
+    url: &str,
+    http: &reqwest::Client,
+    view_installs: u32,
+) -> anyhow::Result<(f64, f64)> {
+    eprintln!("  view      installations view and dashboard over {view_installs} installs");
+    let view_node = Node::start(dir, "node-view", url)?;
+    runtime.block_on(seed_view(url, view_installs))?;
+    let base = format!("http://{}", view_node.addr);
+    let installations = runtime.block_on(time_installations(http, &base, view_installs))?;
+    let dashboard = runtime.block_on(time_dashboard(http, &base, view_installs))?;
+    Ok((installations, dashboard))
 }
 
 /// The three databases of the phase, made on the server and dropped at the end.
@@ -516,6 +558,29 @@ async fn seed_view(url: &str, installs: u32) -> anyhow::Result<()> {
         .batch_execute("VACUUM ANALYZE installs, daily_usage")
         .await?;
     Ok(())
+}
+
+/// The best of three `GET /dashboard?period=mtd&sort=-cost` (one page of 100 rows), in
+/// ms.
+async fn time_dashboard(http: &reqwest::Client, base: &str, installs: u32) -> anyhow::Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let response = http
+            .get(format!("{base}/dashboard?period=mtd&sort=-cost"))
+            .basic_auth(PROVIDER_USER, Some(PROVIDER_PASSWORD))
+            .send()
+            .await?;
+        let status = response.status();
+        let page = response.text().await?;
+        let took = started.elapsed().as_secs_f64() * 1000.0;
+        let rows = page.matches(r#"<tr class="install">"#).count();
+        if !status.is_success() || rows != installs.min(100) as usize {
+            bail!("the dashboard answered {status} with {rows} rows");
+        }
+        best = best.min(took);
+    }
+    Ok(best)
 }
 
 /// The best of three `GET /api/usage/installations`, HTTP and basic auth included, in ms.

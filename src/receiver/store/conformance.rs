@@ -108,6 +108,7 @@ suite!(
     labels_are_stored_shown_and_erased,
     a_period_window_counts_and_prices_the_same_days,
     source_usage_groups_one_installs_raw_events_by_source_model_and_day,
+    costed_installations_equal_the_straightforward_pricing,
 );
 
 pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
@@ -563,6 +564,93 @@ fn source_usage_groups_one_installs_raw_events_by_source_model_and_day(store: &d
             .unwrap()
             .is_empty()
     );
+}
+
+/// Rates that differ by model and day: "a" dearer from day 20, any "p-..." model flat,
+/// "free" costs nothing, every other model unpriced.
+fn test_rates(model: &str, day: i64) -> Option<crate::receiver::price_book::Rates> {
+    use crate::receiver::price_book::Rates;
+    use crate::receiver::pricing::Micros;
+    match model {
+        "a" => Some(Rates {
+            input: Micros(if day >= 20 { 2_500_000 } else { 150_000 }),
+            cached_input: Micros(75_000),
+            cache_write: Micros(187_500),
+            output: Micros(600_001),
+            reasoning: Micros(1_333_333),
+        }),
+        "free" => Some(Rates::flat(Micros(0))),
+        _ if model.starts_with("p-") => Some(Rates::flat(Micros(2_000_000 + day))),
+        _ => None,
+    }
+}
+
+fn costed_installations_equal_the_straightforward_pricing(store: &dyn ReceiverStore) {
+    let mut n = 0u8;
+    let mut next = |day: i64, model: &str, kinds: [u64; 5]| {
+        n += 1;
+        kinds_event(n, day, model, kinds)
+    };
+    let installs = ["i1", "i2", "i3", "idle"].map(|id| enroll(store, id));
+    let batches = [
+        vec![
+            next(5, "a", [1_234_567, 333, 7, 890_123, 45_678]),
+            next(19, "a", [999, 1, 1, 1, 0]),
+            next(20, "a", [999, 1, 1, 1, 0]),
+            next(20, "a", [3, 0, 0, 5, 5]),
+            next(21, "p-x", [10, 0, 0, 10, 0]),
+            next(25, "unpriced", [100, 0, 0, 0, 0]),
+            // Cached and cache-write tokens above the prompt: uncached input is 0.
+            next(26, "a", [10, 8, 8, 3, 9]),
+        ],
+        vec![
+            next(18, "p-y", [77_777, 0, 0, 1, 0]),
+            next(29, "free", [5, 0, 0, 5, 0]),
+            next(30, "other", [1, 0, 0, 1, 0]),
+        ],
+        // So large a cost that no 64-bit sum holds it.
+        vec![next(22, "a", [u64::MAX / 4, 0, 0, 0, 0])],
+    ];
+    for (install, batch) in installs.iter().zip(batches) {
+        store.ingest(install.key, batch, 0).unwrap();
+    }
+    let windows = [
+        UsageWindow {
+            today: 30,
+            from_30d: 1,
+            month_start: 18,
+        },
+        DayRange {
+            first: 19,
+            last: 26,
+        }
+        .as_window(),
+        DayRange { first: 0, last: 4 }.as_window(),
+    ];
+    for window in windows {
+        for only in [
+            None,
+            Some("i1"),
+            Some("i2"),
+            Some("i3"),
+            Some("idle"),
+            Some("zz"),
+        ] {
+            let costed = store
+                .costed_installations(only, window, &test_rates)
+                .unwrap();
+            let straightforward =
+                CostedReport::price(store.installations(only, window).unwrap(), &test_rates);
+            assert_eq!(costed, straightforward, "{window:?} {only:?}");
+        }
+    }
+    // And the sums are not all zero: the comparison compares something.
+    let report = store
+        .costed_installations(Some("i1"), windows[0], &test_rates)
+        .unwrap();
+    let i1 = &report.installs[0].priced;
+    assert!(i1.cost.0 > 0 && i1.tokens > 0);
+    assert_eq!(i1.unpriced_models, ["unpriced"]);
 }
 
 fn total_events(store: &dyn ReceiverStore) -> u64 {

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::pricing::{Micros, ModelDayTokens, Plan};
+use super::price_book::Rates;
+use super::pricing::{Micros, ModelDayTokens, Plan, PricedUsage};
 use super::rate_limit::Rate;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -92,6 +93,23 @@ pub trait ReceiverStore: Send + Sync + 'static {
         install_id: Option<&str>,
         window: UsageWindow,
     ) -> Result<InstallationsReport, ReceiverStoreError>;
+
+    /// [`ReceiverStore::installations`] with each install's priced days (`month_start..=
+    /// today`) already costed: every (model, day) row at `rates(model, day)`, rounded half
+    /// up once (SPEC 11), summed; models without rates listed as unpriced. Exactly
+    /// [`CostedReport::price`] of [`ReceiverStore::installations`], which is what this
+    /// default does; a store may do it in its database instead, so the rows never leave it.
+    fn costed_installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+        rates: RatesOf<'_>,
+    ) -> Result<CostedReport, ReceiverStoreError> {
+        Ok(CostedReport::price(
+            self.installations(install_id, window)?,
+            rates,
+        ))
+    }
 
     /// Sets an install's plan; `false` when the install is unknown.
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError>;
@@ -408,6 +426,59 @@ impl InstallationsReport {
                 .sort_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
         }
         self.daily = daily.into_values().collect();
+    }
+}
+
+/// The rates of a model on a day (the receiver's [`Pricing::rates`](super::pricing::Pricing::rates)),
+/// or `None` when nothing prices it.
+pub type RatesOf<'a> = &'a (dyn Fn(&str, i64) -> Option<Rates> + Sync);
+
+/// One install's usage with its priced days costed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostedInstall {
+    pub install_id: String,
+    pub label: Option<String>,
+    pub plan: Plan,
+    pub last_seen_ms: Option<i64>,
+    /// Over the counted days.
+    pub events_30d: u64,
+    pub tokens_30d: u64,
+    /// Over the priced days.
+    pub priced: PricedUsage,
+    /// Its own budget, if it has one.
+    pub budget: Option<Budget>,
+    /// As [`InstallUsage::alerted_in_month`].
+    pub alerted_in_month: Vec<u32>,
+}
+
+/// [`InstallationsReport`] with every install's priced days costed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CostedReport {
+    pub installs: Vec<CostedInstall>,
+    pub daily: Vec<DailyTokens>,
+}
+
+impl CostedReport {
+    /// The straightforward computation: each install's model days priced one by one.
+    pub fn price(report: InstallationsReport, rates: RatesOf<'_>) -> CostedReport {
+        CostedReport {
+            installs: report
+                .installs
+                .into_iter()
+                .map(|usage| CostedInstall {
+                    priced: PricedUsage::of(&usage.usage_mtd, rates),
+                    install_id: usage.install_id,
+                    label: usage.label,
+                    plan: usage.plan,
+                    last_seen_ms: usage.last_seen_ms,
+                    events_30d: usage.events_30d,
+                    tokens_30d: usage.tokens_30d,
+                    budget: usage.budget,
+                    alerted_in_month: usage.alerted_in_month,
+                })
+                .collect(),
+            daily: report.daily,
+        }
     }
 }
 

@@ -32,16 +32,16 @@ use tokio::runtime::Handle;
 use uuid::Uuid;
 
 use super::{
-    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
-    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
-    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
-    UsageWindow, month_of_day,
+    Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
+    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
+    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, RatesOf,
+    ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay, StoreFuture,
+    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
 use crate::protocol::wire::to_hex;
-use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
+use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 mod migrations;
@@ -805,6 +805,34 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    /// Costed in the database, so 100,000 installs' month of rows never leave it: one
+    /// pass sums per model and day (the chart, and the (model, day) pairs to price); their
+    /// rates, from the receiver, go back as arrays; a second pass costs each rollup row
+    /// with them in `bigint` (half up, once per row) and sums everything per install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
+    /// then the straightforward computation answers instead, so the answer is always
+    /// exactly [`CostedReport::price`]'s.
+    fn costed_installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+        rates: RatesOf<'_>,
+    ) -> Result<CostedReport, ReceiverStoreError> {
+        match self.run(async |store| costed(store, install_id, window, rates).await) {
+            Err(ReceiverStoreError::Backend(error))
+                if error
+                    .downcast_ref::<tokio_postgres::Error>()
+                    .and_then(tokio_postgres::Error::code)
+                    == Some(&tokio_postgres::error::SqlState::NUMERIC_VALUE_OUT_OF_RANGE) =>
+            {
+                Ok(CostedReport::price(
+                    self.installations(install_id, window)?,
+                    rates,
+                ))
+            }
+            other => other,
+        }
+    }
+
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
         self.run(async |store| {
             let changed = store
@@ -1152,6 +1180,174 @@ fn threshold_from(value: i32) -> Result<u32, ReceiverStoreError> {
     u32::try_from(value).map_err(|_| {
         ReceiverStoreError::Corrupt(format!("a stored threshold is negative: {value}"))
     })
+}
+
+/// [`PostgresStore::costed_installations`] in one read-only snapshot.
+async fn costed(
+    store: &PostgresStore,
+    install_id: Option<&str>,
+    window: UsageWindow,
+    rates: RatesOf<'_>,
+) -> Result<CostedReport, ReceiverStoreError> {
+    let mut client = store.client().await?;
+    let Some(only) = optional_install(&client, install_id).await? else {
+        return Ok(CostedReport::default());
+    };
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
+        .await?;
+    let mut report = CostedReport::default();
+    let mut by_key = std::collections::HashMap::new();
+    let installs = tx
+        .query(
+            r#"SELECT i.id, i.install_id, i.plan, i.last_seen, i.label, b.monthly_micros,
+                      b.thresholds
+               FROM installs i LEFT JOIN budgets b ON b.install = i.id
+               WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
+            &[&only],
+        )
+        .await?;
+    for row in installs {
+        by_key.insert(row.get::<_, i64>(0), report.installs.len());
+        report.installs.push(CostedInstall {
+            install_id: row.get(1),
+            label: row.get(4),
+            plan: plan_from(row.get(2))?,
+            last_seen_ms: row.get(3),
+            events_30d: 0,
+            tokens_30d: 0,
+            priced: PricedUsage::default(),
+            budget: Budget::from_columns(row.get(5), row.get(6))?,
+            alerted_in_month: Vec::new(),
+        });
+    }
+    let alerted = tx
+        .query(
+            "SELECT install, threshold FROM alerts
+             WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
+             ORDER BY install, threshold",
+            &[&month_of_day(window.today), &only],
+        )
+        .await?;
+    for row in alerted {
+        if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
+            report.installs[index]
+                .alerted_in_month
+                .push(threshold_from(row.get(1))?);
+        }
+    }
+    // First pass: events and tokens per model and day, for the chart (summed over the
+    // models) and the (model, day) pairs to price; a few hundred groups, so cheap to hash.
+    let first_day = window.from_30d.min(window.month_start);
+    let pairs = tx
+        .query(
+            "SELECT model, day, sum(events)::bigint,
+                    sum(prompt_tokens + completion_tokens)::bigint
+             FROM daily_usage
+             WHERE day >= $1 AND day <= $2 AND ($3::bigint IS NULL OR install = $3)
+             GROUP BY model, day",
+            &[&first_day, &window.today, &only],
+        )
+        .await?;
+    let mut daily = BTreeMap::new();
+    let mut models = Vec::new();
+    let mut days = Vec::new();
+    let mut kinds: [Vec<i64>; 5] = Default::default();
+    for row in pairs {
+        let (model, day): (String, i64) = (row.get(0), row.get(1));
+        if day >= window.from_30d {
+            let totals = daily.entry(day).or_insert(DailyTokens {
+                day,
+                events: 0,
+                tokens: 0,
+            });
+            totals.events += count(row.get(2))?;
+            totals.tokens += count(row.get(3))?;
+        }
+        if day < window.month_start {
+            continue;
+        }
+        if let Some(r) = rates(&model, day) {
+            for (list, rate) in kinds.iter_mut().zip([
+                r.input,
+                r.cached_input,
+                r.cache_write,
+                r.output,
+                r.reasoning,
+            ]) {
+                list.push(rate.0);
+            }
+            models.push(model);
+            days.push(day);
+        }
+    }
+    // Second pass, per install: the counted events and tokens, the priced tokens, and each
+    // priced row's cost as `cost_at` computes it (uncached input never negative, the exact
+    // sum in micro-units per million tokens, half up once).
+    let costs = tx
+        .query(
+            "SELECT d.install,
+                    coalesce(sum(d.events) FILTER (WHERE d.day >= $1), 0)::bigint,
+                    coalesce(sum(d.prompt_tokens + d.completion_tokens)
+                             FILTER (WHERE d.day >= $1), 0)::bigint,
+                    coalesce(sum(d.prompt_tokens + d.completion_tokens)
+                             FILTER (WHERE d.day >= $2), 0)::bigint,
+                    coalesce(sum((greatest(d.prompt_tokens - d.cached_tokens
+                                           - d.cache_write_tokens, 0) * r.input
+                                  + d.cached_tokens * r.cached
+                                  + d.cache_write_tokens * r.cache_write
+                                  + greatest(d.completion_tokens - d.reasoning_tokens, 0)
+                                    * r.output
+                                  + d.reasoning_tokens * r.reasoning
+                                  + 500000) / 1000000) FILTER (WHERE d.day >= $2), 0)::bigint,
+                    array_agg(d.model) FILTER (WHERE r.model IS NULL AND d.day >= $2)
+             FROM daily_usage d
+             LEFT JOIN unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
+                              $9::bigint[], $10::bigint[], $11::bigint[])
+                       AS r (model, day, input, cached, cache_write, output, reasoning)
+                    ON r.model = d.model AND r.day = d.day
+             WHERE d.day >= least($1, $2) AND d.day <= $3
+               AND ($4::bigint IS NULL OR d.install = $4)
+             GROUP BY d.install",
+            &[
+                &window.from_30d,
+                &window.month_start,
+                &window.today,
+                &only,
+                &models,
+                &days,
+                &kinds[0],
+                &kinds[1],
+                &kinds[2],
+                &kinds[3],
+                &kinds[4],
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    for row in costs {
+        let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
+            continue;
+        };
+        let install = &mut report.installs[index];
+        install.events_30d = count(row.get(1))?;
+        install.tokens_30d = count(row.get(2))?;
+        let priced = &mut install.priced;
+        priced.tokens = count(row.get(3))?;
+        priced.cost = Micros(row.get(4));
+        let mut unpriced: Vec<String> = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
+        // Not DISTINCT in SQL: a DISTINCT aggregate would force sorting every row.
+        unpriced.sort();
+        unpriced.dedup();
+        priced.unpriced_models = unpriced;
+    }
+    report.daily = daily.into_values().collect();
+    Ok(report)
 }
 
 fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
