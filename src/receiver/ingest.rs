@@ -26,8 +26,9 @@
 //! query: the store's ingest path ([`ReceiverStore::find_install_async`] and its two
 //! siblings) is awaited here, and PostgreSQL runs it on this runtime. The CPU work of a
 //! small body (an agent's batch of 50 gzips to a few KiB) runs in place, as cheap as a
-//! thread switch; a body over [`INLINE_BODY_BYTES`] is inflated and parsed on the blocking
-//! pool, so a large batch never holds a runtime worker for long. The body is parsed in the
+//! thread switch; a body over [`INLINE_BODY_BYTES`], or one that inflates past
+//! [`INLINE_INFLATED_BYTES`], is inflated and parsed on the blocking pool, so a large
+//! batch never holds a runtime worker for long. The body is parsed in the
 //! same step as its signature is verified, but a parse failure is answered only after the
 //! rate limit, in the order above.
 //!
@@ -171,6 +172,11 @@ fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
 /// gzipped and takes well under a millisecond; the largest body takes many.
 pub const INLINE_BODY_BYTES: usize = 16 * 1024;
 
+/// How far a body checked in place may inflate, so a small body that inflates far (a
+/// bomb) never holds a runtime worker for long: past this it is checked again on the
+/// blocking pool.
+pub const INLINE_INFLATED_BYTES: usize = 256 * 1024;
+
 fn internal_error() -> ReceiverError {
     ReceiverError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -189,20 +195,43 @@ async fn handle(
     let install = find_install(app, headers).await?;
 
     // The signature first; the batch is read in the same step, and its answer kept for
-    // after the checks that come before it.
-    let batch = if raw.len() <= INLINE_BODY_BYTES {
-        checked_body(app, headers, &raw, &install.secret, now)?
-    } else {
-        let (task_app, task_headers, secret) =
-            (app.clone(), headers.clone(), install.secret.clone());
-        tokio::task::spawn_blocking(move || {
-            checked_body(&task_app, &task_headers, &raw, &secret, now)
-        })
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "the ingest task failed");
-            internal_error()
-        })??
+    // after the checks that come before it. In place only while it stays small: a body
+    // that would inflate further is checked again, on the blocking pool, with the
+    // receiver's own limit.
+    let max_decompressed = app.settings.max_decompressed_bytes;
+    let inline_max = max_decompressed.min(INLINE_INFLATED_BYTES);
+    let inline = (raw.len() <= INLINE_BODY_BYTES)
+        .then(|| checked_body(app, headers, &raw, &install.secret, now, inline_max));
+    let batch = match inline {
+        Some(Err(error))
+            if error.status == StatusCode::PAYLOAD_TOO_LARGE && inline_max < max_decompressed =>
+        {
+            None
+        }
+        Some(checked) => Some(checked?),
+        None => None,
+    };
+    let batch = match batch {
+        Some(batch) => batch,
+        None => {
+            let (task_app, task_headers, secret) =
+                (app.clone(), headers.clone(), install.secret.clone());
+            tokio::task::spawn_blocking(move || {
+                checked_body(
+                    &task_app,
+                    &task_headers,
+                    &raw,
+                    &secret,
+                    now,
+                    max_decompressed,
+                )
+            })
+            .await
+            .map_err(|error| {
+                tracing::error!(%error, "the ingest task failed");
+                internal_error()
+            })??
+        }
     };
 
     if install.disabled {
@@ -286,15 +315,17 @@ fn rate_limited(app: &ReceiverState, wait: std::time::Duration) -> ReceiverError
     .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
 }
 
-/// The batch of a body whose signature verified with `secret`: `Err` for a body refused
-/// before the install's other checks (encoding, decompression, signature), `Ok(Err)` for
-/// one refused after them (content type, JSON).
+/// The batch of a body whose signature verified with `secret`, inflated to at most
+/// `max_decompressed` bytes: `Err` for a body refused before the install's other checks
+/// (encoding, decompression, signature), `Ok(Err)` for one refused after them (content
+/// type, JSON).
 fn checked_body(
     app: &ReceiverState,
     headers: &HeaderMap,
     raw: &[u8],
     secret: &Secret,
     now: DateTime<Utc>,
+    max_decompressed: usize,
 ) -> Result<Result<CheckedBatch, ReceiverError>, ReceiverError> {
     let body = verified_body(
         raw,
@@ -302,7 +333,7 @@ fn checked_body(
         secret,
         now.timestamp(),
         app.settings.signature_tolerance_s,
-        app.settings.max_decompressed_bytes,
+        max_decompressed,
     )?;
     if !is_json_content_type(headers) {
         return Ok(Err(ReceiverError::unsupported_media_type(

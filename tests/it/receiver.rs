@@ -475,6 +475,30 @@ async fn oversized_bodies_and_gzip_bombs_are_refused() {
     assert_eq!(stored_events(&rx).await, 0);
 }
 
+/// A small gzip body may inflate far past what the receiver checks in place: it is then
+/// read whole, within the receiver's limit, like any larger body.
+#[tokio::test]
+async fn a_small_gzip_body_that_inflates_far_is_read_whole() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    enroll(&rx, &install).await;
+    let batch_id = Uuid::now_v7();
+    // 1 MiB of spaces after a valid batch compress to about 1 KiB.
+    let mut body = batch_body(batch_id, &install.id, &[event(&install)]);
+    body.extend(std::iter::repeat_n(b' ', 1 << 20));
+    let packed = gzip(&body);
+    assert!(packed.len() < 16 << 10);
+    let response = signed(&rx, &install, batch_id, &body)
+        .header("content-encoding", "gzip")
+        .body(packed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.json::<Value>().await.unwrap()["accepted"], 1);
+    assert_eq!(stored_events(&rx).await, 1);
+}
+
 #[tokio::test]
 async fn malformed_json_wrong_content_type_and_wrong_shape_are_refused() {
     let rx = TestReceiver::start(receiver_settings());
