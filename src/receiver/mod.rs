@@ -1,5 +1,5 @@
 //! The bundled receiver: the backend's ingest side (verify, dedupe, store) and the
-//! provider's read views (SPEC section 6).
+//! provider's read views, budgets and alerts (SPEC sections 6, 9 and 11).
 //!
 //! **Invariant:** from the rest of the crate the receiver uses only the pure event rules
 //! ([`crate::event`]), the wire types ([`crate::protocol::wire`]) and the signing code
@@ -9,11 +9,13 @@
 //! [`store`] is the storage trait, with its SQLite and PostgreSQL implementations (all
 //! SQL) beneath it;
 //! [`ingest`], [`enroll`], [`provider`] (summary, events), [`installations`] (usage, cost,
-//! plans, erasure), [`prices`] (the price book in force) and [`dashboard`] (HTML) are the
-//! handlers; [`budgets`] sets budgets and checks them after each batch, and [`alerts`]
-//! lists the alerts and delivers them to the webhook from the store's outbox; [`price_book`] reads and checks the price book and [`pricing`] is the money
-//! arithmetic; [`auth`] checks tokens and basic auth, failed ones throttled per client
-//! address by [`crate::credentials`]; [`rate_limit`] limits requests per install; [`clip`]
+//! plans, labels, erasure), [`prices`] (the price book in force) and [`dashboard`] (HTML)
+//! are the handlers, [`view`] reads what a view asks (period, sort, page); [`budgets`] sets
+//! budgets and checks them after each batch, and [`alerts`] lists the alerts and delivers
+//! them to the webhook from the store's outbox; [`price_book`] reads and checks the price
+//! book and [`pricing`] is the money arithmetic; [`auth`] checks tokens and basic auth,
+//! failed ones throttled per client address by [`crate::credentials`]; [`rate_limit`]
+//! limits requests per install; [`clip`]
 //! bounds request values before they are logged; [`error`] shapes error answers.
 
 use std::future::Future;
