@@ -131,6 +131,9 @@ fn retry_delay(attempts: u32, max: Duration) -> Duration {
 /// Delivers alerts until the task is aborted: wakes when this node records one
 /// (`app.alerts_recorded`) or every [`POLL_INTERVAL`].
 pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
+    // reqwest is built without a default TLS crypto provider: install rustls' own (an
+    // error only means one is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match reqwest::Client::builder()
         .timeout(ATTEMPT_TIMEOUT)
         .user_agent(concat!("usage-agent-receiver/", env!("CARGO_PKG_VERSION")))

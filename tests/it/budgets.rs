@@ -460,3 +460,103 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
     let distinct: std::collections::BTreeSet<String> = sink.ids().into_iter().collect();
     assert_eq!(distinct.len(), 2, "each alert under its one id");
 }
+
+/// The receiver as operators run it (its own process, settings from the environment)
+/// delivers an alert: nothing the test process set up (a TLS provider, say) helps it.
+#[tokio::test]
+async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use usage_agent::protocol::signing::{HEADER_INSTALL_ID, sign};
+
+    /// Kills the receiver however the test ends.
+    struct Node(std::process::Child);
+    impl Drop for Node {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    let secret = Secret::generate();
+    let sink_addr = closed_port();
+    let sink = Sink::default();
+    sink.serve(sink_addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node(
+        Command::new(crate::harness::bin())
+            .args(["receiver", "--listen", "127.0.0.1:0", "--db"])
+            .arg(dir.path().join("receiver.db"))
+            .env("ENROLLMENT_TOKEN", common::ENROLL_TOKEN)
+            .env("PROVIDER_USERNAME", common::PROVIDER_USER)
+            .env("PROVIDER_PASSWORD", common::PROVIDER_PASSWORD)
+            .env("DEFAULT_COST_PER_1K_TOKENS", "1")
+            .env("DEFAULT_MONTHLY_BUDGET", "1")
+            .env("ALERT_WEBHOOK_URL", format!("http://{sink_addr}/hook"))
+            .env("ALERT_WEBHOOK_SECRET", secret.to_whsec())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(node.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches('/')
+        .to_owned();
+
+    let install = TestInstall::new();
+    let enrolled = common::client()
+        .post(format!("{base}/api/installations"))
+        .bearer_auth(common::ENROLL_TOKEN)
+        .json(&json!({
+            "install_id": install.id,
+            "secret": install.secret.to_whsec(),
+            "site_hash": "cd".repeat(32),
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(enrolled.status(), StatusCode::CREATED);
+    // 1.50 of a 1.00 default budget: all three default thresholds at once.
+    let batch_id = Uuid::now_v7();
+    let body = batch_body(batch_id, &install.id, &events(&install, 1500));
+    let timestamp = Utc::now().timestamp();
+    let sent = common::client()
+        .post(format!("{base}/api/usage/event"))
+        .header("content-type", "application/json")
+        .header(HEADER_ID, batch_id.to_string())
+        .header(HEADER_TIMESTAMP, timestamp.to_string())
+        .header(
+            HEADER_SIGNATURE,
+            sign(&install.secret, &batch_id.to_string(), timestamp, &body),
+        )
+        .header(HEADER_INSTALL_ID, &install.id)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.status(), StatusCode::OK);
+    poll(
+        "three alerts at the sink",
+        Duration::from_secs(20),
+        async || {
+            let ids: std::collections::BTreeSet<String> = sink.ids().into_iter().collect();
+            (ids.len() == 3).then_some(())
+        },
+    )
+    .await;
+    let bodies = verified_bodies(&sink, &secret);
+    let mut thresholds: Vec<u64> = bodies
+        .iter()
+        .map(|body| body["threshold"].as_u64().unwrap())
+        .collect();
+    thresholds.sort_unstable();
+    thresholds.dedup();
+    assert_eq!(thresholds, vec![50, 80, 100]);
+}
