@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::tokio_postgres::{self, NoTls, Row};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use tokio::runtime::Handle;
 use uuid::Uuid;
 
@@ -695,43 +695,19 @@ impl ReceiverStore for PostgresStore {
             };
             let mut report = InstallationsReport::default();
             let mut by_key = std::collections::HashMap::new();
-            let installs = client
-                .query(
-                    r#"SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros,
-                              b.thresholds, i.label
-                       FROM installs i LEFT JOIN budgets b ON b.install = i.id
-                       WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
-                    &[&only],
-                )
-                .await?;
-            for row in installs {
-                by_key.insert(row.get::<_, i64>(0), report.installs.len());
+            for head in install_heads(&client, only, window.today).await? {
+                by_key.insert(head.key, report.installs.len());
                 report.installs.push(InstallUsage {
-                    install_id: row.get(1),
-                    label: row.get(6),
-                    plan: plan_from(row.get(2))?,
-                    last_seen_ms: row.get(3),
+                    install_id: head.install_id,
+                    label: head.label,
+                    plan: head.plan,
+                    last_seen_ms: head.last_seen_ms,
                     events_30d: 0,
                     tokens_30d: 0,
                     usage_mtd: Vec::new(),
-                    budget: Budget::from_columns(row.get(4), row.get(5))?,
-                    alerted_in_month: Vec::new(),
+                    budget: head.budget,
+                    alerted_in_month: head.alerted_in_month,
                 });
-            }
-            let alerted = client
-                .query(
-                    "SELECT install, threshold FROM alerts
-                     WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
-                     ORDER BY install, threshold",
-                    &[&month_of_day(window.today), &only],
-                )
-                .await?;
-            for row in alerted {
-                if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
-                    report.installs[index]
-                        .alerted_in_month
-                        .push(threshold_from(row.get(1))?);
-                }
             }
             // One statement, so one snapshot: the month's rollup rows as they are (prices
             // change by day and costs round per model and day, so they cannot be summed
@@ -1182,6 +1158,66 @@ fn threshold_from(value: i32) -> Result<u32, ReceiverStoreError> {
     })
 }
 
+/// What every installations view shows of an install beside its usage.
+struct InstallHead {
+    key: InstallKey,
+    install_id: String,
+    label: Option<String>,
+    plan: Plan,
+    last_seen_ms: Option<i64>,
+    budget: Option<Budget>,
+    /// Thresholds alerted in the month of `today`.
+    alerted_in_month: Vec<u32>,
+}
+
+/// Every install (or only `only`) in install id order, with its budget and the thresholds
+/// alerted in the month of `today`.
+async fn install_heads(
+    client: &impl GenericClient,
+    only: Option<InstallKey>,
+    today: i64,
+) -> Result<Vec<InstallHead>, ReceiverStoreError> {
+    let rows = client
+        .query(
+            r#"SELECT i.id, i.install_id, i.plan, i.last_seen, i.label, b.monthly_micros,
+                      b.thresholds
+               FROM installs i LEFT JOIN budgets b ON b.install = i.id
+               WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
+            &[&only],
+        )
+        .await?;
+    let mut heads = Vec::with_capacity(rows.len());
+    let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        by_key.insert(row.get::<_, i64>(0), heads.len());
+        heads.push(InstallHead {
+            key: row.get(0),
+            install_id: row.get(1),
+            label: row.get(4),
+            plan: plan_from(row.get(2))?,
+            last_seen_ms: row.get(3),
+            budget: Budget::from_columns(row.get(5), row.get(6))?,
+            alerted_in_month: Vec::new(),
+        });
+    }
+    let alerted = client
+        .query(
+            "SELECT install, threshold FROM alerts
+             WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
+             ORDER BY install, threshold",
+            &[&month_of_day(today), &only],
+        )
+        .await?;
+    for row in alerted {
+        if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
+            heads[index]
+                .alerted_in_month
+                .push(threshold_from(row.get(1))?);
+        }
+    }
+    Ok(heads)
+}
+
 /// [`PostgresStore::costed_installations`] in one read-only snapshot.
 async fn costed(
     store: &PostgresStore,
@@ -1203,43 +1239,19 @@ async fn costed(
         .await?;
     let mut report = CostedReport::default();
     let mut by_key = std::collections::HashMap::new();
-    let installs = tx
-        .query(
-            r#"SELECT i.id, i.install_id, i.plan, i.last_seen, i.label, b.monthly_micros,
-                      b.thresholds
-               FROM installs i LEFT JOIN budgets b ON b.install = i.id
-               WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
-            &[&only],
-        )
-        .await?;
-    for row in installs {
-        by_key.insert(row.get::<_, i64>(0), report.installs.len());
+    for head in install_heads(&tx, only, window.today).await? {
+        by_key.insert(head.key, report.installs.len());
         report.installs.push(CostedInstall {
-            install_id: row.get(1),
-            label: row.get(4),
-            plan: plan_from(row.get(2))?,
-            last_seen_ms: row.get(3),
+            install_id: head.install_id,
+            label: head.label,
+            plan: head.plan,
+            last_seen_ms: head.last_seen_ms,
             events_30d: 0,
             tokens_30d: 0,
             priced: PricedUsage::default(),
-            budget: Budget::from_columns(row.get(5), row.get(6))?,
-            alerted_in_month: Vec::new(),
+            budget: head.budget,
+            alerted_in_month: head.alerted_in_month,
         });
-    }
-    let alerted = tx
-        .query(
-            "SELECT install, threshold FROM alerts
-             WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
-             ORDER BY install, threshold",
-            &[&month_of_day(window.today), &only],
-        )
-        .await?;
-    for row in alerted {
-        if let Some(&index) = by_key.get(&row.get::<_, i64>(0)) {
-            report.installs[index]
-                .alerted_in_month
-                .push(threshold_from(row.get(1))?);
-        }
     }
     // First pass: events and tokens per model and day, for the chart (summed over the
     // models) and the (model, day) pairs to price; a few hundred groups, so cheap to hash.
