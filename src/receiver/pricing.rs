@@ -263,15 +263,6 @@ impl Pricing {
         self.book.as_ref()
     }
 
-    /// The environment's price of 1000 tokens of `model` (any kind), and whether the model
-    /// has an override of its own; 0 when neither price is set.
-    pub fn price_per_1k(&self, model: &str) -> (Micros, bool) {
-        match self.overrides.get(model) {
-            Some(price) => (*price, true),
-            None => (self.default_per_1k.unwrap_or_default(), false),
-        }
-    }
-
     /// The rates of `model` on `day`: the book's entry in force that day, else the
     /// model's override, else the default price, the last two for every token. `None`
     /// when none of them prices it.
@@ -638,8 +629,6 @@ reasoning_per_mtok = 5.00
         // 619,280 → 0.62.
         assert_eq!(bill.cost, Cents(62));
         assert!(bill.unpriced_models.is_empty());
-        assert_eq!(p.price_per_1k("gpt-4o"), (Micros(5_000), true));
-        assert_eq!(p.price_per_1k("other"), (Micros(2_000), false));
     }
 
     #[test]
