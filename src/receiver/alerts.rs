@@ -21,7 +21,7 @@ use axum::http::HeaderMap;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::ReceiverState;
 use super::clip::clip;
@@ -73,8 +73,9 @@ fn money(amount: Micros) -> Value {
     amount.to_cents().to_json()
 }
 
-fn alert_json(alert: &Alert) -> Value {
-    json!({
+/// The fields an alert has in both its answers: `GET /api/alerts` and the webhook body.
+fn alert_fields(alert: &Alert) -> Map<String, Value> {
+    let Value::Object(fields) = json!({
         "alert_id": alert.alert_id,
         "install_id": alert.install_id,
         "label": alert.label,
@@ -83,12 +84,25 @@ fn alert_json(alert: &Alert) -> Value {
         "cost": money(alert.cost),
         "budget": money(alert.budget),
         "currency": alert.currency,
-        "at": format_millis(alert.at_ms),
-        "delivered_at": alert.delivered_at_ms.map(format_millis),
-    })
+    }) else {
+        unreachable!("json! of braces is an object")
+    };
+    fields
 }
 
-/// The webhook body of an alert: its fields and one sentence a chat webhook shows.
+/// An alert as `GET /api/alerts` lists it.
+fn alert_json(alert: &Alert) -> Value {
+    let mut fields = alert_fields(alert);
+    fields.insert("at".into(), format_millis(alert.at_ms).into());
+    fields.insert(
+        "delivered_at".into(),
+        alert.delivered_at_ms.map(format_millis).into(),
+    );
+    Value::Object(fields)
+}
+
+/// The webhook body of an alert: its type, its fields and one sentence a chat webhook
+/// shows.
 pub fn webhook_body(alert: &Alert) -> Value {
     let name = alert.label.as_deref().unwrap_or(&alert.install_id);
     let text = format!(
@@ -100,18 +114,11 @@ pub fn webhook_body(alert: &Alert) -> Value {
         alert.cost.to_cents(),
         alert.currency,
     );
-    json!({
-        "type": "budget.threshold",
-        "alert_id": alert.alert_id,
-        "install_id": alert.install_id,
-        "label": alert.label,
-        "threshold": alert.threshold,
-        "month": alert.month,
-        "cost": money(alert.cost),
-        "budget": money(alert.budget),
-        "currency": alert.currency,
-        "text": text,
-    })
+    let mut body = Map::new();
+    body.insert("type".into(), "budget.threshold".into());
+    body.extend(alert_fields(alert));
+    body.insert("text".into(), text.into());
+    Value::Object(body)
 }
 
 /// The wait before attempt `attempts + 1` of an alert whose `attempts` have failed:

@@ -24,9 +24,9 @@ use super::ReceiverState;
 use super::clip::clip;
 use super::error::{ReceiverError, json_body};
 use super::ingest::body_rejection;
-use super::installations::{unknown_install, usage_window};
+use super::installations::{change_install, usage_window};
 use super::pricing::{Cents, Micros};
-use super::provider::{authorize, blocking};
+use super::provider::authorize;
 use super::store::{Budget, DayRange, Install, NewAlert, ReceiverStoreError, month_of_day};
 
 /// Thresholds of a budget that names none, in percent.
@@ -64,16 +64,15 @@ pub fn used_pct(cost: Cents, budget: &Budget) -> f64 {
 }
 
 /// After a batch of `install` was stored (or found to be all duplicates): records an alert
-/// for each threshold of its budget that its month-to-date cost has reached and that has
-/// no alert this month yet. Returns the ids of the alerts recorded now.
+/// for each threshold of `budget` (the one [`budget_in_force`]) that its month-to-date cost
+/// has reached and that has no alert this month yet. Returns the ids of the alerts
+/// recorded now.
 pub fn check_after_ingest(
     app: &ReceiverState,
     install: &Install,
+    budget: &Budget,
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, ReceiverStoreError> {
-    let Some(budget) = budget_in_force(app, install.budget.as_ref()) else {
-        return Ok(Vec::new());
-    };
     let window = usage_window(now);
     let month = month_of_day(window.today);
     let days = DayRange {
@@ -140,12 +139,11 @@ pub async fn set(
     authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
     let budget = parse_budget(&body)?;
-    let store = app.store.clone();
-    let id = install_id.clone();
     let stored = budget.clone();
-    if !blocking(move || store.set_budget(&id, Some(&stored))).await? {
-        return Err(unknown_install());
-    }
+    change_install(&app, &install_id, move |store, id| {
+        store.set_budget(id, Some(&stored))
+    })
+    .await?;
     tracing::info!(install_id = %clip(&install_id), monthly = %budget.monthly.to_cents(), "budget set");
     Ok(Json(json!({
         "install_id": install_id,
@@ -162,11 +160,7 @@ pub async fn remove(
     Path(install_id): Path<String>,
 ) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
-    let store = app.store.clone();
-    let id = install_id.clone();
-    if !blocking(move || store.set_budget(&id, None)).await? {
-        return Err(unknown_install());
-    }
+    change_install(&app, &install_id, |store, id| store.set_budget(id, None)).await?;
     tracing::info!(install_id = %clip(&install_id), "budget removed");
     Ok(Json(json!({"install_id": install_id, "budget": null})))
 }

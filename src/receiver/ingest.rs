@@ -278,12 +278,15 @@ async fn handle(
             .map_err(store_unavailable)?
             .map_err(|wait| rate_limited(app, wait))?
     };
-    if has_valid && budgets::budget_in_force(app, install.budget.as_ref()).is_some() {
+    let budget = has_valid
+        .then(|| budgets::budget_in_force(app, install.budget.as_ref()))
+        .flatten();
+    if let Some(budget) = budget {
         // Also after a batch of duplicates: the retry of a batch whose node died before
         // its alert was recorded records it. Blocking store calls, so on the blocking pool.
         let (task_app, task_install) = (app.clone(), install.clone());
         tokio::task::spawn_blocking(move || {
-            budgets::check_after_ingest(&task_app, &task_install, now)
+            budgets::check_after_ingest(&task_app, &task_install, &budget, now)
         })
         .await
         .map_err(|error| {

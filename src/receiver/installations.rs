@@ -21,7 +21,6 @@ use chrono::{DateTime, Datelike, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::ReceiverState;
 use super::budgets::{budget_in_force, used_pct};
 use super::clip::clip;
 use super::error::{ReceiverError, json_body};
@@ -30,6 +29,7 @@ use super::pricing::{Bill, Plan, Pricing};
 use super::provider::{authorize, bad_param, blocking, day_text, query_rejection};
 use super::store::{Budget, CostedInstall, DailyTokens, UsageWindow};
 use super::view::{Period, Sort};
+use super::{ReceiverState, ReceiverStore, ReceiverStoreError};
 use crate::event::format_millis;
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -368,11 +368,7 @@ pub async fn set_plan(
         .ok_or_else(|| {
             ReceiverError::invalid_field("invalid_plan", "plan", "must be one of free, pro, agency")
         })?;
-    let store = app.store.clone();
-    let id = install_id.clone();
-    if !blocking(move || store.set_plan(&id, plan)).await? {
-        return Err(unknown_install());
-    }
+    change_install(&app, &install_id, move |store, id| store.set_plan(id, plan)).await?;
     tracing::info!(install_id = %clip(&install_id), plan = plan.as_str(), "plan changed");
     Ok(Json(
         json!({"install_id": install_id, "plan": plan.as_str()}),
@@ -400,11 +396,11 @@ pub async fn set_label(
             let rule = "must be a string of 1 to 100 characters, none of them a control character";
             ReceiverError::invalid_field("invalid_label", "label", rule)
         })?;
-    let store = app.store.clone();
-    let (id, text) = (install_id.clone(), label.clone());
-    if !blocking(move || store.set_label(&id, &text)).await? {
-        return Err(unknown_install());
-    }
+    let text = label.clone();
+    change_install(&app, &install_id, move |store, id| {
+        store.set_label(id, &text)
+    })
+    .await?;
     tracing::info!(install_id = %clip(&install_id), "label changed");
     Ok(Json(json!({"install_id": install_id, "label": label})))
 }
@@ -434,6 +430,22 @@ pub async fn erase(
     Ok(Json(
         json!({"install_id": install_id, "erased": true, "events_deleted": events}),
     ))
+}
+
+/// Runs `change` of the install `install_id` on the blocking pool: `404 unknown_install`
+/// when it finds no such install (answers `false`).
+pub(super) async fn change_install(
+    app: &ReceiverState,
+    install_id: &str,
+    change: impl FnOnce(&dyn ReceiverStore, &str) -> Result<bool, ReceiverStoreError> + Send + 'static,
+) -> Result<(), ReceiverError> {
+    let store = app.store.clone();
+    let id = install_id.to_owned();
+    if blocking(move || change(&*store, &id)).await? {
+        Ok(())
+    } else {
+        Err(unknown_install())
+    }
 }
 
 pub(super) fn unknown_install() -> ReceiverError {
