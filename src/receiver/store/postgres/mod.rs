@@ -299,6 +299,18 @@ fn count(value: i64) -> Result<u64, ReceiverStoreError> {
         .map_err(|_| ReceiverStoreError::Corrupt(format!("a stored count is negative: {value}")))
 }
 
+/// The five token kinds from the columns `first..first + 5` (prompt, completion, cached,
+/// cache write, reasoning).
+fn token_counts(row: &Row, first: usize) -> Result<TokenCounts, ReceiverStoreError> {
+    Ok(TokenCounts {
+        prompt: count(row.get(first))?,
+        completion: count(row.get(first + 1))?,
+        cached: count(row.get(first + 2))?,
+        cache_write: count(row.get(first + 3))?,
+        reasoning: count(row.get(first + 4))?,
+    })
+}
+
 fn tokens(value: u64) -> i64 {
     // Validated events hold at most 10^8 tokens of each kind.
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -738,13 +750,7 @@ impl ReceiverStore for PostgresStore {
             let mut daily = BTreeMap::new();
             for row in rows {
                 let events = count(row.get(4))?;
-                let kinds = TokenCounts {
-                    prompt: count(row.get(5))?,
-                    completion: count(row.get(6))?,
-                    cached: count(row.get(7))?,
-                    cache_write: count(row.get(8))?,
-                    reasoning: count(row.get(9))?,
-                };
+                let kinds = token_counts(&row, 5)?;
                 match row.get::<_, i16>(0) {
                     // The chart's day, summed over every install.
                     2 => {
@@ -866,13 +872,7 @@ impl ReceiverStore for PostgresStore {
                         usage: ModelDayTokens {
                             model: row.get(1),
                             day: row.get(2),
-                            tokens: TokenCounts {
-                                prompt: count(row.get(4))?,
-                                completion: count(row.get(5))?,
-                                cached: count(row.get(6))?,
-                                cache_write: count(row.get(7))?,
-                                reasoning: count(row.get(8))?,
-                            },
+                            tokens: token_counts(row, 4)?,
                         },
                     })
                 })
@@ -983,13 +983,7 @@ impl ReceiverStore for PostgresStore {
                 spend.usage.push(ModelDayTokens {
                     model: row.get(1),
                     day: row.get(2),
-                    tokens: TokenCounts {
-                        prompt: count(row.get(3))?,
-                        completion: count(row.get(4))?,
-                        cached: count(row.get(5))?,
-                        cache_write: count(row.get(6))?,
-                        reasoning: count(row.get(7))?,
-                    },
+                    tokens: token_counts(&row, 3)?,
                 });
             }
             Ok(spend)

@@ -519,13 +519,7 @@ impl ReceiverStore for SqliteStore {
             };
             let day: i64 = row.get(1)?;
             let events: u64 = row.get(3)?;
-            let kinds = TokenCounts {
-                prompt: row.get(4)?,
-                completion: row.get(5)?,
-                cached: row.get(6)?,
-                cache_write: row.get(7)?,
-                reasoning: row.get(8)?,
-            };
+            let kinds = token_counts(row, 4)?;
             let tokens = kinds.total();
             if day >= window.from_30d {
                 install.events_30d += events;
@@ -595,13 +589,7 @@ impl ReceiverStore for SqliteStore {
                 usage: ModelDayTokens {
                     model: row.get(1)?,
                     day: row.get(2)?,
-                    tokens: TokenCounts {
-                        prompt: row.get(4)?,
-                        completion: row.get(5)?,
-                        cached: row.get(6)?,
-                        cache_write: row.get(7)?,
-                        reasoning: row.get(8)?,
-                    },
+                    tokens: token_counts(row, 4)?,
                 },
             });
         }
@@ -674,13 +662,7 @@ impl ReceiverStore for SqliteStore {
                 spend.usage.push(ModelDayTokens {
                     model: row.get(0)?,
                     day: row.get(1)?,
-                    tokens: TokenCounts {
-                        prompt: row.get(2)?,
-                        completion: row.get(3)?,
-                        cached: row.get(4)?,
-                        cache_write: row.get(5)?,
-                        reasoning: row.get(6)?,
-                    },
+                    tokens: token_counts(row, 2)?,
                 });
             }
             let mut statement = tx.prepare_cached(
@@ -905,6 +887,18 @@ fn insert_batch(
     tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
         .execute(params![install, received_at_ms])?;
     Ok(Some(counts))
+}
+
+/// The five token kinds from the columns `first..first + 5` (prompt, completion, cached,
+/// cache write, reasoning).
+fn token_counts(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TokenCounts> {
+    Ok(TokenCounts {
+        prompt: row.get(first)?,
+        completion: row.get(first + 1)?,
+        cached: row.get(first + 2)?,
+        cache_write: row.get(first + 3)?,
+        reasoning: row.get(first + 4)?,
+    })
 }
 
 fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
