@@ -12,6 +12,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_rollup_token_kinds.sql"),
     include_str!("migrations/0003_install_labels.sql"),
     include_str!("migrations/0004_budgets_alerts.sql"),
+    include_str!("migrations/0005_view_versions_daily_totals.sql"),
 ];
 
 /// Key of the advisory lock held while migrating (any constant the receiver owns).

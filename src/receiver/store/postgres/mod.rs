@@ -388,9 +388,10 @@ impl Columns {
 }
 
 /// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
-/// `events`, and their sums into `daily_usage`, under a lock on the install's row, which
-/// must exist and not be disabled. Answers (install still accepting, events stored,
-/// request allowed).
+/// `events`, their sums into `daily_usage` and the chart's `daily_totals`, and the
+/// install's `usage_version` goes up if anything was stored, under a lock on the install's
+/// row, which must exist and not be disabled. Answers (install still accepting, events
+/// stored, request allowed).
 ///
 /// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
 /// same statement first takes the request from the install's schedule, as
@@ -447,11 +448,29 @@ WITH install AS (
         cached_tokens = d.cached_tokens + excluded.cached_tokens,
         cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
         reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
+), totals AS (
+    INSERT INTO daily_totals AS t (day, shard, events, tokens)
+    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
+           sum(prompt_tokens + completion_tokens)
+    FROM stored GROUP BY 1 ORDER BY 1
+    ON CONFLICT (day, shard) DO UPDATE SET
+        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
 ), seen AS (
-    UPDATE installs SET last_seen = $2 WHERE id = (SELECT id FROM go)
+    UPDATE installs SET last_seen = $2,
+        usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
+    WHERE id = (SELECT id FROM go)
 )
 SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
        (SELECT count(*) FROM go)";
+
+/// Takes an install's days out of the chart's totals (`$1` the install), before its
+/// rollup rows go; into the connection's own shard, as ingest adds.
+const SUBTRACT_FROM_DAILY_TOTALS: &str = "
+INSERT INTO daily_totals AS t (day, shard, events, tokens)
+SELECT day, pg_backend_pid() % 64, -sum(events), -sum(prompt_tokens + completion_tokens)
+FROM daily_usage WHERE install = $1 GROUP BY day ORDER BY day
+ON CONFLICT (day, shard) DO UPDATE SET
+    events = t.events + excluded.events, tokens = t.tokens + excluded.tokens";
 
 /// Takes one request from an install's schedule (`$2` the interval, `$3` the burst, in ms):
 /// the schedule moves on only when the request fits in the burst; the row lock makes two
@@ -899,6 +918,7 @@ impl ReceiverStore for PostgresStore {
             let events = tx
                 .execute("DELETE FROM events WHERE install = $1", &[&key])
                 .await?;
+            tx.execute(SUBTRACT_FROM_DAILY_TOTALS, &[&key]).await?;
             for table in [
                 "event_ids",
                 "daily_usage",
