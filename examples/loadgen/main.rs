@@ -212,7 +212,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
             fleet.p99_ms,
             fleet.ceiling_eps,
             options.view_installs,
-            fleet.installations_100k_ms
+            fleet.views.installations_ms
         );
         notes.push(format!(
             "fleet: {} installs each sent one gzipped, signed batch of 50 ({} events) through two \
@@ -225,21 +225,19 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.fleet_ceiling_eps = Some(fleet.ceiling_eps);
         figures.fleet_ratio = Some(fleet.eps / fleet.ceiling_eps);
         figures.fleet_p99_ms = Some(fleet.p99_ms);
-        figures.installations_100k_ms = Some(fleet.installations_100k_ms);
-        figures.dashboard_100k_ms = Some(fleet.dashboard_100k_ms);
+        figures.views(&fleet.views);
     } else if options.wants("view") {
-        let (installations, dashboard) = view_phase(
+        let views = view_phase(
             &runtime,
             root.path(),
             options.database_url.as_deref(),
             options.view_installs,
         )?;
         eprintln!(
-            "  view      installations view of {} installs {installations:.0} ms, a dashboard page {dashboard:.0} ms",
-            options.view_installs
+            "  view      installations view of {} installs {:.0} ms, a dashboard page {:.0} ms",
+            options.view_installs, views.installations_ms, views.dashboard_ms
         );
-        figures.installations_100k_ms = Some(installations);
-        figures.dashboard_100k_ms = Some(dashboard);
+        figures.views(&views);
     }
     let agent_phases = ["c1", "c32", "c128", "newconn", "batch100", "limit"];
     if !agent_phases.iter().any(|phase| options.wants(phase)) {

@@ -27,7 +27,7 @@ use super::error::{ReceiverError, json_body};
 use super::ingest::body_rejection;
 use super::pricing::{Bill, Plan, Pricing};
 use super::provider::{authorize, bad_param, blocking, day_text, query_rejection};
-use super::store::{Budget, CostedInstall, DailyTokens, UsageWindow};
+use super::store::{Budget, CostedInstall, DailyTokens, PriceList, UsageWindow};
 use super::view::{Period, Sort};
 use super::{ReceiverState, ReceiverStore, ReceiverStoreError};
 use crate::event::format_millis;
@@ -130,10 +130,36 @@ pub async fn load_rows(
     let (store, app2) = (app.store.clone(), app.clone());
     let report = blocking(move || {
         let rates = |model: &str, day: i64| app2.pricing.rates(model, day);
-        store.costed_installations(install_id.as_deref(), window, &rates)
+        let prices = PriceList {
+            id: app2.pricing.fingerprint(),
+            rates: &rates,
+        };
+        store.costed_installations(install_id.as_deref(), window, prices)
     })
     .await?;
     Ok((install_rows(app, report.installs, period), report.daily))
+}
+
+/// How often a node asks for the views a provider opens first, when its store keeps
+/// views ([`ReceiverStore::keeps_views`]).
+const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps SPEC 6's view and the dashboard's first page (month to date) ready: asked for
+/// at start and every minute, so the first view of a new day (a new window), or after a
+/// node starts, does not read every rollup row while a provider waits, and later views
+/// read again only the installs that changed since the last minute.
+pub async fn keep_views_warm(app: Arc<ReceiverState>) {
+    let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = app.provider_now();
+        for period in [None, Some(Period::mtd(now))] {
+            if let Err(error) = load_rows(&app, None, now, period).await {
+                tracing::warn!(?error, "could not prepare the provider's views");
+            }
+        }
+    }
 }
 
 /// SPEC 6's row: the last 30 days and month to date. Serialized straight from the row

@@ -163,7 +163,8 @@ pub const RECEIVER_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::fro
 
 /// Serves the receiver on an already-bound listener, within the bounds of SPEC 10
 /// ([`crate::server`]), until `shutdown` completes, then finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
-/// at start and every hour, and, with `ALERT_WEBHOOK_URL`, delivers budget alerts.
+/// at start and every hour, keeps the provider's first views ready when the store keeps
+/// views, and, with `ALERT_WEBHOOK_URL`, delivers budget alerts.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     settings: ReceiverSettings,
@@ -175,7 +176,10 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "receiver listening");
     }
-    let retention = tokio::spawn(retention_loop(store));
+    let retention = tokio::spawn(retention_loop(store.clone()));
+    let views = store
+        .keeps_views()
+        .then(|| tokio::spawn(installations::keep_views_warm(state.clone())));
     let delivery = state
         .settings
         .alert_webhook
@@ -183,6 +187,9 @@ pub async fn serve(
         .map(|webhook| tokio::spawn(alerts::deliver_loop(state.clone(), webhook)));
     server::serve(listener, router(state), limits, shutdown).await;
     retention.abort();
+    if let Some(views) = views {
+        views.abort();
+    }
     if let Some(delivery) = delivery {
         delivery.abort();
     }

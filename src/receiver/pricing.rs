@@ -258,6 +258,18 @@ impl Pricing {
         }
     }
 
+    /// An identity of the rates ([`Pricing::rates`]): equal for equal rates, and, but for
+    /// a 64-bit hash collision, different otherwise. Figures costed under one fingerprint
+    /// hold for as long as it stays the same.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut overrides: Vec<_> = self.overrides.iter().collect();
+        overrides.sort();
+        let mut hasher = std::hash::DefaultHasher::new();
+        format!("{:?} {:?} {overrides:?}", self.book, self.default_per_1k).hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// The price book in force, if `PRICE_BOOK` names one.
     pub fn book(&self) -> Option<&PriceBook> {
         self.book.as_ref()

@@ -677,3 +677,68 @@ async fn two_nodes_record_each_budget_alert_once_and_deliver_it_under_its_one_id
     let sent: HashSet<String> = sink.ids().into_iter().collect();
     assert_eq!(sent, ids, "each alert sent, under its own id only");
 }
+
+/// Each node keeps the figures of the views it answered; a batch or an erasure through
+/// the other node shows in its next view all the same.
+#[tokio::test]
+async fn a_nodes_views_follow_batches_and_erasures_made_through_the_other_at_once() {
+    let (a, b) = two_nodes(receiver_settings());
+    let installs: Vec<TestInstall> = (0..6).map(|_| TestInstall::new()).collect();
+    for install in &installs {
+        enroll(&a, install).await;
+        let (status, _) = send(&base(&b), install, &batch(install, &[event(install, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+    let events_of = |view: &Value, install: &TestInstall| {
+        view["installations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["install_id"] == install.id.as_str())
+            .map(|row| row["events_30d"].as_u64().unwrap())
+    };
+    let paths = [
+        "/api/usage/installations",
+        "/api/usage/installations?period=30d",
+    ];
+    for path in paths {
+        let view = provider_json(&base(&a), path).await;
+        let count = |row: &Value| row["events_30d"].as_u64().or(row["events"].as_u64());
+        assert!(
+            view["installations"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|row| count(row) == Some(1)),
+            "{view}"
+        );
+    }
+
+    let grown = &installs[2];
+    let more: Vec<Value> = (10..13).map(|n| event(grown, n)).collect();
+    let (status, _) = send(&base(&b), grown, &batch(grown, &more)).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let erased = &installs[4];
+    let answer = provider_request(
+        &b,
+        Method::DELETE,
+        &format!("/api/installations/{}", erased.id),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    let view = provider_json(&base(&a), paths[0]).await;
+    assert_eq!(events_of(&view, grown), Some(4));
+    assert_eq!(events_of(&view, erased), None);
+    assert_eq!(events_of(&view, &installs[0]), Some(1));
+    assert_eq!(view, provider_json(&base(&b), paths[0]).await);
+    let period = provider_json(&base(&a), paths[1]).await;
+    let rows = period["installations"].as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let events: u64 = rows.iter().map(|row| row["events"].as_u64().unwrap()).sum();
+    assert_eq!(events, 8, "{period}");
+}

@@ -14,7 +14,7 @@ use super::sqlite::SqliteStore;
 use super::*;
 use crate::event::Source;
 use crate::protocol::signing::Secret;
-use crate::receiver::pricing::{ModelDayTokens, Plan, TokenCounts};
+use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
 const MS_PER_DAY: i64 = 86_400_000;
@@ -109,6 +109,7 @@ suite!(
     a_period_window_counts_and_prices_the_same_days,
     source_usage_groups_one_installs_raw_events_by_source_model_and_day,
     costed_installations_equal_the_straightforward_pricing,
+    views_follow_every_change_of_usage_prices_and_installs,
 );
 
 pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
@@ -585,6 +586,123 @@ fn test_rates(model: &str, day: i64) -> Option<crate::receiver::price_book::Rate
     }
 }
 
+const TEST_PRICES: PriceList<'static> = PriceList {
+    id: 1,
+    rates: &test_rates,
+};
+
+/// The view of every install, checked against the straightforward computation (which
+/// reads every rollup row): a store that keeps figures between views must answer the
+/// same after each change.
+fn view_checked(store: &dyn ReceiverStore, window: UsageWindow, prices: PriceList) -> CostedReport {
+    let costed = store.costed_installations(None, window, prices).unwrap();
+    let straightforward =
+        CostedReport::price(store.installations(None, window).unwrap(), prices.rates);
+    assert_eq!(costed, straightforward);
+    costed
+}
+
+fn figures_of<'a>(report: &'a CostedReport, install_id: &str) -> &'a CostedInstall {
+    report
+        .installs
+        .iter()
+        .find(|install| install.install_id == install_id)
+        .unwrap()
+}
+
+fn views_follow_every_change_of_usage_prices_and_installs(store: &dyn ReceiverStore) {
+    let window = UsageWindow {
+        today: 30,
+        from_30d: 1,
+        month_start: 18,
+    };
+    let installs: Vec<Install> = (0..12)
+        .map(|n| enroll(store, &format!("v{n:02}")))
+        .collect();
+    for (n, install) in installs.iter().enumerate() {
+        let day = 10 + n as i64;
+        let batch = vec![
+            kinds_event(1, day, "a", [1_000 + n as u64, 10, 5, 5, 1]),
+            kinds_event(2, 20, "p-x", [10, 20, 0, 0, 0]),
+            kinds_event(3, 29, "unpriced", [3, 3, 0, 0, 0]),
+        ];
+        store.ingest(install.key, batch, 0).unwrap();
+    }
+    let first = view_checked(store, window, TEST_PRICES);
+    assert_eq!(first.installs.len(), 12);
+    assert_eq!(view_checked(store, window, TEST_PRICES), first);
+
+    // One install's usage grows (another node's batch, for all a node can tell).
+    store
+        .ingest(
+            installs[3].key,
+            vec![kinds_event(4, 25, "a", [500, 5, 0, 0, 0])],
+            0,
+        )
+        .unwrap();
+    let grown = view_checked(store, window, TEST_PRICES);
+    assert!(figures_of(&grown, "v03").priced.cost > figures_of(&first, "v03").priced.cost);
+    assert_ne!(grown.daily, first.daily);
+
+    // Only duplicates: nothing changes.
+    store
+        .ingest(
+            installs[3].key,
+            vec![kinds_event(4, 25, "a", [500, 5, 0, 0, 0])],
+            0,
+        )
+        .unwrap();
+    assert_eq!(view_checked(store, window, TEST_PRICES), grown);
+
+    // An install erased, one enrolled, one with usage.
+    store.erase_install("v05").unwrap();
+    let late = enroll(store, "v99");
+    enroll(store, "v98");
+    store
+        .ingest(late.key, vec![kinds_event(1, 30, "a", [7, 7, 0, 0, 0])], 0)
+        .unwrap();
+    let changed = view_checked(store, window, TEST_PRICES);
+    assert!(changed.installs.iter().all(|i| i.install_id != "v05"));
+    assert_eq!(figures_of(&changed, "v99").events_30d, 1);
+
+    // Most installs change at once.
+    for install in &installs[6..] {
+        store
+            .ingest(
+                install.key,
+                vec![kinds_event(9, 30, "p-y", [9, 9, 0, 0, 0])],
+                0,
+            )
+            .unwrap();
+    }
+    let most = view_checked(store, window, TEST_PRICES);
+    assert_eq!(figures_of(&most, "v11").events_30d, 4);
+
+    // Other prices, and another window, are costed afresh.
+    let double = |model: &str, day: i64| {
+        test_rates(model, day).map(|r| Rates {
+            input: Micros(r.input.0 * 2),
+            ..r
+        })
+    };
+    let doubled = view_checked(
+        store,
+        window,
+        PriceList {
+            id: 2,
+            rates: &double,
+        },
+    );
+    assert!(figures_of(&doubled, "v00").priced.cost > figures_of(&most, "v00").priced.cost);
+    let later = UsageWindow {
+        today: 31,
+        from_30d: 2,
+        month_start: 31,
+    };
+    view_checked(store, later, TEST_PRICES);
+    assert_eq!(view_checked(store, window, TEST_PRICES), most);
+}
+
 fn costed_installations_equal_the_straightforward_pricing(store: &dyn ReceiverStore) {
     let mut n = 0u8;
     let mut next = |day: i64, model: &str, kinds: [u64; 5]| {
@@ -637,7 +755,7 @@ fn costed_installations_equal_the_straightforward_pricing(store: &dyn ReceiverSt
             Some("zz"),
         ] {
             let costed = store
-                .costed_installations(only, window, &test_rates)
+                .costed_installations(only, window, TEST_PRICES)
                 .unwrap();
             let straightforward =
                 CostedReport::price(store.installations(only, window).unwrap(), &test_rates);
@@ -646,7 +764,7 @@ fn costed_installations_equal_the_straightforward_pricing(store: &dyn ReceiverSt
     }
     // And the sums are not all zero: the comparison compares something.
     let report = store
-        .costed_installations(Some("i1"), windows[0], &test_rates)
+        .costed_installations(Some("i1"), windows[0], TEST_PRICES)
         .unwrap();
     let i1 = &report.installs[0].priced;
     assert!(i1.cost.0 > 0 && i1.tokens > 0);

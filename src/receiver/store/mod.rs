@@ -95,20 +95,28 @@ pub trait ReceiverStore: Send + Sync + 'static {
     ) -> Result<InstallationsReport, ReceiverStoreError>;
 
     /// [`ReceiverStore::installations`] with each install's priced days (`month_start..=
-    /// today`) already costed: every (model, day) row at `rates(model, day)`, rounded half
+    /// today`) already costed: every (model, day) row at `prices.rates(model, day)`, rounded half
     /// up once (SPEC 11), summed; models without rates listed as unpriced. Exactly
     /// [`CostedReport::price`] of [`ReceiverStore::installations`], which is what this
-    /// default does; a store may do it in its database instead, so the rows never leave it.
+    /// default does; a store may do it in its database instead, so the rows never leave it,
+    /// and may keep figures it worked out under `prices.id` as long as it can tell they
+    /// still hold.
     fn costed_installations(
         &self,
         install_id: Option<&str>,
         window: UsageWindow,
-        rates: RatesOf<'_>,
+        prices: PriceList<'_>,
     ) -> Result<CostedReport, ReceiverStoreError> {
         Ok(CostedReport::price(
             self.installations(install_id, window)?,
-            rates,
+            prices.rates,
         ))
+    }
+
+    /// Whether [`ReceiverStore::costed_installations`] keeps figures between calls, so
+    /// that asking for a view ahead of the provider makes their next view fast.
+    fn keeps_views(&self) -> bool {
+        false
     }
 
     /// Sets an install's plan; `false` when the install is unknown.
@@ -351,7 +359,7 @@ pub struct RetainedDays {
 /// ranges end with `today` included. Events and tokens are counted (and charted) over
 /// `from_30d..=today`, usage is priced over `month_start..=today`; a view of one period
 /// sets both to it ([`DayRange::as_window`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UsageWindow {
     pub today: i64,
     /// First day of the last 30 days (`today - 29`).
@@ -432,6 +440,15 @@ impl InstallationsReport {
 /// The rates of a model on a day (the receiver's [`Pricing::rates`](super::pricing::Pricing::rates)),
 /// or `None` when nothing prices it.
 pub type RatesOf<'a> = &'a (dyn Fn(&str, i64) -> Option<Rates> + Sync);
+
+/// The prices a view is costed at: the rates, and an identity that is the same only for
+/// the same rates ([`Pricing::fingerprint`](super::pricing::Pricing::fingerprint)), under
+/// which a store may keep the costs it worked out.
+#[derive(Clone, Copy)]
+pub struct PriceList<'a> {
+    pub id: u64,
+    pub rates: RatesOf<'a>,
+}
 
 /// One install's usage with its priced days costed.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,8 +12,10 @@
 //!   or goes first, and the batch then stores nothing; a disabled install stores nothing;
 //! - **the rate limit in a table** (`request_schedule`), one atomic upsert per request, in
 //!   the database's clock;
-//! - **nothing cached**: installs, plans and secrets are read from the database on every
-//!   request.
+//! - **nothing cached that could go stale**: installs, plans and secrets are read from
+//!   the database on every request; the views' figures a node keeps ([`view_cache`]) hold
+//!   only while the install's `usage_version`, read in the view's snapshot, is the one
+//!   they were read at.
 //!
 //! Raw events are partitioned by UTC day ([`partitions`]), made ahead and dropped whole
 //! past retention. The ingest path (`find_install_async`, `take_request_async`,
@@ -22,7 +24,7 @@
 //! methods of the trait are blocking (the handlers call them on the blocking pool) and run
 //! their queries on the server's runtime with [`Handle::block_on`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,12 +33,15 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use tokio::runtime::Handle;
 use uuid::Uuid;
 
+use self::view_cache::{InstallFigures, ViewCache, ViewKey};
+
 use super::{
     Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
     EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, RatesOf,
-    ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay, StoreFuture,
-    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, month_of_day,
+    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PriceList,
+    RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay,
+    StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    month_of_day,
 };
 use crate::event::Source;
 use crate::protocol::signing::Secret;
@@ -47,6 +52,7 @@ use crate::receiver::rate_limit::Rate;
 mod migrations;
 mod partitions;
 pub mod throwaway;
+mod view_cache;
 
 const MS_PER_DAY: i64 = 86_400_000;
 /// Connections per node. Ingest holds one for about one statement; more than the cores
@@ -65,6 +71,8 @@ pub struct PostgresStore {
     /// install send a few more; billing data never goes through them.
     relaxed: Pool,
     runtime: Handle,
+    /// Figures of the views this node was asked for, kept while they hold.
+    views: ViewCache,
 }
 
 impl From<tokio_postgres::Error> for ReceiverStoreError {
@@ -115,6 +123,7 @@ impl PostgresStore {
             pool: pool(config, POOL_SIZE)?,
             relaxed: pool(relaxed, POOL_SIZE / 4)?,
             runtime,
+            views: ViewCache::default(),
         };
         store
             .run(async |store| {
@@ -725,7 +734,7 @@ impl ReceiverStore for PostgresStore {
                 return Ok(InstallationsReport::default());
             };
             let mut report = InstallationsReport::default();
-            let mut by_key = std::collections::HashMap::new();
+            let mut by_key = HashMap::new();
             for head in install_heads(&client, only, window.today).await? {
                 by_key.insert(head.key, report.installs.len());
                 report.installs.push(InstallUsage {
@@ -816,9 +825,9 @@ impl ReceiverStore for PostgresStore {
         &self,
         install_id: Option<&str>,
         window: UsageWindow,
-        rates: RatesOf<'_>,
+        prices: PriceList<'_>,
     ) -> Result<CostedReport, ReceiverStoreError> {
-        match self.run(async |store| costed(store, install_id, window, rates).await) {
+        match self.run(async |store| costed(store, install_id, window, prices).await) {
             Err(ReceiverStoreError::Backend(error))
                 if error
                     .downcast_ref::<tokio_postgres::Error>()
@@ -827,11 +836,15 @@ impl ReceiverStore for PostgresStore {
             {
                 Ok(CostedReport::price(
                     self.installations(install_id, window)?,
-                    rates,
+                    prices.rates,
                 ))
             }
             other => other,
         }
+    }
+
+    fn keeps_views(&self) -> bool {
+        true
     }
 
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
@@ -1182,6 +1195,8 @@ struct InstallHead {
     budget: Option<Budget>,
     /// Thresholds alerted in the month of `today`.
     alerted_in_month: Vec<u32>,
+    /// Goes up whenever a batch stores usage of the install.
+    usage_version: i64,
 }
 
 /// Every install (or only `only`) in install id order, with its budget and the thresholds
@@ -1194,14 +1209,14 @@ async fn install_heads(
     let rows = client
         .query(
             r#"SELECT i.id, i.install_id, i.plan, i.last_seen, i.label, b.monthly_micros,
-                      b.thresholds
+                      b.thresholds, i.usage_version
                FROM installs i LEFT JOIN budgets b ON b.install = i.id
                WHERE $1::bigint IS NULL OR i.id = $1 ORDER BY i.install_id COLLATE "C""#,
             &[&only],
         )
         .await?;
     let mut heads = Vec::with_capacity(rows.len());
-    let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+    let mut by_key = HashMap::with_capacity(rows.len());
     for row in rows {
         by_key.insert(row.get::<_, i64>(0), heads.len());
         heads.push(InstallHead {
@@ -1212,6 +1227,7 @@ async fn install_heads(
             last_seen_ms: row.get(3),
             budget: Budget::from_columns(row.get(5), row.get(6))?,
             alerted_in_month: Vec::new(),
+            usage_version: row.get(7),
         });
     }
     let alerted = client
@@ -1232,12 +1248,15 @@ async fn install_heads(
     Ok(heads)
 }
 
-/// [`PostgresStore::costed_installations`] in one read-only snapshot.
+/// [`PostgresStore::costed_installations`] in one read-only snapshot: every install's
+/// head, then each install's figures from the node's [`ViewCache`] where they still hold,
+/// else read again (only the stale installs' rows, or, when there is no view yet or too
+/// much changed, everything), and the chart from `daily_totals`.
 async fn costed(
     store: &PostgresStore,
     install_id: Option<&str>,
     window: UsageWindow,
-    rates: RatesOf<'_>,
+    prices: PriceList<'_>,
 ) -> Result<CostedReport, ReceiverStoreError> {
     let mut client = store.client().await?;
     let Some(only) = optional_install(&client, install_id).await? else {
@@ -1251,22 +1270,166 @@ async fn costed(
         .await?;
     tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
         .await?;
-    let mut report = CostedReport::default();
-    let mut by_key = std::collections::HashMap::new();
-    for head in install_heads(&tx, only, window.today).await? {
-        by_key.insert(head.key, report.installs.len());
-        report.installs.push(CostedInstall {
+    let heads = install_heads(&tx, only, window.today).await?;
+    let view = ViewKey {
+        window,
+        prices: prices.id,
+    };
+    let versions = || heads.iter().map(|head| (head.key, head.usage_version));
+    let kept = match only {
+        Some(_) => None,
+        None => store.views.lookup(view, versions()),
+    };
+    let (figures, daily) = match kept {
+        // Reading again a third of the installs costs about what reading them all does.
+        Some(kept) if kept.stale.len() * 3 <= heads.len() && kept.gone * 3 <= heads.len() => {
+            let mut fresh = figures_of(&tx, &kept.stale, window, prices.rates).await?;
+            let daily = chart_of_totals(&tx, window).await?;
+            let stale = heads.iter().zip(&kept.figures).filter(|(_, f)| f.is_none());
+            store.views.keep(
+                view,
+                stale.map(|(head, _)| {
+                    let figures = fresh.get(&head.key).cloned().unwrap_or_default();
+                    (head.key, head.usage_version, figures)
+                }),
+                false,
+            );
+            let figures = heads
+                .iter()
+                .zip(kept.figures)
+                .map(|(head, kept)| kept.or_else(|| fresh.remove(&head.key)).unwrap_or_default())
+                .collect();
+            (figures, daily)
+        }
+        _ => {
+            let (mut all, daily) = costed_whole(&tx, only, window, prices.rates).await?;
+            let figures: Vec<InstallFigures> = heads
+                .iter()
+                .map(|head| all.remove(&head.key).unwrap_or_default())
+                .collect();
+            let daily = match only {
+                Some(_) => daily,
+                None => {
+                    store.views.keep(
+                        view,
+                        heads
+                            .iter()
+                            .zip(&figures)
+                            .map(|(head, f)| (head.key, head.usage_version, f.clone())),
+                        true,
+                    );
+                    chart_of_totals(&tx, window).await?
+                }
+            };
+            (figures, daily)
+        }
+    };
+    tx.commit().await?;
+    let installs = heads
+        .into_iter()
+        .zip(figures)
+        .map(|(head, figures)| CostedInstall {
             install_id: head.install_id,
             label: head.label,
             plan: head.plan,
             last_seen_ms: head.last_seen_ms,
-            events_30d: 0,
-            tokens_30d: 0,
-            priced: PricedUsage::default(),
+            events_30d: figures.events_30d,
+            tokens_30d: figures.tokens_30d,
+            priced: figures.priced,
             budget: head.budget,
             alerted_in_month: head.alerted_in_month,
-        });
+        })
+        .collect();
+    Ok(CostedReport { installs, daily })
+}
+
+/// Events and tokens per day over the counted days, summed over every install from the
+/// chart's totals (a day's shards together); days without events left out.
+async fn chart_of_totals(
+    tx: &tokio_postgres::Transaction<'_>,
+    window: UsageWindow,
+) -> Result<Vec<DailyTokens>, ReceiverStoreError> {
+    let rows = tx
+        .query(
+            "SELECT day, sum(events)::bigint, sum(tokens)::bigint FROM daily_totals
+             WHERE day >= $1 AND day <= $2
+             GROUP BY day HAVING sum(events) <> 0 ORDER BY day",
+            &[&window.from_30d, &window.today],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(DailyTokens {
+                day: row.get(0),
+                events: count(row.get(1))?,
+                tokens: count(row.get(2))?,
+            })
+        })
+        .collect()
+}
+
+/// The figures of `installs` from their rollup rows, costed here as
+/// [`CostedReport::price`] costs them; installs without rows in the window left out.
+async fn figures_of(
+    tx: &tokio_postgres::Transaction<'_>,
+    installs: &[InstallKey],
+    window: UsageWindow,
+    rates: RatesOf<'_>,
+) -> Result<HashMap<InstallKey, InstallFigures>, ReceiverStoreError> {
+    let mut usage: HashMap<InstallKey, (InstallFigures, Vec<ModelDayTokens>)> = HashMap::new();
+    if installs.is_empty() {
+        return Ok(HashMap::new());
     }
+    let rows = tx
+        .query(
+            "SELECT install, model, day, events, prompt_tokens, completion_tokens,
+                    cached_tokens, cache_write_tokens, reasoning_tokens
+             FROM daily_usage
+             WHERE install = ANY($1) AND day >= least($2::bigint, $3::bigint) AND day <= $4",
+            &[
+                &installs,
+                &window.from_30d,
+                &window.month_start,
+                &window.today,
+            ],
+        )
+        .await?;
+    for row in rows {
+        let (figures, days) = usage.entry(row.get(0)).or_default();
+        let day: i64 = row.get(2);
+        let tokens = token_counts(&row, 4)?;
+        if day >= window.from_30d {
+            figures.events_30d = figures.events_30d.saturating_add(count(row.get(3))?);
+            figures.tokens_30d = figures.tokens_30d.saturating_add(tokens.total());
+        }
+        if day >= window.month_start {
+            days.push(ModelDayTokens {
+                model: row.get(1),
+                day,
+                tokens,
+            });
+        }
+    }
+    Ok(usage
+        .into_iter()
+        .map(|(install, (mut figures, days))| {
+            figures.priced = PricedUsage::of(&days, rates);
+            (install, figures)
+        })
+        .collect())
+}
+
+/// Every install's figures (or only `only`'s) read from all rollup rows of the window:
+/// one pass sums per model and day (the chart, and the (model, day) pairs to price);
+/// their rates go back as arrays; a second pass costs each rollup row with them in
+/// `bigint` (half up, once per row) and sums everything per install. Installs without
+/// rows in the window left out.
+async fn costed_whole(
+    tx: &tokio_postgres::Transaction<'_>,
+    only: Option<InstallKey>,
+    window: UsageWindow,
+    rates: RatesOf<'_>,
+) -> Result<(HashMap<InstallKey, InstallFigures>, Vec<DailyTokens>), ReceiverStoreError> {
     // First pass: events and tokens per model and day, for the chart (summed over the
     // models) and the (model, day) pairs to price; a few hundred groups, so cheap to hash.
     let first_day = window.from_30d.min(window.month_start);
@@ -1355,25 +1518,26 @@ async fn costed(
             ],
         )
         .await?;
-    tx.commit().await?;
+    let mut figures = HashMap::with_capacity(costs.len());
     for row in costs {
-        let Some(&index) = by_key.get(&row.get::<_, i64>(0)) else {
-            continue;
-        };
-        let install = &mut report.installs[index];
-        install.events_30d = count(row.get(1))?;
-        install.tokens_30d = count(row.get(2))?;
-        let priced = &mut install.priced;
-        priced.tokens = count(row.get(3))?;
-        priced.cost = Micros(row.get(4));
         let mut unpriced: Vec<String> = row.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
         // Not DISTINCT in SQL: a DISTINCT aggregate would force sorting every row.
         unpriced.sort();
         unpriced.dedup();
-        priced.unpriced_models = unpriced;
+        figures.insert(
+            row.get::<_, i64>(0),
+            InstallFigures {
+                events_30d: count(row.get(1))?,
+                tokens_30d: count(row.get(2))?,
+                priced: PricedUsage {
+                    tokens: count(row.get(3))?,
+                    cost: Micros(row.get(4)),
+                    unpriced_models: unpriced,
+                },
+            },
+        );
     }
-    report.daily = daily.into_values().collect();
-    Ok(report)
+    Ok((figures, daily.into_values().collect()))
 }
 
 fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
