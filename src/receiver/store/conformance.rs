@@ -628,8 +628,18 @@ fn views_follow_every_change_of_usage_prices_and_installs(store: &dyn ReceiverSt
         ];
         store.ingest(install.key, batch, 0).unwrap();
     }
+    // In install id order, bytewise, whatever the database's collation.
+    enroll(store, "Zed");
+    enroll(store, "_under");
     let first = view_checked(store, window, TEST_PRICES);
-    assert_eq!(first.installs.len(), 12);
+    let ids: Vec<&str> = first
+        .installs
+        .iter()
+        .map(|i| i.install_id.as_str())
+        .collect();
+    assert_eq!(ids.len(), 14);
+    assert_eq!(&ids[..2], ["Zed", "_under"]);
+    assert!(ids.is_sorted());
     assert_eq!(view_checked(store, window, TEST_PRICES), first);
 
     // One install's usage grows (another node's batch, for all a node can tell).
