@@ -290,6 +290,82 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
 }
 
 #[test]
+fn migration_5_fills_the_chart_totals_and_refuses_batches_of_older_nodes() {
+    // A database at schema 4 with usage on two days, as the previous release left it.
+    let url = test_cluster().new_database().unwrap();
+    let name = database_name(&url);
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/receiver/store/postgres/migrations"
+    );
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    for file in &files[..4] {
+        test_cluster()
+            .psql(name, &std::fs::read_to_string(file).unwrap())
+            .unwrap();
+    }
+    test_cluster()
+        .psql(
+            name,
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             INSERT INTO schema_migrations (version) VALUES (1), (2), (3), (4);
+             INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                 VALUES ('a', 'x', 's', 0), ('b', 'x', 's', 0);
+             INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+                                      completion_tokens)
+                 VALUES (1, 5, 'm', 2, 30, 3), (2, 5, 'n', 1, 1, 1), (1, 6, 'm', 4, 7, 7);",
+        )
+        .unwrap();
+
+    // A node of this release migrates: the chart's totals start from the rollup.
+    let store = open_postgres(&url);
+    let window = usage_agent::receiver::store::UsageWindow {
+        today: 10,
+        from_30d: 0,
+        month_start: 0,
+    };
+    let rates = |_: &str, _: i64| None;
+    let prices = usage_agent::receiver::store::PriceList {
+        id: 0,
+        rates: &rates,
+    };
+    let daily: Vec<_> = store
+        .costed_installations(None, window, prices)
+        .unwrap()
+        .daily
+        .iter()
+        .map(|day| (day.day, day.events, day.tokens))
+        .collect();
+    assert_eq!(daily, [(5, 3, 35), (6, 4, 14)]);
+
+    // A node of the previous release, still serving, stores its batches with one statement
+    // that also sets the install's last_seen: refused, and nothing of it kept.
+    let old_ingest = "WITH stored AS (
+             INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+                                      completion_tokens)
+             VALUES (1, 7, 'm', 1, 1, 1) RETURNING install
+         ), seen AS (UPDATE installs SET last_seen = 1 WHERE id = 1)
+         SELECT count(*) FROM stored";
+    let refused = test_cluster()
+        .psql(name, old_ingest)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("older than the database schema (5): upgrade it"),
+        "{refused}"
+    );
+    let rows = test_cluster()
+        .psql(name, "SELECT count(*) FROM daily_usage WHERE day = 7")
+        .unwrap();
+    assert_eq!(rows.trim(), "0");
+}
+
+#[test]
 fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refused() {
     let url = test_cluster().new_database().unwrap();
     let nodes: Vec<_> = (0..4)

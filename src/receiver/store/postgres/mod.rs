@@ -60,6 +60,8 @@ const MS_PER_DAY: i64 = 86_400_000;
 const POOL_SIZE: usize = 16;
 /// How long a request waits for a connection, or for one to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The schema whose upkeep on ingest this node does (see migration 5).
+const WRITER_OPTION: &str = "-c usage_agent.writer=5";
 /// Raw event ids deleted per retention transaction.
 const RETENTION_CHUNK: i64 = 5000;
 
@@ -101,8 +103,11 @@ impl PostgresStore {
             url.parse().map_err(|e| connect_error(Box::new(e)))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("usage-agent receiver");
+        // This node keeps `usage_version` and `daily_totals` as ingest stores usage
+        // (migration 5 refuses the batches of nodes that do not say so).
+        config.options(WRITER_OPTION);
         let mut relaxed = config.clone();
-        relaxed.options("-c synchronous_commit=off");
+        relaxed.options(format!("{WRITER_OPTION} -c synchronous_commit=off"));
         let pool = |config, size| {
             let manager = Manager::from_config(
                 config,

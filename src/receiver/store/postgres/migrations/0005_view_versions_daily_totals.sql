@@ -23,3 +23,21 @@ CREATE TABLE daily_totals (
 INSERT INTO daily_totals (day, shard, events, tokens)
 SELECT day, 0, sum(events)::bigint, sum(prompt_tokens + completion_tokens)::bigint
 FROM daily_usage GROUP BY day;
+
+-- Every node that stores usage must keep both of the above, or the views of the nodes that
+-- rely on them would miss its batches. A node of an older release knows neither, and keeps
+-- serving after a newer node migrated (a rolling upgrade), so its ingest is refused here:
+-- the error aborts its whole statement (nothing stored) and it answers 503, so the
+-- balancer or the agent sends the batch again to an upgraded node. Nodes of this release
+-- or later name the schema they keep up with on every connection (`usage_agent.writer`).
+CREATE FUNCTION refuse_older_writers() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(nullif(current_setting('usage_agent.writer', true), ''), '0')::int < 5 THEN
+        RAISE EXCEPTION 'this receiver node is older than the database schema (5): upgrade it'
+            USING ERRCODE = 'UA001';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER usage_writers_keep_view_figures BEFORE UPDATE OF last_seen ON installs
+    FOR EACH ROW EXECUTE FUNCTION refuse_older_writers();
