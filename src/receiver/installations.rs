@@ -144,17 +144,23 @@ pub async fn load_rows(
 /// views ([`ReceiverStore::keeps_views`]).
 const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Keeps SPEC 6's view and the dashboard's first page (month to date) ready: asked for
-/// at start and every minute, so the first view of a new day (a new window), or after a
-/// node starts, does not read every rollup row while a provider waits, and later views
-/// read again only the installs that changed since the last minute.
+/// Keeps SPEC 6's view and the dashboard's three periods ready: asked for at start and
+/// every minute, so the first view of a new day (new windows), or after a node starts,
+/// does not read every rollup row while a provider waits, and later views read again only
+/// the installs that changed since the last minute.
 pub async fn keep_views_warm(app: Arc<ReceiverState>) {
     let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let now = app.provider_now();
-        for period in [None, Some(Period::mtd(now))] {
+        let mut periods = vec![None];
+        for name in ["mtd", "last_month", "30d"] {
+            if let Ok(Some(period)) = Period::parse(Some(name), None, None, now) {
+                periods.push(Some(period));
+            }
+        }
+        for period in periods {
             if let Err(error) = load_rows(&app, None, now, period).await {
                 tracing::warn!(?error, "could not prepare the provider's views");
             }

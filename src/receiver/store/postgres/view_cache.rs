@@ -17,8 +17,9 @@ use std::sync::Mutex;
 use super::super::{InstallKey, UsageWindow};
 use crate::receiver::pricing::PricedUsage;
 
-/// How many views a node keeps (LRU): SPEC 6's answer and a few dashboard periods.
-const VIEWS_KEPT: usize = 4;
+/// How many views a node keeps (LRU): SPEC 6's answer, the dashboard's three periods
+/// (all four prepared every minute), and two more periods a provider asked for.
+const VIEWS_KEPT: usize = 6;
 
 /// Which view: its days and the identity of the prices it was costed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
