@@ -1286,10 +1286,12 @@ async fn costed(
         window,
         prices: prices.id,
     };
-    let versions = || heads.iter().map(|head| (head.key, head.usage_version));
     let kept = match only {
         Some(_) => None,
-        None => store.views.lookup(view, versions()),
+        None => store.views.lookup(
+            view,
+            heads.iter().map(|head| (head.key, head.usage_version)),
+        ),
     };
     let (figures, daily) = match kept {
         // Reading again a third of the installs costs about what reading them all does.
