@@ -13,6 +13,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_install_labels.sql"),
     include_str!("migrations/0004_budgets_alerts.sql"),
     include_str!("migrations/0005_view_versions_daily_totals.sql"),
+    include_str!("migrations/0006_rollup_hot_updates.sql"),
 ];
 
 /// Key of the advisory lock held while migrating (any constant the receiver owns).
@@ -66,4 +67,50 @@ async fn apply(client: &mut Object) -> Result<(), ReceiverStoreError> {
         tracing::info!(version, "applied a receiver schema migration");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use crate::receiver::store::ReceiverStore;
+    use crate::receiver::store::conformance::{enroll, event, postgres_node, postgres_url};
+
+    #[test]
+    fn a_rollup_row_added_to_again_is_updated_in_place_touching_no_index() {
+        let store = postgres_node(&postgres_url());
+        let install = enroll(&store, "a");
+        let day_ms = 20_000 * 86_400_000;
+        for n in 0..5 {
+            store
+                .ingest(install.key, vec![event(n, day_ms)], 1)
+                .unwrap();
+        }
+        // Four of the five batches add to the same rollup row. A backend reports its
+        // table statistics within about a second of going idle.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let hot_updates: i64 = store
+                .run(async |store| {
+                    let client = store.client().await?;
+                    let row = client
+                        .query_one(
+                            "SELECT n_tup_hot_upd FROM pg_stat_user_tables
+                             WHERE relname = 'daily_usage'",
+                            &[],
+                        )
+                        .await?;
+                    Ok(row.get(0))
+                })
+                .unwrap();
+            if hot_updates == 4 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{hot_updates} of 4 rollup updates were HOT"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
