@@ -9,6 +9,11 @@
 //! are never kept), takes the figures whose version is unchanged and reads the others
 //! again. Another window (a new day) or other prices (another price book) is another
 //! view. Nothing here is needed by another node: a node without it reads everything.
+//!
+//! Only the ingest statement and erasure change usage, and both keep the version (nodes
+//! of older releases are refused: migration 5). A rollup row changed by hand in SQL
+//! without bumping the install's version shows once the view is read whole again (a new
+//! day, other prices, a third of the installs changed, or a restart).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
