@@ -1129,6 +1129,64 @@ fn the_ingest_path_takes_the_request_with_the_batch(store: Arc<dyn ReceiverStore
     assert_eq!(total_events(&*store), 3);
 }
 
+/// A batch sent again, whole or in part (an answer lost on the way), stores only its new
+/// events, adds only those to the rollup and takes one request, like any batch: on
+/// PostgreSQL it first fails as a fresh batch, and nothing of that attempt may stay.
+fn a_batch_sent_again_stores_its_new_events_and_takes_one_request(store: Arc<dyn ReceiverStore>) {
+    let a = enroll(&*store, "a");
+    let window = UsageWindow {
+        today: 100,
+        from_30d: 71,
+        month_start: 95,
+    };
+    let day = |n: u8| model_event(n, 100, "x", 10);
+    // An allowance of two requests.
+    let rate = Rate { per_min: 2 };
+    let ingest = |events: Vec<NewEvent>, at: i64| {
+        test_runtime()
+            .block_on(store.clone().ingest_async(a.key, events, at, rate))
+            .unwrap()
+    };
+    let first = ingest(vec![day(1), day(2)], 1).unwrap();
+    assert_eq!((first.accepted, first.duplicates), (2, 0));
+    // Two of three stored already: had the failed attempt kept its request, this second
+    // request would not fit.
+    let again = ingest(vec![day(3), day(2), day(1)], 2).unwrap();
+    assert_eq!((again.accepted, again.duplicates), (1, 2));
+    assert!(ingest(vec![day(4)], 3).is_err(), "a third request fits");
+    assert_eq!(total_events(&*store), 3);
+    let report = store.installations(None, window).unwrap();
+    assert_eq!(
+        (report.installs[0].events_30d, report.installs[0].tokens_30d),
+        (3, 30)
+    );
+    assert_eq!(report.installs[0].last_seen_ms, Some(2));
+    // Wholly stored already: nothing added, the install still seen.
+    let none = test_runtime()
+        .block_on(
+            store
+                .clone()
+                .ingest_async(a.key, vec![day(1), day(3)], 4, Rate { per_min: 0 }),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!((none.accepted, none.duplicates), (0, 2));
+    assert_eq!(total_events(&*store), 3);
+    let report = store.installations(None, window).unwrap();
+    assert_eq!(report.installs[0].tokens_30d, 30);
+    assert_eq!(report.installs[0].last_seen_ms, Some(4));
+}
+
+#[test]
+fn a_batch_sent_again_stores_its_new_events_and_takes_one_request_on_sqlite() {
+    a_batch_sent_again_stores_its_new_events_and_takes_one_request(sqlite_store().store);
+}
+
+#[test]
+fn a_batch_sent_again_stores_its_new_events_and_takes_one_request_on_postgres() {
+    a_batch_sent_again_stores_its_new_events_and_takes_one_request(postgres_store().store);
+}
+
 #[test]
 fn the_ingest_path_takes_the_request_with_the_batch_on_sqlite() {
     the_ingest_path_takes_the_request_with_the_batch(sqlite_store().store);

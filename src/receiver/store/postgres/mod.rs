@@ -2,10 +2,10 @@
 //! (SPEC 9): every SQL statement of it lives here and in [`migrations`].
 //!
 //! What makes several nodes one receiver:
-//! - **dedupe in the insert**: each event's `(install, event_id)` goes into `event_ids`
-//!   (`ON CONFLICT DO NOTHING`), and only the keys that went in are stored as events and
-//!   added to the daily rollup, all in one statement; a second node inserting the same key
-//!   at the same moment waits for the first to commit, then skips it;
+//! - **dedupe in the insert** ([`ingest`]): each event's `(install, event_id)` goes into
+//!   `event_ids`, and only the keys that went in are stored as events and added to the
+//!   daily rollup, all in one statement; a second node inserting the same key at the same
+//!   moment waits for the first to commit, then skips it;
 //! - **the install row locked in the same statement** (`FOR NO KEY UPDATE`, as its
 //!   `last_seen` is updated): batches of one install take turns, whichever node they reach,
 //!   and an erasure (`FOR UPDATE`) either waits for a batch in flight, then deletes it too,
@@ -33,6 +33,7 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use tokio::runtime::Handle;
 use uuid::Uuid;
 
+use self::ingest::Columns;
 use self::view_cache::{InstallFigures, ViewCache, ViewKey};
 
 use super::{
@@ -49,15 +50,21 @@ use crate::protocol::wire::to_hex;
 use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
+mod ingest;
 mod migrations;
 mod partitions;
 pub mod throwaway;
 mod view_cache;
 
 const MS_PER_DAY: i64 = 86_400_000;
-/// Connections per node. Ingest holds one for about one statement; more than the cores
-/// of a small database server only queue inside it.
-const POOL_SIZE: usize = 16;
+/// Connections per node: twice its cores, at least 4. A batch holds one for its two
+/// statements only; more connections than the node can keep busy only make backends
+/// contend inside the database (on two cores, 4 per node stored a tenth more than 16:
+/// BENCHMARKS.md, "Session 11").
+fn pool_size() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).max(4)
+}
 /// How long a request waits for a connection, or for one to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The schema whose upkeep on ingest this node does (see migration 5).
@@ -125,8 +132,8 @@ impl PostgresStore {
                 .map_err(|e| connect_error(Box::new(e)))
         };
         let store = PostgresStore {
-            pool: pool(config, POOL_SIZE)?,
-            relaxed: pool(relaxed, POOL_SIZE / 4)?,
+            pool: pool(config, pool_size())?,
+            relaxed: pool(relaxed, (pool_size() / 4).max(2))?,
             runtime,
             views: ViewCache::default(),
         };
@@ -192,7 +199,7 @@ impl PostgresStore {
     }
 
     /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
-    /// one statement ([`INGEST`]).
+    /// one statement ([`ingest::store_batch`]).
     async fn ingest_now(
         &self,
         install: InstallKey,
@@ -202,6 +209,9 @@ impl PostgresStore {
     ) -> Result<Result<IngestCounts, Duration>, ReceiverStoreError> {
         let sent = events.len() as u64;
         // Within a batch the first occurrence of an id counts; the rest are duplicates.
+        // In key order, so two nodes storing overlapping batches lock keys in one order.
+        let mut events = events;
+        events.sort_by_key(|event| event.event_id);
         let mut seen = std::collections::HashSet::with_capacity(events.len());
         let mut columns = Columns::default();
         for event in events {
@@ -215,30 +225,15 @@ impl PostgresStore {
         };
 
         let client = self.client().await?;
-        let statement = client.prepare_cached(INGEST).await?;
-        let c = &columns;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &install,
-                    &received_at_ms,
-                    &c.event_id,
-                    &c.user_hash,
-                    &c.source,
-                    &c.model,
-                    &c.prompt,
-                    &c.completion,
-                    &c.cached,
-                    &c.cache_write,
-                    &c.reasoning,
-                    &c.context,
-                    &c.created_at,
-                    &interval_ms,
-                    &burst_ms,
-                ],
-            )
-            .await?;
+        let row = ingest::store_batch(
+            &client,
+            install,
+            &columns,
+            received_at_ms,
+            interval_ms,
+            burst_ms,
+        )
+        .await?;
         if row.get::<_, i64>(0) == 0 {
             return Err(ReceiverStoreError::InstallGone);
         }
@@ -368,114 +363,6 @@ async fn optional_install(
         Some(id) => Ok(install_key(client, id).await?.map(Some)),
     }
 }
-
-/// One batch as column arrays, for `unnest`: one statement stores the whole batch.
-#[derive(Default)]
-struct Columns {
-    event_id: Vec<Uuid>,
-    user_hash: Vec<Vec<u8>>,
-    source: Vec<i16>,
-    model: Vec<String>,
-    prompt: Vec<i64>,
-    completion: Vec<i64>,
-    cached: Vec<i64>,
-    cache_write: Vec<i64>,
-    reasoning: Vec<i64>,
-    context: Vec<Option<String>>,
-    created_at: Vec<i64>,
-}
-
-impl Columns {
-    fn push(&mut self, event: NewEvent) {
-        self.event_id.push(event.event_id);
-        self.user_hash.push(event.user_hash.to_vec());
-        self.source.push(source_code(event.source));
-        self.model.push(event.model);
-        self.prompt.push(tokens(event.prompt_tokens));
-        self.completion.push(tokens(event.completion_tokens));
-        self.cached.push(tokens(event.cached_tokens));
-        self.cache_write.push(tokens(event.cache_write_tokens));
-        self.reasoning.push(tokens(event.reasoning_tokens));
-        self.context.push(event.context);
-        self.created_at.push(event.created_at_ms);
-    }
-}
-
-/// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
-/// `events`, their sums into `daily_usage` and the chart's `daily_totals`, and the
-/// install's `usage_version` goes up if anything was stored, under a lock on the install's
-/// row, which must exist and not be disabled. Answers (install still accepting, events
-/// stored, request allowed).
-///
-/// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
-/// same statement first takes the request from the install's schedule, as
-/// [`TAKE_REQUEST`] does, and stores nothing if it does not fit: one round trip and one
-/// commit for the whole batch. The install's row is locked before the schedule's, in the
-/// order an erasure locks them.
-const INGEST: &str = "
-WITH install AS (
-    SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
-), allowed AS (
-    INSERT INTO request_schedule AS s (install, next_at_ms)
-    SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $14
-    FROM install WHERE $14::bigint IS NOT NULL
-    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $14
-    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $15
-    RETURNING install
-), go AS (
-    SELECT id FROM install WHERE $14::bigint IS NULL OR EXISTS (SELECT FROM allowed)
-), input AS (
-    SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
-                         $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
-                         $13::int8[])
-        AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
-), fresh AS (
-    INSERT INTO event_ids (install, event_id, created_at)
-    SELECT go.id, input.event_id, input.created_at FROM input, go
-    ORDER BY input.event_id
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
-), stored AS (
-    INSERT INTO events (install, event_id, user_hash, source, model, prompt_tokens,
-                        completion_tokens, cached_tokens, cache_write_tokens,
-                        reasoning_tokens, context, created_at, received_at)
-    SELECT $1, i.event_id, i.user_hash, i.source, i.model, i.prompt_tokens,
-           i.completion_tokens, i.cached_tokens, i.cache_write_tokens, i.reasoning_tokens,
-           i.context, i.created_at, $2
-    FROM input i JOIN fresh USING (event_id)
-    RETURNING created_at, model, prompt_tokens, completion_tokens, cached_tokens,
-              cache_write_tokens, reasoning_tokens
-), rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
-           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
-           sum(reasoning_tokens)
-    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
-), totals AS (
-    INSERT INTO daily_totals AS t (day, shard, events, tokens)
-    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
-           sum(prompt_tokens + completion_tokens)
-    FROM stored GROUP BY 1 ORDER BY 1
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
-), seen AS (
-    UPDATE installs SET last_seen = $2,
-        usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
-    WHERE id = (SELECT id FROM go)
-)
-SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
-       (SELECT count(*) FROM go)";
 
 /// Takes an install's days out of the chart's totals (`$1` the install), before its
 /// rollup rows go; into the connection's own shard, as ingest adds.
