@@ -27,6 +27,15 @@ pub(crate) struct Figures {
     pub(crate) fleet_ceiling_eps: Option<f64>,
     pub(crate) fleet_ratio: Option<f64>,
     pub(crate) fleet_p99_ms: Option<f64>,
+    /// In the table only, as the ones below: the same batches straight into the store,
+    /// without HTTP, and that against the ceiling.
+    pub(crate) fleet_store_eps: Option<f64>,
+    pub(crate) fleet_store_ratio: Option<f64>,
+    /// The whole machine's busy CPU µs per event through the nodes, straight into the
+    /// store, and by `COPY`.
+    pub(crate) fleet_cpu_us_per_event: Option<f64>,
+    pub(crate) fleet_store_cpu_us_per_event: Option<f64>,
+    pub(crate) fleet_ceiling_cpu_us_per_event: Option<f64>,
     pub(crate) installations_100k_ms: Option<f64>,
     pub(crate) dashboard_100k_ms: Option<f64>,
     /// Beside the two above, in the table only (the JSON line keeps the issues' keys): the
@@ -55,7 +64,7 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         Some(v) => format!("{v:.decimals$}"),
         None => "null".to_owned(),
     };
-    let rows: [(&str, Option<f64>, usize, &str); 23] = [
+    let rows: [(&str, Option<f64>, usize, &str); 28] = [
         ("single_c1_eps", figures.single_c1_eps, 0, ""),
         ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
         ("single_c128_eps", figures.single_c128_eps, 0, ""),
@@ -83,6 +92,26 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         ("fleet_ceiling_eps", figures.fleet_ceiling_eps, 0, ""),
         ("fleet_ratio", figures.fleet_ratio, 3, ">= 0.5"),
         ("fleet_p99_ms", figures.fleet_p99_ms, 1, "<= 50"),
+        ("fleet_store_eps", figures.fleet_store_eps, 0, ""),
+        ("fleet_store_ratio", figures.fleet_store_ratio, 3, ""),
+        (
+            "fleet_cpu_us_per_event",
+            figures.fleet_cpu_us_per_event,
+            1,
+            "",
+        ),
+        (
+            "fleet_store_cpu_us_per_event",
+            figures.fleet_store_cpu_us_per_event,
+            1,
+            "",
+        ),
+        (
+            "fleet_ceiling_cpu_us_per_event",
+            figures.fleet_ceiling_cpu_us_per_event,
+            1,
+            "",
+        ),
         (
             "installations_100k_ms",
             figures.installations_100k_ms,

@@ -225,6 +225,11 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.fleet_ceiling_eps = Some(fleet.ceiling_eps);
         figures.fleet_ratio = Some(fleet.eps / fleet.ceiling_eps);
         figures.fleet_p99_ms = Some(fleet.p99_ms);
+        figures.fleet_store_eps = Some(fleet.store_eps);
+        figures.fleet_store_ratio = Some(fleet.store_eps / fleet.ceiling_eps);
+        figures.fleet_cpu_us_per_event = fleet.cpu_us;
+        figures.fleet_store_cpu_us_per_event = fleet.store_cpu_us;
+        figures.fleet_ceiling_cpu_us_per_event = fleet.ceiling_cpu_us;
         figures.views(&fleet.views);
     } else if options.wants("view") {
         let views = view_phase(

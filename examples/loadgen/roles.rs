@@ -261,3 +261,26 @@ pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// The CPU time the whole machine has spent busy (every process and the kernel), in
+/// seconds, from `/proc/stat`; `None` where there is none. It counts in USER_HZ, which
+/// Linux fixes at 100.
+pub(crate) fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    Some((ticks.iter().sum::<u64>() - idle) as f64 / 100.0)
+}
+
+/// The machine's busy CPU time since `busy_before` (from [`machine_busy_seconds`]) per
+/// event, in µs.
+pub(crate) fn busy_us_per_event(busy_before: Option<f64>, events: u64) -> Option<f64> {
+    Some((machine_busy_seconds()? - busy_before?) / events as f64 * 1e6)
+}

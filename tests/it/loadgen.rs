@@ -153,9 +153,24 @@ fn bad_options_are_refused_with_the_option_and_its_rule() {
     }
 }
 
+/// A figure of the table (`| `name` | value | target |`), which holds some the JSON line
+/// does not.
+fn table_figure(output: &Output, name: &str) -> f64 {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let row = format!("| `{name}` | ");
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with(&row))
+        .unwrap_or_else(|| panic!("no row {name} in the table:\n{stdout}"));
+    let value = line[row.len()..].split(" |").next().unwrap_or_default();
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number: {line}"))
+}
+
 #[test]
 fn the_fleet_phase_reports_its_figures_on_a_throwaway_postgresql() {
-    let figures = json_line(&run(&[
+    let output = run(&[
         "--phases",
         "fleet",
         "--fleet-installs",
@@ -163,13 +178,25 @@ fn the_fleet_phase_reports_its_figures_on_a_throwaway_postgresql() {
         "--view-installs",
         "300",
         "--json",
-    ]));
+    ]);
+    let figures = json_line(&output);
     for key in FLEET_KEYS {
         positive(&figures, key);
     }
     let ratio = positive(&figures, "fleet_eps") / positive(&figures, "fleet_ceiling_eps");
     assert!((ratio - positive(&figures, "fleet_ratio")).abs() < 0.001);
     assert!(figures["single_c32_eps"].is_null());
+    // Beside them, in the table only: the store path without HTTP, and where the CPU went.
+    let store = table_figure(&output, "fleet_store_eps");
+    let store_ratio = store / positive(&figures, "fleet_ceiling_eps");
+    assert!((store_ratio - table_figure(&output, "fleet_store_ratio")).abs() < 0.001);
+    for name in [
+        "fleet_cpu_us_per_event",
+        "fleet_store_cpu_us_per_event",
+        "fleet_ceiling_cpu_us_per_event",
+    ] {
+        assert!(table_figure(&output, name) > 0.0, "{name}");
+    }
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! batches of 50 events from thousands of enrolled installs, beside the ceiling of the same
 //! rows copied into the same tables and indexes with `COPY` (no HTTP, no checks), and the
 //! installations view over 100,000 installs (`--view-installs`), each with a rollup row on
-//! each of the last 30 days.
+//! each of the last 30 days. Between the two, for the table only: the same batches
+//! straight into the store's ingest path, as the nodes call it but without HTTP, and for
+//! each of the three the whole machine's busy CPU time per event, which shows where the
+//! two cores go.
 //!
 //! PostgreSQL is a throwaway cluster of loadgen's own (fsync on) unless `--database-url`
 //! names a server; loadgen makes its databases there and drops them afterwards.
@@ -19,16 +22,23 @@ use deadpool_postgres::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use deadpool_postgres::tokio_postgres::types::Type;
 use deadpool_postgres::tokio_postgres::{self, Client, NoTls};
 use serde_json::{Value, json};
+use usage_agent::event::Source;
 use usage_agent::event::format_millis;
 use usage_agent::protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
 use usage_agent::protocol::wire::{gzip, user_hash};
+use usage_agent::receiver::rate_limit::Rate;
+use usage_agent::receiver::settings::DEFAULT_RATE_LIMIT_PER_MIN;
+use usage_agent::receiver::store::postgres::PostgresStore;
 use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayCluster};
+use usage_agent::receiver::store::{NewEvent, ReceiverStore};
 use uuid::Uuid;
 
 use crate::phases::drain::free_port;
-use crate::roles::{ENROLL_TOKEN, RECEIVER_ROLE, spawn_self, wait_until};
+use crate::roles::{
+    ENROLL_TOKEN, RECEIVER_ROLE, busy_us_per_event, machine_busy_seconds, spawn_self, wait_until,
+};
 
 /// Events per batch, as the agent sends by default.
 const BATCH_EVENTS: usize = 50;
@@ -43,6 +53,13 @@ const PROVIDER_PASSWORD: &str = "loadgen-password";
 pub(crate) struct FleetFigures {
     pub(crate) eps: f64,
     pub(crate) ceiling_eps: f64,
+    /// The same batches straight into the store, without HTTP: [`store_only`].
+    pub(crate) store_eps: f64,
+    /// The whole machine's busy CPU time per event (µs) through the nodes, straight into
+    /// the store, and by `COPY`: where the two cores go.
+    pub(crate) cpu_us: Option<f64>,
+    pub(crate) store_cpu_us: Option<f64>,
+    pub(crate) ceiling_cpu_us: Option<f64>,
     pub(crate) p99_ms: f64,
     /// The provider views over `view_installs` installs.
     pub(crate) views: ViewTimes,
@@ -101,12 +118,13 @@ fn run(
 
     let batches = ready_batches(&fleet);
     eprintln!("  fleet     {installs} batches of {BATCH_EVENTS} through two nodes");
-    let started = Instant::now();
+    let (started, busy) = (Instant::now(), machine_busy_seconds());
     let latencies = runtime.block_on(send_all(&http, &bases, batches))?;
     let took = started.elapsed();
     let events = (installs * BATCH_EVENTS) as u64;
     let mut figures = FleetFigures {
         eps: events as f64 / took.as_secs_f64(),
+        cpu_us: busy_us_per_event(busy, events),
         p99_ms: percentile_ms(latencies, 0.99),
         installs,
         events,
@@ -119,7 +137,10 @@ fn run(
     drop(nodes);
 
     eprintln!("  fleet     ceiling: the same rows by COPY");
-    figures.ceiling_eps = runtime.block_on(copy_ceiling(&databases.fleet, installs))?;
+    (figures.ceiling_eps, figures.ceiling_cpu_us) =
+        runtime.block_on(copy_ceiling(&databases.fleet, installs))?;
+    eprintln!("  fleet     the same batches straight into the store, no HTTP");
+    (figures.store_eps, figures.store_cpu_us) = store_only(&databases.fleet)?;
 
     figures.views = time_views(runtime, &dir, &databases.view, &http, view_installs)?;
     Ok(figures)
@@ -440,6 +461,77 @@ async fn send_all(
     Ok(latencies)
 }
 
+/// One batch of 50 new events for each install, straight into the store's ingest path as
+/// two nodes call it (the nodes' rate limit taken with it), `IN_FLIGHT` at a time from this
+/// process: no HTTP, gzip, signature or JSON, and no install looked up. What the database
+/// and the ingest statement allow on their own, between the nodes and the ceiling:
+/// events per second, and the machine's busy CPU µs per event.
+fn store_only(url: &str) -> anyhow::Result<(f64, Option<f64>)> {
+    use futures_util::StreamExt;
+    // A runtime as a node's: the store's blocking methods drive their queries from outside it.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the store's runtime")?;
+    // Two stores, as two nodes have, each with its own connections.
+    let open = || {
+        PostgresStore::open(url, runtime.handle().clone())
+            .map(Arc::new)
+            .context("opening the store")
+    };
+    let stores = [open()?, open()?];
+    let keys: Vec<i64> = runtime.block_on(async {
+        let rows = connect(url)
+            .await?
+            .query("SELECT id FROM installs ORDER BY id", &[])
+            .await?;
+        anyhow::Ok(rows.iter().map(|row| row.get(0)).collect())
+    })?;
+    let now = Utc::now().timestamp_millis();
+    let batches: Vec<(i64, Vec<NewEvent>)> = keys
+        .iter()
+        .enumerate()
+        .map(|(n, &key)| {
+            let events = (0..BATCH_EVENTS)
+                .map(|e| NewEvent {
+                    event_id: Uuid::now_v7(),
+                    user_hash: [(e % 5) as u8; 32],
+                    source: Source::Bulk,
+                    model: "gpt-4o-mini".into(),
+                    prompt_tokens: (100 + (n * 7 + e * 13) % 900) as u64,
+                    completion_tokens: 25,
+                    cached_tokens: 0,
+                    cache_write_tokens: 0,
+                    reasoning_tokens: 0,
+                    context: Some(format!(r#"{{"attachment_id":{e}}}"#)),
+                    created_at_ms: now - 1000 - e as i64,
+                })
+                .collect();
+            (key, events)
+        })
+        .collect();
+    let rate = Rate {
+        per_min: DEFAULT_RATE_LIMIT_PER_MIN,
+    };
+    let events = batches.len() * BATCH_EVENTS;
+    let (started, busy) = (Instant::now(), machine_busy_seconds());
+    runtime.block_on(async {
+        let mut stored = futures_util::stream::iter(batches)
+            .enumerate()
+            .map(|(n, (key, events))| stores[n % 2].clone().ingest_async(key, events, now, rate))
+            .buffer_unordered(IN_FLIGHT);
+        while let Some(counts) = stored.next().await {
+            match counts? {
+                Ok(counts) if counts.accepted == BATCH_EVENTS as u64 => {}
+                other => bail!("a batch straight into the store was answered {other:?}"),
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    let eps = events as f64 / started.elapsed().as_secs_f64();
+    Ok((eps, busy_us_per_event(busy, events as u64)))
+}
+
 fn percentile_ms(mut latencies: Vec<Duration>, quantile: f64) -> f64 {
     latencies.sort();
     let index = ((latencies.len() as f64 * quantile).ceil() as usize).clamp(1, latencies.len());
@@ -448,8 +540,8 @@ fn percentile_ms(mut latencies: Vec<Duration>, quantile: f64) -> f64 {
 
 /// Copies as many rows as the nodes stored, of the same shape and the same installs, into
 /// the same two tables and their indexes (`event_ids`, `events`) over two connections,
-/// 5,000 rows per `COPY`; events per second.
-async fn copy_ceiling(url: &str, installs: usize) -> anyhow::Result<f64> {
+/// 5,000 rows per `COPY`: events per second, and the machine's busy CPU µs per event.
+async fn copy_ceiling(url: &str, installs: usize) -> anyhow::Result<(f64, Option<f64>)> {
     const CHUNK: usize = 5000;
     const LANES: usize = 2;
     let total = installs * BATCH_EVENTS;
@@ -461,7 +553,7 @@ async fn copy_ceiling(url: &str, installs: usize) -> anyhow::Result<f64> {
         .map(|row| row.get(0))
         .collect();
     let keys = Arc::new(keys);
-    let started = Instant::now();
+    let (started, busy) = (Instant::now(), machine_busy_seconds());
     let mut lanes = Vec::new();
     for lane in 0..LANES {
         let (keys, url) = (keys.clone(), url.to_owned());
@@ -478,7 +570,8 @@ async fn copy_ceiling(url: &str, installs: usize) -> anyhow::Result<f64> {
     for lane in lanes {
         lane.await.context("a COPY lane")??;
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let eps = total as f64 / started.elapsed().as_secs_f64();
+    Ok((eps, busy_us_per_event(busy, total as u64)))
 }
 
 async fn copy_chunk(
