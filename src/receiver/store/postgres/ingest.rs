@@ -103,18 +103,12 @@ impl Columns {
     }
 }
 
-/// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
-/// `events`, their sums into `daily_usage` and the chart's `daily_totals`, and the
-/// install's `usage_version` goes up if anything was stored, under a lock on the install's
-/// row, which must exist and not be disabled. Answers (install still accepting, events
-/// stored, request allowed).
-///
-/// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
-/// same statement first takes the request from the install's schedule, as
-/// [`TAKE_REQUEST`](super::TAKE_REQUEST) does, and stores nothing if it does not fit: one round trip and one
-/// commit for the whole batch. The install's row is locked before the schedule's, in the
-/// order an erasure locks them.
-const INGEST_ANY: &str = "
+/// The start of both forms: the install's row locked (it must exist and not be
+/// disabled), the batch's rate-limit request taken (`go` is empty if it does not fit), and
+/// the batch's columns as rows (`input`).
+macro_rules! ingest_head {
+    () => {
+        "
 WITH install AS (
     SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
 ), allowed AS (
@@ -132,7 +126,63 @@ WITH install AS (
                          $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
                          $13::int8[])
         AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
+             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)"
+    };
+}
+
+/// The end of both forms, from `stored` (the events stored): their sums added to
+/// `daily_usage` and the chart's `daily_totals`, the install seen (its `usage_version` up
+/// if anything was stored), and the answer (install still accepting, events stored,
+/// request allowed).
+macro_rules! ingest_tail {
+    () => {
+        "
+), rolled AS (
+    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
+                                  completion_tokens, cached_tokens, cache_write_tokens,
+                                  reasoning_tokens)
+    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
+           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
+           sum(reasoning_tokens)
+    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
+    ON CONFLICT (install, day, model) DO UPDATE SET
+        events = d.events + excluded.events,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        cached_tokens = d.cached_tokens + excluded.cached_tokens,
+        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
+        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
+), totals AS (
+    INSERT INTO daily_totals AS t (day, shard, events, tokens)
+    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
+           sum(prompt_tokens + completion_tokens)
+    FROM stored GROUP BY 1 ORDER BY 1
+    ON CONFLICT (day, shard) DO UPDATE SET
+        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
+), seen AS (
+    UPDATE installs SET last_seen = $2,
+        usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
+    WHERE id = (SELECT id FROM go)
+)
+SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
+       (SELECT count(*) FROM go)"
+    };
+}
+
+/// Stores one batch: the keys not stored yet go into `event_ids`, exactly those events into
+/// `events`, their sums into `daily_usage` and the chart's `daily_totals`, and the
+/// install's `usage_version` goes up if anything was stored, under a lock on the install's
+/// row, which must exist and not be disabled. Answers (install still accepting, events
+/// stored, request allowed).
+///
+/// With a rate (`$14` the interval and `$15` the burst, in ms; both null for none), the
+/// same statement first takes the request from the install's schedule, as
+/// [`TAKE_REQUEST`](super::TAKE_REQUEST) does, and stores nothing if it does not fit: one
+/// round trip and one commit for the whole batch. The install's row is locked before the
+/// schedule's, in the order an erasure locks them.
+const INGEST_ANY: &str = concat!(
+    ingest_head!(),
+    "
 ), fresh AS (
     INSERT INTO event_ids (install, event_id, created_at)
     SELECT go.id, input.event_id, input.created_at FROM input, go
@@ -148,58 +198,15 @@ WITH install AS (
            i.context, i.created_at, $2
     FROM input i JOIN fresh USING (event_id)
     RETURNING created_at, model, prompt_tokens, completion_tokens, cached_tokens,
-              cache_write_tokens, reasoning_tokens
-), rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
-           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
-           sum(reasoning_tokens)
-    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
-), totals AS (
-    INSERT INTO daily_totals AS t (day, shard, events, tokens)
-    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
-           sum(prompt_tokens + completion_tokens)
-    FROM stored GROUP BY 1 ORDER BY 1
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
-), seen AS (
-    UPDATE installs SET last_seen = $2,
-        usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
-    WHERE id = (SELECT id FROM go)
-)
-SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
-       (SELECT count(*) FROM go)";
+              cache_write_tokens, reasoning_tokens",
+    ingest_tail!()
+);
 
 /// [`INGEST_ANY`] for a batch none of whose keys is stored: every key, event and sum
 /// inserted as it is. A key stored already fails the whole statement.
-const INGEST_FRESH: &str = "
-WITH install AS (
-    SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
-), allowed AS (
-    INSERT INTO request_schedule AS s (install, next_at_ms)
-    SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $14
-    FROM install WHERE $14::bigint IS NOT NULL
-    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $14
-    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $15
-    RETURNING install
-), go AS (
-    SELECT id FROM install WHERE $14::bigint IS NULL OR EXISTS (SELECT FROM allowed)
-), input AS (
-    SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
-                         $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
-                         $13::int8[])
-        AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
+const INGEST_FRESH: &str = concat!(
+    ingest_head!(),
+    "
 ), stored AS (
     SELECT input.* FROM input, go
 ), keys AS (
@@ -211,33 +218,6 @@ WITH install AS (
                         reasoning_tokens, context, created_at, received_at)
     SELECT $1, event_id, user_hash, source, model, prompt_tokens, completion_tokens,
            cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at, $2
-    FROM stored
-), rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
-           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
-           sum(reasoning_tokens)
-    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
-), totals AS (
-    INSERT INTO daily_totals AS t (day, shard, events, tokens)
-    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
-           sum(prompt_tokens + completion_tokens)
-    FROM stored GROUP BY 1 ORDER BY 1
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
-), seen AS (
-    UPDATE installs SET last_seen = $2,
-        usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
-    WHERE id = (SELECT id FROM go)
-)
-SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
-       (SELECT count(*) FROM go)";
+    FROM stored",
+    ingest_tail!()
+);
