@@ -95,6 +95,9 @@ struct Options {
     /// 1,000 with --quick).
     #[arg(long)]
     fleet_installs: Option<usize>,
+    /// For `fleet`: batches in flight at once over the two nodes.
+    #[arg(long, default_value_t = crate::phases::fleet::DEFAULT_IN_FLIGHT)]
+    fleet_in_flight: usize,
     /// For `fleet`: installs in the installations view that is timed.
     #[arg(long, default_value_t = 100_000)]
     view_installs: u32,
@@ -204,6 +207,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
             root.path(),
             options.database_url.as_deref(),
             installs,
+            options.fleet_in_flight,
             options.view_installs,
         )?;
         eprintln!(
@@ -217,9 +221,7 @@ fn bench(options: Options) -> anyhow::Result<()> {
         notes.push(format!(
             "fleet: {} installs each sent one gzipped, signed batch of 50 ({} events) through two \
              receiver nodes on one PostgreSQL, {} requests in flight",
-            fleet.installs,
-            fleet.events,
-            crate::phases::fleet::IN_FLIGHT
+            fleet.installs, fleet.events, options.fleet_in_flight
         ));
         figures.fleet_eps = Some(fleet.eps);
         figures.fleet_ceiling_eps = Some(fleet.ceiling_eps);

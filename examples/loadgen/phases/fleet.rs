@@ -42,9 +42,13 @@ use crate::roles::{
 
 /// Events per batch, as the agent sends by default.
 const BATCH_EVENTS: usize = 50;
-/// Requests in flight at once, spread over the two nodes: enough to keep both nodes and
-/// the database busy on two cores; more only queue.
-pub(crate) const IN_FLIGHT: usize = 16;
+/// Requests in flight at once by default, spread over the two nodes (`--fleet-in-flight`):
+/// thousands of sites send on their own schedules, so a node meets many batches at once.
+/// 32 keep both nodes and the database busy on two cores, and let each node's writers
+/// store the batches that wait together (BENCHMARKS.md, "Session 12").
+pub(crate) const DEFAULT_IN_FLIGHT: usize = 32;
+/// Requests in flight while enrolling, and for the views' batches.
+const SETUP_IN_FLIGHT: usize = 16;
 const PROVIDER_USER: &str = "loadgen";
 const PROVIDER_PASSWORD: &str = "loadgen-password";
 
@@ -74,6 +78,7 @@ pub(crate) fn fleet_phase(
     root: &Path,
     database_url: Option<&str>,
     installs: usize,
+    in_flight: usize,
     view_installs: u32,
 ) -> anyhow::Result<FleetFigures> {
     let cluster = match database_url {
@@ -86,7 +91,14 @@ pub(crate) fn fleet_phase(
         (None, None) => unreachable!("a cluster was started"),
     };
     let databases = Databases::create(runtime, &server)?;
-    let outcome = run(runtime, root, &databases, installs, view_installs);
+    let outcome = run(
+        runtime,
+        root,
+        &databases,
+        installs,
+        in_flight,
+        view_installs,
+    );
     databases.drop_all(runtime);
     outcome
 }
@@ -96,6 +108,7 @@ fn run(
     root: &Path,
     databases: &Databases,
     installs: usize,
+    in_flight: usize,
     view_installs: u32,
 ) -> anyhow::Result<FleetFigures> {
     let dir = root.join("fleet");
@@ -106,7 +119,7 @@ fn run(
     ];
     let bases: Vec<String> = nodes.iter().map(|n| format!("http://{}", n.addr)).collect();
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(IN_FLIGHT)
+        .pool_max_idle_per_host(in_flight)
         .build()
         .context("building the HTTP client")?;
 
@@ -119,7 +132,7 @@ fn run(
     let batches = ready_batches(&fleet);
     eprintln!("  fleet     {installs} batches of {BATCH_EVENTS} through two nodes");
     let (started, busy) = (Instant::now(), machine_busy_seconds());
-    let latencies = runtime.block_on(send_all(&http, &bases, batches))?;
+    let latencies = runtime.block_on(send_all(&http, &bases, batches, in_flight))?;
     let took = started.elapsed();
     let events = (installs * BATCH_EVENTS) as u64;
     let mut figures = FleetFigures {
@@ -140,7 +153,7 @@ fn run(
     (figures.ceiling_eps, figures.ceiling_cpu_us) =
         runtime.block_on(copy_ceiling(&databases.fleet, installs))?;
     eprintln!("  fleet     the same batches straight into the store, no HTTP");
-    (figures.store_eps, figures.store_cpu_us) = store_only(&databases.fleet)?;
+    (figures.store_eps, figures.store_cpu_us) = store_only(&databases.fleet, in_flight)?;
 
     figures.views = time_views(runtime, &dir, &databases.view, &http, view_installs)?;
     Ok(figures)
@@ -218,7 +231,8 @@ fn time_views(
             .map(|n| (view_install_id(n), secret.clone()))
             .collect();
         eprintln!("  view      {} of them send a batch", changed.len());
-        send_all(http, std::slice::from_ref(&base), ready_batches(&changed)).await?;
+        let batches = ready_batches(&changed);
+        send_all(http, std::slice::from_ref(&base), batches, SETUP_IN_FLIGHT).await?;
         times.installations_changed_ms = time_view(http, &installations, installs).await?;
         times.dashboard_changed_ms = time_view(http, &dashboard, installs).await?;
         if let Some(rss) = crate::roles::peak_rss_mib(view_node.child.id()) {
@@ -344,7 +358,7 @@ async fn enroll_all(
                 )
                 .send()
         })
-        .buffer_unordered(IN_FLIGHT);
+        .buffer_unordered(SETUP_IN_FLIGHT);
     while let Some(answer) = answers.next().await {
         let status = answer.context("enrolling")?.status();
         if !status.is_success() {
@@ -419,12 +433,13 @@ fn ready_batches(fleet: &[(String, Secret)]) -> Vec<ReadyBatch> {
         .collect()
 }
 
-/// Sends every batch, `IN_FLIGHT` at a time, alternating nodes; the latency of each
+/// Sends every batch, `in_flight` at a time, alternating nodes; the latency of each
 /// acknowledged batch.
 async fn send_all(
     http: &reqwest::Client,
     bases: &[String],
     batches: Vec<ReadyBatch>,
+    in_flight: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     use futures_util::StreamExt;
     let count = batches.len();
@@ -453,7 +468,7 @@ async fn send_all(
                 Ok(started.elapsed())
             }
         })
-        .buffer_unordered(IN_FLIGHT);
+        .buffer_unordered(in_flight);
     let mut latencies = Vec::with_capacity(count);
     while let Some(latency) = answers.next().await {
         latencies.push(latency?);
@@ -462,11 +477,11 @@ async fn send_all(
 }
 
 /// One batch of 50 new events for each install, straight into the store's ingest path as
-/// two nodes call it (the nodes' rate limit taken with it), `IN_FLIGHT` at a time from this
+/// two nodes call it (the nodes' rate limit taken with it), `in_flight` at a time from this
 /// process: no HTTP, gzip, signature or JSON, and no install looked up. What the database
 /// and the ingest statement allow on their own, between the nodes and the ceiling:
 /// events per second, and the machine's busy CPU µs per event.
-fn store_only(url: &str) -> anyhow::Result<(f64, Option<f64>)> {
+fn store_only(url: &str, in_flight: usize) -> anyhow::Result<(f64, Option<f64>)> {
     use futures_util::StreamExt;
     // A runtime as a node's: the store's blocking methods drive their queries from outside it.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -519,7 +534,7 @@ fn store_only(url: &str) -> anyhow::Result<(f64, Option<f64>)> {
         let mut stored = futures_util::stream::iter(batches)
             .enumerate()
             .map(|(n, (key, events))| stores[n % 2].clone().ingest_async(key, events, now, rate))
-            .buffer_unordered(IN_FLIGHT);
+            .buffer_unordered(in_flight);
         while let Some(counts) = stored.next().await {
             match counts? {
                 Ok(counts) if counts.accepted == BATCH_EVENTS as u64 => {}

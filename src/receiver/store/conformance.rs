@@ -1187,6 +1187,121 @@ fn a_batch_sent_again_stores_its_new_events_and_takes_one_request_on_postgres() 
     a_batch_sent_again_stores_its_new_events_and_takes_one_request(postgres_store().store);
 }
 
+/// Batches of many installs at once, as a busy node meets them (on PostgreSQL the node's
+/// writers store those that wait together), are each answered on their own: the batch of
+/// an install erased meanwhile stores nothing, one over its install's rate is refused, one
+/// sent again stores only its new events, two of one install both count; every other batch stores
+/// all its events (1 to 4), and the rollup and each install's `last_seen` (its own
+/// batch's time) hold exactly that.
+fn batches_of_many_installs_at_once_are_each_answered_on_their_own(store: Arc<dyn ReceiverStore>) {
+    const INSTALLS: usize = 40;
+    let installs: Vec<Install> = (0..INSTALLS)
+        .map(|n| enroll(&*store, &format!("i{n:02}")))
+        .collect();
+    let (rate, off) = (Rate { per_min: 1 }, Rate { per_min: 0 });
+    let day = |n: u8| model_event(n, 100, "x", 10);
+    // i00 stored event 1 before; i01 spent its one request; i02 is erased.
+    let runtime = test_runtime();
+    runtime
+        .block_on(
+            store
+                .clone()
+                .ingest_async(installs[0].key, vec![day(1)], 1, off),
+        )
+        .unwrap()
+        .unwrap();
+    runtime
+        .block_on(store.clone().take_request_async(installs[1].key, rate))
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.erase_install("i02").unwrap(), Some(0));
+    // Every install n sends events 1 to 1 + (n + 2) % 4 at once, received at 1000 + n (i00's
+    // last, so that its group, which fails on the event stored already, is another's); i03
+    // also sends events 5 and 6 in a second batch, with no rate.
+    let sizes = |n: usize| 1 + (n as u8 + 2) % 4;
+    let send = |n: usize| {
+        let batch: Vec<NewEvent> = (1..=sizes(n)).map(day).collect();
+        store
+            .clone()
+            .ingest_async(installs[n].key, batch, 1000 + n as i64, rate)
+    };
+    let mut sends: Vec<_> = (1..INSTALLS).map(send).collect();
+    sends.push(
+        store
+            .clone()
+            .ingest_async(installs[3].key, vec![day(5), day(6)], 2000, off),
+    );
+    sends.push(send(0));
+    let answers = runtime.block_on(futures_util::future::join_all(sends));
+    // The answer of install n's batch (i03's second at INSTALLS - 1, i00's last).
+    let answer = |n: usize| match n {
+        0 => &answers[INSTALLS],
+        n => &answers[n - 1],
+    };
+    let counts = |n: usize| match answer(n) {
+        Ok(Ok(counts)) => (counts.accepted, counts.duplicates),
+        other => panic!("batch of i{n:02} answered {other:?}"),
+    };
+    assert_eq!(counts(0), (2, 1));
+    assert!(matches!(answer(1), Ok(Err(_))), "{:?}", answer(1));
+    assert!(
+        matches!(answer(2), Err(ReceiverStoreError::InstallGone)),
+        "{:?}",
+        answer(2)
+    );
+    assert!(matches!(&answers[INSTALLS - 1], Ok(Ok(c)) if c.accepted == 2));
+    for n in 3..INSTALLS {
+        assert_eq!(counts(n), (u64::from(sizes(n)), 0), "batch of i{n:02}");
+    }
+    let stored: u64 = 3 + 2 + (3..INSTALLS).map(|n| u64::from(sizes(n))).sum::<u64>();
+    assert_eq!(total_events(&*store), stored);
+    let window = UsageWindow {
+        today: 100,
+        from_30d: 71,
+        month_start: 95,
+    };
+    let report = store.installations(None, window).unwrap();
+    assert_eq!(report.installs.len(), INSTALLS - 1);
+    for usage in &report.installs {
+        let n: usize = usage.install_id[1..].parse().unwrap();
+        let (events, last_seen) = match n {
+            0 => (3, 1000),
+            1 => (0, 0),
+            3 => (u64::from(sizes(3)) + 2, 0),
+            n => (u64::from(sizes(n)), 1000 + n as i64),
+        };
+        assert_eq!(
+            (usage.events_30d, usage.tokens_30d),
+            (events, 10 * events),
+            "{}",
+            usage.install_id
+        );
+        match n {
+            1 => {}
+            // Its two batches went at once: either may be stored last.
+            3 => assert!(
+                matches!(usage.last_seen_ms, Some(1003 | 2000)),
+                "{:?}",
+                usage.last_seen_ms
+            ),
+            _ => assert_eq!(usage.last_seen_ms, Some(last_seen), "{}", usage.install_id),
+        }
+    }
+}
+
+#[test]
+fn batches_of_many_installs_at_once_are_each_answered_on_their_own_on_sqlite() {
+    batches_of_many_installs_at_once_are_each_answered_on_their_own(sqlite_store().store);
+}
+
+#[test]
+fn batches_of_many_installs_at_once_are_each_answered_on_their_own_on_postgres() {
+    let node = Arc::new(postgres_node(&postgres_url()));
+    batches_of_many_installs_at_once_are_each_answered_on_their_own(node.clone());
+    // 40 batches at once for a node's writers: those that waited went in together.
+    assert!(node.batches_stored_in_groups() >= 2);
+}
+
 #[test]
 fn the_ingest_path_takes_the_request_with_the_batch_on_sqlite() {
     the_ingest_path_takes_the_request_with_the_batch(sqlite_store().store);

@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 use self::ingest::Columns;
 use self::view_cache::{InstallFigures, ViewCache, ViewKey};
+use self::writers::{Batch, Writers};
 
 use super::{
     Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
@@ -55,6 +56,7 @@ mod migrations;
 mod partitions;
 pub mod throwaway;
 mod view_cache;
+mod writers;
 
 const MS_PER_DAY: i64 = 86_400_000;
 /// Connections per node: twice its cores, at least 4. A batch holds one for its two
@@ -64,6 +66,12 @@ const MS_PER_DAY: i64 = 86_400_000;
 fn pool_size() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (2 * cores).max(4)
+}
+/// Writer tasks per node ([`writers`]): one per core, at least 2, so the node's batches
+/// keep the database busy while each waits for its commit; more only make groups smaller.
+fn writer_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.max(2)
 }
 /// How long a request waits for a connection, or for one to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -82,6 +90,8 @@ pub struct PostgresStore {
     runtime: Handle,
     /// Figures of the views this node was asked for, kept while they hold.
     views: ViewCache,
+    /// The tasks that store every batch, together when several wait.
+    writers: Writers,
 }
 
 impl From<tokio_postgres::Error> for ReceiverStoreError {
@@ -131,9 +141,14 @@ impl PostgresStore {
                 .build()
                 .map_err(|e| connect_error(Box::new(e)))
         };
+        let (pool, relaxed) = (
+            pool(config, pool_size())?,
+            pool(relaxed, (pool_size() / 4).max(2))?,
+        );
         let store = PostgresStore {
-            pool: pool(config, pool_size())?,
-            relaxed: pool(relaxed, (pool_size() / 4).max(2))?,
+            writers: Writers::start(pool.clone(), &runtime, writer_count()),
+            pool,
+            relaxed,
             runtime,
             views: ViewCache::default(),
         };
@@ -152,6 +167,12 @@ impl PostgresStore {
             today,
         })?;
         Ok(store)
+    }
+
+    /// Batches this node stored so far as part of a group of two or more ([`writers`]):
+    /// how often batches arrived faster than one at a time could be stored.
+    pub fn batches_stored_in_groups(&self) -> u64 {
+        self.writers.grouped()
     }
 
     /// Runs `work` on the store's runtime and waits for it.
@@ -199,7 +220,8 @@ impl PostgresStore {
     }
 
     /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
-    /// one statement ([`ingest::store_batch`]).
+    /// one statement, alone or with the other batches waiting for the node's writers
+    /// ([`writers`]).
     async fn ingest_now(
         &self,
         install: InstallKey,
@@ -224,24 +246,25 @@ impl PostgresStore {
             None => (None, None),
         };
 
-        let client = self.client().await?;
-        let row = ingest::store_batch(
-            &client,
-            install,
-            &columns,
-            received_at_ms,
-            interval_ms,
-            burst_ms,
-        )
-        .await?;
-        if row.get::<_, i64>(0) == 0 {
+        let outcome = self
+            .writers
+            .store(Batch {
+                install,
+                columns,
+                received_at_ms,
+                interval_ms,
+                burst_ms,
+            })
+            .await?;
+        if !outcome.accepting {
             return Err(ReceiverStoreError::InstallGone);
         }
-        if row.get::<_, i64>(2) == 0 {
+        if !outcome.allowed {
+            let client = self.client().await?;
             let burst_ms = burst_ms.unwrap_or(0);
             return Ok(Err(wait_for(&client, install, burst_ms).await?));
         }
-        let accepted = count(row.get(1))?;
+        let accepted = count(outcome.stored)?;
         Ok(Ok(IngestCounts {
             accepted,
             duplicates: sent - accepted,
