@@ -44,9 +44,10 @@ use crate::roles::{
 const BATCH_EVENTS: usize = 50;
 /// Requests in flight at once by default, spread over the two nodes (`--fleet-in-flight`):
 /// thousands of sites send on their own schedules, so a node meets many batches at once.
-/// 32 keep both nodes and the database busy on two cores, and let each node's writers
-/// store the batches that wait together (BENCHMARKS.md, "Session 12").
-pub(crate) const DEFAULT_IN_FLIGHT: usize = 32;
+/// 40 keep both nodes and the database busy on two cores, and let each node's writers
+/// store the batches that wait together; 48 were no faster and only waited longer
+/// (BENCHMARKS.md, "Session 12").
+pub(crate) const DEFAULT_IN_FLIGHT: usize = 40;
 /// Requests in flight while enrolling, and for the views' batches.
 const SETUP_IN_FLIGHT: usize = 16;
 const PROVIDER_USER: &str = "loadgen";

@@ -11,10 +11,8 @@
 //!   stores only the keys not stored yet (`ON CONFLICT DO NOTHING`).
 //!
 //! Batches that reach a node while its writers are busy ([`super::writers`]) are stored
-//! together by [`INGEST_GROUP`], the fresh form for several installs at once: one
-//! statement and one commit for the group, each batch answered on its own. If any key of
-//! the group is stored already, the group fails whole and each of its batches is stored
-//! alone as above.
+//! together, as fresh, by [`super::group`]; if any key of a group is stored already, each
+//! of its batches is then stored alone, as above.
 //!
 //! PostgreSQL logs the fresh form's unique violation as an `ERROR` line; the receiver does
 //! not (docs/install.md says so).
@@ -90,55 +88,6 @@ impl Outcome {
     }
 }
 
-/// One batch of a group for [`store_group`].
-pub(super) struct GroupedBatch<'a> {
-    pub(super) install: InstallKey,
-    pub(super) columns: &'a Columns,
-    pub(super) received_at_ms: i64,
-}
-
-/// Stores the batches of `group` (each of another install, none of whose keys is stored
-/// yet) in one statement, each taking its request of the same rate. Answers one
-/// [`Outcome`] per batch, in the group's order; fails whole, storing nothing, if any key
-/// is stored already or being stored by another node (see [`some_key_stored_already`]).
-pub(super) async fn store_group(
-    client: &Object,
-    group: &[GroupedBatch<'_>],
-    interval_ms: Option<i64>,
-    burst_ms: Option<i64>,
-) -> Result<Vec<Outcome>, tokio_postgres::Error> {
-    let installs: Vec<InstallKey> = group.iter().map(|batch| batch.install).collect();
-    let received_at: Vec<i64> = group.iter().map(|batch| batch.received_at_ms).collect();
-    let mut numbers: Vec<i32> = Vec::new();
-    let mut all = Columns::default();
-    for (n, batch) in (1..).zip(group) {
-        numbers.extend(std::iter::repeat_n(n, batch.columns.len()));
-        all.append(batch.columns);
-    }
-    let c = &all;
-    let params: [&(dyn ToSql + Sync); 16] = [
-        &installs,
-        &received_at,
-        &numbers,
-        &c.event_id,
-        &c.user_hash,
-        &c.source,
-        &c.model,
-        &c.prompt,
-        &c.completion,
-        &c.cached,
-        &c.cache_write,
-        &c.reasoning,
-        &c.context,
-        &c.created_at,
-        &interval_ms,
-        &burst_ms,
-    ];
-    let statement = client.prepare_cached(INGEST_GROUP).await?;
-    let rows = client.query(&statement, &params).await?;
-    Ok(rows.iter().map(Outcome::from_row).collect())
-}
-
 /// The fresh form met a key stored already, or waited for another node's and then
 /// deadlocked on it: the batch goes through [`INGEST_ANY`].
 pub(super) fn some_key_stored_already(error: &tokio_postgres::Error) -> bool {
@@ -151,17 +100,17 @@ pub(super) fn some_key_stored_already(error: &tokio_postgres::Error) -> bool {
 /// One batch as column arrays, for `unnest`: one statement stores the whole batch.
 #[derive(Default)]
 pub(super) struct Columns {
-    event_id: Vec<Uuid>,
-    user_hash: Vec<Vec<u8>>,
-    source: Vec<i16>,
-    model: Vec<String>,
-    prompt: Vec<i64>,
-    completion: Vec<i64>,
-    cached: Vec<i64>,
-    cache_write: Vec<i64>,
-    reasoning: Vec<i64>,
-    context: Vec<Option<String>>,
-    created_at: Vec<i64>,
+    pub(super) event_id: Vec<Uuid>,
+    pub(super) user_hash: Vec<Vec<u8>>,
+    pub(super) source: Vec<i16>,
+    pub(super) model: Vec<String>,
+    pub(super) prompt: Vec<i64>,
+    pub(super) completion: Vec<i64>,
+    pub(super) cached: Vec<i64>,
+    pub(super) cache_write: Vec<i64>,
+    pub(super) reasoning: Vec<i64>,
+    pub(super) context: Vec<Option<String>>,
+    pub(super) created_at: Vec<i64>,
 }
 
 impl Columns {
@@ -182,20 +131,6 @@ impl Columns {
     /// Events in the batch.
     pub(super) fn len(&self) -> usize {
         self.event_id.len()
-    }
-
-    fn append(&mut self, other: &Columns) {
-        self.event_id.extend_from_slice(&other.event_id);
-        self.user_hash.extend_from_slice(&other.user_hash);
-        self.source.extend_from_slice(&other.source);
-        self.model.extend_from_slice(&other.model);
-        self.prompt.extend_from_slice(&other.prompt);
-        self.completion.extend_from_slice(&other.completion);
-        self.cached.extend_from_slice(&other.cached);
-        self.cache_write.extend_from_slice(&other.cache_write);
-        self.reasoning.extend_from_slice(&other.reasoning);
-        self.context.extend_from_slice(&other.context);
-        self.created_at.extend_from_slice(&other.created_at);
     }
 }
 
@@ -317,81 +252,3 @@ const INGEST_FRESH: &str = concat!(
     FROM stored",
     ingest_tail!()
 );
-
-/// [`INGEST_FRESH`] for the batches of several installs at once (`$1` the installs, `$2`
-/// each batch's time of receipt, `$3` each event's batch, numbered from 1; `$15` and `$16`
-/// the rate, as `$14` and `$15` there). The installs' rows are locked in key order, and
-/// their requests taken in that order, so two nodes' groups wait for each other instead
-/// of deadlocking, and an erasure (which locks the install, then its schedule) meets the
-/// same order. Answers one row per batch, in `$1`'s order: (install still accepting,
-/// events stored, request allowed).
-const INGEST_GROUP: &str = "
-WITH batch AS (
-    SELECT * FROM unnest($1::int8[], $2::int8[]) WITH ORDINALITY AS b(install, received_at, n)
-), install AS (
-    SELECT id FROM installs WHERE id = ANY($1::int8[]) AND NOT disabled
-    ORDER BY id FOR NO KEY UPDATE
-), allowed AS (
-    INSERT INTO request_schedule AS s (install, next_at_ms)
-    SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $15
-    FROM install WHERE $15::bigint IS NOT NULL ORDER BY id
-    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $15
-    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $16
-    RETURNING install
-), go AS (
-    SELECT id FROM install WHERE $15::bigint IS NULL OR id IN (SELECT install FROM allowed)
-), stored AS (
-    SELECT b.install, b.received_at, t.*
-    FROM unnest($3::int4[], $4::uuid[], $5::bytea[], $6::int2[], $7::text[], $8::int8[],
-                $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::int8[])
-        AS t(batch, event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)
-    JOIN batch b ON b.n = t.batch
-    JOIN go ON go.id = b.install
-), keys AS (
-    INSERT INTO event_ids (install, event_id, created_at)
-    SELECT install, event_id, created_at FROM stored
-), rows AS (
-    INSERT INTO events (install, event_id, user_hash, source, model, prompt_tokens,
-                        completion_tokens, cached_tokens, cache_write_tokens,
-                        reasoning_tokens, context, created_at, received_at)
-    SELECT install, event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-           cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at,
-           received_at
-    FROM stored
-), rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT install, created_at / 86400000, model, count(*), sum(prompt_tokens),
-           sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
-           sum(reasoning_tokens)
-    FROM stored GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
-), totals AS (
-    INSERT INTO daily_totals AS t (day, shard, events, tokens)
-    SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
-           sum(prompt_tokens + completion_tokens)
-    FROM stored GROUP BY 1 ORDER BY 1
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
-), counted AS (
-    SELECT install, count(*) AS events FROM stored GROUP BY install
-), seen AS (
-    UPDATE installs i SET last_seen = b.received_at,
-        usage_version = usage_version + (c.events IS NOT NULL)::int
-    FROM batch b LEFT JOIN counted c ON c.install = b.install
-    WHERE i.id = b.install AND i.id IN (SELECT id FROM go)
-)
-SELECT (b.install IN (SELECT id FROM install))::int::int8,
-       coalesce(c.events, 0),
-       (b.install IN (SELECT id FROM go))::int::int8
-FROM batch b LEFT JOIN counted c ON c.install = b.install
-ORDER BY b.n";

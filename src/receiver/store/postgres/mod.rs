@@ -5,7 +5,9 @@
 //! - **dedupe in the insert** ([`ingest`]): each event's `(install, event_id)` goes into
 //!   `event_ids`, and only the keys that went in are stored as events and added to the
 //!   daily rollup, all in one statement; a second node inserting the same key at the same
-//!   moment waits for the first to commit, then skips it;
+//!   moment waits for the first to commit, then skips it. Batches that wait for the
+//!   node's [`writers`] are stored together, by `COPY` ([`group`]), and a group that meets
+//!   a key stored already goes batch by batch through that statement;
 //! - **the install row locked in the same statement** (`FOR NO KEY UPDATE`, as its
 //!   `last_seen` is updated): batches of one install take turns, whichever node they reach,
 //!   and an erasure (`FOR UPDATE`) either waits for a batch in flight, then deletes it too,
@@ -51,6 +53,7 @@ use crate::protocol::wire::to_hex;
 use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
+mod group;
 mod ingest;
 mod migrations;
 mod partitions;

@@ -8,8 +8,8 @@
 //! takes the next batch as soon as it is free, with whatever queued behind it, so a batch
 //! that reaches an idle node is stored at once and alone.
 //!
-//! A group is one statement and one commit ([`ingest::store_group`]): every batch in it is
-//! stored or none is, and each gets its own answer (install erased or disabled, rate
+//! A group is one transaction and one commit ([`group::store`], with `COPY`): every batch
+//! in it is stored or none is, and each gets its own answer (install erased or disabled, rate
 //! refused, events stored). Its batches are of different installs, so each install's
 //! request and rows are touched once. A batch of an install already in the group, or a
 //! group that fails because a key was stored already (a batch sent again), is stored
@@ -25,7 +25,8 @@ use deadpool_postgres::{Object, Pool};
 use tokio::runtime::Handle;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::ingest::{self, Columns, GroupedBatch, Outcome};
+use super::group::{self, GroupedBatch};
+use super::ingest::{self, Columns, Outcome};
 use crate::receiver::store::{InstallKey, ReceiverStoreError};
 
 /// Most batches stored by one statement.
@@ -90,7 +91,7 @@ impl Writers {
 /// One writer: takes the next batch and those waiting behind it, and stores them.
 async fn write(pool: Pool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>, grouped: Arc<AtomicU64>) {
     while let Some(taken) = take(&queue).await {
-        let client = match pool.get().await {
+        let mut client = match pool.get().await {
             Ok(client) => client,
             Err(error) => {
                 answer_all(taken, &error.to_string());
@@ -100,7 +101,7 @@ async fn write(pool: Pool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>, grouped: 
         let (group, alone) = split(taken);
         let mut alone = alone;
         if group.len() > 1 {
-            match store_together(&client, &group).await {
+            match store_together(&mut client, &group).await {
                 Ok(outcomes) => {
                     grouped.fetch_add(group.len() as u64, Ordering::Relaxed);
                     for (pending, outcome) in group.into_iter().zip(outcomes) {
@@ -157,7 +158,7 @@ fn split(taken: Vec<Pending>) -> (Vec<Pending>, Vec<Pending>) {
 }
 
 async fn store_together(
-    client: &Object,
+    client: &mut Object,
     group: &[Pending],
 ) -> Result<Vec<Outcome>, deadpool_postgres::tokio_postgres::Error> {
     let batches: Vec<GroupedBatch> = group
@@ -169,7 +170,7 @@ async fn store_together(
         })
         .collect();
     let first = &group[0].batch;
-    ingest::store_group(client, &batches, first.interval_ms, first.burst_ms).await
+    group::store(client, &batches, first.interval_ms, first.burst_ms).await
 }
 
 /// Answers every batch of `pending` with the same failure (the group's, or no connection).
