@@ -273,29 +273,25 @@ FROM batch b ORDER BY b.n";
 /// statement waits on them) and to the chart's shard row of this connection, day by day
 /// in order, and marks the installs seen, their `usage_version` up where events were
 /// stored.
-const GROUP_TAIL: &str = "
+const GROUP_TAIL: &str = concat!(
+    "
 WITH rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
-                         $6::int8[], $7::int8[], $8::int8[], $9::int8[])
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
+    ",
+    rollup_into!(),
+    "    SELECT * FROM unnest($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::int8[],
+                         $6::int8[], $7::int8[], $8::int8[], $9::int8[])",
+    rollup_add!(),
+    "
 ), totals AS (
     INSERT INTO daily_totals AS t (day, shard, events, tokens)
     SELECT day, pg_backend_pid() % 64, events, tokens
     FROM unnest($10::int8[], $11::int8[], $12::int8[]) AS x(day, events, tokens)
-    ORDER BY day
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
+    ORDER BY day",
+    chart_add!(),
+    "
 )
 UPDATE installs i SET last_seen = s.received_at,
     usage_version = usage_version + s.stored::int
 FROM unnest($13::int8[], $14::int8[], $15::bool[]) AS s(install, received_at, stored)
-WHERE i.id = s.install";
+WHERE i.id = s.install"
+);

@@ -167,29 +167,24 @@ WITH install AS (
 /// request allowed).
 macro_rules! ingest_tail {
     () => {
-        "
+        concat!(
+            "
 ), rolled AS (
-    INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
-                                  completion_tokens, cached_tokens, cache_write_tokens,
-                                  reasoning_tokens)
-    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
+    ",
+            rollup_into!(),
+            "    SELECT $1, created_at / 86400000, model, count(*), sum(prompt_tokens),
            sum(completion_tokens), sum(cached_tokens), sum(cache_write_tokens),
            sum(reasoning_tokens)
-    FROM stored GROUP BY 2, 3 ORDER BY 2, 3
-    ON CONFLICT (install, day, model) DO UPDATE SET
-        events = d.events + excluded.events,
-        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
-        completion_tokens = d.completion_tokens + excluded.completion_tokens,
-        cached_tokens = d.cached_tokens + excluded.cached_tokens,
-        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
-        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens
+    FROM stored GROUP BY 2, 3 ORDER BY 2, 3",
+            rollup_add!(),
+            "
 ), totals AS (
     INSERT INTO daily_totals AS t (day, shard, events, tokens)
     SELECT created_at / 86400000, pg_backend_pid() % 64, count(*),
            sum(prompt_tokens + completion_tokens)
-    FROM stored GROUP BY 1 ORDER BY 1
-    ON CONFLICT (day, shard) DO UPDATE SET
-        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens
+    FROM stored GROUP BY 1 ORDER BY 1",
+            chart_add!(),
+            "
 ), seen AS (
     UPDATE installs SET last_seen = $2,
         usage_version = usage_version + (EXISTS (SELECT FROM stored))::int
@@ -197,6 +192,7 @@ macro_rules! ingest_tail {
 )
 SELECT (SELECT count(*) FROM install), (SELECT count(*) FROM stored),
        (SELECT count(*) FROM go)"
+        )
     };
 }
 

@@ -53,6 +53,39 @@ use crate::protocol::wire::to_hex;
 use crate::receiver::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
 use crate::receiver::rate_limit::Rate;
 
+/// How every statement that stores usage adds to the rollup (`rollup_into!()`, then the
+/// rows as `(install, day, model, events, five token kinds)`, then `rollup_add!()`) and to
+/// the chart's per-day totals (`chart_add!()` after rows of `(day, shard, events,
+/// tokens)`; an erasure adds negative ones): shared by [`ingest`], [`group`] and erasure,
+/// so the forms cannot drift apart.
+macro_rules! rollup_into {
+    () => {
+        "INSERT INTO daily_usage AS d (install, day, model, events, prompt_tokens,
+                              completion_tokens, cached_tokens, cache_write_tokens,
+                              reasoning_tokens)
+"
+    };
+}
+macro_rules! rollup_add {
+    () => {
+        "
+    ON CONFLICT (install, day, model) DO UPDATE SET
+        events = d.events + excluded.events,
+        prompt_tokens = d.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = d.completion_tokens + excluded.completion_tokens,
+        cached_tokens = d.cached_tokens + excluded.cached_tokens,
+        cache_write_tokens = d.cache_write_tokens + excluded.cache_write_tokens,
+        reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens"
+    };
+}
+macro_rules! chart_add {
+    () => {
+        "
+    ON CONFLICT (day, shard) DO UPDATE SET
+        events = t.events + excluded.events, tokens = t.tokens + excluded.tokens"
+    };
+}
+
 mod group;
 mod ingest;
 mod migrations;
@@ -392,12 +425,13 @@ async fn optional_install(
 
 /// Takes an install's days out of the chart's totals (`$1` the install), before its
 /// rollup rows go; into the connection's own shard, as ingest adds.
-const SUBTRACT_FROM_DAILY_TOTALS: &str = "
+const SUBTRACT_FROM_DAILY_TOTALS: &str = concat!(
+    "
 INSERT INTO daily_totals AS t (day, shard, events, tokens)
 SELECT day, pg_backend_pid() % 64, -sum(events), -sum(prompt_tokens + completion_tokens)
-FROM daily_usage WHERE install = $1 GROUP BY day ORDER BY day
-ON CONFLICT (day, shard) DO UPDATE SET
-    events = t.events + excluded.events, tokens = t.tokens + excluded.tokens";
+FROM daily_usage WHERE install = $1 GROUP BY day ORDER BY day",
+    chart_add!()
+);
 
 /// Takes one request from an install's schedule (`$2` the interval, `$3` the burst, in ms):
 /// the schedule moves on only when the request fits in the burst; the row lock makes two
