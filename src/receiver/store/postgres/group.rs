@@ -249,7 +249,8 @@ impl Sums {
 /// (`$2` the interval and `$3` the burst, in ms; both null for none), as
 /// [`super::ingest`]'s statements do for one. Answers a row per install of `$1`, in its
 /// order: (install still accepting, batch goes).
-const GROUP_HEAD: &str = "
+const GROUP_HEAD: &str = concat!(
+    "
 WITH batch AS (
     SELECT * FROM unnest($1::int8[]) WITH ORDINALITY AS b(install, n)
 ), install AS (
@@ -258,16 +259,16 @@ WITH batch AS (
 ), allowed AS (
     INSERT INTO request_schedule AS s (install, next_at_ms)
     SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2
-    FROM install WHERE $2::bigint IS NOT NULL ORDER BY id
-    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
-    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
+    FROM install WHERE $2::bigint IS NOT NULL ORDER BY id",
+    take_request_on_conflict!(2, 3),
+    "
     RETURNING install
 ), go AS (
     SELECT id FROM install WHERE $2::bigint IS NULL OR id IN (SELECT install FROM allowed)
 )
 SELECT b.install IN (SELECT id FROM install), b.install IN (SELECT id FROM go)
-FROM batch b ORDER BY b.n";
+FROM batch b ORDER BY b.n"
+);
 
 /// Adds [`Sums`] to the rollup (rows of installs locked by [`GROUP_HEAD`], so no other
 /// statement waits on them) and to the chart's shard row of this connection, day by day

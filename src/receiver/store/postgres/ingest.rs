@@ -139,16 +139,16 @@ impl Columns {
 /// the batch's columns as rows (`input`).
 macro_rules! ingest_head {
     () => {
-        "
+        concat!(
+            "
 WITH install AS (
     SELECT id FROM installs WHERE id = $1 AND NOT disabled FOR NO KEY UPDATE
 ), allowed AS (
     INSERT INTO request_schedule AS s (install, next_at_ms)
     SELECT id, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $14
-    FROM install WHERE $14::bigint IS NOT NULL
-    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $14
-    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $15
+    FROM install WHERE $14::bigint IS NOT NULL",
+            take_request_on_conflict!(14, 15),
+            "
     RETURNING install
 ), go AS (
     SELECT id FROM install WHERE $14::bigint IS NULL OR EXISTS (SELECT FROM allowed)
@@ -158,6 +158,7 @@ WITH install AS (
                          $13::int8[])
         AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
              cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)"
+        )
     };
 }
 

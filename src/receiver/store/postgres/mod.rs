@@ -78,6 +78,23 @@ macro_rules! rollup_add {
         reasoning_tokens = d.reasoning_tokens + excluded.reasoning_tokens"
     };
 }
+/// How a request is taken from an install's schedule (`request_schedule AS s`, the
+/// interval and burst in ms as parameters `$interval` and `$burst`): the schedule moves on
+/// only when the request fits in the burst. Shared by [`TAKE_REQUEST`], [`ingest`] and
+/// [`group`], so a batch alone, in a group or without events meets one rate.
+macro_rules! take_request_on_conflict {
+    ($interval:literal, $burst:literal) => {
+        concat!(
+            "
+    ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
+        (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $",
+            $interval,
+            "
+    WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $",
+            $burst
+        )
+    };
+}
 macro_rules! chart_add {
     () => {
         "
@@ -100,14 +117,15 @@ const MS_PER_DAY: i64 = 86_400_000;
 /// contend inside the database (on two cores, 4 per node stored a tenth more than 16:
 /// BENCHMARKS.md, "Session 11").
 fn pool_size() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (2 * cores).max(4)
+    (2 * cores()).max(4)
 }
 /// Writer tasks per node ([`writers`]): one per core, at least 2, so the node's batches
 /// keep the database busy while each waits for its commit; more only make groups smaller.
 fn writer_count() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.max(2)
+    cores().max(2)
+}
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 /// How long a request waits for a connection, or for one to be made.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -436,13 +454,14 @@ FROM daily_usage WHERE install = $1 GROUP BY day ORDER BY day",
 /// Takes one request from an install's schedule (`$2` the interval, `$3` the burst, in ms):
 /// the schedule moves on only when the request fits in the burst; the row lock makes two
 /// nodes' requests of one install take turns. Answers a row when the request fits.
-const TAKE_REQUEST: &str = "
+const TAKE_REQUEST: &str = concat!(
+    "
 INSERT INTO request_schedule AS s (install, next_at_ms)
-VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)
-ON CONFLICT (install) DO UPDATE SET next_at_ms = greatest(s.next_at_ms,
-    (extract(epoch FROM statement_timestamp()) * 1000)::bigint) + $2
-WHERE s.next_at_ms - (extract(epoch FROM statement_timestamp()) * 1000)::bigint <= $3
-RETURNING next_at_ms";
+VALUES ($1, (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2)",
+    take_request_on_conflict!(2, 3),
+    "
+RETURNING next_at_ms"
+);
 
 /// How far an install's schedule runs ahead of now, in ms.
 const SCHEDULE_AHEAD: &str = "

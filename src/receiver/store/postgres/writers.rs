@@ -98,8 +98,7 @@ async fn write(pool: Pool, queue: Arc<Mutex<mpsc::Receiver<Pending>>>, grouped: 
                 continue;
             }
         };
-        let (group, alone) = split(taken);
-        let mut alone = alone;
+        let (group, mut alone) = split(taken);
         if group.len() > 1 {
             match store_together(&mut client, &group).await {
                 Ok(outcomes) => {
