@@ -1079,10 +1079,12 @@ async fn the_dashboard_lists_a_thousand_installs() {
     use usage_agent::event::Source;
     use usage_agent::receiver::store::{NewEvent, NewInstall};
 
-    let now = Utc::now();
+    // A fixed clock on the last day of a 31-day month, so the month to date holds all 30
+    // days of every install's events whatever day the suite runs.
+    let now = Utc.with_ymd_and_hms(2026, 3, 31, 12, 0, 0).unwrap();
     let rx = TestReceiver::start(priced_settings(now));
     let store = rx.store.clone();
-    let at = earlier_today(now).timestamp_millis();
+    let at = now.timestamp_millis();
     tokio::task::spawn_blocking(move || {
         for n in 0..1000u32 {
             let install_id = format!("install-{n:04}");
@@ -1102,7 +1104,9 @@ async fn the_dashboard_lists_a_thousand_installs() {
                     user_hash: [1; 32],
                     source: Source::Bulk,
                     model: if i % 2 == 0 { "gpt-4o" } else { "llama-3" }.into(),
-                    prompt_tokens: 100 + u64::from(n),
+                    // 1,000 prompt tokens more per install: 21 cents more a month, so
+                    // no two installs tie on cost once rounded to cents.
+                    prompt_tokens: 1_000 * (1 + u64::from(n)),
                     completion_tokens: 50,
                     cached_tokens: 0,
                     cache_write_tokens: 0,
@@ -1135,7 +1139,21 @@ async fn the_dashboard_lists_a_thousand_installs() {
     // noisy machines). The 100 ms target was read off this line.
     println!("dashboard with 1000 installs: {fastest:?}");
     // Sorted by cost, highest first, over every install: the last ones enrolled used the
-    // most prompt tokens. Page 10 ends with the cheapest.
+    // most prompt tokens. Page 10 ends with the cheapest, page 1 starts with the dearest.
+    let first = provider(&rx, Method::GET, "/dashboard?sort=-cost")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dearest = first
+        .find("install-0999")
+        .expect("the dearest install on page 1");
+    let next = first
+        .find("install-0998")
+        .expect("the next dearest on page 1");
+    assert!(dearest < next, "the dearest install comes first");
     let page = provider(&rx, Method::GET, "/dashboard?sort=-cost&page=10")
         .send()
         .await
