@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use usage_agent::calendar::Calendar;
 use usage_agent::config::{RetentionConfig, Synchronous};
-use usage_agent::event::{Event, ModelName, Source, Tokens};
 use usage_agent::jobs::{retention, rollup};
 use usage_agent::metrics::Metrics;
 use usage_agent::store::Store;
 use usage_agent::store::writer::Writer;
+use usage_protocol::event::{Event, ModelName, Source, Tokens};
 
 const DAY_MS: i64 = 86_400_000;
 

@@ -397,7 +397,7 @@ impl Config {
 
     /// Parses TOML text; an unknown key or a bad value is an error naming it.
     pub fn from_toml(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| crate::toml_place::describe(text, &e))
+        toml::from_str(text).map_err(|e| usage_common::toml_place::describe(text, &e))
     }
 
     /// Applies the `USAGE_AGENT_*` environment overrides, which win over the file.

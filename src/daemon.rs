@@ -23,11 +23,11 @@ use crate::identity::{Identity, IdentityError};
 use crate::jobs;
 use crate::jobs::schedule::Scheduler;
 use crate::metrics::Metrics;
-use crate::server::{self, Limits};
 use crate::state::{AppState, MaintenanceLock, SharedState};
 use crate::store::writer::Writer;
 use crate::store::{SIDE_CACHE_KIB, Store, StoreError, WRITER_CACHE_KIB};
 use crate::sync::engine::{SetupError, SyncEngine};
+use usage_common::server::{self, Limits};
 
 /// Why the daemon could not start or stopped badly.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::protocol::signing::Secret;
+use usage_protocol::signing::Secret;
 
 /// Why the identity could not be made, read or written.
 #[derive(Debug, thiserror::Error)]

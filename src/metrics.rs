@@ -19,8 +19,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde_json::Value;
 
-use crate::event::Source;
 use crate::store::events::Recorded;
+use usage_protocol::event::Source;
 
 /// Bucket bounds of `usage_agent_sync_batch_duration_seconds`, in seconds.
 const SYNC_BATCH_BUCKETS: [f64; 11] =

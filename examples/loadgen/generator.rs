@@ -1,7 +1,7 @@
 //! The events the benchmark sends and inserts: realistic in size and spread, cheap to make,
 //! rendered either as the JSON a site posts or as the rows the store writes.
 
-use usage_agent::event::{Event, ModelName, Source, Tokens};
+use usage_protocol::event::{Event, ModelName, Source, Tokens};
 use uuid::Uuid;
 
 /// Makes realistic events: a handful of models and users, mostly small token counts,

@@ -80,11 +80,11 @@ pub(crate) fn run_http_ceiling(args: &[String]) -> anyhow::Result<ExitCode> {
 async fn answer_without_storing(body: Bytes) -> axum::response::Response {
     use axum::http::StatusCode;
     use axum::response::IntoResponse;
-    let limits = usage_agent::event::Limits {
+    let limits = usage_protocol::event::Limits {
         now: chrono::Utc::now(),
         max_age: chrono::Duration::days(90),
     };
-    match usage_agent::event::read_typed_events(&body, limits) {
+    match usage_protocol::event::read_typed_events(&body, limits) {
         Some((events, _)) => (
             StatusCode::ACCEPTED,
             axum::Json(json!({"event_id": events[0].event_id.to_string(), "status": "recorded"})),

@@ -7,8 +7,8 @@
 use chrono::{Duration, TimeZone, Utc};
 use libfuzzer_sys::fuzz_target;
 use usage_agent::api::events::read_body;
-use usage_agent::event::{Limits, MAX_BATCH_EVENTS};
-use usage_agent::protocol::wire::{WireEvent, check_wire_event};
+use usage_protocol::event::{Limits, MAX_BATCH_EVENTS};
+use usage_protocol::wire::{WireEvent, check_wire_event};
 
 const INSTALL_ID: &str = "fuzz-install";
 

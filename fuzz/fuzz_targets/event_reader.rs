@@ -8,7 +8,7 @@ use chrono::{Duration, TimeZone, Utc};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use usage_agent::api::events::parse_body;
-use usage_agent::event::{Event, Limits, read_typed_events};
+use usage_protocol::event::{Event, Limits, read_typed_events};
 
 fuzz_target!(|data: &[u8]| {
     let limits = Limits {

@@ -10,9 +10,9 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
 use super::ApiError;
-use crate::event::{self, Event, FieldError, Limits, MAX_BATCH_EVENTS};
 use crate::state::SharedState;
 use crate::store::events::Recorded;
+use usage_protocol::event::{self, Event, FieldError, Limits, MAX_BATCH_EVENTS};
 
 pub async fn record(
     State(state): State<SharedState>,

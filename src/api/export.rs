@@ -21,11 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::ApiError;
 use super::usage::{Params, bad_parameter, sums_json};
 use crate::calendar::{Calendar, day_text};
-use crate::event::format_millis;
 use crate::state::{AppState, SharedState};
 use crate::store::StoreError;
 use crate::store::export::{ExportCursor, StoredEvent};
 use crate::store::rollup::DailyRow;
+use usage_protocol::event::format_millis;
 
 /// Events read per page.
 const PAGE: usize = 1000;
@@ -361,7 +361,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::event::{Source, Tokens};
+    use usage_protocol::event::{Source, Tokens};
 
     fn stored(context: Option<&str>) -> StoredEvent {
         StoredEvent {

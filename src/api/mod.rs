@@ -17,9 +17,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
 
-use crate::credentials::{FailureThrottle, THROTTLED_CODE, bearer_token, credential_eq, presented};
 use crate::state::SharedState;
 use crate::store::{Store, StoreError};
+use usage_common::credentials::{
+    FailureThrottle, THROTTLED_CODE, bearer_token, credential_eq, presented,
+};
 
 pub mod check;
 pub mod events;
@@ -94,7 +96,7 @@ struct TokenGuard {
 
 /// Order of checks: a throttled address is refused before its token is looked at, so
 /// even the right token waits out the window; then the token; a refused token that was
-/// presented is counted (the receiver's rule, [`crate::credentials::presented`]).
+/// presented is counted (the receiver's rule, [`usage_common::credentials::presented`]).
 async fn require_token(
     State(guard): State<Arc<TokenGuard>>,
     request: Request,
@@ -113,8 +115,8 @@ async fn require_token(
                 THROTTLED_CODE,
                 format!(
                     "{} failed bearer tokens from {client} within {} s: try again later",
-                    crate::credentials::throttle::MAX_FAILURES,
-                    crate::credentials::throttle::WINDOW.as_secs()
+                    usage_common::credentials::throttle::MAX_FAILURES,
+                    usage_common::credentials::throttle::WINDOW.as_secs()
                 ),
             )
         }

@@ -8,10 +8,10 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use super::ApiError;
-use crate::event::format_millis;
 use crate::state::SharedState;
 use crate::store::health::StorageState;
 use crate::store::status::{QueueCounts, SyncMeta};
+use usage_protocol::event::format_millis;
 
 /// Error categories of SPEC 5, always listed in status even when zero.
 pub const ERROR_CATEGORIES: [&str; 5] = [

@@ -6,10 +6,10 @@ use axum::http::StatusCode;
 use serde_json::json;
 
 use super::ApiError;
-use crate::event::MAX_USER_ID;
 use crate::jobs::maintenance;
 use crate::jobs::retention::ForgetOutcome;
 use crate::state::SharedState;
+use usage_protocol::event::MAX_USER_ID;
 
 pub async fn forget(
     State(state): State<SharedState>,

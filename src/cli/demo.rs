@@ -14,8 +14,8 @@ use super::client::{AgentClient, error_message};
 use crate::config::{BackendUrl, Config};
 use crate::daemon::Daemon;
 use crate::identity::Identity;
-use crate::receiver::{self, ReceiverSettings};
 use crate::sync::enroll;
+use usage_receiver::{self as receiver, ReceiverSettings};
 
 /// Provider login of the demo receiver (it listens on loopback only, in a temp dir).
 const DEMO_USER: &str = "demo";

@@ -12,13 +12,12 @@ use crate::config::Config;
 
 pub mod check;
 pub mod client;
+#[cfg(feature = "receiver")]
 pub mod demo;
 pub mod export;
 pub mod forget;
 pub mod init;
-pub mod prices;
 pub mod purge;
-pub mod receiver;
 pub mod record;
 pub mod retry_failed;
 pub mod rollup;
@@ -65,12 +64,15 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Erase one user's local data (right to erasure).
     Forget(forget::ForgetArgs),
-    /// Run the bundled receiver (the backend's ingest side).
-    Receiver(receiver::ReceiverArgs),
+    /// Run the receiver (the backend), as `usage-receiver serve` does.
+    #[cfg(feature = "receiver")]
+    Receiver(usage_receiver::cli::serve::ServeArgs),
     /// Receiver price books: `prices check PATH` validates one.
-    Prices(prices::PricesArgs),
+    #[cfg(feature = "receiver")]
+    Prices(usage_receiver::cli::prices::PricesArgs),
     /// Newcomer quickstart: a receiver and an agent in a temp dir, sample events, a sync,
     /// and what to try next; runs until Ctrl-C.
+    #[cfg(feature = "receiver")]
     #[command(after_help = "Example:\n  cargo run --release -- demo")]
     Demo,
 }
@@ -85,7 +87,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // The agent is held to a small memory budget; the receiver, the provider's backend,
     // keeps glibc's default arenas for its throughput (BENCHMARKS.md). Nothing has started
     // a thread yet, so this comes before any arena but the main one exists.
-    if !matches!(cli.command, Command::Receiver(_)) {
+    #[cfg(feature = "receiver")]
+    let is_receiver = matches!(cli.command, Command::Receiver(_));
+    #[cfg(not(feature = "receiver"))]
+    let is_receiver = false;
+    if !is_receiver {
         crate::daemon::limit_malloc_arenas();
     }
     let load = || Config::load(cli.config.as_deref());
@@ -101,8 +107,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(load()?, args),
         Command::Export(args) => export::run(load()?, args),
         Command::Forget(args) => forget::run(load()?, args),
-        Command::Receiver(args) => receiver::run(args).map(|()| ExitCode::SUCCESS),
-        Command::Prices(args) => prices::run(args),
+        #[cfg(feature = "receiver")]
+        Command::Receiver(args) => {
+            usage_receiver::cli::serve::run(args).map(|()| ExitCode::SUCCESS)
+        }
+        #[cfg(feature = "receiver")]
+        Command::Prices(args) => usage_receiver::cli::prices::run(args),
+        #[cfg(feature = "receiver")]
         Command::Demo => demo::run(),
     }
 }

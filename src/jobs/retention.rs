@@ -147,8 +147,8 @@ mod tests {
 
     use super::*;
     use crate::calendar::parse_day;
-    use crate::event::{Event, Source};
     use crate::jobs::rollup::tests::{all_daily, event, writer};
+    use usage_protocol::event::{Event, Source};
 
     const DAY_MS: i64 = 86_400_000;
 

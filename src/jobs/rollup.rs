@@ -136,9 +136,9 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::Synchronous;
-    use crate::event::{Event, ModelName, Source, Tokens};
     use crate::store::Store;
     use crate::store::rollup::{DailyRow, Sums};
+    use usage_protocol::event::{Event, ModelName, Source, Tokens};
 
     pub(crate) fn event(
         user_id: u64,

@@ -4,7 +4,7 @@ use rusqlite::{OptionalExtension, Transaction, params};
 use uuid::Uuid;
 
 use super::{Doing, Store, StoreError};
-use crate::event::Event;
+use usage_protocol::event::Event;
 
 /// What happened to one event of a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +123,7 @@ fn insert_event(tx: &Transaction, event: &Event, model_id: i64) -> Result<Record
 mod tests {
     use super::*;
     use crate::config::Synchronous;
-    use crate::event::{ModelName, Source, Tokens};
+    use usage_protocol::event::{ModelName, Source, Tokens};
 
     pub(crate) fn sample_event(id: Uuid) -> Event {
         Event {

@@ -4,7 +4,7 @@ use rusqlite::params;
 use uuid::Uuid;
 
 use super::{Doing, Store, StoreError};
-use crate::event::{Source, Tokens};
+use usage_protocol::event::{Source, Tokens};
 
 /// One stored event as export shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]

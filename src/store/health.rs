@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError};
-use crate::event::format_millis;
+use usage_protocol::event::format_millis;
 
 const STORAGE_META_KEY: &str = "storage";
 

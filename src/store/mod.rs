@@ -10,7 +10,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::Synchronous;
-use crate::private_file::create_private;
+use usage_common::private_file::create_private;
 
 pub mod events;
 pub mod export;
@@ -22,7 +22,7 @@ pub mod status;
 pub mod sync;
 pub mod writer;
 
-pub use crate::sqlite_check::Verdict;
+pub use usage_common::sqlite_check::Verdict;
 
 /// The schema and its migrations, applied at open (see the file's header).
 pub const SCHEMA: &str = include_str!("../../schema.sql");
@@ -90,7 +90,7 @@ impl StoreError {
         match self {
             StoreError::Open { source, .. }
             | StoreError::Sql { source, .. }
-            | StoreError::Check { source, .. } => crate::sqlite_check::is_damage(source),
+            | StoreError::Check { source, .. } => usage_common::sqlite_check::is_damage(source),
             StoreError::GroupFailed { damage, .. } => *damage,
             _ => false,
         }
@@ -146,9 +146,9 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        // Gathering WAL writes relies on every commit syncing (see `crate::gather_vfs`).
+        // Gathering WAL writes relies on every commit syncing (see `usage_common::gather_vfs`).
         let conn = if synchronous == Synchronous::Full {
-            crate::gather_vfs::open_for_full_sync(path)
+            usage_common::gather_vfs::open_for_full_sync(path)
         } else {
             Connection::open(path)
         }

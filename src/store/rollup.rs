@@ -8,7 +8,7 @@ use rusqlite::params;
 use serde::Serialize;
 
 use super::{Doing, Store, StoreError};
-use crate::event::Source;
+use usage_protocol::event::Source;
 
 /// `meta` key holding the last event `seq` whose day has been rolled up.
 const ROLLUP_SEQ_KEY: &str = "rollup_seq";

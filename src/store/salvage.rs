@@ -22,8 +22,8 @@ use rusqlite::{Connection, Transaction, params_from_iter};
 use super::health::StorageState;
 use super::{Doing, Store, StoreError};
 use crate::config::Synchronous;
-use crate::event::format_millis;
-use crate::sqlite_check::{self, Depth, Verdict};
+use usage_common::sqlite_check::{self, Depth, Verdict};
+use usage_protocol::event::format_millis;
 
 /// Rows read per range scan.
 const CHUNK: i64 = 512;
@@ -517,7 +517,7 @@ mod tests {
 
     use super::super::PAGE_SIZE;
     use super::*;
-    use crate::event::{Event, ModelName, Source, Tokens};
+    use usage_protocol::event::{Event, ModelName, Source, Tokens};
 
     fn event(n: u64) -> Event {
         Event {
@@ -666,7 +666,7 @@ mod tests {
         let max = before.keys().max().unwrap();
         assert!(after.contains_key(max), "rows after the bad pages are kept");
         assert_eq!(
-            crate::sqlite_check::check(&store.conn, Depth::Full).unwrap(),
+            usage_common::sqlite_check::check(&store.conn, Depth::Full).unwrap(),
             Verdict::Sound
         );
         let models: i64 = store

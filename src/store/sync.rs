@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{Doing, Store, StoreError};
-use crate::event::{Event, ModelName, Source, Tokens};
+use usage_protocol::event::{Event, ModelName, Source, Tokens};
 
 /// A pending event together with its place in the queue.
 #[derive(Debug, Clone, PartialEq)]

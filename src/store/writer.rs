@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::events::Recorded;
 use super::health::StorageHealth;
 use super::{Store, StoreError};
-use crate::event::Event;
+use usage_protocol::event::Event;
 
 /// Requests waiting for the writer; beyond this the API answers 503 instead of queueing.
 const QUEUE_CAPACITY: usize = 8192;
@@ -331,7 +331,7 @@ fn empty_wal(conn: &Connection) -> bool {
 mod tests {
     use super::*;
     use crate::config::Synchronous;
-    use crate::event::{ModelName, Source, Tokens};
+    use usage_protocol::event::{ModelName, Source, Tokens};
 
     fn event() -> Event {
         Event {

@@ -17,10 +17,10 @@ use uuid::Uuid;
 use super::error::SyncError;
 use crate::config::SyncConfig;
 use crate::identity::Identity;
-use crate::protocol::signing::{
+use usage_protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret,
 };
-use crate::protocol::wire::{self, Batch, BatchResult, ErrorBody, GZIP_THRESHOLD};
+use usage_protocol::wire::{self, Batch, BatchResult, ErrorBody, GZIP_THRESHOLD};
 
 /// Why a client for the backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -286,8 +286,8 @@ mod tests {
                 .map(|_| wire::WireEvent {
                     event_id: Uuid::new_v4(),
                     user_hash: wire::user_hash("i", 1),
-                    source: crate::event::Source::Bulk,
-                    model: crate::event::ModelName::parse("m").unwrap(),
+                    source: usage_protocol::event::Source::Bulk,
+                    model: usage_protocol::event::ModelName::parse("m").unwrap(),
                     prompt_tokens: 1,
                     completion_tokens: 1,
                     total_tokens: 2,

@@ -35,11 +35,11 @@ use super::error::{Category, SyncError};
 use crate::config::{Config, SyncConfig};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::protocol::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
 use crate::store::status::LastError;
 use crate::store::sync::PendingEvent;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
+use usage_protocol::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
 
 /// The sync job's name in `usage_agent_job_runs_total` and the other job metrics.
 pub const SYNC_JOB: &str = "sync";
@@ -454,7 +454,7 @@ impl SyncEngine {
                         meta.last_error = Some(LastError {
                             category: error.category.as_str().to_owned(),
                             message: error.message,
-                            at: crate::event::format_millis(ended_ms),
+                            at: usage_protocol::event::format_millis(ended_ms),
                         });
                     }
                 }

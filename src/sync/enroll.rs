@@ -11,7 +11,7 @@ use reqwest::{StatusCode, Url};
 use super::client::{answer_message, error_chain};
 use crate::config::BackendUrl;
 use crate::identity::Identity;
-use crate::protocol::wire::Enrollment;
+use usage_protocol::wire::Enrollment;
 
 /// Why an enrollment did not happen. Messages never contain the secret or the token.
 #[derive(Debug, thiserror::Error)]

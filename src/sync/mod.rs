@@ -1,6 +1,6 @@
 //! Shipping events to the backend (SPEC 5).
 //!
-//! The wire types and the signing it uses are [`crate::protocol`]'s, shared with the
+//! The wire types and the signing it uses are [`usage_protocol`]'s, shared with the
 //! receiver. This module is the agent side only: [`client`] (one signed HTTP attempt), [`error`] (categories that decide retries),
 //! [`enroll`] (handing the secret to the backend once) and [`engine`] (one sync run over
 //! the queue). Scheduling runs is `crate::jobs`' business, not this module's.

@@ -4,8 +4,8 @@
 //! says what each fault proves and how to run one.
 
 /// The store the test receivers of this binary use.
-pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
-    usage_agent::receiver::store::StoreKind::Sqlite;
+pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
+    usage_receiver::store::StoreKind::Sqlite;
 
 // The integration tests' helpers, shared as they are; this binary uses only some of them.
 #[allow(dead_code)]

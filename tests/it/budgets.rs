@@ -15,13 +15,11 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use usage_agent::event::format_millis;
-use usage_agent::protocol::signing::{
-    HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, verify,
-};
-use usage_agent::protocol::wire::user_hash;
-use usage_agent::receiver::ReceiverSettings;
-use usage_agent::receiver::settings::AlertWebhook;
+use usage_protocol::event::format_millis;
+use usage_protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, verify};
+use usage_protocol::wire::user_hash;
+use usage_receiver::ReceiverSettings;
+use usage_receiver::settings::AlertWebhook;
 
 use crate::common::{
     self, TestInstall, TestReceiver, batch_body, provider_request, receiver_settings, signed,
@@ -469,7 +467,7 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
 async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
-    use usage_agent::protocol::signing::{HEADER_INSTALL_ID, sign};
+    use usage_protocol::signing::{HEADER_INSTALL_ID, sign};
 
     /// Kills the receiver however the test ends.
     struct Node(std::process::Child);

@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use usage_agent::receiver::store::StoreKind;
-use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayCluster};
-use usage_agent::receiver::{self, ReceiverSettings, ReceiverStore};
+use usage_receiver::store::StoreKind;
+use usage_receiver::{self as receiver, ReceiverSettings, ReceiverStore};
+use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 
 /// Enrollment token of [`receiver_settings`].
 pub const ENROLL_TOKEN: &str = "test-enroll-token";
@@ -187,7 +187,7 @@ impl Drop for TestReceiver {
 use chrono::Utc;
 use reqwest::{Client, Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
-use usage_agent::protocol::signing::{
+use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
 use uuid::Uuid;

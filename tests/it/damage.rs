@@ -357,7 +357,7 @@ async fn without_a_running_agent_check_reads_the_file_directly_and_changes_nothi
 fn the_receiver_refuses_a_damaged_database_naming_the_file_and_leaves_it_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("receiver.db");
-    drop(usage_agent::receiver::open_sqlite(&db).unwrap());
+    drop(usage_receiver::open_sqlite(&db).unwrap());
     let conn = rusqlite::Connection::open(&db).unwrap();
     let page: u64 = conn
         .query_row(

@@ -10,11 +10,11 @@ use std::time::Duration;
 use reqwest::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
-use usage_agent::protocol::signing::{
+use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
-use usage_agent::protocol::wire::gzip;
-use usage_agent::receiver::settings::DEFAULT_MAX_DECOMPRESSED_BYTES;
+use usage_protocol::wire::gzip;
+use usage_receiver::settings::DEFAULT_MAX_DECOMPRESSED_BYTES;
 use uuid::Uuid;
 
 use crate::common::{

@@ -11,8 +11,8 @@ use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
 
-use usage_agent::protocol::signing::{Secret, sign, verify};
-use usage_agent::protocol::wire::{Batch, format_sent_at, parse_wire_event, user_hash};
+use usage_protocol::signing::{Secret, sign, verify};
+use usage_protocol::wire::{Batch, format_sent_at, parse_wire_event, user_hash};
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -117,8 +117,8 @@ async fn the_reference_library_verifies_a_delivered_budget_alert() {
         Sink, budget_settings, closed_port, enroll, events, put_budget, send, webhook,
     };
     use crate::common::TestReceiver;
-    use usage_agent::protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
-    use usage_agent::receiver::ReceiverSettings;
+    use usage_protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+    use usage_receiver::ReceiverSettings;
 
     let secret = Secret::generate();
     let sink_addr = closed_port();

@@ -9,16 +9,16 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use usage_agent::event::format_millis;
-use usage_agent::protocol::wire::user_hash;
-use usage_agent::receiver::pricing::Plan;
-use usage_agent::receiver::rate_limit::Rate;
-use usage_agent::receiver::store::{
+use usage_protocol::event::format_millis;
+use usage_protocol::wire::user_hash;
+use usage_receiver::pricing::Plan;
+use usage_receiver::rate_limit::Rate;
+use usage_receiver::store::{
     Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
     Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
     RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
 };
-use usage_agent::receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
+use usage_receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
 
 use crate::common::{TestInstall, TestReceiver, batch_body, enroll, receiver_settings, signed};
@@ -53,7 +53,7 @@ fn answer_status<S: Read + Write>(stream: &mut S, request: &[u8]) -> String {
 
 #[test]
 fn the_receiver_closes_connections_past_max_connections_and_serves_the_open_ones() {
-    let settings = usage_agent::receiver::ReceiverSettings {
+    let settings = usage_receiver::ReceiverSettings {
         max_connections: 3,
         ..receiver_settings()
     };

@@ -9,10 +9,10 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use usage_agent::event::format_millis;
-use usage_agent::protocol::signing::Secret;
-use usage_agent::protocol::wire::user_hash;
-use usage_agent::receiver::ReceiverSettings;
+use usage_protocol::event::format_millis;
+use usage_protocol::signing::Secret;
+use usage_protocol::wire::user_hash;
+use usage_receiver::ReceiverSettings;
 
 use crate::common::{
     self, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
@@ -1076,8 +1076,8 @@ async fn the_dashboard_renders_in_headless_chromium() {
 
 #[tokio::test]
 async fn the_dashboard_lists_a_thousand_installs() {
-    use usage_agent::event::Source;
-    use usage_agent::receiver::store::{NewEvent, NewInstall};
+    use usage_protocol::event::Source;
+    use usage_receiver::store::{NewEvent, NewInstall};
 
     // A fixed clock on the last day of a 31-day month, so the month to date holds all 30
     // days of every install's events whatever day the suite runs.
@@ -1231,7 +1231,7 @@ fn kinds_event(install: &TestInstall, model: &str, kinds: [u64; 5], at: DateTime
 async fn a_price_book_prices_each_token_kind_and_is_answered_at_api_prices() {
     let now = Utc::now();
     let tomorrow = (now + Duration::days(1)).format("%Y-%m-%d").to_string();
-    let book = usage_agent::receiver::price_book::PriceBook::parse(&price_book(&tomorrow));
+    let book = usage_receiver::price_book::PriceBook::parse(&price_book(&tomorrow));
     let rx = TestReceiver::start(ReceiverSettings {
         price_book: Some(book.unwrap()),
         model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),

@@ -6,13 +6,13 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use usage_agent::event::format_millis;
-use usage_agent::protocol::signing::{
+use usage_protocol::event::format_millis;
+use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
-use usage_agent::protocol::wire::{gzip, user_hash};
-use usage_agent::receiver::ReceiverSettings;
-use usage_agent::receiver::store::SummaryQuery;
+use usage_protocol::wire::{gzip, user_hash};
+use usage_receiver::ReceiverSettings;
+use usage_receiver::store::SummaryQuery;
 
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client, enroll,

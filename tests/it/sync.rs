@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, StatusCode as AxumStatus};
 use axum::response::{IntoResponse, Response};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use usage_agent::protocol::signing::{self, Secret};
-use usage_agent::protocol::wire;
+use usage_protocol::signing::{self, Secret};
+use usage_protocol::wire;
 
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings,

@@ -14,13 +14,13 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use usage_agent::event::format_millis;
-use usage_agent::protocol::signing::{
+use usage_protocol::event::format_millis;
+use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, sign,
 };
-use usage_agent::protocol::wire::user_hash;
-use usage_agent::receiver::ReceiverStoreError;
-use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayCluster};
+use usage_protocol::wire::user_hash;
+use usage_receiver::ReceiverStoreError;
+use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
@@ -29,7 +29,7 @@ use crate::common::{
 use crate::harness::{assert_error_shape, bin, wait_with_deadline};
 
 /// Two receiver nodes serving one fresh database.
-fn two_nodes(settings: usage_agent::receiver::ReceiverSettings) -> (TestReceiver, TestReceiver) {
+fn two_nodes(settings: usage_receiver::ReceiverSettings) -> (TestReceiver, TestReceiver) {
     let url = test_cluster().new_database().unwrap();
     let node =
         |settings| TestReceiver::serve(settings, open_postgres(&url), tempfile::tempdir().unwrap());
@@ -216,7 +216,7 @@ async fn an_erasure_a_plan_or_a_label_change_through_one_node_holds_on_the_other
 
 #[tokio::test]
 async fn the_rate_limit_counts_the_requests_of_every_node() {
-    let settings = usage_agent::receiver::ReceiverSettings {
+    let settings = usage_receiver::ReceiverSettings {
         rate_limit_per_min: 4,
         ..receiver_settings()
     };
@@ -251,7 +251,8 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
     // backed by raw events and one whose events were dropped.
     let url = test_cluster().new_database().unwrap();
     let name = database_name(&url);
-    let schema_1 = include_str!("../../src/receiver/store/postgres/migrations/0001_schema.sql");
+    let schema_1 =
+        include_str!("../../crates/usage-receiver/src/store/postgres/migrations/0001_schema.sql");
     test_cluster().psql(name, schema_1).unwrap();
     test_cluster()
         .psql(
@@ -268,7 +269,7 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
         )
         .unwrap();
     let store = open_postgres(&url);
-    let window = usage_agent::receiver::store::UsageWindow {
+    let window = usage_receiver::store::UsageWindow {
         today: 10,
         from_30d: 0,
         month_start: 0,
@@ -324,13 +325,13 @@ fn migration_5_fills_the_chart_totals_and_refuses_batches_of_older_nodes() {
 
     // A node of this release migrates: the chart's totals start from the rollup.
     let store = open_postgres(&url);
-    let window = usage_agent::receiver::store::UsageWindow {
+    let window = usage_receiver::store::UsageWindow {
         today: 10,
         from_30d: 0,
         month_start: 0,
     };
     let rates = |_: &str, _: i64| None;
-    let prices = usage_agent::receiver::store::PriceList {
+    let prices = usage_receiver::store::PriceList {
         id: 0,
         rates: &rates,
     };
@@ -414,7 +415,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
         "{stderr}"
     );
     let refused = std::thread::spawn(move || {
-        usage_agent::receiver::open_postgres(
+        usage_receiver::open_postgres(
             &url,
             tokio::runtime::Runtime::new().unwrap().handle().clone(),
         )
@@ -621,9 +622,9 @@ fn signed_batches_need_the_install_on_the_shared_database() {
     let url = test_cluster().new_database().unwrap();
     let first = open_postgres(&url);
     let second = open_postgres(&url);
-    let install = usage_agent::receiver::store::NewInstall {
+    let install = usage_receiver::store::NewInstall {
         install_id: "shared".into(),
-        secret: usage_agent::protocol::signing::Secret::generate(),
+        secret: usage_protocol::signing::Secret::generate(),
         site_hash: "s".into(),
         enrolled_at_ms: 0,
     };
@@ -637,7 +638,7 @@ fn signed_batches_need_the_install_on_the_shared_database() {
 
 #[test]
 fn raw_events_live_in_day_partitions_made_ahead_and_dropped_whole() {
-    use usage_agent::receiver::store::RetainedDays;
+    use usage_receiver::store::RetainedDays;
     let url = test_cluster().new_database().unwrap();
     let name = database_name(&url).to_owned();
     let store = open_postgres(&url);
@@ -683,11 +684,11 @@ async fn two_nodes_record_each_budget_alert_once_and_deliver_it_under_its_one_id
     use crate::budgets::{
         Sink, budget_settings, closed_port, put_budget, verified_bodies, webhook,
     };
-    let secret = usage_agent::protocol::signing::Secret::generate();
+    let secret = usage_protocol::signing::Secret::generate();
     let sink_addr = closed_port();
     let sink = Sink::default();
     sink.serve(sink_addr).await;
-    let (a, b) = two_nodes(usage_agent::receiver::ReceiverSettings {
+    let (a, b) = two_nodes(usage_receiver::ReceiverSettings {
         alert_webhook: Some(webhook(sink_addr, &secret)),
         ..budget_settings()
     });

@@ -7,8 +7,8 @@
 #![allow(dead_code)]
 
 /// The store the test receivers of this binary use.
-pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
-    usage_agent::receiver::store::StoreKind::Postgres;
+pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
+    usage_receiver::store::StoreKind::Postgres;
 
 #[path = "../it/budgets.rs"]
 mod budgets;

@@ -22,17 +22,17 @@ use deadpool_postgres::tokio_postgres::binary_copy::BinaryCopyInWriter;
 use deadpool_postgres::tokio_postgres::types::Type;
 use deadpool_postgres::tokio_postgres::{self, Client, NoTls};
 use serde_json::{Value, json};
-use usage_agent::event::Source;
-use usage_agent::event::format_millis;
-use usage_agent::protocol::signing::{
+use usage_protocol::event::Source;
+use usage_protocol::event::format_millis;
+use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
-use usage_agent::protocol::wire::{gzip, user_hash};
-use usage_agent::receiver::rate_limit::Rate;
-use usage_agent::receiver::settings::DEFAULT_RATE_LIMIT_PER_MIN;
-use usage_agent::receiver::store::postgres::PostgresStore;
-use usage_agent::receiver::store::postgres::throwaway::{Durability, ThrowawayCluster};
-use usage_agent::receiver::store::{NewEvent, ReceiverStore};
+use usage_protocol::wire::{gzip, user_hash};
+use usage_receiver::rate_limit::Rate;
+use usage_receiver::settings::DEFAULT_RATE_LIMIT_PER_MIN;
+use usage_receiver::store::postgres::PostgresStore;
+use usage_receiver::store::{NewEvent, ReceiverStore};
+use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 use uuid::Uuid;
 
 use crate::phases::drain::free_port;

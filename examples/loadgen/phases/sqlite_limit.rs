@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use usage_agent::config::Synchronous;
-use usage_agent::event::Event;
 use usage_agent::store::Store;
+use usage_protocol::event::Event;
 
 use crate::generator::Generator;
 

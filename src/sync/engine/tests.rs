@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::config::Synchronous;
-use crate::event::{Event, ModelName, Source, Tokens};
-use crate::protocol::signing::{self, Secret};
-use crate::protocol::wire;
+use usage_protocol::event::{Event, ModelName, Source, Tokens};
+use usage_protocol::signing::{self, Secret};
+use usage_protocol::wire;
 
 /// One request as the stub backend saw it.
 struct Seen {

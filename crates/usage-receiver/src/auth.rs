@@ -1,0 +1,161 @@
+//! Credentials checks of the receiver: the enrollment bearer token and the provider's
+//! basic auth, both compared in constant time, their schemes matched whatever their case,
+//! and both throttled per client address ([`throttled`]).
+//!
+//! Signature verification is not here: it is [`usage_protocol::signing::verify`], called by
+//! the ingest handler. Nothing here logs or echoes a credential.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use super::error::ReceiverError;
+use super::rate_limit::retry_after_secs;
+use usage_common::credentials::{FailureThrottle, THROTTLED_CODE, credential_eq, presented};
+
+/// The challenge sent with every provider `401`.
+pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
+
+/// Runs the credentials `check` of a request from `peer` under the failure throttle: while
+/// the address is blocked it is answered `429` with `Retry-After` without being checked,
+/// and a `401` from `check` counts against it if the request presented credentials (an
+/// `Authorization` header; see [`usage_common::credentials::presented`]).
+///
+/// Checking and counting are not one atomic step, so requests checked at the same moment
+/// can pass the limit by at most one per runtime worker thread.
+pub fn throttled<T>(
+    throttle: &FailureThrottle,
+    peer: IpAddr,
+    headers: &HeaderMap,
+    check: impl FnOnce() -> Result<T, ReceiverError>,
+) -> Result<T, ReceiverError> {
+    throttle.check(peer, Instant::now()).map_err(|wait| {
+        let seconds = retry_after_secs(wait);
+        ReceiverError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            THROTTLED_CODE,
+            format!("too many failed credentials from this address; retry in {seconds} s"),
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from(seconds))
+    })?;
+    let result = check();
+    if presented(headers)
+        && matches!(&result, Err(error) if error.status == StatusCode::UNAUTHORIZED)
+    {
+        throttle.record_failure(peer, Instant::now());
+    }
+    result
+}
+
+/// Checks provider basic auth. Unset credentials refuse everyone.
+pub fn require_provider(
+    headers: &HeaderMap,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<(), ReceiverError> {
+    let challenge = |message: &str| {
+        ReceiverError::unauthorized("unauthorized", message).with_header(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(BASIC_CHALLENGE),
+        )
+    };
+    let (Some(username), Some(password)) = (username, password) else {
+        return Err(challenge(
+            "provider access is disabled: set PROVIDER_USERNAME and PROVIDER_PASSWORD",
+        ));
+    };
+    let Some((given_user, given_password)) = basic_credentials(headers) else {
+        return Err(challenge("basic authentication is required"));
+    };
+    // Both comparisons always run, so timing does not tell which part was wrong.
+    let user_ok = credential_eq(given_user.as_bytes(), username.as_bytes());
+    let password_ok = credential_eq(given_password.as_bytes(), password.as_bytes());
+    if user_ok & password_ok {
+        Ok(())
+    } else {
+        Err(challenge("wrong username or password"))
+    }
+}
+
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    fn basic(user: &str, password: &str) -> HeaderMap {
+        with_auth(&format!(
+            "Basic {}",
+            STANDARD.encode(format!("{user}:{password}"))
+        ))
+    }
+
+    #[test]
+    fn basic_auth_accepts_only_the_configured_pair() {
+        let check = |headers: &HeaderMap| require_provider(headers, Some("admin"), Some("p:w"));
+        assert!(check(&basic("admin", "p:w")).is_ok());
+        for headers in [
+            basic("admin", "p:x"),
+            basic("Admin", "p:w"),
+            basic("", ""),
+            with_auth("Bearer p:w"),
+            with_auth("Basic !!!"),
+            HeaderMap::new(),
+        ] {
+            let error = check(&headers).unwrap_err();
+            assert_eq!(error.status, 401);
+        }
+    }
+
+    #[test]
+    fn unset_credentials_refuse_everyone() {
+        let error = require_provider(&basic("", ""), None, None).unwrap_err();
+        assert_eq!(error.status, 401);
+        assert!(require_provider(&basic("a", ""), Some("a"), None).is_err());
+    }
+
+    #[test]
+    fn only_refused_credentials_count_against_the_address() {
+        let throttle = FailureThrottle::new(2, std::time::Duration::from_secs(60), 10);
+        let peer: IpAddr = "192.0.2.1".parse().unwrap();
+        let presented = basic("admin", "guess");
+        let refused = || Err::<(), _>(ReceiverError::unauthorized("unauthorized", "wrong"));
+        // A `403` (enrollment switched off) says nothing about a guess, and a request
+        // without credentials guessed nothing.
+        for _ in 0..5 {
+            let error = throttled(&throttle, peer, &presented, || {
+                Err::<(), _>(ReceiverError::new(StatusCode::FORBIDDEN, "off", "off"))
+            })
+            .unwrap_err();
+            assert_eq!(error.status, StatusCode::FORBIDDEN);
+            let error = throttled(&throttle, peer, &HeaderMap::new(), refused).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+        }
+        assert!(throttled(&throttle, peer, &presented, || Ok(())).is_ok());
+        for _ in 0..2 {
+            let error = throttled(&throttle, peer, &presented, refused).unwrap_err();
+            assert_eq!(error.status, StatusCode::UNAUTHORIZED);
+        }
+        let blocked = throttled(&throttle, peer, &basic("admin", "right"), || Ok(())).unwrap_err();
+        assert_eq!(blocked.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(blocked.code, "too_many_failed_credentials");
+    }
+}

@@ -1,0 +1,70 @@
+//! The receiver's command line, shared by its own binary (`usage-receiver [serve]`,
+//! `usage-receiver prices check`) and by `usage-agent receiver` / `usage-agent prices` in
+//! the agent's developer build.
+
+use std::io::IsTerminal;
+
+pub mod prices;
+pub mod serve;
+
+/// The receiver, the backend of usage-agent: verifies, dedupes and stores signed batches,
+/// and answers the provider.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "usage-receiver",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve`'s options, for the default command.
+    #[command(flatten)]
+    pub serve: serve::ServeArgs,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the receiver (the default command).
+    Serve(serve::ServeArgs),
+    /// Price books: `prices check PATH` validates one.
+    Prices(prices::PricesArgs),
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        None => serve::run(cli.serve).map(|()| std::process::ExitCode::SUCCESS),
+        Some(Command::Serve(args)) => serve::run(args).map(|()| std::process::ExitCode::SUCCESS),
+        Some(Command::Prices(args)) => prices::run(args),
+    }
+}
+
+/// Default log filter: the receiver's own info lines, only warnings from the libraries.
+pub const DEFAULT_LOG_FILTER: &str = "warn,usage_receiver=info,usage_common=info";
+
+/// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]);
+/// `LOG_FORMAT=json` writes JSON lines, anything else text, with colour codes only when
+/// standard error is a terminal (never into a file or the journal).
+pub fn init_logging() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let targets: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .or_else(|| DEFAULT_LOG_FILTER.parse().ok())
+        .unwrap_or_default();
+    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format == "json");
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    // A subscriber may already be installed (demo, tests); keeping it is fine.
+    let _ = if json {
+        builder.json().finish().with(targets).try_init()
+    } else {
+        builder.finish().with(targets).try_init()
+    };
+}

@@ -1,0 +1,510 @@
+//! The provider's installation views (SPEC sections 6 and 11), all behind basic auth:
+//! `GET /api/usage/installations` (usage, cost, revenue and profit per install, as JSON or
+//! CSV, over SPEC 6's days or a period, sorted as [`super::view`] reads it),
+//! `PUT /api/installations/{install_id}/plan`, `PUT /api/installations/{install_id}/label`
+//! and `DELETE /api/installations/{install_id}`; budgets are set in [`super::budgets`].
+//!
+//! The numbers come from the store's daily rollups and the money from [`super::pricing`];
+//! this module only picks the days, parses requests and shapes answers. "Now" is
+//! [`ReceiverState::provider_now`], so tests can stand on a month boundary.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Datelike, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::budgets::{budget_in_force, used_pct};
+use super::clip::clip;
+use super::error::{ReceiverError, json_body};
+use super::ingest::body_rejection;
+use super::pricing::{Bill, Plan, Pricing};
+use super::provider::{authorize, bad_param, blocking, day_text, query_rejection};
+use super::store::{Budget, CostedInstall, DailyTokens, PriceList, UsageWindow};
+use super::view::{Period, Sort};
+use super::{ReceiverState, ReceiverStore, ReceiverStoreError};
+use usage_protocol::event::format_millis;
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// One installation with its bill: a row of the API answer and of the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallRow {
+    pub install_id: String,
+    pub label: Option<String>,
+    pub plan: Plan,
+    pub last_seen_ms: Option<i64>,
+    /// Events and tokens over the counted days: the last 30 days in SPEC 6's answer, the
+    /// period in a period's view.
+    pub events: u64,
+    pub tokens: u64,
+    /// Over the priced days: month to date in SPEC 6's answer, the period in a period's
+    /// view. `bill.tokens` counts the tokens of those days.
+    pub bill: Bill,
+    /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
+    pub budget: Option<Budget>,
+    /// Thresholds alerted in the calendar month of the last day reported (this month in
+    /// SPEC 6's answer and a month-to-date view), ascending.
+    pub alerted_in_month: Vec<u32>,
+}
+
+impl InstallRow {
+    /// The budget in force, in currency units rounded to cents.
+    fn budget_monthly(&self) -> Option<f64> {
+        self.budget
+            .as_ref()
+            .map(|budget| budget.monthly.to_cents().as_units())
+    }
+
+    /// The cost over the budget in force, in percent to one decimal.
+    fn budget_used_pct(&self) -> Option<f64> {
+        self.budget
+            .as_ref()
+            .map(|budget| used_pct(self.bill.cost, budget))
+    }
+}
+
+/// The UTC days of the last 30 days (today included) and of the current month.
+pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
+    let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
+    let day_of_month = i64::from(now.day0());
+    UsageWindow {
+        today,
+        from_30d: today - 29,
+        month_start: today - day_of_month,
+    }
+}
+
+/// Bills every install's costed usage; `period`, when given, decides the revenue (a
+/// whole monthly price, or prorated by day), else it is the plan's monthly price.
+pub fn install_rows(
+    app: &ReceiverState,
+    installs: Vec<CostedInstall>,
+    period: Option<Period>,
+) -> Vec<InstallRow> {
+    let pricing = &app.pricing;
+    installs
+        .into_iter()
+        .map(|install| {
+            let revenue = match period {
+                Some(period) if !period.is_monthly() => {
+                    pricing.prorated_revenue(install.plan, period.days.first, period.days.last)
+                }
+                _ => pricing.revenue(install.plan),
+            };
+            InstallRow {
+                bill: Pricing::bill_of(revenue, &install.priced),
+                install_id: install.install_id,
+                label: install.label,
+                plan: install.plan,
+                last_seen_ms: install.last_seen_ms,
+                events: install.events_30d,
+                tokens: install.tokens_30d,
+                budget: budget_in_force(app, install.budget.as_ref()),
+                alerted_in_month: install.alerted_in_month,
+            }
+        })
+        .collect()
+}
+
+/// Every install (or only `install_id`) priced as of `now` over SPEC 6's days (`period`
+/// `None`: the last 30 days counted, month to date priced) or over a period, and the
+/// tokens per day of the counted days summed over them.
+pub async fn load_rows(
+    app: &Arc<ReceiverState>,
+    install_id: Option<String>,
+    now: DateTime<Utc>,
+    period: Option<Period>,
+) -> Result<(Vec<InstallRow>, Vec<DailyTokens>), ReceiverError> {
+    let window = match period {
+        Some(period) => period.days.as_window(),
+        None => usage_window(now),
+    };
+    let (store, app2) = (app.store.clone(), app.clone());
+    let report = blocking(move || {
+        let rates = |model: &str, day: i64| app2.pricing.rates(model, day);
+        let prices = PriceList {
+            id: app2.pricing.fingerprint(),
+            rates: &rates,
+        };
+        store.costed_installations(install_id.as_deref(), window, prices)
+    })
+    .await?;
+    Ok((install_rows(app, report.installs, period), report.daily))
+}
+
+/// How often a node asks for the views a provider opens first, when its store keeps
+/// views ([`ReceiverStore::keeps_views`]).
+const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps SPEC 6's view and the dashboard's three periods ready: asked for at start and
+/// every minute, so the first view of a new day (new windows), or after a node starts,
+/// does not read every rollup row while a provider waits, and later views read again only
+/// the installs that changed since the last minute.
+pub async fn keep_views_warm(app: Arc<ReceiverState>) {
+    let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let now = app.provider_now();
+        let mut periods = vec![None];
+        for name in ["mtd", "last_month", "30d"] {
+            if let Ok(Some(period)) = Period::parse(Some(name), None, None, now) {
+                periods.push(Some(period));
+            }
+        }
+        for period in periods {
+            if let Err(error) = load_rows(&app, None, now, period).await {
+                tracing::warn!(?error, "could not prepare the provider's views");
+            }
+        }
+    }
+}
+
+/// SPEC 6's row: the last 30 days and month to date. Serialized straight from the row
+/// (no `Value` per row: 100,000 rows are a 23 MB answer).
+#[derive(Debug, Serialize)]
+struct Spec6Row<'a> {
+    install_id: &'a str,
+    label: Option<&'a str>,
+    plan: &'static str,
+    last_seen: Option<String>,
+    events_30d: u64,
+    tokens_30d: u64,
+    tokens_mtd: u64,
+    cost_mtd: f64,
+    revenue_mtd: f64,
+    profit_mtd: f64,
+    unpriced_models: &'a [String],
+    budget_monthly: Option<f64>,
+    budget_used_pct: Option<f64>,
+}
+
+impl<'a> Spec6Row<'a> {
+    fn of(row: &'a InstallRow) -> Spec6Row<'a> {
+        Spec6Row {
+            install_id: &row.install_id,
+            label: row.label.as_deref(),
+            plan: row.plan.as_str(),
+            last_seen: row.last_seen_ms.map(format_millis),
+            events_30d: row.events,
+            tokens_30d: row.tokens,
+            tokens_mtd: row.bill.tokens,
+            cost_mtd: row.bill.cost.as_units(),
+            revenue_mtd: row.bill.revenue.as_units(),
+            profit_mtd: row.bill.profit.as_units(),
+            unpriced_models: &row.bill.unpriced_models,
+            budget_monthly: row.budget_monthly(),
+            budget_used_pct: row.budget_used_pct(),
+        }
+    }
+}
+
+/// A period's row: every figure over the period.
+#[derive(Debug, Serialize)]
+struct PeriodRow<'a> {
+    install_id: &'a str,
+    label: Option<&'a str>,
+    plan: &'static str,
+    last_seen: Option<String>,
+    events: u64,
+    tokens: u64,
+    cost: f64,
+    revenue: f64,
+    profit: f64,
+    unpriced_models: &'a [String],
+    budget_monthly: Option<f64>,
+    /// The period's cost over the monthly budget, for a calendar month's period only.
+    budget_used_pct: Option<f64>,
+}
+
+impl<'a> PeriodRow<'a> {
+    fn of(row: &'a InstallRow, period: &Period) -> PeriodRow<'a> {
+        PeriodRow {
+            install_id: &row.install_id,
+            label: row.label.as_deref(),
+            plan: row.plan.as_str(),
+            last_seen: row.last_seen_ms.map(format_millis),
+            events: row.events,
+            tokens: row.bill.tokens,
+            cost: row.bill.cost.as_units(),
+            revenue: row.bill.revenue.as_units(),
+            profit: row.bill.profit.as_units(),
+            unpriced_models: &row.bill.unpriced_models,
+            budget_monthly: row.budget_monthly(),
+            budget_used_pct: row.budget_used_pct().filter(|_| period.is_monthly()),
+        }
+    }
+}
+
+/// The answer: the rows, and the period when one was asked.
+#[derive(Debug, Serialize)]
+struct ListAnswer<T> {
+    installations: Vec<T>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    period: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    format: Option<String>,
+    period: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    sort: Option<String>,
+}
+
+/// `GET /api/usage/installations[?format=json|csv][&period=mtd|last_month|30d |
+/// &from=&to=][&sort=[-]column]`. Without a period the answer is SPEC 6's (the last 30
+/// days and month to date); with one, every figure is over that period and the answer
+/// names it. CSV has the same columns as the JSON rows.
+pub async fn list(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let Query(params) = params.map_err(query_rejection)?;
+    let csv = match params.format.as_deref().map(str::trim) {
+        None | Some("") | Some("json") => false,
+        Some("csv") => true,
+        Some(_) => return Err(bad_param("format", "must be json or csv")),
+    };
+    let now = app.provider_now();
+    let period = Period::parse(
+        params.period.as_deref(),
+        params.from.as_deref(),
+        params.to.as_deref(),
+        now,
+    )?;
+    let sort = Sort::parse(params.sort.as_deref())?;
+    let (mut rows, _) = load_rows(&app, None, now, period).await?;
+    sort.apply(&mut rows);
+    let period_json = period.map(|period| {
+        json!({
+            "name": period.name(),
+            "from": day_text(period.days.first),
+            "to": day_text(period.days.last),
+        })
+    });
+    match (period, csv) {
+        (None, false) => Ok(Json(ListAnswer {
+            installations: rows.iter().map(Spec6Row::of).collect(),
+            period: period_json,
+        })
+        .into_response()),
+        (Some(period), false) => Ok(Json(ListAnswer {
+            installations: rows.iter().map(|row| PeriodRow::of(row, &period)).collect(),
+            period: period_json,
+        })
+        .into_response()),
+        (None, true) => Ok(rows_csv(&COLUMNS, rows.iter().map(Spec6Row::of))),
+        (Some(period), true) => Ok(rows_csv(
+            &PERIOD_COLUMNS,
+            rows.iter().map(|row| PeriodRow::of(row, &period)),
+        )),
+    }
+}
+
+/// The keys of SPEC 6's rows, in order: the CSV header without a period.
+const COLUMNS: [&str; 13] = [
+    "install_id",
+    "label",
+    "plan",
+    "last_seen",
+    "events_30d",
+    "tokens_30d",
+    "tokens_mtd",
+    "cost_mtd",
+    "revenue_mtd",
+    "profit_mtd",
+    "unpriced_models",
+    "budget_monthly",
+    "budget_used_pct",
+];
+
+/// The keys of a period's rows, in order: the CSV header with a period.
+const PERIOD_COLUMNS: [&str; 12] = [
+    "install_id",
+    "label",
+    "plan",
+    "last_seen",
+    "events",
+    "tokens",
+    "cost",
+    "revenue",
+    "profit",
+    "unpriced_models",
+    "budget_monthly",
+    "budget_used_pct",
+];
+
+/// The JSON rows as CSV with `columns` as the header: a list as its items joined by `;`,
+/// `null` as an empty cell; quoted where needed (labels may hold anything).
+fn rows_csv<T: Serialize>(columns: &[&str], rows: impl Iterator<Item = T>) -> Response {
+    let cell = |value: &Value| match value {
+        Value::Null => String::new(),
+        Value::String(text) => text.clone(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(";"),
+        other => other.to_string(),
+    };
+    let write = || -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+        let mut writer = csv::Writer::from_writer(Vec::new());
+        writer.write_record(columns)?;
+        for row in rows {
+            let row = serde_json::to_value(row)?;
+            writer.write_record(columns.iter().map(|key| cell(&row[*key])))?;
+        }
+        Ok(writer.into_inner()?)
+    };
+    // Writing to memory cannot fail.
+    let body = write().unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/csv; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
+pub async fn set_plan(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(install_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let body = body.map_err(body_rejection)?;
+    let value = json_body(&body)?;
+    let plan = value
+        .get("plan")
+        .and_then(Value::as_str)
+        .and_then(|text| text.parse::<Plan>().ok())
+        .ok_or_else(|| {
+            ReceiverError::invalid_field("invalid_plan", "plan", "must be one of free, pro, agency")
+        })?;
+    change_install(&app, &install_id, move |store, id| store.set_plan(id, plan)).await?;
+    tracing::info!(install_id = %clip(&install_id), plan = plan.as_str(), "plan changed");
+    Ok(Json(
+        json!({"install_id": install_id, "plan": plan.as_str()}),
+    ))
+}
+
+/// `PUT /api/installations/{install_id}/label` with `{"label": "..."}` (1 to 100
+/// characters, none of them a control character).
+pub async fn set_label(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(install_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let body = body.map_err(body_rejection)?;
+    let value = json_body(&body)?;
+    let label = value
+        .get("label")
+        .and_then(Value::as_str)
+        .filter(|label| is_valid_label(label))
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            let rule = "must be a string of 1 to 100 characters, none of them a control character";
+            ReceiverError::invalid_field("invalid_label", "label", rule)
+        })?;
+    let text = label.clone();
+    change_install(&app, &install_id, move |store, id| {
+        store.set_label(id, &text)
+    })
+    .await?;
+    tracing::info!(install_id = %clip(&install_id), "label changed");
+    Ok(Json(json!({"install_id": install_id, "label": label})))
+}
+
+/// SPEC 11: 1 to 100 characters (Unicode scalar values); control characters would only
+/// garble the dashboard and the CSV.
+fn is_valid_label(label: &str) -> bool {
+    let count = label.chars().count();
+    (1..=100).contains(&count) && !label.chars().any(char::is_control)
+}
+
+/// `DELETE /api/installations/{install_id}`: erases the install's events, rollups and
+/// enrollment. The agent would have to enroll again to send anything more.
+pub async fn erase(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(install_id): Path<String>,
+) -> Result<Json<Value>, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let store = app.store.clone();
+    let id = install_id.clone();
+    let Some(events) = blocking(move || store.erase_install(&id)).await? else {
+        return Err(unknown_install());
+    };
+    tracing::info!(install_id = %clip(&install_id), events, "install erased");
+    Ok(Json(
+        json!({"install_id": install_id, "erased": true, "events_deleted": events}),
+    ))
+}
+
+/// Runs `change` of the install `install_id` on the blocking pool: `404 unknown_install`
+/// when it finds no such install (answers `false`).
+pub(super) async fn change_install(
+    app: &ReceiverState,
+    install_id: &str,
+    change: impl FnOnce(&dyn ReceiverStore, &str) -> Result<bool, ReceiverStoreError> + Send + 'static,
+) -> Result<(), ReceiverError> {
+    let store = app.store.clone();
+    let id = install_id.to_owned();
+    if blocking(move || change(&*store, &id)).await? {
+        Ok(())
+    } else {
+        Err(unknown_install())
+    }
+}
+
+pub(super) fn unknown_install() -> ReceiverError {
+    ReceiverError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_install",
+        "no install with this id is enrolled",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::day_text;
+    use chrono::TimeZone;
+
+    #[test]
+    fn windows_are_utc_days() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 1, 0, 30, 0).unwrap();
+        let window = usage_window(now);
+        assert_eq!(window.month_start, window.today);
+        assert_eq!(window.from_30d, window.today - 29);
+        assert_eq!(day_text(window.today), "2026-11-01");
+
+        let late = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap();
+        let window = usage_window(late);
+        assert_eq!(day_text(window.month_start), "2026-12-01");
+        assert_eq!(day_text(window.from_30d), "2026-12-02");
+    }
+}

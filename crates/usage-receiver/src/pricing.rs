@@ -1,0 +1,679 @@
+//! Money for the provider views: model prices, plan prices, and the month-to-date bill of
+//! an installation (SPEC section 6).
+//!
+//! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
+//! unit); floats appear only where a configured price is read, once, at start. Prices come
+//! from the price book ([`super::price_book`], SPEC 11) by token kind and day, else from the
+//! environment (`MODEL_COST_OVERRIDES` by exact name, then `DEFAULT_COST_PER_1K_TOKENS`,
+//! for every token). The cost of one model on one day is computed exactly in 128-bit
+//! integers from the stored token counts and rounded half up to a micro-unit once
+//! ([`cost_at`]); amounts are rounded to cents only for display. Costs are never stored, so
+//! a corrected book reprices history. This module does no I/O and knows nothing about
+//! HTTP.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{Datelike, Months, NaiveDate, TimeDelta};
+
+use super::price_book::{PriceBook, Rates};
+use super::settings::ReceiverSettings;
+
+/// Micro-units in one currency unit.
+pub const MICROS_PER_UNIT: i64 = 1_000_000;
+/// Micro-units in one cent.
+const MICROS_PER_CENT: i64 = 10_000;
+
+/// An amount of money in micro-units (millionths of a currency unit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Micros(pub i64);
+
+impl Micros {
+    /// A configured price in currency units, rounded to the nearest micro-unit. Settings
+    /// only hold finite, non-negative prices; anything else (or an absurdly large price)
+    /// saturates rather than wrapping.
+    pub fn from_units(units: f64) -> Micros {
+        let micros = (units * MICROS_PER_UNIT as f64).round();
+        if micros.is_nan() {
+            Micros(0)
+        } else {
+            // `as` saturates at the i64 bounds.
+            Micros(micros as i64)
+        }
+    }
+
+    /// Rounded to whole cents, halves away from zero.
+    pub fn to_cents(self) -> Cents {
+        let half = MICROS_PER_CENT / 2;
+        let cents = if self.0 >= 0 {
+            self.0.saturating_add(half) / MICROS_PER_CENT
+        } else {
+            self.0.saturating_sub(half) / MICROS_PER_CENT
+        };
+        Cents(cents)
+    }
+}
+
+/// A displayed amount: whole cents.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cents(pub i64);
+
+impl Cents {
+    /// The amount as a JSON number in currency units with at most two decimals.
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::Value::from(self.as_units())
+    }
+
+    /// The amount in currency units, as JSON shows it.
+    pub fn as_units(self) -> f64 {
+        // Exact for any amount below 2^53 cents; the division by 100 only places the point.
+        self.0 as f64 / 100.0
+    }
+}
+
+impl std::ops::Sub for Cents {
+    type Output = Cents;
+    fn sub(self, other: Cents) -> Cents {
+        Cents(self.0.saturating_sub(other.0))
+    }
+}
+
+impl std::ops::Add for Cents {
+    type Output = Cents;
+    fn add(self, other: Cents) -> Cents {
+        Cents(self.0.saturating_add(other.0))
+    }
+}
+
+impl fmt::Display for Cents {
+    /// `12.34`, `-0.05`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:02}", abs / 100, abs % 100)
+    }
+}
+
+/// An installation's plan.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Plan {
+    #[default]
+    Free,
+    Pro,
+    Agency,
+}
+
+impl Plan {
+    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Pro, Plan::Agency];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Pro => "pro",
+            Plan::Agency => "agency",
+        }
+    }
+}
+
+/// A plan name that is not `free`, `pro` or `agency`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("plan must be one of free, pro, agency")]
+pub struct UnknownPlan;
+
+impl FromStr for Plan {
+    type Err = UnknownPlan;
+    fn from_str(text: &str) -> Result<Plan, UnknownPlan> {
+        Plan::ALL
+            .into_iter()
+            .find(|plan| plan.as_str() == text)
+            .ok_or(UnknownPlan)
+    }
+}
+
+/// The prices, converted once from the settings.
+#[derive(Debug, Clone, Default)]
+pub struct Pricing {
+    /// `PRICE_BOOK`: prices by token kind and day, tried first.
+    book: Option<PriceBook>,
+    /// `DEFAULT_COST_PER_1K_TOKENS`: the last fallback, for every token.
+    default_per_1k: Option<Micros>,
+    /// `MODEL_COST_OVERRIDES`, by exact model name, for every token.
+    overrides: HashMap<String, Micros>,
+    /// `PLAN_FREE_MONTHLY`, `PLAN_PRO_MONTHLY`, `PLAN_AGENCY_MONTHLY` (0 when unset).
+    free: Micros,
+    pro: Micros,
+    agency: Micros,
+}
+
+/// Tokens of every kind, as events count them: cached and cache-write tokens are part of
+/// the prompt, reasoning tokens part of the completion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl TokenCounts {
+    /// Prompt plus completion tokens.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// The tokens one install used of one model on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelDayTokens {
+    pub model: String,
+    /// Days since the Unix epoch (UTC).
+    pub day: i64,
+    pub tokens: TokenCounts,
+}
+
+/// What an installation costs and brings in over a month, in displayed cents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bill {
+    pub tokens: u64,
+    pub cost: Cents,
+    pub revenue: Cents,
+    /// `revenue - cost` of the rounded amounts, so the shown numbers always add up.
+    pub profit: Cents,
+    /// Models with no price on at least one day of their usage (counted as 0 that day);
+    /// sorted.
+    pub unpriced_models: Vec<String>,
+}
+
+/// Usage costed in micro-units, before the bill rounds it to cents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PricedUsage {
+    pub tokens: u64,
+    /// Each model's day rounded half up to a micro-unit, summed (saturating).
+    pub cost: Micros,
+    /// Models with no rates on some day of their usage; sorted, each once.
+    pub unpriced_models: Vec<String>,
+}
+
+impl PricedUsage {
+    /// Costs `usage` (one entry per model and day) at `rates`.
+    pub fn of(
+        usage: &[ModelDayTokens],
+        rates: &(dyn Fn(&str, i64) -> Option<Rates> + Sync),
+    ) -> PricedUsage {
+        let mut priced = PricedUsage::default();
+        for usage in usage {
+            priced.tokens = priced.tokens.saturating_add(usage.tokens.total());
+            match rates(&usage.model, usage.day) {
+                Some(rates) => {
+                    let day_cost = cost_at(&rates, &usage.tokens);
+                    priced.cost = Micros(priced.cost.0.saturating_add(day_cost.0));
+                }
+                None => priced.unpriced_models.push(usage.model.clone()),
+            }
+        }
+        priced.unpriced_models.sort();
+        priced.unpriced_models.dedup();
+        priced
+    }
+}
+
+/// The cost of `tokens` at `rates`, in micro-units, rounded half up (SPEC 11):
+/// `((prompt - cached - cache_write) × input + cached × cached_input + cache_write ×
+/// cache_write_price + (completion - reasoning) × output + reasoning × reasoning_price)
+/// / 10^6`. Events may count cached and cache-write tokens that together exceed the
+/// prompt (each alone cannot); the uncached input is then 0, never negative.
+pub fn cost_at(rates: &Rates, tokens: &TokenCounts) -> Micros {
+    let uncached = tokens
+        .prompt
+        .saturating_sub(tokens.cached)
+        .saturating_sub(tokens.cache_write);
+    let plain_output = tokens.completion.saturating_sub(tokens.reasoning);
+    let term = |count: u64, price: Micros| i128::from(count) * i128::from(price.0);
+    // Counts below 2^64 times prices below 2^63: each term and their sum fit in 128 bits.
+    let exact = term(uncached, rates.input)
+        + term(tokens.cached, rates.cached_input)
+        + term(tokens.cache_write, rates.cache_write)
+        + term(plain_output, rates.output)
+        + term(tokens.reasoning, rates.reasoning);
+    let rounded = (exact + 500_000) / 1_000_000;
+    Micros(i64::try_from(rounded).unwrap_or(i64::MAX))
+}
+
+impl Pricing {
+    pub fn from_settings(settings: &ReceiverSettings) -> Pricing {
+        let money = |value: Option<f64>| value.map(Micros::from_units).unwrap_or_default();
+        Pricing {
+            book: settings.price_book.clone(),
+            default_per_1k: settings.default_cost_per_1k_tokens.map(Micros::from_units),
+            overrides: settings
+                .model_cost_overrides
+                .iter()
+                .map(|(model, price)| (model.clone(), Micros::from_units(*price)))
+                .collect(),
+            free: money(settings.plan_free_monthly),
+            pro: money(settings.plan_pro_monthly),
+            agency: money(settings.plan_agency_monthly),
+        }
+    }
+
+    /// An identity of the rates ([`Pricing::rates`]): equal for equal rates, and, but for
+    /// a 64-bit hash collision, different otherwise. Figures costed under one fingerprint
+    /// hold for as long as it stays the same.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut overrides: Vec<_> = self.overrides.iter().collect();
+        overrides.sort();
+        let mut hasher = std::hash::DefaultHasher::new();
+        format!("{:?} {:?} {overrides:?}", self.book, self.default_per_1k).hash(&mut hasher);
+        hasher.finish()
+    }
+
+    /// The price book in force, if `PRICE_BOOK` names one.
+    pub fn book(&self) -> Option<&PriceBook> {
+        self.book.as_ref()
+    }
+
+    /// The rates of `model` on `day`: the book's entry in force that day, else the
+    /// model's override, else the default price, the last two for every token. `None`
+    /// when none of them prices it.
+    pub fn rates(&self, model: &str, day: i64) -> Option<Rates> {
+        if let Some(rates) = self.book.as_ref().and_then(|book| book.rates(model, day)) {
+            return Some(rates);
+        }
+        let per_1k = self.overrides.get(model).copied().or(self.default_per_1k)?;
+        Some(Rates::flat(Micros(per_1k.0.saturating_mul(1000))))
+    }
+
+    /// The cost of one model's usage on one day, rounded half up to a micro-unit, or
+    /// `None` when the model has no price that day.
+    pub fn day_cost(&self, usage: &ModelDayTokens) -> Option<Micros> {
+        let rates = self.rates(&usage.model, usage.day)?;
+        Some(cost_at(&rates, &usage.tokens))
+    }
+
+    /// A plan's monthly price.
+    pub fn revenue(&self, plan: Plan) -> Micros {
+        match plan {
+            Plan::Free => self.free,
+            Plan::Pro => self.pro,
+            Plan::Agency => self.agency,
+        }
+    }
+
+    /// The month's bill of an installation on `plan` that used `usage` (one entry per
+    /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
+        self.bill_with_revenue(self.revenue(plan), usage)
+    }
+
+    /// The plan's revenue over the UTC days `first..=last` of a period that is not one
+    /// whole calendar month: for each month it touches, the monthly price times the days of
+    /// the period in that month over the days of that month, each part rounded half up to
+    /// a micro-unit. A period of whole months brings in exactly their monthly prices.
+    pub fn prorated_revenue(&self, plan: Plan, first: i64, last: i64) -> Micros {
+        let monthly = i128::from(self.revenue(plan).0);
+        let mut total = 0i128;
+        let mut day = first;
+        while day <= last {
+            let (month_first, month_last) = month_of(day);
+            let part_last = month_last.min(last);
+            let days = i128::from(part_last - day + 1);
+            let month_days = i128::from(month_last - month_first + 1);
+            // Half up: (2·a·d + m) / (2·m).
+            total += (2 * monthly * days + month_days) / (2 * month_days);
+            day = part_last + 1;
+        }
+        Micros(i64::try_from(total).unwrap_or(i64::MAX))
+    }
+
+    /// The currency of every amount: the price book's, else `USD`.
+    pub fn currency(&self) -> &str {
+        self.book
+            .as_ref()
+            .map_or("USD", |book| book.currency.as_str())
+    }
+
+    /// `usage` (one entry per model and day) costed at these prices.
+    pub fn price(&self, usage: &[ModelDayTokens]) -> PricedUsage {
+        PricedUsage::of(usage, &|model: &str, day| self.rates(model, day))
+    }
+
+    /// A bill whose revenue is `revenue` (a plan's monthly price, or a prorated one):
+    /// each day's cost rounded to a micro-unit, their sum to cents.
+    pub fn bill_with_revenue(&self, revenue: Micros, usage: &[ModelDayTokens]) -> Bill {
+        Pricing::bill_of(revenue, &self.price(usage))
+    }
+
+    /// The bill of usage already costed: its cost to cents, `revenue` to cents, the
+    /// difference.
+    pub fn bill_of(revenue: Micros, priced: &PricedUsage) -> Bill {
+        let cost = priced.cost.to_cents();
+        let revenue = revenue.to_cents();
+        Bill {
+            tokens: priced.tokens,
+            cost,
+            revenue,
+            profit: revenue - cost,
+            unpriced_models: priced.unpriced_models.clone(),
+        }
+    }
+}
+
+/// The first and last day (days since the Unix epoch, UTC) of the month of `day`.
+pub fn month_of(day: i64) -> (i64, i64) {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
+    let date = TimeDelta::try_days(day)
+        .and_then(|delta| epoch.checked_add_signed(delta))
+        .unwrap_or(epoch);
+    let first = date.with_day(1).expect("every month has a first day");
+    let next = first
+        .checked_add_months(Months::new(1))
+        .unwrap_or(NaiveDate::MAX);
+    let number = |d: NaiveDate| (d - epoch).num_days();
+    (number(first), number(next) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::price_book::day_number;
+    use chrono::NaiveDate;
+
+    /// Per million tokens: gpt-4o-mini 0.15 in, 0.075 cached, 0.1875 cache write, 0.60 out
+    /// (reasoning as out); "o-*" 2.00 / 0.50 / (write as in) / 8.00 / 10.00 reasoning from
+    /// 2025-01-01, then 1.00 / 0.25 / 4.00 / 5.00 from 2025-01-16; the exact "o-mini" 1.10
+    /// in, 4.40 out from 2025-01-01. The environment: "flat" 0.005 per 1K, else 0.002.
+    const BOOK: &str = r#"
+currency = "USD"
+[[model]]
+match = "gpt-4o-mini"
+effective_from = "2024-07-18"
+input_per_mtok = 0.15
+cached_input_per_mtok = 0.075
+cache_write_per_mtok = 0.1875
+output_per_mtok = 0.60
+[[model]]
+match = "o-*"
+effective_from = "2025-01-01"
+input_per_mtok = 2.00
+cached_input_per_mtok = 0.50
+output_per_mtok = 8.00
+reasoning_per_mtok = 10.00
+[[model]]
+match = "o-mini"
+effective_from = "2025-01-01"
+input_per_mtok = 1.10
+output_per_mtok = 4.40
+[[model]]
+match = "o-*"
+effective_from = "2025-01-16"
+input_per_mtok = 1.00
+cached_input_per_mtok = 0.25
+output_per_mtok = 4.00
+reasoning_per_mtok = 5.00
+"#;
+
+    fn settings(default_per_1k: Option<f64>) -> ReceiverSettings {
+        ReceiverSettings {
+            price_book: Some(PriceBook::parse(BOOK).unwrap()),
+            default_cost_per_1k_tokens: default_per_1k,
+            model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),
+            plan_pro_monthly: Some(19.0),
+            plan_agency_monthly: Some(99.99),
+            ..ReceiverSettings::default()
+        }
+    }
+
+    fn pricing() -> Pricing {
+        Pricing::from_settings(&settings(Some(0.002)))
+    }
+
+    fn day(date: &str) -> i64 {
+        day_number(NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap())
+    }
+
+    /// `[prompt, completion, cached, cache_write, reasoning]` of `model` on `date`.
+    fn usage(model: &str, date: &str, kinds: [u64; 5]) -> ModelDayTokens {
+        let [prompt, completion, cached, cache_write, reasoning] = kinds;
+        ModelDayTokens {
+            model: model.into(),
+            day: day(date),
+            tokens: TokenCounts {
+                prompt,
+                completion,
+                cached,
+                cache_write,
+                reasoning,
+            },
+        }
+    }
+
+    #[test]
+    fn revenue_over_a_period_is_prorated_by_day_within_each_month() {
+        let pricing = Pricing::from_settings(&settings(None));
+        let day = |y, m, d| day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        // A whole month, or two: exactly the monthly prices.
+        let (first, last) = month_of(day(2026, 2, 10));
+        assert_eq!((first, last), (day(2026, 2, 1), day(2026, 2, 28)));
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Pro, first, last),
+            Micros(19_000_000)
+        );
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
+            Micros(2 * 99_990_000)
+        );
+        // 30 days from 2026-01-17: 15 of January's 31, 15 of February's 28.
+        // 19 × 15/31 = 9.193548387 → 9.193548; 19 × 15/28 = 10.178571428 → 10.178571.
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
+            Micros(9_193_548 + 10_178_571)
+        );
+        // One day of a 30-day month, half up: 99.99 / 30 = 3.333 exactly.
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
+            Micros(3_333_000)
+        );
+        assert_eq!(
+            pricing.prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
+            Micros(0)
+        );
+        // December to January crosses the year.
+        assert_eq!(
+            month_of(day(2026, 12, 31)),
+            (day(2026, 12, 1), day(2026, 12, 31))
+        );
+    }
+
+    #[test]
+    fn prices_convert_once_to_micro_units() {
+        assert_eq!(Micros::from_units(0.002), Micros(2_000));
+        assert_eq!(Micros::from_units(0.00015), Micros(150));
+        assert_eq!(Micros::from_units(99.99), Micros(99_990_000));
+        // 0.1 + 0.2 != 0.3 in floats; in micro-units the sum is exact.
+        assert_eq!(
+            Micros::from_units(0.1).0 + Micros::from_units(0.2).0,
+            Micros::from_units(0.3).0
+        );
+    }
+
+    #[test]
+    fn one_days_cost_follows_the_formula_by_token_kind() {
+        let p = pricing();
+        // Worked by hand: Σ tokens × price per Mtok in micro-units, / 10^6, half up.
+        let cases: [(&str, &str, [u64; 5], Option<i64>); 14] = [
+            // 1M in × 150,000 + 1M out × 600,000 = 7.5e11 / 1e6 = 750,000 (0.75).
+            (
+                "gpt-4o-mini",
+                "2024-07-18",
+                [1_000_000, 1_000_000, 0, 0, 0],
+                Some(750_000),
+            ),
+            // Cached and cache write: 500K × 150,000 + 400K × 75,000 + 100K × 187,500
+            // = 7.5e10 + 3e10 + 1.875e10 = 1.2375e11 → 123,750.
+            (
+                "gpt-4o-mini",
+                "2024-08-01",
+                [1_000_000, 0, 400_000, 100_000, 0],
+                Some(123_750),
+            ),
+            // Reasoning, "o-*" before the 16th: 1000 × 2e6 + 1000 × 8e6 + 2000 × 10e6
+            // = 3e10 → 30,000.
+            (
+                "o-large",
+                "2025-01-15",
+                [1_000, 3_000, 0, 0, 2_000],
+                Some(30_000),
+            ),
+            // The same usage from the 16th, when the newer entry is in force:
+            // 1000 × 1e6 + 1000 × 4e6 + 2000 × 5e6 = 1.5e10 → 15,000.
+            (
+                "o-large",
+                "2025-01-16",
+                [1_000, 3_000, 0, 0, 2_000],
+                Some(15_000),
+            ),
+            // The exact "o-mini" beats the prefix, and its reasoning defaults to its output
+            // price: 1000 × 1.1e6 + 500 × 4.4e6 + 500 × 4.4e6 = 5.5e9 → 5,500.
+            (
+                "o-mini",
+                "2025-01-20",
+                [1_000, 1_000, 0, 0, 500],
+                Some(5_500),
+            ),
+            // Cached defaults to input on "o-mini": 600 × 1.1e6 + 400 × 1.1e6 = 1.1e9 → 1,100.
+            ("o-mini", "2025-01-20", [1_000, 0, 400, 0, 0], Some(1_100)),
+            // Rounding half up, once: 10 × 150,000 = 1.5e6 → 1.5 → 2; 3 × 150,000 → 0.45 → 0;
+            // 7 × 150,000 → 1.05 → 1.
+            ("gpt-4o-mini", "2024-07-18", [10, 0, 0, 0, 0], Some(2)),
+            ("gpt-4o-mini", "2024-07-18", [3, 0, 0, 0, 0], Some(0)),
+            ("gpt-4o-mini", "2024-07-18", [7, 0, 0, 0, 0], Some(1)),
+            // Cached + cache write above the prompt: uncached input is 0, not negative:
+            // 80 × 75,000 + 80 × 187,500 = 2.1e7 → 21.
+            ("gpt-4o-mini", "2024-07-18", [100, 0, 80, 80, 0], Some(21)),
+            // Before its book entry starts, a model falls back to the environment: the
+            // default 0.002 per 1K (2e6 per Mtok) on every token: 1000 × 2e6 → 2,000.
+            ("o-large", "2024-12-31", [1_000, 0, 0, 0, 0], Some(2_000)),
+            // The override 0.005 per 1K (5e6 per Mtok), every kind alike:
+            // 1234 × 5e6 = 6.17e9 → 6,170.
+            (
+                "flat",
+                "2025-01-01",
+                [1_000, 234, 500, 100, 100],
+                Some(6_170),
+            ),
+            // Default price for a model nothing else prices: 2500 × 2e6 → 5,000.
+            ("mystery", "2025-01-01", [2_000, 500, 0, 0, 0], Some(5_000)),
+            // Saturates instead of wrapping.
+            ("flat", "2025-01-01", [u64::MAX, 0, 0, 0, 0], Some(i64::MAX)),
+        ];
+        for (model, date, kinds, micros) in cases {
+            let got = p.day_cost(&usage(model, date, kinds)).map(|m| m.0);
+            assert_eq!(got, micros, "{model} on {date}: {kinds:?}");
+        }
+        // Without DEFAULT_COST_PER_1K_TOKENS a model nothing prices has no price.
+        let no_default = Pricing::from_settings(&settings(None));
+        let unpriced = usage("mystery", "2025-01-01", [2_000, 500, 0, 0, 0]);
+        assert_eq!(no_default.day_cost(&unpriced), None);
+        let before = usage("o-large", "2024-12-31", [1_000, 0, 0, 0, 0]);
+        assert_eq!(no_default.day_cost(&before), None);
+    }
+
+    #[test]
+    fn bills_round_each_day_then_the_month_to_cents_and_list_unpriced_models() {
+        let p = Pricing::from_settings(&settings(None));
+        let bill = p.bill(
+            Plan::Pro,
+            &[
+                // 30,000 + 15,000: the price changed on the 16th.
+                usage("o-large", "2025-01-15", [1_000, 3_000, 0, 0, 2_000]),
+                usage("o-large", "2025-01-16", [1_000, 3_000, 0, 0, 2_000]),
+                // 1.5 → 2 micro-units on each day: 4, not the 3 of one monthly rounding.
+                usage("gpt-4o-mini", "2025-01-02", [10, 0, 0, 0, 0]),
+                usage("gpt-4o-mini", "2025-01-03", [10, 0, 0, 0, 0]),
+                // No price at all: adds 0, listed once.
+                usage("mystery", "2025-01-02", [1_000_000, 0, 0, 0, 0]),
+                usage("mystery", "2025-01-03", [1, 0, 0, 0, 0]),
+            ],
+        );
+        // 45,004 micro-units = 0.045004 → 0.05 (cents round half up).
+        assert_eq!(bill.cost, Cents(5));
+        assert_eq!(bill.revenue, Cents(1900));
+        assert_eq!(bill.profit, Cents(1895));
+        assert_eq!(bill.tokens, 8_000 + 20 + 1_000_001);
+        assert_eq!(bill.unpriced_models, ["mystery"]);
+
+        // A model priced on some days and not on others is listed too.
+        let partly = p.bill(
+            Plan::Free,
+            &[
+                usage("o-large", "2024-12-31", [1_000, 0, 0, 0, 0]),
+                usage("o-large", "2025-01-15", [1_000, 3_000, 0, 0, 2_000]),
+            ],
+        );
+        assert_eq!(
+            (partly.cost, partly.unpriced_models),
+            (Cents(3), vec!["o-large".into()])
+        );
+
+        let agency = p.bill(Plan::Agency, &[]);
+        assert_eq!((agency.cost, agency.revenue), (Cents(0), Cents(9999)));
+    }
+
+    #[test]
+    fn the_environment_prices_every_token_alike_when_there_is_no_book() {
+        let p = Pricing::from_settings(&ReceiverSettings {
+            default_cost_per_1k_tokens: Some(0.002),
+            model_cost_overrides: [("gpt-4o".to_owned(), 0.005)].into_iter().collect(),
+            ..ReceiverSettings::default()
+        });
+        let bill = p.bill(
+            Plan::Free,
+            &[
+                // 123,456 × 5e6 / 1e6 = 617,280 (0.61728).
+                usage("gpt-4o", "2025-01-01", [100_000, 23_456, 50_000, 0, 3_000]),
+                // Names match exactly: the default, 1000 × 2e6 → 2,000.
+                usage("GPT-4O", "2025-01-01", [1_000, 0, 0, 0, 0]),
+            ],
+        );
+        // 619,280 → 0.62.
+        assert_eq!(bill.cost, Cents(62));
+        assert!(bill.unpriced_models.is_empty());
+    }
+
+    #[test]
+    fn missing_prices_are_zero() {
+        let p = Pricing::from_settings(&ReceiverSettings::default());
+        let bill = p.bill(
+            Plan::Pro,
+            &[usage("m", "2025-01-01", [1_000_000, 0, 0, 0, 0])],
+        );
+        assert_eq!(
+            (bill.cost, bill.revenue, bill.profit),
+            (Cents(0), Cents(0), Cents(0))
+        );
+        assert_eq!(bill.unpriced_models, ["m"]);
+    }
+
+    #[test]
+    fn cents_display_and_json() {
+        assert_eq!(Cents(1252).to_string(), "12.52");
+        assert_eq!(Cents(-5).to_string(), "-0.05");
+        assert_eq!(Cents(0).to_string(), "0.00");
+        assert_eq!(Cents(1252).to_json(), serde_json::json!(12.52));
+        assert_eq!(Micros(-5_000).to_cents(), Cents(-1));
+        assert_eq!(Micros(4_999).to_cents(), Cents(0));
+    }
+
+    #[test]
+    fn plans_parse_by_exact_name() {
+        for plan in Plan::ALL {
+            assert_eq!(plan.as_str().parse::<Plan>(), Ok(plan));
+        }
+        assert_eq!("Pro".parse::<Plan>(), Err(UnknownPlan));
+        assert_eq!("".parse::<Plan>(), Err(UnknownPlan));
+        assert_eq!(Plan::default(), Plan::Free);
+    }
+}

@@ -1,0 +1,920 @@
+//! The bundled receiver's SQLite store: every SQL statement of the receiver lives here.
+//!
+//! One writer connection (enroll, ingest, retention) and one reader connection (install
+//! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
+//! Each install is stored once and events refer to it by an integer key; event ids are
+//! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
+//! `daily_usage` holds per install, UTC day and model the events and tokens of every kind
+//! stored; ingest
+//! adds to it in the same transaction as the events it inserts (only those not deduped),
+//! so it always equals a sum over the events ever stored, including those since purged.
+//! This module knows nothing about HTTP.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::config::DbConfig;
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use uuid::Uuid;
+
+use super::{
+    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
+    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
+    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    month_of_day,
+};
+use crate::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
+use crate::rate_limit::{Rate, RateLimiter};
+use usage_common::private_file::create_private;
+use usage_protocol::event::Source;
+use usage_protocol::signing::Secret;
+use usage_protocol::wire::to_hex;
+
+mod group_commit;
+mod migrations;
+
+use group_commit::{IngestQueue, PendingIngest};
+use migrations::migrate;
+
+const MS_PER_DAY: i64 = 86_400_000;
+/// Events deleted per retention transaction, so a batch waiting to commit gets in soon.
+const RETENTION_CHUNK: i64 = 5000;
+
+/// The receiver's SQLite database.
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// Group commit: batches that arrive while one commits wait here and are committed
+    /// together, one transaction and one fsync for all of them.
+    ingest_queue: Mutex<IngestQueue>,
+    committed: Condvar,
+    /// Requests per install: in memory, as one node owns a SQLite database.
+    limiter: RateLimiter,
+}
+
+impl From<rusqlite::Error> for ReceiverStoreError {
+    fn from(error: rusqlite::Error) -> ReceiverStoreError {
+        ReceiverStoreError::Backend(Box::new(error))
+    }
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, creating its parent directories,
+    /// and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<SqliteStore, ReceiverStoreError> {
+        let open_error =
+            |source: Box<dyn std::error::Error + Send + Sync>| ReceiverStoreError::Open {
+                path: path.to_owned(),
+                source,
+            };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
+        }
+        // SPEC 10: the provider's record is never silently rebuilt; damage stops the start.
+        usage_common::sqlite_check::refuse_if_damaged(path).map_err(open_error)?;
+        create_private(path).map_err(|e| open_error(Box::new(e)))?;
+        let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        migrate(&mut writer).map_err(|e| open_error(Box::new(e)))?;
+        let reader = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            ingest_queue: Mutex::new(IngestQueue::default()),
+            committed: Condvar::new(),
+            limiter: RateLimiter::default(),
+        })
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction behind
+        // (rusqlite rolls back on drop), so a poisoned lock is safe to reuse.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ingest_queue(&self) -> MutexGuard<'_, IngestQueue> {
+        self.ingest_queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores the batches of a group in one transaction: all of them, or none. A batch
+    /// whose install is gone is `None` and stores nothing.
+    fn commit_group(
+        &self,
+        group: &[Arc<PendingIngest>],
+    ) -> Result<Vec<Option<IngestCounts>>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let counts = group
+            .iter()
+            .map(|p| insert_batch(&tx, p.install, &p.events, p.received_at_ms))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(counts)
+    }
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    // Every commit syncs (FULL, below), which gathering WAL writes relies on.
+    let conn = usage_common::gather_vfs::open_for_full_sync(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    // Small pages: the (install, event_id) index takes random inserts, and a commit writes
+    // whole pages. Only takes effect when the database is created.
+    conn.pragma_update(None, "page_size", 1024)?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))?;
+    // FULL: a batch is answered 200 only after its commit is on disk. Once the agent has
+    // that answer it marks the events synced and never sends them again, so a commit lost
+    // to a power cut would be billing data lost.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    // A modest page cache, on purpose: when a B-tree page splits, SQLite parks a page
+    // under the number of the 1 GiB "pending byte" page for a moment, and every commit
+    // then scans the whole page-cache hash table to drop pages past the end of the file.
+    // That scan grows with the cache (BENCHMARKS.md, "Where the tuned constants come
+    // from", has what a large cache cost). The OS page cache still holds the rest of the
+    // database. A larger WAL before the automatic checkpoint means
+    // fewer checkpoints inside an ingest commit.
+    conn.pragma_update(None, "cache_size", -4 * 1024)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    // Plans never depend on bound values, so `LIMIT ?` statements are not re-prepared
+    // on every rebind.
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+fn install_key(conn: &Connection, install_id: &str) -> rusqlite::Result<Option<InstallKey>> {
+    conn.prepare_cached("SELECT id FROM installs WHERE install_id = ?1")?
+        .query_row(params![install_id], |row| row.get(0))
+        .optional()
+}
+
+fn range_bounds(range: TimeRange) -> (i64, i64) {
+    (
+        range.from_ms.unwrap_or(i64::MIN),
+        range.to_ms.unwrap_or(i64::MAX),
+    )
+}
+
+fn source_from(code: i64) -> Result<Source, ReceiverStoreError> {
+    Source::from_code(code)
+        .ok_or_else(|| ReceiverStoreError::Corrupt(format!("unknown source code {code}")))
+}
+
+fn uuid_from(bytes: &[u8]) -> Result<Uuid, ReceiverStoreError> {
+    Uuid::from_slice(bytes)
+        .map_err(|_| ReceiverStoreError::Corrupt("an event id is not 16 bytes".into()))
+}
+
+impl ReceiverStore for SqliteStore {
+    fn kind(&self) -> StoreKind {
+        StoreKind::Sqlite
+    }
+
+    fn ping(&self) -> Result<(), ReceiverStoreError> {
+        self.reader().query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    fn take_request(
+        &self,
+        install: InstallKey,
+        rate: Rate,
+    ) -> Result<Result<(), Duration>, ReceiverStoreError> {
+        Ok(self.limiter.check(install, rate, std::time::Instant::now()))
+    }
+
+    fn enroll(&self, install: &NewInstall) -> Result<EnrollOutcome, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .prepare_cached("SELECT secret FROM installs WHERE install_id = ?1")?
+            .query_row(params![install.install_id], |row| row.get(0))
+            .optional()?;
+        let outcome = match existing {
+            Some(stored) => match Secret::parse(&stored) {
+                Ok(stored) if stored == install.secret => EnrollOutcome::AlreadyEnrolled,
+                _ => EnrollOutcome::Conflict,
+            },
+            None => {
+                tx.prepare_cached(
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    install.install_id,
+                    install.secret.to_whsec(),
+                    install.site_hash,
+                    install.enrolled_at_ms
+                ])?;
+                EnrollOutcome::Created
+            }
+        };
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
+        let conn = self.reader();
+        type Row = (InstallKey, String, bool, Option<i64>, Option<String>);
+        let row: Option<Row> = conn
+            .prepare_cached(
+                "SELECT i.id, i.secret, i.disabled, b.monthly_micros, b.thresholds
+                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                 WHERE i.install_id = ?1",
+            )?
+            .query_row(params![install_id], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((key, secret, disabled, monthly, thresholds)) = row else {
+            return Ok(None);
+        };
+        let secret = Secret::parse(&secret).map_err(|e| {
+            ReceiverStoreError::Corrupt(format!(
+                "the stored secret of an install is unreadable: {e}"
+            ))
+        })?;
+        Ok(Some(Install {
+            key,
+            install_id: install_id.to_owned(),
+            secret,
+            disabled,
+            budget: Budget::from_columns(monthly, thresholds.as_deref())?,
+        }))
+    }
+
+    fn ingest(
+        &self,
+        install: InstallKey,
+        events: Vec<NewEvent>,
+        received_at_ms: i64,
+    ) -> Result<IngestCounts, ReceiverStoreError> {
+        group_commit::ingest(self, install, events, received_at_ms)
+    }
+
+    fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(Summary::default()),
+            },
+        };
+        let group = query.group_by;
+        // Only these fixed fragments are ever spliced into the SQL text.
+        let mut keys = Vec::new();
+        if group.day {
+            keys.push(format!("created_at / {MS_PER_DAY}"));
+        }
+        if group.user {
+            keys.push("user_hash".to_owned());
+        }
+        if group.source {
+            keys.push("source".to_owned());
+        }
+        if group.model {
+            keys.push("model".to_owned());
+        }
+        let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
+        let group_clause = if keys.is_empty() {
+            String::new()
+        } else {
+            format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
+        };
+        // For one install, a plain `install = ?1` lets SQLite read only that install's
+        // events through the primary key.
+        let install_clause = if install.is_some() {
+            "install = ?1"
+        } else {
+            "?1 IS NULL"
+        };
+        let sql = format!(
+            "SELECT {key_columns} count(*), coalesce(sum(prompt_tokens), 0),
+                    coalesce(sum(completion_tokens), 0)
+             FROM events
+             WHERE {install_clause} AND created_at >= ?2 AND created_at < ?3
+             {group_clause}"
+        );
+        let (from, to) = range_bounds(query.range);
+        let mut statement = conn.prepare_cached(&sql)?;
+        let mut rows = statement.query(params![install, from, to])?;
+        let mut summary = Summary::default();
+        while let Some(row) = rows.next()? {
+            let mut column = 0;
+            let mut next = || {
+                column += 1;
+                column - 1
+            };
+            let day = if group.day {
+                Some(row.get::<_, i64>(next())?)
+            } else {
+                None
+            };
+            let user_hash = if group.user {
+                Some(to_hex(&row.get::<_, Vec<u8>>(next())?))
+            } else {
+                None
+            };
+            let source = if group.source {
+                Some(source_from(row.get(next())?)?)
+            } else {
+                None
+            };
+            let model = if group.model {
+                Some(row.get::<_, String>(next())?)
+            } else {
+                None
+            };
+            let events: u64 = row.get(next())?;
+            let prompt_tokens: u64 = row.get(next())?;
+            let completion_tokens: u64 = row.get(next())?;
+            summary.add_row(
+                SummaryRow {
+                    day,
+                    user_hash,
+                    source,
+                    model,
+                    totals: Totals::of(events, prompt_tokens, completion_tokens),
+                },
+                group.any(),
+            );
+        }
+        Ok(summary)
+    }
+
+    fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
+        let conn = self.reader();
+        let install = match &query.install_id {
+            None => None,
+            Some(id) => match install_key(&conn, id)? {
+                Some(key) => Some(key),
+                None => return Ok(EventsPage::default()),
+            },
+        };
+        let (from, to) = range_bounds(query.range);
+        let (after_at, after_install, after_id) = match query.after {
+            Some(cursor) => (
+                cursor.created_at_ms,
+                cursor.install,
+                SqlValue::Blob(cursor.event_id.as_bytes().to_vec()),
+            ),
+            // An empty blob sorts before every event id.
+            None => (i64::MIN, i64::MIN, SqlValue::Blob(Vec::new())),
+        };
+        let limit = i64::try_from(query.limit.max(1)).unwrap_or(i64::MAX);
+        let mut statement = conn.prepare_cached(
+            "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
+                    e.prompt_tokens, e.completion_tokens, e.cached_tokens,
+                    e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
+                    e.received_at
+             FROM events e JOIN installs i ON i.id = e.install
+             WHERE (?1 IS NULL OR e.install = ?1) AND e.created_at >= ?2 AND e.created_at < ?3
+               AND (e.created_at, e.install, e.event_id) > (?4, ?5, ?6)
+             ORDER BY e.created_at, e.install, e.event_id
+             LIMIT ?7",
+        )?;
+        let mut rows = statement.query(params![
+            install,
+            from,
+            to,
+            after_at,
+            after_install,
+            after_id,
+            limit
+        ])?;
+        let mut page = EventsPage::default();
+        let mut last = None;
+        while let Some(row) = rows.next()? {
+            let install: InstallKey = row.get(1)?;
+            let event_id = uuid_from(&row.get::<_, Vec<u8>>(2)?)?;
+            let created_at_ms: i64 = row.get(12)?;
+            last = Some(EventCursor {
+                created_at_ms,
+                install,
+                event_id,
+            });
+            page.events.push(ReceivedEvent {
+                install_id: row.get(0)?,
+                event_id,
+                user_hash: to_hex(&row.get::<_, Vec<u8>>(3)?),
+                source: source_from(row.get(4)?)?,
+                model: row.get(5)?,
+                prompt_tokens: row.get(6)?,
+                completion_tokens: row.get(7)?,
+                cached_tokens: row.get(8)?,
+                cache_write_tokens: row.get(9)?,
+                reasoning_tokens: row.get(10)?,
+                context: row.get(11)?,
+                created_at_ms,
+                received_at_ms: row.get(13)?,
+            });
+        }
+        if page.events.len() == query.limit.max(1) {
+            page.next = last;
+        }
+        Ok(page)
+    }
+
+    fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError> {
+        let cutoff = days.first_kept.saturating_mul(MS_PER_DAY);
+        let mut total = 0u64;
+        loop {
+            // Each chunk is its own short transaction, and the lock is released between
+            // chunks, so a batch waiting to commit gets in.
+            let deleted = self
+                .writer()
+                .prepare_cached(
+                    "DELETE FROM events WHERE rowid IN (
+                         SELECT rowid FROM events WHERE created_at < ?1 LIMIT ?2)",
+                )?
+                .execute(params![cutoff, RETENTION_CHUNK])?;
+            total += deleted as u64;
+            if (deleted as i64) < RETENTION_CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+    ) -> Result<InstallationsReport, ReceiverStoreError> {
+        let conn = self.reader();
+        // `Some(None)`: every install; `None`: the one asked for is unknown.
+        let Some(only) = optional_install(&conn, install_id)? else {
+            return Ok(InstallationsReport::default());
+        };
+        let mut report = InstallationsReport::default();
+        let mut by_key = HashMap::new();
+        {
+            let mut statement = conn.prepare_cached(
+                "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
+                        i.label
+                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
+                 WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
+            )?;
+            let mut rows = statement.query(params![only])?;
+            while let Some(row) = rows.next()? {
+                let key: InstallKey = row.get(0)?;
+                by_key.insert(key, report.installs.len());
+                report.installs.push(InstallUsage {
+                    install_id: row.get(1)?,
+                    label: row.get(6)?,
+                    plan: plan_from(&row.get::<_, String>(2)?)?,
+                    last_seen_ms: row.get(3)?,
+                    events_30d: 0,
+                    tokens_30d: 0,
+                    usage_mtd: Vec::new(),
+                    budget: Budget::from_columns(
+                        row.get(4)?,
+                        row.get::<_, Option<String>>(5)?.as_deref(),
+                    )?,
+                    alerted_in_month: Vec::new(),
+                });
+            }
+            let mut statement = conn.prepare_cached(
+                "SELECT install, threshold FROM alerts
+                 WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
+            )?;
+            let mut rows = statement.query(params![month_of_day(window.today), only])?;
+            while let Some(row) = rows.next()? {
+                if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
+                    report.installs[index].alerted_in_month.push(row.get(1)?);
+                }
+            }
+        }
+        // One range scan of the rollup rows of both windows (a covering index for every
+        // install, the primary key for one), summed here: cheaper than SQL grouping, and
+        // it gives the chart's days in the same pass.
+        let first_day = window.from_30d.min(window.month_start);
+        let mut statement = conn.prepare_cached(if only.is_some() {
+            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                    cached_tokens, cache_write_tokens, reasoning_tokens
+             FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
+        } else {
+            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                    cached_tokens, cache_write_tokens, reasoning_tokens
+             FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
+        })?;
+        let mut rows = statement.query(params![first_day, window.today, only])?;
+        let mut daily: BTreeMap<i64, DailyTokens> = BTreeMap::new();
+        while let Some(row) = rows.next()? {
+            let key: InstallKey = row.get(0)?;
+            let Some(install) = by_key.get(&key).map(|&index| &mut report.installs[index]) else {
+                continue;
+            };
+            let day: i64 = row.get(1)?;
+            let events: u64 = row.get(3)?;
+            let kinds = token_counts(row, 4)?;
+            let tokens = kinds.total();
+            if day >= window.from_30d {
+                install.events_30d += events;
+                install.tokens_30d += tokens;
+                let totals = daily.entry(day).or_insert(DailyTokens {
+                    day,
+                    events: 0,
+                    tokens: 0,
+                });
+                totals.events += events;
+                totals.tokens += tokens;
+            }
+            if day >= window.month_start {
+                // The primary key makes each (install, day, model) one row.
+                install.usage_mtd.push(ModelDayTokens {
+                    model: row.get(2)?,
+                    day,
+                    tokens: kinds,
+                });
+            }
+        }
+        report.finish(daily);
+        Ok(report)
+    }
+
+    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, plan.as_str()])?;
+        Ok(changed == 1)
+    }
+
+    fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
+        let changed = self
+            .writer()
+            .prepare_cached("UPDATE installs SET label = ?2 WHERE install_id = ?1")?
+            .execute(params![install_id, label])?;
+        Ok(changed == 1)
+    }
+
+    fn source_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
+        let conn = self.reader();
+        let Some(key) = install_key(&conn, install_id)? else {
+            return Ok(Vec::new());
+        };
+        let mut statement = conn.prepare_cached(&format!(
+            "SELECT source, model, created_at / {MS_PER_DAY} AS day, count(*),
+                    sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens),
+                    sum(cache_write_tokens), sum(reasoning_tokens)
+             FROM events
+             WHERE install = ?1 AND created_at >= ?2 AND created_at < ?3
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        ))?;
+        let from = days.first.saturating_mul(MS_PER_DAY);
+        let to = days.last.saturating_add(1).saturating_mul(MS_PER_DAY);
+        let mut rows = statement.query(params![key, from, to])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            out.push(SourceModelDay {
+                source: source_from(row.get(0)?)?,
+                events: row.get(3)?,
+                usage: ModelDayTokens {
+                    model: row.get(1)?,
+                    day: row.get(2)?,
+                    tokens: token_counts(row, 4)?,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(None);
+        };
+        let events = tx
+            .prepare_cached("DELETE FROM events WHERE install = ?1")?
+            .execute(params![key])?;
+        for table in ["daily_usage", "budgets", "alerts"] {
+            tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
+                .execute(params![key])?;
+        }
+        tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
+            .execute(params![key])?;
+        tx.commit()?;
+        Ok(Some(events as u64))
+    }
+
+    fn set_budget(
+        &self,
+        install_id: &str,
+        budget: Option<&Budget>,
+    ) -> Result<bool, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(false);
+        };
+        match budget {
+            Some(budget) => tx
+                .prepare_cached(
+                    "INSERT INTO budgets (install, monthly_micros, thresholds) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (install) DO UPDATE SET monthly_micros = excluded.monthly_micros,
+                         thresholds = excluded.thresholds",
+                )?
+                .execute(params![key, budget.monthly.0, budget.thresholds_text()])?,
+            None => tx
+                .prepare_cached("DELETE FROM budgets WHERE install = ?1")?
+                .execute(params![key])?,
+        };
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn month_spend(
+        &self,
+        install: InstallKey,
+        days: DayRange,
+        month: &str,
+    ) -> Result<MonthSpend, ReceiverStoreError> {
+        let conn = self.reader();
+        let tx = conn.unchecked_transaction()?;
+        let mut spend = MonthSpend::default();
+        {
+            let mut statement = tx.prepare_cached(
+                "SELECT model, day, prompt_tokens, completion_tokens, cached_tokens,
+                        cache_write_tokens, reasoning_tokens
+                 FROM daily_usage WHERE install = ?1 AND day >= ?2 AND day <= ?3
+                 ORDER BY model, day",
+            )?;
+            let mut rows = statement.query(params![install, days.first, days.last])?;
+            while let Some(row) = rows.next()? {
+                spend.usage.push(ModelDayTokens {
+                    model: row.get(0)?,
+                    day: row.get(1)?,
+                    tokens: token_counts(row, 2)?,
+                });
+            }
+            let mut statement = tx.prepare_cached(
+                "SELECT threshold FROM alerts WHERE install = ?1 AND month = ?2 ORDER BY threshold",
+            )?;
+            let mut rows = statement.query(params![install, month])?;
+            while let Some(row) = rows.next()? {
+                spend.alerted.push(row.get(0)?);
+            }
+        }
+        tx.commit()?;
+        Ok(spend)
+    }
+
+    fn record_alerts(&self, alerts: &[NewAlert]) -> Result<Vec<Uuid>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut recorded = Vec::new();
+        {
+            // An install erased meanwhile gets no alert (its row is gone).
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO alerts (alert_id, install, threshold, month, cost_micros,
+                     budget_micros, currency, at, next_attempt_at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8
+                 WHERE EXISTS (SELECT 1 FROM installs WHERE id = ?2)
+                 ON CONFLICT (install, threshold, month) DO NOTHING",
+            )?;
+            for alert in alerts {
+                let inserted = insert.execute(params![
+                    alert.alert_id.as_bytes().as_slice(),
+                    alert.install,
+                    alert.threshold,
+                    alert.month,
+                    alert.cost.0,
+                    alert.budget.0,
+                    alert.currency,
+                    alert.at_ms,
+                ])?;
+                if inserted == 1 {
+                    recorded.push(alert.alert_id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(recorded)
+    }
+
+    fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement = conn.prepare_cached(&format!(
+            "{ALERT_COLUMNS} WHERE (?1 IS NULL OR a.at >= ?1) AND (?2 IS NULL OR a.at < ?2)
+             ORDER BY a.at, a.alert_id"
+        ))?;
+        let rows = statement.query_map(params![range.from_ms, range.to_ms], alert_row)?;
+        rows.map(|row| row?).collect()
+    }
+
+    fn claim_alerts(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let claimed = {
+            let mut statement = tx.prepare_cached(
+                "UPDATE alerts SET next_attempt_at = ?2, attempts = attempts + 1
+                 WHERE alert_id IN (SELECT alert_id FROM alerts
+                     WHERE delivered_at IS NULL AND next_attempt_at <= ?1
+                     ORDER BY next_attempt_at, at LIMIT ?3)
+                 RETURNING alert_id",
+            )?;
+            let ids = statement.query_map(
+                params![now_ms, now_ms.saturating_add(lease_ms), limit as i64],
+                |row| row.get::<_, Vec<u8>>(0),
+            )?;
+            let ids = ids.collect::<Result<Vec<_>, _>>()?;
+            let mut select =
+                tx.prepare_cached(&format!("{ALERT_COLUMNS} WHERE a.alert_id = ?1"))?;
+            let mut claimed = Vec::with_capacity(ids.len());
+            for id in ids {
+                claimed.push(select.query_row(params![id], alert_row)??);
+            }
+            claimed
+        };
+        tx.commit()?;
+        Ok(claimed)
+    }
+
+    fn finish_alert(
+        &self,
+        alert_id: Uuid,
+        outcome: DeliveryOutcome,
+    ) -> Result<(), ReceiverStoreError> {
+        let id = alert_id.as_bytes().as_slice();
+        let conn = self.writer();
+        match outcome {
+            DeliveryOutcome::Delivered { at_ms } => conn
+                .prepare_cached("UPDATE alerts SET delivered_at = ?2 WHERE alert_id = ?1")?
+                .execute(params![id, at_ms])?,
+            DeliveryOutcome::RetryAt { at_ms } => conn
+                .prepare_cached(
+                    "UPDATE alerts SET next_attempt_at = ?2
+                     WHERE alert_id = ?1 AND delivered_at IS NULL",
+                )?
+                .execute(params![id, at_ms])?,
+        };
+        Ok(())
+    }
+}
+
+/// The columns [`alert_row`] reads, joined to the install for its id.
+const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
+        a.cost_micros, a.budget_micros, a.currency, a.at, a.delivered_at, a.attempts, i.label
+    FROM alerts a JOIN installs i ON i.id = a.install";
+
+fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, ReceiverStoreError>> {
+    let id: Vec<u8> = row.get(0)?;
+    let Ok(alert_id) = Uuid::from_slice(&id) else {
+        return Ok(Err(ReceiverStoreError::Corrupt(
+            "a stored alert id is not 16 bytes".into(),
+        )));
+    };
+    Ok(Ok(Alert {
+        alert_id,
+        install_id: row.get(1)?,
+        label: row.get(10)?,
+        threshold: row.get(2)?,
+        month: row.get(3)?,
+        cost: Micros(row.get(4)?),
+        budget: Micros(row.get(5)?),
+        currency: row.get(6)?,
+        at_ms: row.get(7)?,
+        delivered_at_ms: row.get(8)?,
+        attempts: row.get(9)?,
+    }))
+}
+
+/// Inserts one batch's events inside `tx` and adds them to the daily rollup; the counts say
+/// how many were new and how many were already stored (or repeated within the batch).
+/// `None`, with nothing written, when the install was erased or disabled meanwhile.
+fn insert_batch(
+    tx: &rusqlite::Transaction<'_>,
+    install: InstallKey,
+    events: &[NewEvent],
+    received_at_ms: i64,
+) -> Result<Option<IngestCounts>, ReceiverStoreError> {
+    let accepting: Option<bool> = tx
+        .prepare_cached("SELECT NOT disabled FROM installs WHERE id = ?1")?
+        .query_row(params![install], |row| row.get(0))
+        .optional()?;
+    if accepting != Some(true) {
+        return Ok(None);
+    }
+    let mut counts = IngestCounts::default();
+    // (day, model) to the events and tokens of the inserted events.
+    let mut daily: BTreeMap<(i64, &str), (u64, TokenCounts)> = BTreeMap::new();
+    // `OR IGNORE` on the unique (install, event_id) index is the dedupe: it skips an id
+    // stored by an earlier batch or earlier in this one, inside this same transaction.
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
+             prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
+             reasoning_tokens, context, created_at, received_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for event in events {
+        let inserted = insert.execute(params![
+            install,
+            event.event_id.as_bytes().as_slice(),
+            event.user_hash.as_slice(),
+            event.source.code(),
+            event.model,
+            event.prompt_tokens,
+            event.completion_tokens,
+            event.cached_tokens,
+            event.cache_write_tokens,
+            event.reasoning_tokens,
+            event.context,
+            event.created_at_ms,
+            received_at_ms,
+        ])?;
+        if inserted == 1 {
+            counts.accepted += 1;
+            let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+            let (count, sums) = daily.entry((day, event.model.as_str())).or_default();
+            *count += 1;
+            sums.prompt += event.prompt_tokens;
+            sums.completion += event.completion_tokens;
+            sums.cached += event.cached_tokens;
+            sums.cache_write += event.cache_write_tokens;
+            sums.reasoning += event.reasoning_tokens;
+        } else {
+            counts.duplicates += 1;
+        }
+    }
+    let mut rollup = tx.prepare_cached(
+        "INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+             completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (install, day, model) DO UPDATE SET
+             events = events + excluded.events,
+             prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+             completion_tokens = completion_tokens + excluded.completion_tokens,
+             cached_tokens = cached_tokens + excluded.cached_tokens,
+             cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
+             reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens",
+    )?;
+    for ((day, model), (events, sums)) in &daily {
+        rollup.execute(params![
+            install,
+            day,
+            model,
+            events,
+            sums.prompt,
+            sums.completion,
+            sums.cached,
+            sums.cache_write,
+            sums.reasoning
+        ])?;
+    }
+    tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
+        .execute(params![install, received_at_ms])?;
+    Ok(Some(counts))
+}
+
+/// The five token kinds from the columns `first..first + 5` (prompt, completion, cached,
+/// cache write, reasoning).
+fn token_counts(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<TokenCounts> {
+    Ok(TokenCounts {
+        prompt: row.get(first)?,
+        completion: row.get(first + 1)?,
+        cached: row.get(first + 2)?,
+        cache_write: row.get(first + 3)?,
+        reasoning: row.get(first + 4)?,
+    })
+}
+
+fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
+    text.parse()
+        .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
+}
+
+fn optional_install(
+    conn: &Connection,
+    install_id: Option<&str>,
+) -> rusqlite::Result<Option<Option<InstallKey>>> {
+    match install_id {
+        None => Ok(Some(None)),
+        Some(id) => Ok(install_key(conn, id)?.map(Some)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,434 @@
+//! What the provider asks of the installations views (SPEC 11): the period
+//! (`period=mtd|last_month|30d`, or `from=&to=` as inclusive UTC dates), the order
+//! (`sort=<column>` ascending, `sort=-<column>` descending) and the dashboard's page
+//! (`page=N`, 100 installs a page). Shared by `GET /api/usage/installations` (JSON and CSV)
+//! and the dashboard, so the CSV link of a dashboard view answers the same rows.
+//!
+//! Parsing only, and the query strings of links: every rejection names the parameter and
+//! its rule. No I/O.
+
+use std::cmp::Ordering;
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+use super::error::ReceiverError;
+use super::installations::InstallRow;
+use super::pricing::month_of;
+use super::provider::{bad_param, day_text};
+use super::store::DayRange;
+
+const MS_PER_DAY: i64 = 86_400_000;
+/// Installs on one dashboard page.
+pub const PAGE_SIZE: usize = 100;
+/// The longest `from=&to=` period: the daily rollups are kept 730 days.
+pub const MAX_PERIOD_DAYS: i64 = 731;
+
+/// Which days a view covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeriodKind {
+    /// The current UTC month up to today.
+    Mtd,
+    /// The whole previous UTC month.
+    LastMonth,
+    /// The last 30 UTC days, today included.
+    Last30d,
+    /// `from=&to=`, both included.
+    Range,
+}
+
+/// The days of a view, and how they were asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub kind: PeriodKind,
+    pub days: DayRange,
+}
+
+impl Period {
+    /// Month to date as of `now`.
+    pub fn mtd(now: DateTime<Utc>) -> Period {
+        let today = today(now);
+        Period {
+            kind: PeriodKind::Mtd,
+            days: DayRange {
+                first: month_of(today).0,
+                last: today,
+            },
+        }
+    }
+
+    /// Reads `period`, or `from` and `to`; `None` when none is given.
+    pub fn parse(
+        period: Option<&str>,
+        from: Option<&str>,
+        to: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Period>, ReceiverError> {
+        let today = today(now);
+        let (period, from, to) = (non_empty(period), non_empty(from), non_empty(to));
+        if let Some(name) = period {
+            if from.is_some() || to.is_some() {
+                return Err(bad_param("period", "must not be given with from and to"));
+            }
+            let (kind, days) = match name {
+                "mtd" => return Ok(Some(Period::mtd(now))),
+                "last_month" => {
+                    let (first, last) = month_of(month_of(today).0 - 1);
+                    (PeriodKind::LastMonth, DayRange { first, last })
+                }
+                "30d" => (
+                    PeriodKind::Last30d,
+                    DayRange {
+                        first: today - 29,
+                        last: today,
+                    },
+                ),
+                _ => return Err(bad_param("period", "must be mtd, last_month or 30d")),
+            };
+            return Ok(Some(Period { kind, days }));
+        }
+        let (first, last) = match (from, to) {
+            (None, None) => return Ok(None),
+            (Some(from), Some(to)) => (date("from", from)?, date("to", to)?),
+            (Some(_), None) => return Err(bad_param("to", "must be given with from")),
+            (None, Some(_)) => return Err(bad_param("from", "must be given with to")),
+        };
+        if first > last {
+            return Err(bad_param("from", "must not be after to"));
+        }
+        if last - first + 1 > MAX_PERIOD_DAYS {
+            return Err(bad_param(
+                "to",
+                "must be at most 731 days after from, both included",
+            ));
+        }
+        Ok(Some(Period {
+            kind: PeriodKind::Range,
+            days: DayRange { first, last },
+        }))
+    }
+
+    /// The name the JSON answer gives it.
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            PeriodKind::Mtd => "mtd",
+            PeriodKind::LastMonth => "last_month",
+            PeriodKind::Last30d => "30d",
+            PeriodKind::Range => "range",
+        }
+    }
+
+    /// Whether the period's revenue is one whole monthly price (month to date and last
+    /// month), rather than prorated by day.
+    pub fn is_monthly(&self) -> bool {
+        matches!(self.kind, PeriodKind::Mtd | PeriodKind::LastMonth)
+    }
+
+    /// `Month to date`, `2026-10-01 to 2026-10-31`.
+    pub fn title(&self) -> String {
+        let range = format!(
+            "{} to {}",
+            day_text(self.days.first),
+            day_text(self.days.last)
+        );
+        match self.kind {
+            PeriodKind::Mtd => format!("Month to date ({range})"),
+            PeriodKind::LastMonth => format!("Last month ({range})"),
+            PeriodKind::Last30d => format!("Last 30 days ({range})"),
+            PeriodKind::Range => range,
+        }
+    }
+
+    /// The query string that asks for this period again: `period=30d` or
+    /// `from=2026-10-01&to=2026-10-31`.
+    pub fn query(&self) -> String {
+        match self.kind {
+            PeriodKind::Range => format!(
+                "from={}&to={}",
+                day_text(self.days.first),
+                day_text(self.days.last)
+            ),
+            _ => format!("period={}", self.name()),
+        }
+    }
+}
+
+fn today(now: DateTime<Utc>) -> i64 {
+    now.timestamp_millis().div_euclid(MS_PER_DAY)
+}
+
+fn non_empty(value: Option<&str>) -> Option<&str> {
+    value.map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn date(name: &str, text: &str) -> Result<i64, ReceiverError> {
+    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
+    NaiveDate::parse_from_str(text, "%Y-%m-%d")
+        .map(|date| (date - epoch).num_days())
+        .map_err(|_| bad_param(name, "must be a UTC date such as 2026-11-27"))
+}
+
+/// A column the installations can be sorted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    InstallId,
+    Label,
+    Plan,
+    LastSeen,
+    Events,
+    Tokens,
+    Cost,
+    Revenue,
+    Profit,
+}
+
+impl Column {
+    pub const ALL: [Column; 9] = [
+        Column::InstallId,
+        Column::Label,
+        Column::Plan,
+        Column::LastSeen,
+        Column::Events,
+        Column::Tokens,
+        Column::Cost,
+        Column::Revenue,
+        Column::Profit,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Column::InstallId => "install_id",
+            Column::Label => "label",
+            Column::Plan => "plan",
+            Column::LastSeen => "last_seen",
+            Column::Events => "events",
+            Column::Tokens => "tokens",
+            Column::Cost => "cost",
+            Column::Revenue => "revenue",
+            Column::Profit => "profit",
+        }
+    }
+
+    /// Whether a click on its heading first sorts it largest (or latest) first.
+    pub fn descending_first(self) -> bool {
+        !matches!(self, Column::InstallId | Column::Label | Column::Plan)
+    }
+
+    fn compare(self, a: &InstallRow, b: &InstallRow) -> Ordering {
+        match self {
+            Column::InstallId => Ordering::Equal,
+            Column::Label => a.label.cmp(&b.label),
+            Column::Plan => a.plan.cmp(&b.plan),
+            Column::LastSeen => a.last_seen_ms.cmp(&b.last_seen_ms),
+            Column::Events => a.events.cmp(&b.events),
+            Column::Tokens => a.bill.tokens.cmp(&b.bill.tokens),
+            Column::Cost => a.bill.cost.cmp(&b.bill.cost),
+            Column::Revenue => a.bill.revenue.cmp(&b.bill.revenue),
+            Column::Profit => a.bill.profit.cmp(&b.bill.profit),
+        }
+    }
+}
+
+/// The order of a view: `sort=cost` ascending, `sort=-cost` descending; ties (and a
+/// missing `sort`) in install id order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sort {
+    pub column: Column,
+    pub descending: bool,
+}
+
+impl Default for Sort {
+    fn default() -> Sort {
+        Sort {
+            column: Column::InstallId,
+            descending: false,
+        }
+    }
+}
+
+impl Sort {
+    const RULE: &str = "must be a column (install_id, label, plan, last_seen, events, tokens, \
+                        cost, revenue, profit), with a leading - for descending";
+
+    pub fn parse(text: Option<&str>) -> Result<Sort, ReceiverError> {
+        let Some(text) = non_empty(text) else {
+            return Ok(Sort::default());
+        };
+        let (descending, name) = match text.strip_prefix('-') {
+            Some(name) => (true, name),
+            None => (false, text),
+        };
+        let column = Column::ALL
+            .into_iter()
+            .find(|column| column.as_str() == name)
+            .ok_or_else(|| bad_param("sort", Sort::RULE))?;
+        Ok(Sort { column, descending })
+    }
+
+    /// `cost` or `-cost`.
+    pub fn as_query(self) -> String {
+        let sign = if self.descending { "-" } else { "" };
+        format!("{sign}{}", self.column.as_str())
+    }
+
+    /// Orders `rows`; equal values keep install id order, whichever the direction.
+    pub fn apply(self, rows: &mut [InstallRow]) {
+        rows.sort_by(|a, b| {
+            let order = self.column.compare(a, b);
+            let order = if self.descending {
+                order.reverse()
+            } else {
+                order
+            };
+            let ids = a.install_id.cmp(&b.install_id);
+            let ids = if self.descending && self.column == Column::InstallId {
+                ids.reverse()
+            } else {
+                ids
+            };
+            order.then(ids)
+        });
+    }
+}
+
+/// A dashboard page number, from 1.
+pub fn parse_page(text: Option<&str>) -> Result<usize, ReceiverError> {
+    let Some(text) = non_empty(text) else {
+        return Ok(1);
+    };
+    text.parse::<usize>()
+        .ok()
+        .filter(|page| (1..=1_000_000).contains(page))
+        .ok_or_else(|| bad_param("page", "must be a whole number from 1 to 1000000"))
+}
+
+/// How many pages `count` installs fill (at least one, even empty).
+pub fn page_count(count: usize) -> usize {
+    count.div_ceil(PAGE_SIZE).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pricing::{Bill, Cents, Plan};
+    use chrono::TimeZone;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 15, 12, 0, 0).unwrap()
+    }
+
+    fn days(period: Option<Period>) -> (String, String) {
+        let period = period.unwrap();
+        (day_text(period.days.first), day_text(period.days.last))
+    }
+
+    #[test]
+    fn periods_are_utc_days() {
+        let parse = |p, f, t| Period::parse(p, f, t, now()).unwrap();
+        assert_eq!(parse(None, None, None), None);
+        let mtd = parse(Some("mtd"), None, None);
+        assert_eq!(days(mtd), ("2026-03-01".into(), "2026-03-15".into()));
+        assert_eq!(mtd.unwrap().query(), "period=mtd");
+        let last = parse(Some("last_month"), None, None);
+        assert_eq!(days(last), ("2026-02-01".into(), "2026-02-28".into()));
+        let d30 = parse(Some("30d"), None, None);
+        assert_eq!(days(d30), ("2026-02-14".into(), "2026-03-15".into()));
+        let range = parse(None, Some("2025-12-30"), Some("2026-01-02"));
+        assert_eq!(days(range), ("2025-12-30".into(), "2026-01-02".into()));
+        assert_eq!(range.unwrap().query(), "from=2025-12-30&to=2026-01-02");
+        // January: last month is December of the year before.
+        let january = Utc.with_ymd_and_hms(2027, 1, 3, 0, 0, 0).unwrap();
+        let last = Period::parse(Some("last_month"), None, None, january).unwrap();
+        assert_eq!(days(last), ("2026-12-01".into(), "2026-12-31".into()));
+    }
+
+    #[test]
+    fn bad_periods_name_the_parameter() {
+        let cases = [
+            (Some("week"), None, None, "period"),
+            (
+                Some("mtd"),
+                Some("2026-01-01"),
+                Some("2026-01-02"),
+                "period",
+            ),
+            (None, Some("2026-01-01"), None, "to"),
+            (None, None, Some("2026-01-01"), "from"),
+            (None, Some("2026-1-1x"), Some("2026-01-02"), "from"),
+            (None, Some("2026-01-01"), Some("yesterday"), "to"),
+            (None, Some("2026-01-03"), Some("2026-01-02"), "from"),
+            (None, Some("2024-01-01"), Some("2026-01-02"), "to"),
+        ];
+        for (period, from, to, field) in cases {
+            let error = Period::parse(period, from, to, now()).unwrap_err();
+            assert_eq!(error.status.as_u16(), 400);
+            assert_eq!(
+                error.details[0]["field"], field,
+                "{period:?} {from:?} {to:?}"
+            );
+            assert!(error.message.starts_with(field), "{}", error.message);
+        }
+    }
+
+    fn row(id: &str, label: Option<&str>, profit: i64) -> InstallRow {
+        InstallRow {
+            install_id: id.into(),
+            label: label.map(Into::into),
+            plan: Plan::Pro,
+            last_seen_ms: None,
+            events: 1,
+            tokens: 1,
+            bill: Bill {
+                tokens: 1,
+                cost: Cents(0),
+                revenue: Cents(profit),
+                profit: Cents(profit),
+                unpriced_models: Vec::new(),
+            },
+            budget: None,
+            alerted_in_month: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn sorting_is_by_any_column_either_way_ties_by_install_id() {
+        let mut rows = vec![
+            row("b", Some("zeta"), 5),
+            row("a", None, -3),
+            row("c", Some("alpha"), 10),
+            row("d", None, 5),
+        ];
+        let ids = |rows: &[InstallRow]| -> Vec<String> {
+            rows.iter().map(|r| r.install_id.clone()).collect()
+        };
+        Sort::parse(Some("-profit")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["c", "b", "d", "a"]);
+        Sort::parse(Some("profit")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["a", "b", "d", "c"]);
+        Sort::parse(Some("label")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["a", "d", "c", "b"]);
+        Sort::parse(Some("-install_id")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["d", "c", "b", "a"]);
+        Sort::parse(None).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["a", "b", "c", "d"]);
+        for column in Column::ALL {
+            for text in [column.as_str().to_owned(), format!("-{}", column.as_str())] {
+                assert_eq!(Sort::parse(Some(&text)).unwrap().as_query(), text);
+            }
+        }
+        for bad in ["cost_asc", "--cost", "+cost", "Cost", "profit_asc"] {
+            assert!(Sort::parse(Some(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn pages_count_from_one() {
+        assert_eq!(parse_page(None).unwrap(), 1);
+        assert_eq!(parse_page(Some("7")).unwrap(), 7);
+        for bad in ["0", "-1", "x", "1.5", "1000001"] {
+            assert!(parse_page(Some(bad)).is_err(), "{bad}");
+        }
+        assert_eq!(page_count(0), 1);
+        assert_eq!(page_count(100), 1);
+        assert_eq!(page_count(101), 2);
+    }
+}

@@ -1,0 +1,6 @@
+//! What the workspace's tests and benchmarks need and production code must not carry: a
+//! throwaway PostgreSQL cluster ([`throwaway`]), started in a temp dir and stopped on drop.
+
+pub mod throwaway;
+
+pub use throwaway::{Durability, ThrowawayCluster};
