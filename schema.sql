@@ -60,7 +60,7 @@ CREATE TABLE sync_errors (
 CREATE INDEX sync_errors_at ON sync_errors(at);
 
 -- migration 2
--- Daily summaries (SPEC 7): one row per user, source, model and day, the day taken in the
+-- Daily summaries: one row per user, source, model and day, the day taken in the
 -- agent's `timezone` (the install is implied: one database per install). The rollup
 -- rebuilds a day from its raw events (delete, then insert the sums, in one transaction),
 -- so a sum is never added twice; rows are kept `retention.daily_days`. `usage_date` is

@@ -1,4 +1,4 @@
-//! Agent configuration (SPEC section 8): the `agent.toml` keys, their defaults, the
+//! Agent configuration (docs/reference/config.md): the `agent.toml` keys, their defaults, the
 //! environment overrides, and checks that name the offending key.
 //!
 //! Values are parsed once, here, into the types the rest of the code uses (the time zone,
@@ -207,10 +207,10 @@ pub struct Config {
     /// Log every recorded event.
     pub debug: bool,
     /// Open API connections at once (socket and TCP port each); past that, new ones are
-    /// closed at once (SPEC 10).
+    /// closed at once.
     pub max_connections: usize,
     /// How long shutdown may take in all: draining connections, the last sync, the
-    /// checkpoint (SPEC 10).
+    /// checkpoint.
     pub shutdown_timeout_secs: u64,
     pub sync: SyncConfig,
     pub retention: RetentionConfig,
@@ -518,7 +518,7 @@ impl Config {
         self.sync.enabled && self.sync.backend_url.is_some()
     }
 
-    /// Why sync is off, or `None` when it can run (SPEC 3 `disabled`).
+    /// Why sync is off, or `None` when it can run (status `disabled`).
     pub fn sync_disabled_reason(&self) -> Option<&'static str> {
         if !self.tracking_enabled {
             Some(

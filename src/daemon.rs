@@ -97,7 +97,7 @@ impl Daemon {
             );
         }
 
-        // SPEC 10: a damaged database is moved aside and salvaged before anything opens it.
+        // A damaged database is moved aside and salvaged before anything opens it.
         crate::store::salvage::recover_if_damaged(&config.database_path(), config.synchronous)?;
         let writing = Store::open(&config.database_path(), config.synchronous)?;
         if let Some(identity) = &identity {
@@ -164,7 +164,7 @@ impl Daemon {
         &self.socket_path
     }
 
-    /// Serves until `shutdown` resolves; then, all within `shutdown_timeout_secs` (SPEC 10):
+    /// Serves until `shutdown` resolves; then, all within `shutdown_timeout_secs`:
     /// stops accepting, lets in-flight requests finish for up to half that time and cuts
     /// connections still open then, makes the last sync with what is left (keeping a
     /// little for the end), commits and checkpoints the database and removes the socket.

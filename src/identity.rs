@@ -1,4 +1,5 @@
-//! The install identity (SPEC section 4): who this agent is to the backend.
+//! The install identity (docs/reference/wire-protocol.md, Identity): who this agent is to
+//! the backend.
 //!
 //! Created once by `init` and never overwritten: `<data_dir>/identity.json`, mode 0600,
 //! holding the install id, the signing secret and the site URL. The secret never

@@ -1,5 +1,6 @@
 //! Every figure of one run, and the two ways it is printed: a table for reading, and one
-//! JSON object with exactly the keys of issue 5 for scripts.
+//! JSON object with exactly its agreed keys for scripts (`tests/it/loadgen.rs` lists
+//! them).
 
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! Load generator: measures the agent against its physical limits (issue 5).
+//! Load generator: measures the agent against its physical limits (the figures are in
+//! BENCHMARKS.md).
 //!
 //! ```text
 //! cargo run --release --example loadgen -- [--events N] [--quick] [--json] [--synchronous full|normal]
@@ -7,7 +8,7 @@
 //! It starts its own agent as a separate process (this same binary, re-executed with the
 //! hidden first argument `__agent CONFIG`, so the agent's peak RSS can be read from
 //! `/proc/<pid>/status`), drives it over the real Unix socket with hyper's HTTP/1.1 client, and prints a
-//! table; with `--json`, one JSON object on the last line with exactly the keys of issue 5.
+//! table; with `--json`, one JSON object on the last line with exactly its agreed keys.
 //! The drain phases re-execute it once more as the bundled receiver (`__receiver ADDR DB`).
 //! The `http` phase re-executes it as an HTTP-only ceiling (`__http_ceiling SOCKET`): the
 //! agent's own request reading and validation behind the same axum server and socket,

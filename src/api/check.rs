@@ -1,4 +1,4 @@
-//! `POST /v1/check` (`usage-agent check`, SPEC 10): a full `integrity_check` of the
+//! `POST /v1/check` (`usage-agent check`): a full `integrity_check` of the
 //! database on a connection of its own, so it reads the file rather than a cache.
 //! Sound sets the storage state `ok` (clearing a `recovered` kept since a salvage, or a
 //! `failing`); damaged sets it `failing`. Both answer `200` with the verdict; a check that

@@ -122,7 +122,7 @@ pub async fn export(
             tracing::error!(%error, "export failed");
             reading.writer.storage().observe(&error);
             // An error item makes the server cut the chunked body before its last
-            // chunk, so a client never takes a partial export for a whole one (SPEC 10).
+            // chunk, so a client never takes a partial export for a whole one.
             let _ = tx.blocking_send(Err(std::io::Error::other(error)));
         }
     });

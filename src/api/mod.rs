@@ -1,4 +1,4 @@
-//! The local HTTP API (SPEC section 3), served on the Unix socket and optionally on a
+//! The local HTTP API (docs/reference/local-api.md), served on the Unix socket and optionally on a
 //! loopback TCP port with a bearer token. One file per resource; this file holds the
 //! router and the error shape. The state handlers share with the jobs is
 //! [`crate::state`]'s.

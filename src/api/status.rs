@@ -1,4 +1,4 @@
-//! `GET /v1/status` (the sync status object of SPEC 3) and `GET /healthz`.
+//! `GET /v1/status` (the sync status object of docs/reference/local-api.md) and `GET /healthz`.
 
 use std::sync::atomic::Ordering;
 
@@ -13,7 +13,7 @@ use crate::store::health::StorageState;
 use crate::store::status::{QueueCounts, SyncMeta};
 use usage_protocol::event::format_millis;
 
-/// Error categories of SPEC 5, always listed in status even when zero.
+/// Error categories of the wire protocol, always listed in status even when zero.
 pub const ERROR_CATEGORIES: [&str; 5] = [
     "network",
     "authentication",
@@ -119,13 +119,13 @@ pub struct Health<'a> {
     pub meta: &'a SyncMeta,
     pub oldest_pending_age_s: u64,
     pub interval_secs: u64,
-    /// SPEC 10: `failing` storage makes the status `failing`, `recovered` storage at
+    /// `failing` storage makes the status `failing`, `recovered` storage at
     /// least `degraded`, whatever sync says (even `disabled`).
     pub storage: &'a StorageState,
 }
 
-/// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as SPEC 3 defines them,
-/// raised by the storage state (SPEC 10).
+/// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as docs/reference/local-api.md
+/// defines them, raised by the storage state.
 pub fn health(h: &Health) -> &'static str {
     match (h.storage, sync_health(h)) {
         (StorageState::Failing { .. }, _) | (_, "failing") => "failing",

@@ -1,4 +1,4 @@
-//! `usage-agent check`: a full integrity check of the agent's database (SPEC 10), through
+//! `usage-agent check`: a full integrity check of the agent's database, through
 //! the socket (`POST /v1/check`), so a sound result clears the storage state the running
 //! agent shows. Exit 0 sound, 3 damaged.
 //!

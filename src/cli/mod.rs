@@ -1,7 +1,7 @@
 //! The command line: one file per subcommand; this file only declares and dispatches them.
 //!
-//! Exit codes (SPEC 2): 0 success, 1 failure, 2 bad usage; `status` adds 3 (degraded)
-//! and 4 (failing), `check` 3 (damaged).
+//! Exit codes (docs/reference/cli.md): 0 success, 1 failure, 2 bad usage; `status` adds 3
+//! (degraded) and 4 (failing), `check` 3 (damaged).
 
 use std::path::PathBuf;
 use std::process::ExitCode;

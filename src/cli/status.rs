@@ -1,5 +1,5 @@
-//! `usage-agent status`: the sync status, as a short summary or the SPEC JSON object.
-//! The exit code tells the health, so monitoring can use it directly.
+//! `usage-agent status`: the sync status, as a short summary or the JSON object of
+//! `GET /v1/status`. The exit code tells the health, so monitoring can use it directly.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

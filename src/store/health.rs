@@ -1,4 +1,4 @@
-//! The storage state that status shows (SPEC 10): `ok`, `recovered` after a start that
+//! The storage state that status shows: `ok`, `recovered` after a start that
 //! found the database damaged and salvaged it, or `failing` after a read or write that
 //! failed on damage or I/O.
 //!
@@ -16,7 +16,7 @@ use usage_protocol::event::format_millis;
 
 const STORAGE_META_KEY: &str = "storage";
 
-/// The `storage` object of status, in the SPEC's shape.
+/// The `storage` object of status, in the shape `GET /v1/status` documents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum StorageState {

@@ -1,4 +1,4 @@
-//! Damaged storage at start (SPEC 10): a `quick_check` of the database; on damage every
+//! Damaged storage at start: a `quick_check` of the database; on damage every
 //! row that can still be read is copied into a fresh database, with its `seq`, its sync
 //! state and its `synced_at` (so an event synced before the damage is never sent again,
 //! and the arrival order stays the sync order); then the damaged file (with its `-wal`

@@ -1,8 +1,8 @@
 //! The HTTP side of one attempt: build the signed `POST {backend}/api/usage/event`, send it,
 //! and turn the answer into a [`BatchResult`] or a categorised [`SyncError`].
 //!
-//! This module owns the request shape of SPEC 5 (headers, gzip over 1 KiB, signature over
-//! the uncompressed JSON). It knows nothing about retries, the queue or the database; the
+//! This module owns the request shape of the wire protocol (headers, gzip over 1 KiB,
+//! signature over the uncompressed JSON). It knows nothing about retries, the queue or the database; the
 //! engine decides what an answer means for the events. The secret and the bearer token
 //! never appear in an error or a log line.
 
@@ -136,7 +136,7 @@ impl BackendClient {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         // An answer cut off (a reset, a timeout) is a transport failure whatever its
-        // status line said: `network`, as SPEC 5 files resets and timeouts. `BadAnswer`
+        // status line said: `network`, as the wire protocol files resets and timeouts. `BadAnswer`
         // is for an answer that arrived whole and cannot be read.
         let body = response.bytes().await.map_err(network)?;
         if status.is_success() {
@@ -180,7 +180,7 @@ pub fn parse_retry_after(text: &str) -> Option<Duration> {
     text.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// The `message` of an error body in the SPEC error shape, else a short piece of the body.
+/// The `message` of an error body in the backend's error shape, else a short piece of the body.
 pub fn answer_message(status: StatusCode, body: &[u8]) -> String {
     if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {
         return format!("{}: {}", parsed.error.code, parsed.error.message);
@@ -197,7 +197,7 @@ pub fn answer_message(status: StatusCode, body: &[u8]) -> String {
     }
 }
 
-/// Maps a non-2xx answer to its SPEC 5 category.
+/// Maps a non-2xx answer to its wire-protocol error category.
 pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) -> SyncError {
     let message = answer_message(status, body);
     let code = status.as_u16();

@@ -1,7 +1,7 @@
 //! One sync run ([`SyncEngine::run_once`]): drain the pending queue to the backend, with
-//! the retry rules of SPEC 5, and keep the bookkeeping status reads. The first batch goes
-//! alone; then up to [`MAX_IN_FLIGHT`] lanes ship batches concurrently (the backend
-//! dedupes, so the order batches land in does not matter).
+//! the retry rules of docs/reference/wire-protocol.md, and keep the bookkeeping status
+//! reads. The first batch goes alone; then up to [`MAX_IN_FLIGHT`] lanes ship batches
+//! concurrently (the backend dedupes, so the order batches land in does not matter).
 //!
 //! *When* runs happen is `crate::jobs::sync`'s business; this module is the unit of work,
 //! and [`SyncEngine::run_now`] makes sure two runs never overlap (a manual sync that
@@ -61,7 +61,7 @@ pub fn in_flight(batch_size: usize) -> usize {
     (MAX_EVENTS_IN_FLIGHT / batch_size.max(1)).clamp(2, MAX_IN_FLIGHT)
 }
 
-/// What one run did (the body of `POST /v1/sync`, SPEC 3).
+/// What one run did (the body of `POST /v1/sync`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SyncReport {
     /// Batches the backend gave a verdict on: a 2xx answer, or a validation refusal of a

@@ -1,5 +1,5 @@
-//! Enrollment (SPEC 5): telling the backend this install's id and secret, once, with the
-//! operator's enrollment token: `POST {backend}/api/installations`.
+//! Enrollment (docs/reference/wire-protocol.md): telling the backend this install's id and
+//! secret, once, with the operator's enrollment token: `POST {backend}/api/installations`.
 //!
 //! Enrollment is the only request that carries the secret itself, so it is refused over
 //! plain `http://` unless the backend is on a loopback address. This module does the one

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::store::StoreError;
 
-/// The error categories of SPEC 5, plus `local` for a failure of the agent's own database
-/// (which is no backend's fault and is not counted in status `error_categories`).
+/// The error categories of the wire protocol, plus `local` for a failure of the agent's own
+/// database (which is no backend's fault and is not counted in status `error_categories`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Category {
@@ -76,7 +76,7 @@ pub enum SyncError {
 }
 
 impl SyncError {
-    /// The SPEC 5 category that decides what happens next.
+    /// The error category that decides what happens next.
     pub fn category(&self) -> Category {
         match self {
             SyncError::Network(_) => Category::Network,

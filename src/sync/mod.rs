@@ -1,4 +1,4 @@
-//! Shipping events to the backend (SPEC 5).
+//! Shipping events to the backend (docs/reference/wire-protocol.md).
 //!
 //! The wire types and the signing it uses are [`usage_protocol`]'s, shared with the
 //! receiver. This module is the agent side only: [`client`] (one signed HTTP attempt), [`error`] (categories that decide retries),

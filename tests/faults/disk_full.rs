@@ -1,7 +1,7 @@
-//! Disk full for the agent (issue 17 item 3.2): its data dir is a 2 MiB tmpfs, filled to
-//! the last byte by a file beside the database. Ingest must answer `503` with
-//! `Retry-After` and store nothing of a refused batch, the daemon must keep answering,
-//! and once space is freed, everything acknowledged is there and syncs once.
+//! Disk full for the agent: its data dir is a 2 MiB tmpfs, filled to the last byte by a
+//! file beside the database. Ingest must answer `503` with `Retry-After` and store nothing
+//! of a refused batch, the daemon must keep answering, and once space is freed, everything
+//! acknowledged is there and syncs once.
 //!
 //! Mounting needs root (as CI and this project's test machines run); without it the test
 //! says so loudly on stderr and passes without checking anything.

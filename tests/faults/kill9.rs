@@ -1,9 +1,9 @@
-//! Kill -9 at random moments (issue 17 item 3.1). A workload runs against the real agent
-//! (clients posting batches, sync runs, rollups, purges of planted old days, erasures of
-//! users) while a real receiver takes the batches; the agent is SIGKILLed at a seeded
-//! random moment of one phase, restarted on the same data dir, and then everything
-//! acknowledged must be at the receiver exactly once, every daily summary must equal
-//! its raw events, and erased users must be gone from the agent.
+//! Kill -9 at random moments. A workload runs against the real agent (clients posting
+//! batches, sync runs, rollups, purges of planted old days, erasures of users) while a real
+//! receiver takes the batches; the agent is SIGKILLed at a seeded random moment of one
+//! phase, restarted on the same data dir, and then everything acknowledged must be at the
+//! receiver exactly once, every daily summary must equal its raw events, and erased users
+//! must be gone from the agent.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

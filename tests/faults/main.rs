@@ -1,7 +1,7 @@
-//! The fault suite (issue 17 item 3): the real agent binary and a real receiver under
-//! crashes, a full disk, a misbehaving network and slow clients, each test asserting that
-//! nothing acknowledged is lost and nothing is counted twice. `README.md` beside this file
-//! says what each fault proves and how to run one.
+//! The fault suite: the real agent binary and a real receiver under crashes, a full disk, a
+//! misbehaving network and slow clients, each test asserting that nothing acknowledged is
+//! lost and nothing is counted twice. `README.md` beside this file says what each fault
+//! proves and how to run one.
 
 /// The store the test receivers of this binary use.
 pub const RECEIVER_STORE: usage_receiver::store::StoreKind =

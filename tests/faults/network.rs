@@ -1,9 +1,8 @@
-//! A misbehaving network between the agent and the receiver (issue 17 item 3.3): the
-//! agent's `backend_url` points at a [`FaultProxy`] that adds latency, resets
-//! connections in the middle of a request or of an answer, or swallows everything for a
-//! while. While faulted, the agent's status names the failure (category `network`);
-//! nothing is lost or counted twice at the receiver; once the fault is lifted, the
-//! schedule ships the backlog by itself.
+//! A misbehaving network between the agent and the receiver: the agent's `backend_url`
+//! points at a [`FaultProxy`] that adds latency, resets connections in the middle of a
+//! request or of an answer, or swallows everything for a while. While faulted, the agent's
+//! status names the failure (category `network`); nothing is lost or counted twice at the
+//! receiver; once the fault is lifted, the schedule ships the backlog by itself.
 
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,8 @@ use crate::support::{
     socket_client, start, sync_table, verify,
 };
 
-/// How long the black hole lasts (SPEC 5's 30 s); `FAULT_BLACK_HOLE_SECS` overrides it.
+/// How long the black hole lasts (30 s, the default `sync.request_timeout_secs`);
+/// `FAULT_BLACK_HOLE_SECS` overrides it.
 fn black_hole_duration() -> Duration {
     let secs = std::env::var("FAULT_BLACK_HOLE_SECS")
         .ok()

@@ -1,9 +1,9 @@
-//! Kill -9 of the receiver in the middle of a sync (beyond issue 17 item 3.1, from the
-//! other side; SPEC 9: killing a receiver with -9 loses nothing acknowledged). The
-//! receiver runs as its own process (`usage-agent receiver`) on a fixed port and is
-//! SIGKILLed at seeded random moments while the agent ships a backlog, then restarted on
-//! the same database. A batch it committed but never answered comes again from the agent
-//! and must be a duplicate; after every restart `verify` holds.
+//! Kill -9 of the receiver in the middle of a sync (`kill9.rs` from the other side: killing
+//! a receiver with -9 loses nothing acknowledged). The receiver runs as its own process
+//! (`usage-agent receiver`) on a fixed port and is SIGKILLed at seeded random moments while
+//! the agent ships a backlog, then restarted on the same database. A batch it committed but
+//! never answered comes again from the agent and must be a duplicate; after every restart
+//! `verify` holds.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,8 +1,8 @@
-//! Slow and idle connections (issue 17 item 3.4): 300 connections held open against each
-//! server, half sending nothing, half trickling header bytes that never end, while real
-//! requests on fresh connections keep being answered within 50 ms (SPEC 10: the
-//! connection caps are 512 for the agent and 4096 for the receiver, far above 300; a
-//! header that takes over 10 s closes its connection).
+//! Slow and idle connections: 300 connections held open against each server, half sending
+//! nothing, half trickling header bytes that never end, while real requests on fresh
+//! connections keep being answered within 50 ms (the connection caps are 512 for the agent
+//! and 4096 for the receiver, far above 300; a header that takes over 10 s closes its
+//! connection).
 //!
 //! Latency on a shared 2-core machine is noisy, so the bound is on the 90th percentile
 //! of 40 requests, and a measurement over the bound is taken once more before failing

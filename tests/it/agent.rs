@@ -1,4 +1,5 @@
-//! The agent core through the real binary and its socket (issue 2, SPEC 3 and 8).
+//! The agent core through the real binary and its socket: the local API
+//! (docs/reference/local-api.md) and the configuration (docs/reference/config.md).
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;

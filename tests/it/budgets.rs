@@ -1,7 +1,7 @@
-//! Budgets and alerts (SPEC 11) through the receiver's HTTP API: budgets set, shown and
-//! removed; thresholds that fire once per install, threshold and month; `GET /api/alerts`;
-//! and delivery to a real local webhook sink that is down for a while, signed with
-//! Standard Webhooks, kept across a restart. Runs on SQLite here and on PostgreSQL in
+//! Budgets and alerts through the receiver's HTTP API: budgets set, shown and removed;
+//! thresholds that fire once per install, threshold and month; `GET /api/alerts`; and
+//! delivery to a real local webhook sink that is down for a while, signed with Standard
+//! Webhooks, kept across a restart. Runs on SQLite here and on PostgreSQL in
 //! `tests/postgres` (which adds two nodes on one database).
 
 use std::net::SocketAddr;

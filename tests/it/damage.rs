@@ -1,6 +1,6 @@
-//! SPEC 10, damaged storage: the real agent and receiver on databases damaged the way an
-//! unlucky operator meets them: whole pages of the file overwritten with garbage, while
-//! the process is stopped or under it while it runs.
+//! Damaged storage: the real agent and receiver on databases damaged the way an unlucky
+//! operator meets them: whole pages of the file overwritten with garbage, while the process
+//! is stopped or under it while it runs.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::net::UnixStream;

@@ -1,4 +1,4 @@
-//! SPEC 10 at the agent: error shapes, the bearer token, throttling, the socket path,
+//! Hardening at the agent: error shapes, the bearer token, throttling, the socket path,
 //! file modes and secrets kept off the command line.
 
 use std::os::unix::fs::PermissionsExt;

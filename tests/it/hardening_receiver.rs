@@ -1,5 +1,5 @@
-//! SPEC 10 at the receiver: error shapes, credentials, throttling, logging and file modes,
-//! each tried the way an attacker or an unlucky operator would.
+//! Hardening at the receiver: error shapes, credentials, throttling, logging and file
+//! modes, each tried the way an attacker or an unlucky operator would.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -39,7 +39,7 @@ fn challenge(response: &Response) -> &str {
         .unwrap_or_else(|| panic!("a {} answer without WWW-Authenticate", response.status()))
 }
 
-// -- Item 1: 404 and 405 in the error shape ---------------------------------------------
+// -- 404 and 405 in the error shape ------------------------------------------------------
 
 #[tokio::test]
 async fn unknown_paths_and_wrong_methods_answer_in_the_error_shape() {
@@ -63,7 +63,7 @@ async fn unknown_paths_and_wrong_methods_answer_in_the_error_shape() {
     }
 }
 
-// -- Item 2: schemes whatever their case, and a challenge on every 401 ------------------
+// -- Schemes whatever their case, and a challenge on every 401 ---------------------------
 
 #[tokio::test]
 async fn basic_and_bearer_are_matched_whatever_the_case_of_the_scheme() {
@@ -151,7 +151,7 @@ async fn every_401_carries_the_challenge_of_its_scheme_and_the_error_shape() {
     }
 }
 
-// -- Item 3: failed credentials throttled per client address ----------------------------
+// -- Failed credentials throttled per client address -------------------------------------
 
 /// Asserts `response` is the throttle's `429` and returns its `Retry-After` seconds.
 async fn assert_throttled(response: Response) -> u64 {
@@ -273,7 +273,7 @@ async fn requests_without_credentials_are_no_guesses_and_never_block_the_address
     assert_eq!(right.status(), StatusCode::OK);
 }
 
-// -- Item 5: the enrollment body refuses unknown fields ---------------------------------
+// -- The enrollment body refuses unknown fields ------------------------------------------
 
 #[tokio::test]
 async fn an_enrollment_with_an_unknown_field_is_refused_naming_the_field() {
@@ -344,7 +344,7 @@ async fn the_agents_own_enrollment_is_accepted() {
     );
 }
 
-// -- Items 4 and 6: through the real binary ---------------------------------------------
+// -- Logging and file modes, through the real binary -------------------------------------
 
 /// `usage-agent receiver` run by `sh` (so the umask can be set first) in a temp dir, its
 /// log (stderr) in a file. Killed on drop.

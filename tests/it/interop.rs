@@ -109,7 +109,7 @@ fn we_verify_what_the_reference_library_signs() {
     );
 }
 
-/// A budget alert as the receiver delivers it to `ALERT_WEBHOOK_URL` (SPEC 11) verifies
+/// A budget alert as the receiver delivers it to `ALERT_WEBHOOK_URL` verifies
 /// with the reference library, so any Standard Webhooks consumer can check it.
 #[tokio::test]
 async fn the_reference_library_verifies_a_delivered_budget_alert() {

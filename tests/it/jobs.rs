@@ -1,5 +1,5 @@
 //! Rollups, retention, schedules, local analytics, export, erasure and metrics through the
-//! real binary, its socket and its CLI (issue 4, SPEC 3 and 7).
+//! real binary, its socket and its CLI.
 
 use std::collections::HashMap;
 use std::time::Duration;

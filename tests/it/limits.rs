@@ -1,8 +1,9 @@
-//! What one client can hold (SPEC 10), tried on the real servers: the connection cap of
-//! the agent's socket and of the receiver, and the agent's shutdown deadline against a
-//! client that never finishes its request. The timeouts themselves are unit-tested in
-//! `src/server.rs` with short limits. And the receiver's turns for costly work
-//! (`MAX_INFLIGHT_BATCHES`), held by batches whose database write the test keeps waiting.
+//! What one client can hold, tried on the real servers: the connection cap of the agent's
+//! socket and of the receiver, and the agent's shutdown deadline against a client that
+//! never finishes its request. The timeouts themselves are unit-tested in
+//! `crates/usage-common/src/server.rs` with short limits. And the receiver's turns for
+//! costly work (`MAX_INFLIGHT_BATCHES`), held by batches whose database write the test
+//! keeps waiting.
 
 use std::io::{Read, Write};
 use std::sync::{Arc, Condvar, Mutex};
@@ -124,8 +125,9 @@ async fn the_agent_closes_connections_past_max_connections_and_serves_the_open_o
 #[tokio::test]
 async fn sigterm_ends_within_shutdown_timeout_while_a_client_holds_a_half_sent_request() {
     let mut agent = Agent::start("shutdown_timeout_secs = 2").await;
-    // Headers in, a tenth of the body, then nothing: before SPEC 10 this held the
-    // agent's graceful shutdown open for as long as the client liked.
+    // Headers in, a tenth of the body, then nothing: before shutdown cut the connections
+    // still open at its deadline, this held the agent's graceful shutdown open for as long
+    // as the client liked.
     let mut holder = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
     holder
         .write_all(

@@ -2,8 +2,8 @@
 //! end-to-end agent tests run again on PostgreSQL in `tests/postgres`.
 
 /// The store the test receivers of this binary use.
-pub const RECEIVER_STORE: usage_agent::receiver::store::StoreKind =
-    usage_agent::receiver::store::StoreKind::Sqlite;
+pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
+    usage_receiver::store::StoreKind::Sqlite;
 
 mod agent;
 mod budgets;
@@ -21,4 +21,5 @@ mod loadgen;
 mod ops;
 mod provider;
 mod receiver;
+mod site_build;
 mod sync;

@@ -1,6 +1,6 @@
-//! Provider views of the receiver (issue 7): installations with cost, revenue and profit,
-//! plans, the dashboard, the CSV summary and erasure. A real receiver on a loopback port,
-//! fed real signed batches; money is checked against hand-computed amounts.
+//! Provider views of the receiver: installations with cost, revenue and profit, plans, the
+//! dashboard, the CSV summary and erasure. A real receiver on a loopback port, fed real
+//! signed batches; money is checked against hand-computed amounts.
 
 use std::collections::BTreeMap;
 
@@ -163,7 +163,7 @@ async fn installations_show_hand_computed_cost_revenue_and_profit() {
     assert_eq!(row_a["cost_mtd"], json!(0.7));
     assert_eq!(row_a["revenue_mtd"], json!(19.0));
     assert_eq!(row_a["profit_mtd"], json!(18.3));
-    // The default price is a price (SPEC 11): only a model with none is unpriced.
+    // The default price is a price: only a model with none is unpriced.
     assert_eq!(row_a["unpriced_models"], json!([]));
     assert!(
         row_a["last_seen"]
@@ -405,7 +405,7 @@ async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() 
         StatusCode::OK
     );
 
-    // Without a period: SPEC 6's answer, unchanged.
+    // Without a period: the original answer (30 days, month to date), unchanged.
     let plain = get_json(&rx, "/api/usage/installations").await;
     assert!(plain.get("period").is_none());
     let keys: Vec<&str> = plain["installations"][0]

@@ -1,6 +1,6 @@
-//! Sync through the real binary (issue 3, SPEC 5): the agent against the bundled receiver
-//! and against small backends that fail in one specific way, each error category from a
-//! real cause, with the resulting status, counts and number of requests asserted.
+//! Sync through the real binary: the agent against the bundled receiver and against small
+//! backends that fail in one specific way, each error category from a real cause, with the
+//! resulting status, counts and number of requests asserted.
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};

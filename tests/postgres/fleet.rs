@@ -1,7 +1,7 @@
-//! Several receiver nodes on one PostgreSQL database (SPEC 9): the same batches sent to
-//! two nodes at once count once, a change made through one node holds on the other at
-//! once, the rate limit is shared, migrations run once however many nodes start together,
-//! and a node killed with -9 mid-ingest loses nothing it acknowledged.
+//! Several receiver nodes on one PostgreSQL database: the same batches sent to two nodes at
+//! once count once, a change made through one node holds on the other at once, the rate
+//! limit is shared, migrations run once however many nodes start together, and a node
+//! killed with -9 mid-ingest loses nothing it acknowledged.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};

@@ -1,5 +1,5 @@
-//! The receiver on PostgreSQL (SPEC 9): the receiver's HTTP tests, the provider views and
-//! the end-to-end agent tests of `tests/it` again, each on a fresh database of a throwaway
+//! The receiver on PostgreSQL: the receiver's HTTP tests, the provider views and the
+//! end-to-end agent tests of `tests/it` again, each on a fresh database of a throwaway
 //! cluster this binary starts (`initdb` in a temp dir, stopped when the binary ends), and
 //! the tests of a fleet: two receiver nodes on one database.
 

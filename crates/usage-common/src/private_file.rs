@@ -1,4 +1,4 @@
-//! Files both servers create that only their own user may read (SPEC 10): the databases,
+//! Files both servers create that only their own user may read: the databases,
 //! which hold billing records and, at the receiver, every install's signing secret.
 //!
 //! A leaf: plain `std::fs`, nothing of the agent or the receiver.

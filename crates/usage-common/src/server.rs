@@ -1,4 +1,4 @@
-//! Serving an axum router over HTTP/1.1 within the bounds of SPEC 10, for every listener
+//! Serving an axum router over HTTP/1.1 within fixed bounds, for every listener
 //! of both servers (the agent's socket and TCP port, the receiver): what one client can
 //! hold is bounded, and shutdown ends on time.
 //!
@@ -41,11 +41,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-/// How long a client may take to send a request's headers (SPEC 10).
+/// How long a client may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a kept-alive connection may wait for its next request (SPEC 10).
+/// How long a kept-alive connection may wait for its next request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a client may take to send a body once its headers are in (SPEC 10).
+/// How long a client may take to send a body once its headers are in.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What one server allows.
@@ -61,7 +61,7 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// SPEC 10's timeouts with the given connection cap and drain time.
+    /// The timeouts above with the given connection cap and drain time.
     pub fn new(max_connections: usize, drain_timeout: Duration) -> Limits {
         Limits {
             header_timeout: HEADER_TIMEOUT,

@@ -1,4 +1,4 @@
-//! How both servers tell a damaged SQLite database from a sound one (SPEC 10): the
+//! How both servers tell a damaged SQLite database from a sound one: the
 //! `quick_check` each runs at start, the full `integrity_check` of `usage-agent check`,
 //! and which SQLite errors mean damage rather than a passing condition.
 //!
@@ -67,7 +67,7 @@ pub struct Damaged {
     pub problems: Vec<String>,
 }
 
-/// The receiver's start (SPEC 10): a `quick_check`, and an error naming the file if the
+/// The receiver's start: a `quick_check`, and an error naming the file if the
 /// database is damaged or cannot be checked.
 pub fn refuse_if_damaged(path: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     match check_file(path, Depth::Quick)? {

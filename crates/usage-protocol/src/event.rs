@@ -1,4 +1,4 @@
-//! The usage event and its validation rules (SPEC section 3).
+//! The usage event and its validation rules (docs/reference/local-api.md, Event fields).
 //!
 //! Raw JSON goes in, an [`Event`] that cannot be invalid comes out, or a list of
 //! [`FieldError`]s naming each bad field and the rule it broke. The field rules
@@ -321,9 +321,10 @@ struct TypedEvent<'a> {
 /// A derived struct read only from a JSON object.
 ///
 /// Serde's derived structs also read a JSON array of the field values in order
-/// (`[[{...}]]` as a batch), a shape no reading of SPEC 3 or 5 allows and the reference
-/// readings (`Value` objects) refuse. Found by the `event_reader` fuzz target: the typed
-/// readings wrap their structs in this so they never accept what the reference refuses.
+/// (`[[{...}]]` as a batch), a shape neither the local API nor the wire protocol allows and
+/// the reference readings (`Value` objects) refuse. Found by the `event_reader` fuzz target:
+/// the typed readings wrap their structs in this so they never accept what the reference
+/// refuses.
 pub struct FromObject<T>(pub T);
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for FromObject<T> {

@@ -1,6 +1,7 @@
-//! Wire types of the agent-to-backend protocol (SPEC section 5), shared by the agent and
-//! the receiver: the batch the agent sends, the per-event rules the receiver applies to it,
-//! the answer, the enrollment body, the error body, and the gzip helpers for request bodies.
+//! Wire types of the agent-to-backend protocol (docs/reference/wire-protocol.md), shared by
+//! the agent and the receiver: the batch the agent sends, the per-event rules the receiver
+//! applies to it, the answer, the enrollment body, the error body, and the gzip helpers for
+//! request bodies.
 //!
 //! Per-event rules reuse the pure checks of [`crate::event`]; this module adds only what
 //! differs on the wire (`user_hash` instead of `user_id`, `total_tokens` and `created_at`
@@ -292,8 +293,9 @@ impl CheckedWireEvent {
     }
 }
 
-/// Validates one event of a received batch with the rules of SPEC section 3 as adapted by
-/// section 5, collecting every broken rule.
+/// Validates one event of a received batch with the event rules of the local API as the
+/// wire protocol adapts them (docs/reference/wire-protocol.md, Batches), collecting every
+/// broken rule.
 pub fn parse_wire_event(value: &Value, now: DateTime<Utc>) -> Result<WireEvent, Vec<FieldError>> {
     check_wire_event(value, now).map(|event| event.to_wire())
 }
@@ -425,7 +427,7 @@ pub fn check_batch_values(
     body: &[u8],
     now: DateTime<Utc>,
 ) -> Result<CheckedBatch, serde_json::Error> {
-    // An object, as SPEC 5 has it: a derived struct would also read an array.
+    // An object, as the wire protocol has it: a derived struct would also read an array.
     let FromObject(envelope) = serde_json::from_slice::<FromObject<BatchEnvelope>>(body)?;
     let mut valid = Vec::with_capacity(envelope.events.len());
     let mut rejected = Vec::new();

@@ -1,11 +1,10 @@
-//! The fleet phase (issue 16): two receiver nodes on one PostgreSQL, fed signed, gzipped
-//! batches of 50 events from thousands of enrolled installs, beside the ceiling of the same
-//! rows copied into the same tables and indexes with `COPY` (no HTTP, no checks), and the
-//! installations view over 100,000 installs (`--view-installs`), each with a rollup row on
-//! each of the last 30 days. Between the two, for the table only: the same batches
-//! straight into the store's ingest path, as the nodes call it but without HTTP, and for
-//! each of the three the whole machine's busy CPU time per event, which shows where the
-//! two cores go.
+//! The fleet phase: two receiver nodes on one PostgreSQL, fed signed, gzipped batches of 50
+//! events from thousands of enrolled installs, beside the ceiling of the same rows copied
+//! into the same tables and indexes with `COPY` (no HTTP, no checks), and the installations
+//! view over 100,000 installs (`--view-installs`), each with a rollup row on each of the
+//! last 30 days. Between the two, for the table only: the same batches straight into the
+//! store's ingest path, as the nodes call it but without HTTP, and for each of the three
+//! the whole machine's busy CPU time per event, which shows where the two cores go.
 //!
 //! PostgreSQL is a throwaway cluster of loadgen's own (fsync on) unless `--database-url`
 //! names a server; loadgen makes its databases there and drops them afterwards.
@@ -46,7 +45,7 @@ const BATCH_EVENTS: usize = 50;
 /// thousands of sites send on their own schedules, so a node meets many batches at once.
 /// 40 keep both nodes and the database busy on two cores, and let each node's writers
 /// store the batches that wait together; 48 were no faster and only waited longer
-/// (BENCHMARKS.md, "Session 12").
+/// (BENCHMARKS.md, "The fleet receiver on PostgreSQL").
 pub(crate) const DEFAULT_IN_FLIGHT: usize = 40;
 /// Requests in flight while enrolling, and for the views' batches.
 const SETUP_IN_FLIGHT: usize = 16;

@@ -1,4 +1,4 @@
-//! Credentials shared by both servers (SPEC 10): reading a `Bearer` token whatever the
+//! Credentials shared by both servers: reading a `Bearer` token whatever the
 //! case of its scheme, comparing secrets in constant time, and the [`throttle`] of
 //! failed attempts per client address. The agent's bearer check and the receiver's
 //! basic auth and enrollment token use these same pieces; each server answers in its own

@@ -1,4 +1,4 @@
-//! Throttling of failed credentials per client address (SPEC 10): after [`MAX_FAILURES`]
+//! Throttling of failed credentials per client address: after [`MAX_FAILURES`]
 //! failed attempts within [`WINDOW`] from one address, that address is refused until its
 //! window ends, even when it then sends the right credentials, so guessing the provider's
 //! password or the enrollment token costs an attacker a minute per twenty guesses.
@@ -42,7 +42,7 @@ struct Window {
 }
 
 impl Default for FailureThrottle {
-    /// SPEC 10's throttle: [`MAX_FAILURES`] per [`WINDOW`], [`MAX_ADDRESSES`] remembered.
+    /// The servers' throttle: [`MAX_FAILURES`] per [`WINDOW`], [`MAX_ADDRESSES`] remembered.
     fn default() -> FailureThrottle {
         FailureThrottle::new(MAX_FAILURES, WINDOW, MAX_ADDRESSES)
     }
