@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 use usage_protocol::signing::{
     HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret, sign, verify, verify_tag,
 };
-use usage_receiver::ingest::verified_body;
+use usage_receiver::ingest::batch::verified_body;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const NOW: i64 = 1_800_000_000;

@@ -14,7 +14,7 @@ use usage_protocol::signing::{
     HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign, verify,
 };
 use usage_protocol::wire::{check_batch, check_batch_values, gzip};
-use usage_receiver::ingest::{read_batch, verified_body};
+use usage_receiver::ingest::batch::{read_batch, verified_body};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const BATCH_ID: &str = "0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f";

@@ -11,11 +11,12 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::Method;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use serde_json::{Value, json};
+use usage_common::routes::{self, Route};
 
 use crate::state::SharedState;
 use crate::store::{Store, StoreError};
@@ -55,21 +56,27 @@ where
     })
 }
 
-/// The routes of the local API.
+/// Every route of the local API, in the order the reference lists them.
+pub fn routes() -> Vec<Route<SharedState>> {
+    vec![
+        Route::new(Method::POST, "/v1/events", events::record),
+        Route::new(Method::GET, "/v1/status", status::status),
+        Route::new(Method::POST, "/v1/check", check::check),
+        Route::new(Method::POST, "/v1/sync", sync::sync_now),
+        Route::new(Method::POST, "/v1/retry-failed", sync::retry_failed),
+        Route::new(Method::POST, "/v1/rollup", jobs::rollup),
+        Route::new(Method::POST, "/v1/purge", jobs::purge),
+        Route::new(Method::GET, "/v1/usage", usage::usage),
+        Route::new(Method::GET, "/v1/export", export::export),
+        Route::new(Method::DELETE, "/v1/users/{user_id}", users::forget),
+        Route::new(Method::GET, "/metrics", metrics::metrics),
+        Route::new(Method::GET, "/healthz", status::healthz),
+    ]
+}
+
+/// The routes of the local API ([`routes`]).
 pub fn router(state: SharedState) -> Router {
-    Router::new()
-        .route("/v1/events", post(events::record))
-        .route("/v1/status", get(status::status))
-        .route("/v1/check", post(check::check))
-        .route("/v1/sync", post(sync::sync_now))
-        .route("/v1/retry-failed", post(sync::retry_failed))
-        .route("/v1/rollup", post(jobs::rollup))
-        .route("/v1/purge", post(jobs::purge))
-        .route("/v1/usage", get(usage::usage))
-        .route("/v1/export", get(export::export))
-        .route("/v1/users/{user_id}", delete(users::forget))
-        .route("/metrics", get(metrics::metrics))
-        .route("/healthz", get(status::healthz))
+    routes::router(routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -107,11 +107,12 @@ const RECEIVER: Table = &[
             "http", "state", "store", "budgets", "billing", "days", "settings",
         ],
     ),
-    ("http", &["state", "store", "settings", "billing", "days"]),
+    // Budgets clip the values they log with http's clip, so they sit above it.
     (
         "budgets",
-        &["state", "store", "settings", "billing", "days"],
+        &["http", "state", "store", "settings", "billing", "days"],
     ),
+    ("http", &["state", "store", "settings", "billing", "days"]),
     ("state", &["store", "settings", "billing"]),
     ("settings", &["billing"]),
     ("store", &["billing", "days"]),

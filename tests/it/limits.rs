@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use usage_protocol::event::format_millis;
 use usage_protocol::wire::user_hash;
-use usage_receiver::pricing::Plan;
-use usage_receiver::rate_limit::Rate;
+use usage_receiver::billing::pricing::Plan;
+use usage_receiver::store::rate_limit::Rate;
 use usage_receiver::store::{
     Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
     Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,

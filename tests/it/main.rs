@@ -18,6 +18,7 @@ mod jobs;
 mod layers;
 mod limits;
 mod loadgen;
+mod openapi;
 mod ops;
 mod provider;
 mod receiver;

@@ -1231,7 +1231,7 @@ fn kinds_event(install: &TestInstall, model: &str, kinds: [u64; 5], at: DateTime
 async fn a_price_book_prices_each_token_kind_and_is_answered_at_api_prices() {
     let now = Utc::now();
     let tomorrow = (now + Duration::days(1)).format("%Y-%m-%d").to_string();
-    let book = usage_receiver::price_book::PriceBook::parse(&price_book(&tomorrow));
+    let book = usage_receiver::billing::price_book::PriceBook::parse(&price_book(&tomorrow));
     let rx = TestReceiver::start(ReceiverSettings {
         price_book: Some(book.unwrap()),
         model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),

@@ -297,7 +297,7 @@ fn migration_5_fills_the_chart_totals_and_refuses_batches_of_older_nodes() {
     let name = database_name(&url);
     let dir = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/receiver/store/postgres/migrations"
+        "/crates/usage-receiver/src/store/postgres/migrations"
     );
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
@@ -387,7 +387,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
         .unwrap_or_else(|e| panic!("{e}"));
     let shipped = std::fs::read_dir(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/receiver/store/postgres/migrations"
+        "/crates/usage-receiver/src/store/postgres/migrations"
     ))
     .unwrap()
     .count();

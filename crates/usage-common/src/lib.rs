@@ -3,11 +3,13 @@
 //! checks and the throttle of failed ones ([`credentials`]), opening SQLite for a full
 //! sync ([`gather_vfs`]), the integrity check that
 //! refuses a damaged SQLite file ([`sqlite_check`]), files only their owner reads
-//! ([`private_file`]) and TOML mistakes placed at their line and key ([`toml_place`]).
+//! ([`private_file`]), a server's routes as one table ([`routes`]) and TOML mistakes placed
+//! at their line and key ([`toml_place`]).
 
 pub mod credentials;
 pub mod gather_vfs;
 pub mod private_file;
+pub mod routes;
 pub mod server;
 pub mod sqlite_check;
 pub mod toml_place;

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::price_book::PriceBook;
+use crate::billing::price_book::PriceBook;
+use crate::billing::pricing::PriceSettings;
 use usage_protocol::signing::Secret;
 
 /// Default requests per install per minute.
@@ -359,6 +360,21 @@ fn parse_overrides(text: &str) -> Result<BTreeMap<String, f64>, SettingsError> {
         return Err(invalid());
     }
     Ok(map)
+}
+
+impl ReceiverSettings {
+    /// The prices among the settings, as [`Pricing`](crate::billing::pricing::Pricing)
+    /// reads them.
+    pub fn prices(&self) -> PriceSettings {
+        PriceSettings {
+            price_book: self.price_book.clone(),
+            default_cost_per_1k_tokens: self.default_cost_per_1k_tokens,
+            model_cost_overrides: self.model_cost_overrides.clone(),
+            plan_free_monthly: self.plan_free_monthly,
+            plan_pro_monthly: self.plan_pro_monthly,
+            plan_agency_monthly: self.plan_agency_monthly,
+        }
+    }
 }
 
 #[cfg(test)]

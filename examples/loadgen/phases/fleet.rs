@@ -27,9 +27,9 @@ use usage_protocol::signing::{
     HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, Secret, sign,
 };
 use usage_protocol::wire::{gzip, user_hash};
-use usage_receiver::rate_limit::Rate;
 use usage_receiver::settings::DEFAULT_RATE_LIMIT_PER_MIN;
 use usage_receiver::store::postgres::PostgresStore;
+use usage_receiver::store::rate_limit::Rate;
 use usage_receiver::store::{NewEvent, ReceiverStore};
 use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 use uuid::Uuid;

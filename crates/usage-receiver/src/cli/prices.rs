@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::price_book::PriceBook;
+use crate::billing::price_book::PriceBook;
 
 /// Options of `usage-receiver prices`.
 #[derive(Debug, clap::Args)]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::ReceiverSettings;
+use crate::settings::ReceiverSettings;
 
 /// Options of `usage-receiver serve` (and `usage-agent receiver`).
 #[derive(Debug, clap::Args)]
@@ -45,12 +45,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let (store, described) = match &args.database_url {
         Some(url) => (
-            crate::open_postgres(url, runtime.handle().clone())
+            crate::server::open_postgres(url, runtime.handle().clone())
                 .context("opening the receiver's PostgreSQL database")?,
             "PostgreSQL".to_owned(),
         ),
         None => (
-            crate::open_sqlite(&args.db)
+            crate::server::open_sqlite(&args.db)
                 .with_context(|| format!("opening the receiver database {}", args.db.display()))?,
             args.db.display().to_string(),
         ),
@@ -62,7 +62,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let addr = listener.local_addr().context("reading the bound address")?;
         let shutdown = shutdown_signal()?;
         println!("usage-receiver listening on http://{addr} (database {described})");
-        crate::serve(listener, settings, store, shutdown)
+        crate::server::serve(listener, settings, store, shutdown)
             .await
             .context("serving the receiver")
     })

@@ -1,6 +1,6 @@
 //! The receiver's storage contract: one trait, with the bundled SQLite store ([`sqlite`])
 //! and the PostgreSQL store of a fleet ([`postgres`]) side by side behind it, so the HTTP
-//! side never knows which one it talks to. [`conformance`] is one suite of tests that
+//! side never knows which one it talks to. the conformance suite (`tests/conformance.rs`) is one suite of tests that
 //! runs against both.
 //!
 //! This module defines types only; it holds no SQL and does no I/O. Every method is
@@ -20,9 +20,12 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::price_book::Rates;
-use super::pricing::{Micros, ModelDayTokens, Plan, PricedUsage};
-use super::rate_limit::Rate;
+use crate::billing::money::Micros;
+use crate::billing::price_book::Rates;
+use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage};
+use crate::days::MS_PER_DAY;
+use crate::store::rate_limit::Rate;
+use chrono::{DateTime, Datelike, Utc};
 use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
 
@@ -30,8 +33,9 @@ use usage_protocol::signing::Secret;
 pub type InstallKey = i64;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod fixtures;
 pub mod postgres;
+pub mod rate_limit;
 pub mod sqlite;
 
 /// Storage for enrolled installs and the events they send.
@@ -260,12 +264,6 @@ impl Budget {
             ))),
         }
     }
-}
-
-/// The month of a UTC day (days since the Unix epoch) as `YYYY-MM`.
-pub fn month_of_day(day: i64) -> String {
-    let date = chrono::DateTime::from_timestamp(day.saturating_mul(86_400), 0).unwrap_or_default();
-    date.format("%Y-%m").to_string()
 }
 
 /// One install's month as a budget check reads it.
@@ -718,4 +716,19 @@ pub enum ReceiverStoreError {
         "the database schema is at version {found}, newer than this receiver knows ({known}); run a newer usage-agent"
     )]
     SchemaTooNew { found: i64, known: i64 },
+}
+
+/// How long raw events are kept: longer than any event the receiver accepts (91 days),
+/// so a re-sent event is always recognised as a duplicate.
+pub const EVENT_RETENTION: chrono::Duration = chrono::Duration::days(92);
+
+/// The UTC days of the last 30 days (today included) and of the current month.
+pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
+    let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
+    let day_of_month = i64::from(now.day0());
+    UsageWindow {
+        today,
+        from_30d: today - 29,
+        month_start: today - day_of_month,
+    }
 }

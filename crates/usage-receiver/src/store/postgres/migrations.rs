@@ -74,13 +74,14 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use crate::store::ReceiverStore;
-    use crate::store::conformance::{enroll, event, postgres_node, postgres_url};
+    use crate::store::fixtures::{enroll, event};
+    use crate::store::postgres::test_node;
 
     #[test]
     fn a_rollup_row_added_to_again_is_updated_in_place_touching_no_index() {
-        let store = postgres_node(&postgres_url());
+        let store = test_node();
         let install = enroll(&store, "a");
-        let day_ms = 20_000 * 86_400_000;
+        let day_ms = 20_000 * crate::days::MS_PER_DAY;
         for n in 0..5 {
             store
                 .ingest(install.key, vec![event(n, day_ms)], 1)

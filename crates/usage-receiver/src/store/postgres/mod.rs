@@ -45,10 +45,11 @@ use super::{
     InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PriceList,
     RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay,
     StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
-    month_of_day,
 };
-use crate::pricing::{Micros, ModelDayTokens, Plan, PricedUsage, TokenCounts};
-use crate::rate_limit::Rate;
+use crate::billing::money::Micros;
+use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage, TokenCounts};
+use crate::days::month_text;
+use crate::store::rate_limit::Rate;
 use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
 use usage_protocol::wire::to_hex;
@@ -110,7 +111,7 @@ mod partitions;
 mod view_cache;
 mod writers;
 
-const MS_PER_DAY: i64 = 86_400_000;
+use crate::days::MS_PER_DAY;
 /// Connections per node: twice its cores, at least 4. A batch holds one for its two
 /// statements only; more connections than the node can keep busy only make backends
 /// contend inside the database (on two cores, 4 per node stored a tenth more than 16:
@@ -216,7 +217,7 @@ impl PostgresStore {
             })?;
         let today = chrono::Utc::now().timestamp_millis().div_euclid(MS_PER_DAY);
         store.maintain(RetainedDays {
-            first_kept: today - crate::EVENT_RETENTION.num_days(),
+            first_kept: today - super::EVENT_RETENTION.num_days(),
             today,
         })?;
         Ok(store)
@@ -1211,7 +1212,7 @@ async fn install_heads(
             "SELECT install, threshold FROM alerts
              WHERE month = $1 AND ($2::bigint IS NULL OR install = $2)
              ORDER BY install, threshold",
-            &[&month_of_day(today), &only],
+            &[&month_text(today), &only],
         )
         .await?;
     for row in alerted {
@@ -1534,4 +1535,26 @@ fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
         created_at_ms: row.get(12),
         received_at_ms: row.get(13),
     })
+}
+
+/// A node on a fresh database of this test binary's throwaway cluster, for the unit tests.
+#[cfg(test)]
+pub(crate) fn test_node() -> PostgresStore {
+    use std::sync::OnceLock;
+    use usage_testkit::throwaway::{Durability, ThrowawayCluster};
+
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    static CLUSTER: OnceLock<ThrowawayCluster> = OnceLock::new();
+    let runtime = RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("start the test runtime")
+    });
+    let cluster = CLUSTER.get_or_init(|| {
+        ThrowawayCluster::start(Durability::Fast).expect("start a throwaway PostgreSQL cluster")
+    });
+    let url = cluster.new_database().expect("create a test database");
+    PostgresStore::open(&url, runtime.handle().clone()).expect("open the test store")
 }

@@ -20,7 +20,7 @@ use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 
 use super::super::{InstallKey, UsageWindow};
-use crate::pricing::PricedUsage;
+use crate::billing::pricing::PricedUsage;
 
 /// How many views a node keeps (LRU): SPEC 6's answer, the dashboard's three periods
 /// (all four prepared every minute), and two more periods a provider asked for.
@@ -158,7 +158,7 @@ impl ViewCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pricing::Micros;
+    use crate::billing::money::Micros;
 
     fn key(today: i64, prices: u64) -> ViewKey {
         ViewKey {

@@ -25,10 +25,11 @@ use super::{
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
     NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
-    month_of_day,
 };
-use crate::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
-use crate::rate_limit::{Rate, RateLimiter};
+use crate::billing::money::Micros;
+use crate::billing::pricing::{ModelDayTokens, Plan, TokenCounts};
+use crate::days::month_text;
+use crate::store::rate_limit::{Rate, RateLimiter};
 use usage_common::private_file::create_private;
 use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
@@ -40,7 +41,7 @@ mod migrations;
 use group_commit::{IngestQueue, PendingIngest};
 use migrations::migrate;
 
-const MS_PER_DAY: i64 = 86_400_000;
+use crate::days::MS_PER_DAY;
 /// Events deleted per retention transaction, so a batch waiting to commit gets in soon.
 const RETENTION_CHUNK: i64 = 5000;
 
@@ -490,7 +491,7 @@ impl ReceiverStore for SqliteStore {
                 "SELECT install, threshold FROM alerts
                  WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
             )?;
-            let mut rows = statement.query(params![month_of_day(window.today), only])?;
+            let mut rows = statement.query(params![month_text(window.today), only])?;
             while let Some(row) = rows.next()? {
                 if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
                     report.installs[index].alerted_in_month.push(row.get(1)?);

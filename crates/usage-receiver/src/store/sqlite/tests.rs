@@ -1,6 +1,6 @@
 use super::migrations::MIGRATIONS;
 use super::*;
-use crate::store::conformance::{enroll, event};
+use crate::store::fixtures::{enroll, event};
 
 fn store() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -246,7 +246,7 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
         model: "m".into(),
         cached_tokens: 1,
         reasoning_tokens: 1,
-        ..event(9, 86_400_000 * 5 + 9)
+        ..event(9, crate::days::MS_PER_DAY * 5 + 9)
     };
     store.ingest(install.key, vec![more], 1).unwrap();
     let report = store.installations(Some("a"), window).unwrap();

@@ -6,7 +6,7 @@
 //! and not negative, every date a real date, every `match` an exact name or a prefix ending
 //! in `*`, no two entries for the same `match` and date. Every rejection names the line and
 //! the key. Prices become integer micro-units per million tokens once, here; the money
-//! arithmetic is [`super::pricing`]'s. This module reads one file and knows nothing about
+//! arithmetic is [`crate::billing::pricing`]'s. This module reads one file and knows nothing about
 //! HTTP or the stores.
 
 use std::collections::HashMap;
@@ -16,7 +16,8 @@ use chrono::NaiveDate;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::pricing::Micros;
+use crate::billing::money::Micros;
+use crate::days::day_number;
 use usage_common::toml_place::{describe, placed};
 
 /// What one million tokens of each kind cost, in micro-units.
@@ -240,12 +241,6 @@ impl PriceBook {
             .filter(|(prefix, _)| model.starts_with(prefix.as_str()))
             .find_map(|(_, dated)| in_force(dated))
     }
-}
-
-/// Days since the Unix epoch of a UTC date.
-pub fn day_number(date: NaiveDate) -> i64 {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
-    (date - epoch).num_days()
 }
 
 fn parse_match(text: &str) -> Option<ModelMatch> {
@@ -475,7 +470,7 @@ mod tests {
 
     #[test]
     fn the_example_book_parses() {
-        let text = include_str!("../../../contrib/prices.example.toml");
+        let text = include_str!("../../../../contrib/prices.example.toml");
         let book = book(text);
         assert_eq!(book.currency, "USD");
         // A few entries checked against the file, so a typo in a number shows here.

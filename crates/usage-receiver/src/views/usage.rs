@@ -2,30 +2,26 @@
 //! behind basic auth) and the unauthenticated `GET /health` (SPEC section 6).
 //!
 //! This module parses query parameters and shapes answers; the numbers come from the
-//! [`ReceiverStore`](super::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
+//! [`ReceiverStore`](crate::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::{NaiveDate, TimeDelta};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::ReceiverState;
-use super::auth::{require_provider, throttled};
-use super::error::ReceiverError;
-use super::ingest::store_unavailable;
-use super::store::{
-    EventCursor, EventsQuery, ReceivedEvent, Summary, SummaryGroupBy, SummaryQuery, TimeRange,
-    Totals,
+use crate::http::error::ReceiverError;
+use crate::state::ReceiverState;
+use crate::store::{
+    EventCursor, EventsQuery, ReceivedEvent, Summary, SummaryGroupBy, SummaryQuery, Totals,
 };
 use usage_protocol::event::format_millis;
 
@@ -34,16 +30,11 @@ pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Most events per page; a larger `limit` is lowered to this.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
-const MS_PER_DAY: i64 = 86_400_000;
-
-/// `{"status": "ok", "store"}` while the database answers, `503` while it does not
-/// (SPEC 9), so a load balancer takes a node that lost its database out of rotation.
-pub async fn health(State(app): State<Arc<ReceiverState>>) -> Result<Json<Value>, ReceiverError> {
-    let store = app.store.clone();
-    let kind = store.kind().as_str();
-    blocking(move || store.ping()).await?;
-    Ok(Json(json!({"status": "ok", "store": kind})))
-}
+use crate::days::day_text;
+use crate::http::auth::authorize;
+use crate::http::csv::csv_answer;
+use crate::http::error::{bad_param, blocking, query_rejection};
+use crate::views::query::parse_range;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,80 +121,8 @@ pub async fn events(
     })))
 }
 
-/// Checks the provider's basic auth of a request from `peer`, throttled per address.
-pub(super) fn authorize(
-    app: &ReceiverState,
-    headers: &HeaderMap,
-    peer: IpAddr,
-) -> Result<(), ReceiverError> {
-    let settings = &app.settings;
-    throttled(&app.credential_throttle, peer, headers, || {
-        require_provider(
-            headers,
-            settings.provider_username.as_deref(),
-            settings.provider_password.as_deref(),
-        )
-    })
-    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
-}
-
-pub(super) async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, super::store::ReceiverStoreError> + Send + 'static,
-) -> Result<T, ReceiverError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|error| {
-            tracing::error!(%error, "a provider query task failed");
-            ReceiverError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the query could not be run",
-            )
-        })?
-        .map_err(store_unavailable)
-}
-
-/// A query string that does not parse (an unknown parameter, say), as `400`.
-pub(super) fn query_rejection(rejection: QueryRejection) -> ReceiverError {
-    ReceiverError::bad_request(
-        "invalid_query",
-        format!("the query string is invalid: {}", rejection.body_text()),
-    )
-}
-
-pub(super) fn bad_param(name: &str, rule: &str) -> ReceiverError {
-    ReceiverError::bad_request("invalid_query", format!("{name} {rule}"))
-        .with_details(vec![json!({"field": name, "message": rule})])
-}
-
 fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
-}
-
-/// Turns inclusive `YYYY-MM-DD` dates into a half-open millisecond range.
-pub(super) fn parse_range(
-    from: &Option<String>,
-    to: &Option<String>,
-) -> Result<TimeRange, ReceiverError> {
-    let day = |name: &str, value: &Option<String>| -> Result<Option<i64>, ReceiverError> {
-        let Some(text) = non_empty(value) else {
-            return Ok(None);
-        };
-        let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .map_err(|_| bad_param(name, "must be a date such as 2026-11-27"))?;
-        let midnight = date
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists every day");
-        Ok(Some(midnight.and_utc().timestamp_millis()))
-    };
-    let from_ms = day("from", from)?;
-    let to_ms = day("to", to)?.map(|start| start + MS_PER_DAY);
-    if let (Some(from_ms), Some(to_ms)) = (from_ms, to_ms)
-        && from_ms >= to_ms
-    {
-        return Err(bad_param("from", "must not be after to"));
-    }
-    Ok(TimeRange { from_ms, to_ms })
 }
 
 fn parse_group_by(value: &Option<String>) -> Result<SummaryGroupBy, ReceiverError> {
@@ -226,14 +145,6 @@ fn parse_group_by(value: &Option<String>) -> Result<SummaryGroupBy, ReceiverErro
         }
     }
     Ok(group)
-}
-
-pub(super) fn day_text(day: i64) -> String {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
-    TimeDelta::try_days(day)
-        .and_then(|delta| epoch.checked_add_signed(delta))
-        .map(|date| date.format("%Y-%m-%d").to_string())
-        .unwrap_or_default()
 }
 
 fn totals_json(totals: &Totals, into: &mut Map<String, Value>) {
@@ -270,8 +181,7 @@ fn summary_json(summary: &Summary) -> Value {
     json!({"totals": totals, "rows": rows})
 }
 
-/// The rows as CSV with a header; values never contain commas or quotes (days, hex,
-/// source names and model names are all from safe alphabets).
+/// The rows as CSV with a header of the grouped keys and the totals.
 fn summary_csv(summary: &Summary, group: SummaryGroupBy) -> Response {
     let mut columns = Vec::new();
     if group.day {
@@ -292,42 +202,25 @@ fn summary_csv(summary: &Summary, group: SummaryGroupBy) -> Response {
         "completion_tokens",
         "total_tokens",
     ]);
-    let mut text = columns.join(",");
-    text.push('\n');
-    for row in &summary.rows {
+    let records = summary.rows.iter().map(|row| {
         let mut cells = Vec::new();
-        if let Some(day) = row.day {
-            cells.push(day_text(day));
-        }
-        if let Some(user_hash) = &row.user_hash {
-            cells.push(user_hash.clone());
-        }
-        if let Some(source) = row.source {
-            cells.push(source.as_str().to_owned());
-        }
-        if let Some(model) = &row.model {
-            cells.push(model.clone());
-        }
+        cells.extend(row.day.map(day_text));
+        cells.extend(row.user_hash.clone());
+        cells.extend(row.source.map(|source| source.as_str().to_owned()));
+        cells.extend(row.model.clone());
         let t = &row.totals;
-        for n in [
-            t.events,
-            t.prompt_tokens,
-            t.completion_tokens,
-            t.total_tokens,
-        ] {
-            cells.push(n.to_string());
-        }
-        text.push_str(&cells.join(","));
-        text.push('\n');
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/csv; charset=utf-8"),
-        )],
-        text,
-    )
-        .into_response()
+        cells.extend(
+            [
+                t.events,
+                t.prompt_tokens,
+                t.completion_tokens,
+                t.total_tokens,
+            ]
+            .map(|n| n.to_string()),
+        );
+        cells
+    });
+    csv_answer(&columns, records)
 }
 
 fn event_json(event: &ReceivedEvent) -> Value {
@@ -392,20 +285,6 @@ mod tests {
     }
 
     #[test]
-    fn date_ranges_are_inclusive_utc_days() {
-        let range = parse_range(&Some("2026-11-27".into()), &Some("2026-11-27".into())).unwrap();
-        let from = range.from_ms.unwrap();
-        assert_eq!(format_millis(from), "2026-11-27T00:00:00.000Z");
-        assert_eq!(range.to_ms, Some(from + MS_PER_DAY));
-        assert!(parse_range(&Some("2026-11-28".into()), &Some("2026-11-27".into())).is_err());
-        assert!(parse_range(&Some("27/11/2026".into()), &None).is_err());
-        assert_eq!(
-            parse_range(&None, &Some(String::new())).unwrap(),
-            TimeRange::default()
-        );
-    }
-
-    #[test]
     fn group_by_accepts_only_known_keys() {
         let group = parse_group_by(&Some("day, model".into())).unwrap();
         assert_eq!(
@@ -418,11 +297,5 @@ mod tests {
         );
         assert!(parse_group_by(&Some("week".into())).is_err());
         assert!(!parse_group_by(&None).unwrap().any());
-    }
-
-    #[test]
-    fn days_print_as_dates() {
-        assert_eq!(day_text(0), "1970-01-01");
-        assert_eq!(day_text(20_784), "2026-11-27");
     }
 }

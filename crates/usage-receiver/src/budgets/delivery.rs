@@ -1,7 +1,7 @@
 //! Budget alerts (SPEC 11): `GET /api/alerts`, and their delivery to `ALERT_WEBHOOK_URL`.
 //!
 //! The store's alerts table is the outbox: an alert is recorded in the database first
-//! ([`super::budgets`]), then every node's [`deliver_loop`] takes the ones due (a lease
+//! ([`crate::budgets::rules`]), then every node's [`deliver_loop`] takes the ones due (a lease
 //! in the database, so two nodes never post the same alert at once), POSTs each signed
 //! with Standard Webhooks under `ALERT_WEBHOOK_SECRET` with `webhook-id` = its
 //! `alert_id`, and marks it delivered on a `2xx`, else schedules its next attempt with
@@ -10,27 +10,18 @@
 //! id. A node dying between a `2xx` and its mark sends the alert once more, under the
 //! same id, which is how Standard Webhooks consumers recognise a repeat.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::HeaderMap;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::ReceiverState;
-use super::clip::clip;
-use super::error::ReceiverError;
-use super::pricing::Micros;
-use super::provider::{authorize, blocking, parse_range, query_rejection};
-use super::settings::AlertWebhook;
-use super::store::{Alert, DeliveryOutcome, ReceiverStore};
-use usage_protocol::event::format_millis;
+use crate::billing::money::Micros;
+use crate::http::clip::clip;
+use crate::settings::AlertWebhook;
+use crate::state::ReceiverState;
+use crate::store::{Alert, DeliveryOutcome, ReceiverStore};
 use usage_protocol::signing::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
 /// How often a node looks for alerts due (recorded by another node, or due for a retry)
@@ -45,36 +36,12 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first retry's wait; each later one doubles, up to `alert_retry_max`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AlertsParams {
-    from: Option<String>,
-    to: Option<String>,
-}
-
-/// `GET /api/alerts?from=&to=` (UTC dates, inclusive): the alerts recorded then, oldest
-/// first.
-pub async fn list(
-    State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    params: Result<Query<AlertsParams>, QueryRejection>,
-) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
-    let Query(params) = params.map_err(query_rejection)?;
-    let range = parse_range(&params.from, &params.to)?;
-    let store = app.store.clone();
-    let alerts = blocking(move || store.alerts(range)).await?;
-    let alerts: Vec<Value> = alerts.iter().map(alert_json).collect();
-    Ok(Json(json!({ "alerts": alerts })))
-}
-
 fn money(amount: Micros) -> Value {
     amount.to_cents().to_json()
 }
 
 /// The fields an alert has in both its answers: `GET /api/alerts` and the webhook body.
-fn alert_fields(alert: &Alert) -> Map<String, Value> {
+pub fn alert_fields(alert: &Alert) -> Map<String, Value> {
     let Value::Object(fields) = json!({
         "alert_id": alert.alert_id,
         "install_id": alert.install_id,
@@ -88,17 +55,6 @@ fn alert_fields(alert: &Alert) -> Map<String, Value> {
         unreachable!("json! of braces is an object")
     };
     fields
-}
-
-/// An alert as `GET /api/alerts` lists it.
-fn alert_json(alert: &Alert) -> Value {
-    let mut fields = alert_fields(alert);
-    fields.insert("at".into(), format_millis(alert.at_ms).into());
-    fields.insert(
-        "delivered_at".into(),
-        alert.delivered_at_ms.map(format_millis).into(),
-    );
-    Value::Object(fields)
 }
 
 /// The webhook body of an alert: its type, its fields and one sentence a chat webhook

@@ -11,13 +11,15 @@ use std::cmp::Ordering;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::error::ReceiverError;
-use super::installations::InstallRow;
-use super::pricing::month_of;
-use super::provider::{bad_param, day_text};
-use super::store::DayRange;
+use crate::days::day_text;
+use crate::days::month_of;
+use crate::http::error::ReceiverError;
+use crate::http::error::bad_param;
+use crate::store::DayRange;
+use crate::views::rows::InstallRow;
 
-const MS_PER_DAY: i64 = 86_400_000;
+use crate::days::MS_PER_DAY;
+use crate::store::TimeRange;
 /// Installs on one dashboard page.
 pub const PAGE_SIZE: usize = 100;
 /// The longest `from=&to=` period: the daily rollups are kept 730 days.
@@ -306,10 +308,34 @@ pub fn page_count(count: usize) -> usize {
     count.div_ceil(PAGE_SIZE).max(1)
 }
 
+/// Turns inclusive `YYYY-MM-DD` dates into a half-open millisecond range.
+pub fn parse_range(from: &Option<String>, to: &Option<String>) -> Result<TimeRange, ReceiverError> {
+    let day = |name: &str, value: &Option<String>| -> Result<Option<i64>, ReceiverError> {
+        let Some(text) = non_empty(value.as_deref()) else {
+            return Ok(None);
+        };
+        let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
+            .map_err(|_| bad_param(name, "must be a date such as 2026-11-27"))?;
+        let midnight = date
+            .and_hms_opt(0, 0, 0)
+            .expect("midnight exists every day");
+        Ok(Some(midnight.and_utc().timestamp_millis()))
+    };
+    let from_ms = day("from", from)?;
+    let to_ms = day("to", to)?.map(|start| start + MS_PER_DAY);
+    if let (Some(from_ms), Some(to_ms)) = (from_ms, to_ms)
+        && from_ms >= to_ms
+    {
+        return Err(bad_param("from", "must not be after to"));
+    }
+    Ok(TimeRange { from_ms, to_ms })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pricing::{Bill, Cents, Plan};
+    use crate::billing::money::Cents;
+    use crate::billing::pricing::{Bill, Plan};
     use chrono::TimeZone;
 
     fn now() -> DateTime<Utc> {
@@ -430,5 +456,22 @@ mod tests {
         assert_eq!(page_count(0), 1);
         assert_eq!(page_count(100), 1);
         assert_eq!(page_count(101), 2);
+    }
+
+    #[test]
+    fn date_ranges_are_inclusive_utc_days() {
+        let range = parse_range(&Some("2026-11-27".into()), &Some("2026-11-27".into())).unwrap();
+        let from = range.from_ms.unwrap();
+        assert_eq!(
+            usage_protocol::event::format_millis(from),
+            "2026-11-27T00:00:00.000Z"
+        );
+        assert_eq!(range.to_ms, Some(from + MS_PER_DAY));
+        assert!(parse_range(&Some("2026-11-28".into()), &Some("2026-11-27".into())).is_err());
+        assert!(parse_range(&Some("27/11/2026".into()), &None).is_err());
+        assert_eq!(
+            parse_range(&None, &Some(String::new())).unwrap(),
+            crate::store::TimeRange::default()
+        );
     }
 }

@@ -10,10 +10,10 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use serde_json::{Map, Value, json};
 
-use super::ReceiverState;
-use super::error::ReceiverError;
-use super::pricing::{MICROS_PER_UNIT, Micros};
-use super::provider::authorize;
+use crate::billing::money::{MICROS_PER_UNIT, Micros};
+use crate::http::auth::authorize;
+use crate::http::error::ReceiverError;
+use crate::state::ReceiverState;
 
 /// A price as a JSON number of currency units (exact for any price below 2^53 micro-units).
 fn units(price: Micros) -> Value {

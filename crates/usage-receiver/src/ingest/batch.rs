@@ -32,9 +32,9 @@
 //! same step as its signature is verified, but a parse failure is answered only after the
 //! rate limit, in the order above.
 //!
-//! [`ReceiverStore::find_install_async`]: super::store::ReceiverStore::find_install_async
+//! [`ReceiverStore::find_install_async`]: crate::store::ReceiverStore::find_install_async
 //!
-//! [`ReceiverSettings::max_inflight_batches`]: super::ReceiverSettings::max_inflight_batches
+//! [`ReceiverSettings::max_inflight_batches`]: crate::ReceiverSettings::max_inflight_batches
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -48,11 +48,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use super::clip::clip;
-use super::error::{ReceiverError, is_json_content_type};
-use super::rate_limit::{Rate, retry_after_secs};
-use super::store::{Install, NewEvent};
-use super::{ReceiverState, budgets};
+use crate::budgets::rules;
+use crate::http::clip::clip;
+use crate::http::error::{ReceiverError, is_json_content_type};
+use crate::http::error::{body_rejection, store_unavailable, unauthenticated};
+use crate::state::ReceiverState;
+use crate::store::rate_limit::{Rate, retry_after_secs};
+use crate::store::{Install, NewEvent};
 use usage_protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret,
 };
@@ -62,10 +64,6 @@ use usage_protocol::wire::{
 
 /// Longest install id looked up; longer ones cannot be enrolled anyway.
 const MAX_INSTALL_ID_LEN: usize = 128;
-
-/// The challenge sent with every ingest `401`: batches authenticate by their Standard
-/// Webhooks signature, not by an `Authorization` header.
-pub const SIGNATURE_CHALLENGE: &str = r#"Signature realm="usage-agent ingest""#;
 
 pub async fn ingest(
     State(app): State<Arc<ReceiverState>>,
@@ -117,7 +115,7 @@ pub async fn ingest(
 pub const BUSY_RETRY_AFTER_S: u64 = 5;
 
 /// Waits for one of the [`ReceiverState::inflight`] permits, at most
-/// [`ReceiverSettings::inflight_wait`](super::ReceiverSettings::inflight_wait); past that,
+/// [`ReceiverSettings::inflight_wait`](crate::ReceiverSettings::inflight_wait); past that,
 /// `503` with `Retry-After`.
 async fn wait_for_turn(
     app: &ReceiverState,
@@ -137,26 +135,6 @@ async fn wait_for_turn(
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from(BUSY_RETRY_AFTER_S))),
     }
-}
-
-/// Maps a failure to read the body: too large is `413`, anything else `400`.
-pub fn body_rejection(rejection: BytesRejection) -> ReceiverError {
-    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ReceiverError::too_large("the request body is larger than the receiver accepts")
-    } else {
-        ReceiverError::bad_request("unreadable_body", "the request body could not be read")
-    }
-}
-
-/// Maps a storage failure to `503`, logging the cause (which never holds a secret); an
-/// install erased or disabled while its batch was stored is `401`, as if it came a moment
-/// later.
-pub fn store_unavailable(error: super::store::ReceiverStoreError) -> ReceiverError {
-    if matches!(error, super::store::ReceiverStoreError::InstallGone) {
-        return unauthenticated("unknown_install", "this install is not enrolled");
-    }
-    tracing::error!(%error, "receiver store failure");
-    ReceiverError::unavailable(5)
 }
 
 fn header_str<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
@@ -279,14 +257,14 @@ async fn handle(
             .map_err(|wait| rate_limited(app, wait))?
     };
     let budget = has_valid
-        .then(|| budgets::budget_in_force(app, install.budget.as_ref()))
+        .then(|| rules::budget_in_force(app, install.budget.as_ref()))
         .flatten();
     if let Some(budget) = budget {
         // Also after a batch of duplicates: the retry of a batch whose node died before
         // its alert was recorded records it. Blocking store calls, so on the blocking pool.
         let (task_app, task_install) = (app.clone(), install.clone());
         tokio::task::spawn_blocking(move || {
-            budgets::check_after_ingest(&task_app, &task_install, &budget, now)
+            rules::check_after_ingest(&task_app, &task_install, &budget, now)
         })
         .await
         .map_err(|error| {
@@ -431,14 +409,6 @@ fn gunzip_error(error: GunzipError) -> ReceiverError {
             ReceiverError::bad_request("bad_gzip", "the body is not valid gzip")
         }
     }
-}
-
-/// A `401` with the signature challenge.
-fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverError {
-    ReceiverError::unauthorized(code, message).with_header(
-        header::WWW_AUTHENTICATE,
-        HeaderValue::from_static(SIGNATURE_CHALLENGE),
-    )
 }
 
 /// Reads the batch and checks its events: bad JSON syntax is `400`, JSON of the wrong shape

@@ -3,7 +3,7 @@
 //!
 //! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
 //! unit); floats appear only where a configured price is read, once, at start. Prices come
-//! from the price book ([`super::price_book`], SPEC 11) by token kind and day, else from the
+//! from the price book ([`crate::billing::price_book`], SPEC 11) by token kind and day, else from the
 //! environment (`MODEL_COST_OVERRIDES` by exact name, then `DEFAULT_COST_PER_1K_TOKENS`,
 //! for every token). The cost of one model on one day is computed exactly in 128-bit
 //! integers from the stored token counts and rounded half up to a micro-unit once
@@ -11,89 +11,12 @@
 //! a corrected book reprices history. This module does no I/O and knows nothing about
 //! HTTP.
 
-use std::collections::HashMap;
-use std::fmt;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
-use chrono::{Datelike, Months, NaiveDate, TimeDelta};
-
-use super::price_book::{PriceBook, Rates};
-use super::settings::ReceiverSettings;
-
-/// Micro-units in one currency unit.
-pub const MICROS_PER_UNIT: i64 = 1_000_000;
-/// Micro-units in one cent.
-const MICROS_PER_CENT: i64 = 10_000;
-
-/// An amount of money in micro-units (millionths of a currency unit).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Micros(pub i64);
-
-impl Micros {
-    /// A configured price in currency units, rounded to the nearest micro-unit. Settings
-    /// only hold finite, non-negative prices; anything else (or an absurdly large price)
-    /// saturates rather than wrapping.
-    pub fn from_units(units: f64) -> Micros {
-        let micros = (units * MICROS_PER_UNIT as f64).round();
-        if micros.is_nan() {
-            Micros(0)
-        } else {
-            // `as` saturates at the i64 bounds.
-            Micros(micros as i64)
-        }
-    }
-
-    /// Rounded to whole cents, halves away from zero.
-    pub fn to_cents(self) -> Cents {
-        let half = MICROS_PER_CENT / 2;
-        let cents = if self.0 >= 0 {
-            self.0.saturating_add(half) / MICROS_PER_CENT
-        } else {
-            self.0.saturating_sub(half) / MICROS_PER_CENT
-        };
-        Cents(cents)
-    }
-}
-
-/// A displayed amount: whole cents.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cents(pub i64);
-
-impl Cents {
-    /// The amount as a JSON number in currency units with at most two decimals.
-    pub fn to_json(self) -> serde_json::Value {
-        serde_json::Value::from(self.as_units())
-    }
-
-    /// The amount in currency units, as JSON shows it.
-    pub fn as_units(self) -> f64 {
-        // Exact for any amount below 2^53 cents; the division by 100 only places the point.
-        self.0 as f64 / 100.0
-    }
-}
-
-impl std::ops::Sub for Cents {
-    type Output = Cents;
-    fn sub(self, other: Cents) -> Cents {
-        Cents(self.0.saturating_sub(other.0))
-    }
-}
-
-impl std::ops::Add for Cents {
-    type Output = Cents;
-    fn add(self, other: Cents) -> Cents {
-        Cents(self.0.saturating_add(other.0))
-    }
-}
-
-impl fmt::Display for Cents {
-    /// `12.34`, `-0.05`.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sign = if self.0 < 0 { "-" } else { "" };
-        let abs = self.0.unsigned_abs();
-        write!(f, "{sign}{}.{:02}", abs / 100, abs % 100)
-    }
-}
+use crate::billing::money::{Cents, Micros};
+use crate::billing::price_book::{PriceBook, Rates};
+use crate::days::month_of;
 
 /// An installation's plan.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -129,6 +52,17 @@ impl FromStr for Plan {
             .find(|plan| plan.as_str() == text)
             .ok_or(UnknownPlan)
     }
+}
+
+/// The prices as the receiver's settings give them, in currency units.
+#[derive(Debug, Clone, Default)]
+pub struct PriceSettings {
+    pub price_book: Option<PriceBook>,
+    pub default_cost_per_1k_tokens: Option<f64>,
+    pub model_cost_overrides: BTreeMap<String, f64>,
+    pub plan_free_monthly: Option<f64>,
+    pub plan_pro_monthly: Option<f64>,
+    pub plan_agency_monthly: Option<f64>,
 }
 
 /// The prices, converted once from the settings.
@@ -242,19 +176,19 @@ pub fn cost_at(rates: &Rates, tokens: &TokenCounts) -> Micros {
 }
 
 impl Pricing {
-    pub fn from_settings(settings: &ReceiverSettings) -> Pricing {
+    pub fn new(prices: PriceSettings) -> Pricing {
         let money = |value: Option<f64>| value.map(Micros::from_units).unwrap_or_default();
         Pricing {
-            book: settings.price_book.clone(),
-            default_per_1k: settings.default_cost_per_1k_tokens.map(Micros::from_units),
-            overrides: settings
+            book: prices.price_book,
+            default_per_1k: prices.default_cost_per_1k_tokens.map(Micros::from_units),
+            overrides: prices
                 .model_cost_overrides
                 .iter()
                 .map(|(model, price)| (model.clone(), Micros::from_units(*price)))
                 .collect(),
-            free: money(settings.plan_free_monthly),
-            pro: money(settings.plan_pro_monthly),
-            agency: money(settings.plan_agency_monthly),
+            free: money(prices.plan_free_monthly),
+            pro: money(prices.plan_pro_monthly),
+            agency: money(prices.plan_agency_monthly),
         }
     }
 
@@ -361,24 +295,10 @@ impl Pricing {
     }
 }
 
-/// The first and last day (days since the Unix epoch, UTC) of the month of `day`.
-pub fn month_of(day: i64) -> (i64, i64) {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
-    let date = TimeDelta::try_days(day)
-        .and_then(|delta| epoch.checked_add_signed(delta))
-        .unwrap_or(epoch);
-    let first = date.with_day(1).expect("every month has a first day");
-    let next = first
-        .checked_add_months(Months::new(1))
-        .unwrap_or(NaiveDate::MAX);
-    let number = |d: NaiveDate| (d - epoch).num_days();
-    (number(first), number(next) - 1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::price_book::day_number;
+    use crate::days::day_number;
     use chrono::NaiveDate;
 
     /// Per million tokens: gpt-4o-mini 0.15 in, 0.075 cached, 0.1875 cache write, 0.60 out
@@ -415,19 +335,19 @@ output_per_mtok = 4.00
 reasoning_per_mtok = 5.00
 "#;
 
-    fn settings(default_per_1k: Option<f64>) -> ReceiverSettings {
-        ReceiverSettings {
+    fn settings(default_per_1k: Option<f64>) -> PriceSettings {
+        PriceSettings {
             price_book: Some(PriceBook::parse(BOOK).unwrap()),
             default_cost_per_1k_tokens: default_per_1k,
             model_cost_overrides: [("flat".to_owned(), 0.005)].into_iter().collect(),
             plan_pro_monthly: Some(19.0),
             plan_agency_monthly: Some(99.99),
-            ..ReceiverSettings::default()
+            ..PriceSettings::default()
         }
     }
 
     fn pricing() -> Pricing {
-        Pricing::from_settings(&settings(Some(0.002)))
+        Pricing::new(settings(Some(0.002)))
     }
 
     fn day(date: &str) -> i64 {
@@ -452,7 +372,7 @@ reasoning_per_mtok = 5.00
 
     #[test]
     fn revenue_over_a_period_is_prorated_by_day_within_each_month() {
-        let pricing = Pricing::from_settings(&settings(None));
+        let pricing = Pricing::new(settings(None));
         let day = |y, m, d| day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
         // A whole month, or two: exactly the monthly prices.
         let (first, last) = month_of(day(2026, 2, 10));
@@ -574,7 +494,7 @@ reasoning_per_mtok = 5.00
             assert_eq!(got, micros, "{model} on {date}: {kinds:?}");
         }
         // Without DEFAULT_COST_PER_1K_TOKENS a model nothing prices has no price.
-        let no_default = Pricing::from_settings(&settings(None));
+        let no_default = Pricing::new(settings(None));
         let unpriced = usage("mystery", "2025-01-01", [2_000, 500, 0, 0, 0]);
         assert_eq!(no_default.day_cost(&unpriced), None);
         let before = usage("o-large", "2024-12-31", [1_000, 0, 0, 0, 0]);
@@ -583,7 +503,7 @@ reasoning_per_mtok = 5.00
 
     #[test]
     fn bills_round_each_day_then_the_month_to_cents_and_list_unpriced_models() {
-        let p = Pricing::from_settings(&settings(None));
+        let p = Pricing::new(settings(None));
         let bill = p.bill(
             Plan::Pro,
             &[
@@ -624,10 +544,10 @@ reasoning_per_mtok = 5.00
 
     #[test]
     fn the_environment_prices_every_token_alike_when_there_is_no_book() {
-        let p = Pricing::from_settings(&ReceiverSettings {
+        let p = Pricing::new(PriceSettings {
             default_cost_per_1k_tokens: Some(0.002),
             model_cost_overrides: [("gpt-4o".to_owned(), 0.005)].into_iter().collect(),
-            ..ReceiverSettings::default()
+            ..PriceSettings::default()
         });
         let bill = p.bill(
             Plan::Free,
@@ -645,7 +565,7 @@ reasoning_per_mtok = 5.00
 
     #[test]
     fn missing_prices_are_zero() {
-        let p = Pricing::from_settings(&ReceiverSettings::default());
+        let p = Pricing::new(PriceSettings::default());
         let bill = p.bill(
             Plan::Pro,
             &[usage("m", "2025-01-01", [1_000_000, 0, 0, 0, 0])],

@@ -1,5 +1,5 @@
 //! One suite of store tests, run against both stores: every answer of the receiver is
-//! the same on SQLite and on PostgreSQL (SPEC 9). Each test is a function of a
+//! the same on SQLite and on PostgreSQL. Each test is a function of a
 //! `&dyn ReceiverStore`; [`suite!`] runs it on a fresh SQLite file and on a fresh database
 //! of a throwaway PostgreSQL cluster shared by the test binary.
 
@@ -8,16 +8,26 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::postgres::PostgresStore;
-use super::sqlite::SqliteStore;
-use super::*;
-use crate::pricing::{Micros, ModelDayTokens, Plan, TokenCounts};
-use crate::rate_limit::Rate;
 use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
+use usage_receiver::billing::money::Micros;
+use usage_receiver::billing::price_book::Rates;
+use usage_receiver::billing::pricing::{ModelDayTokens, Plan, TokenCounts};
+use usage_receiver::days::MS_PER_DAY;
+use usage_receiver::store::postgres::PostgresStore;
+use usage_receiver::store::rate_limit::Rate;
+use usage_receiver::store::sqlite::SqliteStore;
+use usage_receiver::store::*;
 use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 
-const MS_PER_DAY: i64 = 86_400_000;
+/// The store's own test data, shared with its unit tests; it names the store's types as
+/// `crate::store::...`, which this module provides here.
+#[path = "../src/store/fixtures.rs"]
+mod fixtures;
+mod store {
+    pub use usage_receiver::store::*;
+}
+use fixtures::{enroll, event};
 
 /// A store under test and what must live as long as it.
 pub struct TestStore {
@@ -111,37 +121,6 @@ suite!(
     costed_installations_equal_the_straightforward_pricing,
     views_follow_every_change_of_usage_prices_and_installs,
 );
-
-pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
-    let install = NewInstall {
-        install_id: id.into(),
-        secret: Secret::generate(),
-        site_hash: "site".into(),
-        enrolled_at_ms: 0,
-    };
-    assert_eq!(store.enroll(&install).unwrap(), EnrollOutcome::Created);
-    store.find_install(id).unwrap().unwrap()
-}
-
-pub fn event(n: u8, created_at_ms: i64) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::from_bytes([n; 16]),
-        user_hash: [n % 2; 32],
-        source: if n.is_multiple_of(2) {
-            Source::Bulk
-        } else {
-            Source::Inline
-        },
-        model: "m".into(),
-        prompt_tokens: 10,
-        completion_tokens: u64::from(n),
-        cached_tokens: 0,
-        cache_write_tokens: 0,
-        reasoning_tokens: 0,
-        context: Some(r#"{"n":1}"#.into()),
-        created_at_ms,
-    }
-}
 
 fn model_event(n: u8, day: i64, model: &str, tokens: u64) -> NewEvent {
     NewEvent {
@@ -569,9 +548,9 @@ fn source_usage_groups_one_installs_raw_events_by_source_model_and_day(store: &d
 
 /// Rates that differ by model and day: "a" dearer from day 20, any "p-..." model flat,
 /// "free" costs nothing, every other model unpriced.
-fn test_rates(model: &str, day: i64) -> Option<crate::price_book::Rates> {
-    use crate::price_book::Rates;
-    use crate::pricing::Micros;
+fn test_rates(model: &str, day: i64) -> Option<usage_receiver::billing::price_book::Rates> {
+    use usage_receiver::billing::money::Micros;
+    use usage_receiver::billing::price_book::Rates;
     match model {
         "a" => Some(Rates {
             input: Micros(if day >= 20 { 2_500_000 } else { 150_000 }),
@@ -887,7 +866,7 @@ fn the_store_names_itself_and_answers_a_ping(store: &dyn ReceiverStore) {
 
 fn budget(monthly_units: i64, thresholds: &[u32]) -> Budget {
     Budget {
-        monthly: crate::pricing::Micros(monthly_units * 1_000_000),
+        monthly: usage_receiver::billing::money::Micros(monthly_units * 1_000_000),
         thresholds: thresholds.to_vec(),
     }
 }
@@ -898,8 +877,8 @@ fn new_alert(install: InstallKey, threshold: u32, month: &str, at_ms: i64) -> Ne
         install,
         threshold,
         month: month.into(),
-        cost: crate::pricing::Micros(41_000_000),
-        budget: crate::pricing::Micros(50_000_000),
+        cost: usage_receiver::billing::money::Micros(41_000_000),
+        budget: usage_receiver::billing::money::Micros(50_000_000),
         currency: "USD".into(),
         at_ms,
     }

@@ -1,10 +1,10 @@
 //! The provider's installation views (SPEC sections 6 and 11), all behind basic auth:
 //! `GET /api/usage/installations` (usage, cost, revenue and profit per install, as JSON or
-//! CSV, over SPEC 6's days or a period, sorted as [`super::view`] reads it),
+//! CSV, over SPEC 6's days or a period, sorted as [`crate::views::query`] reads it),
 //! `PUT /api/installations/{install_id}/plan`, `PUT /api/installations/{install_id}/label`
-//! and `DELETE /api/installations/{install_id}`; budgets are set in [`super::budgets`].
+//! and `DELETE /api/installations/{install_id}`; budgets are set in [`crate::budgets::rules`].
 //!
-//! The numbers come from the store's daily rollups and the money from [`super::pricing`];
+//! The numbers come from the store's daily rollups and the money from [`crate::billing::pricing`];
 //! this module only picks the days, parses requests and shapes answers. "Now" is
 //! [`ReceiverState::provider_now`], so tests can stand on a month boundary.
 
@@ -12,75 +12,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, Datelike, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::budgets::{budget_in_force, used_pct};
-use super::clip::clip;
-use super::error::{ReceiverError, json_body};
-use super::ingest::body_rejection;
-use super::pricing::{Bill, Plan, Pricing};
-use super::provider::{authorize, bad_param, blocking, day_text, query_rejection};
-use super::store::{Budget, CostedInstall, DailyTokens, PriceList, UsageWindow};
-use super::view::{Period, Sort};
-use super::{ReceiverState, ReceiverStore, ReceiverStoreError};
+use crate::billing::pricing::Pricing;
+use crate::budgets::rules::budget_in_force;
+use crate::days::day_text;
+use crate::http::auth::authorize;
+use crate::http::error::ReceiverError;
+use crate::http::error::{bad_param, blocking, query_rejection};
+use crate::state::ReceiverState;
+use crate::store::{CostedInstall, DailyTokens, PriceList};
+use crate::views::query::{Period, Sort};
 use usage_protocol::event::format_millis;
 
-const MS_PER_DAY: i64 = 86_400_000;
-
-/// One installation with its bill: a row of the API answer and of the dashboard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstallRow {
-    pub install_id: String,
-    pub label: Option<String>,
-    pub plan: Plan,
-    pub last_seen_ms: Option<i64>,
-    /// Events and tokens over the counted days: the last 30 days in SPEC 6's answer, the
-    /// period in a period's view.
-    pub events: u64,
-    pub tokens: u64,
-    /// Over the priced days: month to date in SPEC 6's answer, the period in a period's
-    /// view. `bill.tokens` counts the tokens of those days.
-    pub bill: Bill,
-    /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
-    pub budget: Option<Budget>,
-    /// Thresholds alerted in the calendar month of the last day reported (this month in
-    /// SPEC 6's answer and a month-to-date view), ascending.
-    pub alerted_in_month: Vec<u32>,
-}
-
-impl InstallRow {
-    /// The budget in force, in currency units rounded to cents.
-    fn budget_monthly(&self) -> Option<f64> {
-        self.budget
-            .as_ref()
-            .map(|budget| budget.monthly.to_cents().as_units())
-    }
-
-    /// The cost over the budget in force, in percent to one decimal.
-    fn budget_used_pct(&self) -> Option<f64> {
-        self.budget
-            .as_ref()
-            .map(|budget| used_pct(self.bill.cost, budget))
-    }
-}
-
-/// The UTC days of the last 30 days (today included) and of the current month.
-pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
-    let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
-    let day_of_month = i64::from(now.day0());
-    UsageWindow {
-        today,
-        from_30d: today - 29,
-        month_start: today - day_of_month,
-    }
-}
+use crate::http::csv::csv_answer;
+use crate::store::usage_window;
+use crate::views::rows::InstallRow;
 
 /// Bills every install's costed usage; `period`, when given, decides the revenue (a
 /// whole monthly price, or prorated by day), else it is the plan's monthly price.
@@ -349,7 +302,7 @@ const PERIOD_COLUMNS: [&str; 12] = [
 ];
 
 /// The JSON rows as CSV with `columns` as the header: a list as its items joined by `;`,
-/// `null` as an empty cell; quoted where needed (labels may hold anything).
+/// `null` as an empty cell.
 fn rows_csv<T: Serialize>(columns: &[&str], rows: impl Iterator<Item = T>) -> Response {
     let cell = |value: &Value| match value {
         Value::Null => String::new(),
@@ -361,137 +314,20 @@ fn rows_csv<T: Serialize>(columns: &[&str], rows: impl Iterator<Item = T>) -> Re
             .join(";"),
         other => other.to_string(),
     };
-    let write = || -> Result<Vec<u8>, Box<dyn std::error::Error>> {
-        let mut writer = csv::Writer::from_writer(Vec::new());
-        writer.write_record(columns)?;
-        for row in rows {
-            let row = serde_json::to_value(row)?;
-            writer.write_record(columns.iter().map(|key| cell(&row[*key])))?;
-        }
-        Ok(writer.into_inner()?)
-    };
-    // Writing to memory cannot fail.
-    let body = write().unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/csv; charset=utf-8"),
-        )],
-        body,
-    )
-        .into_response()
-}
-
-/// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
-pub async fn set_plan(
-    State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(install_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
-    let body = body.map_err(body_rejection)?;
-    let value = json_body(&body)?;
-    let plan = value
-        .get("plan")
-        .and_then(Value::as_str)
-        .and_then(|text| text.parse::<Plan>().ok())
-        .ok_or_else(|| {
-            ReceiverError::invalid_field("invalid_plan", "plan", "must be one of free, pro, agency")
-        })?;
-    change_install(&app, &install_id, move |store, id| store.set_plan(id, plan)).await?;
-    tracing::info!(install_id = %clip(&install_id), plan = plan.as_str(), "plan changed");
-    Ok(Json(
-        json!({"install_id": install_id, "plan": plan.as_str()}),
-    ))
-}
-
-/// `PUT /api/installations/{install_id}/label` with `{"label": "..."}` (1 to 100
-/// characters, none of them a control character).
-pub async fn set_label(
-    State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(install_id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
-    let body = body.map_err(body_rejection)?;
-    let value = json_body(&body)?;
-    let label = value
-        .get("label")
-        .and_then(Value::as_str)
-        .filter(|label| is_valid_label(label))
-        .map(str::to_owned)
-        .ok_or_else(|| {
-            let rule = "must be a string of 1 to 100 characters, none of them a control character";
-            ReceiverError::invalid_field("invalid_label", "label", rule)
-        })?;
-    let text = label.clone();
-    change_install(&app, &install_id, move |store, id| {
-        store.set_label(id, &text)
-    })
-    .await?;
-    tracing::info!(install_id = %clip(&install_id), "label changed");
-    Ok(Json(json!({"install_id": install_id, "label": label})))
-}
-
-/// SPEC 11: 1 to 100 characters (Unicode scalar values); control characters would only
-/// garble the dashboard and the CSV.
-fn is_valid_label(label: &str) -> bool {
-    let count = label.chars().count();
-    (1..=100).contains(&count) && !label.chars().any(char::is_control)
-}
-
-/// `DELETE /api/installations/{install_id}`: erases the install's events, rollups and
-/// enrollment. The agent would have to enroll again to send anything more.
-pub async fn erase(
-    State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Path(install_id): Path<String>,
-) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
-    let store = app.store.clone();
-    let id = install_id.clone();
-    let Some(events) = blocking(move || store.erase_install(&id)).await? else {
-        return Err(unknown_install());
-    };
-    tracing::info!(install_id = %clip(&install_id), events, "install erased");
-    Ok(Json(
-        json!({"install_id": install_id, "erased": true, "events_deleted": events}),
-    ))
-}
-
-/// Runs `change` of the install `install_id` on the blocking pool: `404 unknown_install`
-/// when it finds no such install (answers `false`).
-pub(super) async fn change_install(
-    app: &ReceiverState,
-    install_id: &str,
-    change: impl FnOnce(&dyn ReceiverStore, &str) -> Result<bool, ReceiverStoreError> + Send + 'static,
-) -> Result<(), ReceiverError> {
-    let store = app.store.clone();
-    let id = install_id.to_owned();
-    if blocking(move || change(&*store, &id)).await? {
-        Ok(())
-    } else {
-        Err(unknown_install())
-    }
-}
-
-pub(super) fn unknown_install() -> ReceiverError {
-    ReceiverError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_install",
-        "no install with this id is enrolled",
-    )
+    let records = rows.map(|row| {
+        let row = serde_json::to_value(row).unwrap_or_default();
+        columns
+            .iter()
+            .map(|key| cell(&row[*key]))
+            .collect::<Vec<_>>()
+    });
+    csv_answer(columns, records)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::day_text;
+    use crate::days::day_text;
     use chrono::TimeZone;
 
     #[test]

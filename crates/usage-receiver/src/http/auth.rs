@@ -12,8 +12,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use super::error::ReceiverError;
-use super::rate_limit::retry_after_secs;
+use crate::http::error::ReceiverError;
+use crate::state::ReceiverState;
+use crate::store::rate_limit::retry_after_secs;
 use usage_common::credentials::{FailureThrottle, THROTTLED_CODE, credential_eq, presented};
 
 /// The challenge sent with every provider `401`.
@@ -89,6 +90,23 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
+}
+
+/// Checks the provider's basic auth of a request from `peer`, throttled per address.
+pub fn authorize(
+    app: &ReceiverState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<(), ReceiverError> {
+    let settings = &app.settings;
+    throttled(&app.credential_throttle, peer, headers, || {
+        require_provider(
+            headers,
+            settings.provider_username.as_deref(),
+            settings.provider_password.as_deref(),
+        )
+    })
+    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The provider dashboard (SPEC sections 6 and 11): `GET /dashboard` and
 //! `GET /dashboard/installations/{install_id}`, server-rendered HTML behind basic auth.
 //! A period (month to date unless asked), an order and a page of 100 installs, as
-//! [`super::view`] reads them; a CSV link answers the same view from the API.
+//! [`crate::views::query`] reads them; a CSV link answers the same view from the API.
 //!
 //! Rendered with `maud`, which escapes every interpolated value, so install ids and user
 //! hashes (which come from agents) can never become markup. No JavaScript and no external
@@ -21,19 +21,25 @@ use chrono::{DateTime, Utc};
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
-use super::ReceiverState;
-use super::error::ReceiverError;
-use super::installations::{InstallRow, install_rows, load_rows, unknown_install};
-use super::pricing::{Cents, Micros, ModelDayTokens, Pricing, TokenCounts};
-use super::provider::{authorize, blocking, day_text, query_rejection};
-use super::store::{
+use crate::billing::money::{Cents, Micros};
+
+use crate::billing::pricing::{ModelDayTokens, Pricing, TokenCounts};
+use crate::days::day_text;
+use crate::http::auth::authorize;
+use crate::http::error::ReceiverError;
+use crate::http::error::unknown_install;
+use crate::http::error::{blocking, query_rejection};
+use crate::state::ReceiverState;
+use crate::store::{
     Alert, CostedReport, DailyTokens, SourceModelDay, Summary, SummaryGroupBy, SummaryQuery,
     TimeRange,
 };
-use super::view::{Column, PAGE_SIZE, Period, Sort, page_count, parse_page};
+use crate::views::installations::{install_rows, load_rows};
+use crate::views::query::{Column, PAGE_SIZE, Period, Sort, page_count, parse_page};
+use crate::views::rows::InstallRow;
 use usage_protocol::event::format_millis;
 
-const MS_PER_DAY: i64 = 86_400_000;
+use crate::days::MS_PER_DAY;
 
 /// No scripts, no fetches, no frames, no forms: only inline styles and the inline SVG.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
@@ -488,7 +494,7 @@ pub fn render_dashboard(
                 @for row in shown {
                     tr.install {
                         td {
-                            a href={ "/dashboard/installations/" (urlencoding(&row.install_id)) (detail_query) } {
+                            a href={ (install_path(&row.install_id)) (detail_query) } {
                                 (install_name(row))
                             }
                         }
@@ -640,17 +646,15 @@ fn minute_text(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-/// Percent-encodes a path segment (everything but unreserved characters).
-fn urlencoding(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+/// The dashboard path of one install, its id percent-encoded as a path segment.
+fn install_path(install_id: &str) -> String {
+    let mut url =
+        url::Url::parse("http://receiver/dashboard/installations/").expect("a valid base address");
+    url.path_segments_mut()
+        .expect("an address with a path")
+        .pop_if_empty()
+        .push(install_id);
+    url.path().to_owned()
 }
 
 /// A bar chart of tokens per day over `from_day..=to_day`, days without events as gaps.
@@ -689,7 +693,7 @@ fn chart_svg(days: &[DailyTokens], from_day: i64, to_day: i64) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pricing::{Bill, Plan};
+    use crate::billing::pricing::{Bill, Plan};
     use crate::store::{SummaryRow, Totals};
     use chrono::TimeZone;
     use usage_protocol::event::Source;
@@ -911,7 +915,10 @@ mod tests {
     #[test]
     fn helpers_format_times_and_paths() {
         assert_eq!(minute_text(1_800_000_000_000), "2027-01-15 08:00");
-        assert_eq!(urlencoding("a b/<c>_-.~"), "a%20b%2F%3Cc%3E_-.~");
+        assert_eq!(
+            install_path("a b/<c>_-.~"),
+            "/dashboard/installations/a%20b%2F%3Cc%3E_-.~"
+        );
         assert_eq!(short_id("short"), "short");
     }
 

@@ -8,6 +8,8 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use serde_json::json;
 use usage_protocol::wire::{ErrorBody, ErrorDetail};
 
 /// An error answer.
@@ -150,3 +152,72 @@ pub fn is_json_content_type(headers: &axum::http::HeaderMap) -> bool {
     essence == "application/json"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
+
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, crate::store::ReceiverStoreError> + Send + 'static,
+) -> Result<T, ReceiverError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "a provider query task failed");
+            ReceiverError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the query could not be run",
+            )
+        })?
+        .map_err(store_unavailable)
+}
+
+/// A query string that does not parse (an unknown parameter, say), as `400`.
+pub fn query_rejection(rejection: QueryRejection) -> ReceiverError {
+    ReceiverError::bad_request(
+        "invalid_query",
+        format!("the query string is invalid: {}", rejection.body_text()),
+    )
+}
+
+pub fn bad_param(name: &str, rule: &str) -> ReceiverError {
+    ReceiverError::bad_request("invalid_query", format!("{name} {rule}"))
+        .with_details(vec![json!({"field": name, "message": rule})])
+}
+
+/// Maps a failure to read the body: too large is `413`, anything else `400`.
+pub fn body_rejection(rejection: BytesRejection) -> ReceiverError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ReceiverError::too_large("the request body is larger than the receiver accepts")
+    } else {
+        ReceiverError::bad_request("unreadable_body", "the request body could not be read")
+    }
+}
+
+/// Maps a storage failure to `503`, logging the cause (which never holds a secret); an
+/// install erased or disabled while its batch was stored is `401`, as if it came a moment
+/// later.
+pub fn store_unavailable(error: crate::store::ReceiverStoreError) -> ReceiverError {
+    if matches!(error, crate::store::ReceiverStoreError::InstallGone) {
+        return unauthenticated("unknown_install", "this install is not enrolled");
+    }
+    tracing::error!(%error, "receiver store failure");
+    ReceiverError::unavailable(5)
+}
+
+pub fn unknown_install() -> ReceiverError {
+    ReceiverError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_install",
+        "no install with this id is enrolled",
+    )
+}
+
+/// A `401` with the signature challenge.
+pub fn unauthenticated(code: &'static str, message: impl Into<String>) -> ReceiverError {
+    ReceiverError::unauthorized(code, message).with_header(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(SIGNATURE_CHALLENGE),
+    )
+}
+
+/// The challenge sent with every ingest `401`: batches authenticate by their Standard
+/// Webhooks signature, not by an `Authorization` header.
+pub const SIGNATURE_CHALLENGE: &str = r#"Signature realm="usage-agent ingest""#;

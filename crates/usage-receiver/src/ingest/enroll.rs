@@ -18,12 +18,12 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
-use super::ReceiverState;
-use super::auth::throttled;
-use super::clip::clip;
-use super::error::{ReceiverError, is_json_content_type};
-use super::ingest::{body_rejection, store_unavailable};
-use super::store::{EnrollOutcome, NewInstall};
+use crate::http::auth::throttled;
+use crate::http::clip::clip;
+use crate::http::error::{ReceiverError, is_json_content_type};
+use crate::http::error::{body_rejection, store_unavailable};
+use crate::state::ReceiverState;
+use crate::store::{EnrollOutcome, NewInstall};
 use usage_common::credentials::{bearer_token, credential_eq};
 use usage_protocol::event::FromObject;
 use usage_protocol::signing::Secret;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::store::InstallKey;
+use crate::store::InstallKey;
 
 /// `per_min` requests per install per minute, in bursts of up to `per_min`; 0 means no
 /// limit.

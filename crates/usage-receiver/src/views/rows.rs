@@ -1,0 +1,43 @@
+//! One install as every installations view shows it: usage, money and budget, sortable
+//! by any column ([`crate::views::query::Sort`]).
+
+use crate::billing::pricing::{Bill, Plan};
+use crate::budgets::rules::used_pct;
+use crate::store::Budget;
+
+/// One installation with its bill: a row of the API answer and of the dashboard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallRow {
+    pub install_id: String,
+    pub label: Option<String>,
+    pub plan: Plan,
+    pub last_seen_ms: Option<i64>,
+    /// Events and tokens over the counted days: the last 30 days in SPEC 6's answer, the
+    /// period in a period's view.
+    pub events: u64,
+    pub tokens: u64,
+    /// Over the priced days: month to date in SPEC 6's answer, the period in a period's
+    /// view. `bill.tokens` counts the tokens of those days.
+    pub bill: Bill,
+    /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
+    pub budget: Option<Budget>,
+    /// Thresholds alerted in the calendar month of the last day reported (this month in
+    /// SPEC 6's answer and a month-to-date view), ascending.
+    pub alerted_in_month: Vec<u32>,
+}
+
+impl InstallRow {
+    /// The budget in force, in currency units rounded to cents.
+    pub fn budget_monthly(&self) -> Option<f64> {
+        self.budget
+            .as_ref()
+            .map(|budget| budget.monthly.to_cents().as_units())
+    }
+
+    /// The cost over the budget in force, in percent to one decimal.
+    pub fn budget_used_pct(&self) -> Option<f64> {
+        self.budget
+            .as_ref()
+            .map(|budget| used_pct(self.bill.cost, budget))
+    }
+}
