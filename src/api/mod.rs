@@ -74,7 +74,7 @@ pub fn routes() -> Vec<Route<SharedState>> {
     ]
 }
 
-/// The routes of the local API ([`routes`]).
+/// The routes of the local API ([`routes()`]).
 pub fn router(state: SharedState) -> Router {
     routes::router(routes())
         .fallback(not_found)

@@ -2,7 +2,7 @@
 //! bookkeeping, and the local analytics query behind `GET /v1/usage`.
 //!
 //! This module knows nothing about time zones: callers turn a local day into the
-//! `[start, end)` millisecond range it covers (see `jobs::calendar`).
+//! `[start, end)` millisecond range it covers (see `crate::calendar`).
 
 use rusqlite::params;
 use serde::Serialize;

@@ -9,11 +9,14 @@ pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
 
 // The integration tests' helpers, shared as they are; this binary uses only some of them.
 #[allow(dead_code)]
-#[path = "../it/common.rs"]
+#[path = "../../crates/usage-receiver/tests/support/test_receiver.rs"]
 mod common;
 #[allow(dead_code)]
 #[path = "../it/harness.rs"]
 mod harness;
+#[allow(dead_code)]
+#[path = "../../crates/usage-receiver/tests/support/mod.rs"]
+mod shared;
 
 mod disk_full;
 mod kill9;

@@ -3,42 +3,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+#[allow(unused_imports)]
+pub use crate::shared::{assert_error_shape, poll, poll_blocking, wait_with_deadline};
+
 /// Path of the binary under test.
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_usage-agent")
-}
-
-/// Polls `check` until it returns `Some` or the deadline passes.
-pub async fn poll<T>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl AsyncFnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Blocking variant of [`poll`] for code outside the runtime.
-pub fn poll_blocking<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A data dir with a config file; the agent process may or may not be running.
@@ -270,12 +245,6 @@ pub fn signal(child: &Child, name: &str) {
     assert!(status.success());
 }
 
-pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> ExitStatus {
-    poll_blocking("the process to exit", timeout, || {
-        child.try_wait().expect("try_wait")
-    })
-}
-
 /// A valid event with the given id.
 pub fn event(id: &str) -> Value {
     serde_json::json!({
@@ -291,18 +260,6 @@ pub fn new_id() -> String {
 
 pub fn exists(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok()
-}
-
-/// Asserts `body` is `{"error": {"code": code, "message": "...", "details": [...]}}`, the
-/// error shape of both servers.
-pub fn assert_error_shape(body: &Value, code: &str) {
-    let error = &body["error"];
-    assert_eq!(error["code"], code, "{body}");
-    assert!(
-        error["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{body}"
-    );
-    assert!(error["details"].is_array(), "{body}");
 }
 
 /// GET with the raw answer text and content type.

@@ -4,9 +4,6 @@
 //! These tests fail, never skip, when `python3` or the package is missing; install it with
 //! `python3 -m pip install standardwebhooks`. Set `PYTHON` to use another interpreter.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
-
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
@@ -14,31 +11,7 @@ use uuid::Uuid;
 use usage_protocol::signing::{Secret, sign, verify};
 use usage_protocol::wire::{Batch, format_sent_at, parse_wire_event, user_hash};
 
-const SCRIPT: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/interop/verify_standardwebhooks.py"
-);
-
-fn python(args: &[&str], stdin: &[u8]) -> Output {
-    let interpreter = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let mut child = Command::new(&interpreter)
-        .arg(SCRIPT)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {interpreter} (needed for interop tests): {e}"));
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    let output = child.wait_with_output().unwrap();
-    assert_ne!(
-        output.status.code(),
-        Some(2),
-        "the interop script could not run: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
+use crate::shared::standard_webhooks as python;
 
 /// A real batch body, with non-ASCII text in the context so the bytes must match exactly.
 fn sample_batch() -> Vec<u8> {
@@ -107,51 +80,4 @@ fn we_verify_what_the_reference_library_signs() {
         verify(&secret, &msg_id, &ts, &signature, &body, now, 300),
         Ok(())
     );
-}
-
-/// A budget alert as the receiver delivers it to `ALERT_WEBHOOK_URL` verifies
-/// with the reference library, so any Standard Webhooks consumer can check it.
-#[tokio::test]
-async fn the_reference_library_verifies_a_delivered_budget_alert() {
-    use crate::budgets::{
-        Sink, budget_settings, closed_port, enroll, events, put_budget, send, webhook,
-    };
-    use crate::common::TestReceiver;
-    use usage_protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
-    use usage_receiver::ReceiverSettings;
-
-    let secret = Secret::generate();
-    let sink_addr = closed_port();
-    let sink = Sink::default();
-    sink.serve(sink_addr).await;
-    let rx = TestReceiver::start(ReceiverSettings {
-        alert_webhook: Some(webhook(sink_addr, &secret)),
-        ..budget_settings()
-    });
-    let install = enroll(&rx).await;
-    put_budget(&rx, &install.id, r#"{"monthly": 1.0, "thresholds": [100]}"#).await;
-    send(&rx, &install, &events(&install, 1500)).await;
-    let (headers, body) = crate::harness::poll(
-        "the alert to reach the sink",
-        std::time::Duration::from_secs(20),
-        async || sink.received.lock().unwrap().first().cloned(),
-    )
-    .await;
-    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
-    let (id, ts, signature) = (
-        header(HEADER_ID),
-        header(HEADER_TIMESTAMP),
-        header(HEADER_SIGNATURE),
-    );
-    let args = ["verify", &secret.to_whsec(), &id, &ts, &signature];
-    let verified = python(&args, &body);
-    assert_eq!(
-        verified.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&verified.stdout)
-    );
-    let other = Secret::generate().to_whsec();
-    let refused = python(&["verify", &other, &id, &ts, &signature], &body);
-    assert_eq!(refused.status.code(), Some(1), "another secret is refused");
 }

@@ -1,12 +1,16 @@
-//! Integration tests: one binary, one module per area. The receiver's HTTP tests and the
-//! end-to-end agent tests run again on PostgreSQL in `tests/postgres`.
+//! Integration tests of the agent: one binary, one module per area, through the real
+//! socket and, end to end, a real receiver (the receiver's own HTTP tests are its crate's,
+//! `crates/usage-receiver/tests`). The end-to-end sync tests run again on PostgreSQL in
+//! `tests/postgres`.
 
 /// The store the test receivers of this binary use.
 pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
     usage_receiver::store::StoreKind::Sqlite;
 
 mod agent;
-mod budgets;
+#[path = "../../crates/usage-receiver/tests/support/test_receiver.rs"]
+// Shared by several test binaries, each using only some of it.
+#[allow(dead_code)]
 mod common;
 mod damage;
 mod demo;
@@ -20,7 +24,9 @@ mod limits;
 mod loadgen;
 mod openapi;
 mod ops;
-mod provider;
-mod receiver;
+#[path = "../../crates/usage-receiver/tests/support/mod.rs"]
+// Shared by several test binaries, each using only some of it.
+#[allow(dead_code)]
+mod shared;
 mod site_build;
 mod sync;

@@ -1,7 +1,7 @@
-//! The receiver on PostgreSQL: the receiver's HTTP tests, the provider views and the
-//! end-to-end agent tests of `tests/it` again, each on a fresh database of a throwaway
-//! cluster this binary starts (`initdb` in a temp dir, stopped when the binary ends), and
-//! the tests of a fleet: two receiver nodes on one database.
+//! The agent's end-to-end sync tests of `tests/it` again, against a receiver on PostgreSQL:
+//! each on a fresh database of a throwaway cluster this binary starts (`initdb` in a temp
+//! dir, stopped when the binary ends). The receiver's own PostgreSQL tests, the fleet's
+//! among them, are its crate's (`crates/usage-receiver/tests/api_postgres`).
 
 // The helpers of `tests/it` serve more modules than this binary includes.
 #![allow(dead_code)]
@@ -10,16 +10,15 @@
 pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
     usage_receiver::store::StoreKind::Postgres;
 
-#[path = "../it/budgets.rs"]
-mod budgets;
-#[path = "../it/common.rs"]
+#[path = "../../crates/usage-receiver/tests/support/test_receiver.rs"]
+// Shared by several test binaries, each using only some of it.
+#[allow(dead_code)]
 mod common;
-mod fleet;
 #[path = "../it/harness.rs"]
 mod harness;
-#[path = "../it/provider.rs"]
-mod provider;
-#[path = "../it/receiver.rs"]
-mod receiver;
+#[path = "../../crates/usage-receiver/tests/support/mod.rs"]
+// Shared by several test binaries, each using only some of it.
+#[allow(dead_code)]
+mod shared;
 #[path = "../it/sync.rs"]
 mod sync;

@@ -11,9 +11,9 @@
 //! Why this is safe only with `synchronous = FULL`: then every commit syncs the WAL before
 //! SQLite publishes the commit in the wal-index, so no other connection can be told of a
 //! frame that is still in the buffer. With `NORMAL` a commit is published without a sync,
-//! so [`Store::open`](crate::store::Store::open) uses the default VFS for it. Durability is
-//! unchanged: the frames are written before the sync that acknowledges them, exactly as
-//! before, and a failed write fails that sync, hence the commit.
+//! so the agent's `Store::open` uses the default VFS for it. Durability is unchanged: the
+//! frames are written before the sync that acknowledges them, exactly as before, and a
+//! failed write fails that sync, hence the commit.
 
 use std::ffi::{CStr, c_int, c_void};
 use std::mem::{offset_of, size_of};

@@ -6,7 +6,7 @@
 //!   kept-alive connection that waits for its next request is closed after
 //!   [`IDLE_TIMEOUT`]. hyper has one timer for both (its header read timeout starts as
 //!   soon as a connection waits for a request), so it is set to the idle time, and
-//!   [`Watched`] closes a connection whose started headers take longer than the header
+//!   `Watched` closes a connection whose started headers take longer than the header
 //!   time.
 //! - A body must arrive within [`BODY_TIMEOUT`] of its headers, else `408` and the
 //!   connection is closed.

@@ -5,15 +5,16 @@
 //! **Invariant:** it shares with the agent only `usage-protocol` (the event rules, the wire
 //! types, the signing) and the leaves of `usage-common`; no state, store or configuration.
 //!
-//! Code map, from the top: [`cli`] is the command line; [`server`] holds the routes and the
-//! serve loop; the handlers are [`ingest`] (batches and enrollment), [`views`] (what the
-//! provider reads: usage, installations, prices, alerts, the dashboard) and [`admin`] (what
-//! the provider changes: plans, labels, budgets, erasure); [`http`] is what handlers share
-//! (errors, provider auth, clipping values for logs); [`budgets`] checks budgets after each
-//! batch and delivers alerts; [`state`] is what handlers share at run time; [`settings`]
-//! reads the environment; [`store`] is the storage trait with its SQLite and PostgreSQL
-//! implementations (all SQL) and the per-install request rate; [`billing`] is the money
-//! arithmetic and the price book; [`days`] converts UTC days.
+//! Code map, from the top: [`cli`] is the command line; [`server`] holds the route table,
+//! the serve loop and `GET /health`; the handlers are [`ingest`] (batches and enrollment),
+//! [`views`] (what the provider reads: usage, installations, prices, alerts, the dashboard)
+//! and [`admin`] (what the provider changes: plans, labels, budgets, erasure); [`http`] is
+//! what handlers share (errors, credentials, CSV answers, clipping values for logs);
+//! [`budgets`] checks budgets after each batch and delivers alerts; [`state`] is what
+//! handlers share at run time; [`settings`] reads the environment; [`store`] is the storage
+//! trait with its SQLite and PostgreSQL implementations (all SQL) and the per-install
+//! request rate; [`billing`] is the money arithmetic and the price book; [`days`] converts
+//! UTC days.
 
 pub mod admin;
 pub mod billing;

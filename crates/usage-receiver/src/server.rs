@@ -1,10 +1,12 @@
-//! The receiver as a server: its routes, the loop that serves them within the bounds of the
-//! shared bounded server ([`usage_common::server`]), and the background work of a node
+//! The receiver as a server: its route table ([`routes()`]) and the router built from it,
+//! opening a store, the loop that serves within the bounds of the shared bounded server
+//! ([`usage_common::server`]), `GET /health`, and the background work of a node
 //! (retention, warm views, alert delivery).
 //!
-//! **Invariant:** the routes are the one table [`routes`] lists; the router is built from it
-//! and nothing else, so the reference (docs/reference/openapi/receiver.json) is held
-//! against it by a test.
+//! **Invariant:** the routes are the one table [`routes()`] lists; the router is built from
+//! it and nothing else, so the reference (docs/reference/openapi/receiver.json) is held
+//! against it by a test. Beyond `GET /health` no handler lives here: they are
+//! [`crate::ingest`]'s, [`crate::views`]' and [`crate::admin`]'s.
 
 use std::future::Future;
 use std::path::Path;
@@ -42,7 +44,8 @@ pub fn open_sqlite(path: &Path) -> Result<Arc<dyn ReceiverStore>, ReceiverStoreE
     Ok(Arc::new(crate::store::sqlite::SqliteStore::open(path)?))
 }
 
-/// Connects to the PostgreSQL store at `url`, its connections on `runtime` (SPEC 9).
+/// Connects to the PostgreSQL store at `url`, its connections on `runtime`; any number of
+/// nodes may share its database.
 pub fn open_postgres(
     url: &str,
     runtime: tokio::runtime::Handle,
@@ -101,7 +104,7 @@ pub fn routes() -> Vec<Route<Arc<ReceiverState>>> {
     ]
 }
 
-/// The receiver's routes ([`routes`]) over a shared state.
+/// The receiver's routes ([`routes()`]) over a shared state.
 pub fn router(state: Arc<ReceiverState>) -> Router {
     let body_limit = state.settings.max_body_bytes;
     routes::router(routes())
@@ -124,10 +127,11 @@ async fn no_sniff(mut response: Response) -> Response {
 /// How long a stopping receiver lets open connections finish their request.
 pub const RECEIVER_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves the receiver on an already-bound listener, within the bounds of SPEC 10
-/// ([`usage_common::server`]), until `shutdown` completes, then finishes the requests in flight. Also purges events older than [`EVENT_RETENTION`]
-/// at start and every hour, keeps the provider's first views ready when the store keeps
-/// views, and, with `ALERT_WEBHOOK_URL`, delivers budget alerts.
+/// Serves the receiver on an already-bound listener, within the bounds of
+/// [`usage_common::server`] (docs/reference/receiver-api.md, "Limits"), until `shutdown`
+/// completes, then finishes the requests in flight. Also purges events older than
+/// [`EVENT_RETENTION`] at start and every hour, keeps the provider's first views ready
+/// when the store keeps views, and, with `ALERT_WEBHOOK_URL`, delivers budget alerts.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     settings: ReceiverSettings,
@@ -181,8 +185,8 @@ async fn retention_loop(store: Arc<dyn ReceiverStore>) {
     }
 }
 
-/// `{"status": "ok", "store"}` while the database answers, `503` while it does not
-/// (SPEC 9), so a load balancer takes a node that lost its database out of rotation.
+/// `{"status": "ok", "store"}` while the database answers, `503` while it does not, so a
+/// load balancer takes a node that lost its database out of rotation.
 pub async fn health(State(app): State<Arc<ReceiverState>>) -> Result<Json<Value>, ReceiverError> {
     let store = app.store.clone();
     let kind = store.kind().as_str();

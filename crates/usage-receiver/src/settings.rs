@@ -1,9 +1,10 @@
 //! The receiver's settings, read from the environment variables its operators know
-//! (SPEC section 6), or built directly as a plain struct in tests.
+//! (docs/reference/receiver-api.md, "Settings"), or built directly as a plain struct in
+//! tests.
 //!
 //! This module only reads and checks values (and the price book file `PRICE_BOOK` names);
-//! it does not act on them. Secrets (the
-//! enrollment token and the provider password) never appear in `Debug` output.
+//! it does not act on them. Secrets (the enrollment token, the provider password and the
+//! webhook secret) never appear in `Debug` output.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,15 +18,15 @@ use usage_protocol::signing::Secret;
 
 /// Default requests per install per minute.
 pub const DEFAULT_RATE_LIMIT_PER_MIN: u32 = 100;
-/// Default `MAX_CONNECTIONS` (SPEC 10).
+/// Default `MAX_CONNECTIONS`.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default signature timestamp tolerance, in seconds, in either direction.
 pub const DEFAULT_SIGNATURE_TOLERANCE_S: i64 = 300;
-/// Default `MAX_INFLIGHT_BATCHES` (SPEC 10).
+/// Default `MAX_INFLIGHT_BATCHES`.
 pub const DEFAULT_MAX_INFLIGHT_BATCHES: usize = 64;
 /// Most `MAX_INFLIGHT_BATCHES` accepted (what a semaphore can count).
 pub const MAX_MAX_INFLIGHT_BATCHES: usize = tokio::sync::Semaphore::MAX_PERMITS;
-/// Default longest wait of a batch for its turn before `503` (SPEC 10).
+/// Default longest wait of a batch for its turn before `503`.
 pub const DEFAULT_INFLIGHT_WAIT: Duration = Duration::from_secs(10);
 /// Default largest request body as received (compressed or not).
 pub const DEFAULT_MAX_BODY_BYTES: usize = 2 << 20;
@@ -53,7 +54,7 @@ pub struct ReceiverSettings {
     pub default_cost_per_1k_tokens: Option<f64>,
     /// `MODEL_COST_OVERRIDES`: JSON object, model name to price per 1000 tokens.
     pub model_cost_overrides: BTreeMap<String, f64>,
-    /// `PRICE_BOOK`: the TOML price book at that path (SPEC 11), read and checked at start;
+    /// `PRICE_BOOK`: the TOML price book at that path, read and checked at start;
     /// the two prices above are the fallback for models it does not price.
     pub price_book: Option<PriceBook>,
     /// `PLAN_FREE_MONTHLY`: monthly revenue of a free install.
@@ -68,7 +69,8 @@ pub struct ReceiverSettings {
     /// writes) runs at once; the others wait their turn.
     pub max_inflight_batches: usize,
     /// How long a batch waits for its turn before it is answered `503` with `Retry-After`
-    /// (not an environment variable: SPEC 10 fixes it at 10 s; tests shorten it).
+    /// (not an environment variable: 10 s, as the reference documents it; tests shorten
+    /// it).
     pub inflight_wait: Duration,
     /// Largest request body as received (not an environment variable).
     pub max_body_bytes: usize,
@@ -79,7 +81,7 @@ pub struct ReceiverSettings {
     /// variable, and ingest always uses the system clock.
     pub provider_now: Option<DateTime<Utc>>,
     /// `DEFAULT_MONTHLY_BUDGET`: the monthly budget, in currency units, of every install
-    /// without one of its own (SPEC 11).
+    /// without one of its own.
     pub default_monthly_budget: Option<f64>,
     /// `ALERT_WEBHOOK_URL` and `ALERT_WEBHOOK_SECRET`: where budget alerts are POSTed,
     /// signed with Standard Webhooks.

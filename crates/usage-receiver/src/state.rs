@@ -1,5 +1,8 @@
 //! What every handler shares: the settings, the store, the prices converted once, the
-//! throttle of failed credentials and the permits of batches in flight.
+//! throttle of failed credentials, the permits of batches in flight and the wake-up of
+//! alert delivery.
+//!
+//! **Invariant:** handles only; no handler, no HTTP and no SQL.
 
 use std::sync::Arc;
 
@@ -14,12 +17,12 @@ use crate::store::ReceiverStore;
 pub struct ReceiverState {
     pub settings: ReceiverSettings,
     pub store: Arc<dyn ReceiverStore>,
-    /// Failed credentials per client address (SPEC 10).
+    /// Failed credentials per client address ([`FailureThrottle`]).
     pub credential_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: Pricing,
     /// One permit per batch whose costly work may run now
-    /// ([`ReceiverSettings::max_inflight_batches`], SPEC 10).
+    /// ([`ReceiverSettings::max_inflight_batches`]).
     pub inflight: Arc<tokio::sync::Semaphore>,
     /// Wakes this node's alert delivery when it records an alert (other nodes' alerts
     /// are found by polling).

@@ -1,6 +1,10 @@
 //! `PUT` and `DELETE /api/installations/{install_id}/budget`: an install's monthly budget
-//! and its alert thresholds, set or removed by the provider (the rules are
-//! [`crate::budgets::rules`]'s).
+//! and its alert thresholds, set or removed by the provider. Owns reading a budget body
+//! ([`parse_budget`], every refusal naming the field and its rule) and a budget's JSON
+//! ([`budget_json`]).
+//!
+//! It only stores what the provider sent: what a budget means (the default thresholds,
+//! the budget in force, the check after each batch) is [`crate::budgets::rules`]'s.
 
 use crate::admin::installs::change_install;
 use crate::billing::money::Micros;

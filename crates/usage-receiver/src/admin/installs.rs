@@ -1,6 +1,10 @@
 //! What the provider changes on an install: its plan (`PUT .../plan`), its label
 //! (`PUT .../label`) and its erasure with every event and rollup (`DELETE
-//! /api/installations/{install_id}`).
+//! /api/installations/{install_id}`); and [`change_install`], how every admin handler
+//! changes one install (`404 unknown_install` when there is none).
+//!
+//! Each handler checks the provider, reads its body and answers; the change itself is one
+//! store call. A budget is [`crate::admin::budget`]'s; nothing here reads usage or money.
 
 use crate::billing::pricing::Plan;
 use crate::http::auth::authorize;
@@ -75,8 +79,9 @@ pub async fn set_label(
     Ok(Json(json!({"install_id": install_id, "label": label})))
 }
 
-/// SPEC 11: 1 to 100 characters (Unicode scalar values); control characters would only
-/// garble the dashboard and the CSV.
+/// A label is 1 to 100 characters (Unicode scalar values), as
+/// docs/reference/receiver-api.md has it; control characters would only garble the
+/// dashboard and the CSV.
 fn is_valid_label(label: &str) -> bool {
     let count = label.chars().count();
     (1..=100).contains(&count) && !label.chars().any(char::is_control)

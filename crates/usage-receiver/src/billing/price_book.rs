@@ -1,13 +1,13 @@
-//! The price book (SPEC 11): per-model prices by token kind, each in force from a UTC
-//! date, read from the TOML file `PRICE_BOOK` names and checked by `usage-agent prices
-//! check`.
+//! The price book: per-model prices by token kind, each in force from a UTC date, read
+//! from the TOML file `PRICE_BOOK` names (docs/install.md, "Prices on the receiver") and
+//! checked by `usage-receiver prices check`.
 //!
 //! Parsing turns the file into a [`PriceBook`] that cannot be invalid: every price finite
 //! and not negative, every date a real date, every `match` an exact name or a prefix ending
 //! in `*`, no two entries for the same `match` and date. Every rejection names the line and
 //! the key. Prices become integer micro-units per million tokens once, here; the money
-//! arithmetic is [`crate::billing::pricing`]'s. This module reads one file and knows nothing about
-//! HTTP or the stores.
+//! arithmetic is [`crate::billing::pricing`]'s. This module reads one file and knows
+//! nothing about HTTP or the stores.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -255,8 +255,8 @@ fn parse_match(text: &str) -> Option<ModelMatch> {
     }
 }
 
-/// `effective_from` as written: a string (`"2024-07-18"`, as SPEC 11 shows it) or a bare
-/// TOML date (`2024-07-18`), which operators write as readily.
+/// `effective_from` as written: a string (`"2024-07-18"`, as contrib/prices.example.toml
+/// writes it) or a bare TOML date (`2024-07-18`), which operators write as readily.
 enum DateText {
     Text(String),
     Date(toml::value::Datetime),

@@ -1,15 +1,16 @@
-//! Money for the provider views: model prices, plan prices, and the month-to-date bill of
-//! an installation (SPEC section 6).
+//! Money for the provider views: model prices, plan prices, and the bill of an
+//! installation over its priced days (how cost, revenue and profit are counted:
+//! docs/dashboard.md).
 //!
 //! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
 //! unit); floats appear only where a configured price is read, once, at start. Prices come
-//! from the price book ([`crate::billing::price_book`], SPEC 11) by token kind and day, else from the
-//! environment (`MODEL_COST_OVERRIDES` by exact name, then `DEFAULT_COST_PER_1K_TOKENS`,
-//! for every token). The cost of one model on one day is computed exactly in 128-bit
-//! integers from the stored token counts and rounded half up to a micro-unit once
-//! ([`cost_at`]); amounts are rounded to cents only for display. Costs are never stored, so
-//! a corrected book reprices history. This module does no I/O and knows nothing about
-//! HTTP.
+//! from the price book ([`crate::billing::price_book`]) by token kind and day, else from
+//! the environment (`MODEL_COST_OVERRIDES` by exact name, then
+//! `DEFAULT_COST_PER_1K_TOKENS`, for every token). The cost of one model on one day is
+//! computed exactly in 128-bit integers from the stored token counts and rounded half up to
+//! a micro-unit once ([`cost_at`]); amounts are rounded to cents only for display. Costs
+//! are never stored, so a corrected book reprices history. This module does no I/O and
+//! knows nothing about HTTP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -153,7 +154,7 @@ impl PricedUsage {
     }
 }
 
-/// The cost of `tokens` at `rates`, in micro-units, rounded half up (SPEC 11):
+/// The cost of `tokens` at `rates`, in micro-units, rounded half up once:
 /// `((prompt - cached - cache_write) × input + cached × cached_input + cache_write ×
 /// cache_write_price + (completion - reasoning) × output + reasoning × reasoning_price)
 /// / 10^6`. Events may count cached and cache-write tokens that together exceed the

@@ -1,14 +1,17 @@
-//! Budget alerts (SPEC 11): `GET /api/alerts`, and their delivery to `ALERT_WEBHOOK_URL`.
+//! Delivering recorded budget alerts to `ALERT_WEBHOOK_URL` (docs/install.md, "Budgets
+//! and alerts on the receiver"), and the fields an alert has in both its answers
+//! ([`alert_fields`]): the webhook body here, `GET /api/alerts` in
+//! [`crate::views::alerts`].
 //!
 //! The store's alerts table is the outbox: an alert is recorded in the database first
-//! ([`crate::budgets::rules`]), then every node's [`deliver_loop`] takes the ones due (a lease
-//! in the database, so two nodes never post the same alert at once), POSTs each signed
-//! with Standard Webhooks under `ALERT_WEBHOOK_SECRET` with `webhook-id` = its
+//! ([`crate::budgets::rules`]), then every node's [`deliver_loop`] takes the ones due (a
+//! lease in the database, so two nodes never post the same alert at once), POSTs each
+//! signed with Standard Webhooks under `ALERT_WEBHOOK_SECRET` with `webhook-id` = its
 //! `alert_id`, and marks it delivered on a `2xx`, else schedules its next attempt with
 //! exponential backoff. The schedule lives in the database, so a restart or another node
-//! carries on where a node stopped: an alert is never lost and never sent under another
-//! id. A node dying between a `2xx` and its mark sends the alert once more, under the
-//! same id, which is how Standard Webhooks consumers recognise a repeat.
+//! carries on where a node stopped: an alert is never lost and never sent under another id.
+//! A node dying between a `2xx` and its mark sends the alert once more, under the same id,
+//! which is how Standard Webhooks consumers recognise a repeat.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +95,7 @@ fn retry_delay(attempts: u32, max: Duration) -> Duration {
 }
 
 /// Delivers alerts until the task is aborted: wakes when this node records one
-/// (`app.alerts_recorded`) or every [`POLL_INTERVAL`].
+/// (`app.alerts_recorded`) or every `POLL_INTERVAL` (a second).
 pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
     // reqwest is built without a default TLS crypto provider: install rustls' own (an
     // error only means one is installed already).

@@ -1,12 +1,16 @@
-//! Budgets (SPEC 11): `PUT` and `DELETE /api/installations/{install_id}/budget`, and the
-//! check after each batch that records an alert when an install's month-to-date cost has
-//! crossed a threshold of its budget.
+//! The rules of a budget: its default thresholds, the budget in force for an install (its
+//! own, else `DEFAULT_MONTHLY_BUDGET`), how much of it a cost uses, and the check after
+//! each batch that records an alert when an install's month-to-date cost has crossed a
+//! threshold of its budget.
 //!
 //! An alert fires once per install, threshold and calendar month (UTC) whatever the nodes,
 //! retries and restarts: the store's unique key on those three skips a second recording.
 //! The check runs after every batch of an install with a budget, duplicates included, so
 //! a node that died between storing a batch and recording its alert leaves the alert to
 //! the agent's retry of that batch (or the install's next one) to record.
+//!
+//! No HTTP here: the provider sets budgets through [`crate::admin::budget`], reads alerts
+//! through [`crate::views::alerts`], and [`crate::budgets::delivery`] posts them.
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;

@@ -1,6 +1,7 @@
 //! The receiver's command line, shared by its own binary (`usage-receiver [serve]`,
 //! `usage-receiver prices check`) and by `usage-agent receiver` / `usage-agent prices` in
-//! the agent's developer build.
+//! the agent's developer build (docs/reference/cli.md); and the receiver's log setup
+//! ([`init_logging`]). It parses and dispatches: serving is [`crate::server`]'s.
 
 use std::io::IsTerminal;
 

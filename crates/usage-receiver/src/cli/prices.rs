@@ -1,6 +1,7 @@
-//! `usage-receiver prices check PATH` (and `usage-agent prices check PATH`): validate a receiver price book (SPEC 11) without
-//! starting anything. Exit 0 when it is valid, 1 with the line and key of the first
-//! problem otherwise. Touches nothing of the agent's.
+//! `usage-receiver prices check PATH` (and `usage-agent prices check PATH`): validate a
+//! receiver price book (docs/install.md, "Prices on the receiver") without starting
+//! anything. Exit 0 when it is valid, 1 with the line and key of the first problem
+//! otherwise. Touches nothing of the agent's, and no store.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,9 +1,10 @@
 //! `usage-receiver serve` (and `usage-agent receiver`): run the receiver until SIGINT or
 //! SIGTERM.
 //!
-//! Reads the receiver's settings from the environment (SPEC section 6), opens its store
-//! (SQLite, or PostgreSQL with `--database-url`, SPEC 9), binds the listen address and hands both to [`crate::serve`]. It
-//! touches nothing of the agent's (no config file, no identity, no agent database).
+//! Reads the receiver's settings from the environment (docs/reference/receiver-api.md,
+//! "Settings"), opens its store (SQLite, or PostgreSQL with `--database-url`), binds the
+//! listen address and hands both to [`crate::server::serve`]. It touches nothing of the
+//! agent's (no config file, no identity, no agent database).
 
 use std::path::PathBuf;
 

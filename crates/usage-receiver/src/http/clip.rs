@@ -1,6 +1,7 @@
-//! Request values made safe to log (SPEC 10): at most [`MAX_LOGGED_CHARS`] characters, the
-//! cut marked with how many bytes were left out, and control characters escaped, so no
-//! client can fill the log or forge a line of it with what it sends.
+//! Request values made safe to log (docs/reference/receiver-api.md, "Limits"): at most
+//! [`MAX_LOGGED_CHARS`] characters, the cut marked with how many bytes were left out, and
+//! control characters escaped, so no client can fill the log or forge a line of it with
+//! what it sends.
 //!
 //! Every `tracing` call of the receiver that logs a value taken from a request (a header,
 //! the body, the path) passes it through [`clip`]. Clipping happens while formatting, so a

@@ -1,18 +1,23 @@
 //! `POST /api/usage/event`: verify, validate, dedupe and store one signed batch
-//! (SPEC section 5).
+//! (docs/reference/wire-protocol.md, "Batches").
 //!
 //! Checks run in this order, so an unauthenticated caller learns nothing about the body:
 //! body size (413), a turn among the batches in progress (503 after waiting), install id
 //! (401), content encoding (415) and decompression (413/400), signature and timestamp
-//! (401), install disabled (403), rate limit (429), content type (415), JSON (400), batch
-//! shape (422), then each event on its own (rejected events are listed in the answer, the
-//! others stored).
+//! (401), install disabled (403), rate limit (429; for a batch with valid events it is
+//! taken in the same store call that stores them), content type (415), JSON (400), batch
+//! shape and envelope (422), then each event on its own (rejected events are listed in
+//! the answer, the others stored). After a batch with valid events, duplicates included,
+//! the install's budget is checked ([`crate::budgets::rules::check_after_ingest`]).
 //!
-//! SPEC 10 bounds the memory one batch can take. A gzip body is inflated twice: first as a
-//! stream into the HMAC, piece by piece, keeping nothing, so an unauthenticated bomb costs
-//! one piece of memory however far it inflates; then, only if the signature verified,
-//! into memory for the JSON reader. Decompression is deterministic, so the bytes parsed
-//! are the bytes that verified.
+//! This module decides what is accepted and answers; it holds no SQL (the store dedupes
+//! and stores) and no budget rule.
+//!
+//! The memory one batch can take is bounded (docs/reference/receiver-api.md, "Limits"). A
+//! gzip body is inflated twice: first as a stream into the HMAC, piece by piece, keeping
+//! nothing, so an unauthenticated bomb costs one piece of memory however far it inflates;
+//! then, only if the signature verified, into memory for the JSON reader. Decompression is
+//! deterministic, so the bytes parsed are the bytes that verified.
 //!
 //! The costly work (inflating, HMAC, JSON, the database write) runs for at most
 //! [`ReceiverSettings::max_inflight_batches`] batches at once. The turn (a semaphore
@@ -22,8 +27,8 @@
 //! the permit, so a client that hangs up neither frees the turn nor stops the work while
 //! it still runs.
 //!
-//! The handler is async from end to end, so a fleet node (SPEC 9) never hops threads per
-//! query: the store's ingest path ([`ReceiverStore::find_install_async`] and its two
+//! The handler is async from end to end, so a fleet node (PostgreSQL) never hops threads
+//! per query: the store's ingest path ([`ReceiverStore::find_install_async`] and its two
 //! siblings) is awaited here, and PostgreSQL runs it on this runtime. The CPU work of a
 //! small body (an agent's batch of 50 gzips to a few KiB) runs in place, as cheap as a
 //! thread switch; a body over [`INLINE_BODY_BYTES`], or one that inflates past

@@ -1,4 +1,5 @@
-//! `POST /api/installations`: enroll an install's secret (SPEC section 5).
+//! `POST /api/installations`: enroll an install's secret (docs/reference/wire-protocol.md,
+//! "Enrollment").
 //!
 //! Authorized by the `ENROLLMENT_TOKEN` bearer token, or, with
 //! `ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE`, without a token for an install id never seen

@@ -1,15 +1,18 @@
 //! The receiver's storage contract: one trait, with the bundled SQLite store ([`sqlite`])
 //! and the PostgreSQL store of a fleet ([`postgres`]) side by side behind it, so the HTTP
-//! side never knows which one it talks to. the conformance suite (`tests/conformance.rs`) is one suite of tests that
-//! runs against both.
+//! side never knows which one it talks to; and the request allowance of one node
+//! ([`rate_limit`]). The conformance suite (`crates/usage-receiver/tests/conformance.rs`)
+//! is one suite of tests that runs against both stores.
 //!
-//! This module defines types only; it holds no SQL and does no I/O. Every method is
-//! blocking (the HTTP handlers call them inside `spawn_blocking`) but the three of the
-//! ingest path, which also come as futures ([`ReceiverStore::find_install_async`],
-//! [`ReceiverStore::take_request_async`], [`ReceiverStore::ingest_async`]): **the ingest
-//! path is async so a fleet node never hops threads per query**. PostgreSQL awaits its
-//! queries on the runtime that runs the handler; SQLite keeps its blocking code, which the
-//! default implementations run on the blocking pool.
+//! **Invariant:** only the store speaks SQL, and only [`sqlite`] and [`postgres`] within
+//! it; they know nothing of HTTP. This module defines types only; it holds no SQL and does
+//! no I/O. Every method is blocking (the HTTP handlers call them inside `spawn_blocking`)
+//! but the three of the ingest path, which also come as futures
+//! ([`ReceiverStore::find_install_async`], [`ReceiverStore::take_request_async`],
+//! [`ReceiverStore::ingest_async`]): **the ingest path is async so a fleet node never hops
+//! threads per query**. PostgreSQL awaits its queries on the runtime that runs the handler;
+//! SQLite keeps its blocking code, which the default implementations run on the blocking
+//! pool.
 
 use std::error::Error;
 use std::future::Future;
@@ -41,7 +44,7 @@ pub mod sqlite;
 /// Storage for enrolled installs and the events they send.
 ///
 /// **Invariant:** an implementation keeps nothing in memory that another receiver node
-/// sharing its database would need (SPEC 9): every answer comes from the database.
+/// sharing its database would need: every answer comes from the database.
 pub trait ReceiverStore: Send + Sync + 'static {
     /// Which database this is, as `GET /health` names it.
     fn kind(&self) -> StoreKind;
@@ -99,8 +102,8 @@ pub trait ReceiverStore: Send + Sync + 'static {
     ) -> Result<InstallationsReport, ReceiverStoreError>;
 
     /// [`ReceiverStore::installations`] with each install's priced days (`month_start..=
-    /// today`) already costed: every (model, day) row at `prices.rates(model, day)`, rounded half
-    /// up once (SPEC 11), summed; models without rates listed as unpriced. Exactly
+    /// today`) already costed: every (model, day) row at `prices.rates(model, day)`,
+    /// rounded half up once, summed; models without rates listed as unpriced. Exactly
     /// [`CostedReport::price`] of [`ReceiverStore::installations`], which is what this
     /// default does; a store may do it in its database instead, so the rows never leave it,
     /// and may keep figures it worked out under `prices.id` as long as it can tell they
@@ -221,7 +224,7 @@ pub trait ReceiverStore: Send + Sync + 'static {
     }
 }
 
-/// An install's monthly budget (SPEC 11).
+/// An install's monthly budget and the thresholds it alerts at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Budget {
     pub monthly: Micros,
@@ -410,7 +413,7 @@ pub struct InstallUsage {
     /// Its own budget, if it has one.
     pub budget: Option<Budget>,
     /// Thresholds alerted in the calendar month of the last day reported (this month in
-    /// SPEC 6's answer and a month-to-date view), ascending.
+    /// the installations view without a period and in a month-to-date view), ascending.
     pub alerted_in_month: Vec<u32>,
 }
 
@@ -435,13 +438,14 @@ impl InstallationsReport {
     }
 }
 
-/// The rates of a model on a day (the receiver's [`Pricing::rates`](super::pricing::Pricing::rates)),
+/// The rates of a model on a day (the receiver's
+/// [`Pricing::rates`](crate::billing::pricing::Pricing::rates)),
 /// or `None` when nothing prices it.
 pub type RatesOf<'a> = &'a (dyn Fn(&str, i64) -> Option<Rates> + Sync);
 
-/// The prices a view is costed at: the rates, and an identity that is the same only for
-/// the same rates ([`Pricing::fingerprint`](super::pricing::Pricing::fingerprint)), under
-/// which a store may keep the costs it worked out.
+/// The prices a view is costed at: the rates, and an identity that is the same only for the
+/// same rates ([`Pricing::fingerprint`](crate::billing::pricing::Pricing::fingerprint)),
+/// under which a store may keep the costs it worked out.
 #[derive(Clone, Copy)]
 pub struct PriceList<'a> {
     pub id: u64,

@@ -5,7 +5,7 @@
 //! install's allowance. The clock is passed in, so tests need no sleeping.
 //!
 //! This is the allowance of a single node (the SQLite store's). Nodes sharing PostgreSQL
-//! keep the same schedule in a table instead, so the limit holds across them (SPEC 9):
+//! keep the same schedule in a table instead, so the limit holds across them:
 //! [`crate::store::ReceiverStore::take_request`].
 
 use std::collections::HashMap;

@@ -1,4 +1,6 @@
-//! `GET /api/alerts`: the budget alerts recorded, newest first, with their delivery state.
+//! `GET /api/alerts` (basic auth): the budget alerts recorded, oldest first, with their
+//! delivery state. Reads only: alerts are recorded by [`crate::budgets::rules`] and
+//! delivered by [`crate::budgets::delivery`].
 
 use crate::budgets::delivery::alert_fields;
 use crate::http::auth::authorize;

@@ -1,7 +1,8 @@
-//! The provider dashboard (SPEC sections 6 and 11): `GET /dashboard` and
+//! The provider dashboard (docs/dashboard.md): `GET /dashboard` and
 //! `GET /dashboard/installations/{install_id}`, server-rendered HTML behind basic auth.
 //! A period (month to date unless asked), an order and a page of 100 installs, as
-//! [`crate::views::query`] reads them; a CSV link answers the same view from the API.
+//! [`crate::views::query`] reads them; the rows are [`crate::views::installations`]'s, so
+//! a CSV link answers the same view from the API. Reads only, like every view.
 //!
 //! Rendered with `maud`, which escapes every interpolated value, so install ids and user
 //! hashes (which come from agents) can never become markup. No JavaScript and no external
@@ -587,7 +588,8 @@ pub fn render_detail(detail: &InstallDetail<'_>, now: DateTime<Utc>) -> Markup {
     let row = detail.row;
     let period = detail.period;
     let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
-    // Raw events are kept 90 days (SPEC 6): older days are only in the rollup.
+    // The page reads raw events over the last 90 days (docs/dashboard.md): older days
+    // are only in the rollup.
     let raw_from = today - 89;
     let back = format!("/dashboard?{}", period.query());
     let body = html! {

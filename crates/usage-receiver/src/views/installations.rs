@@ -1,12 +1,14 @@
-//! The provider's installation views (SPEC sections 6 and 11), all behind basic auth:
-//! `GET /api/usage/installations` (usage, cost, revenue and profit per install, as JSON or
-//! CSV, over SPEC 6's days or a period, sorted as [`crate::views::query`] reads it),
-//! `PUT /api/installations/{install_id}/plan`, `PUT /api/installations/{install_id}/label`
-//! and `DELETE /api/installations/{install_id}`; budgets are set in [`crate::budgets::rules`].
+//! `GET /api/usage/installations` (basic auth): usage, cost, revenue and profit per
+//! install, as JSON or CSV, without a period (the last 30 days counted, month to date
+//! priced) or over one, sorted as [`crate::views::query`] reads it. Also what the dashboard
+//! reads its rows with ([`load_rows`], [`install_rows`]), and the task that keeps a node's
+//! first views ready ([`keep_views_warm`]).
 //!
-//! The numbers come from the store's daily rollups and the money from [`crate::billing::pricing`];
-//! this module only picks the days, parses requests and shapes answers. "Now" is
-//! [`ReceiverState::provider_now`], so tests can stand on a month boundary.
+//! Reads only: plans, labels, budgets and erasure are changed by [`crate::admin`]. The
+//! numbers come from the store's daily rollups and the money from
+//! [`crate::billing::pricing`]; this module only picks the days, parses requests and shapes
+//! answers. "Now" is [`ReceiverState::provider_now`], so tests can stand on a month
+//! boundary.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -67,7 +69,7 @@ pub fn install_rows(
         .collect()
 }
 
-/// Every install (or only `install_id`) priced as of `now` over SPEC 6's days (`period`
+/// Every install (or only `install_id`) priced as of `now` over the default days (`period`
 /// `None`: the last 30 days counted, month to date priced) or over a period, and the
 /// tokens per day of the counted days summed over them.
 pub async fn load_rows(
@@ -94,13 +96,13 @@ pub async fn load_rows(
 }
 
 /// How often a node asks for the views a provider opens first, when its store keeps
-/// views ([`ReceiverStore::keeps_views`]).
+/// views ([`ReceiverStore::keeps_views`](crate::store::ReceiverStore::keeps_views)).
 const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Keeps SPEC 6's view and the dashboard's three periods ready: asked for at start and
-/// every minute, so the first view of a new day (new windows), or after a node starts,
-/// does not read every rollup row while a provider waits, and later views read again only
-/// the installs that changed since the last minute.
+/// Keeps the view without a period and the dashboard's three periods ready: asked for at
+/// start and every minute, so the first view of a new day (new windows), or after a node
+/// starts, does not read every rollup row while a provider waits, and later views read
+/// again only the installs that changed since the last minute.
 pub async fn keep_views_warm(app: Arc<ReceiverState>) {
     let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -121,8 +123,8 @@ pub async fn keep_views_warm(app: Arc<ReceiverState>) {
     }
 }
 
-/// SPEC 6's row: the last 30 days and month to date. Serialized straight from the row
-/// (no `Value` per row: 100,000 rows are a 23 MB answer).
+/// A row of the view without a period: the last 30 days and month to date. Serialized
+/// straight from the row (no `Value` per row: 100,000 rows are a 23 MB answer).
 #[derive(Debug, Serialize)]
 struct Spec6Row<'a> {
     install_id: &'a str,
@@ -216,8 +218,8 @@ pub struct ListParams {
 }
 
 /// `GET /api/usage/installations[?format=json|csv][&period=mtd|last_month|30d |
-/// &from=&to=][&sort=[-]column]`. Without a period the answer is SPEC 6's (the last 30
-/// days and month to date); with one, every figure is over that period and the answer
+/// &from=&to=][&sort=[-]column]`. Without a period the figures are over the last 30
+/// days and the month to date; with one, every figure is over that period and the answer
 /// names it. CSV has the same columns as the JSON rows.
 pub async fn list(
     State(app): State<Arc<ReceiverState>>,
@@ -268,7 +270,7 @@ pub async fn list(
     }
 }
 
-/// The keys of SPEC 6's rows, in order: the CSV header without a period.
+/// The keys of the rows without a period, in order: the CSV header without a period.
 const COLUMNS: [&str; 13] = [
     "install_id",
     "label",

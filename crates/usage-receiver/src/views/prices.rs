@@ -1,4 +1,4 @@
-//! `GET /api/prices` (basic auth, SPEC 11): the price book in force and the environment's
+//! `GET /api/prices` (basic auth): the price book in force and the environment's
 //! fallback prices, as the provider's tools read them. Amounts are currency units per
 //! million tokens (the book) or per 1000 tokens (the fallback), as configured.
 

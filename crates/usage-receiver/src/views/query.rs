@@ -1,11 +1,11 @@
-//! What the provider asks of the installations views (SPEC 11): the period
+//! What the provider asks of the installations views: the period
 //! (`period=mtd|last_month|30d`, or `from=&to=` as inclusive UTC dates), the order
 //! (`sort=<column>` ascending, `sort=-<column>` descending) and the dashboard's page
 //! (`page=N`, 100 installs a page). Shared by `GET /api/usage/installations` (JSON and CSV)
 //! and the dashboard, so the CSV link of a dashboard view answers the same rows.
 //!
-//! Parsing only, and the query strings of links: every rejection names the parameter and
-//! its rule. No I/O.
+//! Also the `from=&to=` dates of the other views ([`parse_range`]). Parsing only, and the
+//! query strings of links: every rejection names the parameter and its rule. No I/O.
 
 use std::cmp::Ordering;
 

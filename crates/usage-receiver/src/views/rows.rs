@@ -12,17 +12,17 @@ pub struct InstallRow {
     pub label: Option<String>,
     pub plan: Plan,
     pub last_seen_ms: Option<i64>,
-    /// Events and tokens over the counted days: the last 30 days in SPEC 6's answer, the
-    /// period in a period's view.
+    /// Events and tokens over the counted days: the last 30 days in the view without a
+    /// period, the period in a period's view.
     pub events: u64,
     pub tokens: u64,
-    /// Over the priced days: month to date in SPEC 6's answer, the period in a period's
-    /// view. `bill.tokens` counts the tokens of those days.
+    /// Over the priced days: month to date in the view without a period, the period in a
+    /// period's view. `bill.tokens` counts the tokens of those days.
     pub bill: Bill,
     /// The budget in force: its own, else `DEFAULT_MONTHLY_BUDGET`.
     pub budget: Option<Budget>,
     /// Thresholds alerted in the calendar month of the last day reported (this month in
-    /// SPEC 6's answer and a month-to-date view), ascending.
+    /// the view without a period and in a month-to-date view), ascending.
     pub alerted_in_month: Vec<u32>,
 }
 

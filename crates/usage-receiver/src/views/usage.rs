@@ -1,8 +1,11 @@
-//! The provider's read views: `GET /api/usage/summary`, `GET /api/usage/events` (both
-//! behind basic auth) and the unauthenticated `GET /health` (SPEC section 6).
+//! `GET /api/usage/summary` and `GET /api/usage/events`, both behind basic auth: token
+//! totals, optionally grouped by day, user, source or model (JSON or CSV), and raw events,
+//! paged by an opaque cursor (docs/reference/receiver-api.md).
 //!
 //! This module parses query parameters and shapes answers; the numbers come from the
-//! [`ReceiverStore`](crate::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both ends inclusive.
+//! [`ReceiverStore`](crate::store::ReceiverStore). Dates are `YYYY-MM-DD` in UTC, both
+//! ends inclusive. Auth, error answers and CSV writing are [`crate::http`]'s;
+//! `GET /health` is [`crate::server`]'s.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,7 +3,8 @@
 //! A statement's fixed cost (its start and end, the commit) is about half of what one
 //! batch of 50 costs the database, and an `INSERT` of rows costs more per row than `COPY`,
 //! which writes a page of rows at a time; with a few hundred rows per transaction, the
-//! round trips `COPY` needs are paid once for many batches (BENCHMARKS.md, "Session 12").
+//! round trips `COPY` needs are paid once for many batches (BENCHMARKS.md, "The fleet
+//! receiver on PostgreSQL").
 //! In one transaction:
 //! 1. [`GROUP_HEAD`]: every install's row locked, in key order (two nodes' groups wait for
 //!    each other instead of deadlocking, and an erasure locks in the same order), and

@@ -1,9 +1,10 @@
-//! The statements that store one batch (SPEC 9's dedupe across nodes).
+//! The statements that store one batch, deduped across every node sharing the database.
 //!
 //! A batch is stored by one statement and one commit, in one of two forms:
 //! - [`INGEST_FRESH`], tried first: plain inserts of every key, event and sum. Almost
 //!   every batch is new, and plain inserts cost the database a fifth less than inserts
-//!   that check each key for a conflict (BENCHMARKS.md, "Session 11").
+//!   that check each key for a conflict (BENCHMARKS.md, "The fleet receiver on
+//!   PostgreSQL").
 //! - [`INGEST_ANY`], when any key of the batch is stored already (a batch sent again
 //!   after a lost answer) or is being stored by another node at that moment: then the
 //!   fresh form fails whole with a unique violation (the other node's insert is waited

@@ -1,13 +1,14 @@
-//! The receiver's PostgreSQL store, for a fleet of receiver nodes on one database
-//! (SPEC 9): every SQL statement of it lives here and in [`migrations`].
+//! The receiver's PostgreSQL store, for a fleet of receiver nodes on one database: every
+//! SQL statement of it lives in this module and its children (`migrations/*.sql` among
+//! them). It knows nothing about HTTP.
 //!
 //! What makes several nodes one receiver:
-//! - **dedupe in the insert** ([`ingest`]): each event's `(install, event_id)` goes into
+//! - **dedupe in the insert** (`ingest.rs`): each event's `(install, event_id)` goes into
 //!   `event_ids`, and only the keys that went in are stored as events and added to the
 //!   daily rollup, all in one statement; a second node inserting the same key at the same
 //!   moment waits for the first to commit, then skips it. Batches that wait for the
-//!   node's [`writers`] are stored together, by `COPY` ([`group`]), and a group that meets
-//!   a key stored already goes batch by batch through that statement;
+//!   node's writers (`writers.rs`) are stored together, by `COPY` (`group.rs`), and a
+//!   group that meets a key stored already goes batch by batch through that statement;
 //! - **the install row locked in the same statement** (`FOR NO KEY UPDATE`, as its
 //!   `last_seen` is updated): batches of one install take turns, whichever node they reach,
 //!   and an erasure (`FOR UPDATE`) either waits for a batch in flight, then deletes it too,
@@ -15,11 +16,11 @@
 //! - **the rate limit in a table** (`request_schedule`), one atomic upsert per request, in
 //!   the database's clock;
 //! - **nothing cached that could go stale**: installs, plans and secrets are read from
-//!   the database on every request; the views' figures a node keeps ([`view_cache`]) hold
+//!   the database on every request; the views' figures a node keeps (`view_cache.rs`) hold
 //!   only while the install's `usage_version`, read in the view's snapshot, is the one
 //!   they were read at.
 //!
-//! Raw events are partitioned by UTC day ([`partitions`]), made ahead and dropped whole
+//! Raw events are partitioned by UTC day (`partitions.rs`), made ahead and dropped whole
 //! past retention. The ingest path (`find_install_async`, `take_request_async`,
 //! `ingest_async`) is async: the handler of a batch awaits its queries on the runtime where
 //! the pool's connections live, so a batch costs no thread switch per query. The other
@@ -115,7 +116,7 @@ use crate::days::MS_PER_DAY;
 /// Connections per node: twice its cores, at least 4. A batch holds one for its two
 /// statements only; more connections than the node can keep busy only make backends
 /// contend inside the database (on two cores, 4 per node stored a tenth more than 16:
-/// BENCHMARKS.md, "Session 11").
+/// BENCHMARKS.md, "The fleet receiver on PostgreSQL").
 fn pool_size() -> usize {
     (2 * cores()).max(4)
 }
@@ -223,7 +224,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// Batches this node stored so far as part of a group of two or more ([`writers`]):
+    /// Batches this node stored so far as part of a group of two or more (`writers.rs`):
     /// how often batches arrived faster than one at a time could be stored.
     pub fn batches_stored_in_groups(&self) -> u64 {
         self.writers.grouped()

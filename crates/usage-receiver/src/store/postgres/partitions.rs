@@ -1,6 +1,6 @@
 //! Raw events partitioned by UTC day: the partitions of the days a receiver may be sent
 //! are made ahead, and those past retention dropped whole, so retention never deletes
-//! row by row from the events table (SPEC 9).
+//! row by row from the events table.
 
 use std::collections::BTreeSet;
 

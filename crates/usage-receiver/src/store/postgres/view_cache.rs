@@ -1,6 +1,6 @@
-//! A node's own copy of each install's costed figures for the views it was asked for
-//! (SPEC 6's installations view, the dashboard's periods), so that a view over a whole
-//! fleet reads the rollup rows of only the installs whose usage changed since.
+//! A node's own copy of each install's costed figures for the views it was asked for (the
+//! installations view without a period, the dashboard's periods), so that a view over a
+//! whole fleet reads the rollup rows of only the installs whose usage changed since.
 //!
 //! Exact whatever the other nodes do: each install's figures are kept with the
 //! `usage_version` of the install they were read with, in the same snapshot, and the
@@ -22,8 +22,9 @@ use std::sync::Mutex;
 use super::super::{InstallKey, UsageWindow};
 use crate::billing::pricing::PricedUsage;
 
-/// How many views a node keeps (LRU): SPEC 6's answer, the dashboard's three periods
-/// (all four prepared every minute), and two more periods a provider asked for.
+/// How many views a node keeps (LRU): the installations view without a period, the
+/// dashboard's three periods (all four prepared every minute), and two more periods a
+/// provider asked for.
 const VIEWS_KEPT: usize = 6;
 
 /// Which view: its days and the identity of the prices it was costed at.

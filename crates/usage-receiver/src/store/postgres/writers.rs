@@ -1,19 +1,19 @@
 //! The node's ingest writers: every batch a node stores goes through a few writer tasks,
 //! and batches that arrive while the writers are busy are stored together.
 //!
-//! A batch costs the database a fixed part (the statement's start and end, the commit)
-//! and a part per event. At 50 events the fixed part was about half of the whole
-//! (BENCHMARKS.md, "Session 12"), so when many sites send at once, one statement for the
-//! batches waiting costs much less than one for each. Nothing waits on purpose: a writer
-//! takes the next batch as soon as it is free, with whatever queued behind it, so a batch
-//! that reaches an idle node is stored at once and alone.
+//! A batch costs the database a fixed part (the statement's start and end, the commit) and
+//! a part per event. At 50 events the fixed part was about half of the whole
+//! (BENCHMARKS.md, "The fleet receiver on PostgreSQL"), so when many sites send at once,
+//! one statement for the batches waiting costs much less than one for each. Nothing waits
+//! on purpose: a writer takes the next batch as soon as it is free, with whatever queued
+//! behind it, so a batch that reaches an idle node is stored at once and alone.
 //!
 //! A group is one transaction and one commit ([`group::store`], with `COPY`): every batch
 //! in it is stored or none is, and each gets its own answer (install erased or disabled, rate
 //! refused, events stored). Its batches are of different installs, so each install's
 //! request and rows are touched once. A batch of an install already in the group, or a
 //! group that fails because a key was stored already (a batch sent again), is stored
-//! alone as before ([`ingest::store_batch`]). A group that fails otherwise (a lost
+//! alone as before ([`super::ingest::store_batch`]). A group that fails otherwise (a lost
 //! connection) answers every batch in it with that error: the node answers each `503`
 //! and the agents send them again, which the dedupe makes safe.
 
@@ -34,7 +34,7 @@ const MAX_GROUP_BATCHES: usize = 16;
 /// A group takes no more batches once it holds this many events (one batch may be larger).
 const MAX_GROUP_EVENTS: usize = 1000;
 /// Batches waiting for a writer before `store` itself waits; a node's handlers bound
-/// the batches in progress anyway (SPEC 10).
+/// the batches in progress anyway (`MAX_INFLIGHT_BATCHES`).
 const QUEUE_DEPTH: usize = 256;
 
 /// One batch for the writers: its install, its events (unique, in key order), when it

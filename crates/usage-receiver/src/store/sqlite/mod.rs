@@ -1,14 +1,17 @@
-//! The bundled receiver's SQLite store: every SQL statement of the receiver lives here.
+//! The receiver's SQLite store, for one node: every SQL statement of it lives here and in
+//! `migrations/*.sql` (the PostgreSQL store has its own, [`crate::store::postgres`]).
 //!
 //! One writer connection (enroll, ingest, retention) and one reader connection (install
 //! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
-//! Each install is stored once and events refer to it by an integer key; event ids are
-//! 16-byte blobs and `(install, event_id)` is the primary key, which is what dedupes.
-//! `daily_usage` holds per install, UTC day and model the events and tokens of every kind
-//! stored; ingest
-//! adds to it in the same transaction as the events it inserts (only those not deduped),
-//! so it always equals a sum over the events ever stored, including those since purged.
-//! This module knows nothing about HTTP.
+//! Each install is stored once and events refer to it by an integer key; events sit in a
+//! rowid table in arrival order, event ids are 16-byte blobs, and a unique index on
+//! `(install, event_id)` is what dedupes (`migrations/0003_events_by_arrival.sql` says
+//! why). `daily_usage` holds per install, UTC day and model the events and tokens of every
+//! kind stored; ingest adds to it in the same transaction as the events it inserts (only
+//! those not deduped), so it always equals a sum over the events ever stored, including
+//! those since purged. Batches that arrive while one commits go together
+//! (`group_commit.rs`). The request rate is kept in memory ([`crate::store::rate_limit`]),
+//! as one process owns the file. This module knows nothing about HTTP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -75,7 +78,8 @@ impl SqliteStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_error(Box::new(e)))?;
         }
-        // SPEC 10: the provider's record is never silently rebuilt; damage stops the start.
+        // The provider's record is never silently rebuilt: damage stops the start
+        // (docs/install.md, "When the database is damaged").
         usage_common::sqlite_check::refuse_if_damaged(path).map_err(open_error)?;
         create_private(path).map_err(|e| open_error(Box::new(e)))?;
         let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;

@@ -1,5 +1,6 @@
--- The receiver's PostgreSQL schema (SPEC 9). Times are Unix milliseconds and days are
--- days since the Unix epoch (UTC), as in the SQLite store, so both answer alike.
+-- The receiver's PostgreSQL schema, shared by every node of a fleet. Times are Unix
+-- milliseconds and days are days since the Unix epoch (UTC), as in the SQLite store, so
+-- both answer alike.
 
 CREATE TABLE installs (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

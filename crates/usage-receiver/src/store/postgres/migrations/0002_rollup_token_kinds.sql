@@ -1,4 +1,4 @@
--- The rollup keeps every token kind, as prices differ by kind (SPEC 11). Days whose raw
+-- The rollup keeps every token kind, as prices differ by kind. Days whose raw
 -- events are still kept get their cached, cache-write and reasoning tokens recomputed from
 -- them; days already dropped can only keep 0 for those kinds. The covering index grows the
 -- new columns so the installations view still reads only the index.

@@ -1,4 +1,4 @@
--- Budgets and their alerts (SPEC 11). A budget is an install's own; installs without one
+-- Budgets and their alerts. A budget is an install's own; installs without one
 -- use DEFAULT_MONTHLY_BUDGET, which lives in the environment, not here.
 CREATE TABLE budgets (
     install        bigint PRIMARY KEY REFERENCES installs (id) ON DELETE CASCADE,

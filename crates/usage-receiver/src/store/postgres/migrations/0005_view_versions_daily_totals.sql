@@ -1,5 +1,5 @@
 -- What lets the provider views over a whole fleet answer without reading every rollup row
--- (SPEC 6, 11 at 100,000 installs).
+-- (at 100,000 installs: BENCHMARKS.md, "Provider views at 100,000 installs").
 --
 -- `usage_version` counts the batches that stored something for an install, bumped in the
 -- ingest statement under the install's row lock. A node that keeps an install's figures

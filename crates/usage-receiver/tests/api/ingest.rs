@@ -18,7 +18,7 @@ use crate::common::{
     ENROLL_TOKEN, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client, enroll,
     enroll_request, provider_request, receiver_settings, signed, signed_at,
 };
-use crate::harness::assert_error_shape;
+use crate::support::assert_error_shape;
 
 /// Asserts the status and the `{"error": {"code", "message", "details"}}` shape; returns
 /// the error object.

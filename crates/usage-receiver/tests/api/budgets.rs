@@ -24,7 +24,7 @@ use usage_receiver::settings::AlertWebhook;
 use crate::common::{
     self, TestInstall, TestReceiver, batch_body, provider_request, receiver_settings, signed,
 };
-use crate::harness::poll;
+use crate::support::poll;
 
 /// 1.00 per 1000 tokens, so 1000 tokens cost 1.00.
 pub fn budget_settings() -> ReceiverSettings {
@@ -484,8 +484,8 @@ async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
     sink.serve(sink_addr).await;
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node(
-        Command::new(crate::harness::bin())
-            .args(["receiver", "--listen", "127.0.0.1:0", "--db"])
+        Command::new(crate::bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--db"])
             .arg(dir.path().join("receiver.db"))
             .env("ENROLLMENT_TOKEN", common::ENROLL_TOKEN)
             .env("PROVIDER_USERNAME", common::PROVIDER_USER)
@@ -559,4 +559,49 @@ async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
     thresholds.sort_unstable();
     thresholds.dedup();
     assert_eq!(thresholds, vec![50, 80, 100]);
+}
+
+/// A budget alert as the receiver delivers it to `ALERT_WEBHOOK_URL` verifies
+/// with the reference Standard Webhooks library, so any Standard Webhooks consumer can check it.
+#[tokio::test]
+async fn the_reference_library_verifies_a_delivered_budget_alert() {
+    use crate::common::TestReceiver;
+    use crate::support::standard_webhooks as python;
+    use usage_protocol::signing::{HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
+    use usage_receiver::ReceiverSettings;
+
+    let secret = Secret::generate();
+    let sink_addr = closed_port();
+    let sink = Sink::default();
+    sink.serve(sink_addr).await;
+    let rx = TestReceiver::start(ReceiverSettings {
+        alert_webhook: Some(webhook(sink_addr, &secret)),
+        ..budget_settings()
+    });
+    let install = enroll(&rx).await;
+    put_budget(&rx, &install.id, r#"{"monthly": 1.0, "thresholds": [100]}"#).await;
+    send(&rx, &install, &events(&install, 1500)).await;
+    let (headers, body) = crate::support::poll(
+        "the alert to reach the sink",
+        std::time::Duration::from_secs(20),
+        async || sink.received.lock().unwrap().first().cloned(),
+    )
+    .await;
+    let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+    let (id, ts, signature) = (
+        header(HEADER_ID),
+        header(HEADER_TIMESTAMP),
+        header(HEADER_SIGNATURE),
+    );
+    let args = ["verify", &secret.to_whsec(), &id, &ts, &signature];
+    let verified = python(&args, &body);
+    assert_eq!(
+        verified.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+    let other = Secret::generate().to_whsec();
+    let refused = python(&["verify", &other, &id, &ts, &signature], &body);
+    assert_eq!(refused.status.code(), Some(1), "another secret is refused");
 }

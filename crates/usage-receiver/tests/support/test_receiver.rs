@@ -208,7 +208,8 @@ impl TestInstall {
 }
 
 pub fn client() -> Client {
-    usage_agent::sync::install_tls_provider();
+    // reqwest is built without a default TLS provider; install the one the workspace uses.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::new()
 }
 

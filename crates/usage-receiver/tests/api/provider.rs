@@ -1303,8 +1303,11 @@ async fn a_price_book_prices_each_token_kind_and_is_answered_at_api_prices() {
 
 #[test]
 fn prices_check_accepts_the_example_and_names_the_line_and_key_of_a_mistake() {
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prices.example.toml");
-    let output = std::process::Command::new(crate::harness::bin())
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../contrib/prices.example.toml"
+    );
+    let output = std::process::Command::new(crate::bin())
         .args(["prices", "check", example])
         .output()
         .unwrap();
@@ -1318,7 +1321,7 @@ fn prices_check_accepts_the_example_and_names_the_line_and_key_of_a_mistake() {
         "currency = \"USD\"\n[[model]]\nmatch = \"m\"\neffective_from = \"2025-01-01\"\ninput_per_mtok = 1\noutput_per_mtok = 2\ncache_read_per_mtok = 1\n",
     )
     .unwrap();
-    let output = std::process::Command::new(crate::harness::bin())
+    let output = std::process::Command::new(crate::bin())
         .args(["prices", "check"])
         .arg(&bad)
         .output()

@@ -22,11 +22,12 @@ use usage_protocol::wire::user_hash;
 use usage_receiver::ReceiverStoreError;
 use usage_testkit::throwaway::{Durability, ThrowawayCluster};
 
+use crate::bin;
 use crate::common::{
     ENROLL_TOKEN, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
     enroll, open_postgres, provider_request, receiver_settings, signed, test_cluster,
 };
-use crate::harness::{assert_error_shape, bin, wait_with_deadline};
+use crate::support::{assert_error_shape, wait_with_deadline};
 
 /// Two receiver nodes serving one fresh database.
 fn two_nodes(settings: usage_receiver::ReceiverSettings) -> (TestReceiver, TestReceiver) {
@@ -251,8 +252,7 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
     // backed by raw events and one whose events were dropped.
     let url = test_cluster().new_database().unwrap();
     let name = database_name(&url);
-    let schema_1 =
-        include_str!("../../crates/usage-receiver/src/store/postgres/migrations/0001_schema.sql");
+    let schema_1 = include_str!("../../src/store/postgres/migrations/0001_schema.sql");
     test_cluster().psql(name, schema_1).unwrap();
     test_cluster()
         .psql(
@@ -295,10 +295,7 @@ fn migration_5_fills_the_chart_totals_and_refuses_batches_of_older_nodes() {
     // A database at schema 4 with usage on two days, as the previous release left it.
     let url = test_cluster().new_database().unwrap();
     let name = database_name(&url);
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crates/usage-receiver/src/store/postgres/migrations"
-    );
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store/postgres/migrations");
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
@@ -387,7 +384,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
         .unwrap_or_else(|e| panic!("{e}"));
     let shipped = std::fs::read_dir(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/crates/usage-receiver/src/store/postgres/migrations"
+        "/src/store/postgres/migrations"
     ))
     .unwrap()
     .count();
@@ -399,13 +396,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
         .psql(name, "INSERT INTO schema_migrations (version) VALUES (99)")
         .unwrap();
     let output = Command::new(bin())
-        .args([
-            "receiver",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &url,
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", &url])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
@@ -437,7 +428,7 @@ fn nodes_starting_together_apply_each_migration_once_and_a_newer_schema_is_refus
 fn giving_both_a_sqlite_path_and_a_database_url_is_a_usage_error() {
     let output = Command::new(bin())
         .args([
-            "receiver",
+            "serve",
             "--db",
             "x.db",
             "--database-url",
@@ -458,7 +449,7 @@ fn an_unreachable_database_stops_the_start_with_a_clear_error_and_no_password() 
         dir.path().display()
     );
     let output = Command::new(bin())
-        .args(["receiver", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .env("DATABASE_URL", &url)
         .output()
         .unwrap();
@@ -510,7 +501,7 @@ async fn health_names_the_store_and_answers_503_while_the_database_is_down() {
 /// A receiver process on the shared database; its address read from its first line.
 fn spawn_node(url: &str) -> (Child, String) {
     let mut child = Command::new(bin())
-        .args(["receiver", "--listen", "127.0.0.1:0", "--database-url", url])
+        .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
         .env("ENROLLMENT_TOKEN", ENROLL_TOKEN)
         .env("PROVIDER_USERNAME", PROVIDER_USER)
         .env("PROVIDER_PASSWORD", PROVIDER_PASSWORD)
@@ -578,7 +569,7 @@ async fn a_node_killed_with_kill_9_mid_ingest_loses_nothing_it_acknowledged() {
             })
         })
         .collect();
-    crate::harness::poll(
+    crate::support::poll(
         "some batches stored before the kill",
         Duration::from_secs(30),
         async || (stored_events(&survivor_base).await >= 2_000).then_some(()),
@@ -736,7 +727,7 @@ async fn two_nodes_record_each_budget_alert_once_and_deliver_it_under_its_one_id
         .iter()
         .map(|alert| alert["alert_id"].as_str().unwrap().to_owned())
         .collect();
-    crate::harness::poll(
+    crate::support::poll(
         "every alert delivered",
         Duration::from_secs(30),
         async || {
