@@ -94,11 +94,16 @@ fn the_systemd_units_verify() {
             assert!(text.contains("Type=notify"), "{source}");
         }
         let path = dir.path().join(target);
-        std::fs::write(
-            &path,
-            text.replace("/usr/local/bin/usage-agent", crate::harness::bin()),
-        )
-        .unwrap();
+        // The receiver's unit runs `usage-receiver serve`; this package's binary runs the
+        // same receiver as `usage-agent receiver`, so the copy points at that.
+        let text = text
+            .replace(
+                "/usr/local/bin/usage-receiver serve",
+                &format!("{} receiver", crate::harness::bin()),
+            )
+            .replace("/usr/local/bin/usage-agent", crate::harness::bin());
+        assert!(!text.contains("/usr/local/bin"), "{source}: {text}");
+        std::fs::write(&path, text).unwrap();
         paths.push(path);
     }
     let out = Command::new("systemd-analyze")
