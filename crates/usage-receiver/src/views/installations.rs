@@ -126,7 +126,7 @@ pub async fn keep_views_warm(app: Arc<ReceiverState>) {
 /// A row of the view without a period: the last 30 days and month to date. Serialized
 /// straight from the row (no `Value` per row: 100,000 rows are a 23 MB answer).
 #[derive(Debug, Serialize)]
-struct Spec6Row<'a> {
+struct DefaultPeriodRow<'a> {
     install_id: &'a str,
     label: Option<&'a str>,
     plan: &'static str,
@@ -142,9 +142,9 @@ struct Spec6Row<'a> {
     budget_used_pct: Option<f64>,
 }
 
-impl<'a> Spec6Row<'a> {
-    fn of(row: &'a InstallRow) -> Spec6Row<'a> {
-        Spec6Row {
+impl<'a> DefaultPeriodRow<'a> {
+    fn of(row: &'a InstallRow) -> DefaultPeriodRow<'a> {
+        DefaultPeriodRow {
             install_id: &row.install_id,
             label: row.label.as_deref(),
             plan: row.plan.as_str(),
@@ -253,7 +253,7 @@ pub async fn list(
     });
     match (period, csv) {
         (None, false) => Ok(Json(ListAnswer {
-            installations: rows.iter().map(Spec6Row::of).collect(),
+            installations: rows.iter().map(DefaultPeriodRow::of).collect(),
             period: period_json,
         })
         .into_response()),
@@ -262,7 +262,7 @@ pub async fn list(
             period: period_json,
         })
         .into_response()),
-        (None, true) => Ok(rows_csv(&COLUMNS, rows.iter().map(Spec6Row::of))),
+        (None, true) => Ok(rows_csv(&COLUMNS, rows.iter().map(DefaultPeriodRow::of))),
         (Some(period), true) => Ok(rows_csv(
             &PERIOD_COLUMNS,
             rows.iter().map(|row| PeriodRow::of(row, &period)),
