@@ -1,5 +1,6 @@
 //! `usage-agent run`: the daemon in the foreground, with logging and signal handling.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -34,10 +35,11 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
 }
 
 /// Default log filter: our own info lines, only warnings from the libraries.
-pub const DEFAULT_LOG_FILTER: &str = "warn,usage_agent=info";
+pub const DEFAULT_LOG_FILTER: &str = "warn,usage_agent=info,usage_common=info";
 
 /// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]), text
-/// or JSON lines.
+/// or JSON lines, with colour codes only when standard error is a terminal (never into a
+/// file or the journal).
 pub fn init_logging(format: LogFormat) {
     init_logging_with(format, DEFAULT_LOG_FILTER);
 }
@@ -55,7 +57,9 @@ pub fn init_logging_with(format: LogFormat, default_filter: &str) {
         .and_then(|text| text.parse().ok())
         .or_else(|| default_filter.parse().ok())
         .unwrap_or_default();
-    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A subscriber may already be installed (demo, tests); keeping it is fine.
     let _ = match format {
         LogFormat::Text => builder.finish().with(targets).try_init(),

@@ -345,3 +345,16 @@ fn a_bad_enroll_token_file_or_two_token_sources_is_a_clear_error() {
         assert!(enrolled_at(&agent).is_null(), "{args:?}");
     }
 }
+
+/// The agent's log, written to a file (as under systemd, to the journal), carries no
+/// terminal colour codes: a collector would store them as text.
+#[tokio::test]
+async fn logs_written_to_a_file_carry_no_colour_codes() {
+    let mut agent = Agent::start("").await;
+    let (status, _) = agent.post("/v1/events", &event(&new_id())).await;
+    assert!(status.is_success(), "{status}");
+    assert!(agent.terminate().success());
+    let log = std::fs::read_to_string(agent.log_path()).unwrap();
+    assert!(log.contains("INFO"), "the agent logged its start: {log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a file: {log:?}");
+}

@@ -45,10 +45,28 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 /// Default log filter: the receiver's own info lines, only warnings from the libraries.
 pub const DEFAULT_LOG_FILTER: &str = "warn,usage_receiver=info,usage_common=info";
 
+/// How the receiver writes its log lines (`LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl LogFormat {
+    /// `LOG_FORMAT` as set (`text` when unset), or the rule it breaks.
+    pub fn from_env() -> anyhow::Result<LogFormat> {
+        match std::env::var("LOG_FORMAT").as_deref() {
+            Err(_) | Ok("text") => Ok(LogFormat::Text),
+            Ok("json") => Ok(LogFormat::Json),
+            Ok(other) => anyhow::bail!("LOG_FORMAT must be text or json, not {other:?}"),
+        }
+    }
+}
+
 /// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]);
-/// `LOG_FORMAT=json` writes JSON lines, anything else text, with colour codes only when
-/// standard error is a terminal (never into a file or the journal).
-pub fn init_logging() {
+/// `format` writes text or JSON lines, text with colour codes only when standard error is
+/// a terminal (never into a file or the journal).
+pub fn init_logging(format: LogFormat) {
     use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -58,14 +76,12 @@ pub fn init_logging() {
         .and_then(|text| text.parse().ok())
         .or_else(|| DEFAULT_LOG_FILTER.parse().ok())
         .unwrap_or_default();
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|format| format == "json");
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     // A subscriber may already be installed (demo, tests); keeping it is fine.
-    let _ = if json {
-        builder.json().finish().with(targets).try_init()
-    } else {
-        builder.finish().with(targets).try_init()
+    let _ = match format {
+        LogFormat::Text => builder.finish().with(targets).try_init(),
+        LogFormat::Json => builder.json().finish().with(targets).try_init(),
     };
 }

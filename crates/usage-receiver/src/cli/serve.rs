@@ -15,7 +15,7 @@ use crate::settings::ReceiverSettings;
 /// Options of `usage-receiver serve` (and `usage-agent receiver`).
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S, MAX_CONNECTIONS, MAX_INFLIGHT_BATCHES, and the prices: PRICE_BOOK (path to a TOML price book, read at start; check one with `usage-receiver prices check PATH`, see contrib/prices.example.toml), then for models it does not price MODEL_COST_OVERRIDES (JSON, model to price per 1K tokens) and DEFAULT_COST_PER_1K_TOKENS, and PLAN_FREE_MONTHLY, PLAN_PRO_MONTHLY, PLAN_AGENCY_MONTHLY; budgets: DEFAULT_MONTHLY_BUDGET, and ALERT_WEBHOOK_URL with ALERT_WEBHOOK_SECRET (whsec_...) to POST each budget alert there.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-receiver serve --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
+    after_help = "Settings come from the environment: DATABASE_URL (as --database-url), ENROLLMENT_TOKEN, PROVIDER_USERNAME, PROVIDER_PASSWORD, ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE, RATE_LIMIT_PER_MIN, SIGNATURE_TOLERANCE_S, MAX_CONNECTIONS, MAX_INFLIGHT_BATCHES, LOG_FORMAT (text or json lines on standard error), and the prices: PRICE_BOOK (path to a TOML price book, read at start; check one with `usage-receiver prices check PATH`, see contrib/prices.example.toml), then for models it does not price MODEL_COST_OVERRIDES (JSON, model to price per 1K tokens) and DEFAULT_COST_PER_1K_TOKENS, and PLAN_FREE_MONTHLY, PLAN_PRO_MONTHLY, PLAN_AGENCY_MONTHLY; budgets: DEFAULT_MONTHLY_BUDGET, and ALERT_WEBHOOK_URL with ALERT_WEBHOOK_SECRET (whsec_...) to POST each budget alert there.\n\nExample:\n  ENROLLMENT_TOKEN=secret PROVIDER_USERNAME=admin PROVIDER_PASSWORD=pw \\\n      usage-receiver serve --listen 127.0.0.1:8787 --db ./receiver-data/receiver.db"
 )]
 pub struct ServeArgs {
     /// Address to listen on.
@@ -37,7 +37,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    super::init_logging();
+    super::init_logging(super::LogFormat::from_env()?);
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()

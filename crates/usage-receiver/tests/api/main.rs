@@ -17,6 +17,7 @@ mod budgets;
 #[allow(dead_code)]
 mod common;
 mod ingest;
+mod logging;
 mod provider;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
