@@ -1,6 +1,5 @@
 //! `usage-agent run`: the daemon in the foreground, with logging and signal handling.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -8,6 +7,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{Config, LogFormat};
 use crate::daemon::Daemon;
+use usage_common::logging::LogLines;
 
 pub fn run(config: Config) -> anyhow::Result<ExitCode> {
     init_logging(config.log_format);
@@ -37,32 +37,17 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'st
 /// Default log filter: our own info lines, only warnings from the libraries.
 pub const DEFAULT_LOG_FILTER: &str = "warn,usage_agent=info,usage_common=info";
 
-/// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]), text
-/// or JSON lines, with colour codes only when standard error is a terminal (never into a
-/// file or the journal).
+/// Installs the log subscriber ([`usage_common::logging`]) with the agent's default filter
+/// ([`DEFAULT_LOG_FILTER`]).
 pub fn init_logging(format: LogFormat) {
     init_logging_with(format, DEFAULT_LOG_FILTER);
 }
 
 /// Like [`init_logging`] with another default filter.
 pub fn init_logging_with(format: LogFormat, default_filter: &str) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
-    // `Targets` understands the usual `RUST_LOG` forms ("debug", "warn,usage_agent=info")
-    // without pulling a regex engine into the binary.
-    let targets: Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .or_else(|| default_filter.parse().ok())
-        .unwrap_or_default();
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    // A subscriber may already be installed (demo, tests); keeping it is fine.
-    let _ = match format {
-        LogFormat::Text => builder.finish().with(targets).try_init(),
-        LogFormat::Json => builder.json().finish().with(targets).try_init(),
+    let lines = match format {
+        LogFormat::Text => LogLines::Text,
+        LogFormat::Json => LogLines::Json,
     };
+    usage_common::logging::init(lines, default_filter);
 }

@@ -4,33 +4,11 @@
 //! fallback for unknown paths or methods.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use reqwest::Method;
-use serde_json::Value;
 
 use crate::harness::Agent;
-
-/// The (method, path) pairs of an OpenAPI document.
-pub fn documented(document: &str) -> BTreeSet<(String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(document);
-    let text = std::fs::read_to_string(&path).expect("read the OpenAPI document");
-    let document: Value = serde_json::from_str(&text).expect("the document is JSON");
-    assert_eq!(document["openapi"], "3.1.0", "an OpenAPI 3.1 document");
-    let mut pairs = BTreeSet::new();
-    for (path, item) in document["paths"].as_object().expect("paths") {
-        for (method, operation) in item.as_object().expect("a path item") {
-            if ["get", "post", "put", "delete", "patch", "head"].contains(&method.as_str()) {
-                assert!(
-                    operation["responses"].is_object(),
-                    "{method} {path} documents its answers"
-                );
-                pairs.insert((method.to_uppercase(), path.clone()));
-            }
-        }
-    }
-    pairs
-}
+use crate::shared::openapi_routes as documented;
 
 /// A documented path with every `{parameter}` filled in.
 fn concrete(path: &str) -> String {

@@ -4,32 +4,20 @@
 //! unknown paths or methods.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 
 use reqwest::Method;
 use serde_json::Value;
 use usage_receiver::{ReceiverSettings, open_sqlite, serve};
 
-/// The (method, path) pairs of the receiver's OpenAPI document.
+// Shared with the other test binaries, each using only some of it.
+#[allow(dead_code)]
+#[path = "support/mod.rs"]
+mod support;
+
+const DOCUMENT: &str = "docs/reference/openapi/receiver.json";
+
 fn documented() -> BTreeSet<(String, String)> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/reference/openapi/receiver.json");
-    let text = std::fs::read_to_string(&path).expect("read the OpenAPI document");
-    let document: Value = serde_json::from_str(&text).expect("the document is JSON");
-    assert_eq!(document["openapi"], "3.1.0", "an OpenAPI 3.1 document");
-    let mut pairs = BTreeSet::new();
-    for (path, item) in document["paths"].as_object().expect("paths") {
-        for (method, operation) in item.as_object().expect("a path item") {
-            if ["get", "post", "put", "delete", "patch", "head"].contains(&method.as_str()) {
-                assert!(
-                    operation["responses"].is_object(),
-                    "{method} {path} documents its answers"
-                );
-                pairs.insert((method.to_uppercase(), path.clone()));
-            }
-        }
-    }
-    pairs
+    support::openapi_routes(DOCUMENT)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! the agent's developer build (docs/reference/cli.md); and the receiver's log setup
 //! ([`init_logging`]). It parses and dispatches: serving is [`crate::server`]'s.
 
-use std::io::IsTerminal;
+use usage_common::logging::LogLines;
 
 pub mod prices;
 pub mod serve;
@@ -63,25 +63,12 @@ impl LogFormat {
     }
 }
 
-/// Installs the log subscriber: `RUST_LOG` filters (default [`DEFAULT_LOG_FILTER`]);
-/// `format` writes text or JSON lines, text with colour codes only when standard error is
-/// a terminal (never into a file or the journal).
+/// Installs the log subscriber ([`usage_common::logging`]) with the receiver's default
+/// filter ([`DEFAULT_LOG_FILTER`]).
 pub fn init_logging(format: LogFormat) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-
-    let targets: Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .or_else(|| DEFAULT_LOG_FILTER.parse().ok())
-        .unwrap_or_default();
-    let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    // A subscriber may already be installed (demo, tests); keeping it is fine.
-    let _ = match format {
-        LogFormat::Text => builder.finish().with(targets).try_init(),
-        LogFormat::Json => builder.json().finish().with(targets).try_init(),
+    let lines = match format {
+        LogFormat::Text => LogLines::Text,
+        LogFormat::Json => LogLines::Json,
     };
+    usage_common::logging::init(lines, DEFAULT_LOG_FILTER);
 }

@@ -86,3 +86,29 @@ pub fn standard_webhooks(args: &[&str], stdin: &[u8]) -> Output {
     );
     output
 }
+
+/// The (method, path) pairs of the OpenAPI 3.1 document at `path` (from the workspace
+/// root), each operation checked to document its answers.
+pub fn openapi_routes(path: &str) -> std::collections::BTreeSet<(String, String)> {
+    let document = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join(path))
+        .find(|document| document.exists())
+        .unwrap_or_else(|| panic!("{path} in the workspace"));
+    let text = std::fs::read_to_string(&document).expect("read the OpenAPI document");
+    let document: Value = serde_json::from_str(&text).expect("the document is JSON");
+    assert_eq!(document["openapi"], "3.1.0", "an OpenAPI 3.1 document");
+    let mut pairs = std::collections::BTreeSet::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("a path item") {
+            if ["get", "post", "put", "delete", "patch", "head"].contains(&method.as_str()) {
+                assert!(
+                    operation["responses"].is_object(),
+                    "{method} {path} documents its answers"
+                );
+                pairs.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    pairs
+}
