@@ -1064,7 +1064,7 @@ async fn the_dashboard_renders_in_headless_chromium() {
         "Acme shop's three alerts listed"
     );
     assert!(detail_png.starts_with(b"\x89PNG"));
-    // `DASHBOARD_SCREENSHOT=docs/dashboard.png DASHBOARD_INSTALL_SCREENSHOT=...` refresh
+    // `DASHBOARD_SCREENSHOT=$PWD/docs/dashboard.png DASHBOARD_INSTALL_SCREENSHOT=...` refresh
     // the screenshots kept in the repository (docs/dashboard.md).
     if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
         std::fs::write(path, &png).expect("write the screenshot");
