@@ -108,6 +108,14 @@ impl Daemon {
         reader.limit_cache(SIDE_CACHE_KIB)?;
         let (writer, writer_thread) = Writer::spawn(writing);
         let metrics = Arc::new(Metrics::new());
+        metrics.start_at_zero(
+            &[
+                crate::jobs::maintenance::ROLLUP,
+                crate::jobs::maintenance::CLEANUP,
+                crate::sync::engine::SYNC_JOB,
+            ],
+            &crate::sync::error::Category::ALL.map(crate::sync::error::Category::as_str),
+        );
         let sync = match config.sync_disabled_reason() {
             Some(reason) => {
                 tracing::info!("{reason}");

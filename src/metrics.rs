@@ -26,6 +26,13 @@ use usage_protocol::event::Source;
 const SYNC_BATCH_BUCKETS: [f64; 11] =
     [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
+/// The results a sent batch is counted under ([`Metrics::sync_batch`]).
+pub const BATCH_RESULTS: [&str; 3] = ["ok", "refused", "error"];
+/// The results a batch's events are counted under ([`Metrics::sync_events`]).
+pub const EVENT_RESULTS: [&str; 3] = ["accepted", "duplicate", "rejected"];
+/// The outcomes of an event received on `POST /v1/events`.
+const EVENT_OUTCOMES: [&str; 3] = ["recorded", "duplicate", "rejected"];
+
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -193,6 +200,54 @@ impl Metrics {
             pending,
             failed,
             last_sync,
+        }
+    }
+
+    /// Starts every labelled series the agent knows at 0, so a scrape shows each one before
+    /// its first increment and `increase()` sees that first one: events by source and
+    /// outcome, sync results, the sync error `categories`, and the runs, failures and
+    /// missed runs of `jobs`.
+    pub fn start_at_zero(&self, jobs: &[&'static str], categories: &[&'static str]) {
+        for source in Source::ALL.map(Source::as_str) {
+            for outcome in EVENT_OUTCOMES {
+                self.events
+                    .get_or_create(&EventLabels { source, outcome })
+                    .inc_by(0);
+            }
+        }
+        self.events
+            .get_or_create(&EventLabels {
+                source: "unknown",
+                outcome: "rejected",
+            })
+            .inc_by(0);
+        for result in BATCH_RESULTS {
+            self.sync_batches
+                .get_or_create(&ResultLabels {
+                    result: result.to_owned(),
+                })
+                .inc_by(0);
+        }
+        for result in EVENT_RESULTS {
+            self.sync_events
+                .get_or_create(&ResultLabels {
+                    result: result.to_owned(),
+                })
+                .inc_by(0);
+        }
+        for category in categories {
+            self.sync_errors
+                .get_or_create(&CategoryLabels {
+                    category: (*category).to_owned(),
+                })
+                .inc_by(0);
+        }
+        for &job in jobs {
+            self.job_runs.get_or_create(&JobLabels { job }).inc_by(0);
+            self.job_failures
+                .get_or_create(&JobLabels { job })
+                .inc_by(0);
+            self.job_missed.get_or_create(&JobLabels { job }).inc_by(0);
         }
     }
 

@@ -30,6 +30,16 @@ pub enum Category {
 }
 
 impl Category {
+    /// Every category, in the order status lists them.
+    pub const ALL: [Category; 6] = [
+        Category::Network,
+        Category::Server,
+        Category::RateLimit,
+        Category::Authentication,
+        Category::Validation,
+        Category::Local,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Category::Network => "network",

@@ -454,6 +454,52 @@ async fn metrics_are_prometheus_text_and_count_events() {
     );
 }
 
+/// Every labelled series the agent knows is on the first scrape, at 0, so `increase()` in
+/// an alert rule sees its first increment (a missed run, a rate-limited sync).
+#[tokio::test]
+async fn every_known_labelled_series_starts_at_zero() {
+    let agent = Agent::start("").await;
+    let (code, text, _) = get_text(&agent, "/metrics").await;
+    assert_eq!(code, StatusCode::OK);
+    let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let zero = |name: &str| {
+        assert_eq!(samples.get(name), Some(&0.0), "{name} in\n{text}");
+    };
+    for job in ["rollup", "cleanup", "sync"] {
+        zero(&format!("usage_agent_job_runs_total{{job={job}}}"));
+        zero(&format!("usage_agent_job_failures_total{{job={job}}}"));
+        zero(&format!("usage_agent_job_missed_total{{job={job}}}"));
+    }
+    for category in [
+        "network",
+        "server",
+        "rate_limit",
+        "authentication",
+        "validation",
+        "local",
+    ] {
+        zero(&format!(
+            "usage_agent_sync_errors_total{{category={category}}}"
+        ));
+    }
+    for result in ["ok", "refused", "error"] {
+        zero(&format!(
+            "usage_agent_sync_batches_total{{result={result}}}"
+        ));
+    }
+    for result in ["accepted", "duplicate", "rejected"] {
+        zero(&format!("usage_agent_sync_events_total{{result={result}}}"));
+    }
+    for source in ["inline", "bulk", "queue", "manual"] {
+        for outcome in ["recorded", "duplicate", "rejected"] {
+            zero(&format!(
+                "usage_agent_events_total{{outcome={outcome},source={source}}}"
+            ));
+        }
+    }
+    zero("usage_agent_events_total{outcome=rejected,source=unknown}");
+}
+
 #[tokio::test]
 async fn the_schedule_runs_rollup_and_cleanup_on_its_own() {
     let mut agent = Agent::configure_with(
