@@ -482,25 +482,28 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
 
 /// The receiver as operators run it (its own process, settings from the environment)
 /// delivers an alert: nothing the test process set up (a TLS provider, say) helps it.
-#[tokio::test]
-async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
+/// Kills a receiver process however the test ends.
+struct Node(std::process::Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the receiver binary with a 1.00 default budget and alerts to `webhook_url`
+/// (its standard error to `stderr`), enrolls an install and sends it 1.50 of usage: all
+/// three default thresholds at once.
+async fn a_node_past_its_budget(
+    webhook_url: String,
+    secret: &Secret,
+    stderr: std::process::Stdio,
+) -> (Node, tempfile::TempDir) {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use usage_protocol::signing::{HEADER_INSTALL_ID, sign};
 
-    /// Kills the receiver however the test ends.
-    struct Node(std::process::Child);
-    impl Drop for Node {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-
-    let secret = Secret::generate();
-    let sink_addr = closed_port();
-    let sink = Sink::default();
-    sink.serve(sink_addr).await;
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node(
         Command::new(crate::bin())
@@ -511,10 +514,11 @@ async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
             .env("PROVIDER_PASSWORD", common::PROVIDER_PASSWORD)
             .env("DEFAULT_COST_PER_1K_TOKENS", "1")
             .env("DEFAULT_MONTHLY_BUDGET", "1")
-            .env("ALERT_WEBHOOK_URL", format!("http://{sink_addr}/hook"))
+            .env("ALERT_WEBHOOK_URL", webhook_url)
             .env("ALERT_WEBHOOK_SECRET", secret.to_whsec())
+            .env_remove("LOG_FORMAT")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap(),
     );
@@ -542,7 +546,6 @@ async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
         .await
         .unwrap();
     assert_eq!(enrolled.status(), StatusCode::CREATED);
-    // 1.50 of a 1.00 default budget: all three default thresholds at once.
     let batch_id = Uuid::now_v7();
     let body = batch_body(batch_id, &install.id, &events(&install, 1500));
     let timestamp = Utc::now().timestamp();
@@ -561,6 +564,52 @@ async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
         .await
         .unwrap();
     assert_eq!(sent.status(), StatusCode::OK);
+    (node, dir)
+}
+
+/// A webhook URL carries its secret in the path (Slack, Discord): a failed delivery logs
+/// the webhook's scheme and host, never the path.
+#[tokio::test]
+async fn a_failed_delivery_logs_the_webhook_without_its_secret_path() {
+    let secret = Secret::generate();
+    let closed = closed_port();
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("stderr.log");
+    let _node = a_node_past_its_budget(
+        format!("http://{closed}/services/T000/B000/XXXXtokenXXXX"),
+        &secret,
+        std::fs::File::create(&log).unwrap().into(),
+    )
+    .await;
+    let text = poll(
+        "a failed delivery in the log",
+        Duration::from_secs(20),
+        async || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("the alert webhook could not be reached at")
+                .then_some(text)
+        },
+    )
+    .await;
+    assert!(text.contains(&closed.to_string()), "{text}");
+    assert!(
+        !text.contains("XXXXtokenXXXX"),
+        "the webhook's secret path in the log: {text}"
+    );
+}
+
+#[tokio::test]
+async fn the_receiver_binary_delivers_an_alert_set_up_by_environment() {
+    let secret = Secret::generate();
+    let sink_addr = closed_port();
+    let sink = Sink::default();
+    sink.serve(sink_addr).await;
+    let _node = a_node_past_its_budget(
+        format!("http://{sink_addr}/hook"),
+        &secret,
+        std::process::Stdio::null(),
+    )
+    .await;
     poll(
         "three alerts at the sink",
         Duration::from_secs(20),
