@@ -26,7 +26,7 @@ use uuid::Uuid;
 use crate::billing::money::Micros;
 use crate::billing::price_book::Rates;
 use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage};
-use crate::days::MS_PER_DAY;
+use crate::days::day_of_ms;
 use crate::store::rate_limit::Rate;
 use chrono::{DateTime, Datelike, Utc};
 use usage_protocol::event::Source;
@@ -728,7 +728,7 @@ pub const EVENT_RETENTION: chrono::Duration = chrono::Duration::days(92);
 
 /// The UTC days of the last 30 days (today included) and of the current month.
 pub fn usage_window(now: DateTime<Utc>) -> UsageWindow {
-    let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
+    let today = day_of_ms(now.timestamp_millis());
     let day_of_month = i64::from(now.day0());
     UsageWindow {
         today,

@@ -41,6 +41,7 @@ use crate::views::rows::InstallRow;
 use usage_protocol::event::format_millis;
 
 use crate::days::MS_PER_DAY;
+use crate::days::day_of_ms;
 
 /// No scripts, no fetches, no frames, no forms: only inline styles and the inline SVG.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
@@ -587,7 +588,7 @@ fn cost_table(id: &str, heading: &str, lines: &[CostLine]) -> Markup {
 pub fn render_detail(detail: &InstallDetail<'_>, now: DateTime<Utc>) -> Markup {
     let row = detail.row;
     let period = detail.period;
-    let today = now.timestamp_millis().div_euclid(MS_PER_DAY);
+    let today = day_of_ms(now.timestamp_millis());
     // The page reads raw events over the last 90 days (docs/dashboard.md): older days
     // are only in the rollup.
     let raw_from = today - 89;

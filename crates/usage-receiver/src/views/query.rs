@@ -9,7 +9,7 @@
 
 use std::cmp::Ordering;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::days::day_text;
 use crate::days::month_of;
@@ -19,6 +19,7 @@ use crate::store::DayRange;
 use crate::views::rows::InstallRow;
 
 use crate::days::MS_PER_DAY;
+use crate::days::{day_of_ms, parse_day};
 use crate::store::TimeRange;
 /// Installs on one dashboard page.
 pub const PAGE_SIZE: usize = 100;
@@ -155,7 +156,7 @@ impl Period {
 }
 
 fn today(now: DateTime<Utc>) -> i64 {
-    now.timestamp_millis().div_euclid(MS_PER_DAY)
+    day_of_ms(now.timestamp_millis())
 }
 
 fn non_empty(value: Option<&str>) -> Option<&str> {
@@ -163,10 +164,7 @@ fn non_empty(value: Option<&str>) -> Option<&str> {
 }
 
 fn date(name: &str, text: &str) -> Result<i64, ReceiverError> {
-    let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).expect("the epoch is a valid date");
-    NaiveDate::parse_from_str(text, "%Y-%m-%d")
-        .map(|date| (date - epoch).num_days())
-        .map_err(|_| bad_param(name, "must be a UTC date such as 2026-11-27"))
+    parse_day(text).ok_or_else(|| bad_param(name, "must be a UTC date such as 2026-11-27"))
 }
 
 /// A column the installations can be sorted by.
@@ -314,12 +312,9 @@ pub fn parse_range(from: &Option<String>, to: &Option<String>) -> Result<TimeRan
         let Some(text) = non_empty(value.as_deref()) else {
             return Ok(None);
         };
-        let date = NaiveDate::parse_from_str(text, "%Y-%m-%d")
-            .map_err(|_| bad_param(name, "must be a date such as 2026-11-27"))?;
-        let midnight = date
-            .and_hms_opt(0, 0, 0)
-            .expect("midnight exists every day");
-        Ok(Some(midnight.and_utc().timestamp_millis()))
+        let day =
+            parse_day(text).ok_or_else(|| bad_param(name, "must be a date such as 2026-11-27"))?;
+        Ok(Some(day * MS_PER_DAY))
     };
     let from_ms = day("from", from)?;
     let to_ms = day("to", to)?.map(|start| start + MS_PER_DAY);

@@ -28,8 +28,8 @@ use deadpool_postgres::tokio_postgres::types::{ToSql, Type};
 use deadpool_postgres::tokio_postgres::{self, Transaction};
 use futures_util::pin_mut;
 
-use super::MS_PER_DAY;
 use super::ingest::{Columns, Outcome};
+use crate::days::day_of_ms;
 use crate::store::InstallKey;
 
 /// One batch of a group: its install (another than the other batches'), its events
@@ -185,7 +185,7 @@ impl Sums {
         for batch in going {
             let c = batch.columns;
             for n in 0..c.len() {
-                let day = c.created_at[n].div_euclid(MS_PER_DAY);
+                let day = day_of_ms(c.created_at[n]);
                 let row = rollup
                     .entry((batch.install, day, c.model[n].as_str()))
                     .or_default();

@@ -113,6 +113,7 @@ mod view_cache;
 mod writers;
 
 use crate::days::MS_PER_DAY;
+use crate::days::day_of_ms;
 /// Connections per node: twice its cores, at least 4. A batch holds one for its two
 /// statements only; more connections than the node can keep busy only make backends
 /// contend inside the database (on two cores, 4 per node stored a tenth more than 16:
@@ -216,7 +217,7 @@ impl PostgresStore {
                 ReceiverStoreError::Backend(source) => connect_error(source),
                 other => other,
             })?;
-        let today = chrono::Utc::now().timestamp_millis().div_euclid(MS_PER_DAY);
+        let today = day_of_ms(chrono::Utc::now().timestamp_millis());
         store.maintain(RetainedDays {
             first_kept: today - super::EVENT_RETENTION.num_days(),
             today,

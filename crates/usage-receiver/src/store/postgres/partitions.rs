@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 
 use super::MS_PER_DAY;
+use crate::days::day_number;
 use crate::store::{ReceiverStoreError, RetainedDays};
 
 /// Partitions made past today: an event may be dated up to 5 minutes ahead, and a day
@@ -98,8 +99,7 @@ fn partition_name(day: i64) -> String {
 fn day_of(name: &str) -> Option<i64> {
     let date = name.strip_prefix("events_")?;
     let date = chrono::NaiveDate::parse_from_str(date, "%Y%m%d").ok()?;
-    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
-    Some((date - epoch).num_days())
+    Some(day_number(date))
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ use group_commit::{IngestQueue, PendingIngest};
 use migrations::migrate;
 
 use crate::days::MS_PER_DAY;
+use crate::days::day_of_ms;
 /// Events deleted per retention transaction, so a batch waiting to commit gets in soon.
 const RETENTION_CHUNK: i64 = 5000;
 
@@ -852,7 +853,7 @@ fn insert_batch(
         ])?;
         if inserted == 1 {
             counts.accepted += 1;
-            let day = event.created_at_ms.div_euclid(MS_PER_DAY);
+            let day = day_of_ms(event.created_at_ms);
             let (count, sums) = daily.entry((day, event.model.as_str())).or_default();
             *count += 1;
             sums.prompt += event.prompt_tokens;
