@@ -45,30 +45,17 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
 /// Default log filter: the receiver's own info lines, only warnings from the libraries.
 pub const DEFAULT_LOG_FILTER: &str = "warn,usage_receiver=info,usage_common=info";
 
-/// How the receiver writes its log lines (`LOG_FORMAT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-impl LogFormat {
-    /// `LOG_FORMAT` as set (`text` when unset), or the rule it breaks.
-    pub fn from_env() -> anyhow::Result<LogFormat> {
-        match std::env::var("LOG_FORMAT").as_deref() {
-            Err(_) | Ok("text") => Ok(LogFormat::Text),
-            Ok("json") => Ok(LogFormat::Json),
-            Ok(other) => anyhow::bail!("LOG_FORMAT must be text or json, not {other:?}"),
-        }
+/// The log lines `LOG_FORMAT` asks for (`text` when unset), or the rule it breaks.
+pub fn log_lines_from_env() -> anyhow::Result<LogLines> {
+    match std::env::var("LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => Ok(LogLines::Text),
+        Ok("json") => Ok(LogLines::Json),
+        Ok(other) => anyhow::bail!("LOG_FORMAT must be text or json, not {other:?}"),
     }
 }
 
 /// Installs the log subscriber ([`usage_common::logging`]) with the receiver's default
 /// filter ([`DEFAULT_LOG_FILTER`]).
-pub fn init_logging(format: LogFormat) {
-    let lines = match format {
-        LogFormat::Text => LogLines::Text,
-        LogFormat::Json => LogLines::Json,
-    };
+pub fn init_logging(lines: LogLines) {
     usage_common::logging::init(lines, DEFAULT_LOG_FILTER);
 }

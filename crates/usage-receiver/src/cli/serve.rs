@@ -37,7 +37,7 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    super::init_logging(super::LogFormat::from_env()?);
+    super::init_logging(super::log_lines_from_env()?);
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
