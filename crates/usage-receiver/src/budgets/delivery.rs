@@ -168,11 +168,11 @@ async fn deliver(
             };
         }
         Ok(answer) => format!("answered {}", answer.status()),
-        // A webhook URL often carries its secret in the path (Slack, Discord): name the
-        // host the error already has in the message, never the URL.
+        // A webhook URL often carries its secret in the path (Slack, Discord): name its
+        // origin (scheme, host, port), never the URL.
         Err(error) => format!(
             "could not be reached at {}: {}",
-            webhook_host(&webhook.url),
+            webhook.url.origin().ascii_serialization(),
             error.without_url()
         ),
     };
@@ -187,15 +187,6 @@ async fn deliver(
     );
     DeliveryOutcome::RetryAt {
         at_ms: Utc::now().timestamp_millis() + wait.as_millis() as i64,
-    }
-}
-
-/// A webhook's scheme, host and port, as a log may show it: the path and query stay out.
-fn webhook_host(url: &url::Url) -> String {
-    let host = url.host_str().unwrap_or("?");
-    match url.port() {
-        Some(port) => format!("{}://{host}:{port}", url.scheme()),
-        None => format!("{}://{host}", url.scheme()),
     }
 }
 
