@@ -27,9 +27,9 @@ const SYNC_BATCH_BUCKETS: [f64; 11] =
     [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
 
 /// The results a sent batch is counted under ([`Metrics::sync_batch`]).
-pub const BATCH_RESULTS: [&str; 3] = ["ok", "refused", "error"];
+const BATCH_RESULTS: [&str; 3] = ["ok", "refused", "error"];
 /// The results a batch's events are counted under ([`Metrics::sync_events`]).
-pub const EVENT_RESULTS: [&str; 3] = ["accepted", "duplicate", "rejected"];
+const EVENT_RESULTS: [&str; 3] = ["accepted", "duplicate", "rejected"];
 /// The outcomes of an event received on `POST /v1/events`.
 const EVENT_OUTCOMES: [&str; 3] = ["recorded", "duplicate", "rejected"];
 
