@@ -500,7 +500,6 @@ async fn a_node_past_its_budget(
     secret: &Secret,
     stderr: std::process::Stdio,
 ) -> (Node, tempfile::TempDir) {
-    use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     use usage_protocol::signing::{HEADER_INSTALL_ID, sign};
 
@@ -522,16 +521,7 @@ async fn a_node_past_its_budget(
             .spawn()
             .unwrap(),
     );
-    let mut line = String::new();
-    BufReader::new(node.0.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .split_whitespace()
-        .find(|word| word.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches('/')
-        .to_owned();
+    let base = crate::support::announced_address(&mut node.0);
 
     let install = TestInstall::new();
     let enrolled = common::client()

@@ -2,7 +2,6 @@
 //! one JSON object a line, text is the default, neither carries terminal colour codes when
 //! standard error is a file, and a `LOG_FORMAT` it does not know stops it with a clear error.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -25,15 +24,7 @@ fn log_of_a_short_run(log_format: Option<&str>) -> String {
         command.env("LOG_FORMAT", format);
     }
     let mut child = command.spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .split_whitespace()
-        .find(|word| word.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
+    let base = crate::support::announced_address(&mut child);
     // A refused enrollment logs a warning line.
     let status = Command::new("curl")
         .args(["-s", "-o", "/dev/null", "-X", "POST"])

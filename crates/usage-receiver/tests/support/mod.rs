@@ -3,7 +3,7 @@
 //! library. The agent's tests include this
 //! file too, as does `test_receiver.rs` (the in-process test receiver).
 
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -111,4 +111,23 @@ pub fn openapi_routes(path: &str) -> std::collections::BTreeSet<(String, String)
         }
     }
     pairs
+}
+
+/// The address a receiver process announces on its first line of standard output
+/// (`usage-receiver listening on http://ADDR ...`), without a trailing slash.
+pub fn announced_address(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(
+        child
+            .stdout
+            .take()
+            .expect("the receiver's standard output is piped"),
+    )
+    .read_line(&mut line)
+    .expect("read the receiver's first line");
+    line.split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches('/')
+        .to_owned()
 }
