@@ -1,0 +1,8 @@
+<?php
+/**
+ * Nothing to see here.
+ *
+ * @package UsageAgent
+ */
+
+defined( 'ABSPATH' ) || exit;
