@@ -44,6 +44,8 @@ fn event(user_id: u64, created_at_ms: i64) -> Event {
             completion: 25,
             ..Tokens::default()
         },
+        origin: None,
+        hold_id: None,
         context: Some(r#"{"attachment_id":42,"width":1024,"height":768}"#.into()),
         created_at_ms,
     }

@@ -131,6 +131,8 @@ impl Generator {
                 cached: s.cached,
                 ..Tokens::default()
             },
+            origin: None,
+            hold_id: None,
             context: Some(s.context),
             created_at_ms,
         }

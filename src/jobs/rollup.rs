@@ -160,6 +160,8 @@ pub(crate) mod tests {
                 cache_write: prompt / 5,
                 reasoning: completion / 2,
             },
+            origin: None,
+            hold_id: None,
             context: None,
             created_at_ms,
         }

@@ -136,6 +136,8 @@ mod tests {
                 completion: 25,
                 ..Tokens::default()
             },
+            origin: None,
+            hold_id: None,
             context: Some(r#"{"attachment_id":42}"#.into()),
             created_at_ms: 1_764_240_000_000,
         }

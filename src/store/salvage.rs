@@ -535,6 +535,8 @@ mod tests {
                 completion: 7,
                 ..Tokens::default()
             },
+            origin: None,
+            hold_id: None,
             context: Some(format!(r#"{{"attachment_id":{n}}}"#)),
             created_at_ms: 1_764_240_000_000 + n as i64,
         }

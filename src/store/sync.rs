@@ -74,6 +74,8 @@ fn pending_from_row(row: &rusqlite::Row) -> rusqlite::Result<PendingEvent> {
                 cache_write: token(8)?,
                 reasoning: token(9)?,
             },
+            origin: None,
+            hold_id: None,
             context: row.get(10)?,
             created_at_ms: row.get(11)?,
         },
@@ -227,6 +229,8 @@ mod tests {
                 cached: 5,
                 ..Tokens::default()
             },
+            origin: None,
+            hold_id: None,
             context: n
                 .is_multiple_of(2)
                 .then(|| r#"{"attachment_id":42}"#.to_owned()),

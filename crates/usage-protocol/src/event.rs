@@ -2,8 +2,8 @@
 //!
 //! Raw JSON goes in, an [`Event`] that cannot be invalid comes out, or a list of
 //! [`FieldError`]s naming each bad field and the rule it broke. The field rules
-//! (`Source`, `ModelName`, `Tokens`, `context`, `created_at`) are also used by the
-//! receiver for wire events. This module does no I/O.
+//! (`Source`, `ModelName`, `Origin`, `Tokens`, `context`, `created_at`) are also used by
+//! the receiver for wire events. This module does no I/O.
 
 use chrono::{DateTime, Duration, SecondsFormat, TimeZone, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -23,6 +23,8 @@ pub const MAX_CONTEXT_DEPTH: usize = 8;
 pub const MAX_FUTURE_SKEW: Duration = Duration::minutes(5);
 /// Longest accepted model name.
 pub const MAX_MODEL_LEN: usize = 128;
+/// Longest accepted origin.
+pub const MAX_ORIGIN_LEN: usize = 64;
 /// Most events in one batch of the local API.
 pub const MAX_BATCH_EVENTS: usize = 1000;
 
@@ -84,6 +86,29 @@ impl ModelName {
     }
 }
 
+/// What on the site made the call (`plugin:ai-alt-text`, `theme:acme`, `core`):
+/// 1..=64 characters of `[a-z0-9._:/-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Origin(String);
+
+impl Origin {
+    pub fn parse(text: &str) -> Result<Origin, String> {
+        if text.is_empty() || text.len() > MAX_ORIGIN_LEN {
+            return Err(format!("must be 1 to {MAX_ORIGIN_LEN} characters"));
+        }
+        let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._:/-".contains(c);
+        if !text.chars().all(allowed) {
+            return Err("may only contain lowercase letters, digits and . _ : / -".into());
+        }
+        Ok(Origin(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Token counts of one AI call. `total` is always `prompt + completion`;
 /// cached and cache-write tokens are part of the prompt, reasoning tokens part of the completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -138,6 +163,11 @@ pub struct Event {
     pub source: Source,
     pub model: ModelName,
     pub tokens: Tokens,
+    /// What on the site made the call; `None` when the site did not say.
+    pub origin: Option<Origin>,
+    /// The local quota hold this event settles. Only the agent's quotas read it: it is
+    /// never stored and never sent.
+    pub hold_id: Option<Uuid>,
     /// The `context` object, serialized compactly; `None` when absent.
     pub context: Option<String>,
     /// Milliseconds since the Unix epoch.
@@ -173,6 +203,8 @@ const EVENT_FIELDS: &[&str] = &[
     "cached_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "origin",
+    "hold_id",
     "context",
     "created_at",
 ];
@@ -227,6 +259,8 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
     let source = parse_source(object.get("source"), &mut errors);
     let model = parse_model(object.get("model"), &mut errors);
     let tokens = parse_tokens(object, &mut errors);
+    let origin = parse_origin(object.get("origin"), &mut errors);
+    let hold_id = parse_hold_id(object.get("hold_id"), &mut errors);
     let context = parse_context(object.get("context"), &mut errors);
     let created_at_ms = parse_created_at(object.get("created_at"), limits, &mut errors);
 
@@ -236,6 +270,8 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
         source,
         model,
         tokens,
+        origin,
+        hold_id,
         context,
         created_at_ms,
     ) {
@@ -245,6 +281,8 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
             Some(source),
             Some(model),
             Some(tokens),
+            Some(origin),
+            Some(hold_id),
             Some(context),
             Some(created_at_ms),
         ) if errors.is_empty() => Ok(Event {
@@ -253,6 +291,8 @@ pub fn parse_event(value: &Value, limits: Limits) -> Result<Event, Vec<FieldErro
             source,
             model,
             tokens,
+            origin,
+            hold_id,
             context,
             created_at_ms,
         }),
@@ -312,6 +352,10 @@ struct TypedEvent<'a> {
     cache_write_tokens: u64,
     #[serde(default)]
     reasoning_tokens: u64,
+    #[serde(default, deserialize_with = "present")]
+    origin: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    hold_id: Option<&'a str>,
     #[serde(default, borrow, deserialize_with = "present")]
     context: Option<&'a RawValue>,
     #[serde(default, deserialize_with = "present")]
@@ -393,6 +437,14 @@ fn check_typed_event(typed: &TypedEvent, limits: Limits) -> Option<Event> {
         source: Source::parse(typed.source)?,
         model: ModelName::parse(typed.model).ok()?,
         tokens: check_token_counts(tokens, typed.total_tokens, errors)?,
+        origin: match typed.origin {
+            None => None,
+            Some(text) => Some(Origin::parse(text).ok()?),
+        },
+        hold_id: match typed.hold_id {
+            None => None,
+            Some(text) => Some(parse_hold_id_text(text)?),
+        },
         context: typed_context(typed.context, errors)?,
         created_at_ms: match typed.created_at {
             None => limits.now.timestamp_millis(),
@@ -498,6 +550,47 @@ pub fn parse_model(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Optio
     ModelName::parse(text)
         .map_err(|rule| errors.push(FieldError::new("model", rule)))
         .ok()
+}
+
+/// Checks an optional `origin`; `Some(None)` means absent, `None` means invalid.
+pub fn parse_origin(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Option<Origin>> {
+    let text = match value {
+        None | Some(Value::Null) => return Some(None),
+        Some(Value::String(text)) => text,
+        Some(_) => {
+            errors.push(FieldError::new("origin", "must be a string"));
+            return None;
+        }
+    };
+    match Origin::parse(text) {
+        Ok(origin) => Some(Some(origin)),
+        Err(rule) => {
+            errors.push(FieldError::new("origin", rule));
+            None
+        }
+    }
+}
+
+/// Checks an optional `hold_id`; `Some(None)` means absent, `None` means invalid.
+fn parse_hold_id(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Option<Option<Uuid>> {
+    match value {
+        None | Some(Value::Null) => Some(None),
+        Some(v) => match v.as_str().and_then(parse_hold_id_text) {
+            Some(id) => Some(Some(id)),
+            None => {
+                errors.push(FieldError::new(
+                    "hold_id",
+                    "must be a UUID string, the id of a quota hold",
+                ));
+                None
+            }
+        },
+    }
+}
+
+/// Reads a `hold_id`: a UUID string other than the nil UUID, as the agent issues them.
+fn parse_hold_id_text(text: &str) -> Option<Uuid> {
+    Uuid::parse_str(text).ok().filter(|id| !id.is_nil())
 }
 
 /// Reads the token fields of an event object and checks how they relate.
@@ -695,6 +788,63 @@ mod tests {
         assert_eq!(event.created_at_ms, limits().now.timestamp_millis());
         assert_eq!(event.event_id.get_version_num(), 7);
         assert_eq!(event.context, None);
+        assert_eq!(event.origin, None);
+        assert_eq!(event.hold_id, None);
+    }
+
+    #[test]
+    fn origin_and_hold_id_are_read_when_given() {
+        let hold = "5f0c6c1e-2b7a-4d3e-9f10-0a1b2c3d4e5f";
+        for origin in ["plugin:ai-alt-text", "theme:acme", "core", "a", "x.y_z/1-2"] {
+            let mut event = with("origin", json!(origin));
+            event["hold_id"] = json!(hold);
+            event["event_id"] = json!("0192f0c1-7a3b-7c4d-8e5f-6a7b8c9d0e1f");
+            let parsed = parse_event(&event, limits()).unwrap();
+            assert_eq!(parsed.origin.as_ref().map(Origin::as_str), Some(origin));
+            assert_eq!(parsed.hold_id, Some(Uuid::parse_str(hold).unwrap()));
+            assert_eq!(typed(&event), Some((vec![parsed], false)), "{event}");
+        }
+        let longest = "o".repeat(MAX_ORIGIN_LEN);
+        let parsed = parse_event(&with("origin", json!(longest)), limits()).unwrap();
+        assert_eq!(parsed.origin.unwrap().as_str(), longest);
+        // An explicit null is absent for the reference reading.
+        let null = with("origin", Value::Null);
+        assert_eq!(parse_event(&null, limits()).unwrap().origin, None);
+    }
+
+    #[test]
+    fn a_bad_origin_or_hold_id_names_the_field_and_the_rule() {
+        let cases: Vec<(Value, &str, &str)> = vec![
+            (with("origin", json!("")), "origin", "1 to 64 characters"),
+            (
+                with("origin", json!("o".repeat(MAX_ORIGIN_LEN + 1))),
+                "origin",
+                "1 to 64 characters",
+            ),
+            (with("origin", json!("Plugin:x")), "origin", "lowercase"),
+            (with("origin", json!("plugin x")), "origin", "lowercase"),
+            (with("origin", json!("plugin@x")), "origin", "lowercase"),
+            (with("origin", json!("thème")), "origin", "lowercase"),
+            (with("origin", json!(7)), "origin", "must be a string"),
+            (with("hold_id", json!("hold-1")), "hold_id", "UUID"),
+            (with("hold_id", json!(12)), "hold_id", "UUID"),
+            (
+                with("hold_id", json!(Uuid::nil().to_string())),
+                "hold_id",
+                "UUID",
+            ),
+        ];
+        for (event, field, rule) in cases {
+            let errors = parse_event(&event, limits()).expect_err("must be rejected");
+            assert_eq!(errors.len(), 1, "{event}: {errors:?}");
+            assert_eq!(errors[0].field, field, "{event}");
+            assert!(errors[0].message.contains(rule), "{event}: {}", errors[0]);
+            assert_eq!(
+                typed(&event),
+                None,
+                "the typed reading must not accept {event}"
+            );
+        }
     }
 
     #[test]

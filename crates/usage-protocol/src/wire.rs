@@ -796,6 +796,8 @@ mod tests {
                 cache_write: 0,
                 reasoning: 1,
             },
+            origin: None,
+            hold_id: None,
             context: Some(r#"{"a":1}"#.into()),
             created_at_ms: now().timestamp_millis() - 1000,
         };
@@ -846,6 +848,8 @@ mod tests {
                     cache_write: 0,
                     reasoning: i % 2,
                 },
+                origin: None,
+                hold_id: None,
                 context: i
                     .is_multiple_of(2)
                     .then(|| format!(r#"{{"width":{i},"mime":"image/png"}}"#)),

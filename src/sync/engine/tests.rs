@@ -123,6 +123,8 @@ impl Fixture {
                     completion: 10,
                     ..Tokens::default()
                 },
+                origin: None,
+                hold_id: None,
                 context: Some(format!(r#"{{"attachment_id":{i}}}"#)),
                 created_at_ms: Utc::now().timestamp_millis() - 1000,
             })
