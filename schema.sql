@@ -82,3 +82,40 @@ CREATE TABLE usage_daily (
 ) WITHOUT ROWID;
 -- Erasure of one user (`forget`).
 CREATE INDEX usage_daily_user ON usage_daily(user_id);
+
+-- migration 3
+-- What on the site made each call (`plugin:ai-alt-text`, `theme:acme`, `core`), stored
+-- once like model names. `origin_id` 0 means the event named no origin: no row has id 0,
+-- so the column carries no reference (and existing events read as 0, no origin).
+CREATE TABLE origins (
+    id   INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE
+);
+ALTER TABLE events ADD COLUMN origin_id INTEGER NOT NULL DEFAULT 0;
+
+-- The daily summaries gain the origin as a key. A primary key cannot change in place, so
+-- the table is rebuilt; existing rows keep their sums under origin 0.
+CREATE TABLE usage_daily_v3 (
+    usage_date         TEXT    NOT NULL,
+    user_id            INTEGER NOT NULL,
+    source             INTEGER NOT NULL,
+    model_id           INTEGER NOT NULL REFERENCES models(id),
+    origin_id          INTEGER NOT NULL DEFAULT 0,
+    events             INTEGER NOT NULL,
+    prompt_tokens      INTEGER NOT NULL,
+    completion_tokens  INTEGER NOT NULL,
+    total_tokens       INTEGER NOT NULL,
+    cached_tokens      INTEGER NOT NULL,
+    cache_write_tokens INTEGER NOT NULL,
+    reasoning_tokens   INTEGER NOT NULL,
+    PRIMARY KEY (usage_date, user_id, source, model_id, origin_id)
+) WITHOUT ROWID;
+INSERT INTO usage_daily_v3 (usage_date, user_id, source, model_id, origin_id, events,
+    prompt_tokens, completion_tokens, total_tokens, cached_tokens, cache_write_tokens,
+    reasoning_tokens)
+SELECT usage_date, user_id, source, model_id, 0, events, prompt_tokens, completion_tokens,
+    total_tokens, cached_tokens, cache_write_tokens, reasoning_tokens
+FROM usage_daily;
+DROP TABLE usage_daily;
+ALTER TABLE usage_daily_v3 RENAME TO usage_daily;
+CREATE INDEX usage_daily_user ON usage_daily(user_id);

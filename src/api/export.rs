@@ -33,11 +33,12 @@ const PAGE: usize = 1000;
 const BUFFERED_PAGES: usize = 4;
 
 /// Column names of an event export, in order.
-pub const EVENT_COLUMNS: [&str; 13] = [
+pub const EVENT_COLUMNS: [&str; 14] = [
     "event_id",
     "user_id",
     "source",
     "model",
+    "origin",
     "prompt_tokens",
     "completion_tokens",
     "total_tokens",
@@ -50,11 +51,12 @@ pub const EVENT_COLUMNS: [&str; 13] = [
 ];
 
 /// Column names of a daily export (the `/v1/usage` names).
-pub const DAILY_COLUMNS: [&str; 11] = [
+pub const DAILY_COLUMNS: [&str; 12] = [
     "day",
     "user_id",
     "source",
     "model",
+    "origin",
     "events",
     "prompt_tokens",
     "completion_tokens",
@@ -276,6 +278,7 @@ impl Encoder {
                 event.user_id.to_string(),
                 event.source.as_str().to_owned(),
                 event.model.clone(),
+                event.origin.clone().unwrap_or_default(),
                 t.prompt.to_string(),
                 t.completion.to_string(),
                 t.total().to_string(),
@@ -297,6 +300,7 @@ impl Encoder {
                     "user_id": event.user_id,
                     "source": event.source.as_str(),
                     "model": event.model,
+                    "origin": event.origin,
                     "prompt_tokens": t.prompt,
                     "completion_tokens": t.completion,
                     "total_tokens": t.total(),
@@ -321,6 +325,7 @@ impl Encoder {
                 row.user_id.to_string(),
                 row.source.as_str().to_owned(),
                 row.model.clone(),
+                row.origin.clone().unwrap_or_default(),
                 s.events.to_string(),
                 s.prompt_tokens.to_string(),
                 s.completion_tokens.to_string(),
@@ -335,6 +340,7 @@ impl Encoder {
                 object.insert("user_id".into(), json!(row.user_id));
                 object.insert("source".into(), json!(row.source.as_str()));
                 object.insert("model".into(), json!(row.model));
+                object.insert("origin".into(), json!(row.origin));
                 sums_json(s, &mut object);
                 self.json_value(&Value::Object(object));
             }
@@ -370,6 +376,7 @@ mod tests {
             user_id: 42,
             source: Source::Queue,
             model: "gpt-4o-mini".into(),
+            origin: context.map(|_| "plugin:ai-alt-text".to_owned()),
             tokens: Tokens {
                 prompt: 150,
                 completion: 25,
@@ -407,13 +414,17 @@ mod tests {
             assert_eq!(record[1].parse::<u64>().unwrap(), event.user_id);
             assert_eq!(&record[2], "queue");
             assert_eq!(&record[3], "gpt-4o-mini");
-            assert_eq!(&record[6], "175");
             assert_eq!(
-                record.get(10).filter(|c| !c.is_empty()),
+                record.get(4).filter(|c| !c.is_empty()),
+                event.origin.as_deref()
+            );
+            assert_eq!(&record[7], "175");
+            assert_eq!(
+                record.get(11).filter(|c| !c.is_empty()),
                 event.context.as_deref()
             );
-            assert_eq!(&record[11], "2025-11-27T10:40:00.123Z");
-            assert_eq!(&record[12], "2025-11-27T10:41:40.000Z");
+            assert_eq!(&record[12], "2025-11-27T10:40:00.123Z");
+            assert_eq!(&record[13], "2025-11-27T10:41:40.000Z");
         }
     }
 
@@ -428,7 +439,9 @@ mod tests {
         let value: Value = serde_json::from_slice(&text).unwrap();
         assert_eq!(value["events"].as_array().unwrap().len(), 2);
         assert_eq!(value["events"][0]["context"], json!({"id": 1}));
+        assert_eq!(value["events"][0]["origin"], "plugin:ai-alt-text");
         assert_eq!(value["events"][1]["context"], Value::Null);
+        assert_eq!(value["events"][1]["origin"], Value::Null);
         let empty = Encoder::new(Format::Json, true).finish();
         assert_eq!(
             serde_json::from_slice::<Value>(&empty).unwrap(),

@@ -1,5 +1,6 @@
-//! `GET /v1/usage?from=&to=&group_by=day,user,source,model`: local totals from the daily
-//! summaries. Also the query-parameter helpers of the other read endpoints: every bad or
+//! `GET /v1/usage?from=&to=&group_by=day,user,source,model,origin`: local totals, current
+//! to the last committed event (the daily summaries, and the raw events of the days touched
+//! since the last rollup; see `store::rollup`). Also the query-parameter helpers of the other read endpoints: every bad or
 //! unknown parameter is a `400` naming it.
 
 use std::collections::HashMap;
@@ -14,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::ApiError;
 use crate::calendar::{day_text, parse_day};
 use crate::state::SharedState;
-use crate::store::rollup::{GroupBy, Sums, UsageRow};
+use crate::store::rollup::{DayRange, GroupBy, Sums, UsageRow};
 
 /// Query parameters, checked against the names an endpoint knows.
 pub struct Params(HashMap<String, String>);
@@ -102,10 +103,11 @@ fn parse_group_by(text: Option<&str>) -> Result<GroupBy, ApiError> {
             "user" => group.user = true,
             "source" => group.source = true,
             "model" => group.model = true,
+            "origin" => group.origin = true,
             other => {
                 return Err(bad_parameter(
                     "group_by",
-                    format!("unknown key {other:?} (use day, user, source, model)"),
+                    format!("unknown key {other:?} (use day, user, source, model, origin)"),
                 ));
             }
         }
@@ -135,6 +137,9 @@ fn row_json(row: &UsageRow) -> Value {
     if let Some(model) = &row.model {
         object.insert("model".into(), json!(model));
     }
+    if let Some(origin) = &row.origin {
+        object.insert("origin".into(), json!(origin));
+    }
     sums_json(&row.sums, &mut object);
     Value::Object(object)
 }
@@ -147,8 +152,18 @@ pub async fn usage(
     let (from, to) = params.date_range()?;
     let group = parse_group_by(params.get("group_by"))?;
     let (from, to) = (from.map(day_text), to.map(day_text));
+    let calendar = state.config.timezone;
+    let day_of = move |ms: i64| {
+        let day = calendar.date_of(ms);
+        let (start_ms, end_ms) = calendar.day_range(day);
+        DayRange {
+            day: day_text(day),
+            start_ms,
+            end_ms,
+        }
+    };
     let (rows, totals) = super::read(&state, move |store| {
-        store.usage(from.as_deref(), to.as_deref(), group)
+        store.usage(from.as_deref(), to.as_deref(), group, &day_of)
     })
     .await?;
     let mut total = Map::new();
@@ -166,7 +181,8 @@ mod tests {
     #[test]
     fn group_by_keys_are_checked() {
         let group = parse_group_by(Some("day, model")).unwrap();
-        assert!(group.day && group.model && !group.user && !group.source);
+        assert!(group.day && group.model && !group.user && !group.source && !group.origin);
+        assert!(parse_group_by(Some("origin")).unwrap().origin);
         assert_eq!(parse_group_by(None).unwrap(), GroupBy::default());
         let error = parse_group_by(Some("day,week")).unwrap_err();
         assert_eq!(error.status, StatusCode::BAD_REQUEST);

@@ -21,8 +21,9 @@ impl Store {
     pub fn record_groups(&mut self, groups: &[&[Event]]) -> Result<Vec<Vec<Recorded>>, StoreError> {
         let result = self.try_record_groups(groups);
         if result.is_err() {
-            // A rolled-back transaction may have taken model ids with it.
+            // A rolled-back transaction may have taken model and origin ids with it.
             self.model_ids.clear();
+            self.origin_ids.clear();
         }
         result
     }
@@ -33,8 +34,19 @@ impl Store {
         for events in groups {
             let mut group = Vec::with_capacity(events.len());
             for event in *events {
-                let model_id = model_id(&tx, &mut self.model_ids, event.model.as_str())?;
-                group.push(insert_event(&tx, event, model_id)?);
+                let model_id = name_id(
+                    &tx,
+                    &mut self.model_ids,
+                    Names::Models,
+                    event.model.as_str(),
+                )?;
+                let origin_id = match &event.origin {
+                    Some(origin) => {
+                        name_id(&tx, &mut self.origin_ids, Names::Origins, origin.as_str())?
+                    }
+                    None => 0,
+                };
+                group.push(insert_event(&tx, event, model_id, origin_id)?);
             }
             outcomes.push(group);
         }
@@ -67,33 +79,61 @@ impl Store {
     }
 }
 
-fn model_id(
+/// The tables of names that events refer to by id.
+#[derive(Clone, Copy)]
+enum Names {
+    Models,
+    Origins,
+}
+
+/// The id of `name` in its table, stored the first time it is seen.
+fn name_id(
     tx: &Transaction,
     cache: &mut std::collections::HashMap<String, i64>,
+    names: Names,
     name: &str,
 ) -> Result<i64, StoreError> {
     if let Some(id) = cache.get(name) {
         return Ok(*id);
     }
-    tx.prepare_cached("INSERT INTO models (name) VALUES (?1) ON CONFLICT(name) DO NOTHING")
+    let (insert, select, storing, looking_up) = match names {
+        Names::Models => (
+            "INSERT INTO models (name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
+            "SELECT id FROM models WHERE name = ?1",
+            "storing a model name",
+            "looking up a model name",
+        ),
+        Names::Origins => (
+            "INSERT INTO origins (name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
+            "SELECT id FROM origins WHERE name = ?1",
+            "storing an origin",
+            "looking up an origin",
+        ),
+    };
+    tx.prepare_cached(insert)
         .and_then(|mut stmt| stmt.execute(params![name]))
-        .doing("storing a model name")?;
+        .doing(storing)?;
     let id: i64 = tx
-        .prepare_cached("SELECT id FROM models WHERE name = ?1")
+        .prepare_cached(select)
         .and_then(|mut stmt| stmt.query_row(params![name], |row| row.get(0)))
-        .doing("looking up a model name")?;
+        .doing(looking_up)?;
     cache.insert(name.to_owned(), id);
     Ok(id)
 }
 
-fn insert_event(tx: &Transaction, event: &Event, model_id: i64) -> Result<Recorded, StoreError> {
+fn insert_event(
+    tx: &Transaction,
+    event: &Event,
+    model_id: i64,
+    origin_id: i64,
+) -> Result<Recorded, StoreError> {
     let tokens = &event.tokens;
     let changed = tx
         .prepare_cached(
             "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
                  completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
-                 context, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 context, created_at, origin_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
              ON CONFLICT(event_id) DO NOTHING",
         )
         .and_then(|mut stmt| {
@@ -109,6 +149,7 @@ fn insert_event(tx: &Transaction, event: &Event, model_id: i64) -> Result<Record
                 tokens.reasoning as i64,
                 event.context,
                 event.created_at_ms,
+                origin_id,
             ])
         })
         .doing("storing an event")?;

@@ -14,6 +14,8 @@ pub struct StoredEvent {
     pub user_id: u64,
     pub source: Source,
     pub model: String,
+    /// `None` when the event named no origin.
+    pub origin: Option<String>,
     pub tokens: Tokens,
     /// The `context` object as compact JSON text.
     pub context: Option<String>,
@@ -45,8 +47,9 @@ impl Store {
             .prepare_cached(
                 "SELECT e.seq, e.event_id, e.user_id, e.source, m.name, e.prompt_tokens,
                      e.completion_tokens, e.cached_tokens, e.cache_write_tokens,
-                     e.reasoning_tokens, e.context, e.created_at, e.synced_at
+                     e.reasoning_tokens, e.context, e.created_at, e.synced_at, o.name
                  FROM events e JOIN models m ON m.id = e.model_id
+                      LEFT JOIN origins o ON o.id = e.origin_id
                  WHERE e.created_at >= ?1 AND e.created_at < ?3
                    AND (e.created_at > ?1 OR e.seq > ?2)
                  ORDER BY e.created_at, e.seq
@@ -77,6 +80,7 @@ impl Store {
                         source: Source::from_code(code)
                             .ok_or_else(|| bad(format!("unknown source code {code}")))?,
                         model: row.get(4)?,
+                        origin: row.get(13)?,
                         tokens: Tokens {
                             prompt: tokens(5)?,
                             completion: tokens(6)?,

@@ -121,6 +121,8 @@ pub struct Store {
     conn: Connection,
     /// Model name to `models.id`, so recording an event costs no lookup query.
     model_ids: std::collections::HashMap<String, i64>,
+    /// Origin name to `origins.id`, likewise.
+    origin_ids: std::collections::HashMap<String, i64>,
 }
 
 /// The migrations in `schema.sql`, numbered from 1.
@@ -175,6 +177,7 @@ impl Store {
         let mut store = Store {
             conn,
             model_ids: Default::default(),
+            origin_ids: Default::default(),
         };
         store.migrate(path)?;
         Ok(store)
@@ -293,6 +296,54 @@ mod tests {
         drop(store);
         // Reopening must not re-run migration 1 (which would fail on existing tables).
         Store::open(&path, Synchronous::Normal).unwrap();
+    }
+
+    #[test]
+    fn a_database_of_the_previous_schema_keeps_its_events_and_summaries_without_an_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            let migrations = migrations();
+            let previous = migrations.len() - 1;
+            for block in &migrations[..previous] {
+                conn.execute_batch(block.split_once('\n').unwrap().1)
+                    .unwrap();
+            }
+            conn.pragma_update(None, "user_version", previous).unwrap();
+            conn.execute_batch(
+                "INSERT INTO models (id, name) VALUES (1, 'gpt-4o');
+                 INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
+                     completion_tokens, created_at)
+                 VALUES (x'0192f0c17a3b7c4d8e5f6a7b8c9d0e1f', 5, 0, 1, 100, 7, 1764240000000);
+                 INSERT INTO usage_daily VALUES ('2025-11-27', 5, 0, 1, 1, 100, 7, 107, 0, 0, 0);",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path, Synchronous::Full).unwrap();
+        let pending = store.pending_batch(0, i64::MAX, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event.origin, None);
+        let daily = store.daily_page("", None).unwrap();
+        assert_eq!(daily.len(), 1);
+        assert_eq!(
+            (daily[0].origin.as_deref(), daily[0].sums.total_tokens),
+            (None, 107)
+        );
+        // The same day rebuilt, now with an event that names its origin beside the old one.
+        let mut event = pending[0].event.clone();
+        event.event_id = uuid::Uuid::new_v4();
+        event.origin = Some(usage_protocol::event::Origin::parse("theme:acme").unwrap());
+        store.record(&[event]).unwrap();
+        let (start, end) = (1_764_201_600_000, 1_764_288_000_000);
+        assert_eq!(store.recompute_day("2025-11-27", start, end).unwrap(), 2);
+        let origins: Vec<Option<String>> = store
+            .daily_page("", None)
+            .unwrap()
+            .into_iter()
+            .map(|row| row.origin)
+            .collect();
+        assert_eq!(origins, [None, Some("theme:acme".to_owned())]);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Daily summaries (`usage_daily`): rebuilding one day from its raw events, the rollup
-//! bookkeeping, and the local analytics query behind `GET /v1/usage`.
+//! bookkeeping, and the local analytics query behind `GET /v1/usage`, which is current to
+//! the last committed event: a day touched since the last rollup is summed from its raw
+//! events instead of its (stale) summary rows.
 //!
 //! This module knows nothing about time zones: callers turn a local day into the
 //! `[start, end)` millisecond range it covers (see `crate::calendar`).
@@ -53,7 +55,7 @@ impl Sums {
     }
 }
 
-/// One `usage_daily` row, with the model by name.
+/// One `usage_daily` row, with the model and origin by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DailyRow {
     /// `YYYY-MM-DD` in the agent's time zone.
@@ -61,6 +63,8 @@ pub struct DailyRow {
     pub user_id: u64,
     pub source: Source,
     pub model: String,
+    /// `None` for events that named no origin.
+    pub origin: Option<String>,
     pub sums: Sums,
 }
 
@@ -71,11 +75,12 @@ pub struct GroupBy {
     pub user: bool,
     pub source: bool,
     pub model: bool,
+    pub origin: bool,
 }
 
 impl GroupBy {
     fn any(self) -> bool {
-        self.day || self.user || self.source || self.model
+        self.day || self.user || self.source || self.model || self.origin
     }
 }
 
@@ -86,8 +91,45 @@ pub struct UsageRow {
     pub user_id: Option<u64>,
     pub source: Option<Source>,
     pub model: Option<String>,
+    /// `Some(None)`: grouped by origin, for events that named none.
+    pub origin: Option<Option<String>>,
     pub sums: Sums,
 }
+
+/// A local day as the caller's calendar has it: its `YYYY-MM-DD` text and the
+/// `[start_ms, end_ms)` it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayRange {
+    pub day: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+}
+
+/// Width of the time buckets in which [`Store::usage`] finds the days touched since the
+/// last rollup: every UTC offset in use is a multiple of 15 minutes, and both ends of each
+/// bucket are looked up anyway, so no day is missed.
+const TOUCHED_BUCKET_MS: i64 = 15 * 60 * 1000;
+
+/// The rows a usage query sums, as a common table `d`: the summary rows of days not
+/// touched since the last rollup, and the raw events of the touched days (`?3`, a JSON
+/// array of `[day, start_ms, end_ms]`), each event a row of one. `?1` / `?2` bound the
+/// days (either `NULL`); the touched days are already within them. `CROSS JOIN` keeps the
+/// few touched days as the outer loop, each one a range of the `created_at` index.
+const CURRENT_ROWS: &str = "WITH touched(day, start_ms, end_ms) AS (
+         SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?3)),
+     d AS (
+         SELECT usage_date, user_id, source, model_id, origin_id, events, prompt_tokens,
+             completion_tokens, total_tokens, cached_tokens, cache_write_tokens,
+             reasoning_tokens
+         FROM usage_daily
+         WHERE (?1 IS NULL OR usage_date >= ?1) AND (?2 IS NULL OR usage_date <= ?2)
+           AND usage_date NOT IN (SELECT day FROM touched)
+         UNION ALL
+         SELECT t.day, e.user_id, e.source, e.model_id, e.origin_id, 1, e.prompt_tokens,
+             e.completion_tokens, e.prompt_tokens + e.completion_tokens, e.cached_tokens,
+             e.cache_write_tokens, e.reasoning_tokens
+         FROM touched t CROSS JOIN events e
+         WHERE e.created_at >= t.start_ms AND e.created_at < t.end_ms)";
 
 /// The summed columns of `usage_daily`, in [`Sums`] order.
 const SUM_COLUMNS: &str = "sum(d.events), sum(d.prompt_tokens), sum(d.completion_tokens),
@@ -177,14 +219,14 @@ impl Store {
             .doing("clearing a day's summaries")?;
         let rows = tx
             .prepare_cached(
-                "INSERT INTO usage_daily (usage_date, user_id, source, model_id, events,
-                     prompt_tokens, completion_tokens, total_tokens, cached_tokens,
+                "INSERT INTO usage_daily (usage_date, user_id, source, model_id, origin_id,
+                     events, prompt_tokens, completion_tokens, total_tokens, cached_tokens,
                      cache_write_tokens, reasoning_tokens)
-                 SELECT ?1, user_id, source, model_id, count(*), sum(prompt_tokens),
+                 SELECT ?1, user_id, source, model_id, origin_id, count(*), sum(prompt_tokens),
                      sum(completion_tokens), sum(prompt_tokens + completion_tokens),
                      sum(cached_tokens), sum(cache_write_tokens), sum(reasoning_tokens)
                  FROM events WHERE created_at >= ?2 AND created_at < ?3
-                 GROUP BY user_id, source, model_id",
+                 GROUP BY user_id, source, model_id, origin_id",
             )
             .and_then(|mut stmt| stmt.execute(params![day, start_ms, end_ms]))
             .doing("summing a day's events")?;
@@ -199,13 +241,14 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT d.usage_date, d.user_id, d.source, m.name, d.events, d.prompt_tokens,
-                     d.completion_tokens, d.total_tokens, d.cached_tokens, d.cache_write_tokens,
-                     d.reasoning_tokens
+                "SELECT d.usage_date, d.user_id, d.source, m.name, o.name, d.events,
+                     d.prompt_tokens, d.completion_tokens, d.total_tokens, d.cached_tokens,
+                     d.cache_write_tokens, d.reasoning_tokens
                  FROM usage_daily d JOIN models m ON m.id = d.model_id
+                      LEFT JOIN origins o ON o.id = d.origin_id
                  WHERE d.usage_date = (SELECT min(usage_date) FROM usage_daily
                                        WHERE usage_date > ?1 AND (?2 IS NULL OR usage_date <= ?2))
-                 ORDER BY d.user_id, d.source, m.name",
+                 ORDER BY d.user_id, d.source, m.name, o.name",
             )
             .doing("reading daily summaries")?;
         let rows = stmt
@@ -215,7 +258,8 @@ impl Store {
                     user_id: row.get::<_, i64>(1)? as u64,
                     source: source_of(row.get(2)?)?,
                     model: row.get(3)?,
-                    sums: Sums::from_row(row, 4)?,
+                    origin: row.get(4)?,
+                    sums: Sums::from_row(row, 5)?,
                 })
             })
             .doing("reading daily summaries")?;
@@ -223,22 +267,38 @@ impl Store {
             .doing("reading daily summaries")
     }
 
-    /// Sums of the summary rows with `from <= usage_date <= to` (either open), grouped by
-    /// the chosen keys; with no key, no rows. Returns the rows and the totals.
+    /// Sums over the days `from <= day <= to` (either open), grouped by the chosen keys
+    /// (with no key, no rows), current to the last committed event: every day an event
+    /// has touched since the last rollup (`day_of` names the local day of an instant) is
+    /// summed from its raw events, every other day from its summary rows. All of it is
+    /// read in one snapshot. Returns the rows and the totals.
     pub fn usage(
         &self,
         from: Option<&str>,
         to: Option<&str>,
         group: GroupBy,
+        day_of: &dyn Fn(i64) -> DayRange,
     ) -> Result<(Vec<UsageRow>, Sums), StoreError> {
-        let range = "(?1 IS NULL OR d.usage_date >= ?1) AND (?2 IS NULL OR d.usage_date <= ?2)";
+        // Only reads; dropping it ends the snapshot.
+        let snapshot = self
+            .conn
+            .unchecked_transaction()
+            .doing("starting a usage read")?;
+        let touched = self.touched_days(day_of)?;
+        let touched: Vec<(String, i64, i64)> = touched
+            .into_iter()
+            .filter(|d| from.is_none_or(|f| d.day.as_str() >= f))
+            .filter(|d| to.is_none_or(|t| d.day.as_str() <= t))
+            .map(|d| (d.day, d.start_ms, d.end_ms))
+            .collect();
+        let touched = serde_json::to_string(&touched).expect("day ranges always serialize");
         let totals = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT {SUM_COLUMNS} FROM usage_daily d WHERE {range}"
-            ))
-            .and_then(|mut stmt| stmt.query_row(params![from, to], |row| Sums::from_row(row, 0)))
-            .doing("summing daily summaries")?;
+            .prepare_cached(&format!("{CURRENT_ROWS} SELECT {SUM_COLUMNS} FROM d"))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![from, to, touched], |row| Sums::from_row(row, 0))
+            })
+            .doing("summing usage")?;
         if !group.any() {
             return Ok((Vec::new(), totals));
         }
@@ -248,6 +308,7 @@ impl Store {
             (group.user, "d.user_id"),
             (group.source, "d.source"),
             (group.model, "m.name"),
+            (group.origin, "o.name"),
         ]
         .iter()
         .filter(|(on, _)| *on)
@@ -255,15 +316,14 @@ impl Store {
         .collect();
         let key_list = keys.join(", ");
         let sql = format!(
-            "SELECT {key_list}, {SUM_COLUMNS} FROM usage_daily d JOIN models m ON m.id = d.model_id
-             WHERE {range} GROUP BY {key_list} ORDER BY {key_list}"
+            "{CURRENT_ROWS}
+             SELECT {key_list}, {SUM_COLUMNS} FROM d JOIN models m ON m.id = d.model_id
+                 LEFT JOIN origins o ON o.id = d.origin_id
+             GROUP BY {key_list} ORDER BY {key_list}"
         );
-        let mut stmt = self
-            .conn
-            .prepare_cached(&sql)
-            .doing("grouping daily summaries")?;
+        let mut stmt = self.conn.prepare_cached(&sql).doing("grouping usage")?;
         let rows = stmt
-            .query_map(params![from, to], |row| {
+            .query_map(params![from, to, touched], |row| {
                 let mut column = 0;
                 let mut next = || {
                     column += 1;
@@ -290,13 +350,44 @@ impl Store {
                     } else {
                         None
                     },
+                    origin: if group.origin {
+                        Some(row.get(next())?)
+                    } else {
+                        None
+                    },
                     sums: Sums::from_row(row, keys.len())?,
                 })
             })
-            .doing("grouping daily summaries")?;
-        let rows = rows
-            .collect::<Result<_, _>>()
-            .doing("grouping daily summaries")?;
+            .doing("grouping usage")?;
+        let rows = rows.collect::<Result<_, _>>().doing("grouping usage")?;
+        drop(stmt);
+        snapshot.finish().doing("ending a usage read")?;
         Ok((rows, totals))
+    }
+
+    /// The local days of the events stored since the last rollup, read by 15-minute
+    /// buckets so a busy day costs a few lookups, not one per event.
+    fn touched_days(&self, day_of: &dyn Fn(i64) -> DayRange) -> Result<Vec<DayRange>, StoreError> {
+        let rollup_seq = self.rollup_seq()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT DISTINCT created_at / ?2 FROM events WHERE seq > ?1")
+            .doing("finding the days touched since the rollup")?;
+        let buckets = stmt
+            .query_map(params![rollup_seq, TOUCHED_BUCKET_MS], |row| {
+                row.get::<_, i64>(0)
+            })
+            .doing("finding the days touched since the rollup")?;
+        let mut days: Vec<DayRange> = Vec::new();
+        for bucket in buckets {
+            let start =
+                bucket.doing("finding the days touched since the rollup")? * TOUCHED_BUCKET_MS;
+            for ms in [start, start + TOUCHED_BUCKET_MS - 1] {
+                if !days.iter().any(|d| (d.start_ms..d.end_ms).contains(&ms)) {
+                    days.push(day_of(ms));
+                }
+            }
+        }
+        Ok(days)
     }
 }

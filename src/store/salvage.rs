@@ -39,8 +39,14 @@ const MAX_LOOKUPS_AT_END: i64 = 1 << 14;
 /// bad page: ten years, beyond any sensible `retention.daily_days` (730 by default).
 const SUMMARY_DAYS_LOOKED_AT: u64 = 3660;
 
-/// Tables with rowids, parents first (events refer to models).
-const ROWID_TABLES: [&str; 4] = ["models", "events", "sync_failures", "sync_errors"];
+/// Tables with rowids, parents first (events refer to models and origins).
+const ROWID_TABLES: [&str; 5] = [
+    "models",
+    "origins",
+    "events",
+    "sync_failures",
+    "sync_errors",
+];
 /// `WITHOUT ROWID` tables.
 const KEYED_TABLES: [&str; 2] = ["meta", "usage_daily"];
 
@@ -263,6 +269,16 @@ impl Store {
                 [],
             )
             .doing("naming models whose row was lost")?;
+            // Likewise for origins (0 is no origin, never a row).
+            tx.execute(
+                &format!(
+                    "INSERT INTO origins (id, name)
+                     SELECT DISTINCT origin_id, 'unreadable-origin-' || origin_id FROM {table}
+                     WHERE origin_id <> 0 AND origin_id NOT IN (SELECT id FROM origins)"
+                ),
+                [],
+            )
+            .doing("naming origins whose row was lost")?;
         }
         // Lost newest rows hand their `seq`s out again; new events must not hide under
         // the rollup mark.
@@ -281,6 +297,7 @@ impl Store {
         .doing("recording the recovery")?;
         tx.commit().doing("committing the salvage")?;
         self.model_ids.clear();
+        self.origin_ids.clear();
         tracing::warn!(
             events = copied.events,
             rows = copied.rows,
@@ -327,6 +344,28 @@ fn columns(tx: &Transaction, table: &str) -> Result<Vec<String>, StoreError> {
         .doing("reading the schema for the salvage")
 }
 
+/// The columns of the fresh `table` that the damaged file has too: a file of an older
+/// schema (damaged before its upgrade could run) lacks the newer columns, which then
+/// take their defaults. `None` when that schema has no such table at all. When the
+/// damaged schema cannot be read, every fresh column, and the reading fails later.
+fn shared_columns(
+    from: &Connection,
+    to: &Transaction,
+    table: &str,
+) -> Result<Option<Vec<String>>, StoreError> {
+    let fresh = columns(to, table)?;
+    let damaged: rusqlite::Result<Vec<String>> = from
+        .prepare(&format!("PRAGMA main.table_info({table})"))
+        .and_then(|mut stmt| stmt.query_map([], |row| row.get::<_, String>(1))?.collect());
+    match damaged {
+        Ok(names) if names.is_empty() => Ok(None),
+        Ok(names) => Ok(Some(
+            fresh.into_iter().filter(|c| names.contains(c)).collect(),
+        )),
+        Err(_) => Ok(Some(fresh)),
+    }
+}
+
 /// `OR IGNORE`: a row that breaks a rule of the fresh schema (a second row with one
 /// `event_id`, left by a broken index) is dropped, the first one kept, rather than
 /// failing the whole salvage.
@@ -370,7 +409,13 @@ fn copy_rowid_table(
     to: &Transaction,
     table: &str,
 ) -> Result<TableCopy, StoreError> {
-    let columns = columns(to, table)?;
+    let Some(columns) = shared_columns(from, to, table)? else {
+        tracing::info!(
+            table,
+            "the damaged database predates this table: nothing to copy"
+        );
+        return Ok(TableCopy::default());
+    };
     let list = columns.join(", ");
     let scan =
         format!("SELECT rowid, {list} FROM {table} WHERE rowid >= ?1 ORDER BY rowid LIMIT {CHUNK}");
@@ -453,7 +498,13 @@ fn copy_keyed_table(
     to: &Transaction,
     table: &str,
 ) -> Result<TableCopy, StoreError> {
-    let columns = columns(to, table)?;
+    let Some(columns) = shared_columns(from, to, table)? else {
+        tracing::info!(
+            table,
+            "the damaged database predates this table: nothing to copy"
+        );
+        return Ok(TableCopy::default());
+    };
     let list = columns.join(", ");
     let mut insert = to
         .prepare(&insert_sql(table, &columns))
@@ -517,7 +568,7 @@ mod tests {
 
     use super::super::PAGE_SIZE;
     use super::*;
-    use usage_protocol::event::{Event, ModelName, Source, Tokens};
+    use usage_protocol::event::{Event, ModelName, Origin, Source, Tokens};
 
     fn event(n: u64) -> Event {
         Event {
@@ -535,7 +586,9 @@ mod tests {
                 completion: 7,
                 ..Tokens::default()
             },
-            origin: None,
+            origin: n
+                .is_multiple_of(3)
+                .then(|| Origin::parse("plugin:ai-alt-text").unwrap()),
             hold_id: None,
             context: Some(format!(r#"{{"attachment_id":{n}}}"#)),
             created_at_ms: 1_764_240_000_000 + n as i64,
@@ -594,6 +647,87 @@ mod tests {
             file.write_all(&[0xA5; PAGE_SIZE as usize]).unwrap();
         }
         file.sync_all().unwrap();
+    }
+
+    #[test]
+    fn origins_survive_a_salvage_and_a_lost_origin_row_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        database(&path, 300, 0);
+        let leaves = pages(&path, "events", "leaf");
+        let (bad, lost) = leaves[leaves.len() / 2];
+        let origin_pages = pages(&path, "origins", "leaf");
+        assert_eq!(origin_pages.len(), 1);
+        garble(&path, [bad, origin_pages[0].0]);
+
+        let recovery = recover_if_damaged(&path, Synchronous::Normal)
+            .unwrap()
+            .expect("the damage is found");
+        assert_eq!(recovery.events_recovered, 300 - lost as u64);
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let pending = store.pending_batch(0, i64::MAX, 1000).unwrap();
+        assert_eq!(pending.len() as u64, recovery.events_recovered);
+        for p in &pending {
+            // The origins row was lost, the events' reference to it was not.
+            let expected = p
+                .event
+                .user_id
+                .is_multiple_of(3)
+                .then_some("unreadable-origin-1");
+            assert_eq!(p.event.origin.as_ref().map(Origin::as_str), expected);
+        }
+    }
+
+    #[test]
+    fn a_damaged_database_of_the_previous_schema_is_salvaged_into_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.db");
+        {
+            // Every migration but the newest: before events and summaries had an origin.
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "page_size", PAGE_SIZE).unwrap();
+            let migrations = super::super::migrations();
+            let previous = migrations.len() - 1;
+            for block in &migrations[..previous] {
+                conn.execute_batch(block.split_once('\n').unwrap().1)
+                    .unwrap();
+            }
+            conn.pragma_update(None, "user_version", previous).unwrap();
+            conn.execute("INSERT INTO models (id, name) VALUES (1, 'gpt-4o')", [])
+                .unwrap();
+            for n in 0..300_i64 {
+                conn.execute(
+                    "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
+                         completion_tokens, context, created_at)
+                     VALUES (?1, ?2, 0, 1, 100, 7, '{\"attachment_id\":1}', 1764240000000)",
+                    rusqlite::params![uuid::Uuid::new_v4().as_bytes(), n],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO usage_daily VALUES ('2025-11-27', 1, 0, 1, 1, 100, 7, 107, 0, 0, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let leaves = pages(&path, "events", "leaf");
+        let (bad, lost) = leaves[leaves.len() / 2];
+        garble(&path, [bad]);
+
+        let recovery = recover_if_damaged(&path, Synchronous::Normal)
+            .unwrap()
+            .expect("the damage is found");
+        assert_eq!(recovery.events_recovered, 300 - lost as u64);
+        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let pending = store.pending_batch(0, i64::MAX, 1000).unwrap();
+        assert_eq!(pending.len() as u64, recovery.events_recovered);
+        assert!(pending.iter().all(|p| p.event.origin.is_none()));
+        let daily = store.daily_page("", None).unwrap();
+        assert_eq!(daily.len(), 1);
+        assert_eq!(
+            (daily[0].origin.as_deref(), daily[0].sums.events),
+            (None, 1)
+        );
     }
 
     #[test]
@@ -783,7 +917,7 @@ mod tests {
                 store
                     .conn
                     .execute(
-                        "INSERT INTO usage_daily VALUES (?1, ?2, 0, 1, 1, 10, 1, 11, 0, 0, 0)",
+                        "INSERT INTO usage_daily VALUES (?1, ?2, 0, 1, 0, 1, 10, 1, 11, 0, 0, 0)",
                         rusqlite::params![day, user],
                     )
                     .unwrap();

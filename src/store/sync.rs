@@ -10,7 +10,7 @@ use rusqlite::{OptionalExtension, params};
 use uuid::Uuid;
 
 use super::{Doing, Store, StoreError};
-use usage_protocol::event::{Event, ModelName, Source, Tokens};
+use usage_protocol::event::{Event, ModelName, Origin, Source, Tokens};
 
 /// A pending event together with its place in the queue.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +55,10 @@ fn pending_from_row(row: &rusqlite::Row) -> rusqlite::Result<PendingEvent> {
         .ok_or_else(|| corrupt(3, format!("source code {source_code} is unknown")))?;
     let model_name: String = row.get(4)?;
     let model = ModelName::parse(&model_name).map_err(|e| corrupt(4, format!("model: {e}")))?;
+    let origin = row
+        .get::<_, Option<String>>(12)?
+        .map(|name| Origin::parse(&name).map_err(|e| corrupt(12, format!("origin: {e}"))))
+        .transpose()?;
     let token = |column: usize| -> rusqlite::Result<u64> {
         let value: i64 = row.get(column)?;
         u64::try_from(value).map_err(|_| corrupt(column, format!("negative token count {value}")))
@@ -74,7 +78,7 @@ fn pending_from_row(row: &rusqlite::Row) -> rusqlite::Result<PendingEvent> {
                 cache_write: token(8)?,
                 reasoning: token(9)?,
             },
-            origin: None,
+            origin,
             hold_id: None,
             context: row.get(10)?,
             created_at_ms: row.get(11)?,
@@ -106,8 +110,9 @@ impl Store {
             .prepare_cached(
                 "SELECT e.seq, e.event_id, e.user_id, e.source, m.name, e.prompt_tokens,
                         e.completion_tokens, e.cached_tokens, e.cache_write_tokens,
-                        e.reasoning_tokens, e.context, e.created_at
+                        e.reasoning_tokens, e.context, e.created_at, o.name
                  FROM events e JOIN models m ON m.id = e.model_id
+                      LEFT JOIN origins o ON o.id = e.origin_id
                  WHERE e.sync_state = 0 AND e.seq > ?1 AND e.seq <= ?2
                  ORDER BY e.seq
                  LIMIT ?3",
@@ -229,7 +234,8 @@ mod tests {
                 cached: 5,
                 ..Tokens::default()
             },
-            origin: None,
+            // Some with an origin, some without: both must round trip.
+            origin: (n % 3 == 1).then(|| Origin::parse("plugin:ai-alt-text").unwrap()),
             hold_id: None,
             context: n
                 .is_multiple_of(2)

@@ -195,6 +195,9 @@ async fn cli_rollup_export_and_json_export_round_trip() {
         .map(|i| event(i, "bulk", "gpt-4o-mini", now - (i as i64) * DAY_MS, 150, 25))
         .collect();
     events[3].as_object_mut().unwrap().remove("context");
+    for e in events.iter_mut().step_by(2) {
+        e["origin"] = json!("plugin:ai-alt-text");
+    }
     record_all(&agent, &events).await;
 
     let text = stdout(&agent.cli(&["rollup"]));
@@ -226,7 +229,7 @@ async fn cli_rollup_export_and_json_export_round_trip() {
         .collect();
     assert_eq!(
         header.join(","),
-        "event_id,user_id,source,model,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,context,created_at,synced_at"
+        "event_id,user_id,source,model,origin,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,context,created_at,synced_at"
     );
     let records: Vec<HashMap<String, String>> = reader.deserialize().map(Result::unwrap).collect();
     assert_eq!(records.len(), events.len());
@@ -238,6 +241,7 @@ async fn cli_rollup_export_and_json_export_round_trip() {
         assert_eq!(row["user_id"], sent["user_id"].to_string());
         assert_eq!(row["source"], "bulk");
         assert_eq!(row["model"], "gpt-4o-mini");
+        assert_eq!(row["origin"], sent["origin"].as_str().unwrap_or(""));
         assert_eq!(row["total_tokens"], "175");
         assert_eq!(row["cached_tokens"], "75");
         assert_eq!(row["created_at"], sent["created_at"].as_str().unwrap());
@@ -272,6 +276,7 @@ async fn cli_rollup_export_and_json_export_round_trip() {
     assert_eq!(exported.len(), 1);
     assert_eq!(exported[0]["event_id"], events[0]["event_id"]);
     assert_eq!(exported[0]["context"], events[0]["context"]);
+    assert_eq!(exported[0]["origin"], "plugin:ai-alt-text");
 
     // Daily rows use the /v1/usage names.
     let daily_text = stdout(&agent.cli(&["export", "--daily"]));
@@ -283,17 +288,124 @@ async fn cli_rollup_export_and_json_export_round_trip() {
             .iter()
             .collect::<Vec<_>>()
             .join(","),
-        "day,user_id,source,model,events,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cache_write_tokens,reasoning_tokens"
+        "day,user_id,source,model,origin,events,prompt_tokens,completion_tokens,total_tokens,cached_tokens,cache_write_tokens,reasoning_tokens"
     );
-    assert_eq!(reader.records().count(), 7);
+    let daily: Vec<HashMap<String, String>> = reader.deserialize().map(Result::unwrap).collect();
+    assert_eq!(daily.len(), 7);
+    let with_origin = daily.iter().filter(|r| r["origin"] == "plugin:ai-alt-text");
+    assert_eq!(with_origin.count(), 4, "{daily:?}");
     let daily_json: Value = serde_json::from_str(&stdout(
         &agent.cli(&["export", "--daily", "--format", "json"]),
     ))
     .unwrap();
-    assert_eq!(daily_json["rows"].as_array().unwrap().len(), 7);
+    let rows = daily_json["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 7);
+    assert_eq!(rows.iter().filter(|r| r["origin"].is_null()).count(), 3);
 
     let (code, body) = agent.get("/v1/export?format=xml").await.unwrap();
     assert_bad_parameter(code, &body, "format");
+}
+
+#[tokio::test]
+async fn usage_is_current_to_the_last_event_and_counts_each_event_once_after_a_rollup() {
+    let agent = Agent::start("").await;
+    let now = Utc::now().timestamp_millis();
+    let today = day_text(Calendar::parse("UTC").unwrap().date_of(now));
+    let yesterday = day_text(Calendar::parse("UTC").unwrap().date_of(now - DAY_MS));
+    let with_origin = |mut e: Value, origin: &str| {
+        e["origin"] = json!(origin);
+        e
+    };
+    record_all(
+        &agent,
+        &[
+            with_origin(
+                event(1, "inline", "gpt-4o-mini", now, 100, 10),
+                "plugin:ai-alt-text",
+            ),
+            with_origin(
+                event(2, "inline", "gpt-4o-mini", now, 200, 20),
+                "theme:acme",
+            ),
+            event(1, "queue", "gpt-4o-mini", now - DAY_MS, 300, 30),
+        ],
+    )
+    .await;
+
+    // No rollup has run: the answer comes from the raw events at once.
+    let (code, usage) = agent
+        .get("/v1/usage?group_by=day,user,origin")
+        .await
+        .unwrap();
+    assert_eq!(code, StatusCode::OK, "{usage}");
+    assert_eq!(
+        usage["rows"],
+        json!([
+            {"day": yesterday, "user_id": 1, "origin": null, "events": 1,
+             "prompt_tokens": 300, "completion_tokens": 30, "total_tokens": 330,
+             "cached_tokens": 150, "cache_write_tokens": 0, "reasoning_tokens": 7},
+            {"day": today, "user_id": 1, "origin": "plugin:ai-alt-text", "events": 1,
+             "prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110,
+             "cached_tokens": 50, "cache_write_tokens": 0, "reasoning_tokens": 2},
+            {"day": today, "user_id": 2, "origin": "theme:acme", "events": 1,
+             "prompt_tokens": 200, "completion_tokens": 20, "total_tokens": 220,
+             "cached_tokens": 100, "cache_write_tokens": 0, "reasoning_tokens": 5},
+        ]),
+        "{usage}"
+    );
+    assert_eq!(usage["totals"]["events"], 3);
+    assert_eq!(usage["totals"]["total_tokens"], 660);
+
+    // Rolled up, then one more event today: each event counts exactly once.
+    let (code, rolled) = agent.post("/v1/rollup", &json!({})).await;
+    assert_eq!(code, StatusCode::OK, "{rolled}");
+    record_all(
+        &agent,
+        &[with_origin(
+            event(3, "bulk", "gpt-4o-mini", now, 1000, 100),
+            "plugin:ai-alt-text",
+        )],
+    )
+    .await;
+    let (_, usage) = agent.get("/v1/usage?group_by=origin").await.unwrap();
+    let by_origin: Vec<(Value, u64, u64)> = usage["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["origin"].clone(),
+                r["events"].as_u64().unwrap(),
+                r["total_tokens"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_origin,
+        [
+            (Value::Null, 1, 330),
+            (json!("plugin:ai-alt-text"), 2, 1210),
+            (json!("theme:acme"), 1, 220),
+        ],
+        "{usage}"
+    );
+    assert_eq!(usage["totals"]["events"], 4);
+    let (_, today_only) = agent
+        .get(&format!("/v1/usage?from={today}&to={today}&group_by=day"))
+        .await
+        .unwrap();
+    assert_eq!(today_only["rows"][0]["events"], 3, "{today_only}");
+    assert_eq!(today_only["totals"]["total_tokens"], 1430);
+    let (_, past) = agent
+        .get(&format!("/v1/usage?to={yesterday}"))
+        .await
+        .unwrap();
+    assert_eq!(past["totals"]["events"], 1, "{past}");
+
+    // After the next rollup the summaries alone give the same answer.
+    agent.post("/v1/rollup", &json!({})).await;
+    let (_, rolled_usage) = agent.get("/v1/usage?group_by=origin").await.unwrap();
+    assert_eq!(rolled_usage, usage);
 }
 
 /// Inserts events straight into the database (the API refuses events older than the
