@@ -240,13 +240,7 @@ final class Usage_Agent_Admin {
 		if ( ! $user instanceof WP_User || ! current_user_can( 'edit_user', $user->ID ) ) {
 			return;
 		}
-		$usage = self::usage(
-			array(
-				'from'    => wp_date( 'Y-m-01' ),
-				'user_id' => (int) $user->ID,
-			),
-			'origin,model'
-		);
+		$usage = self::user_usage( (int) $user->ID, wp_date( 'Y-m-01' ) );
 		echo '<div id="usage-agent-profile">';
 		echo '<h2>' . esc_html__( 'AI usage this month', 'usage-agent' ) . '</h2>';
 		if ( null === $usage ) {
@@ -299,6 +293,51 @@ final class Usage_Agent_Admin {
 	private static function usage( array $query, string $group_by ): ?array {
 		$query['group_by'] = $group_by;
 		return Usage_Agent_Client::ok_body( Usage_Agent_Client::read( 'GET', '/v1/usage?' . http_build_query( $query ) ) );
+	}
+
+	/**
+	 * One user's usage since `$from` by origin and model. Asks the agent for that user's rows
+	 * (`user_id`); an agent that does not filter by user answers rows per user, and only this
+	 * user's are kept.
+	 *
+	 * @param int    $user_id The user.
+	 * @param string $from    First day.
+	 */
+	private static function user_usage( int $user_id, string $from ): ?array {
+		$answer = Usage_Agent_Client::read(
+			'GET',
+			'/v1/usage?' . http_build_query(
+				array(
+					'from'     => $from,
+					'group_by' => 'user,origin,model',
+					'user_id'  => $user_id,
+				)
+			)
+		);
+		if ( null !== $answer && 400 === $answer['status'] ) {
+			$answer = Usage_Agent_Client::read(
+				'GET',
+				'/v1/usage?' . http_build_query(
+					array(
+						'from'     => $from,
+						'group_by' => 'user,origin,model',
+					)
+				)
+			);
+		}
+		$usage = Usage_Agent_Client::ok_body( $answer );
+		if ( null === $usage || ! isset( $usage['rows'] ) || ! is_array( $usage['rows'] ) ) {
+			return null;
+		}
+		$usage['rows'] = array_values(
+			array_filter(
+				$usage['rows'],
+				static function ( $row ) use ( $user_id ) {
+					return is_array( $row ) && isset( $row['user_id'] ) && (int) $row['user_id'] === $user_id;
+				}
+			)
+		);
+		return $usage;
 	}
 
 	/**
