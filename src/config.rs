@@ -215,6 +215,7 @@ pub struct Config {
     pub sync: SyncConfig,
     pub retention: RetentionConfig,
     pub schedule: ScheduleConfig,
+    pub quota: QuotaConfig,
 }
 
 /// `[sync]`: shipping events to the backend.
@@ -262,6 +263,45 @@ pub struct ScheduleConfig {
     pub cleanup: Cron,
 }
 
+/// `[quota]`: local token limits a site asks before it spends, in tokens; 0 means no
+/// limit. Days and months are the agent's `timezone`'s.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub user_daily_tokens: u64,
+    pub user_monthly_tokens: u64,
+    pub site_daily_tokens: u64,
+    pub site_monthly_tokens: u64,
+    /// Seconds after which a hold that no event settled is released.
+    pub hold_ttl_secs: u64,
+}
+
+impl QuotaConfig {
+    /// Longest a hold may live: a day, so a forgotten hold cannot block a site for long.
+    pub const MAX_HOLD_TTL_SECS: u64 = 86_400;
+
+    /// Whether any limit is set.
+    pub fn any_limit(&self) -> bool {
+        self.user_daily_tokens
+            .max(self.user_monthly_tokens)
+            .max(self.site_daily_tokens)
+            .max(self.site_monthly_tokens)
+            > 0
+    }
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            user_daily_tokens: 0,
+            user_monthly_tokens: 0,
+            site_daily_tokens: 0,
+            site_monthly_tokens: 0,
+            hold_ttl_secs: 300,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -281,6 +321,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             retention: RetentionConfig::default(),
             schedule: ScheduleConfig::default(),
+            quota: QuotaConfig::default(),
         }
     }
 }
@@ -343,6 +384,7 @@ impl std::fmt::Debug for Config {
             .field("sync", &self.sync)
             .field("retention", &self.retention)
             .field("schedule", &self.schedule)
+            .field("quota", &self.quota)
             .finish()
     }
 }
@@ -444,6 +486,33 @@ impl Config {
         if let Some(value) = var("USAGE_AGENT_DATA_DIR").filter(|v| !v.is_empty()) {
             self.data_dir = PathBuf::from(value);
         }
+        let quota = &mut self.quota;
+        for (name, key) in [
+            (
+                "USAGE_AGENT_QUOTA_USER_DAILY_TOKENS",
+                &mut quota.user_daily_tokens,
+            ),
+            (
+                "USAGE_AGENT_QUOTA_USER_MONTHLY_TOKENS",
+                &mut quota.user_monthly_tokens,
+            ),
+            (
+                "USAGE_AGENT_QUOTA_SITE_DAILY_TOKENS",
+                &mut quota.site_daily_tokens,
+            ),
+            (
+                "USAGE_AGENT_QUOTA_SITE_MONTHLY_TOKENS",
+                &mut quota.site_monthly_tokens,
+            ),
+            ("USAGE_AGENT_QUOTA_HOLD_TTL_SECS", &mut quota.hold_ttl_secs),
+        ] {
+            if let Some(value) = var(name) {
+                *key = value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(name, "must be a whole number"))?;
+            }
+        }
         Ok(())
     }
 
@@ -487,6 +556,15 @@ impl Config {
             return Err(invalid(
                 "retention.daily_days",
                 "must not be less than retention.event_days",
+            ));
+        }
+        if !(1..=QuotaConfig::MAX_HOLD_TTL_SECS).contains(&self.quota.hold_ttl_secs) {
+            return Err(invalid(
+                "quota.hold_ttl_secs",
+                format!(
+                    "must be from 1 to {} (a day)",
+                    QuotaConfig::MAX_HOLD_TTL_SECS
+                ),
             ));
         }
         Ok(())
@@ -615,6 +693,12 @@ mod tests {
             "[schedule]",
             "rollup",
             "cleanup",
+            "[quota]",
+            "user_daily_tokens",
+            "user_monthly_tokens",
+            "site_daily_tokens",
+            "site_monthly_tokens",
+            "hold_ttl_secs",
         ] {
             assert!(
                 uncommented.contains(key),
@@ -645,6 +729,9 @@ mod tests {
             ("tcp_listen = \"127.0.0.1:9000\"", "api_token"),
             ("[sync]\nbackend_url = \"ftp://x\"", "sync.backend_url"),
             ("[retention]\nevent_days = 0", "retention.event_days"),
+            ("[quota]\nhold_ttl_secs = 0", "quota.hold_ttl_secs"),
+            ("[quota]\nhold_ttl_secs = 86401", "quota.hold_ttl_secs"),
+            ("[quota]\nuser_daily_tokens = -1", "quota.user_daily_tokens"),
             ("max_connections = 0", "max_connections"),
             ("shutdown_timeout_secs = 0", "shutdown_timeout_secs"),
             ("timezone = \"Mars/Olympus\"", "timezone"),
@@ -671,10 +758,24 @@ mod tests {
             "USAGE_AGENT_DISABLE_TRACKING" => Some("1".to_string()),
             "USAGE_AGENT_SYNC_INTERVAL" => Some("15".to_string()),
             "USAGE_AGENT_DATA_DIR" => Some("/tmp/x".to_string()),
+            "USAGE_AGENT_QUOTA_USER_DAILY_TOKENS" => Some("5000".to_string()),
+            "USAGE_AGENT_QUOTA_HOLD_TTL_SECS" => Some(" 30 ".to_string()),
             _ => None,
         };
         config.apply_env(env).unwrap();
         assert!(!config.tracking_enabled);
+        assert_eq!(config.quota.user_daily_tokens, 5000);
+        assert_eq!(config.quota.hold_ttl_secs, 30);
+        assert!(config.quota.any_limit());
+        let error = config
+            .apply_env(|n| (n == "USAGE_AGENT_QUOTA_SITE_MONTHLY_TOKENS").then(|| "lots".into()))
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("USAGE_AGENT_QUOTA_SITE_MONTHLY_TOKENS"),
+            "{error}"
+        );
         config
             .apply_env(|n| (n == "USAGE_AGENT_BACKEND_URL").then(|| "https://b.example/".into()))
             .unwrap();

@@ -23,6 +23,7 @@ use crate::identity::{Identity, IdentityError};
 use crate::jobs;
 use crate::jobs::schedule::Scheduler;
 use crate::metrics::Metrics;
+use crate::quota::Quota;
 use crate::state::{AppState, MaintenanceLock, SharedState};
 use crate::store::writer::Writer;
 use crate::store::{SIDE_CACHE_KIB, Store, StoreError, WRITER_CACHE_KIB};
@@ -142,11 +143,19 @@ impl Daemon {
                 })?),
             };
 
+        // Counted before the socket answers, so the first quota answer is already right.
+        let quota = Quota::rebuild(
+            config.quota.clone(),
+            config.timezone,
+            &reader,
+            chrono::Utc::now(),
+        )?;
         let state = Arc::new(AppState {
             config,
             identity,
             writer,
             reader: Mutex::new(reader),
+            quota,
             started: Instant::now(),
             next_sync_ms: AtomicI64::new(0),
             sync,

@@ -19,6 +19,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use serde_json::Value;
 
+use crate::quota::Scope;
 use crate::store::events::Recorded;
 use usage_protocol::event::Source;
 
@@ -53,6 +54,11 @@ struct CategoryLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobLabels {
     job: &'static str,
 }
@@ -71,6 +77,8 @@ pub struct Metrics {
     job_missed: Family<JobLabels, Counter>,
     purged_events: Counter,
     purged_unsynced: Counter,
+    quota_denials: Family<ScopeLabels, Counter>,
+    quota_holds: Gauge,
     pending: Gauge,
     failed: Gauge,
     last_sync: Gauge,
@@ -83,6 +91,8 @@ pub struct Snapshot {
     pub failed_events: u64,
     /// Unix ms of the last successful sync run.
     pub last_success_ms: Option<i64>,
+    /// Quota holds open now.
+    pub quota_holds: u64,
 }
 
 impl Default for Metrics {
@@ -165,6 +175,18 @@ impl Metrics {
             "Raw events deleted by retention before they were synced",
             purged_unsynced.clone(),
         );
+        let quota_denials = Family::<ScopeLabels, Counter>::default();
+        registry.register(
+            "quota_denials",
+            "Quota questions and holds answered not allowed, by the limit's scope (a question past two limits counts in both)",
+            quota_denials.clone(),
+        );
+        let quota_holds = Gauge::default();
+        registry.register(
+            "quota_holds",
+            "Quota holds open (not yet settled, released or expired)",
+            quota_holds.clone(),
+        );
         let pending = Gauge::default();
         registry.register(
             "pending_events",
@@ -197,6 +219,8 @@ impl Metrics {
             job_missed,
             purged_events,
             purged_unsynced,
+            quota_denials,
+            quota_holds,
             pending,
             failed,
             last_sync,
@@ -205,8 +229,8 @@ impl Metrics {
 
     /// Starts every labelled series the agent knows at 0, so a scrape shows each one before
     /// its first increment and `increase()` sees that first one: events by source and
-    /// outcome, sync results, the sync error `categories`, and the runs, failures and
-    /// missed runs of `jobs`.
+    /// outcome, sync results, the sync error `categories`, quota denials by scope, and the
+    /// runs, failures and missed runs of `jobs`.
     pub fn start_at_zero(&self, jobs: &[&'static str], categories: &[&'static str]) {
         for source in Source::ALL.map(Source::as_str) {
             for outcome in EVENT_OUTCOMES {
@@ -240,6 +264,11 @@ impl Metrics {
                 .get_or_create(&CategoryLabels {
                     category: (*category).to_owned(),
                 })
+                .inc_by(0);
+        }
+        for scope in Scope::ALL.map(Scope::as_str) {
+            self.quota_denials
+                .get_or_create(&ScopeLabels { scope })
                 .inc_by(0);
         }
         for &job in jobs {
@@ -339,6 +368,17 @@ impl Metrics {
         }
     }
 
+    /// Counts a quota answer that was not allowed, once per limit it would pass.
+    pub fn quota_denied(&self, scopes: &[Scope]) {
+        for scope in scopes {
+            self.quota_denials
+                .get_or_create(&ScopeLabels {
+                    scope: scope.as_str(),
+                })
+                .inc();
+        }
+    }
+
     /// Retention deleted `events` raw events, `unsynced` of them never synced.
     pub fn purged(&self, events: u64, unsynced: u64) {
         self.purged_events.inc_by(events);
@@ -353,6 +393,8 @@ impl Metrics {
             .set(snapshot.failed_events.try_into().unwrap_or(i64::MAX));
         self.last_sync
             .set(snapshot.last_success_ms.map_or(0, |ms| ms / 1000));
+        self.quota_holds
+            .set(snapshot.quota_holds.try_into().unwrap_or(i64::MAX));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -517,10 +559,13 @@ pub(crate) mod tests {
         metrics.job_run("rollup", true);
         metrics.job_run("cleanup", false);
         metrics.purged(10, 2);
+        metrics.quota_denied(&[Scope::UserDaily, Scope::SiteMonthly]);
+        metrics.quota_denied(&[Scope::UserDaily]);
         let text = metrics.encode(Snapshot {
             pending_events: 7,
             failed_events: 1,
             last_success_ms: Some(1_700_000_000_123),
+            quota_holds: 3,
         });
         let samples = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let expect = [
@@ -552,6 +597,9 @@ pub(crate) mod tests {
             ("usage_agent_job_failures_total{job=cleanup}", 1.0),
             ("usage_agent_purged_events_total", 10.0),
             ("usage_agent_purged_unsynced_events_total", 2.0),
+            ("usage_agent_quota_denials_total{scope=user_daily}", 2.0),
+            ("usage_agent_quota_denials_total{scope=site_monthly}", 1.0),
+            ("usage_agent_quota_holds", 3.0),
             ("usage_agent_pending_events", 7.0),
             ("usage_agent_failed_events", 1.0),
             (

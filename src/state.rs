@@ -2,7 +2,8 @@
 //! below both, so neither imports the other to get at the store, the config or the metrics.
 //!
 //! **Invariant:** only handles live here (the config, the writer, a read connection, the
-//! sync engine, the metrics and the maintenance lock); no behaviour of the API or of a job.
+//! quotas, the sync engine, the metrics and the maintenance lock); no behaviour of the API
+//! or of a job.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::quota::Quota;
 use crate::store::Store;
 use crate::store::writer::Writer;
 use crate::sync::engine::SyncEngine;
@@ -23,6 +25,8 @@ pub struct AppState {
     pub writer: Writer,
     /// A second connection for reads, used from blocking tasks.
     pub reader: Mutex<Store>,
+    /// The local quotas, answered from memory and advanced by every recorded event.
+    pub quota: Quota,
     pub started: Instant,
     /// Unix ms of the next scheduled sync, 0 when none is scheduled.
     pub next_sync_ms: AtomicI64,

@@ -18,6 +18,18 @@
  *         'context'           => ['attachment_id' => $attachment_id],
  *     ]);
  *
+ * Before a call, a site with local quotas ([quota] in agent.toml) can ask first:
+ *
+ *     if (!$agent->allowed(get_current_user_id(), 2000)) { ... refuse politely ... }
+ *
+ * or, where several calls run at once, hold the tokens so they cannot overshoot together,
+ * and pass the hold id with the call's event, which settles it:
+ *
+ *     $hold = $agent->hold(get_current_user_id(), 2000);
+ *     if ($hold !== null && !$hold['allowed']) { ... refuse ... }
+ *     ... make the AI call ...
+ *     $agent->record([... , 'hold_id' => $hold['hold_id'] ?? null]);
+ *
  * Give the web server's user access to the socket with `socket_group = "www-data"` in
  * /etc/usage-agent/agent.toml. Never put prompt or alt-text content in `context`.
  */
@@ -51,16 +63,54 @@ final class UsageAgentClient
         return $this->request('POST', '/v1/events', ['events' => array_values($events)]);
     }
 
+    /**
+     * The quota answer for $userId about to spend $tokens:
+     * ['user_id' => 5, 'allowed' => true, 'limits' => [...]], or null when the agent does not answer.
+     */
+    public function quota(int $userId, int $tokens = 0): ?array
+    {
+        $query = http_build_query(['user_id' => $userId, 'tokens' => $tokens]);
+        return $this->request('GET', '/v1/quota?' . $query, null, 'no quota answer');
+    }
+
+    /**
+     * Whether $userId may spend $tokens more. When the agent does not answer, $failOpen
+     * decides (by default the call goes ahead: metering must not take the site down).
+     */
+    public function allowed(int $userId, int $tokens = 0, bool $failOpen = true): bool
+    {
+        $answer = $this->quota($userId, $tokens);
+        return $answer === null ? $failOpen : (bool) ($answer['allowed'] ?? $failOpen);
+    }
+
+    /**
+     * Holds $tokens for $userId until the event carrying the returned 'hold_id' is recorded
+     * (or release() is called, or the hold expires). Returns the answer: with 'hold_id' and
+     * 'allowed' => true when held, 'allowed' => false when a limit would be passed; null when
+     * the agent does not answer.
+     */
+    public function hold(int $userId, int $tokens): ?array
+    {
+        return $this->request('POST', '/v1/quota/holds', ['user_id' => $userId, 'tokens' => $tokens], 'nothing held');
+    }
+
+    /** Releases a hold whose call was not made; true when it was open. */
+    public function release(string $holdId): bool
+    {
+        return $this->request('DELETE', '/v1/quota/holds/' . rawurlencode($holdId), null, 'hold not released') !== null;
+    }
+
     /** The agent's sync status, or null when it does not answer. */
     public function status(): ?array
     {
-        return $this->request('GET', '/v1/status', null);
+        return $this->request('GET', '/v1/status', null, 'no status');
     }
 
-    private function request(string $method, string $path, ?array $body): ?array
+    /** $failed says what a failure means, for the log line. */
+    private function request(string $method, string $path, ?array $body, string $failed = 'usage not recorded'): ?array
     {
         if (!function_exists('curl_init')) {
-            error_log('usage-agent: the PHP curl extension is missing; usage not recorded');
+            error_log("usage-agent: the PHP curl extension is missing; {$failed}");
             return null;
         }
         $curl = curl_init('http://localhost' . $path);
@@ -83,7 +133,7 @@ final class UsageAgentClient
         curl_close($curl);
 
         if ($raw === false) {
-            error_log("usage-agent: no answer on {$this->socketPath} ({$error}); usage not recorded");
+            error_log("usage-agent: no answer on {$this->socketPath} ({$error}); {$failed}");
             return null;
         }
         $answer = json_decode($raw, true);

@@ -16,9 +16,14 @@ pub async fn metrics(State(state): State<SharedState>) -> Result<Response, ApiEr
             pending_events: counts.pending,
             failed_events: counts.failed,
             last_success_ms: store.sync_meta()?.last_success_ms,
+            quota_holds: 0,
         })
     })
     .await?;
+    let snapshot = Snapshot {
+        quota_holds: state.quota.open_holds(chrono::Utc::now()) as u64,
+        ..snapshot
+    };
     let text = state.metrics.encode(snapshot);
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response())
 }

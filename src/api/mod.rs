@@ -29,6 +29,7 @@ pub mod events;
 pub mod export;
 pub mod jobs;
 pub mod metrics;
+pub mod quota;
 pub mod status;
 pub mod sync;
 pub mod usage;
@@ -69,6 +70,9 @@ pub fn routes() -> Vec<Route<SharedState>> {
         Route::new(Method::GET, "/v1/usage", usage::usage),
         Route::new(Method::GET, "/v1/export", export::export),
         Route::new(Method::DELETE, "/v1/users/{user_id}", users::forget),
+        Route::new(Method::GET, "/v1/quota", quota::quota),
+        Route::new(Method::POST, "/v1/quota/holds", quota::hold),
+        Route::new(Method::DELETE, "/v1/quota/holds/{hold_id}", quota::release),
         Route::new(Method::GET, "/metrics", metrics::metrics),
         Route::new(Method::GET, "/healthz", status::healthz),
     ]

@@ -89,6 +89,14 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         "uptime_s": state.started.elapsed().as_secs(),
         "storage": storage,
     });
+    // The site's quota state, only when limits are set (users' limits are per user: ask
+    // `GET /v1/quota` for one).
+    if let Some(limits) = state.quota.site_state(Utc::now()) {
+        body["quota"] = json!({
+            "site_limits": limits,
+            "holds": state.quota.open_holds(Utc::now()),
+        });
+    }
     if !readable {
         for key in UNREADABLE_FIELDS {
             body[key] = Value::Null;

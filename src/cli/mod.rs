@@ -18,6 +18,7 @@ pub mod export;
 pub mod forget;
 pub mod init;
 pub mod purge;
+pub mod quota;
 pub mod record;
 pub mod retry_failed;
 pub mod rollup;
@@ -64,6 +65,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Erase one user's local data (right to erasure).
     Forget(forget::ForgetArgs),
+    /// Ask whether a user may spend more tokens (the local quotas); exit 0 allowed, 3 not.
+    Quota(quota::QuotaArgs),
     /// Run the receiver (the backend), as `usage-receiver serve` does.
     #[cfg(feature = "receiver")]
     Receiver(usage_receiver::cli::serve::ServeArgs),
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::run(load()?, args),
         Command::Export(args) => export::run(load()?, args),
         Command::Forget(args) => forget::run(load()?, args),
+        Command::Quota(args) => quota::run(load()?, args),
         #[cfg(feature = "receiver")]
         Command::Receiver(args) => {
             usage_receiver::cli::serve::run(args).map(|()| ExitCode::SUCCESS)

@@ -89,6 +89,24 @@ pub fn summary(status: &Value, colour: bool) -> String {
             Value::Object(storage.clone())
         ));
     }
+    if let Some(quota) = status["quota"].as_object() {
+        out.push_str(&format!(
+            "  quota     {} holds open
+",
+            quota.get("holds").unwrap_or(&Value::Null)
+        ));
+        for limit in quota
+            .get("site_limits")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            out.push_str(&format!(
+                "            {}\n",
+                super::quota::limit_line(limit)
+            ));
+        }
+    }
     if let Some(error) = status["last_error"].as_object() {
         out.push_str(&format!(
             "  last error [{}] {}\n",

@@ -43,10 +43,11 @@ pub async fn purge(state: &AppState) -> Result<PurgeOutcome, JobError> {
     finish(state, CLEANUP, result)
 }
 
-/// Erases one user's local data.
+/// Erases one user's local data, and their usage from the quotas at once.
 pub async fn forget(state: &AppState, user_id: u64) -> Result<ForgetOutcome, JobError> {
     let _guard = state.maintenance.lock().await;
     let outcome = retention::forget_user(&state.writer, user_id).await?;
+    state.quota.forget_user(user_id);
     tracing::info!(
         user_id,
         events = outcome.events_deleted,

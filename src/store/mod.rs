@@ -15,6 +15,7 @@ use usage_common::private_file::create_private;
 pub mod events;
 pub mod export;
 pub mod health;
+pub mod quota;
 pub mod retention;
 pub mod rollup;
 pub mod salvage;

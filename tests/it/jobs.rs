@@ -610,6 +610,10 @@ async fn every_known_labelled_series_starts_at_zero() {
         }
     }
     zero("usage_agent_events_total{outcome=rejected,source=unknown}");
+    for scope in ["user_daily", "user_monthly", "site_daily", "site_monthly"] {
+        zero(&format!("usage_agent_quota_denials_total{{scope={scope}}}"));
+    }
+    zero("usage_agent_quota_holds");
 }
 
 #[tokio::test]

@@ -44,32 +44,39 @@ const AGENT: Table = &[
     (
         "cli",
         &[
-            "daemon", "api", "jobs", "state", "sync", "store", "metrics", "identity", "config",
-            "calendar",
+            "daemon", "api", "jobs", "state", "sync", "metrics", "quota", "store", "identity",
+            "config", "calendar",
         ],
     ),
     (
         "daemon",
         &[
-            "api", "jobs", "state", "sync", "store", "metrics", "identity", "config", "calendar",
+            "api", "jobs", "state", "sync", "metrics", "quota", "store", "identity", "config",
+            "calendar",
         ],
     ),
     (
         "api",
         &[
-            "jobs", "state", "sync", "store", "metrics", "identity", "config", "calendar",
+            "jobs", "state", "sync", "metrics", "quota", "store", "identity", "config", "calendar",
         ],
     ),
     (
         "jobs",
-        &["state", "sync", "store", "metrics", "config", "calendar"],
+        &[
+            "state", "sync", "metrics", "quota", "store", "config", "calendar",
+        ],
     ),
-    ("state", &["sync", "store", "metrics", "identity", "config"]),
+    (
+        "state",
+        &["sync", "metrics", "quota", "store", "identity", "config"],
+    ),
     (
         "sync",
         &["store", "metrics", "identity", "config", "calendar"],
     ),
-    ("metrics", &["store"]),
+    ("metrics", &["quota", "store"]),
+    ("quota", &["store", "config", "calendar"]),
     ("store", &["config", "calendar"]),
     ("identity", &[]),
     ("config", &["calendar"]),

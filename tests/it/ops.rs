@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::harness::Agent;
 
@@ -48,6 +48,66 @@ async fn the_php_client_records_an_event() {
         .query_row("SELECT event_id FROM events", [], |r| r.get(0))
         .unwrap();
     assert_eq!(uuid::Uuid::from_slice(&stored).unwrap().to_string(), id);
+}
+
+fn php_quota(socket: &str, args: &[&str]) -> (Option<i32>, Value) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/php/quota.php");
+    let out = Command::new("php")
+        .args([script, "--socket", socket])
+        .args(args)
+        .output()
+        .expect("php must be installed (php-cli and php-curl; .ci/run installs them)");
+    let answer = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {} / {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), answer)
+}
+
+#[tokio::test]
+async fn the_php_client_asks_the_quota_and_holds_tokens_its_event_settles() {
+    let mut agent = Agent::configure_with("", "[quota]\nuser_daily_tokens = 1000");
+    agent.spawn().await;
+    let socket = agent.socket.to_str().unwrap().to_owned();
+    let (code, answer) = php_quota(&socket, &["--user", "5", "--tokens", "1000"]);
+    assert_eq!(code, Some(0), "{answer}");
+    assert_eq!(answer["allowed"], true);
+    assert_eq!(answer["allowed_fail_closed"], true);
+    let (_, hold) = php_quota(&socket, &["--user", "5", "--tokens", "600", "--hold"]);
+    assert_eq!(hold["allowed"], true, "{hold}");
+    let hold_id = hold["hold_id"].as_str().expect("a hold id").to_owned();
+    let (_, answer) = php_quota(&socket, &["--user", "5", "--tokens", "500"]);
+    assert_eq!(answer["allowed"], false, "600 held + 500 > 1000: {answer}");
+    assert_eq!(answer["allowed_fail_open"], false, "the agent answered");
+    let (_, refused) = php_quota(&socket, &["--user", "5", "--tokens", "500", "--hold"]);
+    assert_eq!(refused["allowed"], false, "{refused}");
+    assert!(refused.get("hold_id").is_none());
+
+    let out = php_record(&socket, &["--hold-id", &hold_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, answer) = php_quota(&socket, &["--user", "5"]);
+    let daily = &answer["limits"][0];
+    assert_eq!(
+        (&daily["used"], &daily["held"]),
+        (&json!(175), &json!(0)),
+        "{answer}"
+    );
+    let (_, released) = php_quota(&socket, &["--user", "5", "--release", &hold_id]);
+    assert_eq!(released["released"], false, "the event settled it");
+
+    // No agent: allowed() falls back to what the site chose.
+    assert!(agent.terminate().success());
+    let (code, answer) = php_quota(&socket, &["--user", "5", "--timeout-ms", "200"]);
+    assert_eq!(code, Some(1));
+    assert_eq!(answer["allowed_fail_open"], true);
+    assert_eq!(answer["allowed_fail_closed"], false);
 }
 
 #[test]
