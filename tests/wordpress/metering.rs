@@ -44,6 +44,20 @@ async fn every_ai_call_of_a_wordpress_site_is_metered_once_with_its_user_and_ori
     site.get_json("/?alt_text_bot=unmetered", None).await;
     assert_eq!(events.take(&agent).await, Vec::<Value>::new());
 
+    // With the HTTP capture switched off, a plugin's own API call is not metered.
+    site.get_json(
+        "/?ua_test=option&name=usage_agent_capture_http&value=",
+        None,
+    )
+    .await;
+    site.get_json("/?alt_text_bot=openai_chat", None).await;
+    assert_eq!(events.take(&agent).await, Vec::<Value>::new());
+    site.get_json(
+        "/?ua_test=option&name=usage_agent_capture_http&value=1",
+        None,
+    )
+    .await;
+
     // A call seen by the HTTP capture and then by the AI client's action counts once, with
     // the HTTP capture's numbers (the AI client's do not know cached tokens).
     site.get_json("/?alt_text_bot=openai_chat&ai_client=1", None)

@@ -4,6 +4,7 @@
 //! and the test plugins active, and served by `php -S` with several workers. Every process
 //! is stopped when the [`Site`] drops, also when a test fails.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,14 +17,27 @@ use crate::shared::{poll, poll_blocking, wait_with_deadline};
 /// Where Debian's `wordpress` package puts WordPress.
 const WORDPRESS: &str = "/usr/share/wordpress";
 
-/// A child process killed and reaped on drop.
+/// A child process, leader of its own process group, killed with its group and reaped on
+/// drop: `php -S` forks its workers, which would outlive a kill of the parent alone.
 pub struct Guard {
     pub child: Child,
 }
 
+impl Guard {
+    fn spawn(command: &mut Command, what: &str) -> Guard {
+        let child = command
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        Guard { child }
+    }
+}
+
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
         let _ = wait_with_deadline(&mut self.child, Duration::from_secs(20));
     }
 }
@@ -133,19 +147,20 @@ impl Site {
 
     async fn serve(&mut self, port: u16) {
         let log = std::fs::File::create(self.dir.path().join("php-server.log")).unwrap();
-        let child = Command::new("php")
-            .args(["-d", "opcache.enable_cli=1", "-d", "display_errors=0", "-S"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("-t")
-            .arg(&self.root)
-            .current_dir(&self.root)
-            // Concurrent requests: WP-cron's loopback, the concurrent-flush checks.
-            .env("PHP_CLI_SERVER_WORKERS", "4")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("php must be installed (.ci/setup installs it)");
-        self.php = Some(Guard { child });
+        let php = Guard::spawn(
+            Command::new("php")
+                .args(["-d", "opcache.enable_cli=1", "-d", "display_errors=0", "-S"])
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("-t")
+                .arg(&self.root)
+                .current_dir(&self.root)
+                // Concurrent requests: WP-cron's loopback, the concurrent-flush checks.
+                .env("PHP_CLI_SERVER_WORKERS", "4")
+                .stdout(Stdio::null())
+                .stderr(log),
+            "php must be installed (.ci/setup installs it)",
+        );
+        self.php = Some(php);
         let login = format!("{}/wp-login.php", self.url);
         poll(
             "WordPress to answer",
@@ -257,25 +272,25 @@ fn start_mariadb(dir: &Path) -> Guard {
     let data = dir.join("mariadb");
     std::fs::create_dir_all(&data).unwrap();
     let socket = dir.join("mariadb.sock");
-    let child = Command::new("mariadbd")
-        .arg("--no-defaults")
-        .arg(format!("--datadir={}", data.display()))
-        .arg(format!("--socket={}", socket.display()))
-        .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
-        .arg(format!("--log-error={}", dir.join("mariadb.log").display()))
-        .args([
-            "--skip-networking",
-            "--skip-grant-tables",
-            "--skip-log-bin",
-            "--user=root",
-            "--innodb-buffer-pool-size=32M",
-            "--innodb-flush-log-at-trx-commit=0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mariadbd must be installed (mariadb-server; .ci/setup installs it)");
-    let mut guard = Guard { child };
+    let mut guard = Guard::spawn(
+        Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", dir.join("mariadb.log").display()))
+            .args([
+                "--skip-networking",
+                "--skip-grant-tables",
+                "--skip-log-bin",
+                "--user=root",
+                "--innodb-buffer-pool-size=32M",
+                "--innodb-flush-log-at-trx-commit=0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "mariadbd must be installed (mariadb-server; .ci/setup installs it)",
+    );
     poll_blocking(
         "MariaDB to take a database",
         Duration::from_secs(30),

@@ -1,6 +1,7 @@
 //! Never slows a page, never loses an event: with the agent stopped or hung, pages stay
 //! fast and events go to the spool; once it is back, the flushes (after the next record,
-//! WP-cron's hook, several at once) deliver each spooled event exactly once.
+//! WP-cron's hook, several at once) deliver each spooled event exactly once. Deleting the
+//! plugin takes its spool and options with it.
 
 use std::time::Duration;
 
@@ -93,6 +94,11 @@ async fn with_the_agent_down_pages_stay_fast_and_each_spooled_event_arrives_once
     // Back: the next record flushes the spool after its own event, and three flushes at
     // once (WP-cron's hook) race it; each event arrives once.
     agent.spawn().await;
+    let health = site.get_json("/?ua_test=site_health", None).await;
+    assert_eq!(
+        health["status"], "recommended",
+        "events wait in the spool: {health}"
+    );
     let flushes = (0..3).map(|_| site.get_json("/?ua_test=flush", None));
     let (recorded, _) = tokio::join!(
         site.get_json("/?ua_test=record", None),
@@ -138,5 +144,22 @@ async fn with_the_agent_down_pages_stay_fast_and_each_spooled_event_arrives_once
     assert_eq!(events.take(&agent).await.len(), 2);
     let health = site.get_json("/?ua_test=site_health", None).await;
     assert_eq!(health["status"], "good", "{health}");
+
+    // Deleting the plugin removes its options, its schedule and its spool, events and all.
+    agent.terminate();
+    site.get_json(
+        "/?ua_test=option&name=usage_agent_socket&value=/elsewhere.sock",
+        None,
+    )
+    .await;
+    record_fast(&site, 1, "before uninstall").await;
+    let uninstalled = site.get_json("/?ua_test=uninstall", None).await;
+    assert_eq!(
+        uninstalled["options_left"],
+        serde_json::json!([]),
+        "{uninstalled}"
+    );
+    assert_eq!(uninstalled["spool_exists"], false, "{uninstalled}");
+    assert_eq!(uninstalled["scheduled"], false, "{uninstalled}");
     assert_eq!(site.php_errors(), "");
 }

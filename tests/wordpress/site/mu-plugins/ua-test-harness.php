@@ -211,6 +211,25 @@ add_action(
 					)
 				);
 				break;
+			case 'uninstall':
+				// What deleting the plugin under Plugins does: deactivate, then uninstall.
+				require_once ABSPATH . 'wp-admin/includes/plugin.php';
+				deactivate_plugins( 'usage-agent/usage-agent.php' );
+				uninstall_plugin( 'usage-agent/usage-agent.php' );
+				$left = array();
+				foreach ( array( 'usage_agent_socket', 'usage_agent_capture_http', 'usage_agent_enforce', 'usage_agent_fail_closed' ) as $name ) {
+					if ( false !== get_option( $name ) ) {
+						$left[] = $name;
+					}
+				}
+				ua_test_answer(
+					array(
+						'options_left' => $left,
+						'spool_exists' => file_exists( Usage_Agent_Spool::dir() ),
+						'scheduled'    => wp_next_scheduled( 'usage_agent_flush_spool' ),
+					)
+				);
+				break;
 			case 'option':
 				update_option( (string) $_GET['name'], (string) $_GET['value'] );
 				ua_test_answer( array( 'ok' => true ) );
