@@ -3,7 +3,8 @@
 //! binary over its socket and two test plugins calling a fake AI provider (so their calls
 //! have different origins). A must-use plugin of the test (`site/mu-plugins`) stands in for
 //! what WordPress 6.1 lacks: the AI client's action, fired with objects of the AI client's
-//! shape, and WP-CLI, through a `WP_CLI` class that records what a command prints.
+//! shape, and WP-CLI, through a `WP_CLI` class that records what a command prints. A test
+//! theme calls the provider too, so `theme:` origins are covered.
 //! Everything is checked over HTTP, from the agent's API and from the pages WordPress serves.
 
 // The integration tests' helpers, shared as they are; this binary uses only some of them.

@@ -95,6 +95,44 @@ async fn every_ai_call_of_a_wordpress_site_is_metered_once_with_its_user_and_ori
     events.one(&agent, "the second plugin's call").await;
     assert_eq!(site.origins().last().unwrap(), "plugin:post-summarizer");
 
+    // A theme's call is the theme's.
+    site.get_json("/?theme_call=gemini", None).await;
+    events.one(&agent, "the theme's call").await;
+    assert_eq!(site.origins().last().unwrap(), "theme:ua-test-theme");
+
+    // The call stack's innermost plugin or theme, past WordPress and this plugin; else core.
+    for (files, origin) in [
+        (
+            json!([
+                "{abspath}wp-includes/class-wp-http.php",
+                "{abspath}index.php"
+            ]),
+            "core",
+        ),
+        (
+            json!([
+                "{plugins}/usage-agent/includes/class-usage-agent-capture.php",
+                "{abspath}wp-includes/class-wp-hook.php",
+                "{plugins}/seo-helper/lib/ai.php",
+                "{themes}/acme/functions.php"
+            ]),
+            "plugin:seo-helper",
+        ),
+        (json!(["{themes}/acme/inc/ai.php"]), "theme:acme"),
+        (json!(["{mu}/site-tools.php"]), "plugin:site-tools"),
+        (json!(["{plugins}/hello.php"]), "plugin:hello"),
+    ] {
+        let path = format!(
+            "/?ua_test=origin_of&files={}",
+            crate::site::urlencode(&files.to_string())
+        );
+        assert_eq!(
+            site.get_json(&path, None).await["origin"],
+            origin,
+            "{files}"
+        );
+    }
+
     // Three logged-in users' calls arrive with their own user_id.
     for login in ["editor", "author", "subscriber"] {
         let cookie = site.cookies(login).await;
@@ -119,6 +157,7 @@ async fn every_ai_call_of_a_wordpress_site_is_metered_once_with_its_user_and_ori
         "plugin:alt-text-bot",
         "plugin:post-summarizer",
         "plugin:ua-test-harness",
+        "theme:ua-test-theme",
     ] {
         assert!(origins.contains(&origin), "{origin} in {usage}");
     }

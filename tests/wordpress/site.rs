@@ -42,7 +42,8 @@ impl Drop for Guard {
     }
 }
 
-/// The test's fixtures: the must-use plugin, two calling plugins, the WP-CLI stand-in.
+/// The test's fixtures: the must-use plugin, two calling plugins, a calling theme, the WP-CLI
+/// stand-in.
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wordpress/site")
 }
@@ -102,6 +103,7 @@ impl Site {
         for fixture in [
             "plugins/alt-text-bot",
             "plugins/post-summarizer",
+            "themes/ua-test-theme",
             "mu-plugins",
         ] {
             let to = content.join(fixture);

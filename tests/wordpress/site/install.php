@@ -59,4 +59,5 @@ foreach ( array( 'usage-agent/usage-agent.php', 'alt-text-bot/alt-text-bot.php',
 		exit( 1 );
 	}
 }
+switch_theme( 'ua-test-theme' );
 echo wp_json_encode( $ua_users );

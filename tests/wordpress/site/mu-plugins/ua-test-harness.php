@@ -230,6 +230,14 @@ add_action(
 					)
 				);
 				break;
+			case 'origin_of':
+				// The origin a call stack of these files (innermost first) gets.
+				$files = array();
+				foreach ( (array) json_decode( wp_unslash( (string) $_GET['files'] ), true ) as $file ) {
+					$files[] = str_replace( array( '{abspath}', '{plugins}', '{themes}', '{mu}' ), array( ABSPATH, WP_PLUGIN_DIR, get_theme_root(), WPMU_PLUGIN_DIR ), $file );
+				}
+				ua_test_answer( array( 'origin' => Usage_Agent_Origin::from_files( $files ) ) );
+				break;
 			case 'option':
 				update_option( (string) $_GET['name'], (string) $_GET['value'] );
 				ua_test_answer( array( 'ok' => true ) );
