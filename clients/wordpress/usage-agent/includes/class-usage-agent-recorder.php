@@ -109,8 +109,9 @@ final class Usage_Agent_Recorder {
 			}
 			return true;
 		}
-		if ( null !== $answer && $answer['status'] < 500 && 413 !== $answer['status'] ) {
-			// The agent refused this event; it would refuse it again from the spool.
+		if ( null !== $answer && $answer['status'] < 500 ) {
+			// The agent refused this event (invalid, or too large); it would refuse it again
+			// from the spool.
 			$message = isset( $answer['body']['error']['message'] ) ? $answer['body']['error']['message'] : 'HTTP ' . $answer['status'];
 			self::log( 'event refused: ' . $message );
 			return false;

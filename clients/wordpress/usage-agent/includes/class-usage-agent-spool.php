@@ -118,7 +118,7 @@ final class Usage_Agent_Spool {
 				continue;
 			}
 			$answer = Usage_Agent_Client::read( 'POST', '/v1/events', array( 'events' => $events ), $timeout_ms );
-			if ( null === $answer || $answer['status'] >= 500 || 413 === $answer['status'] ) {
+			if ( null === $answer || $answer['status'] >= 500 ) {
 				$outcome['error'] = null === $answer ? 'unreachable' : 'http ' . $answer['status'];
 				break;
 			}
@@ -129,8 +129,8 @@ final class Usage_Agent_Spool {
 				$outcome['sent'] += count( $files );
 				continue;
 			}
-			// The batch is all or nothing: one bad event refused it. Send each alone, so the
-			// good ones are kept and only the bad ones are set aside.
+			// The batch is all or nothing: one bad event (or one too large) refused it. Send
+			// each alone, so the good ones are kept and only the bad ones are set aside.
 			foreach ( $files as $index => $file ) {
 				$one = Usage_Agent_Client::read( 'POST', '/v1/events', $events[ $index ], $timeout_ms );
 				if ( null === $one || $one['status'] >= 500 ) {

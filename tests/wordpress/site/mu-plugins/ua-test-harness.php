@@ -168,7 +168,7 @@ add_action(
 				for ( $i = 0; $i < $count; $i++ ) {
 					$results[] = usage_agent_record(
 						array(
-							'model'             => 'manual-model',
+							'model'             => isset( $_GET['model'] ) ? (string) $_GET['model'] : 'manual-model',
 							'prompt_tokens'     => 10,
 							'completion_tokens' => 5,
 							'context'           => array( 'n' => $i ),
@@ -256,6 +256,7 @@ add_action(
 						'count'     => Usage_Agent_Spool::count(),
 						'modes'     => $modes,
 						'ids'       => $ids,
+						'rejected'  => count( (array) glob( $dir . '/*.json.rejected' ) ),
 						'dir_mode'  => is_dir( $dir ) ? substr( sprintf( '%o', fileperms( $dir ) ), -4 ) : '',
 						'guards'    => file_exists( $dir . '/index.php' ) && file_exists( $dir . '/.htaccess' ),
 						'scheduled' => wp_get_schedule( 'usage_agent_flush_spool' ),
