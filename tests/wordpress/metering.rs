@@ -1,11 +1,14 @@
 //! Metering, counted once: each known API's answer by the plugin's table, the AI client's
 //! action, a call seen by both, by hand, and who made each call (user and origin).
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::NewEvents;
 use crate::harness::Agent;
 use crate::provider::{Provider, expected};
+use crate::shared::poll;
 use crate::site::Site;
 
 fn tokens(event: &Value) -> [u64; 5] {
@@ -99,6 +102,28 @@ async fn every_ai_call_of_a_wordpress_site_is_metered_once_with_its_user_and_ori
     site.get_json("/?theme_call=gemini", None).await;
     events.one(&agent, "the theme's call").await;
     assert_eq!(site.origins().last().unwrap(), "theme:ua-test-theme");
+
+    // The source: `queue` from WP-cron, `bulk` under WP-CLI.
+    site.get_json("/?ua_test=schedule_call", None).await;
+    // WP-cron runs once at a time: a run a page load spawned may hold the lock, so ask again
+    // until the job has run.
+    let event = poll(
+        "the WP-cron job's call",
+        Duration::from_secs(30),
+        async || {
+            site.get("/wp-cron.php?doing_wp_cron", None).await;
+            events.take(&agent).await.pop()
+        },
+    )
+    .await;
+    assert_eq!(events.take(&agent).await, Vec::<Value>::new());
+    assert_eq!(
+        (&event["source"], &event["model"]),
+        (&json!("queue"), &json!("text-embedding-3-small"))
+    );
+    assert_eq!(site.origins().last().unwrap(), "plugin:alt-text-bot");
+    site.get_json("/?ua_test=record_as_cli", None).await;
+    assert_eq!(events.one(&agent, "under WP-CLI").await["source"], "bulk");
 
     // The call stack's innermost plugin or theme, past WordPress and this plugin; else core.
     for (files, origin) in [

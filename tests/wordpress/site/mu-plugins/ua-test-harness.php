@@ -238,6 +238,15 @@ add_action(
 				}
 				ua_test_answer( array( 'origin' => Usage_Agent_Origin::from_files( $files ) ) );
 				break;
+			case 'schedule_call':
+				wp_schedule_single_event( time() - 1, 'alt_text_bot_cron' );
+				ua_test_answer( array( 'ok' => true ) );
+				break;
+			case 'record_as_cli':
+				// What WP-CLI defines before it loads WordPress.
+				define( 'WP_CLI', true );
+				ua_test_answer( array( 'result' => usage_agent_record( array( 'model' => 'cli-model', 'prompt_tokens' => 1, 'completion_tokens' => 1 ) ) ) );
+				break;
 			case 'option':
 				update_option( (string) $_GET['name'], (string) $_GET['value'] );
 				ua_test_answer( array( 'ok' => true ) );

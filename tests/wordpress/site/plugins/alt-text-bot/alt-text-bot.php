@@ -8,6 +8,15 @@
 
 defined( 'ABSPATH' ) || exit;
 
+// A call from WP-cron: the plugin's scheduled job.
+add_action(
+	'alt_text_bot_cron',
+	function () {
+		list( $url, $args ) = ua_test_request( 'openai_embeddings' );
+		wp_remote_post( $url, $args );
+	}
+);
+
 add_action(
 	'wp_loaded',
 	function () {
