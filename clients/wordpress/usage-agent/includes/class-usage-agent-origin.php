@@ -3,8 +3,9 @@
  * Which plugin or theme made an AI call, read from the PHP call stack.
  *
  * The innermost frame in a plugin's or theme's directory names it: `plugin:<slug>` (must-use
- * plugins too), `theme:<slug>`, and `core` when only WordPress itself is on the stack. Frames
- * of this plugin are skipped, so metering never names itself.
+ * plugins too, and plugin folders that are symbolic links), `theme:<slug>`, and `core` when
+ * only WordPress itself is on the stack. Frames of this plugin are skipped, so metering never
+ * names itself.
  *
  * @package UsageAgent
  */
@@ -39,6 +40,11 @@ final class Usage_Agent_Origin {
 		foreach ( $theme_dirs as $theme_dir ) {
 			$roots[] = array( self::normalize( (string) $theme_dir ) . '/', 'theme' );
 		}
+		// A plugin folder that is a symbolic link: PHP names its files by their real path.
+		$linked = isset( $GLOBALS['wp_plugin_paths'] ) ? (array) $GLOBALS['wp_plugin_paths'] : array();
+		foreach ( $linked as $dir => $real_dir ) {
+			$roots[] = array( self::normalize( (string) $real_dir ) . '/', 'plugin', basename( (string) $dir ) );
+		}
 		foreach ( $files as $file ) {
 			if ( ! is_string( $file ) || '' === $file ) {
 				continue;
@@ -50,6 +56,9 @@ final class Usage_Agent_Origin {
 			foreach ( $roots as $root ) {
 				if ( 0 !== strpos( $file, $root[0] ) ) {
 					continue;
+				}
+				if ( isset( $root[2] ) ) {
+					return self::clean( $root[1] . ':' . $root[2] );
 				}
 				$rest = substr( $file, strlen( $root[0] ) );
 				$slug = strtok( $rest, '/' );
