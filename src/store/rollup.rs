@@ -292,14 +292,14 @@ impl Store {
             .map(|d| (d.day, d.start_ms, d.end_ms))
             .collect();
         let touched = serde_json::to_string(&touched).expect("day ranges always serialize");
-        let totals = self
-            .conn
-            .prepare_cached(&format!("{CURRENT_ROWS} SELECT {SUM_COLUMNS} FROM d"))
-            .and_then(|mut stmt| {
-                stmt.query_row(params![from, to, touched], |row| Sums::from_row(row, 0))
-            })
-            .doing("summing usage")?;
         if !group.any() {
+            let totals = self
+                .conn
+                .prepare_cached(&format!("{CURRENT_ROWS} SELECT {SUM_COLUMNS} FROM d"))
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![from, to, touched], |row| Sums::from_row(row, 0))
+                })
+                .doing("summing usage")?;
             return Ok((Vec::new(), totals));
         }
         // The key columns come from this fixed list, never from the request's text.
@@ -359,9 +359,12 @@ impl Store {
                 })
             })
             .doing("grouping usage")?;
-        let rows = rows.collect::<Result<_, _>>().doing("grouping usage")?;
+        let rows: Vec<UsageRow> = rows.collect::<Result<_, _>>().doing("grouping usage")?;
         drop(stmt);
         snapshot.finish().doing("ending a usage read")?;
+        // The groups partition the rows summed, so their sums are the totals: one pass.
+        let mut totals = Sums::default();
+        rows.iter().for_each(|row| totals.add(&row.sums));
         Ok((rows, totals))
     }
 
