@@ -245,7 +245,7 @@ pub(crate) mod tests {
             }
         };
         let (rows, totals) = writer
-            .run(move |store| store.usage(None, None, every_key, &day_of))
+            .run(move |store| store.usage(None, None, None, every_key, &day_of))
             .await
             .unwrap();
         let mut sum = Sums::default();
