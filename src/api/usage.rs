@@ -1,4 +1,4 @@
-//! `GET /v1/usage?from=&to=&group_by=day,user,source,model,origin`: local totals, current
+//! `GET /v1/usage?from=&to=&group_by=day,user,source,model,origin&user_id=`: local totals, current
 //! to the last committed event (the daily summaries, and the raw events of the days touched
 //! since the last rollup; see `store::rollup`). Also the query-parameter helpers of the other read endpoints: every bad or
 //! unknown parameter is a `400` naming it.
@@ -16,6 +16,7 @@ use super::ApiError;
 use crate::calendar::{day_text, parse_day};
 use crate::state::SharedState;
 use crate::store::rollup::{DayRange, GroupBy, Sums, UsageRow};
+use usage_protocol::event::MAX_USER_ID;
 
 /// Query parameters, checked against the names an endpoint knows.
 pub struct Params(HashMap<String, String>);
@@ -148,9 +149,18 @@ pub async fn usage(
     State(state): State<SharedState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let params = Params::parse(query, &["from", "to", "group_by"])?;
+    let params = Params::parse(query, &["from", "to", "group_by", "user_id"])?;
     let (from, to) = params.date_range()?;
     let group = parse_group_by(params.get("group_by"))?;
+    let user_id = params
+        .get("user_id")
+        .map(|text| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|id| *id <= MAX_USER_ID)
+                .ok_or_else(|| bad_parameter("user_id", "must be an integer from 0 to 2^53"))
+        })
+        .transpose()?;
     let (from, to) = (from.map(day_text), to.map(day_text));
     let calendar = state.config.timezone;
     let day_of = move |ms: i64| {
@@ -163,7 +173,7 @@ pub async fn usage(
         }
     };
     let (rows, totals) = super::read(&state, move |store| {
-        store.usage(from.as_deref(), to.as_deref(), group, &day_of)
+        store.usage(from.as_deref(), to.as_deref(), user_id, group, &day_of)
     })
     .await?;
     let mut total = Map::new();

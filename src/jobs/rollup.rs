@@ -137,8 +137,8 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
     use crate::store::Store;
-    use crate::store::rollup::{DailyRow, Sums};
-    use usage_protocol::event::{Event, ModelName, Source, Tokens};
+    use crate::store::rollup::{DailyRow, DayRange, GroupBy, Sums};
+    use usage_protocol::event::{Event, ModelName, Origin, Source, Tokens};
 
     pub(crate) fn event(
         user_id: u64,
@@ -192,7 +192,7 @@ pub(crate) mod tests {
             .unwrap()
     }
 
-    type Key = (String, u64, Source, String);
+    type Key = (String, u64, Source, String, Option<String>);
 
     /// The summaries as a brute-force sum over the given events.
     fn brute_force(calendar: Calendar, events: &[Event]) -> HashMap<Key, Sums> {
@@ -203,6 +203,7 @@ pub(crate) mod tests {
                 e.user_id,
                 e.source,
                 e.model.as_str().to_owned(),
+                e.origin.as_ref().map(|o| o.as_str().to_owned()),
             );
             let t = &e.tokens;
             sums.entry(key).or_default().add(&Sums {
@@ -220,7 +221,47 @@ pub(crate) mod tests {
 
     fn as_map(rows: Vec<DailyRow>) -> HashMap<Key, Sums> {
         rows.into_iter()
-            .map(|r| ((r.day, r.user_id, r.source, r.model), r.sums))
+            .map(|r| ((r.day, r.user_id, r.source, r.model, r.origin), r.sums))
+            .collect()
+    }
+
+    /// What `GET /v1/usage` answers grouped by every key, read through the writer's
+    /// connection.
+    async fn current_usage(writer: &Writer, calendar: Calendar) -> HashMap<Key, Sums> {
+        let every_key = GroupBy {
+            day: true,
+            user: true,
+            source: true,
+            model: true,
+            origin: true,
+        };
+        let day_of = move |ms: i64| {
+            let day = calendar.date_of(ms);
+            let (start_ms, end_ms) = calendar.day_range(day);
+            DayRange {
+                day: day_text(day),
+                start_ms,
+                end_ms,
+            }
+        };
+        let (rows, totals) = writer
+            .run(move |store| store.usage(None, None, None, every_key, &day_of))
+            .await
+            .unwrap();
+        let mut sum = Sums::default();
+        rows.iter().for_each(|r| sum.add(&r.sums));
+        assert_eq!(sum, totals);
+        rows.into_iter()
+            .map(|r| {
+                let key = (
+                    r.day.unwrap(),
+                    r.user_id.unwrap(),
+                    r.source.unwrap(),
+                    r.model.unwrap(),
+                    r.origin.unwrap(),
+                );
+                (key, r.sums)
+            })
             .collect()
     }
 
@@ -249,18 +290,24 @@ pub(crate) mod tests {
             0i64..(6 * 86_400_000),
             0u64..5000,
             0u64..5000,
+            0usize..3,
         )
-            .prop_map(|(user, source, model, offset, prompt, completion)| {
-                let model = ["gpt-4o-mini", "claude-3.5", "llama/3@8b"][model];
-                event(
-                    user,
-                    Source::ALL[source],
-                    model,
-                    BASE_MS + offset,
-                    prompt,
-                    completion,
-                )
-            })
+            .prop_map(
+                |(user, source, model, offset, prompt, completion, origin)| {
+                    let model = ["gpt-4o-mini", "claude-3.5", "llama/3@8b"][model];
+                    let mut event = event(
+                        user,
+                        Source::ALL[source],
+                        model,
+                        BASE_MS + offset,
+                        prompt,
+                        completion,
+                    );
+                    event.origin = [None, Some("core"), Some("plugin:ai-alt-text")][origin]
+                        .map(|o| Origin::parse(o).unwrap());
+                    event
+                },
+            )
     }
 
     proptest! {
@@ -281,8 +328,11 @@ pub(crate) mod tests {
                 for wave in waves {
                     record(&writer, &wave).await;
                     all.extend(wave);
+                    // Local usage counts every event at once, rolled up or not, once each.
+                    prop_assert_eq!(current_usage(&writer, calendar).await, brute_force(calendar, &all));
                     run_once(&writer, calendar).await.unwrap();
                     prop_assert_eq!(as_map(all_daily(&writer).await), brute_force(calendar, &all));
+                    prop_assert_eq!(current_usage(&writer, calendar).await, brute_force(calendar, &all));
                 }
                 Ok(())
             })?;

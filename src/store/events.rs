@@ -161,7 +161,7 @@ fn insert_event(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
     use usage_protocol::event::{ModelName, Source, Tokens};

@@ -46,8 +46,9 @@ impl Store {
     pub fn purge_daily_chunk(&mut self, before_day: &str, limit: usize) -> Result<u64, StoreError> {
         self.conn
             .prepare_cached(
-                "DELETE FROM usage_daily WHERE (usage_date, user_id, source, model_id) IN (
-                     SELECT usage_date, user_id, source, model_id FROM usage_daily
+                "DELETE FROM usage_daily
+                 WHERE (usage_date, user_id, source, model_id, origin_id) IN (
+                     SELECT usage_date, user_id, source, model_id, origin_id FROM usage_daily
                      WHERE usage_date < ?1 ORDER BY usage_date LIMIT ?2)",
             )
             .and_then(|mut stmt| stmt.execute(params![before_day, limit as i64]))
@@ -125,4 +126,33 @@ fn delete_returning(
             .doing("deleting sync failure notes")?;
     }
     Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Synchronous;
+    use crate::store::events::tests::sample_event;
+    use usage_protocol::event::Origin;
+
+    #[test]
+    fn a_daily_chunk_deletes_exactly_its_rows_when_origins_share_the_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        let events: Vec<_> = [None, Some("core"), Some("theme:acme")]
+            .into_iter()
+            .map(|origin| {
+                let mut event = sample_event(uuid::Uuid::new_v4());
+                event.origin = origin.map(|o| Origin::parse(o).unwrap());
+                event
+            })
+            .collect();
+        store.record(&events).unwrap();
+        let at = events[0].created_at_ms;
+        assert_eq!(store.recompute_day("2025-11-27", at, at + 1).unwrap(), 3);
+        for left in [2, 1, 0] {
+            assert_eq!(store.purge_daily_chunk("2025-11-28", 1).unwrap(), 1);
+            assert_eq!(store.daily_page("", None).unwrap().len(), left);
+        }
+    }
 }

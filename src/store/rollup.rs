@@ -113,7 +113,8 @@ const TOUCHED_BUCKET_MS: i64 = 15 * 60 * 1000;
 /// The rows a usage query sums, as a common table `d`: the summary rows of days not
 /// touched since the last rollup, and the raw events of the touched days (`?3`, a JSON
 /// array of `[day, start_ms, end_ms]`), each event a row of one. `?1` / `?2` bound the
-/// days (either `NULL`); the touched days are already within them. `CROSS JOIN` keeps the
+/// days (either `NULL`); the touched days are already within them. `?4`, when not `NULL`,
+/// keeps one user's rows. `CROSS JOIN` keeps the
 /// few touched days as the outer loop, each one a range of the `created_at` index.
 const CURRENT_ROWS: &str = "WITH touched(day, start_ms, end_ms) AS (
          SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?3)),
@@ -123,13 +124,15 @@ const CURRENT_ROWS: &str = "WITH touched(day, start_ms, end_ms) AS (
              reasoning_tokens
          FROM usage_daily
          WHERE (?1 IS NULL OR usage_date >= ?1) AND (?2 IS NULL OR usage_date <= ?2)
+           AND (?4 IS NULL OR user_id = ?4)
            AND usage_date NOT IN (SELECT day FROM touched)
          UNION ALL
          SELECT t.day, e.user_id, e.source, e.model_id, e.origin_id, 1, e.prompt_tokens,
              e.completion_tokens, e.prompt_tokens + e.completion_tokens, e.cached_tokens,
              e.cache_write_tokens, e.reasoning_tokens
          FROM touched t CROSS JOIN events e
-         WHERE e.created_at >= t.start_ms AND e.created_at < t.end_ms)";
+         WHERE e.created_at >= t.start_ms AND e.created_at < t.end_ms
+           AND (?4 IS NULL OR e.user_id = ?4))";
 
 /// The summed columns of `usage_daily`, in [`Sums`] order.
 const SUM_COLUMNS: &str = "sum(d.events), sum(d.prompt_tokens), sum(d.completion_tokens),
@@ -267,7 +270,8 @@ impl Store {
             .doing("reading daily summaries")
     }
 
-    /// Sums over the days `from <= day <= to` (either open), grouped by the chosen keys
+    /// Sums over the days `from <= day <= to` (either open), of one user if `user_id` is
+    /// given, grouped by the chosen keys
     /// (with no key, no rows), current to the last committed event: every day an event
     /// has touched since the last rollup (`day_of` names the local day of an instant) is
     /// summed from its raw events, every other day from its summary rows. All of it is
@@ -276,6 +280,7 @@ impl Store {
         &self,
         from: Option<&str>,
         to: Option<&str>,
+        user_id: Option<u64>,
         group: GroupBy,
         day_of: &dyn Fn(i64) -> DayRange,
     ) -> Result<(Vec<UsageRow>, Sums), StoreError> {
@@ -292,14 +297,17 @@ impl Store {
             .map(|d| (d.day, d.start_ms, d.end_ms))
             .collect();
         let touched = serde_json::to_string(&touched).expect("day ranges always serialize");
-        let totals = self
-            .conn
-            .prepare_cached(&format!("{CURRENT_ROWS} SELECT {SUM_COLUMNS} FROM d"))
-            .and_then(|mut stmt| {
-                stmt.query_row(params![from, to, touched], |row| Sums::from_row(row, 0))
-            })
-            .doing("summing usage")?;
+        let user_id = user_id.map(|id| id as i64);
         if !group.any() {
+            let totals = self
+                .conn
+                .prepare_cached(&format!("{CURRENT_ROWS} SELECT {SUM_COLUMNS} FROM d"))
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![from, to, touched, user_id], |row| {
+                        Sums::from_row(row, 0)
+                    })
+                })
+                .doing("summing usage")?;
             return Ok((Vec::new(), totals));
         }
         // The key columns come from this fixed list, never from the request's text.
@@ -323,7 +331,7 @@ impl Store {
         );
         let mut stmt = self.conn.prepare_cached(&sql).doing("grouping usage")?;
         let rows = stmt
-            .query_map(params![from, to, touched], |row| {
+            .query_map(params![from, to, touched, user_id], |row| {
                 let mut column = 0;
                 let mut next = || {
                     column += 1;
@@ -359,9 +367,12 @@ impl Store {
                 })
             })
             .doing("grouping usage")?;
-        let rows = rows.collect::<Result<_, _>>().doing("grouping usage")?;
+        let rows: Vec<UsageRow> = rows.collect::<Result<_, _>>().doing("grouping usage")?;
         drop(stmt);
         snapshot.finish().doing("ending a usage read")?;
+        // The groups partition the rows summed, so their sums are the totals: one pass.
+        let mut totals = Sums::default();
+        rows.iter().for_each(|row| totals.add(&row.sums));
         Ok((rows, totals))
     }
 

@@ -294,6 +294,7 @@ mod tests {
                     cached_tokens: 0,
                     cache_write_tokens: 0,
                     reasoning_tokens: 0,
+                    origin: None,
                     context: None,
                     created_at: "2026-11-27T10:29:58.123Z".into(),
                 })

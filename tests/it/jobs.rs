@@ -402,10 +402,25 @@ async fn usage_is_current_to_the_last_event_and_counts_each_event_once_after_a_r
         .unwrap();
     assert_eq!(past["totals"]["events"], 1, "{past}");
 
+    // One user's own usage, by origin, rolled up or not.
+    let (_, user1) = agent
+        .get("/v1/usage?user_id=1&group_by=origin")
+        .await
+        .unwrap();
+    assert_eq!(user1["totals"]["events"], 2, "{user1}");
+    assert_eq!(user1["rows"][1]["origin"], "plugin:ai-alt-text", "{user1}");
+    let (code, body) = agent.get("/v1/usage?user_id=-1").await.unwrap();
+    assert_bad_parameter(code, &body, "user_id");
+
     // After the next rollup the summaries alone give the same answer.
     agent.post("/v1/rollup", &json!({})).await;
     let (_, rolled_usage) = agent.get("/v1/usage?group_by=origin").await.unwrap();
     assert_eq!(rolled_usage, usage);
+    let (_, rolled_user1) = agent
+        .get("/v1/usage?user_id=1&group_by=origin")
+        .await
+        .unwrap();
+    assert_eq!(rolled_user1, user1);
 }
 
 /// Inserts events straight into the database (the API refuses events older than the

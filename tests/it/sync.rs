@@ -307,6 +307,67 @@ async fn events_reach_the_receiver_once_with_user_hashes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_recorded_at_the_agent_reaches_the_receiver_and_groups_there() {
+    let rx = TestReceiver::start(receiver_settings());
+    let mut agent = agent_for(&rx.url(""), "", true);
+    agent.spawn().await;
+    let with_origin = |origin: Option<&str>| {
+        let mut e = event(&new_id());
+        if let Some(origin) = origin {
+            e["origin"] = json!(origin);
+        }
+        e
+    };
+    let mut held = with_origin(Some("plugin:ai-alt-text"));
+    // A quota hold stays on the agent: the receiver would refuse the field.
+    held["hold_id"] = json!(new_id());
+    let events = [
+        with_origin(Some("plugin:ai-alt-text")),
+        held,
+        with_origin(Some("theme:acme")),
+        with_origin(None),
+    ];
+    let (code, body) = agent.post("/v1/events", &json!({"events": events})).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+
+    let report = sync_now(&agent).await;
+    assert_eq!(report["error"], Value::Null, "{report}");
+    assert_eq!(report["rejected"], 0, "{report}");
+    assert_eq!(received(&rx, &agent).await, 4);
+
+    let install_id = identity(&agent)["install_id"].as_str().unwrap().to_owned();
+    let summary = provider_json(
+        &rx,
+        &format!("/api/usage/summary?install_id={install_id}&group_by=origin,model"),
+    )
+    .await;
+    let rows: Vec<(Value, u64)> = summary["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["origin"].clone(), r["events"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (Value::Null, 1),
+            (json!("plugin:ai-alt-text"), 2),
+            (json!("theme:acme"), 1)
+        ],
+        "{summary}"
+    );
+    // The agent's own answer groups the same way.
+    let (_, local) = agent.get("/v1/usage?group_by=origin").await.unwrap();
+    let local: Vec<(Value, u64)> = local["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["origin"].clone(), r["events"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(local, rows);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_receiver_is_a_network_error_and_events_stay_pending() {
     let rx = TestReceiver::start(receiver_settings());
     let backend = rx.url("");

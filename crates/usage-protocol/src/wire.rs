@@ -5,7 +5,9 @@
 //!
 //! Per-event rules reuse the pure checks of [`crate::event`]; this module adds only what
 //! differs on the wire (`user_hash` instead of `user_id`, `total_tokens` and `created_at`
-//! required, 91 days of age allowed). It does no I/O besides in-memory (de)compression, and
+//! required, 91 days of age allowed, no `hold_id`: a local quota hold never leaves the
+//! agent). `origin` is sent only when the event has one, so a receiver that predates it
+//! still takes the events that name none. It does no I/O besides in-memory (de)compression, and
 //! never reads the clock: callers pass `now`.
 
 use std::io::{Read, Write};
@@ -18,7 +20,8 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::event::{
-    self, Event, FieldError, FromObject, Limits, ModelName, Source, Tokens, format_millis,
+    self, Event, FieldError, FromObject, Limits, ModelName, Origin, Source, Tokens, format_millis,
+    present,
 };
 
 /// Most events in one batch.
@@ -41,6 +44,7 @@ const WIRE_EVENT_FIELDS: &[&str] = &[
     "cached_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "origin",
     "context",
     "created_at",
 ];
@@ -91,6 +95,9 @@ pub struct WireEvent {
     pub cache_write_tokens: u64,
     #[serde(skip_serializing_if = "is_zero")]
     pub reasoning_tokens: u64,
+    /// Omitted, never `null`, when absent: a receiver that predates `origin` refuses it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<RawContext>,
     /// RFC 3339 with millisecond precision and `Z`, as made by [`format_millis`].
@@ -145,6 +152,7 @@ impl WireEvent {
             cached_tokens: event.tokens.cached,
             cache_write_tokens: event.tokens.cache_write,
             reasoning_tokens: event.tokens.reasoning,
+            origin: event.origin.clone(),
             context: event.context.as_deref().and_then(RawContext::from_json),
             created_at: format_millis(event.created_at_ms),
         }
@@ -268,6 +276,7 @@ pub struct CheckedWireEvent {
     pub source: Source,
     pub model: ModelName,
     pub tokens: Tokens,
+    pub origin: Option<Origin>,
     /// The `context` object serialized compactly; `None` when absent.
     pub context: Option<String>,
     pub created_at_ms: i64,
@@ -287,6 +296,7 @@ impl CheckedWireEvent {
             cached_tokens: self.tokens.cached,
             cache_write_tokens: self.tokens.cache_write,
             reasoning_tokens: self.tokens.reasoning,
+            origin: self.origin.clone(),
             context: self.context.as_deref().and_then(RawContext::from_json),
             created_at: format_millis(self.created_at_ms),
         }
@@ -350,6 +360,7 @@ pub fn check_wire_event(
         errors.push(FieldError::new("total_tokens", "is required"));
     }
     let tokens = event::parse_tokens(object, &mut errors);
+    let origin = event::parse_origin(object.get("origin"), &mut errors);
     let context = event::parse_context(object.get("context"), &mut errors);
     let created_at_ms = match object.get("created_at") {
         None | Some(Value::Null) => {
@@ -371,6 +382,7 @@ pub fn check_wire_event(
         source,
         model,
         tokens,
+        origin,
         context,
         created_at_ms,
     ) {
@@ -380,6 +392,7 @@ pub fn check_wire_event(
             Some(source),
             Some(model),
             Some(tokens),
+            Some(origin),
             Some(context),
             Some(created_at_ms),
         ) if errors.is_empty() => Ok(CheckedWireEvent {
@@ -388,6 +401,7 @@ pub fn check_wire_event(
             source,
             model,
             tokens,
+            origin,
             context,
             created_at_ms,
         }),
@@ -483,6 +497,8 @@ struct TypedWireEvent<'a> {
     cache_write_tokens: u64,
     #[serde(default)]
     reasoning_tokens: u64,
+    #[serde(default, deserialize_with = "present")]
+    origin: Option<&'a str>,
     #[serde(default, borrow)]
     context: Option<&'a RawValue>,
     created_at: &'a str,
@@ -527,6 +543,10 @@ fn check_typed_event(typed: &TypedWireEvent, limits: Limits) -> Option<CheckedWi
         source: Source::parse(typed.source)?,
         model: ModelName::parse(typed.model).ok()?,
         tokens: event::check_token_counts(tokens, Some(typed.total_tokens), errors)?,
+        origin: match typed.origin {
+            None => None,
+            Some(text) => Some(Origin::parse(text).ok()?),
+        },
         context: event::typed_context(typed.context, errors)?,
         created_at_ms: event::check_created_at(typed.created_at, limits, errors)?,
     })
@@ -742,6 +762,14 @@ mod tests {
             (with("total_tokens", json!(176)), "total_tokens"),
             (with("cached_tokens", json!(151)), "cached_tokens"),
             (with("context", json!("text")), "context"),
+            (with("origin", json!("Plugin:X")), "origin"),
+            (with("origin", json!("")), "origin"),
+            (with("origin", json!(5)), "origin"),
+            // A quota hold is the agent's own: never part of the wire protocol.
+            (
+                with("hold_id", json!("5f0c6c1e-2b7a-4d3e-9f10-0a1b2c3d4e5f")),
+                "hold_id",
+            ),
             (without("created_at"), "created_at"),
             (
                 with("created_at", json!("2026-11-27T12:05:01Z")),
@@ -806,6 +834,22 @@ mod tests {
         assert_eq!(wire.created_at_ms(), Some(local.created_at_ms));
         let sent = serde_json::to_value(&wire).unwrap();
         assert_eq!(parse_wire_event(&sent, now()).unwrap(), wire);
+        // No origin: the key is left out, not sent as null, for receivers that predate it.
+        assert!(sent.get("origin").is_none(), "{sent}");
+
+        let local = Event {
+            origin: Some(Origin::parse("plugin:ai-alt-text").unwrap()),
+            hold_id: Some(Uuid::new_v4()),
+            ..local
+        };
+        let sent = serde_json::to_value(WireEvent::from_event(&local, "inst")).unwrap();
+        assert_eq!(sent["origin"], "plugin:ai-alt-text");
+        assert!(
+            sent.get("hold_id").is_none(),
+            "a hold never leaves the agent: {sent}"
+        );
+        let received = check_wire_event(&sent, now()).unwrap();
+        assert_eq!(received.origin, local.origin);
     }
 
     #[test]
@@ -848,7 +892,7 @@ mod tests {
                     cache_write: 0,
                     reasoning: i % 2,
                 },
-                origin: None,
+                origin: (i % 3 == 1).then(|| Origin::parse("theme:acme").unwrap()),
                 hold_id: None,
                 context: i
                     .is_multiple_of(2)
@@ -867,6 +911,11 @@ mod tests {
         let typed = check_typed_batch(&body, now()).expect("the agent's shape is read typed");
         assert_eq!(typed, check_batch_values(&body, now()).unwrap());
         assert_eq!(typed.valid.len(), 6);
+        assert_eq!(
+            typed.valid[1].origin.as_ref().map(Origin::as_str),
+            Some("theme:acme")
+        );
+        assert_eq!(typed.valid[0].origin, None);
         assert_eq!(
             typed.valid[0].context.as_deref(),
             Some(r#"{"width":0,"mime":"image/png"}"#),

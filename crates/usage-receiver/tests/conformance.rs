@@ -102,6 +102,7 @@ suite!(
     enrollment_is_idempotent_and_never_replaces_a_secret,
     ingest_dedupes_across_and_within_batches_per_install,
     summary_groups_and_filters,
+    summary_groups_by_origin_and_raw_events_keep_it,
     events_page_walks_every_event_once_in_time_order,
     rollups_follow_ingest_and_skip_duplicates,
     the_rollup_keeps_every_token_kind_per_model_and_day,
@@ -226,6 +227,7 @@ fn summary_groups_and_filters(store: &dyn ReceiverStore) {
             user: true,
             model: true,
             day: false,
+            origin: false,
         },
         install_id: None,
     };
@@ -242,6 +244,109 @@ fn summary_groups_and_filters(store: &dyn ReceiverStore) {
         ..SummaryQuery::default()
     };
     assert_eq!(store.summary(&unknown).unwrap(), Summary::default());
+}
+
+fn summary_groups_by_origin_and_raw_events_keep_it(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let with = |n: u8, day: i64, origin: Option<&str>| NewEvent {
+        origin: origin.map(str::to_owned),
+        ..event(n, day * MS_PER_DAY + i64::from(n))
+    };
+    let first = vec![
+        with(1, 0, Some("theme:acme")),
+        with(2, 0, None),
+        with(3, 1, Some("plugin:ai-alt-text")),
+        with(4, 1, Some("theme:acme")),
+    ];
+    store.ingest(a.key, first, 0).unwrap();
+    // A batch sent again with one new event: the path that skips stored keys keeps it too.
+    let again = vec![with(4, 1, Some("theme:acme")), with(5, 1, Some("core"))];
+    let counts = store.ingest(a.key, again, 0).unwrap();
+    assert_eq!((counts.accepted, counts.duplicates), (1, 1));
+
+    let summary = |group_by| {
+        store
+            .summary(&SummaryQuery {
+                install_id: None,
+                range: TimeRange::default(),
+                group_by,
+            })
+            .unwrap()
+    };
+    let by_origin = summary(SummaryGroupBy {
+        origin: true,
+        ..SummaryGroupBy::default()
+    });
+    let rows: Vec<(Option<&str>, u64)> = by_origin
+        .rows
+        .iter()
+        .map(|r| (r.origin.as_ref().unwrap().as_deref(), r.totals.events))
+        .collect();
+    // Events without an origin come first on both stores.
+    assert_eq!(
+        rows,
+        [
+            (None, 1),
+            (Some("core"), 1),
+            (Some("plugin:ai-alt-text"), 1),
+            (Some("theme:acme"), 2)
+        ]
+    );
+    assert_eq!(by_origin.totals.events, 5);
+
+    let by_day = summary(SummaryGroupBy {
+        day: true,
+        origin: true,
+        model: true,
+        ..SummaryGroupBy::default()
+    });
+    let rows: Vec<(i64, Option<&str>, u64)> = by_day
+        .rows
+        .iter()
+        .map(|r| {
+            assert_eq!(r.model.as_deref(), Some("m"));
+            (
+                r.day.unwrap(),
+                r.origin.as_ref().unwrap().as_deref(),
+                r.totals.completion_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (0, None, 2),
+            (0, Some("theme:acme"), 1),
+            (1, Some("core"), 5),
+            (1, Some("plugin:ai-alt-text"), 3),
+            (1, Some("theme:acme"), 4)
+        ]
+    );
+    let ungrouped = summary(SummaryGroupBy {
+        model: true,
+        ..SummaryGroupBy::default()
+    });
+    assert!(ungrouped.rows.iter().all(|r| r.origin.is_none()));
+
+    let page = store
+        .events_page(&EventsQuery {
+            install_id: None,
+            range: TimeRange::default(),
+            limit: 10,
+            after: None,
+        })
+        .unwrap();
+    let origins: Vec<Option<&str>> = page.events.iter().map(|e| e.origin.as_deref()).collect();
+    assert_eq!(
+        origins,
+        [
+            Some("theme:acme"),
+            None,
+            Some("plugin:ai-alt-text"),
+            Some("theme:acme"),
+            Some("core")
+        ]
+    );
 }
 
 fn events_page_walks_every_event_once_in_time_order(store: &dyn ReceiverStore) {

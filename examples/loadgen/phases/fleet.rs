@@ -518,6 +518,7 @@ fn store_only(url: &str, in_flight: usize) -> anyhow::Result<(f64, Option<f64>)>
                     cached_tokens: 0,
                     cache_write_tokens: 0,
                     reasoning_tokens: 0,
+                    origin: None,
                     context: Some(format!(r#"{{"attachment_id":{e}}}"#)),
                     created_at_ms: now - 1000 - e as i64,
                 })

@@ -477,6 +477,7 @@ fn new_event(event: CheckedWireEvent) -> NewEvent {
         cached_tokens: event.tokens.cached,
         cache_write_tokens: event.tokens.cache_write,
         reasoning_tokens: event.tokens.reasoning,
+        origin: event.origin.map(|origin| origin.as_str().to_owned()),
         context: event.context,
         created_at_ms: event.created_at_ms,
     }

@@ -35,6 +35,7 @@ pub fn event(n: u8, created_at_ms: i64) -> NewEvent {
         cached_tokens: 0,
         cache_write_tokens: 0,
         reasoning_tokens: 0,
+        origin: (n % 3 == 1).then(|| "plugin:ai-alt-text".into()),
         context: Some(r#"{"n":1}"#.into()),
         created_at_ms,
     }

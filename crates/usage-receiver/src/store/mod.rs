@@ -551,6 +551,8 @@ pub struct NewEvent {
     pub cached_tokens: u64,
     pub cache_write_tokens: u64,
     pub reasoning_tokens: u64,
+    /// What on the site made the call, if the event said.
+    pub origin: Option<String>,
     /// The `context` object serialized compactly.
     pub context: Option<String>,
     pub created_at_ms: i64,
@@ -569,11 +571,12 @@ pub struct SummaryGroupBy {
     pub user: bool,
     pub source: bool,
     pub model: bool,
+    pub origin: bool,
 }
 
 impl SummaryGroupBy {
     pub fn any(&self) -> bool {
-        self.day || self.user || self.source || self.model
+        self.day || self.user || self.source || self.model || self.origin
     }
 }
 
@@ -628,6 +631,8 @@ pub struct SummaryRow {
     pub user_hash: Option<String>,
     pub source: Option<Source>,
     pub model: Option<String>,
+    /// `Some(None)`: grouped by origin, for the events that named none.
+    pub origin: Option<Option<String>>,
     pub totals: Totals,
 }
 
@@ -681,6 +686,7 @@ pub struct ReceivedEvent {
     pub cached_tokens: u64,
     pub cache_write_tokens: u64,
     pub reasoning_tokens: u64,
+    pub origin: Option<String>,
     pub context: Option<String>,
     pub created_at_ms: i64,
     pub received_at_ms: i64,

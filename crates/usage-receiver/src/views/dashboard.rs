@@ -758,6 +758,7 @@ mod tests {
                 user_hash: Some(HOSTILE.into()),
                 source: None,
                 model: None,
+                origin: None,
                 totals: Totals::default(),
             }],
         };

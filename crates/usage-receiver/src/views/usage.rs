@@ -1,5 +1,6 @@
 //! `GET /api/usage/summary` and `GET /api/usage/events`, both behind basic auth: token
-//! totals, optionally grouped by day, user, source or model (JSON or CSV), and raw events,
+//! totals, optionally grouped by day, user, source, model or origin (JSON or CSV), and raw
+//! events,
 //! paged by an opaque cursor (docs/reference/receiver-api.md).
 //!
 //! This module parses query parameters and shapes answers; the numbers come from the
@@ -139,10 +140,11 @@ fn parse_group_by(value: &Option<String>) -> Result<SummaryGroupBy, ReceiverErro
             "user" => group.user = true,
             "source" => group.source = true,
             "model" => group.model = true,
+            "origin" => group.origin = true,
             _ => {
                 return Err(bad_param(
                     "group_by",
-                    "must list some of day, user, source, model",
+                    "must list some of day, user, source, model, origin",
                 ));
             }
         }
@@ -177,6 +179,10 @@ fn summary_json(summary: &Summary) -> Value {
             if let Some(model) = &row.model {
                 object.insert("model".into(), model.clone().into());
             }
+            // Grouped by origin: `null` for the events that named none.
+            if let Some(origin) = &row.origin {
+                object.insert("origin".into(), origin.clone().into());
+            }
             totals_json(&row.totals, &mut object);
             Value::Object(object)
         })
@@ -199,6 +205,9 @@ fn summary_csv(summary: &Summary, group: SummaryGroupBy) -> Response {
     if group.model {
         columns.push("model");
     }
+    if group.origin {
+        columns.push("origin");
+    }
     columns.extend([
         "events",
         "prompt_tokens",
@@ -211,6 +220,8 @@ fn summary_csv(summary: &Summary, group: SummaryGroupBy) -> Response {
         cells.extend(row.user_hash.clone());
         cells.extend(row.source.map(|source| source.as_str().to_owned()));
         cells.extend(row.model.clone());
+        // An empty cell for the events that named no origin.
+        cells.extend(row.origin.clone().map(Option::unwrap_or_default));
         let t = &row.totals;
         cells.extend(
             [
@@ -238,6 +249,7 @@ fn event_json(event: &ReceivedEvent) -> Value {
         "user_hash": event.user_hash,
         "source": event.source.as_str(),
         "model": event.model,
+        "origin": event.origin,
         "prompt_tokens": event.prompt_tokens,
         "completion_tokens": event.completion_tokens,
         "total_tokens": event.prompt_tokens + event.completion_tokens,
@@ -298,6 +310,7 @@ mod tests {
                 ..SummaryGroupBy::default()
             }
         );
+        assert!(parse_group_by(&Some("origin".into())).unwrap().origin);
         assert!(parse_group_by(&Some("week".into())).is_err());
         assert!(!parse_group_by(&None).unwrap().any());
     }

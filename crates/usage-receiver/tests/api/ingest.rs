@@ -713,6 +713,102 @@ async fn the_summary_groups_by_day_user_source_and_model() {
 }
 
 #[tokio::test]
+async fn the_summary_groups_by_origin_alone_and_with_other_keys_as_json_and_csv() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    enroll(&rx, &install).await;
+    // Noon of the past two days: never in the future.
+    let day1 = Utc::now().date_naive() - Duration::days(1);
+    let day2 = day1 - Duration::days(1);
+    let noon = day1.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let earlier = day2.and_hms_opt(12, 0, 0).unwrap().and_utc();
+    let with_origin = |user: u64, at, origin: &str| {
+        let mut event = event_at(&install, user, at);
+        event["origin"] = json!(origin);
+        event
+    };
+    let events = [
+        with_origin(1, noon, "plugin:ai-alt-text"),
+        with_origin(2, noon, "plugin:ai-alt-text"),
+        with_origin(1, earlier, "theme:acme"),
+        event_at(&install, 1, noon),
+    ];
+    send_batch(&rx, &install, &events).await;
+
+    let base = format!("/api/usage/summary?install_id={}", install.id);
+    let by_origin = provider_json(&rx, &format!("{base}&group_by=origin")).await;
+    assert_eq!(
+        by_origin["rows"],
+        json!([
+            {"origin": null, "events": 1, "prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+            {"origin": "plugin:ai-alt-text", "events": 2, "prompt_tokens": 200, "completion_tokens": 40, "total_tokens": 240},
+            {"origin": "theme:acme", "events": 1, "prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+        ]),
+        "{by_origin}"
+    );
+    assert_eq!(by_origin["totals"]["events"], 4);
+
+    let by_day = provider_json(&rx, &format!("{base}&group_by=day,user,origin")).await;
+    let rows: Vec<(String, Value, u64)> = by_day["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["user_hash"].as_str().unwrap().len(), 64, "{r}");
+            (
+                r["day"].as_str().unwrap().to_owned(),
+                r["origin"].clone(),
+                r["events"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len(), 4, "{by_day}");
+    assert_eq!(rows[0], (day2.to_string(), json!("theme:acme"), 1));
+    assert!(
+        rows[1..]
+            .iter()
+            .all(|(day, _, events)| *day == day1.to_string() && *events == 1)
+    );
+    assert_eq!(
+        rows.iter()
+            .filter(|(_, origin, _)| origin.is_null())
+            .count(),
+        1
+    );
+
+    let csv = provider_get(&rx, &format!("{base}&group_by=origin&format=csv"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), StatusCode::OK);
+    assert_eq!(
+        csv.text().await.unwrap(),
+        "origin,events,prompt_tokens,completion_tokens,total_tokens\n\
+         ,1,100,20,120\n\
+         plugin:ai-alt-text,2,200,40,240\n\
+         theme:acme,1,100,20,120\n"
+    );
+
+    let raw = provider_json(&rx, &format!("/api/usage/events?install_id={}", install.id)).await;
+    let mut origins: Vec<Value> = raw["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["origin"].clone())
+        .collect();
+    origins.sort_by_key(|o| o.to_string());
+    assert_eq!(
+        origins,
+        [
+            json!("plugin:ai-alt-text"),
+            json!("plugin:ai-alt-text"),
+            json!("theme:acme"),
+            Value::Null
+        ]
+    );
+}
+
+#[tokio::test]
 async fn events_are_paged_oldest_first() {
     let rx = TestReceiver::start(receiver_settings());
     let install = TestInstall::new();

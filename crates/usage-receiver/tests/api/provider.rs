@@ -1111,6 +1111,7 @@ async fn the_dashboard_lists_a_thousand_installs() {
                     cached_tokens: 0,
                     cache_write_tokens: 0,
                     reasoning_tokens: 0,
+                    origin: None,
                     context: None,
                     created_at_ms: at - i64::from(i / 2) * 86_400_000,
                 })

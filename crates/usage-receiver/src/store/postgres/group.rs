@@ -114,7 +114,7 @@ async fn copy_events(
         .copy_in(
             "COPY events (install, event_id, user_hash, source, model, prompt_tokens,
                           completion_tokens, cached_tokens, cache_write_tokens,
-                          reasoning_tokens, context, created_at, received_at)
+                          reasoning_tokens, context, created_at, received_at, origin)
              FROM STDIN BINARY",
         )
         .await?;
@@ -132,13 +132,14 @@ async fn copy_events(
         Type::TEXT,
         Type::INT8,
         Type::INT8,
+        Type::TEXT,
     ];
     let writer = BinaryCopyInWriter::new(sink, &types);
     pin_mut!(writer);
     for batch in going {
         let c = batch.columns;
         for n in 0..c.len() {
-            let row: [&(dyn ToSql + Sync); 13] = [
+            let row: [&(dyn ToSql + Sync); 14] = [
                 &batch.install,
                 &c.event_id[n],
                 &c.user_hash[n],
@@ -152,6 +153,7 @@ async fn copy_events(
                 &c.context[n],
                 &c.created_at[n],
                 &batch.received_at_ms,
+                &c.origin[n],
             ];
             writer.as_mut().write(&row).await?;
         }

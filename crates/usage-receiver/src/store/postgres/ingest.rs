@@ -39,7 +39,7 @@ pub(super) async fn store_batch(
     burst_ms: Option<i64>,
 ) -> Result<Row, ReceiverStoreError> {
     let c = columns;
-    let params: [&(dyn ToSql + Sync); 15] = [
+    let params: [&(dyn ToSql + Sync); 16] = [
         &install,
         &received_at_ms,
         &c.event_id,
@@ -55,6 +55,7 @@ pub(super) async fn store_batch(
         &c.created_at,
         &interval_ms,
         &burst_ms,
+        &c.origin,
     ];
     let fresh = client.prepare_cached(INGEST_FRESH).await?;
     match client.query_one(&fresh, &params).await {
@@ -112,6 +113,7 @@ pub(super) struct Columns {
     pub(super) reasoning: Vec<i64>,
     pub(super) context: Vec<Option<String>>,
     pub(super) created_at: Vec<i64>,
+    pub(super) origin: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -127,6 +129,7 @@ impl Columns {
         self.reasoning.push(tokens(event.reasoning_tokens));
         self.context.push(event.context);
         self.created_at.push(event.created_at_ms);
+        self.origin.push(event.origin);
     }
 
     /// Events in the batch.
@@ -156,9 +159,10 @@ WITH install AS (
 ), input AS (
     SELECT * FROM unnest($3::uuid[], $4::bytea[], $5::int2[], $6::text[], $7::int8[],
                          $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[],
-                         $13::int8[])
+                         $13::int8[], $16::text[])
         AS t(event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at)"
+             cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at,
+             origin)"
         )
     };
 }
@@ -221,10 +225,10 @@ const INGEST_ANY: &str = concat!(
 ), stored AS (
     INSERT INTO events (install, event_id, user_hash, source, model, prompt_tokens,
                         completion_tokens, cached_tokens, cache_write_tokens,
-                        reasoning_tokens, context, created_at, received_at)
+                        reasoning_tokens, context, created_at, received_at, origin)
     SELECT $1, i.event_id, i.user_hash, i.source, i.model, i.prompt_tokens,
            i.completion_tokens, i.cached_tokens, i.cache_write_tokens, i.reasoning_tokens,
-           i.context, i.created_at, $2
+           i.context, i.created_at, $2, i.origin
     FROM input i JOIN fresh USING (event_id)
     RETURNING created_at, model, prompt_tokens, completion_tokens, cached_tokens,
               cache_write_tokens, reasoning_tokens",
@@ -244,9 +248,10 @@ const INGEST_FRESH: &str = concat!(
 ), rows AS (
     INSERT INTO events (install, event_id, user_hash, source, model, prompt_tokens,
                         completion_tokens, cached_tokens, cache_write_tokens,
-                        reasoning_tokens, context, created_at, received_at)
+                        reasoning_tokens, context, created_at, received_at, origin)
     SELECT $1, event_id, user_hash, source, model, prompt_tokens, completion_tokens,
-           cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at, $2
+           cached_tokens, cache_write_tokens, reasoning_tokens, context, created_at, $2,
+           origin
     FROM stored",
     ingest_tail!()
 );

@@ -565,11 +565,16 @@ impl ReceiverStore for PostgresStore {
             if group.model {
                 keys.push(r#"model COLLATE "C""#.to_owned());
             }
+            if group.origin {
+                keys.push(r#"origin COLLATE "C""#.to_owned());
+            }
             let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
+            // PostgreSQL sorts nulls last, SQLite first: first here too, as in SQLite.
+            let order: Vec<String> = keys.iter().map(|k| format!("{k} NULLS FIRST")).collect();
             let group_clause = if keys.is_empty() {
                 String::new()
             } else {
-                format!("GROUP BY {0} ORDER BY {0}", keys.join(", "))
+                format!("GROUP BY {} ORDER BY {}", keys.join(", "), order.join(", "))
             };
             let install_clause = if only.is_some() {
                 "install = $1"
@@ -601,6 +606,7 @@ impl ReceiverStore for PostgresStore {
                     None
                 };
                 let model = group.model.then(|| row.get::<_, String>(next()));
+                let origin = group.origin.then(|| row.get::<_, Option<String>>(next()));
                 let events = count(row.get(next()))?;
                 let prompt_tokens = count(row.get(next()))?;
                 let completion_tokens = count(row.get(next()))?;
@@ -610,6 +616,7 @@ impl ReceiverStore for PostgresStore {
                         user_hash,
                         source,
                         model,
+                        origin,
                         totals: Totals::of(events, prompt_tokens, completion_tokens),
                     },
                     group.any(),
@@ -639,7 +646,7 @@ impl ReceiverStore for PostgresStore {
                     "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
                             e.prompt_tokens, e.completion_tokens, e.cached_tokens,
                             e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
-                            e.received_at
+                            e.received_at, e.origin
                      FROM events e JOIN installs i ON i.id = e.install
                      WHERE ($1::bigint IS NULL OR e.install = $1)
                        AND e.created_at >= $2 AND e.created_at < $3
@@ -1533,6 +1540,7 @@ fn received_event(row: &Row) -> Result<ReceivedEvent, ReceiverStoreError> {
         cached_tokens: count(row.get(8))?,
         cache_write_tokens: count(row.get(9))?,
         reasoning_tokens: count(row.get(10))?,
+        origin: row.get(14),
         context: row.get(11),
         created_at_ms: row.get(12),
         received_at_ms: row.get(13),

@@ -294,6 +294,9 @@ impl ReceiverStore for SqliteStore {
         if group.model {
             keys.push("model".to_owned());
         }
+        if group.origin {
+            keys.push("origin".to_owned());
+        }
         let key_columns: String = keys.iter().map(|k| format!("{k}, ")).collect();
         let group_clause = if keys.is_empty() {
             String::new()
@@ -344,6 +347,11 @@ impl ReceiverStore for SqliteStore {
             } else {
                 None
             };
+            let origin = if group.origin {
+                Some(row.get::<_, Option<String>>(next())?)
+            } else {
+                None
+            };
             let events: u64 = row.get(next())?;
             let prompt_tokens: u64 = row.get(next())?;
             let completion_tokens: u64 = row.get(next())?;
@@ -353,6 +361,7 @@ impl ReceiverStore for SqliteStore {
                     user_hash,
                     source,
                     model,
+                    origin,
                     totals: Totals::of(events, prompt_tokens, completion_tokens),
                 },
                 group.any(),
@@ -385,7 +394,7 @@ impl ReceiverStore for SqliteStore {
             "SELECT i.install_id, e.install, e.event_id, e.user_hash, e.source, e.model,
                     e.prompt_tokens, e.completion_tokens, e.cached_tokens,
                     e.cache_write_tokens, e.reasoning_tokens, e.context, e.created_at,
-                    e.received_at
+                    e.received_at, e.origin
              FROM events e JOIN installs i ON i.id = e.install
              WHERE (?1 IS NULL OR e.install = ?1) AND e.created_at >= ?2 AND e.created_at < ?3
                AND (e.created_at, e.install, e.event_id) > (?4, ?5, ?6)
@@ -423,6 +432,7 @@ impl ReceiverStore for SqliteStore {
                 cached_tokens: row.get(8)?,
                 cache_write_tokens: row.get(9)?,
                 reasoning_tokens: row.get(10)?,
+                origin: row.get(14)?,
                 context: row.get(11)?,
                 created_at_ms,
                 received_at_ms: row.get(13)?,
@@ -832,8 +842,8 @@ fn insert_batch(
     let mut insert = tx.prepare_cached(
         "INSERT OR IGNORE INTO events (install, event_id, user_hash, source, model,
              prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens,
-             reasoning_tokens, context, created_at, received_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             reasoning_tokens, context, created_at, received_at, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?;
     for event in events {
         let inserted = insert.execute(params![
@@ -850,6 +860,7 @@ fn insert_batch(
             event.context,
             event.created_at_ms,
             received_at_ms,
+            event.origin,
         ])?;
         if inserted == 1 {
             counts.accepted += 1;
