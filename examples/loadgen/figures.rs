@@ -46,6 +46,18 @@ pub(crate) struct Figures {
     pub(crate) dashboard_100k_first_ms: Option<f64>,
     pub(crate) installations_100k_changed_ms: Option<f64>,
     pub(crate) dashboard_100k_changed_ms: Option<f64>,
+    /// Local quotas at 32 clients while 4 clients record: answers to `GET /v1/quota`, their
+    /// p99, holds granted; and recording that asks the quota before each event against the
+    /// same recording without asking.
+    pub(crate) quota_c32_eps: Option<f64>,
+    pub(crate) quota_c32_p99_ms: Option<f64>,
+    pub(crate) quota_hold_c32_eps: Option<f64>,
+    pub(crate) quota_record_ratio: Option<f64>,
+    /// In the table only: the holds' p99, and the recording beside the 32 asking clients
+    /// (questions, holds) against recording alone.
+    pub(crate) quota_hold_c32_p99_ms: Option<f64>,
+    pub(crate) quota_beside_record_ratio: Option<f64>,
+    pub(crate) quota_hold_beside_record_ratio: Option<f64>,
     pub(crate) synchronous: String,
 }
 
@@ -65,7 +77,7 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         Some(v) => format!("{v:.decimals$}"),
         None => "null".to_owned(),
     };
-    let rows: [(&str, Option<f64>, usize, &str); 28] = [
+    let rows: [(&str, Option<f64>, usize, &str); 35] = [
         ("single_c1_eps", figures.single_c1_eps, 0, ""),
         ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
         ("single_c128_eps", figures.single_c128_eps, 0, ""),
@@ -144,6 +156,38 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
             1,
             "",
         ),
+        ("quota_c32_eps", figures.quota_c32_eps, 0, ">= 50000"),
+        ("quota_c32_p99_ms", figures.quota_c32_p99_ms, 3, "<= 1"),
+        (
+            "quota_hold_c32_eps",
+            figures.quota_hold_c32_eps,
+            0,
+            ">= 20000",
+        ),
+        (
+            "quota_hold_c32_p99_ms",
+            figures.quota_hold_c32_p99_ms,
+            3,
+            "",
+        ),
+        (
+            "quota_record_ratio",
+            figures.quota_record_ratio,
+            3,
+            ">= 0.9",
+        ),
+        (
+            "quota_beside_record_ratio",
+            figures.quota_beside_record_ratio,
+            3,
+            "",
+        ),
+        (
+            "quota_hold_beside_record_ratio",
+            figures.quota_hold_beside_record_ratio,
+            3,
+            "",
+        ),
     ];
     println!();
     println!("| figure | value | target |");
@@ -185,6 +229,10 @@ pub(crate) fn figures_json(figures: &Figures) -> Value {
         "fleet_p99_ms": round(figures.fleet_p99_ms, 1),
         "installations_100k_ms": round(figures.installations_100k_ms, 1),
         "dashboard_100k_ms": round(figures.dashboard_100k_ms, 1),
+        "quota_c32_eps": round(figures.quota_c32_eps, 0),
+        "quota_c32_p99_ms": round(figures.quota_c32_p99_ms, 3),
+        "quota_hold_c32_eps": round(figures.quota_hold_c32_eps, 0),
+        "quota_record_ratio": round(figures.quota_record_ratio, 3),
         "synchronous": figures.synchronous,
     })
 }

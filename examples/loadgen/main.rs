@@ -14,7 +14,9 @@
 //! agent's own request reading and validation behind the same axum server and socket,
 //! answering without storing anything, so `single_c32_eps` can be read against it.
 //!
-//! Phases, in order: single-event POSTs at 1, 32 and 128 keep-alive clients, 32 clients that
+//! Phases, in order: the local quotas (an agent of their own with every limit set: 4 clients
+//! record alone, then beside 32 clients asking `GET /v1/quota`, then beside 32 clients
+//! taking holds), then single-event POSTs at 1, 32 and 128 keep-alive clients, 32 clients that
 //! open a new connection per request (a PHP site without a persistent client), batches of 100
 //! at 8 clients, then the agent is stopped with SIGTERM (it checkpoints) to measure bytes per
 //! event, and the same rows are inserted straight into the same schema in-process, 1000 per
@@ -29,7 +31,8 @@
 //! - `roles.rs`: the child roles this binary re-executes itself as, and how the parent
 //!   starts, waits for and stops them (the `Agent` under test among them).
 //! - `phases/`: one module per kind of measurement: the fsync floor, the HTTP ceiling, the
-//!   ingest phases, the in-process SQLite ceiling and bytes per event, the drain phases.
+//!   ingest phases, the in-process SQLite ceiling and bytes per event, the local quotas,
+//!   the drain phases.
 //! - `client.rs`: the HTTP clients that speak to the agent over its Unix socket.
 //! - `generator.rs`: the realistic events every phase sends or inserts.
 //! - `figures.rs`: every figure of one run, printed as a table and as the JSON line.
@@ -54,6 +57,7 @@ use crate::phases::fleet::{fleet_phase, view_phase};
 use crate::phases::fsync_floor::fsync_floor;
 use crate::phases::http_ceiling::http_ceiling_phase;
 use crate::phases::ingest::{Phase, PhaseResult, run_phase};
+use crate::phases::quota::quota_phase;
 use crate::phases::sqlite_limit::{database_size, sqlite_limit};
 use crate::roles::{AGENT_ROLE, Agent, HTTP_CEILING_ROLE, RECEIVER_ROLE};
 
@@ -84,8 +88,8 @@ struct Options {
     /// Run only these phases (for profiling); figures of skipped phases are null. `fleet`
     /// (the receiver on PostgreSQL) runs only when named; `view` is only its provider views
     /// (`installations_100k_ms`, `dashboard_100k_ms`), without its ingest.
-    #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,drain",
-          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "drain", "fleet", "view"])]
+    #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,quota,drain",
+          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "quota", "drain", "fleet", "view"])]
     phases: Vec<String>,
     /// For `fleet`: a PostgreSQL server where loadgen may create (and then drops) its
     /// databases, e.g. postgres://user@localhost/postgres; default: a throwaway cluster of
@@ -247,6 +251,34 @@ fn bench(options: Options) -> anyhow::Result<()> {
         );
         figures.views(&views);
     }
+    // Local quotas: questions and holds at 32 clients beside recording, in an agent of
+    // their own.
+    if options.wants("quota") {
+        let quota = quota_phase(&runtime, root.path(), &options, n, cap)?;
+        eprintln!(
+            "  quota     {:>9.0} answers/s (p99 {:.2} ms), {:.0} holds/s (p99 {:.2} ms) at 32 clients; \
+             recording at 4 clients: {:.0} events/s alone, {:.0} asking first, {:.0} beside the \
+             questions, {:.0} beside the holds",
+            quota.get.eps(),
+            quota.get.percentile_ms(0.99),
+            quota.hold.eps(),
+            quota.hold.percentile_ms(0.99),
+            quota.record_alone.eps(),
+            quota.record_asking.eps(),
+            quota.record_with_get.eps(),
+            quota.record_with_hold.eps(),
+        );
+        figures.quota_c32_eps = Some(quota.get.eps());
+        figures.quota_c32_p99_ms = Some(quota.get.percentile_ms(0.99));
+        figures.quota_hold_c32_eps = Some(quota.hold.eps());
+        figures.quota_hold_c32_p99_ms = Some(quota.hold.percentile_ms(0.99));
+        figures.quota_record_ratio = Some(quota.record_asking.eps() / quota.record_alone.eps());
+        figures.quota_beside_record_ratio =
+            Some(quota.record_with_get.eps() / quota.record_alone.eps());
+        figures.quota_hold_beside_record_ratio =
+            Some(quota.record_with_hold.eps() / quota.record_alone.eps());
+    }
+
     let agent_phases = ["c1", "c32", "c128", "newconn", "batch100", "limit"];
     if !agent_phases.iter().any(|phase| options.wants(phase)) {
         return finish(figures, notes, started, &options, &runtime, root.path());

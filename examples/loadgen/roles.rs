@@ -110,6 +110,17 @@ impl Agent {
         options: &Options,
         backend: Option<(&str, usize)>,
     ) -> anyhow::Result<Agent> {
+        Agent::start_with(dir, options, backend, "")
+    }
+
+    /// Like [`Agent::start`], with `tables` (TOML tables such as `[quota]`) appended to the
+    /// config.
+    pub(crate) fn start_with(
+        dir: &Path,
+        options: &Options,
+        backend: Option<(&str, usize)>,
+        tables: &str,
+    ) -> anyhow::Result<Agent> {
         let data_dir = dir.join("data");
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -125,7 +136,8 @@ impl Agent {
              backend_url = {backend_url:?}\n\
              enroll_token = {ENROLL_TOKEN:?}\n\
              batch_size = {batch_size}\n\
-             interval_secs = 86400\n",
+             interval_secs = 86400\n\
+             {tables}\n",
             data_dir = data_dir.display().to_string(),
             synchronous = options.synchronous,
         );

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The keys of the JSON line: every one of them, and no other.
-const KEYS: [&str; 20] = [
+const KEYS: [&str; 24] = [
     "single_c1_eps",
     "single_c32_eps",
     "single_c128_eps",
@@ -28,6 +28,10 @@ const KEYS: [&str; 20] = [
     "fleet_p99_ms",
     "installations_100k_ms",
     "dashboard_100k_ms",
+    "quota_c32_eps",
+    "quota_c32_p99_ms",
+    "quota_hold_c32_eps",
+    "quota_record_ratio",
     "synchronous",
 ];
 
@@ -132,7 +136,12 @@ fn skipped_phases_are_null_and_the_durability_mode_is_reported() {
     ]));
     positive(&figures, "single_c1_eps");
     positive(&figures, "rss_peak_mib");
-    for key in ["single_c32_eps", "batch100_eps", "drain1000_eps"] {
+    for key in [
+        "single_c32_eps",
+        "batch100_eps",
+        "drain1000_eps",
+        "quota_c32_eps",
+    ] {
         assert!(figures[key].is_null(), "{key} = {}", figures[key]);
     }
     assert_eq!(figures["synchronous"], "normal");

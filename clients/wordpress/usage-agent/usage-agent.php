@@ -1,14 +1,12 @@
 <?php
 /**
  * Plugin Name:       Usage Agent
- * Plugin URI:        https://github.com/usage-agent/usage-agent
  * Description:       Meters every AI call on the site (tokens per user, plugin and model) with the local usage-agent, which keeps the log and ships it to your provider.
  * Version:           0.1.0
  * Requires at least: 6.1
  * Requires PHP:      7.4
  * Author:            usage-agent
  * License:           MIT
- * License URI:       https://opensource.org/licenses/MIT
  * Text Domain:       usage-agent
  * Domain Path:       /languages
  *
