@@ -8,13 +8,14 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{SecondsFormat, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::ApiError;
 use super::events::require_json;
 use super::usage::{Params, bad_parameter};
-use crate::quota::{Answer, HoldOutcome};
+use crate::quota::{Answer, HoldOutcome, LimitState};
 use crate::state::SharedState;
 use usage_protocol::event::{MAX_TOKENS, MAX_USER_ID};
 
@@ -25,7 +26,7 @@ pub const MAX_HOLD_TOKENS: u64 = 2 * MAX_TOKENS;
 pub async fn quota(
     State(state): State<SharedState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let params = Params::parse(query, &["user_id", "tokens"])?;
     let user_id = match params.get("user_id") {
         Some(text) => integer_parameter("user_id", text, MAX_USER_ID)?,
@@ -38,7 +39,7 @@ pub async fn quota(
         .unwrap_or(0);
     let answer = state.quota.check(user_id, tokens, Utc::now());
     state.metrics.quota_denied(&answer.denied);
-    Ok(Json(answer_json(&answer)))
+    Ok(Json(AnswerBody::of(&answer)).into_response())
 }
 
 /// `POST /v1/quota/holds` `{"user_id", "tokens"}`.
@@ -57,14 +58,16 @@ pub async fn hold(
             expires_at,
             answer,
         } => {
-            let mut body = answer_json(&answer);
-            body["hold_id"] = json!(hold_id);
-            body["expires_at"] = json!(expires_at.to_rfc3339_opts(SecondsFormat::Secs, true));
+            let body = AnswerBody {
+                hold_id: Some(hold_id),
+                expires_at: Some(expires_at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+                ..AnswerBody::of(&answer)
+            };
             Ok((StatusCode::CREATED, Json(body)).into_response())
         }
         HoldOutcome::Refused(answer) => {
             state.metrics.quota_denied(&answer.denied);
-            Ok((StatusCode::OK, Json(answer_json(&answer))).into_response())
+            Ok((StatusCode::OK, Json(AnswerBody::of(&answer))).into_response())
         }
         HoldOutcome::Full => Err(ApiError {
             retry_after_s: Some(1),
@@ -98,13 +101,28 @@ pub async fn release(
     }
 }
 
-/// `{"user_id", "allowed", "limits": [...]}`.
-fn answer_json(answer: &Answer) -> Value {
-    json!({
-        "user_id": answer.user_id,
-        "allowed": answer.allowed,
-        "limits": answer.limits,
-    })
+/// `{"user_id", "allowed", "limits": [...]}`, and a granted hold's id and expiry.
+#[derive(Serialize)]
+struct AnswerBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hold_id: Option<Uuid>,
+    user_id: u64,
+    allowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+    limits: &'a [LimitState],
+}
+
+impl AnswerBody<'_> {
+    fn of(answer: &Answer) -> AnswerBody<'_> {
+        AnswerBody {
+            hold_id: None,
+            user_id: answer.user_id,
+            allowed: answer.allowed,
+            expires_at: None,
+            limits: &answer.limits,
+        }
+    }
 }
 
 fn integer_parameter(name: &str, text: &str, max: u64) -> Result<u64, ApiError> {
