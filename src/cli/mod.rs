@@ -12,6 +12,7 @@ use crate::config::Config;
 
 pub mod check;
 pub mod client;
+pub mod completions;
 #[cfg(feature = "receiver")]
 pub mod demo;
 pub mod export;
@@ -78,6 +79,12 @@ pub enum Command {
     #[cfg(feature = "receiver")]
     #[command(after_help = "Example:\n  cargo run --release -- demo")]
     Demo,
+    /// Print the shell completion script of usage-agent for SHELL (the package installs them).
+    #[command(
+        hide = true,
+        after_help = "Example:\n  usage-agent completions bash > /usr/share/bash-completion/completions/usage-agent"
+    )]
+    Completions(completions::CompletionsArgs),
 }
 
 /// A failure the user caused by how they called us: exit code 2.
@@ -119,6 +126,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Prices(args) => usage_receiver::cli::prices::run(args),
         #[cfg(feature = "receiver")]
         Command::Demo => demo::run(),
+        Command::Completions(args) => completions::run(args),
     }
 }
 

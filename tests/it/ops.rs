@@ -1,4 +1,5 @@
-//! Operations: the PHP site client against a live agent, and the systemd units.
+//! Operations: the PHP site client against a live agent, the systemd units (of a source
+//! install and of the packages) and the shell completions the package ships.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -140,29 +141,50 @@ fn the_php_client_returns_quickly_when_the_agent_is_stopped() {
 #[test]
 fn the_systemd_units_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let units = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/systemd");
+    let root = env!("CARGO_MANIFEST_DIR");
     let mut paths = Vec::new();
     // verify checks that ExecStart exists, so point the copies at the binary under test.
     for (source, target) in [
-        ("usage-agent.service", "usage-agent.service"),
-        ("usage-agent@.service", "usage-agent@shop.service"),
-        ("usage-receiver.service", "usage-receiver.service"),
+        ("contrib/systemd/usage-agent.service", "usage-agent.service"),
+        (
+            "contrib/systemd/usage-agent@.service",
+            "usage-agent@shop.service",
+        ),
+        (
+            "contrib/systemd/usage-receiver.service",
+            "usage-receiver.service",
+        ),
+        (
+            "packaging/usage-agent/usage-agent.service",
+            "packaged/usage-agent.service",
+        ),
+        (
+            "packaging/usage-receiver/usage-receiver.service",
+            "packaged/usage-receiver.service",
+        ),
     ] {
-        let text = std::fs::read_to_string(format!("{units}/{source}")).unwrap();
+        let text = std::fs::read_to_string(format!("{root}/{source}")).unwrap();
         assert!(text.contains("ProtectSystem=strict") && text.contains("NoNewPrivileges=yes"));
-        if source.starts_with("usage-agent") {
+        if source.contains("/usage-agent") {
             assert!(text.contains("Type=notify"), "{source}");
         }
         let path = dir.path().join(target);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         // The receiver's unit runs `usage-receiver serve`; this package's binary runs the
         // same receiver as `usage-agent receiver`, so the copy points at that.
-        let text = text
-            .replace(
-                "/usr/local/bin/usage-receiver serve",
-                &format!("{} receiver", crate::harness::bin()),
-            )
-            .replace("/usr/local/bin/usage-agent", crate::harness::bin());
-        assert!(!text.contains("/usr/local/bin"), "{source}: {text}");
+        let mut text = text;
+        for dir in ["/usr/local/bin", "/usr/bin"] {
+            text = text
+                .replace(
+                    &format!("{dir}/usage-receiver serve"),
+                    &format!("{} receiver", crate::harness::bin()),
+                )
+                .replace(
+                    &format!("{dir}/usage-agent "),
+                    &format!("{} ", crate::harness::bin()),
+                );
+        }
+        assert!(!text.contains("bin/usage-"), "{source}: {text}");
         std::fs::write(&path, text).unwrap();
         paths.push(path);
     }
@@ -227,6 +249,7 @@ fn every_subcommand_explains_itself_with_an_example() {
         "forget",
         "receiver",
         "demo",
+        "completions",
     ];
     for command in commands {
         let out = Command::new(crate::harness::bin())
@@ -258,6 +281,43 @@ fn every_subcommand_explains_itself_with_an_example() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "bad usage exits 2");
+}
+
+#[test]
+fn completions_are_printed_for_bash_zsh_and_fish_and_hidden_from_help() {
+    for (shell, marker) in [
+        ("bash", "-o default usage-agent"),
+        ("zsh", "#compdef usage-agent"),
+        ("fish", "complete -c usage-agent"),
+    ] {
+        let out = Command::new(crate::harness::bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "completions {shell}");
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            script.contains(marker),
+            "{shell}: no {marker:?} in\n{script}"
+        );
+        assert!(
+            script.contains("retry-failed") && script.contains("config"),
+            "{shell}: the subcommands and global options are completed"
+        );
+    }
+    let out = Command::new(crate::harness::bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "an unknown shell is bad usage");
+    let out = Command::new(crate::harness::bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("completions"),
+        "completions is hidden from --help"
+    );
 }
 
 /// Runs `promtool` with `args` from `contrib/prometheus/` and asserts it succeeds.
