@@ -257,13 +257,15 @@ fn bench(options: Options) -> anyhow::Result<()> {
         let quota = quota_phase(&runtime, root.path(), &options, n, cap)?;
         eprintln!(
             "  quota     {:>9.0} answers/s (p99 {:.2} ms), {:.0} holds/s (p99 {:.2} ms) at 32 clients; \
-             recording at 4 clients: {:.0} events/s alone, {:.0} asking first, {:.0} beside the \
-             questions, {:.0} beside the holds",
+             recording at 4 clients: {:.0} events/s alone, {:.0} beside {:.0} questions/s, \
+             {:.0} asking first, {:.0} beside the 32 asking, {:.0} beside the 32 holding",
             quota.get.eps(),
             quota.get.percentile_ms(0.99),
             quota.hold.eps(),
             quota.hold.percentile_ms(0.99),
             quota.record_alone.eps(),
+            quota.record_paced.eps(),
+            quota.paced_questions.eps(),
             quota.record_asking.eps(),
             quota.record_with_get.eps(),
             quota.record_with_hold.eps(),
@@ -272,7 +274,9 @@ fn bench(options: Options) -> anyhow::Result<()> {
         figures.quota_c32_p99_ms = Some(quota.get.percentile_ms(0.99));
         figures.quota_hold_c32_eps = Some(quota.hold.eps());
         figures.quota_hold_c32_p99_ms = Some(quota.hold.percentile_ms(0.99));
-        figures.quota_record_ratio = Some(quota.record_asking.eps() / quota.record_alone.eps());
+        figures.quota_record_ratio = Some(quota.record_paced.eps() / quota.record_alone.eps());
+        figures.quota_asking_first_record_ratio =
+            Some(quota.record_asking.eps() / quota.record_alone.eps());
         figures.quota_beside_record_ratio =
             Some(quota.record_with_get.eps() / quota.record_alone.eps());
         figures.quota_hold_beside_record_ratio =

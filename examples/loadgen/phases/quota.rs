@@ -1,8 +1,10 @@
 //! The quota phase, against one agent with every limit set:
 //!
-//! - recording as a site with quotas does it, asking `GET /v1/quota` before each event,
-//!   against the same recording without asking (alternated, twice each): what reading the
-//!   quotas costs the recording;
+//! - recording beside quota questions asked at the recording's own pace (one question per
+//!   event, from 4 other clients, as a site asks once per call), against the same recording
+//!   alone (alternated, twice each): what reading the quotas costs the recording; and the
+//!   same 4 clients asking before each event themselves (each event then waits for an
+//!   answer first);
 //! - quota questions (`GET /v1/quota`) and holds (`POST /v1/quota/holds`) at 32 clients as
 //!   fast as they go, while 4 clients record at the same time: how many answers the agent
 //!   gives, and what that flood leaves of the recording on a machine it saturates.
@@ -23,6 +25,8 @@ use crate::roles::Agent;
 const ASKING_CLIENTS: usize = 32;
 /// Clients recording events meanwhile: a site's steady traffic, not a flood.
 const RECORDING_CLIENTS: usize = 4;
+/// Clients asking at the recording's pace.
+const PACED_CLIENTS: usize = 4;
 /// Every limit set, high enough that every answer is "allowed" and every hold is granted
 /// (the answer is worked out in full either way); holds expire after a second, so open
 /// holds stay far below the agent's cap.
@@ -37,8 +41,12 @@ const QUOTA_TABLE: &str = "[quota]\n\
 pub(crate) struct QuotaFigures {
     pub(crate) get: PhaseResult,
     pub(crate) hold: PhaseResult,
-    /// Events recorded without asking, and asking before each (both runs summed).
+    /// Events recorded alone, beside questions at their pace, and asking before each
+    /// (both runs of each summed).
     pub(crate) record_alone: PhaseResult,
+    pub(crate) record_paced: PhaseResult,
+    /// The questions asked beside `record_paced` (about one per event).
+    pub(crate) paced_questions: PhaseResult,
     pub(crate) record_asking: PhaseResult,
     /// Recording beside the 32 clients of `get` and of `hold`.
     pub(crate) record_with_get: PhaseResult,
@@ -62,24 +70,47 @@ pub(crate) fn quota_phase(
     let socket = agent.socket.clone();
     let recording = Phase::single(RECORDING_CLIENTS, events / 4, cap);
     let mut record_alone = PhaseResult::default();
+    let mut record_paced = PhaseResult::default();
+    let mut paced_questions = PhaseResult::default();
     let mut record_asking = PhaseResult::default();
     for _ in 0..2 {
-        add(
-            &mut record_alone,
-            runtime.block_on(run_phase(&socket, recording))?,
-        );
+        let alone = runtime.block_on(run_phase(&socket, recording))?;
+        // One question per event: each paced client asks every PACED_CLIENTS / rate s.
+        let every = Duration::from_secs_f64(PACED_CLIENTS as f64 / alone.eps().max(1.0));
+        add(&mut record_alone, alone);
+        let (paced, questions) = runtime.block_on(beside_recording(
+            &socket,
+            recording,
+            Ask::Question,
+            PACED_CLIENTS,
+            Some(every),
+        ))?;
+        add(&mut record_paced, paced);
+        add(&mut paced_questions, questions);
         add(
             &mut record_asking,
             runtime.block_on(asking_first(&socket, recording))?,
         );
     }
-    let (record_with_get, get) =
-        runtime.block_on(beside_recording(&socket, recording, Ask::Question))?;
-    let (record_with_hold, hold) =
-        runtime.block_on(beside_recording(&socket, recording, Ask::Hold))?;
+    let (record_with_get, get) = runtime.block_on(beside_recording(
+        &socket,
+        recording,
+        Ask::Question,
+        ASKING_CLIENTS,
+        None,
+    ))?;
+    let (record_with_hold, hold) = runtime.block_on(beside_recording(
+        &socket,
+        recording,
+        Ask::Hold,
+        ASKING_CLIENTS,
+        None,
+    ))?;
     agent.stop()?;
     for (name, result) in [
         ("recording alone", &record_alone),
+        ("recording beside paced questions", &record_paced),
+        ("paced questions", &paced_questions),
         ("recording asking first", &record_asking),
         ("recording beside questions", &record_with_get),
         ("recording beside holds", &record_with_hold),
@@ -98,6 +129,8 @@ pub(crate) fn quota_phase(
         get,
         hold,
         record_alone,
+        record_paced,
+        paced_questions,
         record_asking,
         record_with_get,
         record_with_hold,
@@ -179,31 +212,50 @@ async fn asking_first(socket: &Path, recording: Phase) -> anyhow::Result<PhaseRe
     Ok(total)
 }
 
-/// Records `recording` while 32 clients ask; the asking stops when the recording ends.
+/// Records `recording` while `clients` clients ask, each as fast as it is answered or once
+/// `every`; the asking stops when the recording ends.
 async fn beside_recording(
     socket: &Path,
     recording: Phase,
     ask: Ask,
+    clients: usize,
+    every: Option<Duration>,
 ) -> anyhow::Result<(PhaseResult, PhaseResult)> {
     let stop = Arc::new(AtomicBool::new(false));
-    let asking = tokio::spawn(asking(socket.to_path_buf(), ask, Arc::clone(&stop)));
+    let asking = tokio::spawn(asking(
+        socket.to_path_buf(),
+        ask,
+        Arc::clone(&stop),
+        clients,
+        every,
+    ));
     let recorded = run_phase(socket, recording).await;
     stop.store(true, Ordering::Relaxed);
     let asked = asking.await.context("the asking clients panicked")??;
     Ok((recorded?, asked))
 }
 
-/// 32 keep-alive clients each asking in turn until `stop`; every request's latency is kept.
+/// `clients` keep-alive clients each asking in turn (at most once `every`) until `stop`;
+/// every request's latency is kept.
 async fn asking(
     socket: std::path::PathBuf,
     ask: Ask,
     stop: Arc<AtomicBool>,
+    clients: usize,
+    every: Option<Duration>,
 ) -> anyhow::Result<PhaseResult> {
-    let mut tasks = Vec::with_capacity(ASKING_CLIENTS);
-    for client in 0..ASKING_CLIENTS {
+    let mut tasks = Vec::with_capacity(clients);
+    for client in 0..clients {
         let socket = socket.clone();
         let stop = Arc::clone(&stop);
         tasks.push(tokio::spawn(async move {
+            let mut pace = every.map(|every| {
+                let mut pace = tokio::time::interval(every);
+                // Timer ticks are coarser than the pace: catch up in bursts, so the rate
+                // holds on average.
+                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                pace
+            });
             let mut result = PhaseResult::default();
             let mut connection = match connect(&socket).await {
                 Ok(connection) => connection,
@@ -215,6 +267,9 @@ async fn asking(
             };
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
+                if let Some(pace) = pace.as_mut() {
+                    pace.tick().await;
+                }
                 n += 1;
                 let user = client as u64 * 1_000 + n % 1_000;
                 let (method, path, body, expect) = match ask {
