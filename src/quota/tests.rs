@@ -419,3 +419,21 @@ fn hold_ids_are_unique() {
         .collect();
     assert_eq!(ids.len(), 100);
 }
+
+#[test]
+fn past_the_most_open_holds_a_hold_is_refused_until_one_closes() {
+    let quota = Quota::new(QuotaConfig::default(), utc());
+    let now = at("2026-12-07T12:00:00Z");
+    let mut first = None;
+    for _ in 0..holds::MAX_OPEN_HOLDS {
+        match quota.hold(1, 1, now) {
+            HoldOutcome::Granted { hold_id, .. } => {
+                first.get_or_insert(hold_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(quota.hold(1, 1, now), HoldOutcome::Full);
+    assert!(quota.release(first.unwrap(), now));
+    assert!(matches!(quota.hold(1, 1, now), HoldOutcome::Granted { .. }));
+}
