@@ -208,7 +208,7 @@ async fn the_counters_show_exactly_what_happened_on_the_node() {
         send(&rx, &install, &[first.clone(), bad]).await,
         StatusCode::OK
     );
-    assert_eq!(send(&rx, &install, &[first.clone()]).await, StatusCode::OK);
+    assert_eq!(send(&rx, &install, &[first]).await, StatusCode::OK);
     // The third batch of the minute is over the install's limit.
     assert_eq!(
         send(&rx, &install, &[event(&install)]).await,
