@@ -37,7 +37,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 }
 
 /// The samples of one scrape with the provider's credentials.
-async fn scrape(rx: &TestReceiver) -> BTreeMap<String, f64> {
+pub async fn scrape(rx: &TestReceiver) -> BTreeMap<String, f64> {
     let response = provider_request(rx, Method::GET, "/metrics")
         .send()
         .await
