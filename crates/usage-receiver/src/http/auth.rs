@@ -1,6 +1,7 @@
 //! Credentials checks of the receiver: the enrollment bearer token, the provider's basic
-//! auth and the scrape's `METRICS_TOKEN` ([`authorize_scrape`]), all compared in constant time, their schemes matched whatever their case,
-//! and both throttled per client address ([`throttled`]).
+//! auth and the scrape's `METRICS_TOKEN` ([`authorize_scrape`]), all compared in constant
+//! time, their schemes matched whatever their case, and all throttled per client address
+//! ([`throttled`]).
 //!
 //! Signature verification is not here: it is [`usage_protocol::signing::verify`], called by
 //! the ingest handler. Nothing here logs or echoes a credential.
