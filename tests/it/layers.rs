@@ -85,15 +85,15 @@ const AGENT: Table = &[
 
 /// The receiver (`crates/usage-receiver/src/`): its command line on top, then the server
 /// (the router and the serve loop), the handlers (`admin`, `ingest`, `views`) over the
-/// shared HTTP pieces, budgets, the shared state, and the store, the price arithmetic
-/// (`billing`) and the day arithmetic (`days`) at the bottom.
+/// shared HTTP pieces, budgets, the shared state, the metrics, and the store, the price
+/// arithmetic (`billing`) and the day arithmetic (`days`) at the bottom.
 const RECEIVER: Table = &[
     ("cli", &["server", "settings", "billing", "store"]),
     (
         "server",
         &[
-            "ingest", "views", "admin", "http", "budgets", "state", "store", "settings", "billing",
-            "days",
+            "ingest", "views", "admin", "http", "budgets", "state", "metrics", "store", "settings",
+            "billing", "days",
         ],
     ),
     (
@@ -111,7 +111,7 @@ const RECEIVER: Table = &[
     (
         "views",
         &[
-            "http", "state", "store", "budgets", "billing", "days", "settings",
+            "http", "state", "metrics", "store", "budgets", "billing", "days", "settings",
         ],
     ),
     // Budgets clip the values they log with http's clip, so they sit above it.
@@ -120,7 +120,9 @@ const RECEIVER: Table = &[
         &["http", "state", "store", "settings", "billing", "days"],
     ),
     ("http", &["state", "store", "settings", "billing", "days"]),
-    ("state", &["store", "settings", "billing"]),
+    ("state", &["metrics", "store", "settings", "billing"]),
+    // The metrics count what their callers hand in; they know the store's pool figures only.
+    ("metrics", &["store"]),
     ("settings", &["billing"]),
     ("store", &["billing", "days"]),
     ("billing", &["days"]),

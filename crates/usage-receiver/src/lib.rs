@@ -11,7 +11,8 @@
 //! and [`admin`] (what the provider changes: plans, labels, budgets, erasure); [`http`] is
 //! what handlers share (errors, credentials, CSV answers, clipping values for logs);
 //! [`budgets`] checks budgets after each batch and delivers alerts; [`state`] is what
-//! handlers share at run time; [`settings`] reads the environment; [`store`] is the storage
+//! handlers share at run time; [`metrics`] counts what the node does for `GET /metrics`;
+//! [`settings`] reads the environment; [`store`] is the storage
 //! trait with its SQLite and PostgreSQL implementations (all SQL) and the per-install
 //! request rate; [`billing`] is the money arithmetic and the price book; [`days`] converts
 //! UTC days.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod days;
 pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod server;
 pub mod settings;
 pub mod state;

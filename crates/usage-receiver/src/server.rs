@@ -1,6 +1,7 @@
 //! The receiver as a server: its route table ([`routes()`]) and the router built from it,
 //! opening a store, the loop that serves within the bounds of the shared bounded server
-//! ([`usage_common::server`]), `GET /health`, and the background work of a node
+//! ([`usage_common::server`]), `GET /health`, the metering of every answer for
+//! `GET /metrics`, and the background work of a node
 //! (retention, warm views, alert delivery).
 //!
 //! **Invariant:** the routes are the one table [`routes()`] lists; the router is built from
@@ -15,9 +16,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, Method, header};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::Response;
 use chrono::Utc;
+use std::time::Instant;
+use usage_common::credentials::presented;
 use usage_common::routes::{self, Route};
 use usage_common::server::{self, Limits};
 
@@ -25,8 +30,9 @@ use crate::admin;
 use crate::budgets::delivery;
 use crate::days::day_of_ms;
 use crate::http::error;
-use crate::http::error::{ReceiverError, blocking};
+use crate::http::error::{ErrorCode, ReceiverError, blocking};
 use crate::ingest;
+use crate::metrics::Answer;
 use crate::settings::ReceiverSettings;
 use crate::state::ReceiverState;
 use crate::store::{EVENT_RETENTION, ReceiverStore, ReceiverStoreError, RetainedDays};
@@ -101,6 +107,7 @@ pub fn routes() -> Vec<Route<Arc<ReceiverState>>> {
             views::dashboard::detail,
         ),
         Route::new(Method::GET, "/health", health),
+        Route::new(Method::GET, "/metrics", views::metrics::scrape),
     ]
 }
 
@@ -112,7 +119,35 @@ pub fn router(state: Arc<ReceiverState>) -> Router {
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::map_response(no_sniff))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), metered))
         .with_state(state)
+}
+
+/// Counts what every answer says and times the batches and the views
+/// ([`crate::metrics::Metrics::answered`]).
+async fn metered(State(app): State<Arc<ReceiverState>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    // The table's own path, not the request's: a path parameter must not become a series.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .and_then(|matched| routes_table_path(matched.as_str()));
+    let presented = presented(request.headers());
+    let response = next.run(request).await;
+    app.metrics.answered(Answer {
+        route,
+        error_code: response.extensions().get::<ErrorCode>().map(|code| code.0),
+        refused_credentials: presented && response.status() == StatusCode::UNAUTHORIZED,
+        elapsed: started.elapsed(),
+    });
+    response
+}
+
+/// The path of [`routes()`] that `matched` is, as a `'static` string.
+fn routes_table_path(matched: &str) -> Option<&'static str> {
+    std::iter::once(crate::metrics::INGEST_ROUTE)
+        .chain(crate::metrics::VIEWS.iter().map(|(path, _)| *path))
+        .find(|path| *path == matched)
 }
 
 /// Every answer declares its type authoritatively: browsers must not guess one.
@@ -143,7 +178,7 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "receiver listening");
     }
-    let retention = tokio::spawn(retention_loop(store.clone()));
+    let retention = tokio::spawn(retention_loop(state.clone()));
     let views = store
         .keeps_views()
         .then(|| tokio::spawn(views::installations::keep_views_warm(state.clone())));
@@ -164,7 +199,8 @@ pub async fn serve(
     Ok(())
 }
 
-async fn retention_loop(store: Arc<dyn ReceiverStore>) {
+async fn retention_loop(app: Arc<ReceiverState>) {
+    let store = app.store.clone();
     let mut ticks = tokio::time::interval(RETENTION_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
@@ -179,7 +215,10 @@ async fn retention_loop(store: Arc<dyn ReceiverStore>) {
         match purged {
             Ok(Ok(0)) => {}
             Ok(Ok(count)) => tracing::info!(count, "purged events past retention"),
-            Ok(Err(error)) => tracing::error!(%error, "could not purge old events"),
+            Ok(Err(error)) => {
+                app.metrics.store_error();
+                tracing::error!(%error, "could not purge old events");
+            }
             Err(error) => tracing::error!(%error, "the purge task failed"),
         }
     }

@@ -43,6 +43,9 @@ pub struct ReceiverSettings {
     pub provider_username: Option<String>,
     /// `PROVIDER_PASSWORD`: basic-auth password for every provider endpoint.
     pub provider_password: Option<String>,
+    /// `METRICS_TOKEN`: a bearer token that also authorizes `GET /metrics` (besides the
+    /// provider's basic auth), so a Prometheus server needs no provider password.
+    pub metrics_token: Option<String>,
     /// `ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE`: accept an enrollment without the token for an
     /// install id never seen before (trust on first use).
     pub allow_first_sync_without_signature: bool,
@@ -107,6 +110,7 @@ impl Default for ReceiverSettings {
             enrollment_token: None,
             provider_username: None,
             provider_password: None,
+            metrics_token: None,
             allow_first_sync_without_signature: false,
             rate_limit_per_min: DEFAULT_RATE_LIMIT_PER_MIN,
             signature_tolerance_s: DEFAULT_SIGNATURE_TOLERANCE_S,
@@ -136,6 +140,7 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("enrollment_token", &redacted(&self.enrollment_token))
             .field("provider_username", &self.provider_username)
             .field("provider_password", &redacted(&self.provider_password))
+            .field("metrics_token", &redacted(&self.metrics_token))
             .field(
                 "allow_first_sync_without_signature",
                 &self.allow_first_sync_without_signature,
@@ -210,6 +215,7 @@ impl ReceiverSettings {
             enrollment_token: get("ENROLLMENT_TOKEN"),
             provider_username: get("PROVIDER_USERNAME"),
             provider_password: get("PROVIDER_PASSWORD"),
+            metrics_token: get("METRICS_TOKEN"),
             allow_first_sync_without_signature: match get("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE") {
                 None => false,
                 Some(text) => parse_bool("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE", &text)?,
@@ -541,11 +547,15 @@ mod tests {
         let settings = from(&[
             ("ENROLLMENT_TOKEN", "tok-secret"),
             ("PROVIDER_PASSWORD", "pw-secret"),
+            ("METRICS_TOKEN", "scrape-secret"),
         ])
         .unwrap();
         let shown = format!("{settings:?}");
+        assert_eq!(settings.metrics_token.as_deref(), Some("scrape-secret"));
         assert!(
-            !shown.contains("tok-secret") && !shown.contains("pw-secret"),
+            !shown.contains("tok-secret")
+                && !shown.contains("pw-secret")
+                && !shown.contains("scrape-secret"),
             "{shown}"
         );
         assert!(shown.contains("<redacted>"));

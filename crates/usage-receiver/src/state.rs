@@ -1,6 +1,6 @@
 //! What every handler shares: the settings, the store, the prices converted once, the
-//! throttle of failed credentials, the permits of batches in flight and the wake-up of
-//! alert delivery.
+//! throttle of failed credentials, the permits of batches in flight, the wake-up of alert
+//! delivery and the node's metrics.
 //!
 //! **Invariant:** handles only; no handler, no HTTP and no SQL.
 
@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use usage_common::credentials::FailureThrottle;
 
 use crate::billing::pricing::Pricing;
+use crate::metrics::Metrics;
 use crate::settings::ReceiverSettings;
 use crate::store::ReceiverStore;
 
@@ -27,6 +28,8 @@ pub struct ReceiverState {
     /// Wakes this node's alert delivery when it records an alert (other nodes' alerts
     /// are found by polling).
     pub alerts_recorded: tokio::sync::Notify,
+    /// This node's metrics, served by `GET /metrics`.
+    pub metrics: Metrics,
 }
 
 impl ReceiverState {
@@ -36,6 +39,7 @@ impl ReceiverState {
             pricing: Pricing::new(settings.prices()),
             inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
             alerts_recorded: tokio::sync::Notify::new(),
+            metrics: Metrics::new(),
             settings,
             store,
         }

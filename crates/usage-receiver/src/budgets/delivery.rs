@@ -24,7 +24,7 @@ use crate::billing::money::Micros;
 use crate::http::clip::clip;
 use crate::settings::AlertWebhook;
 use crate::state::ReceiverState;
-use crate::store::{Alert, DeliveryOutcome, ReceiverStore};
+use crate::store::{Alert, DeliveryOutcome};
 use usage_protocol::signing::{self, HEADER_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP};
 
 /// How often a node looks for alerts due (recorded by another node, or due for a retry)
@@ -121,6 +121,7 @@ pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
         let alerts = match claimed {
             Ok(Ok(alerts)) => alerts,
             Ok(Err(error)) => {
+                app.metrics.store_error();
                 tracing::warn!(%error, "could not read the alerts due; trying again");
                 Vec::new()
             }
@@ -132,7 +133,9 @@ pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
         let busy = alerts.len() == CLAIM_LIMIT;
         for alert in alerts {
             let outcome = deliver(&client, &webhook, &alert, app.settings.alert_retry_max).await;
-            finish(app.store.clone(), &alert, outcome).await;
+            app.metrics
+                .alert_delivery(matches!(outcome, DeliveryOutcome::Delivered { .. }));
+            finish(&app, &alert, outcome).await;
         }
         if !busy {
             let _ = tokio::time::timeout(POLL_INTERVAL, app.alerts_recorded.notified()).await;
@@ -190,11 +193,13 @@ async fn deliver(
     }
 }
 
-async fn finish(store: Arc<dyn ReceiverStore>, alert: &Alert, outcome: DeliveryOutcome) {
+async fn finish(app: &ReceiverState, alert: &Alert, outcome: DeliveryOutcome) {
+    let store = app.store.clone();
     let alert_id = alert.alert_id;
     let finished = tokio::task::spawn_blocking(move || store.finish_alert(alert_id, outcome)).await;
     // Not marked: the lease runs out and the alert is sent again, under the same id.
     if let Ok(Err(error)) = finished {
+        app.metrics.store_error();
         tracing::warn!(%error, %alert_id, "could not record an alert's delivery");
     }
 }

@@ -1,6 +1,7 @@
-//! Credentials checks of the receiver: the enrollment bearer token and the provider's
-//! basic auth, both compared in constant time, their schemes matched whatever their case,
-//! and both throttled per client address ([`throttled`]).
+//! Credentials checks of the receiver: the enrollment bearer token, the provider's basic
+//! auth and the scrape's `METRICS_TOKEN` ([`authorize_scrape`]), all compared in constant
+//! time, their schemes matched whatever their case, and all throttled per client address
+//! ([`throttled`]).
 //!
 //! Signature verification is not here: it is [`usage_protocol::signing::verify`], called by
 //! the ingest handler. Nothing here logs or echoes a credential.
@@ -15,7 +16,9 @@ use base64::engine::general_purpose::STANDARD;
 use crate::http::error::ReceiverError;
 use crate::state::ReceiverState;
 use crate::store::rate_limit::retry_after_secs;
-use usage_common::credentials::{FailureThrottle, THROTTLED_CODE, credential_eq, presented};
+use usage_common::credentials::{
+    FailureThrottle, THROTTLED_CODE, bearer_token, credential_eq, presented,
+};
 
 /// The challenge sent with every provider `401`.
 pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
@@ -107,6 +110,40 @@ pub fn authorize(
         )
     })
     .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
+}
+
+/// Checks a `GET /metrics` request from `peer`, throttled per address: the bearer
+/// `METRICS_TOKEN` when one is set and the request presents a bearer token, else the
+/// provider's basic auth.
+pub fn authorize_scrape(
+    app: &ReceiverState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+) -> Result<(), ReceiverError> {
+    let settings = &app.settings;
+    throttled(&app.credential_throttle, peer, headers, || {
+        match (settings.metrics_token.as_deref(), bearer_token(headers)) {
+            (Some(expected), Some(given)) => {
+                if credential_eq(given.as_bytes(), expected.as_bytes()) {
+                    Ok(())
+                } else {
+                    Err(
+                        ReceiverError::unauthorized("unauthorized", "the metrics token is wrong")
+                            .with_header(
+                                header::WWW_AUTHENTICATE,
+                                HeaderValue::from_static(BASIC_CHALLENGE),
+                            ),
+                    )
+                }
+            }
+            _ => require_provider(
+                headers,
+                settings.provider_username.as_deref(),
+                settings.provider_password.as_deref(),
+            ),
+        }
+    })
+    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "metrics scrape refused"))
 }
 
 #[cfg(test)]

@@ -93,8 +93,14 @@ impl ReceiverError {
     }
 }
 
+/// The error code of an error answer, kept in the response's extensions so the router's
+/// metering layer counts refusals by their code without reading the body.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ReceiverError {
     fn into_response(self) -> Response {
+        let code = self.code;
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code.to_owned(),
@@ -106,6 +112,7 @@ impl IntoResponse for ReceiverError {
         for (name, value) in self.headers {
             response.headers_mut().insert(name, value);
         }
+        response.extensions_mut().insert(ErrorCode(code));
         response
     }
 }

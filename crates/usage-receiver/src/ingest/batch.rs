@@ -75,7 +75,9 @@ pub async fn ingest(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<BatchResult>, ReceiverError> {
-    let body = body.map_err(body_rejection)?;
+    let body = body
+        .map_err(body_rejection)
+        .inspect_err(|error| app.metrics.batch(error.status.as_u16(), 0, 0, 0))?;
     let started = Instant::now();
     let install_id = header_str(&headers, HEADER_INSTALL_ID).to_owned();
     let result = match wait_for_turn(&app).await {
@@ -94,6 +96,15 @@ pub async fn ingest(
         }
         Err(busy) => Err(busy),
     };
+    match &result {
+        Ok(result) => app.metrics.batch(
+            200,
+            result.accepted,
+            result.duplicates,
+            u64::try_from(result.rejected.len()).unwrap_or(u64::MAX),
+        ),
+        Err(error) => app.metrics.batch(error.status.as_u16(), 0, 0, 0),
+    }
     match &result {
         Ok(result) => tracing::info!(
             install_id = %clip(&install_id),

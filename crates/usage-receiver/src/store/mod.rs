@@ -41,6 +41,19 @@ pub mod postgres;
 pub mod rate_limit;
 pub mod sqlite;
 
+/// How one connection pool of a node is used at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUse {
+    /// Which pool: `main`, or `relaxed` (the request schedule's).
+    pub pool: &'static str,
+    /// Connections open.
+    pub size: usize,
+    /// Connections open and idle.
+    pub available: usize,
+    /// Tasks waiting for a connection.
+    pub waiting: usize,
+}
+
 /// Storage for enrolled installs and the events they send.
 ///
 /// **Invariant:** an implementation keeps nothing in memory that another receiver node
@@ -124,6 +137,11 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// that asking for a view ahead of the provider makes their next view fast.
     fn keeps_views(&self) -> bool {
         false
+    }
+
+    /// How this node's connection pools are used now; none on SQLite, which has no pool.
+    fn pool_use(&self) -> Vec<PoolUse> {
+        Vec::new()
     }
 
     /// Sets an install's plan; `false` when the install is unknown.

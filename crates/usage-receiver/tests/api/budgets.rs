@@ -460,6 +460,13 @@ async fn alerts_reach_a_webhook_that_was_down_signed_once_each_and_survive_a_res
         },
     )
     .await;
+    // This node delivered both alerts, each once, after the attempt the sink refused.
+    let scraped = crate::metrics::scrape(&rx).await;
+    let deliveries = |result: &str| {
+        scraped[&format!("usage_receiver_alert_deliveries_total{{result=\"{result}\"}}")]
+    };
+    assert_eq!(deliveries("delivered"), 2.0, "{scraped:#?}");
+    assert!(deliveries("failed") >= 1.0, "{scraped:#?}");
     let bodies = verified_bodies(&sink, &secret);
     let last = bodies.last().unwrap();
     assert_eq!(last["type"], "budget.threshold");

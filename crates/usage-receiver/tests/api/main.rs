@@ -18,6 +18,7 @@ mod budgets;
 mod common;
 mod ingest;
 mod logging;
+mod metrics;
 mod provider;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.

@@ -20,6 +20,8 @@ mod common;
 mod fleet;
 #[path = "../api/ingest.rs"]
 mod ingest;
+#[path = "../api/metrics.rs"]
+mod metrics;
 #[path = "../api/provider.rs"]
 mod provider;
 #[path = "../support/mod.rs"]

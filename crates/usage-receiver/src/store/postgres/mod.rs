@@ -43,9 +43,10 @@ use self::writers::{Batch, Writers};
 use super::{
     Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
     EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PriceList,
-    RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay,
-    StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PoolUse,
+    PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
+    UsageWindow,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage, TokenCounts};
@@ -825,6 +826,21 @@ impl ReceiverStore for PostgresStore {
 
     fn keeps_views(&self) -> bool {
         true
+    }
+
+    fn pool_use(&self) -> Vec<PoolUse> {
+        [("main", &self.pool), ("relaxed", &self.relaxed)]
+            .into_iter()
+            .map(|(name, pool)| {
+                let status = pool.status();
+                PoolUse {
+                    pool: name,
+                    size: status.size,
+                    available: status.available,
+                    waiting: status.waiting,
+                }
+            })
+            .collect()
     }
 
     fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
