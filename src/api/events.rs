@@ -10,7 +10,6 @@ use chrono::{Duration, Utc};
 use serde_json::{Value, json};
 
 use super::ApiError;
-use crate::quota::Spent;
 use crate::state::SharedState;
 use crate::store::events::Recorded;
 use usage_protocol::event::{self, Event, FieldError, Limits, MAX_BATCH_EVENTS};
@@ -49,12 +48,15 @@ pub async fn record(
     let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let logged = state.config.debug.then(|| events.clone());
     let sources: Vec<_> = events.iter().map(|e| e.source).collect();
-    let mut spent: Vec<Spent> = events.iter().map(spent).collect();
+    // Empty (no allocation) when no limit is set and no event carries a hold.
+    let mut spent = state.quota.to_follow(&events);
     let outcomes = state.writer.record(events).await?;
     for (spent, outcome) in spent.iter_mut().zip(&outcomes) {
         spent.new = *outcome == Recorded::New;
     }
-    state.quota.spent(&spent, Utc::now());
+    if !spent.is_empty() {
+        state.quota.spent(&spent, Utc::now());
+    }
     state
         .metrics
         .events_recorded(&sources, &outcomes, started.elapsed());
@@ -69,17 +71,6 @@ pub async fn record(
         json!({"event_id": ids[0], "status": status_word(outcomes[0])})
     };
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
-}
-
-/// What an event means for the quotas; `new` is set once the store has answered.
-fn spent(event: &Event) -> Spent {
-    Spent {
-        user_id: event.user_id,
-        created_at_ms: event.created_at_ms,
-        tokens: event.tokens.total(),
-        hold_id: event.hold_id,
-        new: false,
-    }
 }
 
 pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {

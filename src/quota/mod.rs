@@ -26,6 +26,7 @@ use crate::config::QuotaConfig;
 use crate::store::{Store, StoreError};
 use holds::{Hold, Holds};
 use ledger::{Ledger, month_of};
+use usage_protocol::event::Event;
 
 /// What a limit applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -252,13 +253,29 @@ impl Quota {
         inner.holds.remove(hold_id).is_some()
     }
 
+    /// What `events` mean for the quotas, each `new: false` until the store has answered;
+    /// empty when the quotas need none of them (no limit set, no hold carried), so the
+    /// events handler does no work for quotas a site does not use.
+    pub fn to_follow(&self, events: &[Event]) -> Vec<Spent> {
+        if !self.counting() && events.iter().all(|e| e.hold_id.is_none()) {
+            return Vec::new();
+        }
+        events
+            .iter()
+            .map(|event| Spent {
+                user_id: event.user_id,
+                created_at_ms: event.created_at_ms,
+                tokens: event.tokens.total(),
+                hold_id: event.hold_id,
+                new: false,
+            })
+            .collect()
+    }
+
     /// Counts committed events, each in the day of its `created_at`, and settles the holds
     /// they carry (a duplicate only settles: it was counted when first stored).
     pub fn spent(&self, events: &[Spent], now: DateTime<Utc>) {
         let counting = self.counting();
-        if !counting && events.iter().all(|e| e.hold_id.is_none()) {
-            return;
-        }
         let mut inner = self.lock();
         self.advance(&mut inner, now);
         for event in events {

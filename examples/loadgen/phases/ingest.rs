@@ -71,6 +71,17 @@ impl PhaseResult {
         f64::from(self.latencies_us[rank - 1]) / 1000.0
     }
 
+    /// Adds one client's (or run's) events, latencies and failures; the first failure
+    /// seen is kept.
+    pub(crate) fn absorb(&mut self, part: PhaseResult) {
+        self.events += part.events;
+        self.latencies_us.extend(part.latencies_us);
+        if self.failures == 0 {
+            self.first_failure = part.first_failure;
+        }
+        self.failures += part.failures;
+    }
+
     pub(crate) fn summary(&self) -> String {
         format!(
             "{:>9.0} events/s  ({} events in {:.2} s, p50 {:.2} ms, p99 {:.2} ms)",
@@ -158,13 +169,7 @@ pub(crate) async fn run_phase(socket: &Path, phase: Phase) -> anyhow::Result<Pha
     let started = Instant::now();
     let mut total = PhaseResult::default();
     for task in tasks {
-        let part = task.await.context("a client task panicked")?;
-        total.events += part.events;
-        total.latencies_us.extend(part.latencies_us);
-        if total.failures == 0 {
-            total.first_failure = part.first_failure;
-        }
-        total.failures += part.failures;
+        total.absorb(task.await.context("a client task panicked")?);
     }
     total.elapsed = started.elapsed();
     total.latencies_us.sort_unstable();

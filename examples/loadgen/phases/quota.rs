@@ -139,12 +139,8 @@ pub(crate) fn quota_phase(
 
 /// Adds one run's events, time and failures to `total`.
 fn add(total: &mut PhaseResult, run: PhaseResult) {
-    total.events += run.events;
     total.elapsed += run.elapsed;
-    if total.failures == 0 {
-        total.first_failure = run.first_failure;
-    }
-    total.failures += run.failures;
+    total.absorb(run);
 }
 
 /// Records as a site with quotas does: each client asks `GET /v1/quota` for the event's
@@ -201,12 +197,7 @@ async fn asking_first(socket: &Path, recording: Phase) -> anyhow::Result<PhaseRe
     }
     let mut total = PhaseResult::default();
     for task in tasks {
-        let part = task.await.context("a recording client panicked")?;
-        total.events += part.events;
-        if total.failures == 0 {
-            total.first_failure = part.first_failure;
-        }
-        total.failures += part.failures;
+        total.absorb(task.await.context("a recording client panicked")?);
     }
     total.elapsed = started.elapsed();
     Ok(total)
@@ -316,13 +307,7 @@ async fn asking(
     let started = Instant::now();
     let mut total = PhaseResult::default();
     for task in tasks {
-        let part = task.await.context("an asking client panicked")?;
-        total.events += part.events;
-        total.latencies_us.extend(part.latencies_us);
-        if total.failures == 0 {
-            total.first_failure = part.first_failure;
-        }
-        total.failures += part.failures;
+        total.absorb(task.await.context("an asking client panicked")?);
     }
     total.elapsed = started.elapsed();
     total.latencies_us.sort_unstable();
