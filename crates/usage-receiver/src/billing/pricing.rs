@@ -55,6 +55,101 @@ impl FromStr for Plan {
     }
 }
 
+/// A plan in force from a UTC day on, until the next one of its install's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanPeriod {
+    pub plan: Plan,
+    /// Days since the Unix epoch (UTC).
+    pub from_day: i64,
+}
+
+/// An install's plans over time: it enrolled on `enrolled_day` with the first one, and each
+/// change took effect on the day it was made. The last is today's plan, in force for the
+/// rest of time as far as anyone knows.
+///
+/// **Invariant:** at least one period; ascending by day, one a day, none before the
+/// enrollment day, no two in a row with the same plan. A store may leave out periods that
+/// ended before the days it was asked about; the first one kept then stands for every
+/// earlier day too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanHistory {
+    enrolled_day: i64,
+    periods: Vec<PlanPeriod>,
+}
+
+impl PlanHistory {
+    /// The history of an install enrolled on `enrolled_day` whose plan is `current` (in
+    /// force from its `from_day`) after the `earlier` ones. A day before the enrollment
+    /// counts as the enrollment day (a node of an older release enrolls without a plan
+    /// day); of two periods on one day the later stands, as a change takes effect for the
+    /// whole day it is made.
+    pub fn new(
+        enrolled_day: i64,
+        current: PlanPeriod,
+        earlier: impl IntoIterator<Item = PlanPeriod>,
+    ) -> PlanHistory {
+        let mut all: Vec<PlanPeriod> = earlier.into_iter().collect();
+        all.push(current);
+        for period in &mut all {
+            period.from_day = period.from_day.max(enrolled_day);
+        }
+        // Stable: of periods on one day, their order (the current one last) decides.
+        all.sort_by_key(|period| period.from_day);
+        let mut periods: Vec<PlanPeriod> = Vec::with_capacity(all.len());
+        for period in all {
+            if let Some(last) = periods.last_mut()
+                && last.from_day == period.from_day
+            {
+                *last = period;
+            } else {
+                periods.push(period);
+            }
+        }
+        periods.dedup_by(|next, previous| next.plan == previous.plan);
+        PlanHistory {
+            enrolled_day,
+            periods,
+        }
+    }
+
+    /// The UTC day the install enrolled on.
+    pub fn enrolled_day(&self) -> i64 {
+        self.enrolled_day
+    }
+
+    /// The periods, oldest first.
+    pub fn periods(&self) -> &[PlanPeriod] {
+        &self.periods
+    }
+
+    /// Today's plan.
+    pub fn current(&self) -> Plan {
+        self.periods.last().map_or(Plan::Free, |period| period.plan)
+    }
+
+    /// The days of `first..=last` each plan was in force; a day before the first period
+    /// counts under its plan.
+    fn days_by_plan(&self, first: i64, last: i64) -> [(Plan, i64); 3] {
+        let mut days = Plan::ALL.map(|plan| (plan, 0));
+        for (index, period) in self.periods.iter().enumerate() {
+            let start = if index == 0 { first } else { period.from_day };
+            let end = self
+                .periods
+                .get(index + 1)
+                .map_or(last, |next| next.from_day - 1);
+            let overlap = end.min(last) - start.max(first) + 1;
+            if overlap > 0 {
+                let slot = Plan::ALL
+                    .iter()
+                    .position(|plan| *plan == period.plan)
+                    .expect("every plan is in Plan::ALL");
+                days[slot].1 += overlap;
+            }
+        }
+        days
+    }
+}
+
 /// The prices as the receiver's settings give them, in currency units.
 #[derive(Debug, Clone, Default)]
 pub struct PriceSettings {
@@ -243,22 +338,43 @@ impl Pricing {
         self.bill_with_revenue(self.revenue(plan), usage)
     }
 
-    /// The plan's revenue over the UTC days `first..=last` of a period that is not one
-    /// whole calendar month: for each month it touches, the monthly price times the days of
-    /// the period in that month over the days of that month, each part rounded half up to
-    /// a micro-unit. A period of whole months brings in exactly their monthly prices.
-    pub fn prorated_revenue(&self, plan: Plan, first: i64, last: i64) -> Micros {
-        let monthly = i128::from(self.revenue(plan).0);
+    /// What an install with these `plans` brings in over the UTC days `first..=last`: for
+    /// each calendar month from the one it enrolled in, the monthly price of each plan times
+    /// the days it was in force over the days of the month, each part rounded half up to a
+    /// micro-unit. With `whole_months` (month to date, last month) every month the days
+    /// touch counts whole, the enrollment month too (its days before the enrollment under
+    /// the first plan, as a subscription is paid at sign-up; the days after today under
+    /// today's plan); otherwise only the days of the period from the enrollment day on
+    /// count. A month of one plan counted whole brings in exactly its price.
+    pub fn revenue_over(
+        &self,
+        plans: &PlanHistory,
+        first: i64,
+        last: i64,
+        whole_months: bool,
+    ) -> Micros {
         let mut total = 0i128;
         let mut day = first;
         while day <= last {
             let (month_first, month_last) = month_of(day);
-            let part_last = month_last.min(last);
-            let days = i128::from(part_last - day + 1);
+            day = month_last + 1;
+            if month_last < plans.enrolled_day() {
+                continue;
+            }
+            let (from, to) = if whole_months {
+                (month_first, month_last)
+            } else {
+                (
+                    first.max(month_first).max(plans.enrolled_day()),
+                    last.min(month_last),
+                )
+            };
             let month_days = i128::from(month_last - month_first + 1);
-            // Half up: (2·a·d + m) / (2·m).
-            total += (2 * monthly * days + month_days) / (2 * month_days);
-            day = part_last + 1;
+            for (plan, days) in plans.days_by_plan(from, to) {
+                let monthly = i128::from(self.revenue(plan).0);
+                // Half up: (2·a·d + m) / (2·m).
+                total += (2 * monthly * i128::from(days) + month_days) / (2 * month_days);
+            }
         }
         Micros(i64::try_from(total).unwrap_or(i64::MAX))
     }
@@ -355,6 +471,10 @@ reasoning_per_mtok = 5.00
         day_number(NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap())
     }
 
+    fn on(plan: Plan, from_day: i64) -> PlanPeriod {
+        PlanPeriod { plan, from_day }
+    }
+
     /// `[prompt, completion, cached, cache_write, reasoning]` of `model` on `date`.
     fn usage(model: &str, date: &str, kinds: [u64; 5]) -> ModelDayTokens {
         let [prompt, completion, cached, cache_write, reasoning] = kinds;
@@ -375,30 +495,32 @@ reasoning_per_mtok = 5.00
     fn revenue_over_a_period_is_prorated_by_day_within_each_month() {
         let pricing = Pricing::new(settings(None));
         let day = |y, m, d| day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        // Enrolled long before, on one plan all along.
+        let prorated_revenue = |plan, first, last| {
+            let plans = PlanHistory::new(day(2020, 1, 1), on(plan, day(2020, 1, 1)), []);
+            pricing.revenue_over(&plans, first, last, false)
+        };
         // A whole month, or two: exactly the monthly prices.
         let (first, last) = month_of(day(2026, 2, 10));
         assert_eq!((first, last), (day(2026, 2, 1), day(2026, 2, 28)));
+        assert_eq!(prorated_revenue(Plan::Pro, first, last), Micros(19_000_000));
         assert_eq!(
-            pricing.prorated_revenue(Plan::Pro, first, last),
-            Micros(19_000_000)
-        );
-        assert_eq!(
-            pricing.prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
+            prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
             Micros(2 * 99_990_000)
         );
         // 30 days from 2026-01-17: 15 of January's 31, 15 of February's 28.
         // 19 × 15/31 = 9.193548387 → 9.193548; 19 × 15/28 = 10.178571428 → 10.178571.
         assert_eq!(
-            pricing.prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
+            prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
             Micros(9_193_548 + 10_178_571)
         );
         // One day of a 30-day month, half up: 99.99 / 30 = 3.333 exactly.
         assert_eq!(
-            pricing.prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
+            prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
             Micros(3_333_000)
         );
         assert_eq!(
-            pricing.prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
+            prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
             Micros(0)
         );
         // December to January crosses the year.
