@@ -530,6 +530,171 @@ reasoning_per_mtok = 5.00
         );
     }
 
+    /// Plans at round prices per day of a 31-day month: free 3.10 (0.10 a day), pro 31.00
+    /// (1.00 a day), agency 62.00 (2.00 a day).
+    fn round_plans() -> Pricing {
+        Pricing::new(PriceSettings {
+            plan_free_monthly: Some(3.10),
+            plan_pro_monthly: Some(31.0),
+            plan_agency_monthly: Some(62.0),
+            ..PriceSettings::default()
+        })
+    }
+
+    /// Revenue over `first..=last` (dates), whole months or by day, in micro-units.
+    fn revenue(plans: &PlanHistory, first: &str, last: &str, whole_months: bool) -> i64 {
+        round_plans()
+            .revenue_over(plans, day(first), day(last), whole_months)
+            .0
+    }
+
+    #[test]
+    fn an_install_earns_from_its_enrollment_month_and_nothing_before() {
+        // Enrolled on 2026-03-10, on pro.
+        let plans = PlanHistory::new(day("2026-03-10"), on(Plan::Pro, day("2026-03-10")), []);
+        // Month to date on the 20th: the enrollment month counts whole, 31.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-20", true),
+            31_000_000
+        );
+        // Last month, February, is before it enrolled: 0.
+        assert_eq!(revenue(&plans, "2026-02-01", "2026-02-28", true), 0);
+        // Any later month: the monthly price.
+        assert_eq!(
+            revenue(&plans, "2026-04-01", "2026-04-30", true),
+            31_000_000
+        );
+        // By day, the same dates count only the days from the 10th: 11 × 1.00 = 11.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-20", false),
+            11_000_000
+        );
+        // Across the enrollment day from February: February 0, 10 to 15 March 6 × 1.00.
+        assert_eq!(
+            revenue(&plans, "2026-02-20", "2026-03-15", false),
+            6_000_000
+        );
+        // The last 30 days on the 31st (2 to 31 March): 10 to 31 March, 22 × 1.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-02", "2026-03-31", false),
+            22_000_000
+        );
+        // Entirely before the enrollment day, the day before included: 0.
+        assert_eq!(revenue(&plans, "2026-01-01", "2026-03-09", false), 0);
+        assert_eq!(revenue(&plans, "2026-03-09", "2026-03-09", false), 0);
+        // From 2025 to 2026 (the 163,530 for a fleet): only March on.
+        // March 10 to 31: 22.00; April, 30 days: 31.00; May 1 to 15 of 31: 15.00.
+        assert_eq!(
+            revenue(&plans, "2025-01-01", "2026-05-15", false),
+            22_000_000 + 31_000_000 + 15_000_000
+        );
+    }
+
+    #[test]
+    fn a_month_with_several_plans_is_prorated_by_the_days_each_was_in_force() {
+        // Enrolled on 2026-01-05 on free, pro from 11 March, agency from 21 March.
+        let plans = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Agency, day("2026-03-21")),
+            [
+                on(Plan::Free, day("2026-01-05")),
+                on(Plan::Pro, day("2026-03-11")),
+            ],
+        );
+        // March whole: free 1 to 10 (10 × 0.10 = 1.00), pro 11 to 20 (10 × 1.00 = 10.00),
+        // agency 21 to 31 (11 × 2.00 = 22.00): 33.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-31", true),
+            33_000_000
+        );
+        // The enrollment month counts whole, and every month before March is all free.
+        assert_eq!(revenue(&plans, "2026-01-01", "2026-01-31", true), 3_100_000);
+        assert_eq!(revenue(&plans, "2025-12-01", "2025-12-31", true), 0);
+        // April: today's plan, agency, 62.00.
+        assert_eq!(
+            revenue(&plans, "2026-04-01", "2026-04-30", true),
+            62_000_000
+        );
+        // By day, 5 to 25 March: free 5 to 10 (6 × 0.10 = 0.60), pro 10 days (10.00),
+        // agency 21 to 25 (5 × 2.00 = 10.00): 20.60.
+        assert_eq!(
+            revenue(&plans, "2026-03-05", "2026-03-25", false),
+            20_600_000
+        );
+
+        // Month to date on 15 March, pro since the 11th: free 10 days (1.00), and pro from
+        // the 11th to the end of the month, today's plan for the rest (21 × 1.00): 22.00.
+        let today = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Pro, day("2026-03-11")),
+            [on(Plan::Free, day("2026-01-05"))],
+        );
+        assert_eq!(
+            revenue(&today, "2026-03-01", "2026-03-15", true),
+            22_000_000
+        );
+
+        // Enrolled on 10 March on free, pro from the 20th: March counted whole gives its
+        // days before the enrollment to the first plan: free 1 to 19 (19 × 0.10 = 1.90),
+        // pro 20 to 31 (12 × 1.00 = 12.00): 13.90. By day, 10 to 31 March: free 10 days
+        // (1.00), pro 12 days (12.00): 13.00.
+        let late = PlanHistory::new(
+            day("2026-03-10"),
+            on(Plan::Pro, day("2026-03-20")),
+            [on(Plan::Free, day("2026-03-10"))],
+        );
+        assert_eq!(revenue(&late, "2026-03-01", "2026-03-31", true), 13_900_000);
+        assert_eq!(
+            revenue(&late, "2026-03-01", "2026-03-31", false),
+            13_000_000
+        );
+
+        // Each (month, plan) part rounds half up to a micro-unit once: 1 to 3 February
+        // (28 days) on free, 3.10 × 3 / 28 = 0.332142857 → 332,143; pro from the 4th to
+        // the 5th, 31.00 × 2 / 28 = 2.214285714 → 2,214,286.
+        let february = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Pro, day("2026-02-04")),
+            [on(Plan::Free, day("2026-01-05"))],
+        );
+        assert_eq!(
+            revenue(&february, "2026-02-01", "2026-02-05", false),
+            332_143 + 2_214_286
+        );
+    }
+
+    #[test]
+    fn a_plan_history_is_one_plan_a_day_from_the_enrollment_day() {
+        let pairs = |history: &PlanHistory| -> Vec<(Plan, i64)> {
+            history
+                .periods()
+                .iter()
+                .map(|period| (period.plan, period.from_day))
+                .collect()
+        };
+        // A period dated before the enrollment day (a node that did not record it) counts
+        // from the enrollment day; of two on one day the later stands; a plan followed by
+        // itself is one period.
+        let history = PlanHistory::new(
+            100,
+            on(Plan::Agency, 120),
+            [
+                on(Plan::Free, 0),
+                on(Plan::Pro, 100),
+                on(Plan::Pro, 110),
+                on(Plan::Free, 115),
+            ],
+        );
+        assert_eq!(
+            pairs(&history),
+            [(Plan::Pro, 100), (Plan::Free, 115), (Plan::Agency, 120)]
+        );
+        assert_eq!(history.enrolled_day(), 100);
+        assert_eq!(history.current(), Plan::Agency);
+        let only = PlanHistory::new(100, on(Plan::Pro, 0), []);
+        assert_eq!(pairs(&only), [(Plan::Pro, 100)]);
+    }
+
     #[test]
     fn prices_convert_once_to_micro_units() {
         assert_eq!(Micros::from_units(0.002), Micros(2_000));

@@ -24,6 +24,8 @@ mod ingest;
 mod metrics;
 #[path = "../api/provider.rs"]
 mod provider;
+#[path = "../api/revenue.rs"]
+mod revenue;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
