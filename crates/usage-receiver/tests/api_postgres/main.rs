@@ -22,6 +22,7 @@ mod fleet;
 mod ingest;
 #[path = "../api/metrics.rs"]
 mod metrics;
+mod plan_migration;
 #[path = "../api/provider.rs"]
 mod provider;
 #[path = "../api/revenue.rs"]
