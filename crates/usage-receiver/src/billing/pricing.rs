@@ -1,6 +1,6 @@
-//! Money for the provider views: model prices, plan prices, and the bill of an
-//! installation over its priced days (how cost, revenue and profit are counted:
-//! docs/dashboard.md).
+//! Money for the provider views: model prices, plan prices, what an install's plan history
+//! brings in over a period, and the bill of an installation over its priced days (how cost,
+//! revenue and profit are counted: docs/dashboard.md).
 //!
 //! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
 //! unit); floats appear only where a configured price is read, once, at start. Prices come
@@ -124,7 +124,10 @@ impl PlanHistory {
 
     /// Today's plan.
     pub fn current(&self) -> Plan {
-        self.periods.last().map_or(Plan::Free, |period| period.plan)
+        self.periods
+            .last()
+            .expect("a history has at least one period")
+            .plan
     }
 
     /// The days of `first..=last` each plan was in force; a day before the first period
@@ -582,7 +585,7 @@ reasoning_per_mtok = 5.00
         // Entirely before the enrollment day, the day before included: 0.
         assert_eq!(revenue(&plans, "2026-01-01", "2026-03-09", false), 0);
         assert_eq!(revenue(&plans, "2026-03-09", "2026-03-09", false), 0);
-        // From 2025 to 2026 (the 163,530 for a fleet): only March on.
+        // From January 2025 to May 2026: only the days from the enrollment on.
         // March 10 to 31: 22.00; April, 30 days: 31.00; May 1 to 15 of 31: 15.00.
         assert_eq!(
             revenue(&plans, "2025-01-01", "2026-05-15", false),

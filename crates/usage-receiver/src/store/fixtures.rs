@@ -1,7 +1,7 @@
 //! Test data the store's tests share: an install enrolled under a given id (at a given
-//! instant, when a test needs its enrollment day), and a numbered event. Also included by the store conformance suite
-//! (`crates/usage-receiver/tests/conformance.rs`), which reaches the same types through a
-//! `store` module of its own.
+//! instant, when a test needs its enrollment day), and a numbered event. Also included by
+//! the store conformance suite (`crates/usage-receiver/tests/conformance.rs`), which
+//! reaches the same types through a `store` module of its own.
 
 use uuid::Uuid;
 

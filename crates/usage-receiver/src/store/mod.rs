@@ -105,11 +105,10 @@ pub trait ReceiverStore: Send + Sync + 'static {
     fn maintain(&self, days: RetainedDays) -> Result<u64, ReceiverStoreError>;
 
     /// Every install (or only `install_id`) with its usage over `window`, sorted by install
-    /// id, and the days of the last 30 summed over those installs. Each install's plan
-    /// history may leave out the periods that ended before the first day of the month of
-    /// `window.month_start`. Answered from the daily
+    /// id, and the days of the last 30 summed over those installs. Answered from the daily
     /// rollups kept at ingest, never from raw events, with a fixed number of queries
-    /// however many installs there are.
+    /// however many installs there are. Each install's plan history may leave out the
+    /// periods that ended before the first day of the month of `window.month_start`.
     fn installations(
         &self,
         install_id: Option<&str>,

@@ -471,15 +471,18 @@ impl ReceiverStore for SqliteStore {
         install_id: Option<&str>,
         window: UsageWindow,
     ) -> Result<InstallationsReport, ReceiverStoreError> {
-        let conn = self.reader();
+        let reader = self.reader();
+        // One snapshot, so each install's plans are read as its row has them.
+        let snapshot = reader.unchecked_transaction()?;
+        let conn: &Connection = &snapshot;
         // `Some(None)`: every install; `None`: the one asked for is unknown.
-        let Some(only) = optional_install(&conn, install_id)? else {
+        let Some(only) = optional_install(conn, install_id)? else {
             return Ok(InstallationsReport::default());
         };
         let mut report = InstallationsReport::default();
         let mut by_key = HashMap::new();
         {
-            let mut earlier = past_plans(&conn, only, month_of(window.month_start).0)?;
+            let mut earlier = past_plans(conn, only, month_of(window.month_start).0)?;
             let mut statement = conn.prepare_cached(
                 "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
                         i.label, i.enrolled_at, i.plan_from
