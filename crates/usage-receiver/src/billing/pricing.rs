@@ -327,7 +327,7 @@ impl Pricing {
     }
 
     /// A plan's monthly price.
-    pub fn revenue(&self, plan: Plan) -> Micros {
+    pub fn monthly_price(&self, plan: Plan) -> Micros {
         match plan {
             Plan::Free => self.free,
             Plan::Pro => self.pro,
@@ -338,7 +338,7 @@ impl Pricing {
     /// The month's bill of an installation on `plan` that used `usage` (one entry per
     /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
     pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
-        self.bill_with_revenue(self.revenue(plan), usage)
+        self.bill_with_revenue(self.monthly_price(plan), usage)
     }
 
     /// What an install with these `plans` brings in over the UTC days `first..=last`: for
@@ -374,7 +374,7 @@ impl Pricing {
             };
             let month_days = i128::from(month_last - month_first + 1);
             for (plan, days) in plans.days_by_plan(from, to) {
-                let monthly = i128::from(self.revenue(plan).0);
+                let monthly = i128::from(self.monthly_price(plan).0);
                 // Half up: (2·a·d + m) / (2·m).
                 total += (2 * monthly * i128::from(days) + month_days) / (2 * month_days);
             }
