@@ -36,6 +36,9 @@ const LEASE: Duration = Duration::from_secs(60);
 const CLAIM_LIMIT: usize = 20;
 /// The longest one delivery attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest connecting to the webhook may take, within [`ATTEMPT_TIMEOUT`]: a host
+/// that never answers is given up on sooner.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first retry's wait; each later one doubles, up to `alert_retry_max`.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 
@@ -94,17 +97,24 @@ fn retry_delay(attempts: u32, max: Duration) -> Duration {
     delays.nth(skip).unwrap_or(max).min(max)
 }
 
-/// Delivers alerts until the task is aborted: wakes when this node records one
-/// (`app.alerts_recorded`) or every `POLL_INTERVAL` (a second).
-pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
+/// The HTTP client of every delivery. It follows no redirect: a redirect would send the
+/// signed alert wherever the webhook points, so a `3xx` is a failed delivery, retried.
+fn webhook_client() -> reqwest::Result<reqwest::Client> {
     // reqwest is built without a default TLS crypto provider: install rustls' own (an
     // error only means one is installed already).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = match reqwest::Client::builder()
+    reqwest::Client::builder()
         .timeout(ATTEMPT_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("usage-agent-receiver/", env!("CARGO_PKG_VERSION")))
         .build()
-    {
+}
+
+/// Delivers alerts until the task is aborted: wakes when this node records one
+/// (`app.alerts_recorded`) or every `POLL_INTERVAL` (a second).
+pub async fn deliver_loop(app: Arc<ReceiverState>, webhook: AlertWebhook) {
+    let client = match webhook_client() {
         Ok(client) => client,
         Err(error) => {
             tracing::error!(%error, "could not make the alert webhook client; alerts stay recorded");
@@ -219,9 +229,8 @@ mod tests {
         assert!(retry_delay(3, Duration::from_millis(200)) <= Duration::from_millis(200));
     }
 
-    #[test]
-    fn the_webhook_body_carries_the_fields_and_one_sentence() {
-        let alert = Alert {
+    fn test_alert() -> Alert {
+        Alert {
             alert_id: Uuid::nil(),
             install_id: "install-1".into(),
             label: Some("Example shop".into()),
@@ -233,7 +242,12 @@ mod tests {
             at_ms: 0,
             delivered_at_ms: None,
             attempts: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn the_webhook_body_carries_the_fields_and_one_sentence() {
+        let alert = test_alert();
         let body = webhook_body(&alert);
         assert_eq!(body["type"], "budget.threshold");
         assert_eq!(body["cost"], 40.13);
@@ -242,6 +256,40 @@ mod tests {
             body["text"],
             "Budget alert: Example shop has reached 80% of its 50.00 USD budget for 2026-11 \
              (40.13 USD spent)."
+        );
+    }
+
+    /// A webhook host that never completes a connection is given up on well before the
+    /// attempt's own timeout: a listener whose accept queue is full drops every further
+    /// handshake, so a connection to it hangs.
+    #[tokio::test]
+    async fn a_webhook_that_never_accepts_is_given_up_on_at_the_connect_timeout() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_millis(300), connect).await {
+                Ok(Ok(stream)) => queued.push(stream),
+                Ok(Err(error)) => panic!("connecting to the listener: {error}"),
+                Err(_) => break,
+            }
+            assert!(queued.len() < 64, "the accept queue never filled");
+        }
+        let webhook = AlertWebhook {
+            url: format!("http://{addr}/hook").parse().unwrap(),
+            secret: signing::Secret::generate(),
+        };
+        let client = webhook_client().unwrap();
+        let started = std::time::Instant::now();
+        let outcome = deliver(&client, &webhook, &test_alert(), Duration::from_secs(1)).await;
+        assert!(matches!(outcome, DeliveryOutcome::RetryAt { .. }));
+        let took = started.elapsed();
+        assert!(
+            took < CONNECT_TIMEOUT + Duration::from_secs(2) && CONNECT_TIMEOUT < ATTEMPT_TIMEOUT,
+            "gave up after {took:?}"
         );
     }
 }

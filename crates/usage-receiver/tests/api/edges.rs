@@ -2,11 +2,20 @@
 //! before a body is read, a bounded number of models per install and day, bounded lists.
 //! Runs on SQLite here and on PostgreSQL in `tests/api_postgres`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use usage_protocol::signing::Secret;
+use usage_receiver::ReceiverSettings;
 
+use crate::budgets::{
+    Sink, alerts, budget_settings, closed_port, enroll, put_budget, send, webhook,
+};
 use crate::common::{ENROLL_TOKEN, TestReceiver, receiver_settings};
+use crate::support::poll;
 
 /// Sends the head of a request announcing a body of a megabyte that never follows, and
 /// answers the status the receiver sends within `within`, or `None` if it sends none.
@@ -73,4 +82,54 @@ async fn wrong_credentials_are_refused_before_the_body_is_read() {
     )
     .await;
     assert_eq!(status, None);
+}
+
+/// A webhook that answers `307` to another address is a failed delivery, retried: the
+/// signed alert never goes where the redirect points.
+#[tokio::test]
+async fn a_webhook_redirect_is_a_failed_delivery_never_followed() {
+    let elsewhere_addr = closed_port();
+    let elsewhere = Sink::default();
+    elsewhere.serve(elsewhere_addr).await;
+    let redirecting_addr = closed_port();
+    let redirects = Arc::new(AtomicUsize::new(0));
+    let counted = redirects.clone();
+    let target = format!("http://{elsewhere_addr}/hook");
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let target = target.clone();
+            async move {
+                (
+                    axum::http::StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, target)],
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(redirecting_addr)
+        .await
+        .unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let secret = Secret::generate();
+    let rx = TestReceiver::start(ReceiverSettings {
+        alert_webhook: Some(webhook(redirecting_addr, &secret)),
+        ..budget_settings()
+    });
+    let install = enroll(&rx).await;
+    put_budget(&rx, &install.id, r#"{"monthly": 1.0, "thresholds": [100]}"#).await;
+    send(&rx, &install, &crate::budgets::events(&install, 1500)).await;
+    poll(
+        "the alert to be tried again",
+        Duration::from_secs(20),
+        async || {
+            (redirects.load(Ordering::SeqCst) >= 2 || !elsewhere.ids().is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(elsewhere.ids().is_empty(), "the redirect was followed");
+    assert!(redirects.load(Ordering::SeqCst) >= 2);
+    assert_eq!(alerts(&rx).await[0]["delivered_at"], Value::Null);
 }
