@@ -8,7 +8,7 @@
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{StatusCode, Url};
 
-use super::client::{answer_message, error_chain};
+use super::client::{AnswerError, answer_message, error_chain, read_answer};
 use crate::config::BackendUrl;
 use crate::identity::Identity;
 use usage_protocol::wire::Enrollment;
@@ -90,7 +90,16 @@ pub async fn enroll(
     };
     let response = request.send().await.map_err(network)?;
     let status = response.status();
-    let answer = response.bytes().await.map_err(network)?;
+    let answer = match read_answer(response).await {
+        Ok(answer) => answer,
+        Err(AnswerError::Transport(error)) => return Err(network(error)),
+        Err(too_large @ AnswerError::TooLarge) => {
+            return Err(EnrollError::Unexpected {
+                status: status.as_u16(),
+                message: format!("an answer {too_large}"),
+            });
+        }
+    };
     let message = answer_message(status, &answer);
     match status {
         s if s.is_success() => Ok(()),
