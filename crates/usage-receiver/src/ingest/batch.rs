@@ -256,6 +256,7 @@ async fn handle(
         other => (other, Vec::new()),
     };
     let has_valid = !valid.is_empty();
+    let months = rules::months_of(&valid);
     let counts = if valid.is_empty() {
         app.store
             .clone()
@@ -280,7 +281,7 @@ async fn handle(
         // its alert was recorded records it. Blocking store calls, so on the blocking pool.
         let (task_app, task_install) = (app.clone(), install.clone());
         tokio::task::spawn_blocking(move || {
-            rules::check_after_ingest(&task_app, &task_install, &budget, now)
+            rules::check_after_ingest(&task_app, &task_install, &budget, &months, now)
         })
         .await
         .map_err(|error| {

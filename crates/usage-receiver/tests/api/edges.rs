@@ -6,15 +6,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use chrono::{Datelike, NaiveTime, Utc};
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use usage_protocol::event::format_millis;
 use usage_protocol::signing::Secret;
+use usage_protocol::wire::user_hash;
 use usage_receiver::ReceiverSettings;
 
 use crate::budgets::{
     Sink, alerts, budget_settings, closed_port, enroll, put_budget, send, webhook,
 };
-use crate::common::{ENROLL_TOKEN, TestReceiver, receiver_settings};
+use crate::common::{ENROLL_TOKEN, TestInstall, TestReceiver, receiver_settings};
 use crate::support::poll;
 
 /// Sends the head of a request announcing a body of a megabyte that never follows, and
@@ -132,4 +135,61 @@ async fn a_webhook_redirect_is_a_failed_delivery_never_followed() {
     assert!(elsewhere.ids().is_empty(), "the redirect was followed");
     assert!(redirects.load(Ordering::SeqCst) >= 2);
     assert_eq!(alerts(&rx).await[0]["delivered_at"], Value::Null);
+}
+
+/// An event of `tokens` tokens of `model` at `at_ms`.
+fn event_at(install: &TestInstall, model: &str, tokens: u64, at_ms: i64) -> Value {
+    json!({
+        "event_id": uuid::Uuid::now_v7(),
+        "user_hash": user_hash(&install.id, 7),
+        "source": "inline",
+        "model": model,
+        "prompt_tokens": tokens / 2,
+        "completion_tokens": tokens - tokens / 2,
+        "total_tokens": tokens,
+        "created_at": format_millis(at_ms),
+    })
+}
+
+/// Noon of a day well inside the month before this one.
+fn last_month_noon() -> chrono::DateTime<Utc> {
+    let first = Utc::now().date_naive().with_day(1).unwrap();
+    (first - chrono::Duration::days(10))
+        .and_time(NaiveTime::from_hms_opt(12, 0, 0).unwrap())
+        .and_utc()
+}
+
+/// A late event that takes last month past a threshold alerts in last month; this
+/// month's spend is its own.
+#[tokio::test]
+async fn a_late_event_alerts_in_its_own_month() {
+    let rx = TestReceiver::start(budget_settings());
+    let install = enroll(&rx).await;
+    put_budget(&rx, &install.id, r#"{"monthly": 10.0, "thresholds": [50]}"#).await;
+    let late = last_month_noon();
+    let month = late.format("%Y-%m").to_string();
+    // 4.00 last month: below the threshold.
+    send(
+        &rx,
+        &install,
+        &[event_at(&install, "m", 4000, late.timestamp_millis())],
+    )
+    .await;
+    assert!(alerts(&rx).await.is_empty());
+    // 2.00 more, late: last month reaches 6.00 of 10.00.
+    let later = late + chrono::Duration::days(1);
+    send(
+        &rx,
+        &install,
+        &[event_at(&install, "m", 2000, later.timestamp_millis())],
+    )
+    .await;
+    let listed = alerts(&rx).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["month"], month.as_str());
+    assert_eq!(listed[0]["threshold"], 50);
+    assert_eq!(listed[0]["cost"], json!(6.0));
+    // This month has 1.00: nothing more.
+    send(&rx, &install, &crate::budgets::events(&install, 1000)).await;
+    assert_eq!(alerts(&rx).await.len(), 1);
 }
