@@ -148,4 +148,27 @@ mod tests {
             "{error}"
         );
     }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off_at_the_cap() {
+        let addr = super::super::client::endless_backend().await;
+        let http = super::super::client::http_client(std::time::Duration::from_secs(20)).unwrap();
+        let identity = Identity {
+            install_id: "i".into(),
+            secret: usage_protocol::signing::Secret::generate().to_whsec(),
+            site_url: "https://example.test".into(),
+            created_at: "2026-11-27T10:30:00Z".into(),
+            enrolled_at: None,
+        };
+        let backend: BackendUrl = format!("http://{addr}").parse().unwrap();
+        let started = std::time::Instant::now();
+        let error = enroll(&http, &backend, "token", &identity)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("larger than 1048576 bytes"),
+            "{error}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
 }
