@@ -220,6 +220,13 @@ impl ReceiverStore for GatedStore {
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
         self.inner.find_install(install_id)
     }
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        self.inner.day_models(install, days)
+    }
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
         self.inner.summary(query)
     }

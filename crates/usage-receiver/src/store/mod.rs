@@ -7,10 +7,10 @@
 //! **Invariant:** only the store speaks SQL, and only [`sqlite`] and [`postgres`] within
 //! it; they know nothing of HTTP. This module defines types only; it holds no SQL and does
 //! no I/O. Every method is blocking (the HTTP handlers call them inside `spawn_blocking`)
-//! but the three of the ingest path, which also come as futures
-//! ([`ReceiverStore::find_install_async`], [`ReceiverStore::take_request_async`],
-//! [`ReceiverStore::ingest_async`]): **the ingest path is async so a fleet node never hops
-//! threads per query**. PostgreSQL awaits its queries on the runtime that runs the handler;
+//! but the four of the ingest path, which also come as futures
+//! ([`ReceiverStore::find_install_async`], [`ReceiverStore::day_models_async`],
+//! [`ReceiverStore::take_request_async`], [`ReceiverStore::ingest_async`]): **the ingest
+//! path is async so a fleet node never hops threads per query**. PostgreSQL awaits its queries on the runtime that runs the handler;
 //! SQLite keeps its blocking code, which the default implementations run on the blocking
 //! pool.
 
@@ -37,6 +37,7 @@ pub type InstallKey = i64;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod model_cap;
 pub mod postgres;
 pub mod rate_limit;
 pub mod sqlite;
@@ -83,6 +84,14 @@ pub trait ReceiverStore: Send + Sync + 'static {
         events: Vec<NewEvent>,
         received_at_ms: i64,
     ) -> Result<IngestCounts, ReceiverStoreError>;
+
+    /// The models of `install` stored on each of `days` (UTC), as `(day, model)` pairs:
+    /// what the cap on models per install and day counts ([`model_cap`]).
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError>;
 
     /// Token totals over a time range, optionally grouped.
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError>;
@@ -214,6 +223,15 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// [`ReceiverStore::find_install`] as a future.
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
         on_blocking_pool(move || self.find_install(&install_id))
+    }
+
+    /// [`ReceiverStore::day_models`] as a future.
+    fn day_models_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        days: Vec<i64>,
+    ) -> StoreFuture<Vec<(i64, String)>> {
+        on_blocking_pool(move || self.day_models(install, &days))
     }
 
     /// [`ReceiverStore::take_request`] as a future.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::{Datelike, NaiveTime, Utc};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use usage_protocol::event::format_millis;
@@ -17,7 +18,10 @@ use usage_receiver::ReceiverSettings;
 use crate::budgets::{
     Sink, alerts, budget_settings, closed_port, enroll, put_budget, send, webhook,
 };
-use crate::common::{ENROLL_TOKEN, TestInstall, TestReceiver, receiver_settings};
+use crate::common::{
+    ENROLL_TOKEN, TestInstall, TestReceiver, batch_body, provider_request, receiver_settings,
+    signed,
+};
 use crate::support::poll;
 
 /// Sends the head of a request announcing a body of a megabyte that never follows, and
@@ -192,4 +196,68 @@ async fn a_late_event_alerts_in_its_own_month() {
     // This month has 1.00: nothing more.
     send(&rx, &install, &crate::budgets::events(&install, 1000)).await;
     assert_eq!(alerts(&rx).await.len(), 1);
+}
+
+/// Sends `events` as one batch and answers the batch result.
+async fn batch(rx: &TestReceiver, install: &TestInstall, events: &[Value]) -> Value {
+    let batch_id = uuid::Uuid::now_v7();
+    let body = batch_body(batch_id, &install.id, events);
+    let response = signed(rx, install, batch_id, &body).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.json().await.unwrap()
+}
+
+/// An install has at most 200 models a day (UTC): past that, each event of a model new
+/// that day is refused on its own, naming the rule; models already counted that day and
+/// other days are not affected.
+#[tokio::test]
+async fn an_install_has_a_bounded_number_of_models_a_day() {
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    crate::common::enroll(&rx, &install).await;
+    let now = Utc::now();
+    let midnight = now.date_naive().and_time(NaiveTime::MIN).and_utc();
+    let today_ms = (now - chrono::Duration::seconds(2))
+        .max(midnight)
+        .timestamp_millis();
+    let yesterday_ms = today_ms - 86_400_000;
+
+    let events: Vec<Value> = (0..201)
+        .map(|n| event_at(&install, &format!("model-{n}"), 10, today_ms))
+        .collect();
+    let answer = batch(&rx, &install, &events).await;
+    assert_eq!(answer["accepted"], 200, "{answer}");
+    let rejected = answer["rejected"].as_array().unwrap();
+    assert_eq!(rejected.len(), 1, "{answer}");
+    assert_eq!(rejected[0]["event_id"], events[200]["event_id"]);
+    let reason = rejected[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("model: ") && reason.contains("200 models"),
+        "{reason}"
+    );
+
+    let more = [
+        event_at(&install, "model-7", 10, today_ms),
+        event_at(&install, "model-new", 10, today_ms),
+        event_at(&install, "model-new", 10, yesterday_ms),
+    ];
+    let answer = batch(&rx, &install, &more).await;
+    assert_eq!(answer["accepted"], 2, "{answer}");
+    assert_eq!(answer["rejected"][0]["event_id"], more[1]["event_id"]);
+
+    let today = format_millis(today_ms)[..10].to_owned();
+    let response = provider_request(
+        &rx,
+        Method::GET,
+        &format!(
+            "/api/usage/summary?install_id={}&from={today}&to={today}&group_by=model",
+            install.id
+        ),
+    )
+    .send()
+    .await
+    .unwrap();
+    let summary: Value = response.json().await.unwrap();
+    assert_eq!(summary["rows"].as_array().unwrap().len(), 200);
+    assert_eq!(summary["totals"]["events"], 201);
 }

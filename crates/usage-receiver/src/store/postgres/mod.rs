@@ -276,6 +276,21 @@ impl PostgresStore {
         }))
     }
 
+    async fn day_models_now(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT day, model FROM daily_usage WHERE install = $1 AND day = ANY($2)",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&install, &days]).await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
     /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
     /// one statement, alone or with the other batches waiting for the node's writers
     /// ([`writers`]).
@@ -519,6 +534,14 @@ impl ReceiverStore for PostgresStore {
 
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
         self.run(async |store| store.find_install_now(install_id).await)
+    }
+
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        self.run(async |store| store.day_models_now(install, days).await)
     }
 
     fn ingest(
@@ -799,7 +822,9 @@ impl ReceiverStore for PostgresStore {
     /// Costed in the database, so 100,000 installs' month of rows never leave it: one
     /// pass sums per model and day (the chart, and the (model, day) pairs to price); their
     /// rates, from the receiver, go back as arrays; a second pass costs each rollup row
-    /// with them in `bigint` (half up, once per row) and sums everything per install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
+    /// with them in `bigint` (half up, once per row; in `numeric` for a row too large for
+    /// `bigint`) and sums everything per install. Both in one snapshot. A total past
+    /// `bigint` is an error in PostgreSQL, and
     /// then the straightforward computation answers instead, so the answer is always
     /// exactly [`CostedReport::price`]'s.
     fn costed_installations(
@@ -1132,6 +1157,14 @@ impl ReceiverStore for PostgresStore {
         Box::pin(async move { self.find_install_now(&install_id).await })
     }
 
+    fn day_models_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        days: Vec<i64>,
+    ) -> StoreFuture<Vec<(i64, String)>> {
+        Box::pin(async move { self.day_models_now(install, &days).await })
+    }
+
     fn take_request_async(
         self: Arc<Self>,
         install: InstallKey,
@@ -1426,7 +1459,8 @@ async fn figures_of(
 /// Every install's figures (or only `only`'s) read from all rollup rows of the window:
 /// one pass sums per model and day (the chart, and the (model, day) pairs to price);
 /// their rates go back as arrays; a second pass costs each rollup row with them in
-/// `bigint` (half up, once per row) and sums everything per install. Installs without
+/// `bigint` (`numeric` for a row too large for it; half up, once per row) and sums
+/// everything per install. Installs without
 /// rows in the window left out.
 async fn costed_whole(
     tx: &tokio_postgres::Transaction<'_>,
@@ -1481,7 +1515,9 @@ async fn costed_whole(
     }
     // Second pass, per install: the counted events and tokens, the priced tokens, and each
     // priced row's cost as `cost_at` computes it (uncached input never negative, the exact
-    // sum in micro-units per million tokens, half up once).
+    // sum in micro-units per million tokens, half up once). In `bigint` while every count
+    // is under 2^30 and every rate under 2^31, so the five products' sum stays under 2^63;
+    // a larger row in `numeric`, so no row is too large to cost here.
     let costs = tx
         .query(
             "SELECT d.install,
@@ -1490,14 +1526,28 @@ async fn costed_whole(
                              FILTER (WHERE d.day >= $1), 0)::bigint,
                     coalesce(sum(d.prompt_tokens + d.completion_tokens)
                              FILTER (WHERE d.day >= $2), 0)::bigint,
-                    coalesce(sum((greatest(d.prompt_tokens - d.cached_tokens
-                                           - d.cache_write_tokens, 0) * r.input
-                                  + d.cached_tokens * r.cached
-                                  + d.cache_write_tokens * r.cache_write
-                                  + greatest(d.completion_tokens - d.reasoning_tokens, 0)
-                                    * r.output
-                                  + d.reasoning_tokens * r.reasoning
-                                  + 500000) / 1000000) FILTER (WHERE d.day >= $2), 0)::bigint,
+                    coalesce(sum(CASE
+                        WHEN greatest(d.prompt_tokens, d.completion_tokens, d.cached_tokens,
+                                      d.cache_write_tokens, d.reasoning_tokens) < 1073741824
+                         AND greatest(r.input, r.cached, r.cache_write, r.output,
+                                      r.reasoning) < 2147483648
+                        THEN (greatest(d.prompt_tokens - d.cached_tokens
+                                       - d.cache_write_tokens, 0) * r.input
+                              + d.cached_tokens * r.cached
+                              + d.cache_write_tokens * r.cache_write
+                              + greatest(d.completion_tokens - d.reasoning_tokens, 0)
+                                * r.output
+                              + d.reasoning_tokens * r.reasoning
+                              + 500000) / 1000000
+                        ELSE div(greatest(d.prompt_tokens - d.cached_tokens
+                                          - d.cache_write_tokens, 0)::numeric * r.input
+                                 + d.cached_tokens::numeric * r.cached
+                                 + d.cache_write_tokens::numeric * r.cache_write
+                                 + greatest(d.completion_tokens - d.reasoning_tokens, 0)::numeric
+                                   * r.output
+                                 + d.reasoning_tokens::numeric * r.reasoning
+                                 + 500000, 1000000)::bigint
+                        END) FILTER (WHERE d.day >= $2), 0)::bigint,
                     array_agg(d.model) FILTER (WHERE r.model IS NULL AND d.day >= $2)
              FROM daily_usage d
              LEFT JOIN unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
@@ -1583,4 +1633,61 @@ pub(crate) fn test_node() -> PostgresStore {
     });
     let url = cluster.new_database().expect("create a test database");
     PostgresStore::open(&url, runtime.handle().clone()).expect("open the test store")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::money::Micros;
+    use crate::billing::price_book::Rates;
+    use crate::store::usage_window;
+
+    fn big_rates(model: &str, _day: i64) -> Option<Rates> {
+        (model == "big").then(|| Rates::flat(Micros(60_000_000)))
+    }
+
+    /// A day's row whose cost per row does not fit in `bigint` before it is divided is
+    /// still costed in the database, where the node keeps its figures.
+    #[test]
+    fn a_huge_day_row_is_costed_in_the_database() {
+        let store = test_node();
+        let install = NewInstall {
+            install_id: "huge".into(),
+            secret: Secret::generate(),
+            site_hash: "site".into(),
+            enrolled_at_ms: 0,
+        };
+        store.enroll(&install).unwrap();
+        let key = store.find_install("huge").unwrap().unwrap().key;
+        let now = chrono::Utc::now();
+        let event = NewEvent {
+            event_id: uuid::Uuid::new_v4(),
+            user_hash: [1; 32],
+            source: Source::Inline,
+            model: "big".into(),
+            prompt_tokens: 400_000_000_000,
+            completion_tokens: 1,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            origin: None,
+            context: None,
+            created_at_ms: now.timestamp_millis(),
+        };
+        store
+            .ingest(key, vec![event], now.timestamp_millis())
+            .unwrap();
+        let window = usage_window(now);
+        let prices = PriceList {
+            id: 1,
+            rates: &big_rates,
+        };
+        let costed = store
+            .run(async |store| costed(store, None, window, prices).await)
+            .expect("costed in the database");
+        let straightforward =
+            CostedReport::price(store.installations(None, window).unwrap(), prices.rates);
+        assert_eq!(costed, straightforward);
+        assert_eq!(costed.installs[0].priced.cost, Micros(24_000_000_000_060));
+    }
 }

@@ -270,6 +270,24 @@ impl ReceiverStore for SqliteStore {
         group_commit::ingest(self, install, events, received_at_ms)
     }
 
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement =
+            conn.prepare_cached("SELECT model FROM daily_usage WHERE install = ?1 AND day = ?2")?;
+        let mut pairs = Vec::new();
+        for &day in days {
+            let models = statement.query_map(params![install, day], |row| row.get(0))?;
+            for model in models {
+                pairs.push((day, model?));
+            }
+        }
+        Ok(pairs)
+    }
+
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
         let conn = self.reader();
         let install = match &query.install_id {
