@@ -230,6 +230,13 @@ impl ReceiverStore for GatedStore {
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
         self.inner.summary(query)
     }
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
+        self.inner.summary_at_most(query, max_rows)
+    }
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
         self.inner.events_page(query)
     }
@@ -292,6 +299,14 @@ impl ReceiverStore for GatedStore {
     }
     fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
         self.inner.alerts(range)
+    }
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.inner.alerts_page(range, after, limit)
     }
     fn claim_alerts(
         &self,

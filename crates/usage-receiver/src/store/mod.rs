@@ -96,6 +96,14 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// Token totals over a time range, optionally grouped.
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError>;
 
+    /// [`ReceiverStore::summary`], or `None` when it has more than `max_rows` rows: the
+    /// rows past that are never read.
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError>;
+
     /// One page of raw events, oldest first.
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError>;
 
@@ -197,6 +205,15 @@ pub trait ReceiverStore: Send + Sync + 'static {
 
     /// The alerts recorded in `range` (by their `at`), oldest first.
     fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError>;
+
+    /// At most `limit` of the alerts recorded in `range` (by their `at`), oldest first,
+    /// from just after `after` (an alert's `at` and id) on.
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError>;
 
     /// Takes up to `limit` undelivered alerts whose next attempt is due at `now_ms`, and
     /// moves their next attempt to `now_ms + lease_ms`, so no other node takes them
@@ -343,6 +360,13 @@ pub struct Alert {
     pub delivered_at_ms: Option<i64>,
     /// Delivery attempts begun so far.
     pub attempts: u32,
+}
+
+/// Where a page of alerts starts: just after this alert in (`at`, id) order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertCursor {
+    pub at_ms: i64,
+    pub alert_id: Uuid,
 }
 
 /// How one delivery attempt of an alert ended.

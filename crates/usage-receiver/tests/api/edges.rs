@@ -261,3 +261,91 @@ async fn an_install_has_a_bounded_number_of_models_a_day() {
     assert_eq!(summary["rows"].as_array().unwrap().len(), 200);
     assert_eq!(summary["totals"]["events"], 201);
 }
+
+async fn get(rx: &TestReceiver, path: &str) -> (StatusCode, Value) {
+    let response = provider_request(rx, Method::GET, path)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.json().await.unwrap())
+}
+
+/// `GET /api/alerts` answers a page at a time, with a cursor to the next one, like raw
+/// events: every alert once, oldest first.
+#[tokio::test]
+async fn alerts_are_listed_a_page_at_a_time() {
+    let rx = TestReceiver::start(budget_settings());
+    let install = enroll(&rx).await;
+    let thresholds = r#"{"monthly": 1.0, "thresholds": [10, 20, 30, 40, 50]}"#;
+    put_budget(&rx, &install.id, thresholds).await;
+    send(&rx, &install, &crate::budgets::events(&install, 600)).await;
+
+    let (status, all) = get(&rx, "/api/alerts").await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all["alerts"].as_array().unwrap().len(), 5);
+    assert_eq!(all["next"], Value::Null);
+    let mut paged = Vec::new();
+    let mut path = "/api/alerts?limit=2".to_owned();
+    for expected in [2, 2, 1] {
+        let (status, page) = get(&rx, &path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["alerts"].as_array().unwrap().len(), expected, "{page}");
+        paged.extend(page["alerts"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/alerts?limit=2&after={next}"),
+            None => assert_eq!(expected, 1),
+        }
+    }
+    assert_eq!(&paged, all["alerts"].as_array().unwrap());
+
+    for (query, parameter) in [("limit=0", "limit"), ("after=garbage", "after")] {
+        let (status, body) = get(&rx, &format!("/api/alerts?{query}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"]["details"][0]["field"], parameter, "{body}");
+    }
+}
+
+/// A summary grouped by user over every install has a bound on its rows; past it, the
+/// answer names `group_by` and says what to give instead. One install's users have none.
+#[tokio::test]
+async fn a_summary_of_every_installs_users_is_bounded() {
+    let bound = usage_receiver::views::usage::MAX_USER_ROWS_OF_ALL_INSTALLS;
+    let rx = TestReceiver::start(receiver_settings());
+    let install = TestInstall::new();
+    crate::common::enroll(&rx, &install).await;
+    let at = Utc::now().timestamp_millis() - 2000;
+    let users: Vec<u64> = (0..=bound as u64).collect();
+    for chunk in users.chunks(1000) {
+        let events: Vec<Value> = chunk
+            .iter()
+            .map(|&user| {
+                let mut event = event_at(&install, "m", 10, at);
+                event["user_hash"] = user_hash(&install.id, user).into();
+                event
+            })
+            .collect();
+        assert_eq!(batch(&rx, &install, &events).await["accepted"], chunk.len());
+    }
+    let (status, body) = get(&rx, "/api/usage/summary?group_by=user").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", body["totals"]);
+    assert_eq!(body["error"]["code"], "too_many_rows", "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "group_by", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("install_id")
+    );
+    let (status, body) = get(&rx, "/api/usage/summary?group_by=user&format=csv").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    let path = format!("/api/usage/summary?group_by=user&install_id={}", install.id);
+    let (status, body) = get(&rx, &path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["rows"].as_array().unwrap().len(), bound + 1);
+    // Grouped otherwise, every install's summary is answered.
+    let (status, body) = get(&rx, "/api/usage/summary?group_by=model").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["totals"]["events"], bound as u64 + 1);
+}

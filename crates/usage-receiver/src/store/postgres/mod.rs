@@ -41,10 +41,10 @@ use self::view_cache::{InstallFigures, ViewCache, ViewKey};
 use self::writers::{Batch, Writers};
 
 use super::{
-    Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
-    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PoolUse,
-    PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    Alert, AlertCursor, Budget, CostedInstall, CostedReport, DailyTokens, DayRange,
+    DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
+    InstallKey, InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
+    PoolUse, PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
     UsageWindow,
 };
@@ -568,10 +568,18 @@ impl ReceiverStore for PostgresStore {
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        Ok(self.summary_at_most(query, usize::MAX)?.unwrap_or_default())
+    }
+
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
         self.run(async |store| {
             let client = store.client().await?;
             let Some(only) = optional_install(&client, query.install_id.as_deref()).await? else {
-                return Ok(Summary::default());
+                return Ok(Some(Summary::default()));
             };
             let group = query.group_by;
             // Only these fixed fragments are ever spliced into the SQL text. Text sorts
@@ -610,11 +618,18 @@ impl ReceiverStore for PostgresStore {
                         coalesce(sum(completion_tokens), 0)::bigint
                  FROM events
                  WHERE {install_clause} AND created_at >= $2 AND created_at < $3
-                 {group_clause}"
+                 {group_clause} LIMIT $4"
             );
             let from = query.range.from_ms.unwrap_or(i64::MIN);
             let to = query.range.to_ms.unwrap_or(i64::MAX);
-            let rows = client.query(&sql, &[&only, &from, &to]).await?;
+            // One row past the most asked for tells there are more; null is no limit.
+            let limit = i64::try_from(max_rows)
+                .ok()
+                .map(|max| max.saturating_add(1));
+            let rows = client.query(&sql, &[&only, &from, &to, &limit]).await?;
+            if rows.len() > max_rows {
+                return Ok(None);
+            }
             let mut summary = Summary::default();
             for row in rows {
                 let mut column = 0;
@@ -646,7 +661,7 @@ impl ReceiverStore for PostgresStore {
                     group.any(),
                 );
             }
-            Ok(summary)
+            Ok(Some(summary))
         })
     }
 
@@ -1088,6 +1103,40 @@ impl ReceiverStore for PostgresStore {
                          AND ($2::bigint IS NULL OR a.at < $2) ORDER BY a.at, a.alert_id"
                     ),
                     &[&range.from_ms, &range.to_ms],
+                )
+                .await?;
+            rows.iter().map(alert_row).collect()
+        })
+    }
+
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            // No cursor: start before every alert (the nil id sorts first).
+            let after = after.unwrap_or(AlertCursor {
+                at_ms: i64::MIN,
+                alert_id: Uuid::nil(),
+            });
+            let rows = client
+                .query(
+                    &format!(
+                        "{ALERT_COLUMNS} WHERE ($1::bigint IS NULL OR a.at >= $1)
+                         AND ($2::bigint IS NULL OR a.at < $2)
+                         AND (a.at, a.alert_id) > ($3, $4)
+                         ORDER BY a.at, a.alert_id LIMIT $5"
+                    ),
+                    &[
+                        &range.from_ms,
+                        &range.to_ms,
+                        &after.at_ms,
+                        &after.alert_id,
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
                 )
                 .await?;
             rows.iter().map(alert_row).collect()

@@ -24,10 +24,11 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
-    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
-    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    Alert, AlertCursor, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor,
+    EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport,
+    MonthSpend, NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError,
+    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
+    UsageWindow,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, TokenCounts};
@@ -289,12 +290,20 @@ impl ReceiverStore for SqliteStore {
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        Ok(self.summary_at_most(query, usize::MAX)?.unwrap_or_default())
+    }
+
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
         let conn = self.reader();
         let install = match &query.install_id {
             None => None,
             Some(id) => match install_key(&conn, id)? {
                 Some(key) => Some(key),
-                None => return Ok(Summary::default()),
+                None => return Ok(Some(Summary::default())),
             },
         };
         let group = query.group_by;
@@ -333,13 +342,20 @@ impl ReceiverStore for SqliteStore {
                     coalesce(sum(completion_tokens), 0)
              FROM events
              WHERE {install_clause} AND created_at >= ?2 AND created_at < ?3
-             {group_clause}"
+             {group_clause} LIMIT ?4"
         );
         let (from, to) = range_bounds(query.range);
+        // One row past the most asked for tells there are more; -1 is no limit.
+        let limit = i64::try_from(max_rows).map_or(-1, |max| max.saturating_add(1));
         let mut statement = conn.prepare_cached(&sql)?;
-        let mut rows = statement.query(params![install, from, to])?;
+        let mut rows = statement.query(params![install, from, to, limit])?;
         let mut summary = Summary::default();
+        let mut read = 0;
         while let Some(row) = rows.next()? {
+            read += 1;
+            if read > max_rows {
+                return Ok(None);
+            }
             let mut column = 0;
             let mut next = || {
                 column += 1;
@@ -385,7 +401,7 @@ impl ReceiverStore for SqliteStore {
                 group.any(),
             );
         }
-        Ok(summary)
+        Ok(Some(summary))
     }
 
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
@@ -751,6 +767,32 @@ impl ReceiverStore for SqliteStore {
              ORDER BY a.at, a.alert_id"
         ))?;
         let rows = statement.query_map(params![range.from_ms, range.to_ms], alert_row)?;
+        rows.map(|row| row?).collect()
+    }
+
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement = conn.prepare_cached(&format!(
+            "{ALERT_COLUMNS} WHERE (?1 IS NULL OR a.at >= ?1) AND (?2 IS NULL OR a.at < ?2)
+             AND (?3 IS NULL OR (a.at, a.alert_id) > (?3, ?4))
+             ORDER BY a.at, a.alert_id LIMIT ?5"
+        ))?;
+        let after_id = after.map(|cursor| cursor.alert_id.as_bytes().to_vec());
+        let rows = statement.query_map(
+            params![
+                range.from_ms,
+                range.to_ms,
+                after.map(|cursor| cursor.at_ms),
+                after_id,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            alert_row,
+        )?;
         rows.map(|row| row?).collect()
     }
 
