@@ -15,9 +15,10 @@ use usage_protocol::wire::user_hash;
 use usage_receiver::billing::pricing::Plan;
 use usage_receiver::store::rate_limit::Rate;
 use usage_receiver::store::{
-    Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
-    Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
-    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
+    Alert, AlertCursor, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery,
+    IngestCounts, Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent,
+    NewInstall, RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange,
+    UsageWindow,
 };
 use usage_receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
