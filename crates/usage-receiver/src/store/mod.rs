@@ -178,8 +178,10 @@ pub trait ReceiverStore: Send + Sync + 'static {
     ) -> Result<Vec<SourceModelDay>, ReceiverStoreError>;
 
     /// Erases an install: its events, its rollups, its budget and alerts and its
-    /// enrollment, in one transaction. Returns how many events were deleted, or `None` when
-    /// the install is unknown.
+    /// enrollment. In slices, so other installs' batches never wait for the whole of it:
+    /// the install is first disabled (no batch of it is stored after that), its events go
+    /// a slice at a time, then the rest in one transaction. Returns how many events were
+    /// deleted, or `None` when the install is unknown.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError>;
 
     /// Sets (`Some`) or removes (`None`) an install's own budget; `false` when the install

@@ -349,3 +349,105 @@ async fn a_summary_of_every_installs_users_is_bounded() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["totals"]["events"], bound as u64 + 1);
 }
+
+/// Erasing a large install holds up no other install: batches of other installs sent
+/// meanwhile (with the erased install's own batches among them) are each answered in a
+/// fraction of the erasure's time, and the erasure leaves nothing of the install.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn erasing_a_large_install_holds_up_no_other_install() {
+    let rx = Arc::new(TestReceiver::start(receiver_settings()));
+    let large = TestInstall::new();
+    crate::common::enroll(&rx, &large).await;
+    let now_ms = Utc::now().timestamp_millis();
+    // 150,000 events over 30 days.
+    for n in 0..150u64 {
+        let at = now_ms - 2000 - (n % 30) as i64 * 86_400_000;
+        let events: Vec<Value> = (0..1000).map(|_| event_at(&large, "m", 10, at)).collect();
+        assert_eq!(batch(&rx, &large, &events).await["accepted"], 1000);
+    }
+    let others: Vec<TestInstall> = (0..3).map(|_| TestInstall::new()).collect();
+    for other in &others {
+        crate::common::enroll(&rx, other).await;
+    }
+
+    let erasing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let senders: Vec<_> = others
+        .into_iter()
+        .map(Some)
+        .chain([None, None])
+        .map(|other| {
+            let (rx, erasing, large_id, large_secret) = (
+                rx.clone(),
+                erasing.clone(),
+                large.id.clone(),
+                large.secret.clone(),
+            );
+            tokio::spawn(async move {
+                // `None`: the erased install's own agent, still sending.
+                let is_other = other.is_some();
+                let install = other.unwrap_or(TestInstall {
+                    id: large_id,
+                    secret: large_secret,
+                });
+                let mut slowest = Duration::ZERO;
+                let mut answered = 0;
+                while erasing.load(Ordering::SeqCst) {
+                    let events = [event_at(&install, "m", 10, now_ms - 1000)];
+                    let batch_id = uuid::Uuid::now_v7();
+                    let body = batch_body(batch_id, &install.id, &events);
+                    let started = Instant::now();
+                    let status = signed(&rx, &install, batch_id, &body)
+                        .send()
+                        .await
+                        .unwrap()
+                        .status();
+                    slowest = slowest.max(started.elapsed());
+                    answered += 1;
+                    if is_other {
+                        assert_eq!(status, StatusCode::OK);
+                    }
+                }
+                (slowest, answered)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let response = provider_request(
+        &rx,
+        Method::DELETE,
+        &format!("/api/installations/{}", large.id),
+    )
+    .send()
+    .await
+    .unwrap();
+    let erase_took = started.elapsed();
+    erasing.store(false, Ordering::SeqCst);
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    // With the events its agent sent before the erasure began.
+    assert!(
+        body["events_deleted"].as_u64().unwrap() >= 150_000,
+        "{body}"
+    );
+    let mut results = Vec::new();
+    for sender in senders {
+        results.push(sender.await.unwrap());
+    }
+    for (slowest, answered) in &results[..3] {
+        assert!(*answered >= 1);
+        assert!(
+            *slowest < erase_took / 2,
+            "a batch of another install took {slowest:?} while the erasure took {erase_took:?}"
+        );
+    }
+    // Nothing of the erased install is left.
+    let path = format!("/api/usage/summary?install_id={}", large.id);
+    let (status, summary) = get(&rx, &path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(summary["totals"]["events"], 0, "{summary}");
+    let (_, events) = get(&rx, &format!("/api/usage/events?install_id={}", large.id)).await;
+    assert!(events["events"].as_array().unwrap().is_empty());
+    let (_, summary) = get(&rx, "/api/usage/summary").await;
+    let others_sent: u64 = results[..3].iter().map(|(_, n)| *n as u64).sum();
+    assert_eq!(summary["totals"]["events"], others_sent);
+}

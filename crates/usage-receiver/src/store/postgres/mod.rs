@@ -948,15 +948,19 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    /// In slices, so no batch waits for the whole of it: first the install is disabled
+    /// (under its row lock, which waits for a batch of it in flight), so no node stores
+    /// anything more of it; then its raw events and keys go a day (a partition) at a time,
+    /// each day in a transaction of its own that locks no install; last, in one
+    /// transaction under its row lock, its rollups, chart sums, schedule, budget, alerts
+    /// and row. An erasure cut short leaves the install disabled; erasing it again
+    /// finishes the work.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.run(async |store| {
             let mut client = store.client().await?;
-            let tx = client.transaction().await?;
-            // The row lock waits for a batch of this install in flight (it holds a lock on
-            // the row), and makes any later one find no install.
-            let Some(row) = tx
+            let Some(row) = client
                 .query_opt(
-                    "SELECT id FROM installs WHERE install_id = $1 FOR UPDATE",
+                    "UPDATE installs SET disabled = true WHERE install_id = $1 RETURNING id",
                     &[&install_id],
                 )
                 .await?
@@ -964,7 +968,42 @@ impl ReceiverStore for PostgresStore {
                 return Ok(None);
             };
             let key: i64 = row.get(0);
-            let events = tx
+            let span = client
+                .query_one(
+                    "SELECT min(created_at) / 86400000, max(created_at) / 86400000
+                     FROM events WHERE install = $1",
+                    &[&key],
+                )
+                .await?;
+            let mut events = 0;
+            if let (Some(first), Some(last)) = (span.get::<_, Option<i64>>(0), span.get(1)) {
+                let slice_events = client
+                    .prepare_cached(
+                        "DELETE FROM events WHERE install = $1
+                         AND created_at >= $2 AND created_at < $3",
+                    )
+                    .await?;
+                let slice_keys = client
+                    .prepare_cached(
+                        "DELETE FROM event_ids WHERE install = $1
+                         AND created_at >= $2 AND created_at < $3",
+                    )
+                    .await?;
+                for day in first..=last {
+                    let range = (day * MS_PER_DAY, (day + 1) * MS_PER_DAY);
+                    events += client
+                        .execute(&slice_events, &[&key, &range.0, &range.1])
+                        .await?;
+                    client
+                        .execute(&slice_keys, &[&key, &range.0, &range.1])
+                        .await?;
+                }
+            }
+            let tx = client.transaction().await?;
+            tx.query_opt("SELECT id FROM installs WHERE id = $1 FOR UPDATE", &[&key])
+                .await?;
+            // A last sweep, in case the slices missed an event (none is expected).
+            events += tx
                 .execute("DELETE FROM events WHERE install = $1", &[&key])
                 .await?;
             tx.execute(SUBTRACT_FROM_DAILY_TOTALS, &[&key]).await?;

@@ -647,14 +647,34 @@ impl ReceiverStore for SqliteStore {
     }
 
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        // Disabled first, so no batch of it is stored from now on; then its events a slice
+        // at a time, the writer given back between slices so batches of other installs go
+        // in between; then the rest in one transaction.
+        let key = {
+            let conn = self.writer();
+            let Some(key) = install_key(&conn, install_id)? else {
+                return Ok(None);
+            };
+            conn.prepare_cached("UPDATE installs SET disabled = 1 WHERE id = ?1")?
+                .execute(params![key])?;
+            key
+        };
+        let mut events = 0;
+        loop {
+            let deleted = self
+                .writer()
+                .prepare_cached(
+                    "DELETE FROM events WHERE rowid IN
+                         (SELECT rowid FROM events WHERE install = ?1 LIMIT ?2)",
+                )?
+                .execute(params![key, ERASE_SLICE_EVENTS])?;
+            events += deleted as u64;
+            if deleted == 0 {
+                break;
+            }
+        }
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(key) = install_key(&tx, install_id)? else {
-            return Ok(None);
-        };
-        let events = tx
-            .prepare_cached("DELETE FROM events WHERE install = ?1")?
-            .execute(params![key])?;
         for table in ["daily_usage", "budgets", "alerts"] {
             tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
                 .execute(params![key])?;
@@ -662,7 +682,7 @@ impl ReceiverStore for SqliteStore {
         tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
             .execute(params![key])?;
         tx.commit()?;
-        Ok(Some(events as u64))
+        Ok(Some(events))
     }
 
     fn set_budget(
@@ -850,6 +870,10 @@ impl ReceiverStore for SqliteStore {
         Ok(())
     }
 }
+
+/// Events an erasure deletes in one transaction: a few milliseconds of the writer, so a
+/// batch of another install never waits longer than that for it.
+const ERASE_SLICE_EVENTS: i64 = 5000;
 
 /// The columns [`alert_row`] reads, joined to the install for its id.
 const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
