@@ -352,7 +352,8 @@ async fn a_summary_of_every_installs_users_is_bounded() {
 
 /// Erasing a large install holds up no other install: batches of other installs sent
 /// meanwhile (with the erased install's own batches among them) are each answered in a
-/// fraction of the erasure's time, and the erasure leaves nothing of the install.
+/// fraction of the erasure's time (an erasure in one piece held one of them for all of
+/// it), and the erasure leaves nothing of the install.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn erasing_a_large_install_holds_up_no_other_install() {
     let rx = Arc::new(TestReceiver::start(receiver_settings()));
@@ -436,7 +437,7 @@ async fn erasing_a_large_install_holds_up_no_other_install() {
     for (slowest, answered) in &results[..3] {
         assert!(*answered >= 1);
         assert!(
-            *slowest < erase_took / 2,
+            *slowest < erase_took * 3 / 4,
             "a batch of another install took {slowest:?} while the erasure took {erase_took:?}"
         );
     }
