@@ -138,7 +138,16 @@ impl BackendClient {
         // An answer cut off (a reset, a timeout) is a transport failure whatever its
         // status line said: `network`, as the wire protocol files resets and timeouts. `BadAnswer`
         // is for an answer that arrived whole and cannot be read.
-        let body = response.bytes().await.map_err(network)?;
+        let body = match read_answer(response).await {
+            Ok(body) => body,
+            Err(AnswerError::Transport(error)) => return Err(network(error)),
+            Err(AnswerError::TooLarge) => {
+                return Err(SyncError::BadAnswer(format!(
+                    "a {status} answer {}",
+                    AnswerError::TooLarge
+                )));
+            }
+        };
         if status.is_success() {
             return serde_json::from_slice(&body).map_err(|e| {
                 SyncError::BadAnswer(format!("a {status} answer that is not a batch result: {e}"))
@@ -146,6 +155,39 @@ impl BackendClient {
         }
         Err(classify(status, &body, retry_after))
     }
+}
+
+/// The most of a backend's answer the agent reads: an answer is a small JSON object, and
+/// a backend (or whatever answers in its place) must not fill the agent's memory.
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+
+/// Why an answer's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AnswerError {
+    /// Cut off: a reset or a timeout.
+    #[error("{0}")]
+    Transport(reqwest::Error),
+    #[error("larger than {MAX_ANSWER_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Reads the body of `response`, at most [`MAX_ANSWER_BYTES`] of it: a longer answer is
+/// given up on as soon as it is known to be longer.
+pub(crate) async fn read_answer(mut response: reqwest::Response) -> Result<Vec<u8>, AnswerError> {
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(AnswerError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(AnswerError::Transport)? {
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(AnswerError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A transport failure: connect, DNS, TLS, timeout, reset.
@@ -232,6 +274,31 @@ pub fn classify(status: StatusCode, body: &[u8], retry_after: Option<Duration>) 
     }
 }
 
+/// A backend on a loopback port that answers every request `200` with a body that
+/// never ends.
+#[cfg(test)]
+pub(crate) async fn endless_backend() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = stream.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                            transfer-encoding: chunked\r\n\r\n";
+                let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+                let mut sent = stream.write_all(head.as_bytes()).await;
+                while sent.is_ok() {
+                    sent = stream.write_all(chunk.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +341,45 @@ mod tests {
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
         let error = classify(StatusCode::TOO_MANY_REQUESTS, b"", parse_retry_after("3"));
         assert_eq!(error.retry_after(), Some(Duration::from_secs(3)));
+    }
+
+    fn empty_batch() -> Batch {
+        Batch {
+            batch_id: Uuid::new_v4(),
+            install_id: "i".into(),
+            sent_at: "2026-11-27T10:30:00Z".into(),
+            events: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off_at_the_cap() {
+        let addr = endless_backend().await;
+        let sync = SyncConfig {
+            backend_url: Some(format!("http://{addr}").parse().unwrap()),
+            ..SyncConfig::default()
+        };
+        let identity = Identity {
+            install_id: "i".into(),
+            secret: Secret::generate().to_whsec(),
+            site_url: "https://example.test".into(),
+            created_at: "2026-11-27T10:30:00Z".into(),
+            enrolled_at: None,
+        };
+        // The request timeout is far longer than reading a capped answer takes.
+        let http = http_client(Duration::from_secs(20)).unwrap();
+        let client = BackendClient::new(http.clone(), &sync, &identity).unwrap();
+        let started = std::time::Instant::now();
+        let error = client
+            .send(&PreparedBatch::new(&empty_batch()))
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("larger than 1048576 bytes"),
+            "{error}"
+        );
+        assert_eq!(error.category(), Category::Server);
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

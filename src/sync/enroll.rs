@@ -8,7 +8,7 @@
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{StatusCode, Url};
 
-use super::client::{answer_message, error_chain};
+use super::client::{AnswerError, answer_message, error_chain, read_answer};
 use crate::config::BackendUrl;
 use crate::identity::Identity;
 use usage_protocol::wire::Enrollment;
@@ -90,7 +90,16 @@ pub async fn enroll(
     };
     let response = request.send().await.map_err(network)?;
     let status = response.status();
-    let answer = response.bytes().await.map_err(network)?;
+    let answer = match read_answer(response).await {
+        Ok(answer) => answer,
+        Err(AnswerError::Transport(error)) => return Err(network(error)),
+        Err(too_large @ AnswerError::TooLarge) => {
+            return Err(EnrollError::Unexpected {
+                status: status.as_u16(),
+                message: format!("an answer {too_large}"),
+            });
+        }
+    };
     let message = answer_message(status, &answer);
     match status {
         s if s.is_success() => Ok(()),
@@ -138,5 +147,28 @@ mod tests {
             error.contains("backend.example") && error.contains("https://"),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_endless_answer_is_cut_off_at_the_cap() {
+        let addr = super::super::client::endless_backend().await;
+        let http = super::super::client::http_client(std::time::Duration::from_secs(20)).unwrap();
+        let identity = Identity {
+            install_id: "i".into(),
+            secret: usage_protocol::signing::Secret::generate().to_whsec(),
+            site_url: "https://example.test".into(),
+            created_at: "2026-11-27T10:30:00Z".into(),
+            enrolled_at: None,
+        };
+        let backend: BackendUrl = format!("http://{addr}").parse().unwrap();
+        let started = std::time::Instant::now();
+        let error = enroll(&http, &backend, "token", &identity)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("larger than 1048576 bytes"),
+            "{error}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
     }
 }

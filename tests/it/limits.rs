@@ -15,9 +15,10 @@ use usage_protocol::wire::user_hash;
 use usage_receiver::billing::pricing::{Plan, PlanHistory};
 use usage_receiver::store::rate_limit::Rate;
 use usage_receiver::store::{
-    Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
-    Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
-    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange, UsageWindow,
+    Alert, AlertCursor, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery,
+    IngestCounts, Install, InstallKey, InstallationsReport, MonthSpend, NewAlert, NewEvent,
+    NewInstall, RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, TimeRange,
+    UsageWindow,
 };
 use usage_receiver::{ReceiverSettings, ReceiverStore, ReceiverStoreError};
 use uuid::Uuid;
@@ -220,8 +221,22 @@ impl ReceiverStore for GatedStore {
     fn find_install(&self, install_id: &str) -> Result<Option<Install>, ReceiverStoreError> {
         self.inner.find_install(install_id)
     }
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        self.inner.day_models(install, days)
+    }
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
         self.inner.summary(query)
+    }
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
+        self.inner.summary_at_most(query, max_rows)
     }
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
         self.inner.events_page(query)
@@ -288,6 +303,14 @@ impl ReceiverStore for GatedStore {
     }
     fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError> {
         self.inner.alerts(range)
+    }
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.inner.alerts_page(range, after, limit)
     }
     fn claim_alerts(
         &self,

@@ -13,6 +13,7 @@ use crate::billing::pricing::Pricing;
 use crate::metrics::Metrics;
 use crate::settings::ReceiverSettings;
 use crate::store::ReceiverStore;
+use crate::store::model_cap::KnownModels;
 
 /// What every handler shares.
 pub struct ReceiverState {
@@ -30,6 +31,9 @@ pub struct ReceiverState {
     pub alerts_recorded: tokio::sync::Notify,
     /// This node's metrics, served by `GET /metrics`.
     pub metrics: Metrics,
+    /// The models this node knows to be stored, per install and day, for the cap on
+    /// models per install and day.
+    pub known_models: KnownModels,
 }
 
 impl ReceiverState {
@@ -40,6 +44,7 @@ impl ReceiverState {
             inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
             alerts_recorded: tokio::sync::Notify::new(),
             metrics: Metrics::new(),
+            known_models: KnownModels::default(),
             settings,
             store,
         }

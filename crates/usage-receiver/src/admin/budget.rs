@@ -9,7 +9,7 @@
 use crate::admin::installs::change_install;
 use crate::billing::money::Micros;
 use crate::budgets::rules::DEFAULT_THRESHOLDS;
-use crate::http::auth::authorize;
+use crate::http::auth::{Provider, authorize};
 use crate::http::clip::clip;
 use crate::http::error::ReceiverError;
 use crate::http::error::body_rejection;
@@ -29,12 +29,10 @@ use std::sync::Arc;
 /// [50, 80, 100]}` (thresholds optional).
 pub async fn set(
     State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(install_id): Path<String>,
+    _provider: Provider,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
     let budget = parse_budget(&body)?;
     let stored = budget.clone();

@@ -9,7 +9,7 @@
 
 use crate::billing::pricing::Plan;
 use crate::days::{day_of_ms, day_text};
-use crate::http::auth::authorize;
+use crate::http::auth::{Provider, authorize};
 use crate::http::clip::clip;
 use crate::http::error::blocking;
 use crate::http::error::body_rejection;
@@ -29,12 +29,10 @@ use std::sync::Arc;
 /// `PUT /api/installations/{install_id}/plan` with `{"plan": "free" | "pro" | "agency"}`.
 pub async fn set_plan(
     State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(install_id): Path<String>,
+    _provider: Provider,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
     let value = json_body(&body)?;
     let plan = value
@@ -82,12 +80,10 @@ pub async fn plans(
 /// characters, none of them a control character).
 pub async fn set_label(
     State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
     Path(install_id): Path<String>,
+    _provider: Provider,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ReceiverError> {
-    authorize(&app, &headers, peer.ip())?;
     let body = body.map_err(body_rejection)?;
     let value = json_body(&body)?;
     let label = value

@@ -3,6 +3,9 @@
 //! each batch that records an alert when an install's month-to-date cost has crossed a
 //! threshold of its budget.
 //!
+//! A batch is checked against each month its events fall in, so an event dated last month
+//! that takes last month past a threshold alerts in last month.
+//!
 //! An alert fires once per install, threshold and calendar month (UTC) whatever the nodes,
 //! retries and restarts: the store's unique key on those three skips a second recording.
 //! The check runs after every batch of an install with a budget, duplicates included, so
@@ -16,11 +19,12 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::billing::money::{Cents, Micros};
-use crate::days::month_text;
+use std::collections::BTreeSet;
+
+use crate::days::{day_of_ms, month_of, month_text};
 use crate::http::clip::clip;
 use crate::state::ReceiverState;
-use crate::store::usage_window;
-use crate::store::{Budget, DayRange, Install, NewAlert, ReceiverStoreError};
+use crate::store::{Budget, DayRange, Install, NewAlert, NewEvent, ReceiverStoreError};
 
 /// Thresholds of a budget that names none, in percent.
 pub const DEFAULT_THRESHOLDS: [u32; 3] = [50, 80, 100];
@@ -49,22 +53,50 @@ pub fn used_pct(cost: Cents, budget: &Budget) -> f64 {
     (cost.0 as f64 * 1000.0 / budget_cents as f64).round() / 10.0
 }
 
-/// After a batch of `install` was stored (or found to be all duplicates): records an alert
-/// for each threshold of `budget` (the one [`budget_in_force`]) that its month-to-date cost
-/// has reached and that has no alert this month yet. Returns the ids of the alerts
-/// recorded now.
+/// The months (UTC) a batch's events fall in, each as its first day: the months whose
+/// budgets the batch may have taken past a threshold. An event dated last month counts
+/// towards last month.
+pub fn months_of(events: &[NewEvent]) -> Vec<i64> {
+    let months: BTreeSet<i64> = events
+        .iter()
+        .map(|event| month_of(day_of_ms(event.created_at_ms)).0)
+        .collect();
+    months.into_iter().collect()
+}
+
+/// After a batch of `install` was stored (or found to be all duplicates): for each month
+/// of `months` (first days, [`months_of`] the batch), records an alert for each threshold
+/// of `budget` (the one [`budget_in_force`]) that the month's cost has reached and that has
+/// no alert that month yet. The alert's month is the events' month, so a late event
+/// alerts in its own month. Returns the ids of the alerts recorded now.
 pub fn check_after_ingest(
     app: &ReceiverState,
     install: &Install,
     budget: &Budget,
+    months: &[i64],
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, ReceiverStoreError> {
-    let window = usage_window(now);
-    let month = month_text(window.today);
-    let days = DayRange {
-        first: window.month_start,
-        last: window.today,
-    };
+    let mut recorded = Vec::new();
+    for &month_day in months {
+        recorded.extend(check_month(app, install, budget, month_day, now)?);
+    }
+    if !recorded.is_empty() {
+        app.alerts_recorded.notify_one();
+    }
+    Ok(recorded)
+}
+
+/// [`check_after_ingest`] of the month of `month_day`.
+fn check_month(
+    app: &ReceiverState,
+    install: &Install,
+    budget: &Budget,
+    month_day: i64,
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, ReceiverStoreError> {
+    let (first, last) = month_of(month_day);
+    let month = month_text(first);
+    let days = DayRange { first, last };
     let spend = app.store.month_spend(install.key, days, &month)?;
     let pending: Vec<u32> = budget
         .thresholds
@@ -106,9 +138,6 @@ pub fn check_after_ingest(
             budget = %budget.monthly.to_cents(),
             "budget threshold crossed"
         );
-    }
-    if !recorded.is_empty() {
-        app.alerts_recorded.notify_one();
     }
     Ok(recorded)
 }

@@ -3,12 +3,19 @@
 //! time, their schemes matched whatever their case, and all throttled per client address
 //! ([`throttled`]).
 //!
+//! Where a handler reads a body, the credentials are checked before it ([`Provider`], and
+//! the enrollment token's extractor beside its handler), so a request with wrong
+//! credentials is answered without waiting for its body.
+//!
 //! Signature verification is not here: it is [`usage_protocol::signing::verify`], called by
 //! the ingest handler. Nothing here logs or echoes a credential.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -110,6 +117,36 @@ pub fn authorize(
         )
     })
     .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
+}
+
+/// The provider's basic auth, checked as an extractor ([`authorize`]): a handler that
+/// reads a body lists it before the body, so wrong credentials are answered before the
+/// body is read and an unauthenticated client never holds one in the receiver (axum runs
+/// the extractors in order, the body's last).
+pub struct Provider;
+
+impl FromRequestParts<Arc<ReceiverState>> for Provider {
+    type Rejection = ReceiverError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<ReceiverState>,
+    ) -> Result<Provider, ReceiverError> {
+        authorize(app, &parts.headers, peer_of(parts)?)?;
+        Ok(Provider)
+    }
+}
+
+/// The client address of a request, which the server records on every connection.
+pub fn peer_of(parts: &Parts) -> Result<IpAddr, ReceiverError> {
+    match parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+        Some(ConnectInfo(peer)) => Ok(peer.ip()),
+        None => Err(ReceiverError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the client address of the request is unknown",
+        )),
+    }
 }
 
 /// Checks a `GET /metrics` request from `peer`, throttled per address: the bearer

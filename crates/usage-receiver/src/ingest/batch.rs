@@ -6,8 +6,9 @@
 //! (401), content encoding (415) and decompression (413/400), signature and timestamp
 //! (401), install disabled (403), rate limit (429; for a batch with valid events it is
 //! taken in the same store call that stores them), content type (415), JSON (400), batch
-//! shape and envelope (422), then each event on its own (rejected events are listed in
-//! the answer, the others stored). After a batch with valid events, duplicates included,
+//! shape and envelope (422), then each event on its own, the cap on models per install
+//! and day ([`crate::store::model_cap`]) last (rejected events are listed in the answer,
+//! the others stored). After a batch with valid events, duplicates included,
 //! the install's budget is checked ([`crate::budgets::rules::check_after_ingest`]).
 //!
 //! This module decides what is accepted and answers; it holds no SQL (the store dedupes
@@ -42,6 +43,7 @@
 //! [`ReceiverSettings::max_inflight_batches`]: crate::ReceiverSettings::max_inflight_batches
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -54,17 +56,19 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 
 use crate::budgets::rules;
+use crate::days::day_of_ms;
 use crate::http::clip::clip;
 use crate::http::error::{ReceiverError, is_json_content_type};
 use crate::http::error::{body_rejection, store_unavailable, unauthenticated};
 use crate::state::ReceiverState;
+use crate::store::model_cap::Refused;
 use crate::store::rate_limit::{Rate, retry_after_secs};
-use crate::store::{Install, NewEvent};
+use crate::store::{Install, InstallKey, NewEvent};
 use usage_protocol::signing::{
     self, HEADER_ID, HEADER_INSTALL_ID, HEADER_SIGNATURE, HEADER_TIMESTAMP, MessageTag, Secret,
 };
 use usage_protocol::wire::{
-    self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS,
+    self, BatchResult, CheckedBatch, CheckedWireEvent, GunzipError, MAX_BATCH_EVENTS, RejectedEvent,
 };
 
 /// Longest install id looked up; longer ones cannot be enrolled anyway.
@@ -247,8 +251,15 @@ async fn handle(
     let (batch, valid) = match batch {
         Ok(batch) if !batch.valid.is_empty() => {
             let valid: Vec<NewEvent> = batch.valid.into_iter().map(new_event).collect();
+            let (valid, refused) = within_model_cap(app, install.key, valid).await?;
+            let mut rejected = batch.rejected;
+            rejected.extend(refused.into_iter().map(|refused| RejectedEvent {
+                event_id: refused.event_id.to_string(),
+                reason: refused.reason,
+            }));
             let rest = CheckedBatch {
                 valid: Vec::new(),
+                rejected,
                 ..batch
             };
             (Ok(rest), valid)
@@ -256,6 +267,11 @@ async fn handle(
         other => (other, Vec::new()),
     };
     let has_valid = !valid.is_empty();
+    let months = rules::months_of(&valid);
+    let models: BTreeSet<(i64, String)> = valid
+        .iter()
+        .map(|event| (day_of_ms(event.created_at_ms), event.model.clone()))
+        .collect();
     let counts = if valid.is_empty() {
         app.store
             .clone()
@@ -272,6 +288,8 @@ async fn handle(
             .map_err(store_unavailable)?
             .map_err(|wait| rate_limited(app, wait))?
     };
+    app.known_models
+        .learn(install.key, models.into_iter().collect());
     let budget = has_valid
         .then(|| rules::budget_in_force(app, install.budget.as_ref()))
         .flatten();
@@ -280,7 +298,7 @@ async fn handle(
         // its alert was recorded records it. Blocking store calls, so on the blocking pool.
         let (task_app, task_install) = (app.clone(), install.clone());
         tokio::task::spawn_blocking(move || {
-            rules::check_after_ingest(&task_app, &task_install, &budget, now)
+            rules::check_after_ingest(&task_app, &task_install, &budget, &months, now)
         })
         .await
         .map_err(|error| {
@@ -296,6 +314,27 @@ async fn handle(
         duplicates: counts.duplicates,
         rejected: batch.rejected,
     })
+}
+
+/// The events of `install` within the cap on models per install and day, and those it
+/// refuses ([`crate::store::model_cap`]); the store is read only for a model this node
+/// does not know to be stored.
+async fn within_model_cap(
+    app: &Arc<ReceiverState>,
+    install: InstallKey,
+    events: Vec<NewEvent>,
+) -> Result<(Vec<NewEvent>, Vec<Refused>), ReceiverError> {
+    let days = app.known_models.days_to_read(install, &events);
+    let stored = if days.is_empty() {
+        Vec::new()
+    } else {
+        app.store
+            .clone()
+            .day_models_async(install, days)
+            .await
+            .map_err(store_unavailable)?
+    };
+    Ok(app.known_models.admit(install, events, stored))
 }
 
 /// The `429` for a request that does not fit in its install's allowance for `wait`.

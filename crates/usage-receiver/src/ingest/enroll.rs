@@ -7,19 +7,19 @@
 //! secret for a known install is `409` and never replaces the stored one. With neither a
 //! token configured nor trust on first use, enrollment is refused outright (`403`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
-use crate::http::auth::throttled;
+use crate::http::auth::{peer_of, throttled};
 use crate::http::clip::clip;
 use crate::http::error::{ReceiverError, is_json_content_type};
 use crate::http::error::{body_rejection, store_unavailable};
@@ -35,20 +35,36 @@ const MAX_ID_LEN: usize = 128;
 
 /// How the request was authorized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Authorization {
+pub enum Authorization {
     Token,
     FirstUse,
 }
 
+/// The enrollment token (or trust on first use), checked as an extractor listed before
+/// the body: a request with a wrong token is answered before its body is read.
+pub struct Authorized(Authorization);
+
+impl FromRequestParts<Arc<ReceiverState>> for Authorized {
+    type Rejection = ReceiverError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        app: &Arc<ReceiverState>,
+    ) -> Result<Authorized, ReceiverError> {
+        let headers = &parts.headers;
+        throttled(&app.credential_throttle, peer_of(parts)?, headers, || {
+            authorize(app, headers)
+        })
+        .map(Authorized)
+    }
+}
+
 pub async fn enroll(
     State(app): State<Arc<ReceiverState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
+    Authorized(authorization): Authorized,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ReceiverError> {
-    let authorization = throttled(&app.credential_throttle, peer.ip(), &headers, || {
-        authorize(&app, &headers)
-    })?;
     let body = body.map_err(body_rejection)?;
     if !is_json_content_type(&headers) {
         return Err(ReceiverError::unsupported_media_type(

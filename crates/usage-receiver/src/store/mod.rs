@@ -7,10 +7,10 @@
 //! **Invariant:** only the store speaks SQL, and only [`sqlite`] and [`postgres`] within
 //! it; they know nothing of HTTP. This module defines types only; it holds no SQL and does
 //! no I/O. Every method is blocking (the HTTP handlers call them inside `spawn_blocking`)
-//! but the three of the ingest path, which also come as futures
-//! ([`ReceiverStore::find_install_async`], [`ReceiverStore::take_request_async`],
-//! [`ReceiverStore::ingest_async`]): **the ingest path is async so a fleet node never hops
-//! threads per query**. PostgreSQL awaits its queries on the runtime that runs the handler;
+//! but the four of the ingest path, which also come as futures
+//! ([`ReceiverStore::find_install_async`], [`ReceiverStore::day_models_async`],
+//! [`ReceiverStore::take_request_async`], [`ReceiverStore::ingest_async`]): **the ingest
+//! path is async so a fleet node never hops threads per query**. PostgreSQL awaits its queries on the runtime that runs the handler;
 //! SQLite keeps its blocking code, which the default implementations run on the blocking
 //! pool.
 
@@ -37,6 +37,7 @@ pub type InstallKey = i64;
 
 #[cfg(test)]
 pub(crate) mod fixtures;
+pub mod model_cap;
 pub mod postgres;
 pub mod rate_limit;
 pub mod sqlite;
@@ -84,8 +85,24 @@ pub trait ReceiverStore: Send + Sync + 'static {
         received_at_ms: i64,
     ) -> Result<IngestCounts, ReceiverStoreError>;
 
+    /// The models of `install` stored on each of `days` (UTC), as `(day, model)` pairs:
+    /// what the cap on models per install and day counts ([`model_cap`]).
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError>;
+
     /// Token totals over a time range, optionally grouped.
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError>;
+
+    /// [`ReceiverStore::summary`], or `None` when it has more than `max_rows` rows: the
+    /// rows past that are never read.
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError>;
 
     /// One page of raw events, oldest first.
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError>;
@@ -170,8 +187,10 @@ pub trait ReceiverStore: Send + Sync + 'static {
     ) -> Result<Vec<SourceModelDay>, ReceiverStoreError>;
 
     /// Erases an install: its events, its rollups, its budget and alerts and its
-    /// enrollment, in one transaction. Returns how many events were deleted, or `None` when
-    /// the install is unknown.
+    /// enrollment. In slices, so other installs' batches never wait for the whole of it:
+    /// the install is first disabled (no batch of it is stored after that), its events go
+    /// a slice at a time, then the rest in one transaction. Returns how many events were
+    /// deleted, or `None` when the install is unknown.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError>;
 
     /// Sets (`Some`) or removes (`None`) an install's own budget; `false` when the install
@@ -198,6 +217,15 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// The alerts recorded in `range` (by their `at`), oldest first.
     fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError>;
 
+    /// At most `limit` of the alerts recorded in `range` (by their `at`), oldest first,
+    /// from just after `after` (an alert's `at` and id) on.
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError>;
+
     /// Takes up to `limit` undelivered alerts whose next attempt is due at `now_ms`, and
     /// moves their next attempt to `now_ms + lease_ms`, so no other node takes them
     /// meanwhile; counts the attempt.
@@ -223,6 +251,15 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// [`ReceiverStore::find_install`] as a future.
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
         on_blocking_pool(move || self.find_install(&install_id))
+    }
+
+    /// [`ReceiverStore::day_models`] as a future.
+    fn day_models_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        days: Vec<i64>,
+    ) -> StoreFuture<Vec<(i64, String)>> {
+        on_blocking_pool(move || self.day_models(install, &days))
     }
 
     /// [`ReceiverStore::take_request`] as a future.
@@ -361,6 +398,13 @@ pub struct Alert {
     pub delivered_at_ms: Option<i64>,
     /// Delivery attempts begun so far.
     pub attempts: u32,
+}
+
+/// Where a page of alerts starts: just after this alert in (`at`, id) order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlertCursor {
+    pub at_ms: i64,
+    pub alert_id: Uuid,
 }
 
 /// How one delivery attempt of an alert ended.

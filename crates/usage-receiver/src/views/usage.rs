@@ -33,6 +33,9 @@ use usage_protocol::event::format_millis;
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 /// Most events per page; a larger `limit` is lowered to this.
 pub const MAX_PAGE_SIZE: usize = 1000;
+/// Most rows of a summary grouped by user over every install (no `install_id`); a
+/// larger one is refused, naming `group_by`, rather than held whole in memory.
+pub const MAX_USER_ROWS_OF_ALL_INSTALLS: usize = 50_000;
 
 use crate::days::day_text;
 use crate::http::auth::authorize;
@@ -79,8 +82,25 @@ pub async fn summary(
         group_by: parse_group_by(&params.group_by)?,
     };
     let group_by = query.group_by;
+    // Users over every install have no bound of their own: the rows are.
+    let bounded = query.install_id.is_none() && group_by.user;
     let store = app.store.clone();
-    let summary = blocking(move || store.summary(&query)).await?;
+    let summary = blocking(move || {
+        if bounded {
+            store.summary_at_most(&query, MAX_USER_ROWS_OF_ALL_INSTALLS)
+        } else {
+            store.summary(&query).map(Some)
+        }
+    })
+    .await?
+    .ok_or_else(|| {
+        let rule = format!(
+            "with user and no install_id answers more than {MAX_USER_ROWS_OF_ALL_INSTALLS} rows \
+             here: give an install_id, or a shorter from and to"
+        );
+        ReceiverError::bad_request("too_many_rows", format!("group_by {rule}"))
+            .with_details(vec![json!({"field": "group_by", "message": rule})])
+    })?;
     if csv {
         Ok(summary_csv(&summary, group_by))
     } else {
@@ -96,13 +116,7 @@ pub async fn events(
 ) -> Result<Json<Value>, ReceiverError> {
     authorize(&app, &headers, peer.ip())?;
     let Query(params) = params.map_err(query_rejection)?;
-    let limit = match non_empty(&params.limit) {
-        None => DEFAULT_PAGE_SIZE,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if n >= 1 => n.min(MAX_PAGE_SIZE),
-            _ => return Err(bad_param("limit", "must be a whole number from 1 to 1000")),
-        },
-    };
+    let limit = parse_limit(&params.limit)?;
     let after = match non_empty(&params.after) {
         None => None,
         Some(text) => Some(
@@ -123,6 +137,17 @@ pub async fn events(
         "events": events,
         "next": page.next.map(|cursor| encode_cursor(&cursor)),
     })))
+}
+
+/// A page's `limit`: [`DEFAULT_PAGE_SIZE`] when not given, at most [`MAX_PAGE_SIZE`].
+pub fn parse_limit(value: &Option<String>) -> Result<usize, ReceiverError> {
+    match non_empty(value) {
+        None => Ok(DEFAULT_PAGE_SIZE),
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(n.min(MAX_PAGE_SIZE)),
+            _ => Err(bad_param("limit", "must be a whole number from 1 to 1000")),
+        },
+    }
 }
 
 fn non_empty(value: &Option<String>) -> Option<&str> {

@@ -245,6 +245,51 @@ async fn the_rate_limit_counts_the_requests_of_every_node() {
     assert_eq!(stored_events(&base(&b)).await, 4);
 }
 
+/// The cap on models per install and day holds over the nodes together, each model
+/// counted once whichever node stored it.
+#[tokio::test]
+async fn the_cap_on_models_a_day_counts_the_models_stored_through_every_node() {
+    let (a, b) = two_nodes(receiver_settings());
+    let install = TestInstall::new();
+    enroll(&a, &install).await;
+    let of_model = |model: String| {
+        let mut event = event(&install, 0);
+        event["model"] = model.into();
+        event
+    };
+    let cap = usage_receiver::store::model_cap::MAX_MODELS_PER_DAY;
+    // All but one model of the day through the first node, and one through the second,
+    // whose node has not seen the first node's.
+    let first: Vec<Value> = (1..cap).map(|n| of_model(format!("m{n}"))).collect();
+    let (status, body) = send(&base(&a), &install, &batch(&install, &first))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body["accepted"].as_u64()),
+        (StatusCode::OK, Some(cap as u64 - 1))
+    );
+    let last = [of_model("m0".into())];
+    let (_, body) = send(&base(&b), &install, &batch(&install, &last))
+        .await
+        .unwrap();
+    assert_eq!(body["accepted"], 1, "{body}");
+    // The day is full on both nodes: a new model is refused by either, a model stored
+    // through the other node is accepted.
+    for (node, known) in [(&a, "m0"), (&b, "m1")] {
+        let events = [of_model("one-too-many".into()), of_model(known.into())];
+        let (_, body) = send(&base(node), &install, &batch(&install, &events))
+            .await
+            .unwrap();
+        assert_eq!(body["accepted"], 1, "{body}");
+        assert_eq!(
+            body["rejected"][0]["event_id"], events[0]["event_id"],
+            "{body}"
+        );
+        let reason = body["rejected"][0]["reason"].as_str().unwrap();
+        assert!(reason.starts_with("model: "), "{reason}");
+    }
+}
+
 #[test]
 fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
     // A database at schema 1: a rollup of prompt and completion only, one day of it still

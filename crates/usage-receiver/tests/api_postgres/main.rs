@@ -17,6 +17,8 @@ mod budgets;
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
 mod common;
+#[path = "../api/edges.rs"]
+mod edges;
 mod fleet;
 #[path = "../api/ingest.rs"]
 mod ingest;

@@ -41,9 +41,9 @@ use self::view_cache::{InstallFigures, ViewCache, ViewKey};
 use self::writers::{Batch, Writers};
 
 use super::{
-    Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
-    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange,
+    Alert, AlertCursor, Budget, CostedInstall, CostedReport, DailyTokens, DayRange,
+    DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
+    InstallKey, InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange,
     PoolUse, PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
     UsageWindow,
@@ -276,6 +276,21 @@ impl PostgresStore {
             disabled: row.get(2),
             budget: Budget::from_columns(row.get(3), row.get(4))?,
         }))
+    }
+
+    async fn day_models_now(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        let client = self.client().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT day, model FROM daily_usage WHERE install = $1 AND day = ANY($2)",
+            )
+            .await?;
+        let rows = client.query(&statement, &[&install, &days]).await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
     }
 
     /// Takes a request of `rate` (none: no limit) and, if it fits, stores the batch, in
@@ -566,6 +581,14 @@ impl ReceiverStore for PostgresStore {
         self.run(async |store| store.find_install_now(install_id).await)
     }
 
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        self.run(async |store| store.day_models_now(install, days).await)
+    }
+
     fn ingest(
         &self,
         install: InstallKey,
@@ -590,10 +613,18 @@ impl ReceiverStore for PostgresStore {
     }
 
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        Ok(self.summary_at_most(query, usize::MAX)?.unwrap_or_default())
+    }
+
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
         self.run(async |store| {
             let client = store.client().await?;
             let Some(only) = optional_install(&client, query.install_id.as_deref()).await? else {
-                return Ok(Summary::default());
+                return Ok(Some(Summary::default()));
             };
             let group = query.group_by;
             // Only these fixed fragments are ever spliced into the SQL text. Text sorts
@@ -632,11 +663,18 @@ impl ReceiverStore for PostgresStore {
                         coalesce(sum(completion_tokens), 0)::bigint
                  FROM events
                  WHERE {install_clause} AND created_at >= $2 AND created_at < $3
-                 {group_clause}"
+                 {group_clause} LIMIT $4"
             );
             let from = query.range.from_ms.unwrap_or(i64::MIN);
             let to = query.range.to_ms.unwrap_or(i64::MAX);
-            let rows = client.query(&sql, &[&only, &from, &to]).await?;
+            // One row past the most asked for tells there are more; null is no limit.
+            let limit = i64::try_from(max_rows)
+                .ok()
+                .map(|max| max.saturating_add(1));
+            let rows = client.query(&sql, &[&only, &from, &to, &limit]).await?;
+            if rows.len() > max_rows {
+                return Ok(None);
+            }
             let mut summary = Summary::default();
             for row in rows {
                 let mut column = 0;
@@ -668,7 +706,7 @@ impl ReceiverStore for PostgresStore {
                     group.any(),
                 );
             }
-            Ok(summary)
+            Ok(Some(summary))
         })
     }
 
@@ -844,7 +882,9 @@ impl ReceiverStore for PostgresStore {
     /// Costed in the database, so 100,000 installs' month of rows never leave it: one
     /// pass sums per model and day (the chart, and the (model, day) pairs to price); their
     /// rates, from the receiver, go back as arrays; a second pass costs each rollup row
-    /// with them in `bigint` (half up, once per row) and sums everything per install. Both in one snapshot. A sum past `bigint` is an error in PostgreSQL, and
+    /// with them in `bigint` (half up, once per row; in `numeric` for a row too large for
+    /// `bigint`) and sums everything per install. Both in one snapshot. A total past
+    /// `bigint` is an error in PostgreSQL, and
     /// then the straightforward computation answers instead, so the answer is always
     /// exactly [`CostedReport::price`]'s.
     fn costed_installations(
@@ -1014,15 +1054,19 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    /// In slices, so no batch waits for the whole of it: first the install is disabled
+    /// (under its row lock, which waits for a batch of it in flight), so no node stores
+    /// anything more of it; then its raw events and keys go a day (a partition) at a time,
+    /// each day in a transaction of its own that locks no install; last, in one
+    /// transaction under its row lock, its rollups, chart sums, schedule, budget, alerts
+    /// and row. An erasure cut short leaves the install disabled; erasing it again
+    /// finishes the work.
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.run(async |store| {
             let mut client = store.client().await?;
-            let tx = client.transaction().await?;
-            // The row lock waits for a batch of this install in flight (it holds a lock on
-            // the row), and makes any later one find no install.
-            let Some(row) = tx
+            let Some(row) = client
                 .query_opt(
-                    "SELECT id FROM installs WHERE install_id = $1 FOR UPDATE",
+                    "UPDATE installs SET disabled = true WHERE install_id = $1 RETURNING id",
                     &[&install_id],
                 )
                 .await?
@@ -1030,7 +1074,42 @@ impl ReceiverStore for PostgresStore {
                 return Ok(None);
             };
             let key: i64 = row.get(0);
-            let events = tx
+            let span = client
+                .query_one(
+                    "SELECT min(created_at) / 86400000, max(created_at) / 86400000
+                     FROM events WHERE install = $1",
+                    &[&key],
+                )
+                .await?;
+            let mut events = 0;
+            if let (Some(first), Some(last)) = (span.get::<_, Option<i64>>(0), span.get(1)) {
+                let slice_events = client
+                    .prepare_cached(
+                        "DELETE FROM events WHERE install = $1
+                         AND created_at >= $2 AND created_at < $3",
+                    )
+                    .await?;
+                let slice_keys = client
+                    .prepare_cached(
+                        "DELETE FROM event_ids WHERE install = $1
+                         AND created_at >= $2 AND created_at < $3",
+                    )
+                    .await?;
+                for day in first..=last {
+                    let range = (day * MS_PER_DAY, (day + 1) * MS_PER_DAY);
+                    events += client
+                        .execute(&slice_events, &[&key, &range.0, &range.1])
+                        .await?;
+                    client
+                        .execute(&slice_keys, &[&key, &range.0, &range.1])
+                        .await?;
+                }
+            }
+            let tx = client.transaction().await?;
+            tx.query_opt("SELECT id FROM installs WHERE id = $1 FOR UPDATE", &[&key])
+                .await?;
+            // A last sweep, in case the slices missed an event (none is expected).
+            events += tx
                 .execute("DELETE FROM events WHERE install = $1", &[&key])
                 .await?;
             tx.execute(SUBTRACT_FROM_DAILY_TOTALS, &[&key]).await?;
@@ -1176,6 +1255,40 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            // No cursor: start before every alert (the nil id sorts first).
+            let after = after.unwrap_or(AlertCursor {
+                at_ms: i64::MIN,
+                alert_id: Uuid::nil(),
+            });
+            let rows = client
+                .query(
+                    &format!(
+                        "{ALERT_COLUMNS} WHERE ($1::bigint IS NULL OR a.at >= $1)
+                         AND ($2::bigint IS NULL OR a.at < $2)
+                         AND (a.at, a.alert_id) > ($3, $4)
+                         ORDER BY a.at, a.alert_id LIMIT $5"
+                    ),
+                    &[
+                        &range.from_ms,
+                        &range.to_ms,
+                        &after.at_ms,
+                        &after.alert_id,
+                        &i64::try_from(limit).unwrap_or(i64::MAX),
+                    ],
+                )
+                .await?;
+            rows.iter().map(alert_row).collect()
+        })
+    }
+
     fn claim_alerts(
         &self,
         now_ms: i64,
@@ -1237,6 +1350,14 @@ impl ReceiverStore for PostgresStore {
 
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
         Box::pin(async move { self.find_install_now(&install_id).await })
+    }
+
+    fn day_models_async(
+        self: Arc<Self>,
+        install: InstallKey,
+        days: Vec<i64>,
+    ) -> StoreFuture<Vec<(i64, String)>> {
+        Box::pin(async move { self.day_models_now(install, &days).await })
     }
 
     fn take_request_async(
@@ -1537,7 +1658,8 @@ async fn figures_of(
 /// Every install's figures (or only `only`'s) read from all rollup rows of the window:
 /// one pass sums per model and day (the chart, and the (model, day) pairs to price);
 /// their rates go back as arrays; a second pass costs each rollup row with them in
-/// `bigint` (half up, once per row) and sums everything per install. Installs without
+/// `bigint` (`numeric` for a row too large for it; half up, once per row) and sums
+/// everything per install. Installs without
 /// rows in the window left out.
 async fn costed_whole(
     tx: &tokio_postgres::Transaction<'_>,
@@ -1592,7 +1714,9 @@ async fn costed_whole(
     }
     // Second pass, per install: the counted events and tokens, the priced tokens, and each
     // priced row's cost as `cost_at` computes it (uncached input never negative, the exact
-    // sum in micro-units per million tokens, half up once).
+    // sum in micro-units per million tokens, half up once). In `bigint` while every count
+    // is under 2^30 and every rate under 2^31, so the five products' sum stays under 2^63;
+    // a larger row in `numeric`, so no row is too large to cost here.
     let costs = tx
         .query(
             "SELECT d.install,
@@ -1601,14 +1725,28 @@ async fn costed_whole(
                              FILTER (WHERE d.day >= $1), 0)::bigint,
                     coalesce(sum(d.prompt_tokens + d.completion_tokens)
                              FILTER (WHERE d.day >= $2), 0)::bigint,
-                    coalesce(sum((greatest(d.prompt_tokens - d.cached_tokens
-                                           - d.cache_write_tokens, 0) * r.input
-                                  + d.cached_tokens * r.cached
-                                  + d.cache_write_tokens * r.cache_write
-                                  + greatest(d.completion_tokens - d.reasoning_tokens, 0)
-                                    * r.output
-                                  + d.reasoning_tokens * r.reasoning
-                                  + 500000) / 1000000) FILTER (WHERE d.day >= $2), 0)::bigint,
+                    coalesce(sum(CASE
+                        WHEN greatest(d.prompt_tokens, d.completion_tokens, d.cached_tokens,
+                                      d.cache_write_tokens, d.reasoning_tokens) < 1073741824
+                         AND greatest(r.input, r.cached, r.cache_write, r.output,
+                                      r.reasoning) < 2147483648
+                        THEN (greatest(d.prompt_tokens - d.cached_tokens
+                                       - d.cache_write_tokens, 0) * r.input
+                              + d.cached_tokens * r.cached
+                              + d.cache_write_tokens * r.cache_write
+                              + greatest(d.completion_tokens - d.reasoning_tokens, 0)
+                                * r.output
+                              + d.reasoning_tokens * r.reasoning
+                              + 500000) / 1000000
+                        ELSE div(greatest(d.prompt_tokens - d.cached_tokens
+                                          - d.cache_write_tokens, 0)::numeric * r.input
+                                 + d.cached_tokens::numeric * r.cached
+                                 + d.cache_write_tokens::numeric * r.cache_write
+                                 + greatest(d.completion_tokens - d.reasoning_tokens, 0)::numeric
+                                   * r.output
+                                 + d.reasoning_tokens::numeric * r.reasoning
+                                 + 500000, 1000000)::bigint
+                        END) FILTER (WHERE d.day >= $2), 0)::bigint,
                     array_agg(d.model) FILTER (WHERE r.model IS NULL AND d.day >= $2)
              FROM daily_usage d
              LEFT JOIN unnest($5::text[], $6::bigint[], $7::bigint[], $8::bigint[],
@@ -1694,4 +1832,61 @@ pub(crate) fn test_node() -> PostgresStore {
     });
     let url = cluster.new_database().expect("create a test database");
     PostgresStore::open(&url, runtime.handle().clone()).expect("open the test store")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::money::Micros;
+    use crate::billing::price_book::Rates;
+    use crate::store::usage_window;
+
+    fn big_rates(model: &str, _day: i64) -> Option<Rates> {
+        (model == "big").then(|| Rates::flat(Micros(60_000_000)))
+    }
+
+    /// A day's row whose cost per row does not fit in `bigint` before it is divided is
+    /// still costed in the database, where the node keeps its figures.
+    #[test]
+    fn a_huge_day_row_is_costed_in_the_database() {
+        let store = test_node();
+        let install = NewInstall {
+            install_id: "huge".into(),
+            secret: Secret::generate(),
+            site_hash: "site".into(),
+            enrolled_at_ms: 0,
+        };
+        store.enroll(&install).unwrap();
+        let key = store.find_install("huge").unwrap().unwrap().key;
+        let now = chrono::Utc::now();
+        let event = NewEvent {
+            event_id: uuid::Uuid::new_v4(),
+            user_hash: [1; 32],
+            source: Source::Inline,
+            model: "big".into(),
+            prompt_tokens: 400_000_000_000,
+            completion_tokens: 1,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            origin: None,
+            context: None,
+            created_at_ms: now.timestamp_millis(),
+        };
+        store
+            .ingest(key, vec![event], now.timestamp_millis())
+            .unwrap();
+        let window = usage_window(now);
+        let prices = PriceList {
+            id: 1,
+            rates: &big_rates,
+        };
+        let costed = store
+            .run(async |store| costed(store, None, window, prices).await)
+            .expect("costed in the database");
+        let straightforward =
+            CostedReport::price(store.installations(None, window).unwrap(), prices.rates);
+        assert_eq!(costed, straightforward);
+        assert_eq!(costed.installs[0].priced.cost, Micros(24_000_000_000_060));
+    }
 }

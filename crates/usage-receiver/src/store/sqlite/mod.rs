@@ -24,9 +24,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
 use super::{
-    Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
-    EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
-    NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore, ReceiverStoreError,
+    Alert, AlertCursor, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor,
+    EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport,
+    MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore, ReceiverStoreError,
     RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
     UsageWindow,
 };
@@ -272,13 +272,39 @@ impl ReceiverStore for SqliteStore {
         group_commit::ingest(self, install, events, received_at_ms)
     }
 
+    fn day_models(
+        &self,
+        install: InstallKey,
+        days: &[i64],
+    ) -> Result<Vec<(i64, String)>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement =
+            conn.prepare_cached("SELECT model FROM daily_usage WHERE install = ?1 AND day = ?2")?;
+        let mut pairs = Vec::new();
+        for &day in days {
+            let models = statement.query_map(params![install, day], |row| row.get(0))?;
+            for model in models {
+                pairs.push((day, model?));
+            }
+        }
+        Ok(pairs)
+    }
+
     fn summary(&self, query: &SummaryQuery) -> Result<Summary, ReceiverStoreError> {
+        Ok(self.summary_at_most(query, usize::MAX)?.unwrap_or_default())
+    }
+
+    fn summary_at_most(
+        &self,
+        query: &SummaryQuery,
+        max_rows: usize,
+    ) -> Result<Option<Summary>, ReceiverStoreError> {
         let conn = self.reader();
         let install = match &query.install_id {
             None => None,
             Some(id) => match install_key(&conn, id)? {
                 Some(key) => Some(key),
-                None => return Ok(Summary::default()),
+                None => return Ok(Some(Summary::default())),
             },
         };
         let group = query.group_by;
@@ -317,13 +343,20 @@ impl ReceiverStore for SqliteStore {
                     coalesce(sum(completion_tokens), 0)
              FROM events
              WHERE {install_clause} AND created_at >= ?2 AND created_at < ?3
-             {group_clause}"
+             {group_clause} LIMIT ?4"
         );
         let (from, to) = range_bounds(query.range);
+        // One row past the most asked for tells there are more; -1 is no limit.
+        let limit = i64::try_from(max_rows).map_or(-1, |max| max.saturating_add(1));
         let mut statement = conn.prepare_cached(&sql)?;
-        let mut rows = statement.query(params![install, from, to])?;
+        let mut rows = statement.query(params![install, from, to, limit])?;
         let mut summary = Summary::default();
+        let mut read = 0;
         while let Some(row) = rows.next()? {
+            read += 1;
+            if read > max_rows {
+                return Ok(None);
+            }
             let mut column = 0;
             let mut next = || {
                 column += 1;
@@ -369,7 +402,7 @@ impl ReceiverStore for SqliteStore {
                 group.any(),
             );
         }
-        Ok(summary)
+        Ok(Some(summary))
     }
 
     fn events_page(&self, query: &EventsQuery) -> Result<EventsPage, ReceiverStoreError> {
@@ -674,14 +707,34 @@ impl ReceiverStore for SqliteStore {
     }
 
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
+        // Disabled first, so no batch of it is stored from now on; then its events a slice
+        // at a time, the writer given back between slices so batches of other installs go
+        // in between; then the rest in one transaction.
+        let key = {
+            let conn = self.writer();
+            let Some(key) = install_key(&conn, install_id)? else {
+                return Ok(None);
+            };
+            conn.prepare_cached("UPDATE installs SET disabled = 1 WHERE id = ?1")?
+                .execute(params![key])?;
+            key
+        };
+        let mut events = 0;
+        loop {
+            let deleted = self
+                .writer()
+                .prepare_cached(
+                    "DELETE FROM events WHERE rowid IN
+                         (SELECT rowid FROM events WHERE install = ?1 LIMIT ?2)",
+                )?
+                .execute(params![key, ERASE_SLICE_EVENTS])?;
+            events += deleted as u64;
+            if deleted == 0 {
+                break;
+            }
+        }
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(key) = install_key(&tx, install_id)? else {
-            return Ok(None);
-        };
-        let events = tx
-            .prepare_cached("DELETE FROM events WHERE install = ?1")?
-            .execute(params![key])?;
         for table in ["daily_usage", "budgets", "alerts", "past_plans"] {
             tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
                 .execute(params![key])?;
@@ -689,7 +742,7 @@ impl ReceiverStore for SqliteStore {
         tx.prepare_cached("DELETE FROM installs WHERE id = ?1")?
             .execute(params![key])?;
         tx.commit()?;
-        Ok(Some(events as u64))
+        Ok(Some(events))
     }
 
     fn set_budget(
@@ -797,6 +850,32 @@ impl ReceiverStore for SqliteStore {
         rows.map(|row| row?).collect()
     }
 
+    fn alerts_page(
+        &self,
+        range: TimeRange,
+        after: Option<AlertCursor>,
+        limit: usize,
+    ) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement = conn.prepare_cached(&format!(
+            "{ALERT_COLUMNS} WHERE (?1 IS NULL OR a.at >= ?1) AND (?2 IS NULL OR a.at < ?2)
+             AND (?3 IS NULL OR (a.at, a.alert_id) > (?3, ?4))
+             ORDER BY a.at, a.alert_id LIMIT ?5"
+        ))?;
+        let after_id = after.map(|cursor| cursor.alert_id.as_bytes().to_vec());
+        let rows = statement.query_map(
+            params![
+                range.from_ms,
+                range.to_ms,
+                after.map(|cursor| cursor.at_ms),
+                after_id,
+                i64::try_from(limit).unwrap_or(i64::MAX)
+            ],
+            alert_row,
+        )?;
+        rows.map(|row| row?).collect()
+    }
+
     fn claim_alerts(
         &self,
         now_ms: i64,
@@ -851,6 +930,10 @@ impl ReceiverStore for SqliteStore {
         Ok(())
     }
 }
+
+/// Events an erasure deletes in one transaction: a few milliseconds of the writer, so a
+/// batch of another install never waits longer than that for it.
+const ERASE_SLICE_EVENTS: i64 = 5000;
 
 /// The columns [`alert_row`] reads, joined to the install for its id.
 const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
