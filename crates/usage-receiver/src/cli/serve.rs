@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use super::UsageError;
 use crate::settings::ReceiverSettings;
+use crate::store::postgres::connect::DatabaseUrl;
 
 /// Options of `usage-receiver serve` (and `usage-agent receiver`).
 #[derive(Debug, clap::Args)]
@@ -26,7 +28,9 @@ pub struct ServeArgs {
     pub db: PathBuf,
     /// Store in PostgreSQL instead (libpq's URL form:
     /// postgres://user:password@host:port/dbname, or ?host=/run/postgresql for a Unix
-    /// socket); several receiver nodes may share one database.
+    /// socket; TLS with ?sslmode=verify-full&sslrootcert=/path/to/ca.pem, or
+    /// disable, prefer (the default), require, verify-ca); several receiver nodes may share
+    /// one database.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -38,6 +42,12 @@ pub struct ServeArgs {
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::init_logging(super::log_lines_from_env()?);
+    if let Some(url) = &args.database_url {
+        // A URL that cannot be read is bad usage, said before anything starts; the error
+        // names the parameter, never the URL (it may hold a password).
+        DatabaseUrl::parse(url)
+            .map_err(|error| UsageError(format!("--database-url (or DATABASE_URL): {error}")))?;
+    }
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()

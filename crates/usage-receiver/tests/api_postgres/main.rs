@@ -28,3 +28,4 @@ mod provider;
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
 mod support;
+mod tls;
