@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::UsageError;
 use crate::settings::ReceiverSettings;
@@ -37,7 +38,8 @@ pub struct ServeArgs {
         conflicts_with = "db",
         hide_env_values = true
     )]
-    pub database_url: Option<String>,
+    // Held as a secret (it may hold the password): `Debug` shows nothing of it.
+    pub database_url: Option<SecretString>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -45,7 +47,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.database_url {
         // A URL that cannot be read is bad usage, said before anything starts; the error
         // names the parameter, never the URL (it may hold a password).
-        DatabaseUrl::parse(url)
+        DatabaseUrl::parse(url.expose_secret())
             .map_err(|error| UsageError(format!("--database-url (or DATABASE_URL): {error}")))?;
     }
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
@@ -56,7 +58,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let (store, described) = match &args.database_url {
         Some(url) => (
-            crate::server::open_postgres(url, runtime.handle().clone())
+            crate::server::open_postgres(url.expose_secret(), runtime.handle().clone())
                 .context("opening the receiver's PostgreSQL database")?,
             "PostgreSQL".to_owned(),
         ),

@@ -24,6 +24,7 @@ mod ingest;
 mod metrics;
 #[path = "../api/provider.rs"]
 mod provider;
+mod secrets;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
