@@ -4,8 +4,8 @@
 //! metrics token, an alert webhook that cannot be reached (its URL holds a token in its
 //! path, as chat services' do), the database going away and coming back, and databases
 //! that cannot be reached at start, the password given in every form libpq reads. Every
-//! line it wrote, every error it printed and every answer it gave is searched for each
-//! secret.
+//! line it wrote (the JSON run down to the libraries' debug lines), every error it printed
+//! and every answer it gave is searched for each secret.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -109,8 +109,14 @@ async fn a_run_through_every_failure(
     );
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("stderr.log");
+    let mut command = Command::new(crate::bin());
+    // The JSON run logs everything down to debug, the libraries' lines included.
+    match log_format {
+        "json" => command.env("RUST_LOG", "debug"),
+        _ => command.env_remove("RUST_LOG"),
+    };
     let mut node = Node(
-        Command::new(crate::bin())
+        command
             .args(["--listen", "127.0.0.1:0"])
             .env("DATABASE_URL", &database_url)
             .env("ENROLLMENT_TOKEN", ENROLLMENT_TOKEN)
@@ -122,7 +128,6 @@ async fn a_run_through_every_failure(
             .env("ALERT_WEBHOOK_URL", &webhook_url)
             .env("ALERT_WEBHOOK_SECRET", webhook_secret.to_whsec())
             .env("LOG_FORMAT", log_format)
-            .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log_path).unwrap())
             .spawn()
