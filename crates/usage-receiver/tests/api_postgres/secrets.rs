@@ -304,6 +304,7 @@ fn no_form_of_the_database_password_reaches_a_start_error() {
         format!("postgres://u:{DATABASE_PASSWORD}@127.0.0.1:1/d?sslmode=on"),
         format!("postgres://u@127.0.0.1:1/d?password={DATABASE_PASSWORD}&pasword=x"),
         format!("host=127.0.0.1 password='{DATABASE_PASSWORD}"),
+        format!("mysql://u:{DATABASE_PASSWORD}@127.0.0.1/d"),
     ];
     for url in &unreachable {
         for log_format in ["text", "json"] {

@@ -117,9 +117,11 @@ impl DatabaseUrl {
                 ),
             });
         }
+        // tokio-postgres names the option that is wrong in the error's cause, never its
+        // value.
         let mut config: tokio_postgres::Config =
             rest.parse().map_err(|error: tokio_postgres::Error| {
-                DatabaseUrlError::Unreadable(error.to_string())
+                DatabaseUrlError::Unreadable(usage_common::logging::error_chain(&error))
             })?;
         let only_unix_sockets = !config.get_hosts().is_empty()
             && config
@@ -410,6 +412,13 @@ fn key_value_pairs(text: &str) -> Result<Vec<(String, String)>, DatabaseUrlError
         while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
             key.push(c);
         }
+        // Not a parameter name (another scheme's URL, say): said without echoing it, as it
+        // may hold a password.
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(DatabaseUrlError::Unreadable(
+                "it is neither a postgres:// (or postgresql://) URL nor key=value pairs".to_owned(),
+            ));
+        }
         skip_spaces(&mut chars);
         if chars.next() != Some('=') {
             return Err(DatabaseUrlError::Unreadable(format!(
@@ -644,5 +653,21 @@ mod tests {
         assert_eq!(pairs.config().get_application_name(), Some("it's"));
         let error = DatabaseUrl::parse("host=h user").err().unwrap();
         assert!(matches!(error, DatabaseUrlError::Unreadable(_)), "{error}");
+        let error = DatabaseUrl::parse("mysql://u:hunter2@h/d").err().unwrap();
+        assert_eq!(
+            error.to_string(),
+            "the database URL cannot be read: it is neither a postgres:// (or postgresql://) URL nor key=value pairs"
+        );
+        let error = DatabaseUrl::parse("postgres://u:hunter2@h:port/d?pasword=x")
+            .err()
+            .unwrap();
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = DatabaseUrl::parse("postgres://u@h/d?pasword=x")
+            .err()
+            .unwrap();
+        assert_eq!(
+            error.to_string(),
+            "the database URL cannot be read: invalid connection string: unknown option `pasword`"
+        );
     }
 }
