@@ -115,3 +115,30 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         tracing::info!("shutting down the receiver");
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn the_parsed_command_line_never_shows_the_database_url() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "usage-receiver",
+            "--database-url",
+            "postgres://u:hunter2@db.example.test/d?password=hunter3",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?} {cli:#?}");
+        assert!(
+            !shown.contains("hunter2")
+                && !shown.contains("hunter3")
+                && !shown.contains("db.example"),
+            "{shown}"
+        );
+        let url = cli.serve.database_url.as_ref().unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(url),
+            "postgres://u:hunter2@db.example.test/d?password=hunter3"
+        );
+    }
+}
