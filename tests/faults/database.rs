@@ -252,6 +252,7 @@ async fn check_direct(node: &TestReceiver, install: &TestInstall, ledger: &Direc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_30_s_mid_ingest_through_two_nodes_loses_nothing_and_counts_nothing_twice()
  {
+    let _alone = crate::support::EXCLUSIVE.lock().await;
     let mut rng = Rng::new(seed(
         "postgres_down_for_30_s_mid_ingest_through_two_nodes_loses_nothing_and_counts_nothing_twice",
     ));
@@ -385,6 +386,7 @@ async fn postgres_down_for_30_s_mid_ingest_through_two_nodes_loses_nothing_and_c
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_database_connections_are_cut_mid_transaction_stores_each_event_once() {
+    let _alone = crate::support::EXCLUSIVE.lock().await;
     let mut rng = Rng::new(seed(
         "a_node_whose_database_connections_are_cut_mid_transaction_stores_each_event_once",
     ));
