@@ -130,3 +130,37 @@ async fn no_agent_secret_reaches_its_log_an_error_or_a_status_answer() {
         ],
     );
 }
+
+/// `usage-agent receiver` reads the database URL as `usage-receiver` does: a bad `sslmode`
+/// is bad usage (exit 2), an unreachable database a failure (exit 1), each said once and
+/// without the password.
+#[test]
+fn the_bundled_receiver_names_a_bad_database_url_without_its_password() {
+    let run = |url: &str| {
+        let output = Command::new(bin())
+            .args(["receiver", "--listen", "127.0.0.1:0", "--database-url", url])
+            .env_remove("USAGE_AGENT_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert!(!stderr.contains("hunter2"), "{stderr}");
+        (
+            output.status.code(),
+            stderr.lines().last().unwrap_or_default().to_owned(),
+        )
+    };
+    assert_eq!(
+        run("postgres://u:hunter2@h/d?sslmode=nope"),
+        (
+            Some(2),
+            "error: --database-url (or DATABASE_URL): the database URL's sslmode must be disable, prefer, require, verify-ca or verify-full, not \"nope\"".to_owned()
+        )
+    );
+    assert_eq!(
+        run("postgres://u@127.0.0.1:1/d?password=hunter2"),
+        (
+            Some(1),
+            "error: opening the receiver's PostgreSQL database: could not connect to the receiver database postgres://u@127.0.0.1:1/d: error connecting to server: Connection refused (os error 111)".to_owned()
+        )
+    );
+}
