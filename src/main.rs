@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     match cli::run(Cli::parse()) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", usage_common::logging::error_chain(&*error));
             if error.downcast_ref::<UsageError>().is_some() {
                 ExitCode::from(2)
             } else {

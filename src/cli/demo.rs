@@ -65,9 +65,9 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     let enroll_token = random_token();
     let provider_password = random_token();
     let settings = ReceiverSettings {
-        enrollment_token: Some(enroll_token.clone()),
+        enrollment_token: Some(enroll_token.clone().into()),
         provider_username: Some(DEMO_USER.into()),
-        provider_password: Some(provider_password.clone()),
+        provider_password: Some(provider_password.clone().into()),
         // Example prices, so the dashboard shows cost and profit.
         default_cost_per_1k_tokens: Some(0.002),
         model_cost_overrides: [("gpt-4o".to_owned(), 0.01), ("o3-mini".to_owned(), 0.0044)].into(),

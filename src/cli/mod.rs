@@ -119,9 +119,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Forget(args) => forget::run(load()?, args),
         Command::Quota(args) => quota::run(load()?, args),
         #[cfg(feature = "receiver")]
-        Command::Receiver(args) => {
-            usage_receiver::cli::serve::run(args).map(|()| ExitCode::SUCCESS)
-        }
+        Command::Receiver(args) => usage_receiver::cli::serve::run(args)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(
+                |error| match error.downcast::<usage_receiver::cli::UsageError>() {
+                    Ok(usage) => anyhow::Error::new(UsageError(usage.to_string())),
+                    Err(other) => other,
+                },
+            ),
         #[cfg(feature = "receiver")]
         Command::Prices(args) => usage_receiver::cli::prices::run(args),
         #[cfg(feature = "receiver")]

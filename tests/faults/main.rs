@@ -18,6 +18,7 @@ mod harness;
 #[path = "../../crates/usage-receiver/tests/support/mod.rs"]
 mod shared;
 
+mod database;
 mod disk_full;
 mod kill9;
 mod network;

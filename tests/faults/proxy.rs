@@ -1,7 +1,7 @@
-//! A fault-injecting TCP proxy between the agent and the receiver, in-process on its own
-//! thread and runtime (so nothing the test does blocks it), with the fault switchable at
-//! any moment: it applies to every chunk read from then on, on new and pooled
-//! connections alike.
+//! A fault-injecting TCP proxy between the agent and the receiver (or a receiver node and
+//! PostgreSQL), in-process on its own thread and runtime (so nothing the test does blocks
+//! it), with the fault switchable at any moment: it applies to every chunk read from then
+//! on, on new and pooled connections alike.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -25,6 +25,7 @@ mod loadgen;
 mod openapi;
 mod ops;
 mod quota;
+mod secrets;
 #[path = "../../crates/usage-receiver/tests/support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]

@@ -3,14 +3,18 @@
 //! tests.
 //!
 //! This module only reads and checks values (and the price book file `PRICE_BOOK` names);
-//! it does not act on them. Secrets (the enrollment token, the provider password and the
-//! webhook secret) never appear in `Debug` output.
+//! it does not act on them. Secrets (the enrollment token, the provider password, the
+//! metrics token, the webhook URL and its secret) are held in types whose `Debug` shows
+//! nothing of them (`secrecy`'s, and [`WebhookUrl`]), so no log line or error that prints
+//! the settings can carry one, and a secret added later is read with `expose_secret`
+//! where it is used, never by accident.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::billing::price_book::PriceBook;
 use crate::billing::pricing::PriceSettings;
@@ -38,14 +42,14 @@ pub const DEFAULT_MAX_DECOMPRESSED_BYTES: usize = 10 << 20;
 #[derive(Clone)]
 pub struct ReceiverSettings {
     /// `ENROLLMENT_TOKEN`: the bearer token that authorizes `POST /api/installations`.
-    pub enrollment_token: Option<String>,
+    pub enrollment_token: Option<SecretString>,
     /// `PROVIDER_USERNAME`: basic-auth user for every provider endpoint.
     pub provider_username: Option<String>,
     /// `PROVIDER_PASSWORD`: basic-auth password for every provider endpoint.
-    pub provider_password: Option<String>,
+    pub provider_password: Option<SecretString>,
     /// `METRICS_TOKEN`: a bearer token that also authorizes `GET /metrics` (besides the
     /// provider's basic auth), so a Prometheus server needs no provider password.
-    pub metrics_token: Option<String>,
+    pub metrics_token: Option<SecretString>,
     /// `ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE`: accept an enrollment without the token for an
     /// install id never seen before (trust on first use).
     pub allow_first_sync_without_signature: bool,
@@ -95,10 +99,57 @@ pub struct ReceiverSettings {
 }
 
 /// Where budget alerts go.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AlertWebhook {
-    pub url: url::Url,
+    pub url: WebhookUrl,
     pub secret: Secret,
+}
+
+/// An http or https webhook URL. Chat services put the webhook's secret in its path
+/// (`/services/T000/B000/XXXX`), so it is held as a secret: messages name its
+/// [`origin`](WebhookUrl::origin) (scheme, host and port) only.
+#[derive(Clone)]
+pub struct WebhookUrl {
+    url: SecretString,
+    origin: String,
+}
+
+/// A webhook URL that is not an http or https URL with a host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not an http or https URL with a host")]
+pub struct WebhookUrlError;
+
+impl std::str::FromStr for WebhookUrl {
+    type Err = WebhookUrlError;
+
+    fn from_str(text: &str) -> Result<WebhookUrl, WebhookUrlError> {
+        let url = url::Url::parse(text)
+            .ok()
+            .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
+            .ok_or(WebhookUrlError)?;
+        Ok(WebhookUrl {
+            origin: url.origin().ascii_serialization(),
+            url: SecretString::from(url.as_str()),
+        })
+    }
+}
+
+impl WebhookUrl {
+    /// The whole URL, to send to; never to show.
+    pub fn expose_secret(&self) -> &str {
+        self.url.expose_secret()
+    }
+
+    /// Scheme, host and port: what messages may show.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/<redacted>", self.origin)
+    }
 }
 
 /// Default [`ReceiverSettings::alert_retry_max`].
@@ -135,12 +186,11 @@ impl Default for ReceiverSettings {
 
 impl std::fmt::Debug for ReceiverSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redacted = |value: &Option<String>| value.as_ref().map(|_| "<redacted>");
         f.debug_struct("ReceiverSettings")
-            .field("enrollment_token", &redacted(&self.enrollment_token))
+            .field("enrollment_token", &self.enrollment_token)
             .field("provider_username", &self.provider_username)
-            .field("provider_password", &redacted(&self.provider_password))
-            .field("metrics_token", &redacted(&self.metrics_token))
+            .field("provider_password", &self.provider_password)
+            .field("metrics_token", &self.metrics_token)
             .field(
                 "allow_first_sync_without_signature",
                 &self.allow_first_sync_without_signature,
@@ -169,13 +219,7 @@ impl std::fmt::Debug for ReceiverSettings {
             .field("max_decompressed_bytes", &self.max_decompressed_bytes)
             .field("provider_now", &self.provider_now)
             .field("default_monthly_budget", &self.default_monthly_budget)
-            .field(
-                "alert_webhook",
-                &self
-                    .alert_webhook
-                    .as_ref()
-                    .map(|webhook| format!("{} (secret redacted)", webhook.url)),
-            )
+            .field("alert_webhook", &self.alert_webhook)
             .field("alert_retry_max", &self.alert_retry_max)
             .finish()
     }
@@ -212,10 +256,10 @@ impl ReceiverSettings {
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
         let defaults = ReceiverSettings::default();
         Ok(ReceiverSettings {
-            enrollment_token: get("ENROLLMENT_TOKEN"),
+            enrollment_token: get("ENROLLMENT_TOKEN").map(SecretString::from),
             provider_username: get("PROVIDER_USERNAME"),
-            provider_password: get("PROVIDER_PASSWORD"),
-            metrics_token: get("METRICS_TOKEN"),
+            provider_password: get("PROVIDER_PASSWORD").map(SecretString::from),
+            metrics_token: get("METRICS_TOKEN").map(SecretString::from),
             allow_first_sync_without_signature: match get("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE") {
                 None => false,
                 Some(text) => parse_bool("ALLOW_FIRST_SYNC_WITHOUT_SIGNATURE", &text)?,
@@ -307,15 +351,12 @@ fn alert_webhook(
     let Some(text) = get("ALERT_WEBHOOK_URL") else {
         return Ok(None);
     };
-    let url = url::Url::parse(text.trim())
-        .ok()
-        .filter(|url| matches!(url.scheme(), "http" | "https") && url.has_host())
-        .ok_or_else(|| {
-            SettingsError::new(
-                "ALERT_WEBHOOK_URL",
-                "must be an http or https URL such as https://hooks.example.com/usage",
-            )
-        })?;
+    let url: WebhookUrl = text.trim().parse().map_err(|_| {
+        SettingsError::new(
+            "ALERT_WEBHOOK_URL",
+            "must be an http or https URL such as https://hooks.example.com/usage",
+        )
+    })?;
     let secret = get("ALERT_WEBHOOK_SECRET").ok_or_else(|| {
         SettingsError::new(
             "ALERT_WEBHOOK_SECRET",
@@ -371,6 +412,25 @@ fn parse_overrides(text: &str) -> Result<BTreeMap<String, f64>, SettingsError> {
 }
 
 impl ReceiverSettings {
+    /// `ENROLLMENT_TOKEN`, to compare with a request's.
+    pub fn enrollment_token(&self) -> Option<&str> {
+        self.enrollment_token
+            .as_ref()
+            .map(ExposeSecret::expose_secret)
+    }
+
+    /// `PROVIDER_PASSWORD`, to compare with a request's.
+    pub fn provider_password(&self) -> Option<&str> {
+        self.provider_password
+            .as_ref()
+            .map(ExposeSecret::expose_secret)
+    }
+
+    /// `METRICS_TOKEN`, to compare with a request's.
+    pub fn metrics_token(&self) -> Option<&str> {
+        self.metrics_token.as_ref().map(ExposeSecret::expose_secret)
+    }
+
     /// The prices among the settings, as [`Pricing`](crate::billing::pricing::Pricing)
     /// reads them.
     pub fn prices(&self) -> PriceSettings {
@@ -409,7 +469,11 @@ mod tests {
         .unwrap();
         assert_eq!(settings.default_monthly_budget, Some(50.5));
         let webhook = settings.alert_webhook.unwrap();
-        assert_eq!(webhook.url.as_str(), "https://hooks.example.com/usage");
+        assert_eq!(
+            webhook.url.expose_secret(),
+            "https://hooks.example.com/usage"
+        );
+        assert_eq!(webhook.url.origin(), "https://hooks.example.com");
         assert_eq!(webhook.secret.to_whsec(), secret);
         assert!(!format!("{:?}", from(&[]).unwrap()).contains("whsec_"));
 
@@ -442,7 +506,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_nothing_is_set() {
         let settings = from(&[]).unwrap();
-        assert_eq!(settings.enrollment_token, None);
+        assert_eq!(settings.enrollment_token(), None);
         assert!(!settings.allow_first_sync_without_signature);
         assert_eq!(settings.rate_limit_per_min, 100);
         assert_eq!(settings.signature_tolerance_s, 300);
@@ -468,9 +532,9 @@ mod tests {
             ("MAX_INFLIGHT_BATCHES", " 3 "),
         ])
         .unwrap();
-        assert_eq!(settings.enrollment_token.as_deref(), Some("tok"));
+        assert_eq!(settings.enrollment_token(), Some("tok"));
         assert_eq!(settings.provider_username.as_deref(), Some("admin"));
-        assert_eq!(settings.provider_password.as_deref(), Some("pw"));
+        assert_eq!(settings.provider_password(), Some("pw"));
         assert!(settings.allow_first_sync_without_signature);
         assert_eq!(settings.rate_limit_per_min, 7);
         assert_eq!(settings.signature_tolerance_s, 60);
@@ -538,26 +602,42 @@ mod tests {
     #[test]
     fn empty_variables_count_as_unset() {
         let settings = from(&[("ENROLLMENT_TOKEN", ""), ("RATE_LIMIT_PER_MIN", " ")]).unwrap();
-        assert_eq!(settings.enrollment_token, None);
+        assert_eq!(settings.enrollment_token(), None);
         assert_eq!(settings.rate_limit_per_min, 100);
     }
 
     #[test]
     fn debug_redacts_the_secrets() {
+        let webhook_secret = Secret::generate().to_whsec();
         let settings = from(&[
             ("ENROLLMENT_TOKEN", "tok-secret"),
             ("PROVIDER_PASSWORD", "pw-secret"),
             ("METRICS_TOKEN", "scrape-secret"),
+            (
+                "ALERT_WEBHOOK_URL",
+                "https://hooks.example.com/services/T000/B000/hook-secret?token=q-secret",
+            ),
+            ("ALERT_WEBHOOK_SECRET", &webhook_secret),
         ])
         .unwrap();
-        let shown = format!("{settings:?}");
-        assert_eq!(settings.metrics_token.as_deref(), Some("scrape-secret"));
+        let shown = format!("{settings:?} {settings:#?}");
+        assert_eq!(settings.metrics_token(), Some("scrape-secret"));
+        for secret in [
+            "tok-secret",
+            "pw-secret",
+            "scrape-secret",
+            "hook-secret",
+            "q-secret",
+            "/services",
+            webhook_secret.as_str(),
+            "whsec_",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("REDACTED"), "{shown}");
         assert!(
-            !shown.contains("tok-secret")
-                && !shown.contains("pw-secret")
-                && !shown.contains("scrape-secret"),
+            shown.contains("https://hooks.example.com/<redacted>"),
             "{shown}"
         );
-        assert!(shown.contains("<redacted>"));
     }
 }

@@ -3,4 +3,4 @@
 
 pub mod throwaway;
 
-pub use throwaway::{Durability, ThrowawayCluster};
+pub use throwaway::{ClusterOptions, Durability, ServerTls, ThrowawayCluster};

@@ -209,7 +209,7 @@ async fn deliver(
     let timestamp = Utc::now().timestamp();
     let signature = signing::sign(&webhook.secret, &msg_id, timestamp, &body);
     let sent = client
-        .post(webhook.url.clone())
+        .post(webhook.url.expose_secret())
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .header(HEADER_ID, &msg_id)
         .header(HEADER_TIMESTAMP, timestamp.to_string())
@@ -229,8 +229,8 @@ async fn deliver(
         // origin (scheme, host, port), never the URL.
         Err(error) => format!(
             "could not be reached at {}: {}",
-            webhook.url.origin().ascii_serialization(),
-            error.without_url()
+            webhook.url.origin(),
+            usage_common::logging::error_chain(&error.without_url())
         ),
     };
     let wait = retry_delay(alert.attempts, retry_max);

@@ -33,6 +33,12 @@ pub enum Command {
     Prices(prices::PricesArgs),
 }
 
+/// Bad input on the command line that clap could not see (a database URL's parameter):
+/// the binaries exit 2 on it, as on clap's own usage errors.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {

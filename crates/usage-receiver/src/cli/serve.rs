@@ -9,8 +9,11 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use secrecy::{ExposeSecret, SecretString};
 
+use super::UsageError;
 use crate::settings::ReceiverSettings;
+use crate::store::postgres::connect::DatabaseUrl;
 
 /// Options of `usage-receiver serve` (and `usage-agent receiver`).
 #[derive(Debug, clap::Args)]
@@ -26,18 +29,27 @@ pub struct ServeArgs {
     pub db: PathBuf,
     /// Store in PostgreSQL instead (libpq's URL form:
     /// postgres://user:password@host:port/dbname, or ?host=/run/postgresql for a Unix
-    /// socket); several receiver nodes may share one database.
+    /// socket; TLS with ?sslmode=verify-full&sslrootcert=/path/to/ca.pem, or
+    /// disable, prefer (the default), require, verify-ca); several receiver nodes may share
+    /// one database.
     #[arg(
         long,
         env = "DATABASE_URL",
         conflicts_with = "db",
         hide_env_values = true
     )]
-    pub database_url: Option<String>,
+    // Held as a secret (it may hold the password): `Debug` shows nothing of it.
+    pub database_url: Option<SecretString>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::init_logging(super::log_lines_from_env()?);
+    if let Some(url) = &args.database_url {
+        // A URL that cannot be read is bad usage, said before anything starts; the error
+        // names the parameter, never the URL (it may hold a password).
+        DatabaseUrl::parse(url.expose_secret())
+            .map_err(|error| UsageError(format!("--database-url (or DATABASE_URL): {error}")))?;
+    }
     let settings = ReceiverSettings::from_env().context("reading the receiver settings")?;
     warn_about_settings(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -46,7 +58,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let (store, described) = match &args.database_url {
         Some(url) => (
-            crate::server::open_postgres(url, runtime.handle().clone())
+            crate::server::open_postgres(url.expose_secret(), runtime.handle().clone())
                 .context("opening the receiver's PostgreSQL database")?,
             "PostgreSQL".to_owned(),
         ),
@@ -102,4 +114,31 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
         }
         tracing::info!("shutting down the receiver");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[test]
+    fn the_parsed_command_line_never_shows_the_database_url() {
+        let cli = crate::cli::Cli::try_parse_from([
+            "usage-receiver",
+            "--database-url",
+            "postgres://u:hunter2@db.example.test/d?password=hunter3",
+        ])
+        .unwrap();
+        let shown = format!("{cli:?} {cli:#?}");
+        assert!(
+            !shown.contains("hunter2")
+                && !shown.contains("hunter3")
+                && !shown.contains("db.example"),
+            "{shown}"
+        );
+        let url = cli.serve.database_url.as_ref().unwrap();
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(url),
+            "postgres://u:hunter2@db.example.test/d?password=hunter3"
+        );
+    }
 }

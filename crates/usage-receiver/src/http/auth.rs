@@ -113,7 +113,7 @@ pub fn authorize(
         require_provider(
             headers,
             settings.provider_username.as_deref(),
-            settings.provider_password.as_deref(),
+            settings.provider_password(),
         )
     })
     .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
@@ -159,7 +159,7 @@ pub fn authorize_scrape(
 ) -> Result<(), ReceiverError> {
     let settings = &app.settings;
     throttled(&app.credential_throttle, peer, headers, || {
-        match (settings.metrics_token.as_deref(), bearer_token(headers)) {
+        match (settings.metrics_token(), bearer_token(headers)) {
             (Some(expected), Some(given)) => {
                 if credential_eq(given.as_bytes(), expected.as_bytes()) {
                     Ok(())
@@ -176,7 +176,7 @@ pub fn authorize_scrape(
             _ => require_provider(
                 headers,
                 settings.provider_username.as_deref(),
-                settings.provider_password.as_deref(),
+                settings.provider_password(),
             ),
         }
     })

@@ -132,7 +132,7 @@ fn authorize(app: &ReceiverState, headers: &HeaderMap) -> Result<Authorization, 
         ReceiverError::unauthorized("invalid_enrollment_token", message)
             .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
     };
-    match (settings.enrollment_token.as_deref(), bearer_token(headers)) {
+    match (settings.enrollment_token(), bearer_token(headers)) {
         (None, _) if !tofu => Err(ReceiverError::new(
             StatusCode::FORBIDDEN,
             "enrollment_disabled",

@@ -29,7 +29,9 @@ mod plan_migration;
 mod provider;
 #[path = "../api/revenue.rs"]
 mod revenue;
+mod secrets;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
 mod support;
+mod tls;

@@ -36,6 +36,7 @@ use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, Rec
 use tokio::runtime::Handle;
 use uuid::Uuid;
 
+use self::connect::DatabaseUrl;
 use self::ingest::Columns;
 use self::view_cache::{InstallFigures, ViewCache, ViewKey};
 use self::writers::{Batch, Writers};
@@ -108,6 +109,7 @@ macro_rules! chart_add {
     };
 }
 
+pub mod connect;
 mod group;
 mod ingest;
 mod migrations;
@@ -161,22 +163,31 @@ impl From<tokio_postgres::Error> for ReceiverStoreError {
 
 impl From<deadpool_postgres::PoolError> for ReceiverStoreError {
     fn from(error: deadpool_postgres::PoolError) -> ReceiverStoreError {
-        ReceiverStoreError::Backend(Box::new(error))
+        match error {
+            // The database's own error says it all; the pool's wrapper only adds words.
+            deadpool_postgres::PoolError::Backend(error) => error.into(),
+            other => ReceiverStoreError::Backend(Box::new(other)),
+        }
     }
 }
 
 impl PostgresStore {
-    /// Connects to the database at `url` (libpq's URL form), brings its schema up to date
-    /// under a database lock, and makes the partitions of the days around today. Its
-    /// connections run on `runtime`; call this from outside that runtime's tasks.
+    /// Connects to the database at `url` (libpq's URL or `key=value` form, TLS as its
+    /// `sslmode` says: [`connect`]), brings its schema up to date under a database lock, and
+    /// makes the partitions of the days around today. Its connections run on `runtime`;
+    /// call this from outside that runtime's tasks.
     pub fn open(url: &str, runtime: Handle) -> Result<PostgresStore, ReceiverStoreError> {
+        let url = DatabaseUrl::parse(url).map_err(|error| ReceiverStoreError::Connect {
+            target: "the PostgreSQL URL given".to_owned(),
+            source: Box::new(error),
+        })?;
         let connect_error =
             |source: Box<dyn std::error::Error + Send + Sync>| ReceiverStoreError::Connect {
-                target: redacted(url),
+                target: url.shown().to_owned(),
                 source,
             };
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(|e| connect_error(Box::new(e)))?;
+        let tls = url.tls().map_err(|e| connect_error(Box::new(e)))?;
+        let mut config = url.config().clone();
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("usage-agent receiver");
         // This node keeps `usage_version` and `daily_totals` as ingest stores usage
@@ -185,13 +196,13 @@ impl PostgresStore {
         let mut relaxed = config.clone();
         relaxed.options(format!("{WRITER_OPTION} -c synchronous_commit=off"));
         let pool = |config, size| {
-            let manager = Manager::from_config(
-                config,
-                NoTls,
-                ManagerConfig {
-                    recycling_method: RecyclingMethod::Fast,
-                },
-            );
+            let recycling = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match tls.clone() {
+                Some(tls) => Manager::from_config(config, tls, recycling),
+                None => Manager::from_config(config, NoTls, recycling),
+            };
             Pool::builder(manager)
                 .max_size(size)
                 .wait_timeout(Some(CONNECT_TIMEOUT))
@@ -386,18 +397,6 @@ async fn wait_for(
     Ok(Duration::from_millis(
         u64::try_from(ahead - burst_ms).unwrap_or(0).max(1),
     ))
-}
-
-/// `url` without its password, for messages.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "the PostgreSQL URL given".to_owned(),
-    }
 }
 
 fn count(value: i64) -> Result<u64, ReceiverStoreError> {
