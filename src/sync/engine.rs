@@ -293,6 +293,8 @@ impl SyncEngine {
                 until: resume,
                 grown_at: started,
             }),
+            met_rate_limit: AtomicBool::new(resume.is_some()),
+            single_file: tokio::sync::Mutex::new(()),
             report: Mutex::new(SyncReport::default()),
             marks: tokio::sync::Mutex::new(Marks::default()),
             first_error: Mutex::new(None),
@@ -466,9 +468,17 @@ impl SyncEngine {
         let mut failed_attempts: u32 = 0;
         let mut paced: u32 = 0;
         loop {
+            // Once paced, the lanes send one at a time: woken together, they would spend
+            // the backend's next free request on one and draw 429s for the rest.
+            let single_file = match run.met_rate_limit.load(Ordering::Relaxed) {
+                true => Some(run.single_file.lock().await),
+                false => None,
+            };
             run.wait_turn().await?;
             let sent_at = Instant::now();
-            let error = match self.attempt(client, &prepared).await {
+            let result = self.attempt(client, &prepared).await;
+            drop(single_file);
+            let error = match result {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
@@ -523,6 +533,7 @@ impl SyncEngine {
     fn pace(&self, run: &Run<'_>, wait: Duration, sent_at: Instant) {
         let now = Instant::now();
         let until = now + wait;
+        run.met_rate_limit.store(true, Ordering::Relaxed);
         let mut pace = run.pace.lock().unwrap_or_else(|p| p.into_inner());
         pace.until = Some(pace.until.map_or(until, |held| held.max(until)));
         let until_ms =
@@ -696,6 +707,10 @@ struct Run<'a> {
     deadline: Instant,
     /// The backend's pacing of this run.
     pace: Mutex<Pace>,
+    /// Whether the backend has paced this run; from then on lanes send one at a time,
+    /// taking turns through `single_file`.
+    met_rate_limit: AtomicBool,
+    single_file: tokio::sync::Mutex<()>,
     report: Mutex<SyncReport>,
     marks: tokio::sync::Mutex<Marks>,
     /// The error that stopped the run; once set, lanes take no new batches.
