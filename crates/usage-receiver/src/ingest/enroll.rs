@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
-use crate::http::auth::throttled;
+use crate::http::auth::throttled_enrollment;
 use crate::http::clip::clip;
 use crate::http::error::{ReceiverError, is_json_content_type};
 use crate::http::error::{body_rejection, store_unavailable};
@@ -46,9 +46,8 @@ pub async fn enroll(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ReceiverError> {
-    let authorization = throttled(&app.credential_throttle, peer.ip(), &headers, || {
-        authorize(&app, &headers)
-    })?;
+    let authorization =
+        throttled_enrollment(&app, &headers, peer.ip(), || authorize(&app, &headers))?;
     let body = body.map_err(body_rejection)?;
     if !is_json_content_type(&headers) {
         return Err(ReceiverError::unsupported_media_type(
