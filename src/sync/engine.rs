@@ -60,11 +60,15 @@ pub const MAX_RUN_BUDGET: Duration = Duration::from_secs(600);
 /// one minute's allowance.
 pub const BACKLOG_BATCHES: u64 = 100;
 
-/// How long one run may go on waiting for rate limits: until the next scheduled run
-/// (`sync.interval_secs`), and never more than [`MAX_RUN_BUDGET`]. A `Retry-After` that
+/// How long one run may go on waiting for rate limits: until one request's time
+/// (`sync.request_timeout_secs`) before the next scheduled run, so the request after the
+/// last wait still ends before that run is due (but at least half of
+/// `sync.interval_secs`), and never more than [`MAX_RUN_BUDGET`]. A `Retry-After` that
 /// ends past it stops the run; the next run goes on.
 pub fn run_budget(sync: &SyncConfig) -> Duration {
-    Duration::from_secs(sync.interval_secs).min(MAX_RUN_BUDGET)
+    let interval = Duration::from_secs(sync.interval_secs);
+    let before_next = interval.saturating_sub(Duration::from_secs(sync.request_timeout_secs));
+    before_next.max(interval / 2).min(MAX_RUN_BUDGET)
 }
 
 /// The batch size a run starts with: `sync.batch_size`, or more when the backlog is over

@@ -565,14 +565,17 @@ fn a_large_backlog_starts_with_larger_batches() {
 }
 
 #[test]
-fn a_run_waits_out_rate_limits_until_the_next_scheduled_run_at_most() {
-    let sync = |interval: u64| SyncConfig {
+fn a_run_waits_out_rate_limits_only_while_it_can_end_before_the_next_run() {
+    let sync = |interval: u64, timeout: u64| SyncConfig {
         interval_secs: interval,
+        request_timeout_secs: timeout,
         ..SyncConfig::default()
     };
-    assert_eq!(run_budget(&sync(300)), Duration::from_secs(300));
-    assert_eq!(run_budget(&sync(2)), Duration::from_secs(2));
-    assert_eq!(run_budget(&sync(3600)), MAX_RUN_BUDGET);
+    // The defaults: the last request after a wait ends before the next run is due.
+    assert_eq!(run_budget(&sync(300, 30)), Duration::from_secs(270));
+    assert_eq!(run_budget(&sync(60, 50)), Duration::from_secs(30));
+    assert_eq!(run_budget(&sync(2, 30)), Duration::from_secs(1));
+    assert_eq!(run_budget(&sync(3600, 30)), MAX_RUN_BUDGET);
 }
 
 #[test]
