@@ -47,6 +47,7 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
     };
     let config = &state.config;
     let sync_possible = config.tracking_enabled && config.sync_active();
+    let progress = state.sync.as_ref().map(|engine| engine.progress(now_ms));
     let oldest_pending_age_s = counts
         .oldest_pending_ms
         .map_or(0, |at| (now_ms - at).max(0) / 1000) as u64;
@@ -57,6 +58,8 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         oldest_pending_age_s,
         interval_secs: config.sync.interval_secs,
         storage: &storage,
+        paced: meta.last_run_rate_limited
+            || progress.is_some_and(|p| p.rate_limited_until_ms.is_some()),
     });
     let mut categories = serde_json::Map::new();
     for category in ERROR_CATEGORIES {
@@ -88,6 +91,14 @@ pub async fn status(State(state): State<SharedState>) -> Result<Json<Value>, Api
         "db_bytes": db_bytes,
         "uptime_s": state.started.elapsed().as_secs(),
         "storage": storage,
+        "sync": {
+            "running": progress.is_some_and(|p| p.running),
+            "batch_size": progress.map_or(config.sync.batch_size, |p| p.batch_size),
+            "rate_limited_until": progress
+                .and_then(|p| p.rate_limited_until_ms)
+                .map(format_millis),
+            "last_run_rate_limited": meta.last_run_rate_limited,
+        },
     });
     // The site's quota state, only when limits are set (users' limits are per user: ask
     // `GET /v1/quota` for one).
@@ -130,6 +141,10 @@ pub struct Health<'a> {
     /// `failing` storage makes the status `failing`, `recovered` storage at
     /// least `degraded`, whatever sync says (even `disabled`).
     pub storage: &'a StorageState,
+    /// The backend is pacing the agent (a `Retry-After` still ahead, or the last run
+    /// stopped on the rate limit): events then wait for the backend, not for a fault,
+    /// so their age alone does not make the status `degraded`.
+    pub paced: bool,
 }
 
 /// `healthy`, `pending`, `degraded`, `failing` or `disabled`, as docs/reference/local-api.md
@@ -157,7 +172,7 @@ fn sync_health(h: &Health) -> &'static str {
     }
     if last_failed_category.is_some()
         || h.counts.failed > 0
-        || h.oldest_pending_age_s > 3 * h.interval_secs
+        || (h.oldest_pending_age_s > 3 * h.interval_secs && !h.paced)
     {
         return "degraded";
     }
@@ -214,8 +229,47 @@ mod tests {
                 oldest_pending_age_s: age,
                 interval_secs: 300,
                 storage: &StorageState::Ok,
+                paced: false,
             });
             assert_eq!(got, expected, "{counts:?} {meta:?} age {age}");
+        }
+    }
+
+    #[test]
+    fn a_paced_agent_is_pending_however_old_its_backlog() {
+        let pending = QueueCounts {
+            pending: 20_000,
+            ..QueueCounts::default()
+        };
+        let with_failed = QueueCounts {
+            failed: 1,
+            ..pending
+        };
+        let paced_run = SyncMeta {
+            last_run_rate_limited: true,
+            ..SyncMeta::default()
+        };
+        let cases: Vec<(QueueCounts, &SyncMeta, bool, &str)> = vec![
+            (pending, &paced_run, true, "pending"),
+            (pending, &paced_run, false, "degraded"),
+            // Pacing excuses age only: failed events and failed runs still count.
+            (with_failed, &paced_run, true, "degraded"),
+        ];
+        let failed_run = failed("network", 1);
+        let cases = cases
+            .into_iter()
+            .chain([(pending, &failed_run, true, "degraded")]);
+        for (counts, meta, paced, expected) in cases {
+            let got = health(&Health {
+                sync_possible: true,
+                counts,
+                meta,
+                oldest_pending_age_s: 100_000,
+                interval_secs: 300,
+                storage: &StorageState::Ok,
+                paced,
+            });
+            assert_eq!(got, expected, "{counts:?} {meta:?} paced {paced}");
         }
     }
 
@@ -247,6 +301,7 @@ mod tests {
                 oldest_pending_age_s: 0,
                 interval_secs: 300,
                 storage,
+                paced: false,
             });
             assert_eq!(got, expected, "{storage:?} {meta:?}");
         }

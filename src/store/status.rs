@@ -36,6 +36,10 @@ pub struct SyncMeta {
     pub last_error: Option<LastError>,
     /// Whether the last run ended with an error (its category is in `last_error`).
     pub last_run_failed: bool,
+    /// Whether the last run stopped because the backend's rate limit outlasted its time
+    /// budget (not a failure: the events go at the next run).
+    #[serde(default)]
+    pub last_run_rate_limited: bool,
     /// Unix ms of a successful enrollment with the backend.
     pub enrolled_ms: Option<i64>,
 }

@@ -11,6 +11,12 @@
 //! It reads the queue on its own database connection and writes only through the
 //! [`Writer`], so the local API never waits on it or on the backend.
 //!
+//! **Backpressure is not failure:** a `429` pauses every lane of the run until its
+//! `Retry-After` has passed, costs the batch none of its `max_attempts`, and doubles the
+//! run's batch size (up to the wire maximum), so a backlog drains within the backend's
+//! request allowance. A run waits out rate limits only within its time budget
+//! ([`run_budget`]); a run stopped by one is not a failed run (status stays `pending`).
+//!
 //! **Invariants:** an event becomes `synced` only after a 2xx answer that accepted or
 //! deduplicated it; it becomes `failed` only when the backend refused that one event
 //! (a per-event reject, or a validation refusal of a batch bisected down to it);
@@ -19,11 +25,10 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -39,14 +44,39 @@ use crate::store::status::LastError;
 use crate::store::sync::PendingEvent;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
-use usage_protocol::wire::{self, Batch, BatchResult, WireEvent, format_sent_at};
+use usage_protocol::wire::{self, Batch, BatchResult, MAX_BATCH_EVENTS, WireEvent, format_sent_at};
 
 /// The sync job's name in `usage_agent_job_runs_total` and the other job metrics.
 pub const SYNC_JOB: &str = "sync";
 
-/// The longest `Retry-After` waited for inside one run; a backend asking for more gets
-/// the events at a later run instead of holding this one (and a manual `sync`) hostage.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
+/// The longest a run may wait out the backend's rate limit, whatever the interval: a
+/// backend asking for more gets the events at a later run instead of holding this one (and
+/// a manual `sync`) hostage.
+pub const MAX_RUN_BUDGET: Duration = Duration::from_secs(600);
+
+/// A run that finds more than this many batches' worth of events pending sends larger
+/// batches: the backlog over this many requests (up to the wire maximum). 100 is the
+/// receiver's default requests per install per minute, so a backlog fits, where it can, in
+/// one minute's allowance.
+pub const BACKLOG_BATCHES: u64 = 100;
+
+/// How long one run may go on waiting for rate limits: until one request's time
+/// (`sync.request_timeout_secs`) before the next scheduled run, so the request after the
+/// last wait still ends before that run is due (but at least half of
+/// `sync.interval_secs`), and never more than [`MAX_RUN_BUDGET`]. A `Retry-After` that
+/// ends past it stops the run; the next run goes on.
+pub fn run_budget(sync: &SyncConfig) -> Duration {
+    let interval = Duration::from_secs(sync.interval_secs);
+    let before_next = interval.saturating_sub(Duration::from_secs(sync.request_timeout_secs));
+    before_next.max(interval / 2).min(MAX_RUN_BUDGET)
+}
+
+/// The batch size a run starts with: `sync.batch_size`, or more when the backlog is over
+/// [`BACKLOG_BATCHES`] batches of it, up to the wire maximum.
+pub fn start_batch_size(configured: usize, backlog: u64) -> usize {
+    let wanted = usize::try_from(backlog.div_ceil(BACKLOG_BATCHES)).unwrap_or(usize::MAX);
+    wanted.clamp(configured.clamp(1, MAX_BATCH_EVENTS), MAX_BATCH_EVENTS)
+}
 
 /// Most batches on the wire at once during a run. The backend dedupes, so batches may land
 /// in any order; several in flight let the agent read and sign while the backend commits.
@@ -112,6 +142,22 @@ pub struct SyncEngine {
     metrics: Arc<Metrics>,
     /// Held for a whole run: never two at once.
     running: tokio::sync::Mutex<()>,
+    /// Events per batch in the run in progress, or in the last one.
+    batch_size: AtomicUsize,
+    /// Unix ms until which the backend asked this install to wait (its last `Retry-After`),
+    /// 0 when it never did; later runs honour it too.
+    rate_limited_until_ms: AtomicI64,
+}
+
+/// What status shows of the sync in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// A run is in progress.
+    pub running: bool,
+    /// Events per batch in the run in progress, or in the last one.
+    pub batch_size: usize,
+    /// Unix ms until which the backend asked the agent to wait, if that is still ahead.
+    pub rate_limited_until_ms: Option<i64>,
 }
 
 impl SyncEngine {
@@ -142,7 +188,19 @@ impl SyncEngine {
             enrolled: AtomicBool::new(enrolled),
             metrics,
             running: tokio::sync::Mutex::new(()),
+            batch_size: AtomicUsize::new(config.sync.batch_size.max(1)),
+            rate_limited_until_ms: AtomicI64::new(0),
         })
+    }
+
+    /// The run in progress (or the last one) as status shows it.
+    pub fn progress(&self, now_ms: i64) -> SyncProgress {
+        let until = self.rate_limited_until_ms.load(Ordering::Relaxed);
+        SyncProgress {
+            running: self.running.try_lock().is_err(),
+            batch_size: self.batch_size.load(Ordering::Relaxed),
+            rate_limited_until_ms: (until > now_ms).then_some(until),
+        }
     }
 
     /// Whether this install is known to be enrolled with the backend.
@@ -151,11 +209,17 @@ impl SyncEngine {
     }
 
     /// Runs a sync now, after any run in progress has finished, and counts it as a run of
-    /// the `sync` job (failed when it ended with an error).
+    /// the `sync` job (failed when it ended with an error other than the backend's rate
+    /// limit).
     pub async fn run_now(&self) -> SyncReport {
         let _running = self.running.lock().await;
         let report = self.run_once().await;
-        self.metrics.job_run(SYNC_JOB, report.error.is_none());
+        let paced = report
+            .error
+            .as_ref()
+            .is_some_and(|error| error.category == Category::RateLimit);
+        self.metrics
+            .job_run(SYNC_JOB, report.error.is_none() || paced);
         report
     }
 
@@ -167,7 +231,7 @@ impl SyncEngine {
         let started_ms = Utc::now().timestamp_millis();
         self.enroll_if_needed().await;
         let mut report = SyncReport::default();
-        let result = self.drain(&mut report).await;
+        let result = self.drain(&mut report, started).await;
         if let Err(error) = &result {
             report.error = Some(RunError {
                 category: error.category(),
@@ -203,14 +267,38 @@ impl SyncEngine {
         report
     }
 
-    async fn drain(&self, report: &mut SyncReport) -> Result<(), SyncError> {
+    async fn drain(&self, report: &mut SyncReport, started: Instant) -> Result<(), SyncError> {
         let client = self.client.as_ref().ok_or(SyncError::NoIdentity)?;
-        let until = self.read(|store| store.last_seq()).await?;
+        let (until, backlog) = self
+            .read(|store| Ok((store.last_seq()?, store.queue_counts()?.pending)))
+            .await?;
+        let batch_size = start_batch_size(self.sync.batch_size, backlog);
+        self.batch_size.store(batch_size, Ordering::Relaxed);
+        if batch_size > self.sync.batch_size {
+            tracing::info!(
+                backlog,
+                batch_size,
+                "a large backlog: sending larger batches this run"
+            );
+        }
+        // A `Retry-After` a previous run was told still holds.
+        let now_ms = Utc::now().timestamp_millis();
+        let resume_ms = self.rate_limited_until_ms.load(Ordering::Relaxed) - now_ms;
+        let resume = (resume_ms > 0)
+            .then(|| Instant::now() + Duration::from_millis(resume_ms.unsigned_abs()));
         let run = Run {
             client,
             until,
             cursor: tokio::sync::Mutex::new(0),
-            batch_size: AtomicUsize::new(self.sync.batch_size.max(1)),
+            batch_size: AtomicUsize::new(batch_size),
+            ceiling: AtomicUsize::new(MAX_BATCH_EVENTS),
+            deadline: started + run_budget(&self.sync),
+            pace: Mutex::new(Pace {
+                until: resume,
+                grown_at: started,
+            }),
+            met_rate_limit: AtomicBool::new(resume.is_some()),
+            single_file: tokio::sync::Mutex::new(()),
             report: Mutex::new(SyncReport::default()),
             marks: tokio::sync::Mutex::new(Marks::default()),
             first_error: Mutex::new(None),
@@ -218,7 +306,7 @@ impl SyncEngine {
         // The first batch goes alone: a backend that refuses the credentials, or is down,
         // sees one request (and its retries), not one per lane.
         if self.next_batch(&run).await {
-            let lanes = (0..in_flight(self.sync.batch_size)).map(|_| self.lane(&run));
+            let lanes = (0..in_flight(batch_size)).map(|lane| self.lane(&run, lane));
             futures_util::future::join_all(lanes).await;
         }
         // Whatever stopped the run, the verdicts already received are made durable.
@@ -235,9 +323,12 @@ impl SyncEngine {
     }
 
     /// One of the run's lanes: ships batch after batch until the queue is drained or any
-    /// lane has failed.
-    async fn lane(&self, run: &Run<'_>) {
-        while self.next_batch(run).await {}
+    /// lane has failed. Lanes past what the grown batch size allows ([`in_flight`]) stop,
+    /// so the events in flight stay bounded.
+    async fn lane(&self, run: &Run<'_>, lane: usize) {
+        while lane < in_flight(run.batch_size.load(Ordering::Relaxed)) && self.next_batch(run).await
+        {
+        }
     }
 
     /// Reads the next batch and ships it; false once there is nothing more to do. The
@@ -283,7 +374,7 @@ impl SyncEngine {
                 let rest = part.split_off(batch_size);
                 parts.push_front(rest);
             }
-            match self.ship(run.client, &part).await {
+            match self.ship(run, &part).await {
                 Ok(answer) => {
                     let (synced, failed) = verdicts(&part, &answer)?;
                     self.metrics.sync_batch("ok");
@@ -310,7 +401,10 @@ impl SyncEngine {
                     self.metrics.sync_batch("refused");
                     if error.status() == Some(413) {
                         let halved = (part.len() / 2).max(1);
+                        run.ceiling.fetch_min(halved, Ordering::Relaxed);
                         let before = run.batch_size.fetch_min(halved, Ordering::Relaxed);
+                        self.batch_size
+                            .store(run.batch_size.load(Ordering::Relaxed), Ordering::Relaxed);
                         if halved < before {
                             tracing::warn!(
                                 batch_size = halved,
@@ -348,12 +442,11 @@ impl SyncEngine {
     }
 
     /// Ships one batch with up to `max_attempts` attempts, exponential backoff with full
-    /// jitter between them, and at least the backend's `Retry-After` after a 429.
-    async fn ship(
-        &self,
-        client: &BackendClient,
-        part: &[PendingEvent],
-    ) -> Result<BatchResult, SyncError> {
+    /// jitter between them. A `429` is the backend pacing the run, not a failed attempt: the
+    /// whole run waits out its `Retry-After` (at least the first backoff step) and the batch
+    /// goes again, as long as the wait ends within the run's budget.
+    async fn ship(&self, run: &Run<'_>, part: &[PendingEvent]) -> Result<BatchResult, SyncError> {
+        let client = run.client;
         let install_id = client.install_id();
         // A batch often holds several events of one user: hash each user once.
         let mut user_hashes: HashMap<u64, String> = HashMap::new();
@@ -376,34 +469,101 @@ impl SyncEngine {
         // Only the JSON travels (and is re-signed on each attempt); free the events now, not
         // after the last retry, since several lanes hold a batch each.
         drop(batch);
-        let retries =
-            usize::try_from(self.sync.max_attempts.saturating_sub(1)).unwrap_or(usize::MAX);
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.sync.initial_backoff_ms))
-            .with_max_delay(Duration::from_millis(self.sync.max_backoff_ms))
-            .with_factor(2.0)
-            .with_max_times(retries);
-        (|| self.attempt(client, &prepared))
-            .retry(backoff)
-            .when(|error: &SyncError| {
-                error.is_retryable()
-                    && error
-                        .retry_after()
-                        .is_none_or(|wait| wait <= MAX_RETRY_AFTER)
-            })
-            .adjust(|error: &SyncError, delay| {
-                delay.map(|delay| full_jitter(delay).max(error.retry_after().unwrap_or_default()))
-            })
-            .notify(|error: &SyncError, wait| {
+        let mut failed_attempts: u32 = 0;
+        let mut paced: u32 = 0;
+        loop {
+            // Once paced, the lanes send one at a time: woken together, they would spend
+            // the backend's next free request on one and draw 429s for the rest.
+            let single_file = match run.met_rate_limit.load(Ordering::Relaxed) {
+                true => Some(run.single_file.lock().await),
+                false => None,
+            };
+            run.wait_turn().await?;
+            let sent_at = Instant::now();
+            let result = self.attempt(client, &prepared).await;
+            drop(single_file);
+            let error = match result {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            let wait = if error.category() == Category::RateLimit {
+                paced = paced.saturating_add(1);
+                let wait = match error.retry_after() {
+                    Some(asked) => asked.max(full_jitter(self.backoff(1))),
+                    None => full_jitter(self.backoff(paced)),
+                };
+                self.pace(run, wait, sent_at);
                 tracing::info!(
                     batch_id = %prepared.id,
-                    category = %error.category(),
                     %error,
                     wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
-                    "batch attempt failed; retrying"
+                    batch_size = run.batch_size.load(Ordering::Relaxed),
+                    "the backend is pacing this install; waiting before the next batch"
                 );
-            })
-            .await
+                continue;
+            } else if error.is_retryable() && failed_attempts + 1 < self.sync.max_attempts {
+                failed_attempts += 1;
+                full_jitter(self.backoff(failed_attempts))
+            } else {
+                return Err(error);
+            };
+            tracing::info!(
+                batch_id = %prepared.id,
+                category = %error.category(),
+                %error,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                "batch attempt failed; retrying"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The `n`th backoff step (from 1): `initial_backoff_ms` doubled each step, capped at
+    /// `max_backoff_ms`; full jitter is applied by the caller.
+    fn backoff(&self, n: u32) -> Duration {
+        let doublings = n.saturating_sub(1).min(32);
+        let delay = self
+            .sync
+            .initial_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.sync.max_backoff_ms);
+        Duration::from_millis(delay)
+    }
+
+    /// A `429` for an attempt sent at `sent_at`: every lane holds off for `wait`, and the
+    /// batch size doubles (up to the wire maximum, and never past a size the backend found
+    /// too large), once per pause: answers to attempts sent before the last growth do
+    /// not grow it again.
+    fn pace(&self, run: &Run<'_>, wait: Duration, sent_at: Instant) {
+        let now = Instant::now();
+        let until = now + wait;
+        run.met_rate_limit.store(true, Ordering::Relaxed);
+        let mut pace = run.pace.lock().unwrap_or_else(|p| p.into_inner());
+        pace.until = Some(pace.until.map_or(until, |held| held.max(until)));
+        let until_ms =
+            Utc::now().timestamp_millis() + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+        self.rate_limited_until_ms
+            .fetch_max(until_ms, Ordering::Relaxed);
+        if sent_at < pace.grown_at {
+            return;
+        }
+        pace.grown_at = now;
+        let ceiling = run.ceiling.load(Ordering::Relaxed);
+        let grown = run
+            .batch_size
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |size| {
+                let grown = size.saturating_mul(2).min(ceiling);
+                (grown > size).then_some(grown)
+            });
+        if let Ok(before) = grown {
+            let now_size = run.batch_size.load(Ordering::Relaxed);
+            self.batch_size.store(now_size, Ordering::Relaxed);
+            tracing::info!(
+                from = before,
+                to = now_size,
+                "rate limited with events waiting: sending larger batches"
+            );
+        }
     }
 
     /// One attempt, timed for `usage_agent_sync_batch_duration_seconds`; a failure is
@@ -435,7 +595,9 @@ impl SyncEngine {
         result
     }
 
-    /// Updates the bookkeeping that status reads, in one write.
+    /// Updates the bookkeeping that status reads, in one write. A run stopped by the
+    /// backend's rate limit is not a failed run: the backend answered and knows this
+    /// install, so the streak of failures ends and status stays `pending`.
     async fn record_run(&self, started_ms: i64, error: Option<RunError>) -> Result<(), StoreError> {
         let ended_ms = Utc::now().timestamp_millis();
         self.writer
@@ -447,10 +609,17 @@ impl SyncEngine {
                         meta.last_success_ms = Some(ended_ms);
                         meta.consecutive_failures = 0;
                         meta.last_run_failed = false;
+                        meta.last_run_rate_limited = false;
+                    }
+                    Some(error) if error.category == Category::RateLimit => {
+                        meta.consecutive_failures = 0;
+                        meta.last_run_failed = false;
+                        meta.last_run_rate_limited = true;
                     }
                     Some(error) => {
                         meta.consecutive_failures = meta.consecutive_failures.saturating_add(1);
                         meta.last_run_failed = true;
+                        meta.last_run_rate_limited = false;
                         meta.last_error = Some(LastError {
                             category: error.category.as_str().to_owned(),
                             message: error.message,
@@ -534,15 +703,57 @@ struct Run<'a> {
     until: i64,
     /// The last `seq` handed to a lane.
     cursor: tokio::sync::Mutex<i64>,
-    /// `sync.batch_size`, halved for the rest of the run by a 413.
+    /// Events per batch: the start size, doubled by a 429, halved by a 413.
     batch_size: AtomicUsize,
+    /// The largest batch size the backend has not found too large (413) this run.
+    ceiling: AtomicUsize,
+    /// The end of the run's budget ([`run_budget`]): no rate-limit wait goes past it.
+    deadline: Instant,
+    /// The backend's pacing of this run.
+    pace: Mutex<Pace>,
+    /// Whether the backend has paced this run; from then on lanes send one at a time,
+    /// taking turns through `single_file`.
+    met_rate_limit: AtomicBool,
+    single_file: tokio::sync::Mutex<()>,
     report: Mutex<SyncReport>,
     marks: tokio::sync::Mutex<Marks>,
     /// The error that stopped the run; once set, lanes take no new batches.
     first_error: Mutex<Option<SyncError>>,
 }
 
+/// The backend's pacing of one run.
+struct Pace {
+    /// No lane sends before this instant (the latest `Retry-After`).
+    until: Option<Instant>,
+    /// When the batch size last grew on a `429`.
+    grown_at: Instant,
+}
+
 impl Run<'_> {
+    /// Waits until the backend's rate limit lets the run send again. A wait that would end
+    /// past the run's budget stops the run instead (category `rate_limit`): the events stay
+    /// pending for the next run.
+    async fn wait_turn(&self) -> Result<(), SyncError> {
+        loop {
+            let until = self.pace.lock().unwrap_or_else(|p| p.into_inner()).until;
+            let now = Instant::now();
+            let Some(until) = until.filter(|until| *until > now) else {
+                return Ok(());
+            };
+            if until > self.deadline {
+                let left = until - now;
+                return Err(SyncError::RateLimited {
+                    retry_after: Some(left),
+                    message: format!(
+                        "the next batch may go in {} s, past this run's time budget; the next run goes on",
+                        left.as_secs_f64().ceil()
+                    ),
+                });
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
+    }
+
     fn count(&self, update: impl FnOnce(&mut SyncReport)) {
         update(&mut self.report.lock().unwrap_or_else(|p| p.into_inner()));
     }

@@ -194,15 +194,21 @@ async fn twenty_wrong_passwords_block_the_address_even_with_the_right_one() {
         .unwrap();
     let retry_after = assert_throttled(right).await;
     assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
-    // The whole address is blocked, enrollment included; health and ingest are not
-    // credentials checks.
+    // The metrics scrape shares the provider's table; enrollment tokens are counted
+    // apart, so an agent behind the same address still enrolls. Health and ingest are
+    // no credentials checks.
+    let scrape = provider_request(&rx, Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_throttled(scrape).await;
     let install = TestInstall::new();
     let enrollment = enroll_request(&rx, &install, &install.secret)
         .bearer_auth(ENROLL_TOKEN)
         .send()
         .await
         .unwrap();
-    assert_throttled(enrollment).await;
+    assert_eq!(enrollment.status(), StatusCode::CREATED);
     let health = client().get(rx.url("/health")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
 }
@@ -234,6 +240,97 @@ async fn twenty_wrong_enrollment_tokens_block_the_address_even_with_the_right_on
         rx.store.find_install(&install.id).unwrap().is_none(),
         "a throttled enrollment must not be stored"
     );
+    // The provider's credentials are counted apart.
+    let provider = provider_request(&rx, Method::GET, "/api/usage/installations")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(provider.status(), StatusCode::OK);
+}
+
+/// Twenty wrong provider passwords, each with `forwarded` as `X-Forwarded-For`.
+async fn twenty_wrong_passwords(rx: &TestReceiver, forwarded: impl Fn(u32) -> String) {
+    for attempt in 1..=20 {
+        let response = client()
+            .get(rx.url("/api/usage/installations"))
+            .basic_auth(PROVIDER_USER, Some(format!("guess-{attempt}")))
+            .header("x-forwarded-for", forwarded(attempt))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNAUTHORIZED,
+            "attempt {attempt}"
+        );
+    }
+}
+
+/// The provider's right credentials, sent with `forwarded` as `X-Forwarded-For` if given.
+async fn right_password(rx: &TestReceiver, forwarded: Option<&str>) -> Response {
+    let mut request = provider_request(rx, Method::GET, "/api/usage/installations");
+    if let Some(forwarded) = forwarded {
+        request = request.header("x-forwarded-for", forwarded);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_is_throttled_not_the_proxy() {
+    // The test's requests come from 127.0.0.1, the trusted balancer here.
+    let rx = TestReceiver::start(usage_receiver::ReceiverSettings {
+        trusted_proxies: usage_common::credentials::TrustedProxies::parse(
+            "127.0.0.1/32, 10.0.0.0/8",
+        )
+        .unwrap(),
+        ..receiver_settings()
+    });
+    // The client forges a different left-most address each time; the balancer appends
+    // the address it saw, and a second trusted hop its own.
+    twenty_wrong_passwords(&rx, |attempt| {
+        format!("198.51.100.{attempt}, 203.0.113.9, 10.1.2.3")
+    })
+    .await;
+    assert_throttled(right_password(&rx, Some("203.0.113.9")).await).await;
+    assert_throttled(right_password(&rx, Some("192.0.2.1, 203.0.113.9")).await).await;
+    // Other clients behind the same balancer, and the balancer itself, are not blocked.
+    let other = right_password(&rx, Some("203.0.113.10")).await;
+    assert_eq!(other.status(), StatusCode::OK);
+    let balancer = right_password(&rx, None).await;
+    assert_eq!(balancer.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_forwarded_header_from_an_untrusted_peer_is_ignored() {
+    let no_proxies = receiver_settings();
+    let another_proxy = usage_receiver::ReceiverSettings {
+        trusted_proxies: usage_common::credentials::TrustedProxies::parse("10.0.0.5").unwrap(),
+        ..receiver_settings()
+    };
+    for settings in [no_proxies, another_proxy] {
+        let rx = TestReceiver::start(settings);
+        // A guesser rotating a spoofed header is still its own address (127.0.0.1).
+        twenty_wrong_passwords(&rx, |attempt| format!("198.51.100.{attempt}")).await;
+        assert_throttled(right_password(&rx, Some("198.51.100.99")).await).await;
+        assert_throttled(right_password(&rx, None).await).await;
+    }
+}
+
+#[tokio::test]
+async fn failed_provider_logins_behind_a_balancer_never_block_enrollment() {
+    // Every client shares the balancer's address when no proxy is trusted.
+    let rx = TestReceiver::start(receiver_settings());
+    twenty_wrong_passwords(&rx, |_| "203.0.113.9".to_owned()).await;
+    assert_throttled(right_password(&rx, None).await).await;
+    let install = TestInstall::new();
+    let enrollment = enroll_request(&rx, &install, &install.secret)
+        .bearer_auth(ENROLL_TOKEN)
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(enrollment.status(), StatusCode::CREATED);
+    assert!(rx.store.find_install(&install.id).unwrap().is_some());
 }
 
 #[tokio::test]

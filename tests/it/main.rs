@@ -17,6 +17,7 @@ mod demo;
 mod hardening_agent;
 mod hardening_receiver;
 mod harness;
+mod install_doc;
 mod interop;
 mod jobs;
 mod layers;

@@ -983,3 +983,142 @@ async fn a_sync_run_longer_than_the_interval_counts_missed_runs() {
         0.0
     );
 }
+
+/// What a drain behind a receiver's rate limit showed: the worst status seen while it ran,
+/// the largest batch size status reported, and the `rate_limit` attempts counted.
+struct Drained {
+    statuses: std::collections::BTreeSet<String>,
+    largest_batch_size: u64,
+    rate_limited_attempts: u64,
+    took: Duration,
+}
+
+/// Records `n` events at an agent with `batch_size`, the default sync interval (so the
+/// default run budget), against a real receiver allowing `per_min` requests a minute; syncs
+/// while polling status, and returns once every event reached the receiver.
+async fn drain_behind_the_rate_limit(per_min: u32, batch_size: usize, n: usize) -> Drained {
+    let rx = TestReceiver::start(usage_receiver::ReceiverSettings {
+        rate_limit_per_min: per_min,
+        ..receiver_settings()
+    });
+    let url = rx.url("");
+    let mut agent = Agent::configure_with(
+        "",
+        &format!("[sync]\nbackend_url = {url:?}\nbatch_size = {batch_size}\n"),
+    );
+    let out = agent.cli(&[
+        "init",
+        "--site-url",
+        "https://example.com",
+        "--backend-url",
+        &url,
+        "--enroll-token",
+        ENROLL_TOKEN,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.spawn().await;
+    // The default `sync.interval_secs`: how long one run may last.
+    let interval = Duration::from_secs(300);
+    record(&agent, n).await;
+
+    let started = Instant::now();
+    let mut drained = Drained {
+        statuses: Default::default(),
+        largest_batch_size: 0,
+        rate_limited_attempts: 0,
+        took: Duration::ZERO,
+    };
+    let empty = json!({});
+    let sync = agent.post("/v1/sync", &empty);
+    tokio::pin!(sync);
+    let mut observe = |status: &Value| {
+        drained
+            .statuses
+            .insert(status["status"].as_str().unwrap().to_owned());
+        let size = status["sync"]["batch_size"]
+            .as_u64()
+            .expect("sync.batch_size");
+        drained.largest_batch_size = drained.largest_batch_size.max(size);
+    };
+    let report = loop {
+        tokio::select! {
+            (code, report) = &mut sync => {
+                assert_eq!(code, StatusCode::OK, "{report}");
+                break report;
+            }
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                observe(&agent.status().await);
+            }
+        }
+    };
+    // The first scheduled run may have drained part or all of the queue; the manual run
+    // waited for it and sent the rest.
+    assert_eq!(report["error"], Value::Null, "{report}");
+    drained.took = started.elapsed();
+    let status = agent.status().await;
+    observe(&status);
+    assert_eq!(status["pending_events"], 0, "{status}");
+    assert_eq!(status["synced_events"], n as u64, "{status}");
+    assert_eq!(status["consecutive_failures"], 0, "{status}");
+    drained.rate_limited_attempts = status["error_categories"]["rate_limit"].as_u64().unwrap();
+    assert_eq!(received(&rx, &agent).await, n as u64);
+    assert!(
+        drained.took < interval,
+        "draining took {:?}, longer than a run may last",
+        drained.took
+    );
+    let out = agent.cli(&["status"]);
+    assert!(
+        out.status.success(),
+        "usage-agent status exits 0 after the drain"
+    );
+    eprintln!(
+        "{n} events at {per_min}/min: drained in {:?}, statuses {:?}, largest batch {}, {} attempts rate limited",
+        drained.took, drained.statuses, drained.largest_batch_size, drained.rate_limited_attempts
+    );
+    drained
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_drains_in_one_run_behind_the_default_rate_limit() {
+    let drained = drain_behind_the_rate_limit(100, 50, 20_000).await;
+    for status in &drained.statuses {
+        assert!(
+            ["pending", "healthy"].contains(&status.as_str()),
+            "status was {status} during the drain ({:?})",
+            drained.statuses
+        );
+    }
+    assert!(
+        drained.largest_batch_size > 50,
+        "status never showed larger batches: {}",
+        drained.largest_batch_size
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_agent_waits_grows_its_batches_and_stays_pending() {
+    // 5,000 events in batches of 50 at most need 100 requests; the receiver allows 60 at
+    // once, then one a second, so the run meets 429s and must wait them out.
+    let drained = drain_behind_the_rate_limit(60, 1, 5_000).await;
+    assert!(
+        drained.rate_limited_attempts > 0,
+        "the receiver never answered 429"
+    );
+    for status in &drained.statuses {
+        assert!(
+            ["pending", "healthy"].contains(&status.as_str()),
+            "status was {status} during the drain ({:?})",
+            drained.statuses
+        );
+    }
+    assert!(
+        drained.largest_batch_size > 50,
+        "a 429 never grew the batches: {}",
+        drained.largest_batch_size
+    );
+}

@@ -18,6 +18,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::billing::price_book::PriceBook;
 use crate::billing::pricing::PriceSettings;
+use usage_common::credentials::TrustedProxies;
 use usage_protocol::signing::Secret;
 
 /// Default requests per install per minute.
@@ -55,6 +56,9 @@ pub struct ReceiverSettings {
     pub allow_first_sync_without_signature: bool,
     /// `RATE_LIMIT_PER_MIN`: ingest requests per install per minute; 0 turns the limit off.
     pub rate_limit_per_min: u32,
+    /// `TRUSTED_PROXIES`: addresses and CIDR networks of load balancers whose
+    /// `X-Forwarded-For` names the client, for the throttle of failed credentials.
+    pub trusted_proxies: TrustedProxies,
     /// `SIGNATURE_TOLERANCE_S`: how far a signature timestamp may be from the clock.
     pub signature_tolerance_s: i64,
     /// `DEFAULT_COST_PER_1K_TOKENS`: price of 1000 tokens of a model with no override.
@@ -164,6 +168,7 @@ impl Default for ReceiverSettings {
             metrics_token: None,
             allow_first_sync_without_signature: false,
             rate_limit_per_min: DEFAULT_RATE_LIMIT_PER_MIN,
+            trusted_proxies: TrustedProxies::default(),
             signature_tolerance_s: DEFAULT_SIGNATURE_TOLERANCE_S,
             default_cost_per_1k_tokens: None,
             model_cost_overrides: BTreeMap::new(),
@@ -196,6 +201,7 @@ impl std::fmt::Debug for ReceiverSettings {
                 &self.allow_first_sync_without_signature,
             )
             .field("rate_limit_per_min", &self.rate_limit_per_min)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("signature_tolerance_s", &self.signature_tolerance_s)
             .field(
                 "default_cost_per_1k_tokens",
@@ -272,6 +278,11 @@ impl ReceiverSettings {
                         "must be a whole number of requests (0 turns the limit off)",
                     )
                 })?,
+            },
+            trusted_proxies: match get("TRUSTED_PROXIES") {
+                None => TrustedProxies::default(),
+                Some(text) => TrustedProxies::parse(&text)
+                    .map_err(|error| SettingsError::new("TRUSTED_PROXIES", error.to_string()))?,
             },
             signature_tolerance_s: match get("SIGNATURE_TOLERANCE_S") {
                 None => defaults.signature_tolerance_s,
@@ -513,6 +524,7 @@ mod tests {
         assert!(settings.model_cost_overrides.is_empty());
         assert_eq!(settings.max_inflight_batches, 64);
         assert_eq!(settings.inflight_wait, Duration::from_secs(10));
+        assert!(settings.trusted_proxies.is_empty());
     }
 
     #[test]
@@ -530,8 +542,11 @@ mod tests {
             ("PLAN_PRO_MONTHLY", "19"),
             ("PLAN_AGENCY_MONTHLY", "99.5"),
             ("MAX_INFLIGHT_BATCHES", " 3 "),
+            ("TRUSTED_PROXIES", "10.0.0.0/24, 10.1.0.5"),
         ])
         .unwrap();
+        let trusted = |addr: &str| settings.trusted_proxies.trusts(addr.parse().unwrap());
+        assert!(trusted("10.0.0.77") && trusted("10.1.0.5") && !trusted("10.1.0.6"));
         assert_eq!(settings.enrollment_token(), Some("tok"));
         assert_eq!(settings.provider_username.as_deref(), Some("admin"));
         assert_eq!(settings.provider_password(), Some("pw"));
@@ -561,6 +576,7 @@ mod tests {
             ("MAX_INFLIGHT_BATCHES", "many"),
             ("MAX_INFLIGHT_BATCHES", "2.5"),
             ("MAX_INFLIGHT_BATCHES", "99999999999999999999"),
+            ("TRUSTED_PROXIES", "10.0.0.5, lb.internal"),
         ];
         for (name, value) in cases {
             let error = from(&[(name, value)]).unwrap_err();

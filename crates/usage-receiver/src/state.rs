@@ -1,5 +1,5 @@
 //! What every handler shares: the settings, the store, the prices converted once, the
-//! throttle of failed credentials, the permits of batches in flight, the wake-up of alert
+//! throttles of failed credentials, the permits of batches in flight, the wake-up of alert
 //! delivery and the node's metrics.
 //!
 //! **Invariant:** handles only; no handler, no HTTP and no SQL.
@@ -19,8 +19,12 @@ use crate::store::model_cap::KnownModels;
 pub struct ReceiverState {
     pub settings: ReceiverSettings,
     pub store: Arc<dyn ReceiverStore>,
-    /// Failed credentials per client address ([`FailureThrottle`]).
-    pub credential_throttle: FailureThrottle,
+    /// Failed provider credentials (basic auth, the metrics token) per client address
+    /// ([`FailureThrottle`]); this node's count.
+    pub provider_throttle: FailureThrottle,
+    /// Failed enrollment tokens per client address, apart from the provider's, so guesses
+    /// at the provider password never block an agent's enrollment; this node's count.
+    pub enrollment_throttle: FailureThrottle,
     /// The settings' prices, converted once to micro-units.
     pub pricing: Pricing,
     /// One permit per batch whose costly work may run now
@@ -39,7 +43,8 @@ pub struct ReceiverState {
 impl ReceiverState {
     pub fn new(settings: ReceiverSettings, store: Arc<dyn ReceiverStore>) -> ReceiverState {
         ReceiverState {
-            credential_throttle: FailureThrottle::default(),
+            provider_throttle: FailureThrottle::default(),
+            enrollment_throttle: FailureThrottle::default(),
             pricing: Pricing::new(settings.prices()),
             inflight: Arc::new(tokio::sync::Semaphore::new(settings.max_inflight_batches)),
             alerts_recorded: tokio::sync::Notify::new(),

@@ -409,6 +409,117 @@ async fn server_errors_use_every_attempt_with_the_same_batch_id_then_stop() {
     assert_eq!(errors, vec![("server".to_owned(), 3)]);
 }
 
+/// A `429` answer asking to wait `seconds`.
+fn rate_limited(seconds: &str) -> Response {
+    let mut answer = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(
+            json!({"error": {"code": "rate_limited", "message": "slow down", "details": []}}),
+        ),
+    )
+        .into_response();
+    answer
+        .headers_mut()
+        .insert("retry-after", seconds.parse().unwrap());
+    answer
+}
+
+#[tokio::test]
+async fn a_rate_limit_pauses_the_run_costs_no_attempt_and_grows_the_batches() {
+    let stub = Stub::start(|n, batch| {
+        if n == 1 {
+            rate_limited("1")
+        } else {
+            accept_all_but(batch, &[])
+        }
+    })
+    .await;
+    // One attempt per batch: the 429 must not spend it.
+    let fx = Fixture::new(
+        &stub.url,
+        "batch_size = 2
+max_attempts = 1",
+        10,
+    )
+    .await;
+    let started = Instant::now();
+    let report = fx.engine.run_once().await;
+    assert_eq!((report.error, report.accepted), (None, 10));
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "the run went on before Retry-After: 1 had passed"
+    );
+    let (sizes, ids): (Vec<usize>, Vec<Value>) = stub
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let events = s.body["events"].as_array().unwrap().len();
+            (events, s.body["batch_id"].clone())
+        })
+        .unzip();
+    // The refused batch of 2 again, then batches of 4 (doubled by the 429).
+    assert_eq!(sizes[..2], [2, 2], "{sizes:?}");
+    assert_eq!(ids[0], ids[1], "the same batch went again");
+    let mut rest = sizes[2..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(rest, [4, 4], "{sizes:?}");
+    let progress = fx.engine.progress(Utc::now().timestamp_millis());
+    assert_eq!((progress.running, progress.batch_size), (false, 4));
+    let meta = fx.meta().await;
+    assert_eq!(
+        (
+            meta.consecutive_failures,
+            meta.last_run_failed,
+            meta.last_run_rate_limited
+        ),
+        (0, false, false)
+    );
+}
+
+#[tokio::test]
+async fn a_retry_after_past_the_run_budget_stops_the_run_without_failing_it() {
+    let stub = Stub::start(|_, _| rate_limited("120")).await;
+    let fx = Fixture::new(
+        &stub.url,
+        "interval_secs = 2
+max_attempts = 3",
+        4,
+    )
+    .await;
+    let started = Instant::now();
+    let report = fx.engine.run_once().await;
+    let error = report.error.expect("the run stopped");
+    assert_eq!(error.category, Category::RateLimit);
+    assert!(error.message.contains("time budget"), "{}", error.message);
+    assert!(started.elapsed() < Duration::from_secs(2), "the run waited");
+    assert_eq!(stub.requests(), 1);
+    assert_eq!(fx.counts().await.pending, 4);
+    let meta = fx.meta().await;
+    assert_eq!(
+        (
+            meta.consecutive_failures,
+            meta.last_run_failed,
+            meta.last_run_rate_limited
+        ),
+        (0, false, true)
+    );
+    assert_eq!(meta.last_error, None, "a paced run is not a failed one");
+    let now_ms = Utc::now().timestamp_millis();
+    let until = fx.engine.progress(now_ms).rate_limited_until_ms.unwrap();
+    assert!(
+        (100_000..=121_000).contains(&(until - now_ms)),
+        "{}",
+        until - now_ms
+    );
+    // The next run honours the wait it was told without asking again.
+    let again = fx.engine.run_once().await;
+    assert_eq!(again.error.unwrap().category, Category::RateLimit);
+    assert_eq!(stub.requests(), 1);
+    assert_eq!(fx.meta().await.consecutive_failures, 0);
+}
+
 #[tokio::test]
 async fn an_answer_that_does_not_account_for_every_event_marks_nothing() {
     let stub = Stub::start(|_, batch| {
@@ -430,6 +541,41 @@ fn full_jitter_stays_within_the_delay() {
     let waits: Vec<Duration> = (0..200).map(|_| full_jitter(delay)).collect();
     assert!(waits.iter().all(|w| *w <= delay));
     assert!(waits.iter().any(|w| *w < delay / 2) && waits.iter().any(|w| *w > delay / 2));
+}
+
+#[test]
+fn a_large_backlog_starts_with_larger_batches() {
+    let cases: [(usize, u64, usize); 8] = [
+        (50, 0, 50),
+        (50, 5_000, 50),
+        (50, 5_001, 51),
+        (50, 20_000, 200),
+        (50, 200_000, 1000),
+        (1000, 10, 1000),
+        (0, 0, 1),
+        (5000, 0, 1000),
+    ];
+    for (configured, backlog, expected) in cases {
+        assert_eq!(
+            start_batch_size(configured, backlog),
+            expected,
+            "batch_size {configured}, backlog {backlog}"
+        );
+    }
+}
+
+#[test]
+fn a_run_waits_out_rate_limits_only_while_it_can_end_before_the_next_run() {
+    let sync = |interval: u64, timeout: u64| SyncConfig {
+        interval_secs: interval,
+        request_timeout_secs: timeout,
+        ..SyncConfig::default()
+    };
+    // The defaults: the last request after a wait ends before the next run is due.
+    assert_eq!(run_budget(&sync(300, 30)), Duration::from_secs(270));
+    assert_eq!(run_budget(&sync(60, 50)), Duration::from_secs(30));
+    assert_eq!(run_budget(&sync(2, 30)), Duration::from_secs(1));
+    assert_eq!(run_budget(&sync(3600, 30)), MAX_RUN_BUDGET);
 }
 
 #[test]

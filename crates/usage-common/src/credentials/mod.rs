@@ -1,8 +1,9 @@
 //! Credentials shared by both servers: reading a `Bearer` token whatever the
-//! case of its scheme, comparing secrets in constant time, and the [`throttle`] of
-//! failed attempts per client address. The agent's bearer check and the receiver's
-//! basic auth and enrollment token use these same pieces; each server answers in its own
-//! error type.
+//! case of its scheme, comparing secrets in constant time, the [`throttle`] of
+//! failed attempts per client address, and the client address behind trusted
+//! [`proxies`]. The agent's bearer check and the receiver's basic auth and enrollment
+//! token use these same pieces; each server answers in its own error type, and keeps a
+//! throttle table per kind of credential, so failures at one never block the other.
 //!
 //! A leaf: it knows HTTP headers and nothing of the agent or the receiver.
 
@@ -10,8 +11,10 @@ use axum::http::{HeaderMap, header};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+pub mod proxies;
 pub mod throttle;
 
+pub use proxies::TrustedProxies;
 pub use throttle::FailureThrottle;
 
 /// The error code of the `429` a throttled address gets, on both servers.

@@ -8,6 +8,11 @@
 //! addresses: when full, expired windows go first, then the oldest quarter, so a flood of
 //! addresses costs bounded memory and the eviction work is paid once per many new entries.
 //!
+//! One table counts one kind of credential: a server keeps one per kind, so a flood of
+//! failures at one (a provider password guessed behind a shared address) never blocks
+//! the other (an agent's enrollment). The table is one process's: each receiver node of a
+//! fleet counts its own failures.
+//!
 //! This type only counts; each server decides what is a failure (a refused credential
 //! that was presented, see [`super::presented`]) and answers `429`. The receiver does not
 //! count signature failures at ingest: they come from agents that are not enrolled yet,

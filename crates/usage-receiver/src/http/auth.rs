@@ -1,7 +1,10 @@
 //! Credentials checks of the receiver: the enrollment bearer token, the provider's basic
 //! auth and the scrape's `METRICS_TOKEN` ([`authorize_scrape`]), all compared in constant
 //! time, their schemes matched whatever their case, and all throttled per client address
-//! ([`throttled`]).
+//! ([`throttled`]): the provider's credentials in one table, enrollment tokens in another,
+//! so failed provider logins never block an agent's enrollment. The client address is the
+//! peer's, or, from a peer in `TRUSTED_PROXIES`, the one its `X-Forwarded-For` names
+//! ([`client_address`]). The tables are this node's: each node of a fleet counts apart.
 //!
 //! Where a handler reads a body, the credentials are checked before it ([`Provider`], and
 //! the enrollment token's extractor beside its handler), so a request with wrong
@@ -30,7 +33,7 @@ use usage_common::credentials::{
 /// The challenge sent with every provider `401`.
 pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
 
-/// Runs the credentials `check` of a request from `peer` under the failure throttle: while
+/// Runs the credentials `check` of a request from `client` under `throttle`: while
 /// the address is blocked it is answered `429` with `Retry-After` without being checked,
 /// and a `401` from `check` counts against it if the request presented credentials (an
 /// `Authorization` header; see [`usage_common::credentials::presented`]).
@@ -39,11 +42,11 @@ pub const BASIC_CHALLENGE: &str = r#"Basic realm="usage-agent""#;
 /// can pass the limit by at most one per runtime worker thread.
 pub fn throttled<T>(
     throttle: &FailureThrottle,
-    peer: IpAddr,
+    client: IpAddr,
     headers: &HeaderMap,
     check: impl FnOnce() -> Result<T, ReceiverError>,
 ) -> Result<T, ReceiverError> {
-    throttle.check(peer, Instant::now()).map_err(|wait| {
+    throttle.check(client, Instant::now()).map_err(|wait| {
         let seconds = retry_after_secs(wait);
         ReceiverError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -56,7 +59,7 @@ pub fn throttled<T>(
     if presented(headers)
         && matches!(&result, Err(error) if error.status == StatusCode::UNAUTHORIZED)
     {
-        throttle.record_failure(peer, Instant::now());
+        throttle.record_failure(client, Instant::now());
     }
     result
 }
@@ -102,21 +105,43 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// Checks the provider's basic auth of a request from `peer`, throttled per address.
+/// The client of a request from `peer`: `peer`, unless it is a trusted proxy
+/// (`TRUSTED_PROXIES`), then the right-most `X-Forwarded-For` address it does not trust.
+pub fn client_address(app: &ReceiverState, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    app.settings.trusted_proxies.client_address(peer, headers)
+}
+
+/// Runs the enrollment token `check` of a request from `peer` under the enrollment
+/// throttle of its client address.
+pub fn throttled_enrollment<T>(
+    app: &ReceiverState,
+    headers: &HeaderMap,
+    peer: IpAddr,
+    check: impl FnOnce() -> Result<T, ReceiverError>,
+) -> Result<T, ReceiverError> {
+    let client = client_address(app, peer, headers);
+    throttled(&app.enrollment_throttle, client, headers, check)
+}
+
+/// Checks the provider's basic auth of a request from `peer`, throttled per client
+/// address.
 pub fn authorize(
     app: &ReceiverState,
     headers: &HeaderMap,
     peer: IpAddr,
 ) -> Result<(), ReceiverError> {
     let settings = &app.settings;
-    throttled(&app.credential_throttle, peer, headers, || {
+    let client = client_address(app, peer, headers);
+    throttled(&app.provider_throttle, client, headers, || {
         require_provider(
             headers,
             settings.provider_username.as_deref(),
             settings.provider_password(),
         )
     })
-    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "provider request refused"))
+    .inspect_err(
+        |error| tracing::warn!(%client, %peer, code = error.code, "provider request refused"),
+    )
 }
 
 /// The provider's basic auth, checked as an extractor ([`authorize`]): a handler that
@@ -149,16 +174,17 @@ pub fn peer_of(parts: &Parts) -> Result<IpAddr, ReceiverError> {
     }
 }
 
-/// Checks a `GET /metrics` request from `peer`, throttled per address: the bearer
-/// `METRICS_TOKEN` when one is set and the request presents a bearer token, else the
-/// provider's basic auth.
+/// Checks a `GET /metrics` request from `peer`, throttled per client address with the
+/// provider's credentials: the bearer `METRICS_TOKEN` when one is set and the request
+/// presents a bearer token, else the provider's basic auth.
 pub fn authorize_scrape(
     app: &ReceiverState,
     headers: &HeaderMap,
     peer: IpAddr,
 ) -> Result<(), ReceiverError> {
     let settings = &app.settings;
-    throttled(&app.credential_throttle, peer, headers, || {
+    let client = client_address(app, peer, headers);
+    throttled(&app.provider_throttle, client, headers, || {
         match (settings.metrics_token(), bearer_token(headers)) {
             (Some(expected), Some(given)) => {
                 if credential_eq(given.as_bytes(), expected.as_bytes()) {
@@ -180,7 +206,9 @@ pub fn authorize_scrape(
             ),
         }
     })
-    .inspect_err(|error| tracing::warn!(%peer, code = error.code, "metrics scrape refused"))
+    .inspect_err(
+        |error| tracing::warn!(%client, %peer, code = error.code, "metrics scrape refused"),
+    )
 }
 
 #[cfg(test)]

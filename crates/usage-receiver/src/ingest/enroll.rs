@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::json;
 
-use crate::http::auth::{peer_of, throttled};
+use crate::http::auth::{peer_of, throttled_enrollment};
 use crate::http::clip::clip;
 use crate::http::error::{ReceiverError, is_json_content_type};
 use crate::http::error::{body_rejection, store_unavailable};
@@ -52,10 +52,8 @@ impl FromRequestParts<Arc<ReceiverState>> for Authorized {
         app: &Arc<ReceiverState>,
     ) -> Result<Authorized, ReceiverError> {
         let headers = &parts.headers;
-        throttled(&app.credential_throttle, peer_of(parts)?, headers, || {
-            authorize(app, headers)
-        })
-        .map(Authorized)
+        throttled_enrollment(app, headers, peer_of(parts)?, || authorize(app, headers))
+            .map(Authorized)
     }
 }
 
