@@ -613,15 +613,8 @@ impl Marks {
         self.writing = Some(tokio::spawn(async move {
             let at = Utc::now().timestamp_millis();
             writer
-                .run(move |store| {
-                    if !synced.is_empty() {
-                        store.mark_synced(&synced, at)?;
-                    }
-                    if !failed.is_empty() {
-                        store.mark_failed(&failed, at)?;
-                    }
-                    Ok(())
-                })
+                // One transaction records every verdict and moves the queue's cursor.
+                .run(move |store| store.record_verdicts(&synced, &failed, at).map(drop))
                 .await
         }));
     }

@@ -771,7 +771,10 @@ async fn sigterm_makes_one_last_sync() {
         agent
             .open_db()
             .query_row(
-                "SELECT count(*) FROM events WHERE sync_state = 1",
+                // Synced: covered by a range of acknowledged events (src/store/sync.rs).
+                "SELECT count(*) FROM events e WHERE coalesce((SELECT r.last_seq
+                     FROM synced_ranges r WHERE r.first_seq <= e.seq
+                     ORDER BY r.first_seq DESC LIMIT 1), 0) >= e.seq",
                 [],
                 |r| r.get::<_, i64>(0)
             )
