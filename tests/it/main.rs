@@ -24,6 +24,7 @@ mod limits;
 mod loadgen;
 mod openapi;
 mod ops;
+mod queue;
 mod quota;
 #[path = "../../crates/usage-receiver/tests/support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
