@@ -263,17 +263,17 @@ pub(crate) fn clamp_queue(conn: &rusqlite::Connection) -> Result<(), StoreError>
     Ok(())
 }
 
-/// The `seq`s among `first..=last` whose events are pending: recorded, and not synced or
-/// failed (or requeued).
+/// The events among `first..=last` that are pending (recorded, and not synced or failed,
+/// or requeued), with their ids.
 fn pending_in(
     conn: &rusqlite::Connection,
     first: i64,
     last: i64,
     cursor: i64,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
     let mut stmt = conn
         .prepare_cached(concat!(
-            "SELECT e.seq FROM events e WHERE e.seq BETWEEN :first AND :last AND ((",
+            "SELECT e.seq, e.event_id FROM events e WHERE e.seq BETWEEN :first AND :last AND ((",
             pending_above!(),
             ") OR EXISTS (SELECT 1 FROM sync_requeued q WHERE q.seq = e.seq)) ORDER BY e.seq"
         ))
@@ -281,7 +281,7 @@ fn pending_in(
     let rows = stmt
         .query_map(
             rusqlite::named_params! {":first": first, ":last": last, ":cursor": cursor},
-            |row| row.get(0),
+            |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .doing("reading the sync queue")?;
     rows.collect::<Result<_, _>>()
@@ -365,31 +365,16 @@ impl Store {
         Ok(pending)
     }
 
-    /// Marks events synced at `at_ms`, in one transaction. Events that are no longer
-    /// pending (erased meanwhile, failed, or already marked) are left alone. Returns how
-    /// many changed.
-    pub fn mark_synced(&mut self, seqs: &[i64], at_ms: i64) -> Result<u64, StoreError> {
-        Ok(self.record_verdicts(seqs, &[], at_ms)?.0)
-    }
-
-    /// Marks events failed with the backend's reason, in one transaction. Only pending
-    /// events change; the reason stays until [`Store::requeue_failed`].
-    pub fn mark_failed(
-        &mut self,
-        failures: &[(i64, String)],
-        at_ms: i64,
-    ) -> Result<u64, StoreError> {
-        Ok(self.record_verdicts(&[], failures, at_ms)?.1)
-    }
-
     /// Records the backend's verdicts on a batch (or several) and moves the cursor, all in
     /// one transaction: the `synced` events become ranges (one per run of consecutive
-    /// `seq`s), the `failed` ones get their reason. Only pending events change. Returns how
-    /// many became synced and how many failed.
+    /// `seq`s), the `failed` ones get their reason. Each verdict names the event by `seq`
+    /// and id, and changes it only if it is still pending and still that event: after an
+    /// erasure of the newest events their `seq`s go to new events, which the backend has
+    /// not seen. Returns how many became synced and how many failed.
     pub fn record_verdicts(
         &mut self,
-        synced: &[i64],
-        failed: &[(i64, String)],
+        synced: &[(i64, Uuid)],
+        failed: &[(i64, Uuid, String)],
         at_ms: i64,
     ) -> Result<(u64, u64), StoreError> {
         let tx = self
@@ -397,11 +382,20 @@ impl Store {
             .transaction()
             .doing("starting to record sync verdicts")?;
         let start = cursor(&tx)?;
+        let expected: std::collections::HashMap<i64, Uuid> = synced.iter().copied().collect();
+        let seqs: Vec<i64> = synced.iter().map(|(seq, _)| *seq).collect();
         let mut acked = Vec::with_capacity(synced.len());
         // Batches are cut in arrival order, so their seqs are mostly consecutive: one
         // statement per run of consecutive seqs instead of one per event.
-        for (first, last) in consecutive_runs(synced) {
-            acked.extend(pending_in(&tx, first, last, start)?);
+        for (first, last) in consecutive_runs(&seqs) {
+            for (seq, id) in pending_in(&tx, first, last, start)? {
+                if expected
+                    .get(&seq)
+                    .is_some_and(|want| want.as_bytes()[..] == id[..])
+                {
+                    acked.push(seq);
+                }
+            }
         }
         {
             let mut unrequeue = tx
@@ -434,8 +428,11 @@ impl Store {
             let mut unrequeue = tx
                 .prepare_cached("DELETE FROM sync_requeued WHERE seq = ?1")
                 .doing("marking events failed")?;
-            for (seq, why) in failed {
-                if pending_in(&tx, *seq, *seq, start)?.is_empty() {
+            for (seq, event_id, why) in failed {
+                let still_pending = pending_in(&tx, *seq, *seq, start)?
+                    .first()
+                    .is_some_and(|(_, id)| event_id.as_bytes()[..] == id[..]);
+                if !still_pending {
                     continue;
                 }
                 reason
@@ -484,6 +481,47 @@ impl Store {
 mod tests {
     use super::*;
     use crate::config::Synchronous;
+
+    /// The `(seq, event_id)` of each stored `seq` given, as the engine would name them.
+    fn named(store: &Store, seqs: &[i64]) -> Vec<(i64, Uuid)> {
+        seqs.iter()
+            .filter_map(|seq| {
+                store
+                    .conn
+                    .query_row("SELECT event_id FROM events WHERE seq = ?1", [seq], |r| {
+                        r.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()
+                    .unwrap()
+                    .map(|id| (*seq, Uuid::from_slice(&id).unwrap()))
+            })
+            .collect()
+    }
+
+    impl Store {
+        /// Marks the events stored at `seqs` synced (the verdict of a 2xx answer).
+        pub(crate) fn mark_synced(&mut self, seqs: &[i64], at_ms: i64) -> Result<u64, StoreError> {
+            let synced = named(self, seqs);
+            Ok(self.record_verdicts(&synced, &[], at_ms)?.0)
+        }
+
+        /// Marks the events stored at these `seq`s failed with a reason.
+        pub(crate) fn mark_failed(
+            &mut self,
+            failures: &[(i64, String)],
+            at_ms: i64,
+        ) -> Result<u64, StoreError> {
+            let failed: Vec<(i64, Uuid, String)> = failures
+                .iter()
+                .flat_map(|(seq, why)| {
+                    named(self, &[*seq])
+                        .into_iter()
+                        .map(|(seq, id)| (seq, id, why.clone()))
+                })
+                .collect();
+            Ok(self.record_verdicts(&[], &failed, at_ms)?.1)
+        }
+    }
 
     fn event(n: u64) -> Event {
         Event {
@@ -612,7 +650,15 @@ mod tests {
         assert_eq!((counts.pending, counts.failed, counts.synced), (3, 0, 6));
         // The first batch: one event rejected, the others synced; the cursor passes all.
         let (synced, failed) = store
-            .record_verdicts(&seqs[..2], &[(seqs[2], "model: bad".into())], 40)
+            .record_verdicts(
+                &named(&store, &seqs[..2]),
+                &[(
+                    seqs[2],
+                    named(&store, &seqs[2..3])[0].1,
+                    "model: bad".into(),
+                )],
+                40,
+            )
             .unwrap();
         assert_eq!((synced, failed), (2, 1));
         assert_eq!(store.synced_through().unwrap(), seqs[8]);
@@ -647,7 +693,11 @@ mod tests {
         let (_dir, mut store, _) = store_with(5);
         let seqs = pending_seqs(&store);
         store
-            .record_verdicts(&[seqs[0], seqs[2], seqs[4]], &[(seqs[1], "bad".into())], 5)
+            .record_verdicts(
+                &named(&store, &[seqs[0], seqs[2], seqs[4]]),
+                &[(seqs[1], named(&store, &seqs[1..2])[0].1, "bad".into())],
+                5,
+            )
             .unwrap();
         store.mark_failed(&[(seqs[3], "worse".into())], 6).unwrap();
         assert_eq!(store.synced_through().unwrap(), seqs[4]);
@@ -801,5 +851,27 @@ mod tests {
         assert_eq!(pending_seqs(&store), [3, 9]);
         let counts = store.queue_counts().unwrap();
         assert_eq!((counts.pending, counts.failed, counts.synced), (2, 0, 10));
+    }
+
+    #[test]
+    fn a_verdict_on_an_erased_event_leaves_the_new_event_at_its_seq_pending() {
+        let (_dir, mut store, events) = store_with(3);
+        let seqs = pending_seqs(&store);
+        // The newest event is on the wire when its user is erased; a new event takes its seq.
+        let on_the_wire = named(&store, &seqs);
+        store
+            .forget_events_range(events[2].user_id, 0, i64::MAX)
+            .unwrap();
+        let fresh = event(100);
+        store.record(std::slice::from_ref(&fresh)).unwrap();
+        assert_eq!(pending_seqs(&store), seqs, "the seq was handed out again");
+        // The backend's answers name the erased event: the new one is neither synced nor failed.
+        let rejected = [(seqs[2], on_the_wire[2].1, "bad".to_owned())];
+        assert_eq!(store.record_verdicts(&[], &rejected, 5).unwrap(), (0, 0));
+        assert_eq!(store.record_verdicts(&on_the_wire, &[], 6).unwrap(), (2, 0));
+        let pending = store.pending_batch(0, i64::MAX, 10).unwrap();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].event, fresh);
+        assert_eq!(store.synced_through().unwrap(), seqs[1]);
     }
 }
