@@ -119,3 +119,55 @@ FROM usage_daily;
 DROP TABLE usage_daily;
 ALTER TABLE usage_daily_v3 RENAME TO usage_daily;
 CREATE INDEX usage_daily_user ON usage_daily(user_id);
+
+-- migration 4
+-- The sync queue becomes a log with a cursor (src/store/sync.rs explains it whole): events
+-- no longer carry their own sync state, so recording one touches no queue index and
+-- delivering it changes no event row.
+--
+-- `meta.synced_through` is the cursor: every event at or below it is resolved (synced,
+-- or failed with its reason in sync_failures) except those listed in `sync_requeued`.
+-- `synced_ranges` holds one row per run of consecutive events the backend acknowledged
+-- in one commit (a batch, not an event), with the time it was recorded: what export
+-- reads as `synced_at`, and what tells which events above the cursor were acknowledged
+-- out of order by parallel lanes. Ranges never overlap.
+CREATE TABLE synced_ranges (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq  INTEGER NOT NULL,
+    synced_at INTEGER
+);
+
+-- Failed events at or below the cursor that `retry-failed` put back in the queue.
+CREATE TABLE sync_requeued (
+    seq INTEGER PRIMARY KEY
+);
+
+-- Synced rows become ranges: each run of consecutive synced events (in `seq` order, over
+-- the events that exist) sharing one `synced_at` is one range (gaps and islands).
+INSERT INTO synced_ranges (first_seq, last_seq, synced_at)
+SELECT min(seq), max(seq), synced_at FROM (
+    SELECT seq, sync_state, synced_at,
+           row_number() OVER (ORDER BY seq)
+         - row_number() OVER (PARTITION BY sync_state, synced_at ORDER BY seq) AS island
+    FROM events)
+WHERE sync_state = 1
+GROUP BY synced_at, island;
+
+-- A failed event is one with a reason: keep exactly the reasons of failed rows, and give
+-- a failed row that lost its reason one that says so.
+DELETE FROM sync_failures WHERE seq NOT IN (SELECT seq FROM events WHERE sync_state = 2);
+INSERT OR IGNORE INTO sync_failures (seq, reason, failed_at)
+SELECT seq, 'rejected by the backend (the reason was not kept)', 0
+FROM events WHERE sync_state = 2;
+
+-- The cursor stops just below the first pending event (or at the newest event when none
+-- is pending), so no pending event sits at or below it.
+INSERT INTO meta (key, value) VALUES ('synced_through', CAST(coalesce(
+    (SELECT min(seq) FROM events WHERE sync_state = 0) - 1,
+    (SELECT max(seq) FROM events),
+    0) AS TEXT))
+ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+
+DROP INDEX events_unsynced;
+ALTER TABLE events DROP COLUMN synced_at;
+ALTER TABLE events DROP COLUMN sync_state;

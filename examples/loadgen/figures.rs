@@ -22,6 +22,10 @@ pub(crate) struct Figures {
     pub(crate) ratio_batch_vs_limit: Option<f64>,
     pub(crate) drain50_eps: Option<f64>,
     pub(crate) drain1000_eps: Option<f64>,
+    /// The peer phase: 4 clients recording chunks of 500, then the backlog drained in
+    /// batches of 500 to a counting sink in the load generator.
+    pub(crate) peer_ingest_eps: Option<f64>,
+    pub(crate) peer_drain_eps: Option<f64>,
     pub(crate) rss_peak_mib: Option<f64>,
     pub(crate) bytes_per_event: Option<f64>,
     pub(crate) fleet_eps: Option<f64>,
@@ -78,7 +82,7 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         Some(v) => format!("{v:.decimals$}"),
         None => "null".to_owned(),
     };
-    let rows: [(&str, Option<f64>, usize, &str); 36] = [
+    let rows: [(&str, Option<f64>, usize, &str); 38] = [
         ("single_c1_eps", figures.single_c1_eps, 0, ""),
         ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
         ("single_c128_eps", figures.single_c128_eps, 0, ""),
@@ -100,6 +104,8 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         ),
         ("drain50_eps", figures.drain50_eps, 0, ">= 20000"),
         ("drain1000_eps", figures.drain1000_eps, 0, ">= 50000"),
+        ("peer_ingest_eps", figures.peer_ingest_eps, 0, ""),
+        ("peer_drain_eps", figures.peer_drain_eps, 0, ""),
         ("rss_peak_mib", figures.rss_peak_mib, 1, "<= 20"),
         ("bytes_per_event", figures.bytes_per_event, 1, "<= 250"),
         ("fleet_eps", figures.fleet_eps, 0, ">= 20000"),
@@ -228,6 +234,8 @@ pub(crate) fn figures_json(figures: &Figures) -> Value {
         "ratio_batch_vs_limit": round(figures.ratio_batch_vs_limit, 3),
         "drain50_eps": round(figures.drain50_eps, 0),
         "drain1000_eps": round(figures.drain1000_eps, 0),
+        "peer_ingest_eps": round(figures.peer_ingest_eps, 0),
+        "peer_drain_eps": round(figures.peer_drain_eps, 0),
         "rss_peak_mib": round(figures.rss_peak_mib, 1),
         "bytes_per_event": round(figures.bytes_per_event, 1),
         "fleet_eps": round(figures.fleet_eps, 0),

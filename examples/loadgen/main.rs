@@ -21,7 +21,9 @@
 //! at 8 clients, then the agent is stopped with SIGTERM (it checkpoints) to measure bytes per
 //! event, and the same rows are inserted straight into the same schema in-process, 1000 per
 //! transaction, as the ceiling. Last, the drain phases fill a backlog in a fresh agent and time
-//! `POST /v1/sync` against the bundled receiver until nothing is pending.
+//! `POST /v1/sync` against the bundled receiver until nothing is pending. Only when named,
+//! `peer` mirrors a log shipper's work for a side-by-side with one: 4 clients record chunks
+//! of 500, then the backlog is drained in batches of 500 to a counting sink in this process.
 //!
 //! This example measures; it asserts nothing. Targets are checked by reading its output.
 //!
@@ -32,7 +34,7 @@
 //!   starts, waits for and stops them (the `Agent` under test among them).
 //! - `phases/`: one module per kind of measurement: the fsync floor, the HTTP ceiling, the
 //!   ingest phases, the in-process SQLite ceiling and bytes per event, the local quotas,
-//!   the drain phases.
+//!   the drain phases, the peer phase.
 //! - `client.rs`: the HTTP clients that speak to the agent over its Unix socket.
 //! - `generator.rs`: the realistic events every phase sends or inserts.
 //! - `figures.rs`: every figure of one run, printed as a table and as the JSON line.
@@ -57,6 +59,7 @@ use crate::phases::fleet::{fleet_phase, view_phase};
 use crate::phases::fsync_floor::fsync_floor;
 use crate::phases::http_ceiling::http_ceiling_phase;
 use crate::phases::ingest::{Phase, PhaseResult, run_phase};
+use crate::phases::peer::peer_phase;
 use crate::phases::quota::quota_phase;
 use crate::phases::sqlite_limit::{database_size, sqlite_limit};
 use crate::roles::{AGENT_ROLE, Agent, HTTP_CEILING_ROLE, RECEIVER_ROLE};
@@ -86,10 +89,11 @@ struct Options {
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Run only these phases (for profiling); figures of skipped phases are null. `fleet`
-    /// (the receiver on PostgreSQL) runs only when named; `view` is only its provider views
-    /// (`installations_100k_ms`, `dashboard_100k_ms`), without its ingest.
+    /// (the receiver on PostgreSQL) and `peer` (a log shipper's work) run only when named;
+    /// `view` is only its provider views (`installations_100k_ms`, `dashboard_100k_ms`),
+    /// without its ingest.
     #[arg(long, value_delimiter = ',', default_value = "http,c1,c32,c128,newconn,batch100,limit,quota,drain",
-          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "quota", "drain", "fleet", "view"])]
+          value_parser = ["http", "c1", "c32", "c128", "newconn", "batch100", "limit", "quota", "drain", "fleet", "view", "peer"])]
     phases: Vec<String>,
     /// For `fleet`: a PostgreSQL server where loadgen may create (and then drops) its
     /// databases, e.g. postgres://user@localhost/postgres; default: a throwaway cluster of
@@ -402,6 +406,18 @@ fn finish(
                 figures.drain1000_eps = Some(drain1000);
             }
             Err(why) => notes.push(format!("drain50_eps and drain1000_eps are null: {why:#}")),
+        }
+    }
+    // The work a log shipper does, to set beside one (only when named).
+    if options.wants("peer") {
+        match peer_phase(runtime, root, options, options.phase_events()) {
+            Ok((ingest, drain)) => {
+                figures.peer_ingest_eps = Some(ingest);
+                figures.peer_drain_eps = Some(drain);
+            }
+            Err(why) => notes.push(format!(
+                "peer_ingest_eps and peer_drain_eps are null: {why:#}"
+            )),
         }
     }
     print_table(&figures, &notes, started.elapsed());

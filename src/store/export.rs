@@ -44,10 +44,16 @@ impl Store {
             cursor.map_or((start_ms, i64::MIN), |c| (c.created_at_ms, c.seq));
         let mut stmt = self
             .conn
+            // `synced_at` is the time of the range that covers the event (the nearest one
+            // starting at or before it, when it reaches the event), as `super::sync` says.
             .prepare_cached(
                 "SELECT e.seq, e.event_id, e.user_id, e.source, m.name, e.prompt_tokens,
                      e.completion_tokens, e.cached_tokens, e.cache_write_tokens,
-                     e.reasoning_tokens, e.context, e.created_at, e.synced_at, o.name
+                     e.reasoning_tokens, e.context, e.created_at,
+                     (SELECT CASE WHEN r.last_seq >= e.seq THEN r.synced_at END
+                      FROM synced_ranges r WHERE r.first_seq <= e.seq
+                      ORDER BY r.first_seq DESC LIMIT 1),
+                     o.name
                  FROM events e JOIN models m ON m.id = e.model_id
                       LEFT JOIN origins o ON o.id = e.origin_id
                  WHERE e.created_at >= ?1 AND e.created_at < ?3

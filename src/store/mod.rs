@@ -135,6 +135,17 @@ impl Store {
     /// Opens (creating if needed, mode 0600) the database, applies pending migrations and
     /// sets WAL mode and the configured durability.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Store, StoreError> {
+        Store::open_at_version(path, synchronous, None)
+    }
+
+    /// [`Store::open`], applying the migrations only up to `version` (all when `None`, or
+    /// when it is past the newest): a salvage copies an older file's rows into a fresh
+    /// database of that file's schema, then migrates it.
+    pub fn open_at_version(
+        path: &Path,
+        synchronous: Synchronous,
+        version: Option<i64>,
+    ) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
                 path: dir.to_path_buf(),
@@ -180,13 +191,16 @@ impl Store {
             model_ids: Default::default(),
             origin_ids: Default::default(),
         };
-        store.migrate(path)?;
+        store.migrate(path, version)?;
         Ok(store)
     }
 
-    fn migrate(&mut self, path: &Path) -> Result<(), StoreError> {
+    /// Applies the migrations not applied yet, up to `upto` (all when `None`), each in its
+    /// own transaction.
+    pub(crate) fn migrate(&mut self, path: &Path, upto: Option<i64>) -> Result<(), StoreError> {
         let migrations = migrations();
         let known = migrations.len() as i64;
+        let target = upto.map_or(known, |upto| upto.min(known));
         let found: i64 = self
             .conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -198,7 +212,12 @@ impl Store {
                 known,
             });
         }
-        for (number, block) in migrations.iter().enumerate().skip(found as usize) {
+        for (number, block) in migrations
+            .iter()
+            .enumerate()
+            .take(target as usize)
+            .skip(found as usize)
+        {
             let version = number as i64 + 1;
             let tx = self.conn.transaction().doing("starting a migration")?;
             // The block starts with its number; the rest of that line is not SQL.
@@ -300,13 +319,17 @@ mod tests {
     }
 
     #[test]
-    fn a_database_of_the_previous_schema_keeps_its_events_and_summaries_without_an_origin() {
+    fn a_database_of_the_schema_before_origins_keeps_its_events_and_summaries_without_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.db");
         {
             let conn = Connection::open(&path).unwrap();
             let migrations = migrations();
-            let previous = migrations.len() - 1;
+            // Every block before migration 3, which gave events and summaries an origin.
+            let previous = migrations
+                .iter()
+                .position(|b| b.starts_with("3\n"))
+                .unwrap();
             for block in &migrations[..previous] {
                 conn.execute_batch(block.split_once('\n').unwrap().1)
                     .unwrap();

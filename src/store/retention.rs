@@ -5,6 +5,7 @@
 use rusqlite::{Transaction, params};
 
 use super::rollup::clamp_rollup_seq;
+use super::sync::{clamp_queue, is_covered};
 use super::{Doing, Store, StoreError};
 
 /// What one delete transaction removed.
@@ -34,10 +35,11 @@ impl Store {
             "DELETE FROM events WHERE seq IN (
                  SELECT seq FROM events WHERE created_at < ?1 AND seq <= ?2
                  ORDER BY created_at LIMIT ?3)
-             RETURNING seq, sync_state",
+             RETURNING seq",
             params![before_ms, rolled_up, limit as i64],
         )?;
         clamp_rollup_seq(&tx)?;
+        clamp_queue(&tx)?;
         tx.commit().doing("committing a purge")?;
         Ok(deleted)
     }
@@ -67,10 +69,11 @@ impl Store {
         let tx = self.conn.transaction().doing("starting an erasure")?;
         let deleted = delete_returning(
             &tx,
-            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND user_id = ?3 RETURNING seq, sync_state",
+            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND user_id = ?3 RETURNING seq",
             params![after, until, user_id as i64],
         )?;
         clamp_rollup_seq(&tx)?;
+        clamp_queue(&tx)?;
         tx.commit().doing("committing an erasure")?;
         Ok(deleted)
     }
@@ -93,37 +96,42 @@ impl Store {
     }
 }
 
-/// Runs a `DELETE ... RETURNING seq, sync_state` and drops the sync failure notes of the
-/// deleted events, so nothing of them is left behind.
+/// Runs a `DELETE ... RETURNING seq` and drops what the queue's side tables held about the
+/// deleted events (a failure reason, a requeue entry), so nothing of them is left behind.
+/// An event no range covered was not synced (see `super::sync`).
 fn delete_returning(
     tx: &Transaction,
     sql: &str,
     args: impl rusqlite::Params,
 ) -> Result<Deleted, StoreError> {
-    let mut failed = Vec::new();
-    let mut deleted = Deleted::default();
+    let mut seqs = Vec::new();
     {
         let mut stmt = tx.prepare_cached(sql).doing("deleting events")?;
         let mut rows = stmt.query(args).doing("deleting events")?;
         while let Some(row) = rows.next().doing("deleting events")? {
-            let seq: i64 = row.get(0).doing("deleting events")?;
-            let state: i64 = row.get(1).doing("deleting events")?;
-            deleted.rows += 1;
-            if state != 1 {
-                deleted.unsynced += 1;
-            }
-            if state == 2 {
-                failed.push(seq);
-            }
+            seqs.push(row.get::<_, i64>(0).doing("deleting events")?);
         }
     }
-    let mut forget = tx
+    let mut deleted = Deleted {
+        rows: seqs.len() as u64,
+        unsynced: 0,
+    };
+    let mut forget_failure = tx
         .prepare_cached("DELETE FROM sync_failures WHERE seq = ?1")
         .doing("deleting sync failure notes")?;
-    for seq in failed {
-        forget
-            .execute(params![seq])
-            .doing("deleting sync failure notes")?;
+    let mut forget_requeue = tx
+        .prepare_cached("DELETE FROM sync_requeued WHERE seq = ?1")
+        .doing("deleting requeue entries")?;
+    for seq in seqs {
+        if !is_covered(tx, seq)? {
+            deleted.unsynced += 1;
+            forget_failure
+                .execute(params![seq])
+                .doing("deleting sync failure notes")?;
+            forget_requeue
+                .execute(params![seq])
+                .doing("deleting requeue entries")?;
+        }
     }
     Ok(deleted)
 }

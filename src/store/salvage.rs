@@ -40,11 +40,13 @@ const MAX_LOOKUPS_AT_END: i64 = 1 << 14;
 const SUMMARY_DAYS_LOOKED_AT: u64 = 3660;
 
 /// Tables with rowids, parents first (events refer to models and origins).
-const ROWID_TABLES: [&str; 5] = [
+const ROWID_TABLES: [&str; 7] = [
     "models",
     "origins",
     "events",
     "sync_failures",
+    "synced_ranges",
+    "sync_requeued",
     "sync_errors",
 ];
 /// `WITHOUT ROWID` tables.
@@ -92,8 +94,13 @@ pub fn recover_if_damaged(
     let _ = sd_notify_extend();
     let now = chrono::Utc::now();
     let damaged_file = free_damaged_name(path, now.timestamp());
-    let mut store = Store::open(&salvaging, synchronous)?;
+    // The fresh database starts at the damaged file's schema version, so every row is
+    // copied whole (an older file's per-event sync state included); the migrations then
+    // bring it to the current schema the way they would have brought the file itself.
+    let version = damaged_schema_version(path);
+    let mut store = Store::open_at_version(&salvaging, synchronous, version)?;
     store.salvage_from(path, &damaged_file, now.timestamp_millis())?;
+    store.migrate(&salvaging, None)?;
     store.self_contained()?;
     drop(store);
     rename(&salvaging, &salvaged)?;
@@ -257,6 +264,7 @@ impl Store {
                 copied.unreadable_ranges = 1;
             }
         }
+        let has_origins = !columns(&tx, "origins")?.is_empty();
         for table in ["events", "usage_daily"] {
             // Billing needs the tokens more than the model's name; a name that could
             // not be read is marked as such rather than its events dropped.
@@ -269,6 +277,10 @@ impl Store {
                 [],
             )
             .doing("naming models whose row was lost")?;
+            if !has_origins {
+                // A schema from before origins: its migration adds them, all 0.
+                continue;
+            }
             // Likewise for origins (0 is no origin, never a row).
             tx.execute(
                 &format!(
@@ -283,6 +295,14 @@ impl Store {
         // Lost newest rows hand their `seq`s out again; new events must not hide under
         // the rollup mark.
         super::rollup::clamp_rollup_seq(&tx)?;
+        // The queue's side tables are the truth, the copied cursor may be lost or behind
+        // them: cut them at the newest event left and compute the cursor again. (A file of
+        // a schema from before the cursor has its per-event state instead, which the
+        // migration turns into these tables.)
+        if !columns(&tx, "synced_ranges")?.is_empty() {
+            super::sync::clamp_queue(&tx)?;
+            super::sync::rebuild_cursor(&tx)?;
+        }
         let state = StorageState::Recovered {
             at: format_millis(at_ms),
             damaged_file: moved_to.display().to_string(),
@@ -315,6 +335,15 @@ impl Store {
             .pragma_update_and_check(None, "journal_mode", "DELETE", |_| Ok(()))
             .doing("leaving WAL mode before a rename")
     }
+}
+
+/// The schema version of the damaged file, when its header can be read.
+fn damaged_schema_version(path: &Path) -> Option<i64> {
+    let conn = open_damaged(path).ok()?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .ok()?;
+    (version >= 1).then_some(version)
 }
 
 fn open_damaged(path: &Path) -> rusqlite::Result<Connection> {
@@ -595,12 +624,25 @@ mod tests {
         }
     }
 
-    /// `(sync_state, synced_at, prompt_tokens)` by `seq`: what must survive a salvage.
+    /// `(sync state, synced_at, prompt_tokens)` by `seq`: what must survive a salvage. The
+    /// state is 1 synced (a range covers the event), 2 failed, 0 pending.
     type Rows = HashMap<i64, (i64, Option<i64>, i64)>;
 
     fn rows(conn: &Connection) -> Rows {
         let mut stmt = conn
-            .prepare("SELECT seq, sync_state, synced_at, prompt_tokens FROM events")
+            .prepare(
+                "SELECT e.seq,
+                     CASE WHEN coalesce((SELECT r.last_seq FROM synced_ranges r
+                              WHERE r.first_seq <= e.seq ORDER BY r.first_seq DESC LIMIT 1), 0)
+                              >= e.seq THEN 1
+                          WHEN EXISTS (SELECT 1 FROM sync_failures f WHERE f.seq = e.seq) THEN 2
+                          ELSE 0 END,
+                     (SELECT CASE WHEN r.last_seq >= e.seq THEN r.synced_at END
+                      FROM synced_ranges r WHERE r.first_seq <= e.seq
+                      ORDER BY r.first_seq DESC LIMIT 1),
+                     e.prompt_tokens
+                 FROM events e",
+            )
             .unwrap();
         stmt.query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))
             .unwrap()
@@ -608,18 +650,18 @@ mod tests {
             .collect()
     }
 
-    /// A closed database of `n` events, the first `synced` of them marked synced.
+    /// A closed database of `n` events, the first `synced` of them marked synced (in
+    /// batches of 100, each at its own time).
     fn database(path: &Path, n: u64, synced: i64) -> Rows {
         let mut store = Store::open(path, Synchronous::Normal).unwrap();
         let events: Vec<Event> = (0..n).map(event).collect();
         store.record(&events).unwrap();
-        store
-            .conn
-            .execute(
-                "UPDATE events SET sync_state = 1, synced_at = 1764240999000 + seq WHERE seq <= ?1",
-                [synced],
-            )
-            .unwrap();
+        let seqs: Vec<i64> = (1..=synced).collect();
+        for batch in seqs.chunks(100) {
+            store
+                .mark_synced(batch, 1_764_240_999_000 + batch[0])
+                .unwrap();
+        }
         store.checkpoint().unwrap();
         let rows = rows(&store.conn);
         drop(store);
@@ -679,15 +721,19 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_database_of_the_previous_schema_is_salvaged_into_the_current_one() {
+    fn a_damaged_database_of_the_schema_before_origins_is_salvaged_into_the_current_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("usage.db");
         {
-            // Every migration but the newest: before events and summaries had an origin.
+            // The schema before events and summaries had an origin (migration 3).
             let conn = Connection::open(&path).unwrap();
             conn.pragma_update(None, "page_size", PAGE_SIZE).unwrap();
             let migrations = super::super::migrations();
-            let previous = migrations.len() - 1;
+            // Every block before migration 3, which gave events and summaries an origin.
+            let previous = migrations
+                .iter()
+                .position(|b| b.starts_with("3\n"))
+                .unwrap();
             for block in &migrations[..previous] {
                 conn.execute_batch(block.split_once('\n').unwrap().1)
                     .unwrap();

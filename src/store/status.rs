@@ -47,31 +47,57 @@ pub struct SyncMeta {
 const SYNC_META_KEY: &str = "sync";
 
 impl Store {
+    /// Counts by sync state (see `super::sync` for what each state is), in one snapshot.
     pub fn queue_counts(&self) -> Result<QueueCounts, StoreError> {
-        let mut counts = QueueCounts::default();
-        let mut stmt = self
+        let tx = self
             .conn
+            .unchecked_transaction()
+            .doing("counting the sync queue")?;
+        let cursor = super::sync::cursor(&tx)?;
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            tx.prepare_cached(sql)
+                .and_then(|mut stmt| stmt.query_row(params![cursor], |row| row.get(0)))
+                .doing("counting the sync queue")
+        };
+        let above = count("SELECT count(*) FROM events WHERE seq > ?1")?;
+        // Ranges never straddle the cursor, but the bound is clamped all the same.
+        let synced_above = count(
+            "SELECT coalesce(sum((SELECT count(*) FROM events e
+                 WHERE e.seq >= max(r.first_seq, ?1 + 1) AND e.seq <= r.last_seq)), 0)
+             FROM synced_ranges r
+             WHERE r.first_seq > ?1
+                OR r.first_seq = (SELECT max(first_seq) FROM synced_ranges WHERE first_seq <= ?1)",
+        )?;
+        let failed_above = count("SELECT count(*) FROM sync_failures WHERE seq > ?1")?;
+        let (failed, requeued): (u64, u64) = tx
             .prepare_cached(
-                "SELECT sync_state, count(*) FROM events WHERE sync_state <> 1 GROUP BY sync_state",
+                "SELECT (SELECT count(*) FROM sync_failures), (SELECT count(*) FROM sync_requeued)",
             )
+            .and_then(|mut stmt| stmt.query_row([], |row| Ok((row.get(0)?, row.get(1)?))))
             .doing("counting the sync queue")?;
-        let rows = stmt
-            .query_map([], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, u64>(1)?)))
-            .doing("counting the sync queue")?;
-        for row in rows {
-            match row.doing("counting the sync queue")? {
-                (0, n) => counts.pending = n,
-                (_, n) => counts.failed += n,
-            }
-        }
+        let mut counts = QueueCounts {
+            pending: above.saturating_sub(synced_above + failed_above) + requeued,
+            failed,
+            ..QueueCounts::default()
+        };
         let total = self.event_count()?;
         counts.synced = total.saturating_sub(counts.pending + counts.failed);
-        counts.oldest_pending_ms = self
-            .conn
-            .prepare_cached(
-                "SELECT created_at FROM events WHERE sync_state = 0 ORDER BY seq LIMIT 1",
-            )
-            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)).optional())
+        // The earliest-arrived pending event: a requeued one (at or below the cursor) if
+        // any, else the first above the cursor neither synced nor failed.
+        counts.oldest_pending_ms = tx
+            .prepare_cached(concat!(
+                "SELECT created_at FROM (
+                     SELECT * FROM (SELECT e.seq, e.created_at FROM sync_requeued q
+                         JOIN events e ON e.seq = q.seq ORDER BY q.seq LIMIT 1)
+                     UNION ALL
+                     SELECT * FROM (SELECT e.seq, e.created_at FROM events e
+                         WHERE e.seq > ?1 AND ",
+                super::sync::covering_last!("e.seq"),
+                " < e.seq AND NOT EXISTS (SELECT 1 FROM sync_failures f WHERE f.seq = e.seq)
+                         ORDER BY e.seq LIMIT 1))
+                 ORDER BY seq LIMIT 1"
+            ))
+            .and_then(|mut stmt| stmt.query_row(params![cursor], |row| row.get(0)).optional())
             .doing("finding the oldest pending event")?;
         Ok(counts)
     }

@@ -388,7 +388,7 @@ impl SyncEngine {
                         report.duplicates += answer.duplicates;
                         report.rejected += failed.len() as u64;
                     });
-                    for (seq, reason) in &failed {
+                    for (seq, _, reason) in &failed {
                         tracing::warn!(seq, %reason, "the backend rejected an event; it is now failed");
                     }
                     run.marks
@@ -424,7 +424,11 @@ impl SyncEngine {
                         run.marks
                             .lock()
                             .await
-                            .push(&self.writer, Vec::new(), vec![(part[0].seq, reason)])
+                            .push(
+                                &self.writer,
+                                Vec::new(),
+                                vec![(part[0].seq, part[0].event.event_id, reason)],
+                            )
                             .await?;
                     } else {
                         let right = part.split_off(part.len() / 2);
@@ -782,16 +786,16 @@ impl Run<'_> {
 #[derive(Default)]
 struct Marks {
     writing: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
-    synced: Vec<i64>,
-    failed: Vec<(i64, String)>,
+    synced: Vec<(i64, Uuid)>,
+    failed: Vec<(i64, Uuid, String)>,
 }
 
 impl Marks {
     async fn push(
         &mut self,
         writer: &Writer,
-        synced: Vec<i64>,
-        failed: Vec<(i64, String)>,
+        synced: Vec<(i64, Uuid)>,
+        failed: Vec<(i64, Uuid, String)>,
     ) -> Result<(), SyncError> {
         self.synced.extend(synced);
         self.failed.extend(failed);
@@ -824,15 +828,8 @@ impl Marks {
         self.writing = Some(tokio::spawn(async move {
             let at = Utc::now().timestamp_millis();
             writer
-                .run(move |store| {
-                    if !synced.is_empty() {
-                        store.mark_synced(&synced, at)?;
-                    }
-                    if !failed.is_empty() {
-                        store.mark_failed(&failed, at)?;
-                    }
-                    Ok(())
-                })
+                // One transaction records every verdict and moves the queue's cursor.
+                .run(move |store| store.record_verdicts(&synced, &failed, at).map(drop))
                 .await
         }));
     }
@@ -848,8 +845,9 @@ impl Marks {
     }
 }
 
-/// The `seq`s to mark synced, and the `seq`s to mark failed with the backend's reason.
-type Verdicts = (Vec<i64>, Vec<(i64, String)>);
+/// The events (`seq` and id) to mark synced, and those to mark failed with the backend's
+/// reason.
+type Verdicts = (Vec<(i64, Uuid)>, Vec<(i64, Uuid, String)>);
 
 /// Splits a 2xx answer into the events to mark synced and those to mark failed. The answer
 /// must account for every event of the batch, or nothing is marked: an event is synced only
@@ -859,23 +857,23 @@ fn verdicts(part: &[PendingEvent], answer: &BatchResult) -> Result<Verdicts, Syn
     let mut rejected = HashSet::new();
     let mut failed = Vec::new();
     for entry in &answer.rejected {
-        let seq = Uuid::parse_str(&entry.event_id)
+        let named = Uuid::parse_str(&entry.event_id)
             .ok()
-            .and_then(|id| seqs.get(&id).copied());
-        let Some(seq) = seq else {
+            .and_then(|id| seqs.get(&id).map(|seq| (*seq, id)));
+        let Some((seq, id)) = named else {
             return Err(SyncError::BadAnswer(format!(
                 "it rejects event {:?}, which is not in the batch",
                 entry.event_id
             )));
         };
         if rejected.insert(seq) {
-            failed.push((seq, entry.reason.clone()));
+            failed.push((seq, id, entry.reason.clone()));
         }
     }
-    let synced: Vec<i64> = part
+    let synced: Vec<(i64, Uuid)> = part
         .iter()
-        .map(|p| p.seq)
-        .filter(|seq| !rejected.contains(seq))
+        .map(|p| (p.seq, p.event.event_id))
+        .filter(|(seq, _)| !rejected.contains(seq))
         .collect();
     let counted = answer.accepted.saturating_add(answer.duplicates);
     if counted != synced.len() as u64 {

@@ -220,7 +220,16 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
         "status answers on a full disk: {status}"
     );
     eprintln!("status on the full disk: {status}");
-    assert_eq!(status["pending_events"], pending, "still to send: {status}");
+    // A verdict write is small (a range row and the cursor), so one may still find room
+    // in the WAL the disk already holds: those events are synced for good. The others
+    // could not be marked and are still to send; none is counted twice, none is lost.
+    let still_to_send = status["pending_events"].as_u64().unwrap();
+    let marked = status["synced_events"].as_u64().unwrap();
+    assert_eq!(still_to_send + marked, pending as u64, "{status}");
+    assert!(
+        marked < pending as u64,
+        "the run failed on the full disk, so not every verdict was recorded: {status}"
+    );
     assert!(
         rig.agent
             .child

@@ -294,16 +294,18 @@ pub fn plant_old_events(
         .unwrap();
     let now = Utc::now().timestamp_millis();
     let day_start = (now / DAY_MS - day_offset) * DAY_MS;
+    let mut planted = Vec::with_capacity(count);
     for i in 0..count {
         let id = uuid::Uuid::new_v4();
         let created = day_start + 1000 + i as i64;
         tx.execute(
             "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
-                 completion_tokens, created_at, sync_state, synced_at)
-             VALUES (?1, 900, 1, ?2, 10, 5, ?3, 1, ?4)",
-            rusqlite::params![id.as_bytes(), model, created, now],
+                 completion_tokens, created_at)
+             VALUES (?1, 900, 1, ?2, 10, 5, ?3)",
+            rusqlite::params![id.as_bytes(), model, created],
         )
         .unwrap();
+        planted.push(tx.last_insert_rowid());
         ledger.old_ids.insert(id.to_string());
         let key = (
             day_of(&rfc3339(created)),
@@ -316,6 +318,20 @@ pub fn plant_old_events(
             sums,
             &json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}),
         );
+    }
+    // Already synced: one range of acknowledged events covers them (src/store/sync.rs);
+    // this transaction held the write lock, so their seqs are consecutive.
+    if let (Some(first), Some(last)) = (planted.first(), planted.last()) {
+        assert_eq!(
+            last - first + 1,
+            count as i64,
+            "planted seqs are consecutive"
+        );
+        tx.execute(
+            "INSERT INTO synced_ranges (first_seq, last_seq, synced_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![first, last, now],
+        )
+        .unwrap();
     }
     tx.commit().unwrap();
     day_of(&rfc3339(day_start))

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 /// The keys of the JSON line: every one of them, and no other.
-const KEYS: [&str; 24] = [
+const KEYS: [&str; 26] = [
     "single_c1_eps",
     "single_c32_eps",
     "single_c128_eps",
@@ -20,6 +20,8 @@ const KEYS: [&str; 24] = [
     "ratio_batch_vs_limit",
     "drain50_eps",
     "drain1000_eps",
+    "peer_ingest_eps",
+    "peer_drain_eps",
     "rss_peak_mib",
     "bytes_per_event",
     "fleet_eps",
@@ -44,6 +46,9 @@ const FLEET_KEYS: [&str; 6] = [
     "installations_100k_ms",
     "dashboard_100k_ms",
 ];
+
+/// The figures of the peer phase, which runs only when asked for.
+const PEER_KEYS: [&str; 2] = ["peer_ingest_eps", "peer_drain_eps"];
 
 /// The example binary: `cargo test` builds every example (next to this test binary's
 /// `deps` directory) before it runs any test.
@@ -106,12 +111,15 @@ fn every_phase_reports_every_key_of_the_json_line() {
     assert_eq!(keys, expected);
     for key in KEYS
         .iter()
-        .filter(|k| **k != "synchronous" && !FLEET_KEYS.contains(k))
+        .filter(|k| **k != "synchronous" && !FLEET_KEYS.contains(k) && !PEER_KEYS.contains(k))
     {
         positive(&figures, key);
     }
     for key in FLEET_KEYS {
         assert!(figures[key].is_null(), "{key} without the fleet phase");
+    }
+    for key in PEER_KEYS {
+        assert!(figures[key].is_null(), "{key} without the peer phase");
     }
     assert_eq!(figures["synchronous"], "full");
     let ratio = positive(&figures, "batch100_eps") / positive(&figures, "sqlite_limit_eps");
@@ -145,6 +153,19 @@ fn skipped_phases_are_null_and_the_durability_mode_is_reported() {
         assert!(figures[key].is_null(), "{key} = {}", figures[key]);
     }
     assert_eq!(figures["synchronous"], "normal");
+}
+
+#[test]
+fn the_peer_phase_records_and_drains_everything_to_its_counting_sink() {
+    // The phase fails (its figures null, with a note) unless the sink counted exactly the
+    // events recorded.
+    let figures = json_line(&run(&["--events", "1200", "--phases", "peer", "--json"]));
+    for key in PEER_KEYS {
+        positive(&figures, key);
+    }
+    for key in ["batch100_eps", "drain50_eps", "drain1000_eps"] {
+        assert!(figures[key].is_null(), "{key} = {}", figures[key]);
+    }
 }
 
 #[test]

@@ -25,6 +25,7 @@ mod limits;
 mod loadgen;
 mod openapi;
 mod ops;
+mod queue;
 mod quota;
 mod secrets;
 #[path = "../../crates/usage-receiver/tests/support/mod.rs"]

@@ -7,5 +7,6 @@ pub(crate) mod fleet;
 pub(crate) mod fsync_floor;
 pub(crate) mod http_ceiling;
 pub(crate) mod ingest;
+pub(crate) mod peer;
 pub(crate) mod quota;
 pub(crate) mod sqlite_limit;
