@@ -240,6 +240,32 @@ pub trait ReceiverStore: Send + Sync + 'static {
             Err(wait) => Ok(Err(wait)),
         })
     }
+
+    // What the dashboard reads besides the installations view.
+
+    /// Tokens of every kind per model and UTC day over `days`, summed over every install,
+    /// from the daily rollups; sorted by model, then day, days without usage left out.
+    /// The dashboard's cost chart and its unpriced models. A store may keep what it read
+    /// for days it can tell are unchanged.
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError>;
+
+    /// One install's events and tokens of every kind per user hash, model and UTC day over
+    /// `days`, from its raw events (kept 90 days); in no particular order. Empty when the
+    /// install is unknown.
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError>;
+}
+
+/// One user's usage of one model on one UTC day at one install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserModelDay {
+    /// Lowercase hex.
+    pub user_hash: String,
+    pub events: u64,
+    pub usage: ModelDayTokens,
 }
 
 /// An install's monthly budget and the thresholds it alerts at.

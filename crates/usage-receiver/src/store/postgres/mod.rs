@@ -46,7 +46,7 @@ use super::{
     InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PoolUse,
     PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
-    UsageWindow,
+    UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage, TokenCounts};
@@ -106,6 +106,7 @@ macro_rules! chart_add {
     };
 }
 
+mod dashboard;
 mod group;
 mod ingest;
 mod migrations;
@@ -1126,6 +1127,18 @@ impl ReceiverStore for PostgresStore {
             };
             Ok(())
         })
+    }
+
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
+        self.run(async |store| dashboard::fleet_model_days(store, days).await)
+    }
+
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError> {
+        self.run(async |store| dashboard::user_usage(store, install_id, days).await)
     }
 
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {

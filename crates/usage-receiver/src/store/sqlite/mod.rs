@@ -28,6 +28,7 @@ use super::{
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
     NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
+    UserModelDay,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, TokenCounts};
@@ -38,6 +39,7 @@ use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
 use usage_protocol::wire::to_hex;
 
+mod dashboard;
 mod group_commit;
 mod migrations;
 
@@ -788,6 +790,18 @@ impl ReceiverStore for SqliteStore {
                 .execute(params![id, at_ms])?,
         };
         Ok(())
+    }
+
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
+        dashboard::fleet_model_days(&self.reader(), days)
+    }
+
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError> {
+        dashboard::user_usage(&self.reader(), install_id, days)
     }
 }
 
