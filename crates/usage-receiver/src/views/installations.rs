@@ -100,10 +100,11 @@ pub async fn load_rows(
 /// views ([`ReceiverStore::keeps_views`](crate::store::ReceiverStore::keeps_views)).
 const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Keeps the view without a period and the dashboard's three periods ready: asked for at
-/// start and every minute, so the first view of a new day (new windows), or after a node
-/// starts, does not read every rollup row while a provider waits, and later views read
-/// again only the installs that changed since the last minute.
+/// Keeps the view without a period, the dashboard's three periods and the previous period
+/// of each (its change column) ready, and the fleet's model days of the three (its chart):
+/// asked for at start and every minute, so the first view of a new day (new windows), or
+/// after a node starts, does not read every rollup row while a provider waits, and later
+/// views read again only the installs (and days) that changed since the last minute.
 pub async fn keep_views_warm(app: Arc<ReceiverState>) {
     let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -111,15 +112,27 @@ pub async fn keep_views_warm(app: Arc<ReceiverState>) {
         ticks.tick().await;
         let now = app.provider_now();
         let mut periods = vec![None];
+        let mut dashboard = Vec::new();
         for name in ["mtd", "last_month", "30d"] {
             if let Ok(Some(period)) = Period::parse(Some(name), None, None, now) {
-                periods.push(Some(period));
+                periods.extend([Some(period), Some(period.previous())]);
+                dashboard.push(period);
             }
         }
         for period in periods {
             if let Err(error) = load_rows(&app, None, now, period).await {
                 tracing::warn!(?error, "could not prepare the provider's views");
             }
+        }
+        let store = app.store.clone();
+        let charts = blocking(move || {
+            for period in dashboard {
+                store.fleet_model_days(period.days)?;
+            }
+            Ok(())
+        });
+        if let Err(error) = charts.await {
+            tracing::warn!(?error, "could not prepare the dashboard's charts");
         }
     }
 }

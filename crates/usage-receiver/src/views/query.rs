@@ -588,6 +588,79 @@ mod tests {
     }
 
     #[test]
+    fn searches_match_label_or_id_ignoring_case_and_plans_exactly() {
+        let mut rows = vec![
+            row("0192-acme", None, 1),
+            row("b", Some("Ünïcode Shop"), 1),
+            row("c", Some("Bakery"), 1),
+        ];
+        rows[2].plan = Plan::Free;
+        let kept = |q: Option<&str>, plan: Option<&str>| -> Vec<String> {
+            let mut rows = rows.clone();
+            Filter::parse(q, plan).unwrap().apply(&mut rows);
+            rows.into_iter().map(|r| r.install_id).collect()
+        };
+        assert_eq!(kept(Some("ACME"), None), ["0192-acme"]);
+        assert_eq!(kept(Some("ünÏ"), None), ["b"]);
+        assert_eq!(kept(Some("  "), Some("free")), ["c"]);
+        assert_eq!(kept(None, None).len(), 3);
+        assert_eq!(kept(Some("shop"), Some("free")), Vec::<String>::new());
+        let filter = Filter::parse(Some("A&B c"), Some("pro")).unwrap();
+        assert_eq!(filter.query(), "&q=a%26b+c&plan=pro");
+        assert_eq!(Filter::default().query(), "");
+        for (q, plan, field) in [
+            (Some("x".repeat(201)), None, "q"),
+            (Some("a\u{7}".to_owned()), None, "q"),
+            (None, Some("gold"), "plan"),
+        ] {
+            let error = Filter::parse(q.as_deref(), plan).unwrap_err();
+            assert_eq!(error.details[0]["field"], field);
+        }
+    }
+
+    #[test]
+    fn budget_used_and_change_sort_like_the_other_columns() {
+        let mut rows = vec![row("a", None, 1), row("b", None, 1), row("c", None, 1)];
+        rows[0].bill.cost = Cents(200);
+        rows[0].previous_cost = Some(Cents(100));
+        rows[1].bill.cost = Cents(50);
+        rows[1].previous_cost = Some(Cents(0));
+        rows[2].bill.cost = Cents(100);
+        rows[2].previous_cost = Some(Cents(400));
+        rows[2].budget = Some(crate::store::Budget {
+            monthly: crate::billing::money::Micros(1_000_000),
+            thresholds: vec![100],
+        });
+        let ids = |rows: &[InstallRow]| -> Vec<String> {
+            rows.iter().map(|r| r.install_id.clone()).collect()
+        };
+        Sort::parse(Some("-change")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["b", "a", "c"]);
+        Sort::parse(Some("-budget_used")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["c", "a", "b"]);
+        assert_eq!(
+            Sort::parse_or(None, Sort::DASHBOARD).unwrap(),
+            Sort::DASHBOARD
+        );
+    }
+
+    #[test]
+    fn the_previous_period_has_the_same_length() {
+        let d30 = Period::parse(Some("30d"), None, None, now())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            days(Some(d30.previous())),
+            ("2026-01-15".into(), "2026-02-13".into())
+        );
+        let mtd = Period::mtd(now());
+        assert_eq!(
+            days(Some(mtd.previous())),
+            ("2026-02-14".into(), "2026-02-28".into())
+        );
+    }
+
+    #[test]
     fn pages_count_from_one() {
         assert_eq!(parse_page(None).unwrap(), 1);
         assert_eq!(parse_page(Some("7")).unwrap(), 7);

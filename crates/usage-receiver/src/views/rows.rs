@@ -77,3 +77,38 @@ impl InstallRow {
             .map(|budget| used_pct(self.bill.cost, budget))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_changes_round_half_away_from_zero() {
+        let change = |before: Option<i64>, now: i64| {
+            let row = InstallRow {
+                install_id: "a".into(),
+                label: None,
+                plan: Plan::Free,
+                last_seen_ms: None,
+                events: 0,
+                tokens: 0,
+                bill: Bill {
+                    cost: Cents(now),
+                    ..Bill::default()
+                },
+                budget: None,
+                alerted_in_month: Vec::new(),
+                previous_cost: before.map(Cents),
+            };
+            row.cost_change()
+        };
+        assert_eq!(change(None, 5), CostChange::Unknown);
+        assert_eq!(change(Some(0), 0), CostChange::Idle);
+        assert_eq!(change(Some(0), 5), CostChange::New);
+        assert_eq!(change(Some(800), 900), CostChange::Tenths(125));
+        assert_eq!(change(Some(300), 0), CostChange::Tenths(-1000));
+        // 1/3 more: 33.33 % → 33.3; 2/3 less: -66.67 % → -66.7.
+        assert_eq!(change(Some(300), 400), CostChange::Tenths(333));
+        assert_eq!(change(Some(300), 100), CostChange::Tenths(-667));
+    }
+}

@@ -508,3 +508,199 @@ pub fn render_dashboard(page: &FleetPage<'_>, now: DateTime<Utc>) -> Markup {
     };
     layout("Usage dashboard", now, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::money::Micros;
+    use crate::billing::pricing::{Bill, PriceSettings, TokenCounts};
+    use chrono::TimeZone;
+
+    const HOSTILE: &str = r#"<script>alert("x")</script>&'"#;
+
+    fn row(install_id: &str, cost: i64) -> InstallRow {
+        InstallRow {
+            install_id: install_id.into(),
+            label: None,
+            plan: Plan::Pro,
+            last_seen_ms: Some(0),
+            events: 3,
+            tokens: 300,
+            budget: None,
+            alerted_in_month: Vec::new(),
+            bill: Bill {
+                tokens: 1_234_567,
+                cost: Cents(cost),
+                revenue: Cents(1900),
+                profit: Cents(1900 - cost),
+                unpriced_models: Vec::new(),
+            },
+            previous_cost: Some(Cents(50_000)),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap()
+    }
+
+    fn view(page: usize, q: Option<&str>) -> DashboardView {
+        DashboardView {
+            period: Period::mtd(now()),
+            sort: Sort::DASHBOARD,
+            page,
+            filter: Filter::parse(q, None).unwrap(),
+        }
+    }
+
+    fn pricing() -> Pricing {
+        Pricing::new(PriceSettings {
+            model_cost_overrides: [("priced".to_owned(), 0.01)].into_iter().collect(),
+            ..PriceSettings::default()
+        })
+    }
+
+    fn alert(install_id: &str, delivered_at_ms: Option<i64>) -> Alert {
+        Alert {
+            alert_id: uuid::Uuid::now_v7(),
+            install_id: install_id.into(),
+            label: Some(HOSTILE.into()),
+            threshold: 100,
+            month: "2026-11".into(),
+            cost: Micros(51_000_000),
+            budget: Micros(50_000_000),
+            currency: "USD".into(),
+            at_ms: 0,
+            delivered_at_ms,
+            attempts: 2,
+        }
+    }
+
+    fn render(
+        view: &DashboardView,
+        rows: &[InstallRow],
+        alerts: &[Alert],
+        webhook: bool,
+    ) -> String {
+        let pricing = pricing();
+        let page = FleetPage {
+            view,
+            rows,
+            all_installs: rows.len(),
+            model_days: &[],
+            unpriced: &[],
+            month_alerts: alerts,
+            webhook,
+            pricing: &pricing,
+        };
+        render_dashboard(&page, now()).into_string()
+    }
+
+    #[test]
+    fn hostile_values_render_inert() {
+        let mut labelled = row("id-2", 1);
+        labelled.label = Some(HOSTILE.into());
+        let page = render(
+            &view(1, Some(HOSTILE)),
+            &[row(HOSTILE, 1), labelled],
+            &[alert(HOSTILE, None)],
+            false,
+        );
+        assert!(!page.contains("<script"), "{page}");
+        assert!(page.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;'"));
+        // Link targets are percent-encoded, not just escaped.
+        assert!(page.contains("/dashboard/installations/%3Cscript%3Ealert"));
+        assert!(page.contains("q=%3Cscript%3Ealert"));
+    }
+
+    #[test]
+    fn a_page_shows_a_hundred_rows_and_totals_over_all() {
+        let rows: Vec<_> = (0..250)
+            .map(|n| row(&format!("install-{n:04}"), 100_000 + n))
+            .collect();
+        let page = render(&view(3, None), &rows, &[], false);
+        assert_eq!(page.matches("<tr class=\"install\">").count(), 50);
+        assert!(page.contains("install-0200") && !page.contains("install-0199"));
+        assert!(page.contains("Page 3 of 3"));
+        assert!(page.contains("href=\"?period=mtd&amp;page=2\""));
+        assert!(page.contains(
+            "href=\"/api/usage/installations?format=csv&amp;period=mtd&amp;sort=-cost\""
+        ));
+        // Totals over every page: 250 rows from 1,000.00 up, with separators and currency.
+        let cost: i64 = (0..250).map(|n| 100_000 + n).sum();
+        assert!(
+            page.contains(&format!(
+                "<dd>{} USD</dd>",
+                crate::views::dashboard::format::amount(Cents(cost))
+            )),
+            "{page}"
+        );
+        assert!(page.contains("1,234,567"), "tokens with separators");
+        // 500.00 before, 1,002.00 now.
+        assert!(page.contains("+100.4%"));
+    }
+
+    #[test]
+    fn headings_sort_dearest_first_and_a_second_click_reverses() {
+        let page = render(&view(1, None), &[], &[], false);
+        assert!(
+            page.contains("href=\"?period=mtd&amp;sort=cost\""),
+            "{page}"
+        );
+        assert!(page.contains("href=\"?period=mtd&amp;sort=-budget_used\""));
+        assert!(page.contains("href=\"?period=mtd&amp;sort=-change\""));
+        assert!(page.contains("href=\"?period=mtd&amp;sort=label\""));
+        assert!(page.contains("No installs yet."));
+        assert!(page.contains("No budget alerts this month."));
+    }
+
+    #[test]
+    fn unpriced_costs_are_a_lower_bound() {
+        let mut partly = row("partly", 500);
+        partly.bill.unpriced_models = vec!["free-model".into()];
+        let mut wholly = row("wholly", 0);
+        wholly.bill.unpriced_models = vec!["free-model".into()];
+        let page = render(&view(1, None), &[partly, wholly], &[], false);
+        assert!(page.contains(">\u{2265} 5.00</td>"), "{page}");
+        assert!(page.contains(">unpriced</td>"));
+        assert!(!page.contains("<td class=\"n cost\">0.00</td>"));
+        assert!(page.contains("Cost (at least)"));
+        assert!(page.contains("id=\"lower-bound\""));
+    }
+
+    #[test]
+    fn undelivered_alerts_say_why() {
+        let alerts = [alert("a", None), alert("b", Some(1_000))];
+        let page = render(&view(1, None), &[], &alerts, false);
+        assert!(page.contains("no webhook configured"));
+        assert!(page.contains("1970-01-01T00:00:01.000Z"));
+        let page = render(&view(1, None), &[], &alerts, true);
+        assert!(page.contains("not yet (2 attempts)"));
+        assert!(page.contains("51.00 USD"));
+    }
+
+    #[test]
+    fn the_unpriced_panel_counts_tokens_and_installs() {
+        let day = |model: &str, prompt| ModelDayTokens {
+            model: model.into(),
+            day: 1,
+            tokens: TokenCounts {
+                prompt,
+                ..TokenCounts::default()
+            },
+        };
+        let mut a = row("a", 0);
+        a.bill.unpriced_models = vec!["x".into(), "y".into()];
+        let mut b = row("b", 0);
+        b.bill.unpriced_models = vec!["x".into()];
+        let models = unpriced_models(
+            &[day("priced", 5), day("x", 10), day("y", 30), day("x", 5)],
+            &[a, b, row("c", 1)],
+            &pricing(),
+        );
+        let summary: Vec<_> = models
+            .iter()
+            .map(|m| (m.model.as_str(), m.tokens, m.installs))
+            .collect();
+        assert_eq!(summary, [("y", 30, 1), ("x", 15, 2)]);
+    }
+}

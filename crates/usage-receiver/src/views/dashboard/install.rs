@@ -369,3 +369,134 @@ pub fn render_detail(detail: &InstallDetail<'_>, now: DateTime<Utc>) -> Markup {
     };
     layout("Installation", now, body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::money::Cents;
+    use crate::billing::pricing::{Bill, Plan, PriceSettings};
+    use chrono::TimeZone;
+    use usage_protocol::event::Source;
+
+    const HOSTILE: &str = r#"<script>alert("x")</script>&'"#;
+
+    fn pricing() -> Pricing {
+        Pricing::new(PriceSettings {
+            model_cost_overrides: [("dear".to_owned(), 0.01), ("cheap".to_owned(), 0.001)]
+                .into_iter()
+                .collect(),
+            ..PriceSettings::default()
+        })
+    }
+
+    fn usage(model: &str, day: i64, prompt: u64) -> ModelDayTokens {
+        ModelDayTokens {
+            model: model.into(),
+            day,
+            tokens: TokenCounts {
+                prompt,
+                completion: 5,
+                ..TokenCounts::default()
+            },
+        }
+    }
+
+    #[test]
+    fn lines_are_dearest_first_and_unpriced_lines_say_so() {
+        let lines = by_model(
+            &pricing(),
+            &[
+                usage("cheap", 1, 1000),
+                usage("dear", 1, 1000),
+                usage("none", 2, 9000),
+            ],
+        );
+        let names: Vec<_> = lines.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["dear", "cheap", "none"]);
+        assert!(lines[2].unpriced && lines[2].cost == Micros(0));
+        let sources = by_source_costs(
+            &pricing(),
+            &[SourceModelDay {
+                source: Source::Bulk,
+                events: 4,
+                usage: usage("dear", 1, 10),
+            }],
+        );
+        assert_eq!(sources[0].name, "bulk");
+        assert_eq!(sources[0].events, Some(4));
+    }
+
+    #[test]
+    fn a_hundred_users_are_listed_and_the_rest_counted() {
+        let groups: Vec<_> = (0..250u64)
+            .map(|n| UserModelDay {
+                user_hash: format!("{n:064x}"),
+                events: 1,
+                usage: usage("dear", 1, 1000 * (n + 1)),
+            })
+            .collect();
+        let users = users(&pricing(), &groups);
+        assert_eq!(users.listed.len(), USERS_LISTED);
+        assert_eq!(users.listed[0].name, format!("{:064x}", 249));
+        assert_eq!(users.others, 150);
+        assert_eq!(users.others_total.events, Some(150));
+        let expected: u64 = (1..=150).map(|n| 1000 * n + 5).sum();
+        assert_eq!(users.others_total.tokens.total(), expected);
+    }
+
+    #[test]
+    fn hostile_values_render_inert() {
+        let now = Utc.with_ymd_and_hms(2026, 11, 28, 12, 0, 0).unwrap();
+        let row = InstallRow {
+            install_id: HOSTILE.into(),
+            label: Some(HOSTILE.into()),
+            plan: Plan::Pro,
+            last_seen_ms: None,
+            events: 1,
+            tokens: 1,
+            bill: Bill {
+                tokens: 1,
+                cost: Cents(0),
+                revenue: Cents(0),
+                profit: Cents(0),
+                unpriced_models: vec![HOSTILE.into()],
+            },
+            budget: None,
+            alerted_in_month: Vec::new(),
+            previous_cost: None,
+        };
+        let pricing = pricing();
+        let detail = InstallDetail {
+            row: &row,
+            period: Period::mtd(now),
+            usage: &[usage(
+                HOSTILE,
+                crate::days::day_of_ms(now.timestamp_millis()),
+                10,
+            )],
+            by_source: Vec::new(),
+            users: users(
+                &pricing,
+                &[UserModelDay {
+                    user_hash: HOSTILE.into(),
+                    events: 1,
+                    usage: usage("dear", 1, 1000),
+                }],
+            ),
+            alerts: &[],
+            plans: Some(vec![PlanSpan {
+                plan: "pro".into(),
+                from: "2026-11-02".into(),
+            }]),
+            webhook: false,
+            pricing: &pricing,
+        };
+        let page = render_detail(&detail, now).into_string();
+        assert!(!page.contains("<script"), "{page}");
+        assert!(page.contains("&lt;script&gt;"));
+        assert!(page.contains("<td class=\"nowrap\">2026-11-02</td>"));
+        // Unpriced everywhere it is: the total and the model line, never 0.00.
+        assert!(page.contains("<dd>unpriced</dd>"), "{page}");
+        assert!(!page.contains("<td class=\"n cost\">0.00</td>"));
+    }
+}
