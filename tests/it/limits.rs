@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use usage_protocol::event::format_millis;
 use usage_protocol::wire::user_hash;
-use usage_receiver::billing::pricing::Plan;
+use usage_receiver::billing::pricing::{Plan, PlanHistory};
 use usage_receiver::store::rate_limit::Rate;
 use usage_receiver::store::{
     Alert, Budget, DayRange, DeliveryOutcome, EnrollOutcome, EventsPage, EventsQuery, IngestCounts,
@@ -249,8 +249,11 @@ impl ReceiverStore for GatedStore {
     ) -> Result<InstallationsReport, ReceiverStoreError> {
         self.inner.installations(install_id, window)
     }
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
-        self.inner.set_plan(install_id, plan)
+    fn set_plan(&self, install_id: &str, plan: Plan, day: i64) -> Result<bool, ReceiverStoreError> {
+        self.inner.set_plan(install_id, plan, day)
+    }
+    fn plan_history(&self, install_id: &str) -> Result<Option<PlanHistory>, ReceiverStoreError> {
+        self.inner.plan_history(install_id)
     }
     fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
         self.inner.set_label(install_id, label)

@@ -80,6 +80,11 @@ pub fn routes() -> Vec<Route<Arc<ReceiverState>>> {
             admin::installs::set_plan,
         ),
         Route::new(
+            Method::GET,
+            "/api/installations/{install_id}/plans",
+            admin::installs::plans,
+        ),
+        Route::new(
             Method::PUT,
             "/api/installations/{install_id}/label",
             admin::installs::set_label,

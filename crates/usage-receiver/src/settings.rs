@@ -79,9 +79,9 @@ pub struct ReceiverSettings {
     pub max_body_bytes: usize,
     /// Largest ingest body after gzip decompression (not an environment variable).
     pub max_decompressed_bytes: usize,
-    /// The instant the provider views (installations, dashboard) take as now; `None`, the
-    /// default, reads the system clock. For tests of month boundaries; not an environment
-    /// variable, and ingest always uses the system clock.
+    /// The instant the provider views (installations, dashboard) and plan changes take as
+    /// now; `None`, the default, reads the system clock. For tests of month boundaries and
+    /// plan history; not an environment variable, and ingest always uses the system clock.
     pub provider_now: Option<DateTime<Utc>>,
     /// `DEFAULT_MONTHLY_BUDGET`: the monthly budget, in currency units, of every install
     /// without one of its own.

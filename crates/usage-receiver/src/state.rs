@@ -45,7 +45,8 @@ impl ReceiverState {
         }
     }
 
-    /// Now, for the provider views: [`ReceiverSettings::provider_now`] or the clock.
+    /// Now, for the provider views and plan changes: [`ReceiverSettings::provider_now`] or
+    /// the clock.
     pub fn provider_now(&self) -> DateTime<Utc> {
         self.settings.provider_now.unwrap_or_else(Utc::now)
     }

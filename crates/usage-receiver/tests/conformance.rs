@@ -27,7 +27,7 @@ mod fixtures;
 mod store {
     pub use usage_receiver::store::*;
 }
-use fixtures::{enroll, event};
+use fixtures::{enroll, enroll_at, event};
 
 /// A store under test and what must live as long as it.
 pub struct TestStore {
@@ -123,6 +123,7 @@ suite!(
     views_follow_every_change_of_usage_prices_and_installs,
     the_fleets_model_days_sum_every_install_and_follow_changes,
     user_usage_groups_one_installs_raw_events_by_user_model_and_day,
+    plan_history_starts_at_enrollment_and_keeps_each_days_plan,
 );
 
 fn model_event(n: u8, day: i64, model: &str, tokens: u64) -> NewEvent {
@@ -411,7 +412,7 @@ fn rollups_follow_ingest_and_skip_duplicates(store: &dyn ReceiverStore) {
     assert_eq!(rows.len(), 2);
     let a_row = &rows[0];
     assert_eq!(a_row.install_id, "a");
-    assert_eq!(a_row.plan, Plan::Free);
+    assert_eq!(a_row.plans.current(), Plan::Free);
     assert_eq!(a_row.last_seen_ms, Some(43));
     assert_eq!((a_row.events_30d, a_row.tokens_30d), (4, 1035));
     let prompt = |model: &str, day, prompt| ModelDayTokens {
@@ -503,15 +504,17 @@ fn plans_change_and_erasure_removes_everything(store: &dyn ReceiverStore) {
     store
         .ingest(a.key, vec![model_event(1, 10, "x", 5)], 0)
         .unwrap();
-    assert!(store.set_plan("a", Plan::Agency).unwrap());
-    assert!(!store.set_plan("nope", Plan::Pro).unwrap());
+    assert!(store.set_plan("a", Plan::Agency, 5).unwrap());
+    assert!(!store.set_plan("nope", Plan::Pro, 5).unwrap());
     let window = UsageWindow {
         today: 10,
         from_30d: 0,
         month_start: 0,
     };
     assert_eq!(
-        store.installations(Some("a"), window).unwrap().installs[0].plan,
+        store.installations(Some("a"), window).unwrap().installs[0]
+            .plans
+            .current(),
         Plan::Agency
     );
 
@@ -1512,4 +1515,99 @@ fn the_ingest_path_takes_the_request_with_the_batch_on_sqlite() {
 #[test]
 fn the_ingest_path_takes_the_request_with_the_batch_on_postgres() {
     the_ingest_path_takes_the_request_with_the_batch(postgres_store().store);
+}
+
+fn plan_history_starts_at_enrollment_and_keeps_each_days_plan(store: &dyn ReceiverStore) {
+    use usage_receiver::billing::pricing::PlanPeriod;
+    let periods = |id: &str| -> Option<Vec<(Plan, i64)>> {
+        store.plan_history(id).unwrap().map(|history| {
+            assert_eq!(history.enrolled_day(), 100);
+            history
+                .periods()
+                .iter()
+                .map(|period| (period.plan, period.from_day))
+                .collect()
+        })
+    };
+    // Enrolled late on day 100: its history starts that day, on the default plan.
+    enroll_at(store, "a", 101 * MS_PER_DAY - 1);
+    assert_eq!(periods("a"), Some(vec![(Plan::Free, 100)]));
+    assert_eq!(periods("nope"), None);
+    assert!(!store.set_plan("nope", Plan::Pro, 105).unwrap());
+
+    // A change starts on its day; changes the same day replace it, and going back to the
+    // plan of the day before continues that one.
+    assert!(store.set_plan("a", Plan::Pro, 105).unwrap());
+    assert_eq!(
+        periods("a"),
+        Some(vec![(Plan::Free, 100), (Plan::Pro, 105)])
+    );
+    assert!(store.set_plan("a", Plan::Agency, 105).unwrap());
+    assert_eq!(
+        periods("a"),
+        Some(vec![(Plan::Free, 100), (Plan::Agency, 105)])
+    );
+    assert!(store.set_plan("a", Plan::Free, 105).unwrap());
+    assert_eq!(periods("a"), Some(vec![(Plan::Free, 100)]));
+    // The plan in force again: nothing recorded.
+    assert!(store.set_plan("a", Plan::Free, 106).unwrap());
+    assert_eq!(periods("a"), Some(vec![(Plan::Free, 100)]));
+    assert!(store.set_plan("a", Plan::Pro, 110).unwrap());
+    assert!(store.set_plan("a", Plan::Agency, 120).unwrap());
+    assert!(store.set_plan("a", Plan::Pro, 121).unwrap());
+    let full = vec![
+        (Plan::Free, 100),
+        (Plan::Pro, 110),
+        (Plan::Agency, 120),
+        (Plan::Pro, 121),
+    ];
+    assert_eq!(periods("a"), Some(full.clone()));
+
+    // The views get the same history, but may leave out plans that ended before the month
+    // of the days they report; today's plan is always there.
+    let window = |month_start| UsageWindow {
+        today: 150,
+        from_30d: 121,
+        month_start,
+    };
+    let viewed = store.installations(Some("a"), window(0)).unwrap().installs[0]
+        .plans
+        .clone();
+    let as_pairs = |periods: &[PlanPeriod]| -> Vec<(Plan, i64)> {
+        periods.iter().map(|p| (p.plan, p.from_day)).collect()
+    };
+    assert_eq!(as_pairs(viewed.periods()), full);
+    assert_eq!(viewed.enrolled_day(), 100);
+    let costed = store
+        .costed_installations(
+            None,
+            window(0),
+            PriceList {
+                id: 1,
+                rates: &|_: &str, _| None,
+            },
+        )
+        .unwrap();
+    assert_eq!(as_pairs(costed.installs[0].plans.periods()), full);
+    // Day 150 is 1970-05-31: its month starts on day 120.
+    let later = store.installations(None, window(150)).unwrap().installs[0]
+        .plans
+        .clone();
+    assert_eq!(
+        as_pairs(later.periods()).last(),
+        Some(&(Plan::Pro, 121)),
+        "{later:?}"
+    );
+    assert_eq!(later.current(), Plan::Pro);
+
+    // A change dated before the enrollment day (a clock behind) takes effect on it.
+    enroll_at(store, "b", 100 * MS_PER_DAY);
+    assert!(store.set_plan("b", Plan::Agency, 90).unwrap());
+    assert_eq!(periods("b"), Some(vec![(Plan::Agency, 100)]));
+
+    // Erasure takes the history with it: enrolled again, the install starts afresh.
+    assert_eq!(store.erase_install("a").unwrap(), Some(0));
+    assert_eq!(periods("a"), None);
+    enroll_at(store, "a", 100 * MS_PER_DAY);
+    assert_eq!(periods("a"), Some(vec![(Plan::Free, 100)]));
 }

@@ -1,4 +1,5 @@
-//! What the provider changes on an install: its plan (`PUT .../plan`), its label
+//! What the provider changes on an install: its plan (`PUT .../plan`, kept as history that
+//! `GET .../plans` lists), its label
 //! (`PUT .../label`) and its erasure with every event and rollup (`DELETE
 //! /api/installations/{install_id}`); and [`change_install`], how every admin handler
 //! changes one install (`404 unknown_install` when there is none).
@@ -7,6 +8,7 @@
 //! store call. A budget is [`crate::admin::budget`]'s; nothing here reads usage or money.
 
 use crate::billing::pricing::Plan;
+use crate::days::{day_of_ms, day_text};
 use crate::http::auth::authorize;
 use crate::http::clip::clip;
 use crate::http::error::blocking;
@@ -42,11 +44,38 @@ pub async fn set_plan(
         .ok_or_else(|| {
             ReceiverError::invalid_field("invalid_plan", "plan", "must be one of free, pro, agency")
         })?;
-    change_install(&app, &install_id, move |store, id| store.set_plan(id, plan)).await?;
+    // A change takes effect on the day it is made (the provider's clock, as in the views).
+    let today = day_of_ms(app.provider_now().timestamp_millis());
+    change_install(&app, &install_id, move |store, id| {
+        store.set_plan(id, plan, today)
+    })
+    .await?;
     tracing::info!(install_id = %clip(&install_id), plan = plan.as_str(), "plan changed");
     Ok(Json(
         json!({"install_id": install_id, "plan": plan.as_str()}),
     ))
+}
+
+/// `GET /api/installations/{install_id}/plans`: the install's plans, oldest first, as
+/// `[{"plan", "from"}]`, `from` the UTC day each took effect (the first, its enrollment
+/// day).
+pub async fn plans(
+    State(app): State<Arc<ReceiverState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(install_id): Path<String>,
+) -> Result<Json<Value>, ReceiverError> {
+    authorize(&app, &headers, peer.ip())?;
+    let store = app.store.clone();
+    let Some(history) = blocking(move || store.plan_history(&install_id)).await? else {
+        return Err(unknown_install());
+    };
+    let periods: Vec<Value> = history
+        .periods()
+        .iter()
+        .map(|period| json!({"plan": period.plan.as_str(), "from": day_text(period.from_day)}))
+        .collect();
+    Ok(Json(Value::Array(periods)))
 }
 
 /// `PUT /api/installations/{install_id}/label` with `{"label": "..."}` (1 to 100

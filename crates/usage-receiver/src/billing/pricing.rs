@@ -1,6 +1,6 @@
-//! Money for the provider views: model prices, plan prices, and the bill of an
-//! installation over its priced days (how cost, revenue and profit are counted:
-//! docs/dashboard.md).
+//! Money for the provider views: model prices, plan prices, what an install's plan history
+//! brings in over a period, and the bill of an installation over its priced days (how cost,
+//! revenue and profit are counted: docs/dashboard.md).
 //!
 //! Every amount is an integer number of micro-units ([`Micros`], a millionth of a currency
 //! unit); floats appear only where a configured price is read, once, at start. Prices come
@@ -52,6 +52,104 @@ impl FromStr for Plan {
             .into_iter()
             .find(|plan| plan.as_str() == text)
             .ok_or(UnknownPlan)
+    }
+}
+
+/// A plan in force from a UTC day on, until the next one of its install's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanPeriod {
+    pub plan: Plan,
+    /// Days since the Unix epoch (UTC).
+    pub from_day: i64,
+}
+
+/// An install's plans over time: it enrolled on `enrolled_day` with the first one, and each
+/// change took effect on the day it was made. The last is today's plan, in force for the
+/// rest of time as far as anyone knows.
+///
+/// **Invariant:** at least one period; ascending by day, one a day, none before the
+/// enrollment day, no two in a row with the same plan. A store may leave out periods that
+/// ended before the days it was asked about; the first one kept then stands for every
+/// earlier day too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanHistory {
+    enrolled_day: i64,
+    periods: Vec<PlanPeriod>,
+}
+
+impl PlanHistory {
+    /// The history of an install enrolled on `enrolled_day` whose plan is `current` (in
+    /// force from its `from_day`) after the `earlier` ones. A day before the enrollment
+    /// counts as the enrollment day (a node of an older release enrolls without a plan
+    /// day); of two periods on one day the later stands, as a change takes effect for the
+    /// whole day it is made.
+    pub fn new(
+        enrolled_day: i64,
+        current: PlanPeriod,
+        earlier: impl IntoIterator<Item = PlanPeriod>,
+    ) -> PlanHistory {
+        let mut all: Vec<PlanPeriod> = earlier.into_iter().collect();
+        all.push(current);
+        for period in &mut all {
+            period.from_day = period.from_day.max(enrolled_day);
+        }
+        // Stable: of periods on one day, their order (the current one last) decides.
+        all.sort_by_key(|period| period.from_day);
+        let mut periods: Vec<PlanPeriod> = Vec::with_capacity(all.len());
+        for period in all {
+            if let Some(last) = periods.last_mut()
+                && last.from_day == period.from_day
+            {
+                *last = period;
+            } else {
+                periods.push(period);
+            }
+        }
+        periods.dedup_by(|next, previous| next.plan == previous.plan);
+        PlanHistory {
+            enrolled_day,
+            periods,
+        }
+    }
+
+    /// The UTC day the install enrolled on.
+    pub fn enrolled_day(&self) -> i64 {
+        self.enrolled_day
+    }
+
+    /// The periods, oldest first.
+    pub fn periods(&self) -> &[PlanPeriod] {
+        &self.periods
+    }
+
+    /// Today's plan.
+    pub fn current(&self) -> Plan {
+        self.periods
+            .last()
+            .expect("a history has at least one period")
+            .plan
+    }
+
+    /// The days of `first..=last` each plan was in force; a day before the first period
+    /// counts under its plan.
+    fn days_by_plan(&self, first: i64, last: i64) -> [(Plan, i64); 3] {
+        let mut days = Plan::ALL.map(|plan| (plan, 0));
+        for (index, period) in self.periods.iter().enumerate() {
+            let start = if index == 0 { first } else { period.from_day };
+            let end = self
+                .periods
+                .get(index + 1)
+                .map_or(last, |next| next.from_day - 1);
+            let overlap = end.min(last) - start.max(first) + 1;
+            if overlap > 0 {
+                let slot = Plan::ALL
+                    .iter()
+                    .position(|plan| *plan == period.plan)
+                    .expect("every plan is in Plan::ALL");
+                days[slot].1 += overlap;
+            }
+        }
+        days
     }
 }
 
@@ -229,7 +327,7 @@ impl Pricing {
     }
 
     /// A plan's monthly price.
-    pub fn revenue(&self, plan: Plan) -> Micros {
+    pub fn monthly_price(&self, plan: Plan) -> Micros {
         match plan {
             Plan::Free => self.free,
             Plan::Pro => self.pro,
@@ -240,25 +338,46 @@ impl Pricing {
     /// The month's bill of an installation on `plan` that used `usage` (one entry per
     /// model and day): each day's cost rounded to a micro-unit, their sum to cents.
     pub fn bill(&self, plan: Plan, usage: &[ModelDayTokens]) -> Bill {
-        self.bill_with_revenue(self.revenue(plan), usage)
+        self.bill_with_revenue(self.monthly_price(plan), usage)
     }
 
-    /// The plan's revenue over the UTC days `first..=last` of a period that is not one
-    /// whole calendar month: for each month it touches, the monthly price times the days of
-    /// the period in that month over the days of that month, each part rounded half up to
-    /// a micro-unit. A period of whole months brings in exactly their monthly prices.
-    pub fn prorated_revenue(&self, plan: Plan, first: i64, last: i64) -> Micros {
-        let monthly = i128::from(self.revenue(plan).0);
+    /// What an install with these `plans` brings in over the UTC days `first..=last`: for
+    /// each calendar month from the one it enrolled in, the monthly price of each plan times
+    /// the days it was in force over the days of the month, each part rounded half up to a
+    /// micro-unit. With `whole_months` (month to date, last month) every month the days
+    /// touch counts whole, the enrollment month too (its days before the enrollment under
+    /// the first plan, as a subscription is paid at sign-up; the days after today under
+    /// today's plan); otherwise only the days of the period from the enrollment day on
+    /// count. A month of one plan counted whole brings in exactly its price.
+    pub fn revenue_over(
+        &self,
+        plans: &PlanHistory,
+        first: i64,
+        last: i64,
+        whole_months: bool,
+    ) -> Micros {
         let mut total = 0i128;
         let mut day = first;
         while day <= last {
             let (month_first, month_last) = month_of(day);
-            let part_last = month_last.min(last);
-            let days = i128::from(part_last - day + 1);
+            day = month_last + 1;
+            if month_last < plans.enrolled_day() {
+                continue;
+            }
+            let (from, to) = if whole_months {
+                (month_first, month_last)
+            } else {
+                (
+                    first.max(month_first).max(plans.enrolled_day()),
+                    last.min(month_last),
+                )
+            };
             let month_days = i128::from(month_last - month_first + 1);
-            // Half up: (2·a·d + m) / (2·m).
-            total += (2 * monthly * days + month_days) / (2 * month_days);
-            day = part_last + 1;
+            for (plan, days) in plans.days_by_plan(from, to) {
+                let monthly = i128::from(self.monthly_price(plan).0);
+                // Half up: (2·a·d + m) / (2·m).
+                total += (2 * monthly * i128::from(days) + month_days) / (2 * month_days);
+            }
         }
         Micros(i64::try_from(total).unwrap_or(i64::MAX))
     }
@@ -355,6 +474,10 @@ reasoning_per_mtok = 5.00
         day_number(NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap())
     }
 
+    fn on(plan: Plan, from_day: i64) -> PlanPeriod {
+        PlanPeriod { plan, from_day }
+    }
+
     /// `[prompt, completion, cached, cache_write, reasoning]` of `model` on `date`.
     fn usage(model: &str, date: &str, kinds: [u64; 5]) -> ModelDayTokens {
         let [prompt, completion, cached, cache_write, reasoning] = kinds;
@@ -375,30 +498,32 @@ reasoning_per_mtok = 5.00
     fn revenue_over_a_period_is_prorated_by_day_within_each_month() {
         let pricing = Pricing::new(settings(None));
         let day = |y, m, d| day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        // Enrolled long before, on one plan all along.
+        let prorated_revenue = |plan, first, last| {
+            let plans = PlanHistory::new(day(2020, 1, 1), on(plan, day(2020, 1, 1)), []);
+            pricing.revenue_over(&plans, first, last, false)
+        };
         // A whole month, or two: exactly the monthly prices.
         let (first, last) = month_of(day(2026, 2, 10));
         assert_eq!((first, last), (day(2026, 2, 1), day(2026, 2, 28)));
+        assert_eq!(prorated_revenue(Plan::Pro, first, last), Micros(19_000_000));
         assert_eq!(
-            pricing.prorated_revenue(Plan::Pro, first, last),
-            Micros(19_000_000)
-        );
-        assert_eq!(
-            pricing.prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
+            prorated_revenue(Plan::Agency, day(2026, 1, 1), day(2026, 2, 28)),
             Micros(2 * 99_990_000)
         );
         // 30 days from 2026-01-17: 15 of January's 31, 15 of February's 28.
         // 19 × 15/31 = 9.193548387 → 9.193548; 19 × 15/28 = 10.178571428 → 10.178571.
         assert_eq!(
-            pricing.prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
+            prorated_revenue(Plan::Pro, day(2026, 1, 17), day(2026, 2, 15)),
             Micros(9_193_548 + 10_178_571)
         );
         // One day of a 30-day month, half up: 99.99 / 30 = 3.333 exactly.
         assert_eq!(
-            pricing.prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
+            prorated_revenue(Plan::Agency, day(2026, 4, 2), day(2026, 4, 2)),
             Micros(3_333_000)
         );
         assert_eq!(
-            pricing.prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
+            prorated_revenue(Plan::Free, day(2026, 4, 2), day(2026, 4, 9)),
             Micros(0)
         );
         // December to January crosses the year.
@@ -406,6 +531,171 @@ reasoning_per_mtok = 5.00
             month_of(day(2026, 12, 31)),
             (day(2026, 12, 1), day(2026, 12, 31))
         );
+    }
+
+    /// Plans at round prices per day of a 31-day month: free 3.10 (0.10 a day), pro 31.00
+    /// (1.00 a day), agency 62.00 (2.00 a day).
+    fn round_plans() -> Pricing {
+        Pricing::new(PriceSettings {
+            plan_free_monthly: Some(3.10),
+            plan_pro_monthly: Some(31.0),
+            plan_agency_monthly: Some(62.0),
+            ..PriceSettings::default()
+        })
+    }
+
+    /// Revenue over `first..=last` (dates), whole months or by day, in micro-units.
+    fn revenue(plans: &PlanHistory, first: &str, last: &str, whole_months: bool) -> i64 {
+        round_plans()
+            .revenue_over(plans, day(first), day(last), whole_months)
+            .0
+    }
+
+    #[test]
+    fn an_install_earns_from_its_enrollment_month_and_nothing_before() {
+        // Enrolled on 2026-03-10, on pro.
+        let plans = PlanHistory::new(day("2026-03-10"), on(Plan::Pro, day("2026-03-10")), []);
+        // Month to date on the 20th: the enrollment month counts whole, 31.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-20", true),
+            31_000_000
+        );
+        // Last month, February, is before it enrolled: 0.
+        assert_eq!(revenue(&plans, "2026-02-01", "2026-02-28", true), 0);
+        // Any later month: the monthly price.
+        assert_eq!(
+            revenue(&plans, "2026-04-01", "2026-04-30", true),
+            31_000_000
+        );
+        // By day, the same dates count only the days from the 10th: 11 × 1.00 = 11.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-20", false),
+            11_000_000
+        );
+        // Across the enrollment day from February: February 0, 10 to 15 March 6 × 1.00.
+        assert_eq!(
+            revenue(&plans, "2026-02-20", "2026-03-15", false),
+            6_000_000
+        );
+        // The last 30 days on the 31st (2 to 31 March): 10 to 31 March, 22 × 1.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-02", "2026-03-31", false),
+            22_000_000
+        );
+        // Entirely before the enrollment day, the day before included: 0.
+        assert_eq!(revenue(&plans, "2026-01-01", "2026-03-09", false), 0);
+        assert_eq!(revenue(&plans, "2026-03-09", "2026-03-09", false), 0);
+        // From January 2025 to May 2026: only the days from the enrollment on.
+        // March 10 to 31: 22.00; April, 30 days: 31.00; May 1 to 15 of 31: 15.00.
+        assert_eq!(
+            revenue(&plans, "2025-01-01", "2026-05-15", false),
+            22_000_000 + 31_000_000 + 15_000_000
+        );
+    }
+
+    #[test]
+    fn a_month_with_several_plans_is_prorated_by_the_days_each_was_in_force() {
+        // Enrolled on 2026-01-05 on free, pro from 11 March, agency from 21 March.
+        let plans = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Agency, day("2026-03-21")),
+            [
+                on(Plan::Free, day("2026-01-05")),
+                on(Plan::Pro, day("2026-03-11")),
+            ],
+        );
+        // March whole: free 1 to 10 (10 × 0.10 = 1.00), pro 11 to 20 (10 × 1.00 = 10.00),
+        // agency 21 to 31 (11 × 2.00 = 22.00): 33.00.
+        assert_eq!(
+            revenue(&plans, "2026-03-01", "2026-03-31", true),
+            33_000_000
+        );
+        // The enrollment month counts whole, and every month before March is all free.
+        assert_eq!(revenue(&plans, "2026-01-01", "2026-01-31", true), 3_100_000);
+        assert_eq!(revenue(&plans, "2025-12-01", "2025-12-31", true), 0);
+        // April: today's plan, agency, 62.00.
+        assert_eq!(
+            revenue(&plans, "2026-04-01", "2026-04-30", true),
+            62_000_000
+        );
+        // By day, 5 to 25 March: free 5 to 10 (6 × 0.10 = 0.60), pro 10 days (10.00),
+        // agency 21 to 25 (5 × 2.00 = 10.00): 20.60.
+        assert_eq!(
+            revenue(&plans, "2026-03-05", "2026-03-25", false),
+            20_600_000
+        );
+
+        // Month to date on 15 March, pro since the 11th: free 10 days (1.00), and pro from
+        // the 11th to the end of the month, today's plan for the rest (21 × 1.00): 22.00.
+        let today = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Pro, day("2026-03-11")),
+            [on(Plan::Free, day("2026-01-05"))],
+        );
+        assert_eq!(
+            revenue(&today, "2026-03-01", "2026-03-15", true),
+            22_000_000
+        );
+
+        // Enrolled on 10 March on free, pro from the 20th: March counted whole gives its
+        // days before the enrollment to the first plan: free 1 to 19 (19 × 0.10 = 1.90),
+        // pro 20 to 31 (12 × 1.00 = 12.00): 13.90. By day, 10 to 31 March: free 10 days
+        // (1.00), pro 12 days (12.00): 13.00.
+        let late = PlanHistory::new(
+            day("2026-03-10"),
+            on(Plan::Pro, day("2026-03-20")),
+            [on(Plan::Free, day("2026-03-10"))],
+        );
+        assert_eq!(revenue(&late, "2026-03-01", "2026-03-31", true), 13_900_000);
+        assert_eq!(
+            revenue(&late, "2026-03-01", "2026-03-31", false),
+            13_000_000
+        );
+
+        // Each (month, plan) part rounds half up to a micro-unit once: 1 to 3 February
+        // (28 days) on free, 3.10 × 3 / 28 = 0.332142857 → 332,143; pro from the 4th to
+        // the 5th, 31.00 × 2 / 28 = 2.214285714 → 2,214,286.
+        let february = PlanHistory::new(
+            day("2026-01-05"),
+            on(Plan::Pro, day("2026-02-04")),
+            [on(Plan::Free, day("2026-01-05"))],
+        );
+        assert_eq!(
+            revenue(&february, "2026-02-01", "2026-02-05", false),
+            332_143 + 2_214_286
+        );
+    }
+
+    #[test]
+    fn a_plan_history_is_one_plan_a_day_from_the_enrollment_day() {
+        let pairs = |history: &PlanHistory| -> Vec<(Plan, i64)> {
+            history
+                .periods()
+                .iter()
+                .map(|period| (period.plan, period.from_day))
+                .collect()
+        };
+        // A period dated before the enrollment day (a node that did not record it) counts
+        // from the enrollment day; of two on one day the later stands; a plan followed by
+        // itself is one period.
+        let history = PlanHistory::new(
+            100,
+            on(Plan::Agency, 120),
+            [
+                on(Plan::Free, 0),
+                on(Plan::Pro, 100),
+                on(Plan::Pro, 110),
+                on(Plan::Free, 115),
+            ],
+        );
+        assert_eq!(
+            pairs(&history),
+            [(Plan::Pro, 100), (Plan::Free, 115), (Plan::Agency, 120)]
+        );
+        assert_eq!(history.enrolled_day(), 100);
+        assert_eq!(history.current(), Plan::Agency);
+        let only = PlanHistory::new(100, on(Plan::Pro, 0), []);
+        assert_eq!(pairs(&only), [(Plan::Pro, 100)]);
     }
 
     #[test]

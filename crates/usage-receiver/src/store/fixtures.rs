@@ -1,7 +1,7 @@
-//! Test data the store's tests share: an install enrolled under a given id, and a
-//! numbered event. Also included by the store conformance suite
-//! (`crates/usage-receiver/tests/conformance.rs`), which reaches the same types through a
-//! `store` module of its own.
+//! Test data the store's tests share: an install enrolled under a given id (at a given
+//! instant, when a test needs its enrollment day), and a numbered event. Also included by
+//! the store conformance suite (`crates/usage-receiver/tests/conformance.rs`), which
+//! reaches the same types through a `store` module of its own.
 
 use uuid::Uuid;
 
@@ -10,11 +10,16 @@ use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
 
 pub fn enroll(store: &dyn ReceiverStore, id: &str) -> Install {
+    enroll_at(store, id, 0)
+}
+
+/// Enrolls `id` at `enrolled_at_ms` (Unix milliseconds).
+pub fn enroll_at(store: &dyn ReceiverStore, id: &str, enrolled_at_ms: i64) -> Install {
     let install = NewInstall {
         install_id: id.into(),
         secret: Secret::generate(),
         site_hash: "site".into(),
-        enrolled_at_ms: 0,
+        enrolled_at_ms,
     };
     assert_eq!(store.enroll(&install).unwrap(), EnrollOutcome::Created);
     store.find_install(id).unwrap().unwrap()

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::billing::money::Micros;
 use crate::billing::price_book::Rates;
-use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage};
+use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PricedUsage};
 use crate::days::day_of_ms;
 use crate::store::rate_limit::Rate;
 use chrono::{DateTime, Datelike, Utc};
@@ -107,7 +107,8 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// Every install (or only `install_id`) with its usage over `window`, sorted by install
     /// id, and the days of the last 30 summed over those installs. Answered from the daily
     /// rollups kept at ingest, never from raw events, with a fixed number of queries
-    /// however many installs there are.
+    /// however many installs there are. Each install's plan history may leave out the
+    /// periods that ended before the first day of the month of `window.month_start`.
     fn installations(
         &self,
         install_id: Option<&str>,
@@ -144,8 +145,16 @@ pub trait ReceiverStore: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Sets an install's plan; `false` when the install is unknown.
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError>;
+    /// Makes `plan` an install's plan from the UTC day `day` (today) on, keeping the plans
+    /// before it as its history; `false` when the install is unknown. A plan is in force
+    /// for whole days: a second change the same day replaces the first (and a change back
+    /// to the plan of the day before continues that one). Setting the plan in force
+    /// changes nothing.
+    fn set_plan(&self, install_id: &str, plan: Plan, day: i64) -> Result<bool, ReceiverStoreError>;
+
+    /// An install's whole plan history, from its enrollment day on; `None` when the install
+    /// is unknown.
+    fn plan_history(&self, install_id: &str) -> Result<Option<PlanHistory>, ReceiverStoreError>;
 
     /// Sets an install's label (already checked: 1 to 100 characters); `false` when the
     /// install is unknown.
@@ -266,6 +275,33 @@ pub struct UserModelDay {
     pub user_hash: String,
     pub events: u64,
     pub usage: ModelDayTokens,
+}
+
+/// What setting an install's plan does to its history: its plan `current`, in force
+/// since the UTC day `current_from`, is asked to become `plan` on `day`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanChange {
+    /// `plan` is the plan in force: nothing to record.
+    Unchanged,
+    /// `current` had days of its own: it goes into the history as in force from
+    /// `current_from` until the day before `day`, and `plan` starts on `day`.
+    Start,
+    /// `current` took effect today (or the clock stands before its day): `plan` replaces
+    /// it from `current_from` on, or, when the plan in force just before it was `plan`,
+    /// that one goes on as if never left.
+    Replace,
+}
+
+impl PlanChange {
+    pub fn of(current: Plan, current_from: i64, plan: Plan, day: i64) -> PlanChange {
+        if plan == current {
+            PlanChange::Unchanged
+        } else if day > current_from {
+            PlanChange::Start
+        } else {
+            PlanChange::Replace
+        }
+    }
 }
 
 /// An install's monthly budget and the thresholds it alerts at.
@@ -445,7 +481,9 @@ pub struct InstallUsage {
     pub install_id: String,
     /// The provider's label, if one was set.
     pub label: Option<String>,
-    pub plan: Plan,
+    /// Its enrollment day and plans (today's last), as [`ReceiverStore::installations`]
+    /// says.
+    pub plans: PlanHistory,
     /// When its last batch was stored.
     pub last_seen_ms: Option<i64>,
     pub events_30d: u64,
@@ -501,7 +539,8 @@ pub struct PriceList<'a> {
 pub struct CostedInstall {
     pub install_id: String,
     pub label: Option<String>,
-    pub plan: Plan,
+    /// As [`InstallUsage::plans`].
+    pub plans: PlanHistory,
     pub last_seen_ms: Option<i64>,
     /// Over the counted days.
     pub events_30d: u64,
@@ -532,7 +571,7 @@ impl CostedReport {
                     priced: PricedUsage::of(&usage.usage_mtd, rates),
                     install_id: usage.install_id,
                     label: usage.label,
-                    plan: usage.plan,
+                    plans: usage.plans,
                     last_seen_ms: usage.last_seen_ms,
                     events_30d: usage.events_30d,
                     tokens_30d: usage.tokens_30d,

@@ -37,28 +37,30 @@ use crate::http::csv::{csv_answer, with_file_name};
 use crate::store::usage_window;
 use crate::views::rows::InstallRow;
 
-/// Bills every install's costed usage; `period`, when given, decides the revenue (a
-/// whole monthly price, or prorated by day), else it is the plan's monthly price.
+/// Bills every install's costed usage. Revenue is over `period` (month to date when
+/// `None`) from each install's enrollment and plan history: whole months for month to
+/// date and last month, else by day ([`Pricing::revenue_over`]).
 pub fn install_rows(
     app: &ReceiverState,
     installs: Vec<CostedInstall>,
     period: Option<Period>,
 ) -> Vec<InstallRow> {
     let pricing = &app.pricing;
+    let period = period.unwrap_or_else(|| Period::mtd(app.provider_now()));
     installs
         .into_iter()
         .map(|install| {
-            let revenue = match period {
-                Some(period) if !period.is_monthly() => {
-                    pricing.prorated_revenue(install.plan, period.days.first, period.days.last)
-                }
-                _ => pricing.revenue(install.plan),
-            };
+            let revenue = pricing.revenue_over(
+                &install.plans,
+                period.days.first,
+                period.days.last,
+                period.is_monthly(),
+            );
             InstallRow {
                 bill: Pricing::bill_of(revenue, &install.priced),
                 install_id: install.install_id,
                 label: install.label,
-                plan: install.plan,
+                plan: install.plans.current(),
                 last_seen_ms: install.last_seen_ms,
                 events: install.events_30d,
                 tokens: install.tokens_30d,
@@ -93,7 +95,11 @@ pub async fn load_rows(
         store.costed_installations(install_id.as_deref(), window, prices)
     })
     .await?;
-    Ok((install_rows(app, report.installs, period), report.daily))
+    let priced = period.unwrap_or_else(|| Period::mtd(now));
+    Ok((
+        install_rows(app, report.installs, Some(priced)),
+        report.daily,
+    ))
 }
 
 /// How often a node asks for the views a provider opens first, when its store keeps

@@ -1,6 +1,6 @@
 //! The receiver's HTTP API, one module per subject: ingest and enrollment, the provider's
-//! views, budgets and alerts. A real receiver on a loopback port, on SQLite; the same
-//! modules run on PostgreSQL in `tests/api_postgres`.
+//! views, revenue and plan history, budgets and alerts. A real receiver on a loopback
+//! port, on SQLite; the same modules run on PostgreSQL in `tests/api_postgres`.
 
 /// The store the test receivers of this binary use.
 pub const RECEIVER_STORE: usage_receiver::store::StoreKind =
@@ -21,6 +21,7 @@ mod ingest;
 mod logging;
 mod metrics;
 mod provider;
+mod revenue;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]

@@ -13,6 +13,7 @@ use usage_protocol::event::format_millis;
 use usage_protocol::signing::Secret;
 use usage_protocol::wire::user_hash;
 use usage_receiver::ReceiverSettings;
+use usage_receiver::billing::pricing::Plan;
 
 use crate::common::{
     self, PROVIDER_PASSWORD, PROVIDER_USER, TestInstall, TestReceiver, batch_body, client,
@@ -386,12 +387,25 @@ fn mid_month() -> DateTime<Utc> {
 async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() {
     let now = mid_month();
     let rx = TestReceiver::start(priced_settings(now));
-    let a = enroll(&rx).await;
-    let b = enroll(&rx).await;
     let this_month = now - Duration::days(2);
     let last_month = now - Duration::days(20);
     // The month before last (now is the 15th).
     let older = now - Duration::days(50);
+    // Both enrolled the day before the oldest usage, a on pro from then on.
+    let enrolled = older - Duration::days(1);
+    let (a, b) = (TestInstall::new(), TestInstall::new());
+    for install in [&a, &b] {
+        common::enroll_at(&rx, install, enrolled.timestamp_millis()).await;
+    }
+    let store = rx.store.clone();
+    let (id, day) = (
+        a.id.clone(),
+        enrolled.timestamp_millis().div_euclid(86_400_000),
+    );
+    tokio::task::spawn_blocking(move || store.set_plan(&id, Plan::Pro, day))
+        .await
+        .unwrap()
+        .unwrap();
     let sent = [
         // a: 100K gpt-4o this month (0.50), 200K last month (1.00), 1M before (5.00).
         (&a, "gpt-4o", 100_000, this_month),
@@ -404,10 +418,6 @@ async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() 
         let events = [event(install, model, tokens, at)];
         assert_eq!(send(&rx, install, &events).await, StatusCode::OK);
     }
-    assert_eq!(
-        set_plan(&rx, &a.id, r#"{"plan": "pro"}"#).await.status(),
-        StatusCode::OK
-    );
 
     // Without a period: the original answer (30 days, month to date), unchanged.
     let plain = get_json(&rx, "/api/usage/installations").await;

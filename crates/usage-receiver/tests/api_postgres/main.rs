@@ -22,8 +22,11 @@ mod fleet;
 mod ingest;
 #[path = "../api/metrics.rs"]
 mod metrics;
+mod plan_migration;
 #[path = "../api/provider.rs"]
 mod provider;
+#[path = "../api/revenue.rs"]
+mod revenue;
 #[path = "../support/mod.rs"]
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]

@@ -232,6 +232,24 @@ pub async fn enroll(rx: &TestReceiver, install: &TestInstall) {
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
+/// Enrolls `install` straight into the store of `rx` as enrolled at `at_ms` (Unix
+/// milliseconds): the enrollment endpoint stamps the real clock, and a test of what an
+/// install earns needs its enrollment day.
+pub async fn enroll_at(rx: &TestReceiver, install: &TestInstall, at_ms: i64) {
+    let store = rx.store.clone();
+    let new = usage_receiver::store::NewInstall {
+        install_id: install.id.clone(),
+        secret: install.secret.clone(),
+        site_hash: "cd".repeat(32),
+        enrolled_at_ms: at_ms,
+    };
+    let outcome = tokio::task::spawn_blocking(move || store.enroll(&new))
+        .await
+        .expect("the enroll task")
+        .expect("enroll in the store");
+    assert_eq!(outcome, usage_receiver::store::EnrollOutcome::Created);
+}
+
 /// The JSON body of a batch.
 pub fn batch_body(batch_id: Uuid, install_id: &str, events: &[Value]) -> Vec<u8> {
     serde_json::to_vec(&json!({

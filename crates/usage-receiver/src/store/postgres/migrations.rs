@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_view_versions_daily_totals.sql"),
     include_str!("migrations/0006_rollup_hot_updates.sql"),
     include_str!("migrations/0007_event_origins.sql"),
+    include_str!("migrations/0008_plan_history.sql"),
 ];
 
 /// Key of the advisory lock held while migrating (any constant the receiver owns).

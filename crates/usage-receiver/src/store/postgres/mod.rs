@@ -43,14 +43,16 @@ use self::writers::{Batch, Writers};
 use super::{
     Alert, Budget, CostedInstall, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
     EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
-    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PoolUse,
-    PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
+    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange,
+    PoolUse, PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
     SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
     UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
-use crate::billing::pricing::{ModelDayTokens, Plan, PricedUsage, TokenCounts};
-use crate::days::month_text;
+use crate::billing::pricing::{
+    ModelDayTokens, Plan, PlanHistory, PlanPeriod, PricedUsage, TokenCounts,
+};
+use crate::days::{month_of, month_text};
 use crate::store::rate_limit::Rate;
 use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
@@ -420,6 +422,48 @@ fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
         .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
 }
 
+/// The plans of every install (or only `only`) that ended after `since`, oldest first.
+async fn past_plans(
+    client: &impl GenericClient,
+    only: Option<InstallKey>,
+    since: i64,
+) -> Result<HashMap<InstallKey, Vec<PlanPeriod>>, ReceiverStoreError> {
+    let rows = client
+        .query(
+            "SELECT install, from_day, plan FROM past_plans
+             WHERE until_day > $1 AND ($2::bigint IS NULL OR install = $2)
+             ORDER BY install, from_day",
+            &[&since, &only],
+        )
+        .await?;
+    let mut plans: HashMap<InstallKey, Vec<PlanPeriod>> = HashMap::new();
+    for row in rows {
+        plans.entry(row.get(0)).or_default().push(PlanPeriod {
+            plan: plan_from(row.get(2))?,
+            from_day: row.get(1),
+        });
+    }
+    Ok(plans)
+}
+
+/// An install's plan history from its row's `[plan, enrolled_at, plan_from]` columns (at
+/// these indexes) and its `earlier` plans.
+fn history_of(
+    row: &Row,
+    [plan, enrolled_at, plan_day]: [usize; 3],
+    earlier: Vec<PlanPeriod>,
+) -> Result<PlanHistory, ReceiverStoreError> {
+    let current = PlanPeriod {
+        plan: plan_from(row.get(plan))?,
+        from_day: row.get(plan_day),
+    };
+    Ok(PlanHistory::new(
+        day_of_ms(row.get(enrolled_at)),
+        current,
+        earlier,
+    ))
+}
+
 async fn install_key(
     client: &Object,
     install_id: &str,
@@ -491,13 +535,14 @@ impl ReceiverStore for PostgresStore {
             // one inserts, the other finds its row.
             let inserted = client
                 .execute(
-                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT (install_id) DO NOTHING",
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at, plan_from)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (install_id) DO NOTHING",
                     &[
                         &install.install_id,
                         &install.secret.to_whsec(),
                         &install.site_hash,
                         &install.enrolled_at_ms,
+                        &day_of_ms(install.enrolled_at_ms),
                     ],
                 )
                 .await?;
@@ -717,12 +762,12 @@ impl ReceiverStore for PostgresStore {
             };
             let mut report = InstallationsReport::default();
             let mut by_key = HashMap::new();
-            for head in install_heads(&client, only, window.today).await? {
+            for head in install_heads(&client, only, window).await? {
                 by_key.insert(head.key, report.installs.len());
                 report.installs.push(InstallUsage {
                     install_id: head.install_id,
                     label: head.label,
-                    plan: head.plan,
+                    plans: head.plans,
                     last_seen_ms: head.last_seen_ms,
                     events_30d: 0,
                     tokens_30d: 0,
@@ -844,17 +889,78 @@ impl ReceiverStore for PostgresStore {
             .collect()
     }
 
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
+    fn set_plan(&self, install_id: &str, plan: Plan, day: i64) -> Result<bool, ReceiverStoreError> {
         self.run(async |store| {
-            let changed = store
-                .client()
-                .await?
-                .execute(
-                    "UPDATE installs SET plan = $2 WHERE install_id = $1",
-                    &[&install_id, &plan.as_str()],
+            let mut client = store.client().await?;
+            let tx = client.transaction().await?;
+            // The row lock makes changes through several nodes take turns.
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT id, plan, enrolled_at, plan_from FROM installs
+                     WHERE install_id = $1 FOR NO KEY UPDATE",
+                    &[&install_id],
                 )
+                .await?
+            else {
+                return Ok(false);
+            };
+            let key: InstallKey = row.get(0);
+            let current = plan_from(row.get(1))?;
+            let current_from = row.get::<_, i64>(3).max(day_of_ms(row.get(2)));
+            let set = "UPDATE installs SET plan = $2, plan_from = $3 WHERE id = $1";
+            match PlanChange::of(current, current_from, plan, day) {
+                PlanChange::Unchanged => {}
+                PlanChange::Start => {
+                    tx.execute(
+                        "INSERT INTO past_plans (install, from_day, until_day, plan)
+                         VALUES ($1, $2, $3, $4)",
+                        &[&key, &current_from, &day, &current.as_str()],
+                    )
+                    .await?;
+                    tx.execute(set, &[&key, &plan.as_str(), &day]).await?;
+                }
+                PlanChange::Replace => {
+                    let resumed: Option<i64> = tx
+                        .query_opt(
+                            "DELETE FROM past_plans
+                             WHERE install = $1 AND until_day = $2 AND plan = $3
+                             RETURNING from_day",
+                            &[&key, &current_from, &plan.as_str()],
+                        )
+                        .await?
+                        .map(|row| row.get(0));
+                    let from_day = resumed.unwrap_or(current_from);
+                    tx.execute(set, &[&key, &plan.as_str(), &from_day]).await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
+    fn plan_history(&self, install_id: &str) -> Result<Option<PlanHistory>, ReceiverStoreError> {
+        self.run(async |store| {
+            let mut client = store.client().await?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
                 .await?;
-            Ok(changed == 1)
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT id, plan, enrolled_at, plan_from FROM installs WHERE install_id = $1",
+                    &[&install_id],
+                )
+                .await?
+            else {
+                return Ok(None);
+            };
+            let key: InstallKey = row.get(0);
+            let mut earlier = past_plans(&tx, Some(key), i64::MIN).await?;
+            let history = history_of(&row, [1, 2, 3], earlier.remove(&key).unwrap_or_default())?;
+            tx.commit().await?;
+            Ok(Some(history))
         })
     }
 
@@ -935,6 +1041,7 @@ impl ReceiverStore for PostgresStore {
                 "request_schedule",
                 "budgets",
                 "alerts",
+                "past_plans",
             ] {
                 tx.execute(&format!("DELETE FROM {table} WHERE install = $1"), &[&key])
                     .await?;
@@ -1199,7 +1306,8 @@ struct InstallHead {
     key: InstallKey,
     install_id: String,
     label: Option<String>,
-    plan: Plan,
+    /// From the first day of the month of the window's `month_start` on.
+    plans: PlanHistory,
     last_seen_ms: Option<i64>,
     budget: Option<Budget>,
     /// Thresholds alerted in the month of `today`.
@@ -1208,29 +1316,32 @@ struct InstallHead {
     usage_version: i64,
 }
 
-/// Every install (or only `only`) in install id order, with its budget and the thresholds
-/// alerted in the month of `today`.
+/// Every install (or only `only`) in install id order, with its plans over the months of
+/// `window`, its budget and the thresholds alerted in the month of `window.today`.
 async fn install_heads(
     client: &impl GenericClient,
     only: Option<InstallKey>,
-    today: i64,
+    window: UsageWindow,
 ) -> Result<Vec<InstallHead>, ReceiverStoreError> {
+    let today = window.today;
     let rows = client
         .query(
             r#"SELECT i.id, i.install_id, i.plan, i.last_seen, i.label, b.monthly_micros,
-                      b.thresholds, i.usage_version
+                      b.thresholds, i.usage_version, i.enrolled_at, i.plan_from
                FROM installs i LEFT JOIN budgets b ON b.install = i.id
                WHERE $1::bigint IS NULL OR i.id = $1"#,
             &[&only],
         )
         .await?;
+    let mut earlier = past_plans(client, only, month_of(window.month_start).0).await?;
     let mut heads = Vec::with_capacity(rows.len());
     for row in rows {
+        let key = row.get(0);
         heads.push(InstallHead {
-            key: row.get(0),
+            key,
             install_id: row.get(1),
             label: row.get(4),
-            plan: plan_from(row.get(2))?,
+            plans: history_of(&row, [2, 8, 9], earlier.remove(&key).unwrap_or_default())?,
             last_seen_ms: row.get(3),
             budget: Budget::from_columns(row.get(5), row.get(6))?,
             alerted_in_month: Vec::new(),
@@ -1285,7 +1396,7 @@ async fn costed(
         .await?;
     tx.batch_execute("SET LOCAL work_mem = '256MB'; SET LOCAL jit = off")
         .await?;
-    let heads = install_heads(&tx, only, window.today).await?;
+    let heads = install_heads(&tx, only, window).await?;
     let view = ViewKey {
         window,
         prices: prices.id,
@@ -1348,7 +1459,7 @@ async fn costed(
         .map(|(head, figures)| CostedInstall {
             install_id: head.install_id,
             label: head.label,
-            plan: head.plan,
+            plans: head.plans,
             last_seen_ms: head.last_seen_ms,
             events_30d: figures.events_30d,
             tokens_30d: figures.tokens_30d,

@@ -15,6 +15,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0005_install_labels.sql"),
     include_str!("migrations/0006_budgets_alerts.sql"),
     include_str!("migrations/0007_event_origins.sql"),
+    include_str!("migrations/0008_plan_history.sql"),
 ];
 
 /// Applies the migrations not applied yet; refuses a schema newer than this build knows.

@@ -26,13 +26,13 @@ use uuid::Uuid;
 use super::{
     Alert, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage,
     EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport, MonthSpend,
-    NewAlert, NewEvent, NewInstall, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow,
-    UserModelDay,
+    NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore, ReceiverStoreError,
+    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
+    UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
-use crate::billing::pricing::{ModelDayTokens, Plan, TokenCounts};
-use crate::days::month_text;
+use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PlanPeriod, TokenCounts};
+use crate::days::{month_of, month_text};
 use crate::store::rate_limit::{Rate, RateLimiter};
 use usage_common::private_file::create_private;
 use usage_protocol::event::Source;
@@ -211,14 +211,15 @@ impl ReceiverStore for SqliteStore {
             },
             None => {
                 tx.prepare_cached(
-                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at)
-                     VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO installs (install_id, secret, site_hash, enrolled_at, plan_from)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
                     install.install_id,
                     install.secret.to_whsec(),
                     install.site_hash,
-                    install.enrolled_at_ms
+                    install.enrolled_at_ms,
+                    day_of_ms(install.enrolled_at_ms)
                 ])?;
                 EnrollOutcome::Created
             }
@@ -471,17 +472,21 @@ impl ReceiverStore for SqliteStore {
         install_id: Option<&str>,
         window: UsageWindow,
     ) -> Result<InstallationsReport, ReceiverStoreError> {
-        let conn = self.reader();
+        let reader = self.reader();
+        // One snapshot, so each install's plans are read as its row has them.
+        let snapshot = reader.unchecked_transaction()?;
+        let conn: &Connection = &snapshot;
         // `Some(None)`: every install; `None`: the one asked for is unknown.
-        let Some(only) = optional_install(&conn, install_id)? else {
+        let Some(only) = optional_install(conn, install_id)? else {
             return Ok(InstallationsReport::default());
         };
         let mut report = InstallationsReport::default();
         let mut by_key = HashMap::new();
         {
+            let mut earlier = past_plans(conn, only, month_of(window.month_start).0)?;
             let mut statement = conn.prepare_cached(
                 "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
-                        i.label
+                        i.label, i.enrolled_at, i.plan_from
                  FROM installs i LEFT JOIN budgets b ON b.install = i.id
                  WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
             )?;
@@ -492,7 +497,7 @@ impl ReceiverStore for SqliteStore {
                 report.installs.push(InstallUsage {
                     install_id: row.get(1)?,
                     label: row.get(6)?,
-                    plan: plan_from(&row.get::<_, String>(2)?)?,
+                    plans: history_of(row, [2, 7, 8], earlier.remove(&key).unwrap_or_default())?,
                     last_seen_ms: row.get(3)?,
                     events_30d: 0,
                     tokens_30d: 0,
@@ -563,12 +568,67 @@ impl ReceiverStore for SqliteStore {
         Ok(report)
     }
 
-    fn set_plan(&self, install_id: &str, plan: Plan) -> Result<bool, ReceiverStoreError> {
-        let changed = self
-            .writer()
-            .prepare_cached("UPDATE installs SET plan = ?2 WHERE install_id = ?1")?
-            .execute(params![install_id, plan.as_str()])?;
-        Ok(changed == 1)
+    fn set_plan(&self, install_id: &str, plan: Plan, day: i64) -> Result<bool, ReceiverStoreError> {
+        let mut conn = self.writer();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let install: Option<(InstallKey, String, i64, i64)> = tx
+            .prepare_cached(
+                "SELECT id, plan, enrolled_at, plan_from FROM installs WHERE install_id = ?1",
+            )?
+            .query_row(params![install_id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })
+            .optional()?;
+        let Some((key, current, enrolled_at, current_from)) = install else {
+            return Ok(false);
+        };
+        let current = plan_from(&current)?;
+        let current_from = current_from.max(day_of_ms(enrolled_at));
+        match PlanChange::of(current, current_from, plan, day) {
+            PlanChange::Unchanged => {}
+            PlanChange::Start => {
+                tx.prepare_cached(
+                    "INSERT INTO past_plans (install, from_day, until_day, plan)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![key, current_from, day, current.as_str()])?;
+                tx.prepare_cached("UPDATE installs SET plan = ?2, plan_from = ?3 WHERE id = ?1")?
+                    .execute(params![key, plan.as_str(), day])?;
+            }
+            PlanChange::Replace => {
+                let resumed: Option<i64> = tx
+                    .prepare_cached(
+                        "DELETE FROM past_plans WHERE install = ?1 AND until_day = ?2 AND plan = ?3
+                         RETURNING from_day",
+                    )?
+                    .query_row(params![key, current_from, plan.as_str()], |row| row.get(0))
+                    .optional()?;
+                tx.prepare_cached("UPDATE installs SET plan = ?2, plan_from = ?3 WHERE id = ?1")?
+                    .execute(params![key, plan.as_str(), resumed.unwrap_or(current_from)])?;
+            }
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn plan_history(&self, install_id: &str) -> Result<Option<PlanHistory>, ReceiverStoreError> {
+        let conn = self.reader();
+        let tx = conn.unchecked_transaction()?;
+        let Some(key) = install_key(&tx, install_id)? else {
+            return Ok(None);
+        };
+        let mut earlier = past_plans(&tx, Some(key), i64::MIN)?;
+        let history = tx
+            .prepare_cached("SELECT plan, enrolled_at, plan_from FROM installs WHERE id = ?1")?
+            .query_row(params![key], |row| {
+                Ok(history_of(
+                    row,
+                    [0, 1, 2],
+                    earlier.remove(&key).unwrap_or_default(),
+                ))
+            })??;
+        tx.commit()?;
+        Ok(Some(history))
     }
 
     fn set_label(&self, install_id: &str, label: &str) -> Result<bool, ReceiverStoreError> {
@@ -623,7 +683,7 @@ impl ReceiverStore for SqliteStore {
         let events = tx
             .prepare_cached("DELETE FROM events WHERE install = ?1")?
             .execute(params![key])?;
-        for table in ["daily_usage", "budgets", "alerts"] {
+        for table in ["daily_usage", "budgets", "alerts", "past_plans"] {
             tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
                 .execute(params![key])?;
         }
@@ -935,6 +995,45 @@ fn token_counts(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Token
 fn plan_from(text: &str) -> Result<Plan, ReceiverStoreError> {
     text.parse()
         .map_err(|_| ReceiverStoreError::Corrupt(format!("unknown plan {text:?}")))
+}
+
+/// The plans of every install (or only `only`) that ended after `since`, oldest first.
+fn past_plans(
+    conn: &Connection,
+    only: Option<InstallKey>,
+    since: i64,
+) -> Result<HashMap<InstallKey, Vec<PlanPeriod>>, ReceiverStoreError> {
+    let mut statement = conn.prepare_cached(
+        "SELECT install, from_day, plan FROM past_plans
+         WHERE until_day > ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, from_day",
+    )?;
+    let mut rows = statement.query(params![since, only])?;
+    let mut plans: HashMap<InstallKey, Vec<PlanPeriod>> = HashMap::new();
+    while let Some(row) = rows.next()? {
+        plans.entry(row.get(0)?).or_default().push(PlanPeriod {
+            plan: plan_from(&row.get::<_, String>(2)?)?,
+            from_day: row.get(1)?,
+        });
+    }
+    Ok(plans)
+}
+
+/// An install's plan history from its row's `[plan, enrolled_at, plan_from]` columns (at
+/// these indexes) and its `earlier` plans.
+fn history_of(
+    row: &rusqlite::Row<'_>,
+    [plan, enrolled_at, plan_day]: [usize; 3],
+    earlier: Vec<PlanPeriod>,
+) -> Result<PlanHistory, ReceiverStoreError> {
+    let current = PlanPeriod {
+        plan: plan_from(&row.get::<_, String>(plan)?)?,
+        from_day: row.get(plan_day)?,
+    };
+    Ok(PlanHistory::new(
+        day_of_ms(row.get(enrolled_at)?),
+        current,
+        earlier,
+    ))
 }
 
 fn optional_install(

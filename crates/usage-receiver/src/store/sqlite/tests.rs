@@ -253,3 +253,47 @@ fn the_token_kinds_migration_backfills_the_rollup_from_stored_events() {
     let day5 = report.installs[0].usage_mtd[1].tokens;
     assert_eq!((day5.prompt, day5.cached, day5.reasoning), (43, 12, 6));
 }
+
+#[test]
+fn the_plan_history_migration_starts_each_install_at_its_enrollment_day() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    // 5 January and 10 March 2026.
+    let (jan_5, mar_10) = (20_458, 20_522);
+    {
+        // A database at schema 7: `a` enrolled on 5 January and is on pro, `b` enrolled in
+        // the last millisecond of 10 March and is on free.
+        let mut conn = connect(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &MIGRATIONS[..7] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 7).unwrap();
+        tx.execute(
+            "INSERT INTO installs (install_id, secret, site_hash, enrolled_at, plan)
+             VALUES ('a', 'x', 's', ?1, 'pro'), ('b', 'x', 's', ?2, 'free')",
+            params![
+                jan_5 * MS_PER_DAY + 9 * 3_600_000,
+                (mar_10 + 1) * MS_PER_DAY - 1
+            ],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    assert_eq!(crate::days::day_text(jan_5), "2026-01-05");
+    assert_eq!(crate::days::day_text(mar_10), "2026-03-10");
+    let store = SqliteStore::open(&path).unwrap();
+    let periods = |id: &str| -> Vec<(Plan, i64)> {
+        let history = store.plan_history(id).unwrap().unwrap();
+        history
+            .periods()
+            .iter()
+            .map(|period| (period.plan, period.from_day))
+            .collect()
+    };
+    assert_eq!(periods("a"), [(Plan::Pro, jan_5)]);
+    assert_eq!(periods("b"), [(Plan::Free, mar_10)]);
+    // A change after the migration starts a new period and keeps the migrated one.
+    assert!(store.set_plan("a", Plan::Agency, mar_10).unwrap());
+    assert_eq!(periods("a"), [(Plan::Pro, jan_5), (Plan::Agency, mar_10)]);
+}

@@ -501,9 +501,10 @@ pub fn render_dashboard(page: &FleetPage<'_>, now: DateTime<Utc>) -> Markup {
         p.muted {
             "Change: cost against the previous " (view.period.days.last - view.period.days.first + 1)
             " days. Budget used: the period's cost over the monthly budget, for month to date "
-            "and last month. Revenue: each month's plan price, from the month an install "
-            "enrolled in; for other periods, prorated by day. Sort by a heading; click it "
-            "again to reverse."
+            "and last month. Revenue: from the month an install enrolled in (that month "
+            "whole), each month's plan price, prorated between plans by the days each was in "
+            "force; other periods count each plan's days from the enrollment day. Sort by a "
+            "heading; click it again to reverse."
         }
     };
     layout("Usage dashboard", now, body)

@@ -15,12 +15,11 @@ use crate::store::{Alert, SourceModelDay, UserModelDay};
 use crate::views::dashboard::chart::cost_chart;
 use crate::views::dashboard::fleet::{DashboardView, delivered, period_links};
 use crate::views::dashboard::format::{
-    amount, change_text, cost_cell, cost_text, count, install_path, money, percent,
+    amount, change_text, cost_cell, cost_text, count, install_path, minute_text, money, percent,
 };
 use crate::views::dashboard::page::layout;
 use crate::views::query::{Filter, Period, Sort};
 use crate::views::rows::InstallRow;
-use usage_protocol::event::format_millis;
 
 /// How many users an install's page lists; the rest are counted.
 pub const USERS_LISTED: usize = 100;
@@ -165,7 +164,7 @@ pub struct InstallDetail<'a> {
     pub users: Users,
     /// The install's alerts, oldest first.
     pub alerts: &'a [Alert],
-    /// Its plans, oldest first, where the store keeps their history.
+    /// Its plans, oldest first (`None`: it was erased while the page was read).
     pub plans: Option<Vec<PlanSpan>>,
     pub webhook: bool,
     pub pricing: &'a Pricing,
@@ -253,8 +252,8 @@ fn alerts_section(detail: &InstallDetail<'_>) -> Markup {
                         }
                         @for alert in detail.alerts.iter().rev() {
                             tr {
-                                td.nowrap { (format_millis(alert.at_ms)) }
-                                td { (alert.month) }
+                                td.nowrap { (minute_text(alert.at_ms)) }
+                                td.nowrap { (alert.month) }
                                 td.n { (alert.threshold) "%" }
                                 td.n { (money(alert.cost.to_cents(), &alert.currency)) }
                                 td.n { (money(alert.budget.to_cents(), &alert.currency)) }
@@ -276,9 +275,18 @@ fn plans_section(detail: &InstallDetail<'_>) -> Markup {
                 Some(plans) if !plans.is_empty() => {
                     div.scroll {
                         table #plans-table {
-                            tr { th { "Plan" } th { "From (UTC)" } }
-                            @for span in plans.iter().rev() {
-                                tr { td { (span.plan) } td.nowrap { (span.from) } }
+                            tr { th { "Plan" } th { "From (UTC)" } th { "Until" } }
+                            @for (index, span) in plans.iter().enumerate().rev() {
+                                tr {
+                                    td { (span.plan) }
+                                    td.nowrap { (span.from) }
+                                    td.nowrap {
+                                        @match plans.get(index + 1) {
+                                            Some(next) => { "before " (next.from) },
+                                            None => "today",
+                                        }
+                                    }
+                                }
                             }
                         }
                     }

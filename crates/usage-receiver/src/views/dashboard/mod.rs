@@ -17,7 +17,8 @@
 //!
 //! **Invariant:** a page costs a fixed number of store queries however many installs
 //! there are: the installations view of the period and of the previous period of the same
-//! length, the fleet's model days and this month's alerts.
+//! length, the fleet's model days and this month's alerts; an install's page, its own
+//! figures of both periods, alerts, usage by source and by user, and plan history.
 
 pub mod chart;
 pub mod fleet;
@@ -37,13 +38,15 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::billing::money::Cents;
-use crate::days::{MS_PER_DAY, day_of_ms, month_of};
+use crate::days::{MS_PER_DAY, day_of_ms, day_text, month_of};
 use crate::http::auth::authorize;
 use crate::http::error::{ReceiverError, blocking, query_rejection, unknown_install};
 use crate::state::ReceiverState;
 use crate::store::{CostedReport, PriceList, TimeRange};
 use crate::views::dashboard::fleet::{DashboardView, FleetPage, render_dashboard, unpriced_models};
-use crate::views::dashboard::install::{InstallDetail, by_source_costs, render_detail, users};
+use crate::views::dashboard::install::{
+    InstallDetail, PlanSpan, by_source_costs, render_detail, users,
+};
 use crate::views::dashboard::page::{error_page, html_response};
 use crate::views::installations::{install_rows, load_rows};
 use crate::views::query::{Filter, Period, Sort, parse_page};
@@ -207,12 +210,23 @@ async fn install_page(
         alerts.retain(|alert| alert.install_id == install_id);
         let by_source = store.source_usage(&install_id, period.days)?;
         let by_user = store.user_usage(&install_id, period.days)?;
-        Ok(Some((report, before, alerts, by_source, by_user)))
+        let plans = store.plan_history(&install_id)?;
+        Ok(Some((report, before, alerts, by_source, by_user, plans)))
     })
     .await?;
-    let Some((report, before, alerts, by_source, by_user)) = read else {
+    let Some((report, before, alerts, by_source, by_user, plans)) = read else {
         return Err(unknown_install());
     };
+    let plans = plans.map(|history| {
+        history
+            .periods()
+            .iter()
+            .map(|span| PlanSpan {
+                plan: span.plan.as_str().to_owned(),
+                from: day_text(span.from_day),
+            })
+            .collect()
+    });
     let usage = report.installs[0].usage_mtd.clone();
     let rates = |model: &str, day: i64| app.pricing.rates(model, day);
     let before_cost = CostedReport::price(before, &rates)
@@ -233,7 +247,7 @@ async fn install_page(
         by_source: by_source_costs(&app.pricing, &by_source),
         users: users(&app.pricing, &by_user),
         alerts: &alerts,
-        plans: None,
+        plans,
         webhook: app.settings.alert_webhook.is_some(),
         pricing: &app.pricing,
     };

@@ -22,7 +22,7 @@ h1{font-size:1.5em;margin:.3em 0}h2{font-size:1.15em;margin:1.4em 0 .4em}\
 table{border-collapse:collapse;margin:0}th,td{padding:.3em .6em;border-bottom:1px solid #ddd;text-align:left}\
 th{background:#f6f6f6;white-space:nowrap}\
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}.neg{color:#b00}\
-td.n,.nowrap{white-space:nowrap}code{font-size:12px}\
+td.n,.nowrap{white-space:nowrap}code{font-size:12px}h1 code,#by-user code{overflow-wrap:anywhere}\
 th a{color:inherit}.muted{color:#666;font-size:12px}.pages b{padding:0 .2em}\
 .badge{display:inline-block;padding:0 .4em;border-radius:.6em;background:#f3c969;font-size:12px}\
 .badge.over{background:#e06666;color:#fff}.unpriced{color:#8a5a00;font-style:italic}\
