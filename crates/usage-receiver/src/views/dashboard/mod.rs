@@ -119,21 +119,25 @@ async fn fleet_page(
     };
     let today = day_of_ms(now.timestamp_millis());
     let previous = period.previous();
+    // What the rows do not hold, read while the rows are: on PostgreSQL each on a
+    // connection of its own, at once.
     let (store, app2) = (app.store.clone(), app.clone());
-    // What the rows do not hold, read while the rows are.
-    let more = blocking(move || {
+    let before = blocking(move || {
         let rates = |model: &str, day: i64| app2.pricing.rates(model, day);
         let prices = PriceList {
             id: app2.pricing.fingerprint(),
             rates: &rates,
         };
-        let before = store.costed_installations(None, previous.days.as_window(), prices)?;
+        store.costed_installations(None, previous.days.as_window(), prices)
+    });
+    let store = app.store.clone();
+    let more = blocking(move || {
         let model_days = store.fleet_model_days(period.days)?;
         let alerts = store.alerts(month_range(today))?;
-        Ok((before, model_days, alerts))
+        Ok((model_days, alerts))
     });
-    let (rows, more) = tokio::join!(load_rows(app, None, now, Some(period)), more);
-    let ((mut rows, _), (before, model_days, mut month_alerts)) = (rows?, more?);
+    let (rows, before, more) = tokio::join!(load_rows(app, None, now, Some(period)), before, more);
+    let ((mut rows, _), before, (model_days, mut month_alerts)) = (rows?, before?, more?);
     let before: HashMap<&str, Cents> = before
         .installs
         .iter()
