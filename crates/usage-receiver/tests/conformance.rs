@@ -700,6 +700,19 @@ fn the_fleets_model_days_sum_every_install_and_follow_changes(store: &dyn Receiv
             ("x".to_owned(), 6, tokens(1)),
         ]
     );
+    // Together with the period's view: the same as each alone.
+    let prices = PriceList {
+        id: 7,
+        rates: &test_rates,
+    };
+    let (costed, model_days) = store.costed_with_model_days(days, prices).unwrap();
+    assert_eq!(
+        costed,
+        store
+            .costed_installations(None, days.as_window(), prices)
+            .unwrap()
+    );
+    assert_eq!(model_days, store.fleet_model_days(days).unwrap());
     // Asked again after a change to one day: the change shows, the other days stay.
     store.ingest(b.key, vec![kinds(6, 6, "x")], 0).unwrap();
     assert_eq!(seen(store)[2], ("x".to_owned(), 6, tokens(2)));

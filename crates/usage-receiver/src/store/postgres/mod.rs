@@ -1248,6 +1248,18 @@ impl ReceiverStore for PostgresStore {
         self.run(async |store| dashboard::user_usage(store, install_id, days).await)
     }
 
+    /// Each from what the node keeps: the period's view and the days' model sums.
+    fn costed_with_model_days(
+        &self,
+        days: DayRange,
+        prices: PriceList<'_>,
+    ) -> Result<(CostedReport, Vec<ModelDayTokens>), ReceiverStoreError> {
+        Ok((
+            self.costed_installations(None, days.as_window(), prices)?,
+            self.fleet_model_days(days)?,
+        ))
+    }
+
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
         Box::pin(async move { self.find_install_now(&install_id).await })
     }

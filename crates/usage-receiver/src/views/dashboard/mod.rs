@@ -48,7 +48,7 @@ use crate::views::dashboard::install::{
     InstallDetail, PlanSpan, by_source_costs, render_detail, users,
 };
 use crate::views::dashboard::page::{error_page, html_response};
-use crate::views::installations::{install_rows, load_rows};
+use crate::views::installations::install_rows;
 use crate::views::query::{Filter, Period, Sort, parse_page};
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,25 +119,35 @@ async fn fleet_page(
     };
     let today = day_of_ms(now.timestamp_millis());
     let previous = period.previous();
-    // What the rows do not hold, read while the rows are: on PostgreSQL each on a
-    // connection of its own, at once.
-    let (store, app2) = (app.store.clone(), app.clone());
-    let before = blocking(move || {
-        let rates = |model: &str, day: i64| app2.pricing.rates(model, day);
-        let prices = PriceList {
-            id: app2.pricing.fingerprint(),
-            rates: &rates,
-        };
-        store.costed_installations(None, previous.days.as_window(), prices)
-    });
+    // The period's rows and chart, the previous period's costs, and this month's alerts,
+    // read at once (on PostgreSQL each on a connection of its own).
+    let prices_of = |app: Arc<ReceiverState>, days: crate::store::DayRange, chart: bool| {
+        let store = app.store.clone();
+        blocking(move || {
+            let rates = |model: &str, day: i64| app.pricing.rates(model, day);
+            let prices = PriceList {
+                id: app.pricing.fingerprint(),
+                rates: &rates,
+            };
+            if chart {
+                store.costed_with_model_days(days, prices)
+            } else {
+                Ok((
+                    store.costed_installations(None, days.as_window(), prices)?,
+                    Vec::new(),
+                ))
+            }
+        })
+    };
     let store = app.store.clone();
-    let more = blocking(move || {
-        let model_days = store.fleet_model_days(period.days)?;
-        let alerts = store.alerts(month_range(today))?;
-        Ok((model_days, alerts))
-    });
-    let (rows, before, more) = tokio::join!(load_rows(app, None, now, Some(period)), before, more);
-    let ((mut rows, _), before, (model_days, mut month_alerts)) = (rows?, before?, more?);
+    let alerts = blocking(move || store.alerts(month_range(today)));
+    let (current, before, alerts) = tokio::join!(
+        prices_of(app.clone(), period.days, true),
+        prices_of(app.clone(), previous.days, false),
+        alerts
+    );
+    let ((current, model_days), (before, _), mut month_alerts) = (current?, before?, alerts?);
+    let mut rows = install_rows(app, current.installs, Some(period));
     let before: HashMap<&str, Cents> = before
         .installs
         .iter()
