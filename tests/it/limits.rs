@@ -280,6 +280,19 @@ impl ReceiverStore for GatedStore {
     ) -> Result<Vec<SourceModelDay>, ReceiverStoreError> {
         self.inner.source_usage(install_id, days)
     }
+    fn fleet_model_days(
+        &self,
+        days: DayRange,
+    ) -> Result<Vec<usage_receiver::billing::pricing::ModelDayTokens>, ReceiverStoreError> {
+        self.inner.fleet_model_days(days)
+    }
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<usage_receiver::store::UserModelDay>, ReceiverStoreError> {
+        self.inner.user_usage(install_id, days)
+    }
     fn erase_install(&self, install_id: &str) -> Result<Option<u64>, ReceiverStoreError> {
         self.inner.erase_install(install_id)
     }

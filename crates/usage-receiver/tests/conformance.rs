@@ -121,6 +121,8 @@ suite!(
     source_usage_groups_one_installs_raw_events_by_source_model_and_day,
     costed_installations_equal_the_straightforward_pricing,
     views_follow_every_change_of_usage_prices_and_installs,
+    the_fleets_model_days_sum_every_install_and_follow_changes,
+    user_usage_groups_one_installs_raw_events_by_user_model_and_day,
     plan_history_starts_at_enrollment_and_keeps_each_days_plan,
 );
 
@@ -649,6 +651,135 @@ fn source_usage_groups_one_installs_raw_events_by_source_model_and_day(store: &d
     assert!(
         store
             .source_usage("nope", DayRange { first: 0, last: 9 })
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn the_fleets_model_days_sum_every_install_and_follow_changes(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    let kinds = |n: u8, day: i64, model: &str| NewEvent {
+        cached_tokens: 2,
+        reasoning_tokens: 1,
+        completion_tokens: 3,
+        ..model_event(n, day, model, 10)
+    };
+    store
+        .ingest(
+            a.key,
+            vec![kinds(1, 5, "x"), kinds(2, 6, "x"), kinds(3, 6, "B")],
+            0,
+        )
+        .unwrap();
+    store
+        .ingest(b.key, vec![kinds(4, 5, "x"), kinds(5, 9, "x")], 0)
+        .unwrap();
+    let days = DayRange { first: 5, last: 6 };
+    let seen = |store: &dyn ReceiverStore| -> Vec<(String, i64, TokenCounts)> {
+        store
+            .fleet_model_days(days)
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.model, d.day, d.tokens))
+            .collect()
+    };
+    let tokens = |n: u64| TokenCounts {
+        prompt: 10 * n,
+        completion: 3 * n,
+        cached: 2 * n,
+        cache_write: 0,
+        reasoning: n,
+    };
+    // Sorted by model (bytewise: "B" before "x"), then day; day 9 is outside.
+    assert_eq!(
+        seen(store),
+        [
+            ("B".to_owned(), 6, tokens(1)),
+            ("x".to_owned(), 5, tokens(2)),
+            ("x".to_owned(), 6, tokens(1)),
+        ]
+    );
+    // Together with the period's view: the same as each alone.
+    let prices = PriceList {
+        id: 7,
+        rates: &test_rates,
+    };
+    let (costed, model_days) = store.costed_with_model_days(days, prices).unwrap();
+    assert_eq!(
+        costed,
+        store
+            .costed_installations(None, days.as_window(), prices)
+            .unwrap()
+    );
+    assert_eq!(model_days, store.fleet_model_days(days).unwrap());
+    // Asked again after a change to one day: the change shows, the other days stay.
+    store.ingest(b.key, vec![kinds(6, 6, "x")], 0).unwrap();
+    assert_eq!(seen(store)[2], ("x".to_owned(), 6, tokens(2)));
+    // An erased install's usage goes.
+    store.erase_install("a").unwrap();
+    assert_eq!(
+        seen(store),
+        [
+            ("x".to_owned(), 5, tokens(1)),
+            ("x".to_owned(), 6, tokens(1))
+        ]
+    );
+    assert!(
+        store
+            .fleet_model_days(DayRange { first: 0, last: 4 })
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn user_usage_groups_one_installs_raw_events_by_user_model_and_day(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    // `event(n)`'s user hash is n % 2 in every byte.
+    store
+        .ingest(
+            a.key,
+            vec![
+                model_event(1, 5, "x", 10),
+                model_event(3, 5, "x", 10),
+                model_event(2, 5, "x", 10),
+                model_event(4, 6, "y", 10),
+                model_event(5, 8, "x", 10),
+            ],
+            0,
+        )
+        .unwrap();
+    store
+        .ingest(b.key, vec![model_event(6, 5, "x", 10)], 0)
+        .unwrap();
+    let mut seen: Vec<(String, String, i64, u64, u64)> = store
+        .user_usage("a", DayRange { first: 5, last: 6 })
+        .unwrap()
+        .into_iter()
+        .map(|g| {
+            (
+                g.user_hash,
+                g.usage.model,
+                g.usage.day,
+                g.events,
+                g.usage.tokens.prompt,
+            )
+        })
+        .collect();
+    seen.sort();
+    let (even, odd) = ("00".repeat(32), "01".repeat(32));
+    assert_eq!(
+        seen,
+        [
+            (even.clone(), "x".to_owned(), 5, 1, 10),
+            (even, "y".to_owned(), 6, 1, 10),
+            (odd, "x".to_owned(), 5, 2, 20),
+        ]
+    );
+    assert!(
+        store
+            .user_usage("nope", DayRange { first: 0, last: 9 })
             .unwrap()
             .is_empty()
     );

@@ -30,9 +30,39 @@ where
         .into_response()
 }
 
+/// Makes a CSV answer a download named `file_name` (letters, digits, `-`, `_` and `.`
+/// only: anything else becomes `_`, so the header needs no quoting rules).
+pub fn with_file_name(mut answer: Response, file_name: &str) -> Response {
+    let safe: String = file_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+        answer
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, value);
+    }
+    answer
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_names_are_plain() {
+        let answer = with_file_name(csv_answer(&["a"], Vec::<Vec<String>>::new()), "x y\"/.csv");
+        assert_eq!(
+            answer.headers()[header::CONTENT_DISPOSITION],
+            "attachment; filename=\"x_y__.csv\""
+        );
+    }
 
     #[tokio::test]
     async fn cells_are_quoted_only_where_they_must_be() {

@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::billing::money::Micros;
 use crate::billing::price_book::Rates;
-use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PricedUsage};
+use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PricedUsage, TokenCounts};
 use crate::days::day_of_ms;
 use crate::store::rate_limit::Rate;
 use chrono::{DateTime, Datelike, Utc};
@@ -286,6 +286,80 @@ pub trait ReceiverStore: Send + Sync + 'static {
             Err(wait) => Ok(Err(wait)),
         })
     }
+
+    // What the dashboard reads besides the installations view.
+
+    /// Tokens of every kind per model and UTC day over `days`, summed over every install,
+    /// from the daily rollups; sorted by model, then day, days without usage left out.
+    /// The dashboard's cost chart and its unpriced models. A store may keep what it read
+    /// for days it can tell are unchanged.
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError>;
+
+    /// One install's events and tokens of every kind per user hash, model and UTC day over
+    /// `days`, from its raw events (kept 90 days); in no particular order. Empty when the
+    /// install is unknown.
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError>;
+
+    /// [`ReceiverStore::costed_installations`] of every install over `days` and
+    /// [`ReceiverStore::fleet_model_days`] of those days, together. By default both come
+    /// from one reading of the rollup ([`ReceiverStore::installations`]: each install's
+    /// model days, summed over the installs and costed); a store that keeps views reads
+    /// each its own way.
+    fn costed_with_model_days(
+        &self,
+        days: DayRange,
+        prices: PriceList<'_>,
+    ) -> Result<(CostedReport, Vec<ModelDayTokens>), ReceiverStoreError> {
+        let report = self.installations(None, days.as_window())?;
+        let model_days = sum_model_days(&report);
+        Ok((CostedReport::price(report, prices.rates), model_days))
+    }
+}
+
+/// Every install's model days summed per model and day, sorted by model, then day.
+pub fn sum_model_days(report: &InstallationsReport) -> Vec<ModelDayTokens> {
+    let mut sums: std::collections::HashMap<&str, std::collections::BTreeMap<i64, TokenCounts>> =
+        std::collections::HashMap::new();
+    for install in &report.installs {
+        for usage in &install.usage_mtd {
+            let sum = sums
+                .entry(usage.model.as_str())
+                .or_default()
+                .entry(usage.day)
+                .or_default();
+            sum.prompt = sum.prompt.saturating_add(usage.tokens.prompt);
+            sum.completion = sum.completion.saturating_add(usage.tokens.completion);
+            sum.cached = sum.cached.saturating_add(usage.tokens.cached);
+            sum.cache_write = sum.cache_write.saturating_add(usage.tokens.cache_write);
+            sum.reasoning = sum.reasoning.saturating_add(usage.tokens.reasoning);
+        }
+    }
+    let mut models: Vec<(&str, std::collections::BTreeMap<i64, TokenCounts>)> =
+        sums.into_iter().collect();
+    models.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    models
+        .into_iter()
+        .flat_map(|(model, days)| {
+            days.into_iter().map(move |(day, tokens)| ModelDayTokens {
+                model: model.to_owned(),
+                day,
+                tokens,
+            })
+        })
+        .collect()
+}
+
+/// One user's usage of one model on one UTC day at one install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserModelDay {
+    /// Lowercase hex.
+    pub user_hash: String,
+    pub events: u64,
+    pub usage: ModelDayTokens,
 }
 
 /// What setting an install's plan does to its history: its plan `current`, in force

@@ -30,10 +30,10 @@ use crate::http::error::ReceiverError;
 use crate::http::error::{bad_param, blocking, query_rejection};
 use crate::state::ReceiverState;
 use crate::store::{CostedInstall, DailyTokens, PriceList};
-use crate::views::query::{Period, Sort};
+use crate::views::query::{Filter, Period, Sort};
 use usage_protocol::event::format_millis;
 
-use crate::http::csv::csv_answer;
+use crate::http::csv::{csv_answer, with_file_name};
 use crate::store::usage_window;
 use crate::views::rows::InstallRow;
 
@@ -66,6 +66,7 @@ pub fn install_rows(
                 tokens: install.tokens_30d,
                 budget: budget_in_force(app, install.budget.as_ref()),
                 alerted_in_month: install.alerted_in_month,
+                previous_cost: None,
             }
         })
         .collect()
@@ -105,10 +106,11 @@ pub async fn load_rows(
 /// views ([`ReceiverStore::keeps_views`](crate::store::ReceiverStore::keeps_views)).
 const VIEWS_WARM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Keeps the view without a period and the dashboard's three periods ready: asked for at
-/// start and every minute, so the first view of a new day (new windows), or after a node
-/// starts, does not read every rollup row while a provider waits, and later views read
-/// again only the installs that changed since the last minute.
+/// Keeps the view without a period, the dashboard's three periods and the previous period
+/// of each (its change column) ready, and the fleet's model days of the three (its chart):
+/// asked for at start and every minute, so the first view of a new day (new windows), or
+/// after a node starts, does not read every rollup row while a provider waits, and later
+/// views read again only the installs (and days) that changed since the last minute.
 pub async fn keep_views_warm(app: Arc<ReceiverState>) {
     let mut ticks = tokio::time::interval(VIEWS_WARM_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,15 +118,27 @@ pub async fn keep_views_warm(app: Arc<ReceiverState>) {
         ticks.tick().await;
         let now = app.provider_now();
         let mut periods = vec![None];
+        let mut dashboard = Vec::new();
         for name in ["mtd", "last_month", "30d"] {
             if let Ok(Some(period)) = Period::parse(Some(name), None, None, now) {
-                periods.push(Some(period));
+                periods.extend([Some(period), Some(period.previous())]);
+                dashboard.push(period);
             }
         }
         for period in periods {
             if let Err(error) = load_rows(&app, None, now, period).await {
                 tracing::warn!(?error, "could not prepare the provider's views");
             }
+        }
+        let store = app.store.clone();
+        let charts = blocking(move || {
+            for period in dashboard {
+                store.fleet_model_days(period.days)?;
+            }
+            Ok(())
+        });
+        if let Err(error) = charts.await {
+            tracing::warn!(?error, "could not prepare the dashboard's charts");
         }
     }
 }
@@ -221,12 +235,16 @@ pub struct ListParams {
     from: Option<String>,
     to: Option<String>,
     sort: Option<String>,
+    q: Option<String>,
+    plan: Option<String>,
 }
 
 /// `GET /api/usage/installations[?format=json|csv][&period=mtd|last_month|30d |
-/// &from=&to=][&sort=[-]column]`. Without a period the figures are over the last 30
-/// days and the month to date; with one, every figure is over that period and the answer
-/// names it. CSV has the same columns as the JSON rows.
+/// &from=&to=][&sort=[-]column][&q=][&plan=]`. Without a period the figures are over the
+/// last 30 days and the month to date; with one, every figure is over that period and the
+/// answer names it. `q` and `plan` keep the installs the dashboard's search keeps. CSV has
+/// the same columns as the JSON rows, money with two decimals, then the currency and the
+/// priced days (`from`, `to`), and a file name that names them.
 pub async fn list(
     State(app): State<Arc<ReceiverState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -248,7 +266,9 @@ pub async fn list(
         now,
     )?;
     let sort = Sort::parse(params.sort.as_deref())?;
+    let filter = Filter::parse(params.q.as_deref(), params.plan.as_deref())?;
     let (mut rows, _) = load_rows(&app, None, now, period).await?;
+    filter.apply(&mut rows);
     sort.apply(&mut rows);
     let period_json = period.map(|period| {
         json!({
@@ -268,13 +288,71 @@ pub async fn list(
             period: period_json,
         })
         .into_response()),
-        (None, true) => Ok(rows_csv(&COLUMNS, rows.iter().map(DefaultPeriodRow::of))),
-        (Some(period), true) => Ok(rows_csv(
-            &PERIOD_COLUMNS,
-            rows.iter().map(|row| PeriodRow::of(row, &period)),
-        )),
+        (None, true) => {
+            let window = usage_window(now);
+            let days = CsvDays {
+                name: None,
+                first: window.month_start,
+                last: window.today,
+                currency: app.pricing.currency(),
+            };
+            Ok(rows_csv(
+                &COLUMNS,
+                &days,
+                rows.iter().map(DefaultPeriodRow::of),
+            ))
+        }
+        (Some(period), true) => {
+            let days = CsvDays {
+                name: Some(period.name()),
+                first: period.days.first,
+                last: period.days.last,
+                currency: app.pricing.currency(),
+            };
+            Ok(rows_csv(
+                &PERIOD_COLUMNS,
+                &days,
+                rows.iter().map(|row| PeriodRow::of(row, &period)),
+            ))
+        }
     }
 }
+
+/// What every CSV record adds to its JSON row: the currency and the priced days; and
+/// what the file is named after.
+struct CsvDays<'a> {
+    /// The period's name; `None` for the view without a period.
+    name: Option<&'static str>,
+    first: i64,
+    last: i64,
+    currency: &'a str,
+}
+
+impl CsvDays<'_> {
+    /// `installations-mtd-2026-12-01-to-2026-12-07.csv`; without a period,
+    /// `installations-2026-12-01-to-2026-12-07.csv` (the priced days).
+    fn file_name(&self) -> String {
+        let days = format!("{}-to-{}", day_text(self.first), day_text(self.last));
+        match self.name {
+            Some(name) => format!("installations-{name}-{days}.csv"),
+            None => format!("installations-{days}.csv"),
+        }
+    }
+}
+
+/// The columns written as money: two decimals.
+const MONEY_COLUMNS: [&str; 7] = [
+    "cost_mtd",
+    "revenue_mtd",
+    "profit_mtd",
+    "cost",
+    "revenue",
+    "profit",
+    "budget_monthly",
+];
+
+/// The columns every CSV ends with.
+const CSV_EXTRA_COLUMNS: [&str; 3] = ["currency", "from", "to"];
 
 /// The keys of the rows without a period, in order: the CSV header without a period.
 const COLUMNS: [&str; 13] = [
@@ -309,11 +387,18 @@ const PERIOD_COLUMNS: [&str; 12] = [
     "budget_used_pct",
 ];
 
-/// The JSON rows as CSV with `columns` as the header: a list as its items joined by `;`,
-/// `null` as an empty cell.
-fn rows_csv<T: Serialize>(columns: &[&str], rows: impl Iterator<Item = T>) -> Response {
-    let cell = |value: &Value| match value {
+/// The JSON rows as CSV with `columns` then the currency and the days as the header: a
+/// list as its items joined by `;`, `null` as an empty cell, money with two decimals.
+fn rows_csv<T: Serialize>(
+    columns: &[&str],
+    days: &CsvDays<'_>,
+    rows: impl Iterator<Item = T>,
+) -> Response {
+    let cell = |key: &str, value: &Value| match value {
         Value::Null => String::new(),
+        Value::Number(number) if MONEY_COLUMNS.contains(&key) => {
+            format!("{:.2}", number.as_f64().unwrap_or_default())
+        }
         Value::String(text) => text.clone(),
         Value::Array(items) => items
             .iter()
@@ -322,14 +407,15 @@ fn rows_csv<T: Serialize>(columns: &[&str], rows: impl Iterator<Item = T>) -> Re
             .join(";"),
         other => other.to_string(),
     };
+    let (first, last) = (day_text(days.first), day_text(days.last));
     let records = rows.map(|row| {
         let row = serde_json::to_value(row).unwrap_or_default();
-        columns
-            .iter()
-            .map(|key| cell(&row[*key]))
-            .collect::<Vec<_>>()
+        let mut record: Vec<String> = columns.iter().map(|key| cell(key, &row[*key])).collect();
+        record.extend([days.currency.to_owned(), first.clone(), last.clone()]);
+        record
     });
-    csv_answer(columns, records)
+    let header: Vec<&str> = columns.iter().chain(&CSV_EXTRA_COLUMNS).copied().collect();
+    with_file_name(csv_answer(&header, records), &days.file_name())
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use std::cmp::Ordering;
 
 use chrono::{DateTime, Utc};
 
+use crate::billing::pricing::Plan;
 use crate::days::day_text;
 use crate::days::month_of;
 use crate::http::error::ReceiverError;
@@ -110,6 +111,19 @@ impl Period {
         }))
     }
 
+    /// The period of the same length that ends the day before this one begins (what the
+    /// dashboard's change column compares with).
+    pub fn previous(&self) -> Period {
+        let length = self.days.last - self.days.first + 1;
+        Period {
+            kind: PeriodKind::Range,
+            days: DayRange {
+                first: self.days.first - length,
+                last: self.days.first - 1,
+            },
+        }
+    }
+
     /// The name the JSON answer gives it.
     pub fn name(&self) -> &'static str {
         match self.kind {
@@ -179,10 +193,15 @@ pub enum Column {
     Cost,
     Revenue,
     Profit,
+    /// The period's cost over the monthly budget in force.
+    BudgetUsed,
+    /// The change of cost against the previous period of the same length (dashboard
+    /// rows only: elsewhere no row knows it, and every row ties).
+    Change,
 }
 
 impl Column {
-    pub const ALL: [Column; 9] = [
+    pub const ALL: [Column; 11] = [
         Column::InstallId,
         Column::Label,
         Column::Plan,
@@ -192,6 +211,8 @@ impl Column {
         Column::Cost,
         Column::Revenue,
         Column::Profit,
+        Column::BudgetUsed,
+        Column::Change,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -205,6 +226,8 @@ impl Column {
             Column::Cost => "cost",
             Column::Revenue => "revenue",
             Column::Profit => "profit",
+            Column::BudgetUsed => "budget_used",
+            Column::Change => "change",
         }
     }
 
@@ -224,6 +247,8 @@ impl Column {
             Column::Cost => a.bill.cost.cmp(&b.bill.cost),
             Column::Revenue => a.bill.revenue.cmp(&b.bill.revenue),
             Column::Profit => a.bill.profit.cmp(&b.bill.profit),
+            Column::BudgetUsed => a.budget_used_pct().total_cmp_opt(b.budget_used_pct()),
+            Column::Change => a.cost_change().cmp(&b.cost_change()),
         }
     }
 }
@@ -247,7 +272,22 @@ impl Default for Sort {
 
 impl Sort {
     const RULE: &str = "must be a column (install_id, label, plan, last_seen, events, tokens, \
-                        cost, revenue, profit), with a leading - for descending";
+                        cost, revenue, profit, budget_used, change), with a leading - for \
+                        descending";
+
+    /// The dashboard's order when none is asked: dearest first.
+    pub const DASHBOARD: Sort = Sort {
+        column: Column::Cost,
+        descending: true,
+    };
+
+    /// Reads `sort`, else `default`.
+    pub fn parse_or(text: Option<&str>, default: Sort) -> Result<Sort, ReceiverError> {
+        match non_empty(text) {
+            None => Ok(default),
+            some => Sort::parse(some),
+        }
+    }
 
     pub fn parse(text: Option<&str>) -> Result<Sort, ReceiverError> {
         let Some(text) = non_empty(text) else {
@@ -287,6 +327,111 @@ impl Sort {
             };
             order.then(ids)
         });
+    }
+}
+
+/// Which installs a view lists: `q=` (the label or install id contains it, ignoring case)
+/// and `plan=`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Lowercased; `None` when not asked (or blank).
+    pub q: Option<String>,
+    pub plan: Option<Plan>,
+}
+
+impl Filter {
+    /// The longest `q` taken: a label is at most 100 characters, an install id 128 bytes.
+    const MAX_Q_CHARS: usize = 200;
+
+    pub fn parse(q: Option<&str>, plan: Option<&str>) -> Result<Filter, ReceiverError> {
+        let q = match non_empty(q) {
+            Some(text) if text.chars().count() > Filter::MAX_Q_CHARS => {
+                return Err(bad_param("q", "must be at most 200 characters"));
+            }
+            Some(text) if text.chars().any(char::is_control) => {
+                return Err(bad_param("q", "must not contain control characters"));
+            }
+            other => other.map(str::to_lowercase),
+        };
+        let plan = match non_empty(plan) {
+            Some(text) => Some(
+                text.parse::<Plan>()
+                    .map_err(|_| bad_param("plan", "must be free, pro or agency"))?,
+            ),
+            None => None,
+        };
+        Ok(Filter { q, plan })
+    }
+
+    /// Whether the filter asks for anything.
+    pub fn is_any(&self) -> bool {
+        self.q.is_some() || self.plan.is_some()
+    }
+
+    /// Whether `row` is in the view.
+    pub fn matches(&self, row: &InstallRow) -> bool {
+        if self.plan.is_some_and(|plan| plan != row.plan) {
+            return false;
+        }
+        let Some(q) = &self.q else {
+            return true;
+        };
+        contains_ignoring_case(&row.install_id, q)
+            || row
+                .label
+                .as_deref()
+                .is_some_and(|label| contains_ignoring_case(label, q))
+    }
+
+    /// Keeps the rows in the view.
+    pub fn apply(&self, rows: &mut Vec<InstallRow>) {
+        if self.is_any() {
+            rows.retain(|row| self.matches(row));
+        }
+    }
+
+    /// `&q=...&plan=...`, percent-encoded, or empty.
+    pub fn query(&self) -> String {
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(q) = &self.q {
+            query.append_pair("q", q);
+        }
+        if let Some(plan) = self.plan {
+            query.append_pair("plan", plan.as_str());
+        }
+        let query = query.finish();
+        if query.is_empty() {
+            query
+        } else {
+            format!("&{query}")
+        }
+    }
+}
+
+/// Whether `text` contains `lowercase` (already lowercased), ignoring case.
+fn contains_ignoring_case(text: &str, lowercase: &str) -> bool {
+    if text.is_ascii() && lowercase.is_ascii() {
+        // No allocation for the common case: ids and most labels are ASCII.
+        let (text, needle) = (text.as_bytes(), lowercase.as_bytes());
+        return needle.is_empty()
+            || text
+                .windows(needle.len())
+                .any(|window| window.eq_ignore_ascii_case(needle));
+    }
+    text.to_lowercase().contains(lowercase)
+}
+
+/// A comparison of optional figures, `None` lowest.
+trait TotalCmpOpt {
+    fn total_cmp_opt(self, other: Self) -> Ordering;
+}
+
+impl TotalCmpOpt for Option<f64> {
+    fn total_cmp_opt(self, other: Option<f64>) -> Ordering {
+        match (self, other) {
+            (Some(a), Some(b)) => a.total_cmp(&b),
+            (a, b) => a.is_some().cmp(&b.is_some()),
+        }
     }
 }
 
@@ -407,6 +552,7 @@ mod tests {
             },
             budget: None,
             alerted_in_month: Vec::new(),
+            previous_cost: None,
         }
     }
 
@@ -439,6 +585,79 @@ mod tests {
         for bad in ["cost_asc", "--cost", "+cost", "Cost", "profit_asc"] {
             assert!(Sort::parse(Some(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn searches_match_label_or_id_ignoring_case_and_plans_exactly() {
+        let mut rows = vec![
+            row("0192-acme", None, 1),
+            row("b", Some("Ünïcode Shop"), 1),
+            row("c", Some("Bakery"), 1),
+        ];
+        rows[2].plan = Plan::Free;
+        let kept = |q: Option<&str>, plan: Option<&str>| -> Vec<String> {
+            let mut rows = rows.clone();
+            Filter::parse(q, plan).unwrap().apply(&mut rows);
+            rows.into_iter().map(|r| r.install_id).collect()
+        };
+        assert_eq!(kept(Some("ACME"), None), ["0192-acme"]);
+        assert_eq!(kept(Some("ünÏ"), None), ["b"]);
+        assert_eq!(kept(Some("  "), Some("free")), ["c"]);
+        assert_eq!(kept(None, None).len(), 3);
+        assert_eq!(kept(Some("shop"), Some("free")), Vec::<String>::new());
+        let filter = Filter::parse(Some("A&B c"), Some("pro")).unwrap();
+        assert_eq!(filter.query(), "&q=a%26b+c&plan=pro");
+        assert_eq!(Filter::default().query(), "");
+        for (q, plan, field) in [
+            (Some("x".repeat(201)), None, "q"),
+            (Some("a\u{7}".to_owned()), None, "q"),
+            (None, Some("gold"), "plan"),
+        ] {
+            let error = Filter::parse(q.as_deref(), plan).unwrap_err();
+            assert_eq!(error.details[0]["field"], field);
+        }
+    }
+
+    #[test]
+    fn budget_used_and_change_sort_like_the_other_columns() {
+        let mut rows = vec![row("a", None, 1), row("b", None, 1), row("c", None, 1)];
+        rows[0].bill.cost = Cents(200);
+        rows[0].previous_cost = Some(Cents(100));
+        rows[1].bill.cost = Cents(50);
+        rows[1].previous_cost = Some(Cents(0));
+        rows[2].bill.cost = Cents(100);
+        rows[2].previous_cost = Some(Cents(400));
+        rows[2].budget = Some(crate::store::Budget {
+            monthly: crate::billing::money::Micros(1_000_000),
+            thresholds: vec![100],
+        });
+        let ids = |rows: &[InstallRow]| -> Vec<String> {
+            rows.iter().map(|r| r.install_id.clone()).collect()
+        };
+        Sort::parse(Some("-change")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["b", "a", "c"]);
+        Sort::parse(Some("-budget_used")).unwrap().apply(&mut rows);
+        assert_eq!(ids(&rows), ["c", "a", "b"]);
+        assert_eq!(
+            Sort::parse_or(None, Sort::DASHBOARD).unwrap(),
+            Sort::DASHBOARD
+        );
+    }
+
+    #[test]
+    fn the_previous_period_has_the_same_length() {
+        let d30 = Period::parse(Some("30d"), None, None, now())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            days(Some(d30.previous())),
+            ("2026-01-15".into(), "2026-02-13".into())
+        );
+        let mtd = Period::mtd(now());
+        assert_eq!(
+            days(Some(mtd.previous())),
+            ("2026-02-14".into(), "2026-02-28".into())
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod budgets;
 // Shared by several test binaries, each using only some of it.
 #[allow(dead_code)]
 mod common;
+mod dashboard;
 mod edges;
 mod ingest;
 mod logging;

@@ -21,13 +21,13 @@ use crate::common::{
 };
 
 /// Enrolls a new install with the test token.
-async fn enroll(rx: &TestReceiver) -> TestInstall {
+pub(crate) async fn enroll(rx: &TestReceiver) -> TestInstall {
     let install = TestInstall::new();
     common::enroll(rx, &install).await;
     install
 }
 
-fn event(install: &TestInstall, model: &str, tokens: u64, at: DateTime<Utc>) -> Value {
+pub(crate) fn event(install: &TestInstall, model: &str, tokens: u64, at: DateTime<Utc>) -> Value {
     // Split the tokens between prompt and completion: the total is what is billed.
     let prompt = tokens / 3;
     json!({
@@ -44,7 +44,7 @@ fn event(install: &TestInstall, model: &str, tokens: u64, at: DateTime<Utc>) -> 
 
 /// Sends `events` as one signed batch; when it is answered `200`, checks they were all
 /// accepted.
-async fn send(rx: &TestReceiver, install: &TestInstall, events: &[Value]) -> StatusCode {
+pub(crate) async fn send(rx: &TestReceiver, install: &TestInstall, events: &[Value]) -> StatusCode {
     let (status, answer) = post_batch(rx, install, events).await;
     if status == StatusCode::OK {
         assert_eq!(answer["accepted"], events.len(), "{answer}");
@@ -72,7 +72,7 @@ async fn post_batch(
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn provider(rx: &TestReceiver, method: Method, path: &str) -> RequestBuilder {
+pub(crate) fn provider(rx: &TestReceiver, method: Method, path: &str) -> RequestBuilder {
     provider_request(rx, method, path)
 }
 
@@ -91,7 +91,7 @@ async fn installations(rx: &TestReceiver) -> BTreeMap<String, Value> {
         .collect()
 }
 
-async fn set_plan(rx: &TestReceiver, install_id: &str, body: &str) -> reqwest::Response {
+pub(crate) async fn set_plan(rx: &TestReceiver, install_id: &str, body: &str) -> reqwest::Response {
     provider(
         rx,
         Method::PUT,
@@ -118,7 +118,7 @@ fn priced_settings(now: DateTime<Utc>) -> ReceiverSettings {
 }
 
 /// An instant just before now but on today's UTC date, so the month is today's.
-fn earlier_today(now: DateTime<Utc>) -> DateTime<Utc> {
+pub(crate) fn earlier_today(now: DateTime<Utc>) -> DateTime<Utc> {
     let midnight = now.date_naive().and_time(NaiveTime::MIN).and_utc();
     (now - Duration::seconds(2)).max(midnight)
 }
@@ -257,7 +257,11 @@ async fn plan_changes_are_checked() {
     assert_eq!(installations(&rx).await[&install.id]["plan"], "free");
 }
 
-async fn set_label(rx: &TestReceiver, install_id: &str, body: &str) -> reqwest::Response {
+pub(crate) async fn set_label(
+    rx: &TestReceiver,
+    install_id: &str,
+    body: &str,
+) -> reqwest::Response {
     provider(
         rx,
         Method::PUT,
@@ -270,7 +274,7 @@ async fn set_label(rx: &TestReceiver, install_id: &str, body: &str) -> reqwest::
     .unwrap()
 }
 
-async fn get_text(rx: &TestReceiver, path: &str) -> String {
+pub(crate) async fn get_text(rx: &TestReceiver, path: &str) -> String {
     let response = provider(rx, Method::GET, path).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "{path}");
     response.text().await.unwrap()
@@ -467,38 +471,64 @@ async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() 
     assert_eq!(rows[1]["revenue"], json!(19.0));
     assert_eq!(rows[1]["profit"], json!(18.0));
 
-    // The CSV of the same view: the same rows, the same order, the same columns.
-    let csv = get_text(
+    // The CSV of the same view: the same rows, the same order, the same columns, then
+    // the currency and the days; money with two decimals; a file name naming the period.
+    let response = provider(
         &rx,
+        Method::GET,
         "/api/usage/installations?format=csv&period=last_month&sort=-cost",
     )
-    .await;
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (from, to) = (
+        view["period"]["from"].as_str().unwrap().to_owned(),
+        view["period"]["to"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        response.headers()["content-disposition"],
+        format!("attachment; filename=\"installations-last_month-{from}-to-{to}.csv\"").as_str()
+    );
+    let csv = response.text().await.unwrap();
     let mut lines = csv.lines();
     let header: Vec<&str> = lines.next().unwrap().split(',').collect();
-    let json_keys: Vec<&str> = rows[0]
+    let mut expected_header: Vec<&str> = rows[0]
         .as_object()
         .unwrap()
         .keys()
         .map(String::as_str)
         .collect();
-    assert_eq!(header, json_keys);
+    expected_header.extend(["currency", "from", "to"]);
+    assert_eq!(header, expected_header);
+    let money = ["cost", "revenue", "profit", "budget_monthly"];
     let csv_rows: Vec<Vec<&str>> = lines.map(|line| line.split(',').collect()).collect();
     assert_eq!(csv_rows.len(), rows.len());
     for (cells, row) in csv_rows.iter().zip(rows) {
         for (key, cell) in header.iter().zip(cells) {
-            let expected = match &row[*key] {
-                Value::Null => String::new(),
-                Value::String(text) => text.clone(),
-                Value::Array(items) => items
+            let expected = match (*key, &row[*key]) {
+                ("currency", _) => "USD".to_owned(),
+                ("from", _) => from.clone(),
+                ("to", _) => to.clone(),
+                (_, Value::Null) => String::new(),
+                (key, Value::Number(n)) if money.contains(&key) => {
+                    format!("{:.2}", n.as_f64().unwrap())
+                }
+                (_, Value::String(text)) => text.clone(),
+                (_, Value::Array(items)) => items
                     .iter()
                     .map(|v| v.as_str().unwrap())
                     .collect::<Vec<_>>()
                     .join(";"),
-                other => other.to_string(),
+                (_, other) => other.to_string(),
             };
             assert_eq!(*cell, expected, "{key}");
         }
     }
+    assert_eq!(
+        csv_rows[0][header.iter().position(|k| *k == "cost").unwrap()],
+        "15.00"
+    );
 
     // 30 days: a's this-month and last-month usage, revenue prorated by day.
     let view = get_json(&rx, "/api/usage/installations?period=30d").await;
@@ -533,7 +563,7 @@ async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() 
     // The dashboard of last month: both installs, b first by cost, and a CSV link for it.
     let page = get_text(&rx, "/dashboard?period=last_month&sort=-cost").await;
     assert!(page.find(&b.id[..8]) < page.find(&a.id[..8]));
-    assert!(page.contains("<td class=\"n\">15.00</td>"));
+    assert!(page.contains("<td class=\"n cost\">15.00</td>"));
     assert!(page.contains(
         "href=\"/api/usage/installations?format=csv&amp;period=last_month&amp;sort=-cost\""
     ));
@@ -543,9 +573,9 @@ async fn a_period_picks_the_days_of_every_figure_and_the_csv_matches_the_json() 
         &format!("/dashboard/installations/{}?period=last_month", a.id),
     )
     .await;
-    assert!(detail.contains("200000"), "{detail}");
-    assert!(!detail.contains("1300000"));
-    assert!(detail.contains("<td class=\"n\">1.00</td>"));
+    assert!(detail.contains("200,000"), "{detail}");
+    assert!(!detail.contains("1,300,000"));
+    assert!(detail.contains("<td class=\"n cost\">1.00</td>"));
 }
 
 #[tokio::test]
@@ -596,26 +626,43 @@ async fn bad_views_are_refused_naming_the_parameter_and_its_rule() {
             let path = format!("{base}?{query}");
             let response = provider(&rx, Method::GET, &path).send().await.unwrap();
             assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
-            let error: Value = response.json().await.unwrap();
-            assert_eq!(error["error"]["code"], "invalid_query", "{path}");
-            assert_eq!(error["error"]["details"][0]["field"], field, "{path}");
-            assert!(
-                error["error"]["message"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&format!("{field} must")),
-                "{path}: {error}"
-            );
+            if base == "/api/usage/installations" {
+                let error: Value = response.json().await.unwrap();
+                assert_eq!(error["error"]["code"], "invalid_query", "{path}");
+                assert_eq!(error["error"]["details"][0]["field"], field, "{path}");
+                assert!(
+                    error["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&format!("{field} must")),
+                    "{path}: {error}"
+                );
+            } else {
+                // A browser page: an HTML page naming the parameter, with a way back.
+                let page = html_error(response, &path).await;
+                assert!(
+                    page.contains(&format!("<p id=\"error-message\">{field} must")),
+                    "{path}: {page}"
+                );
+            }
         }
     }
-    for query in ["page=0", "page=-1", "page=two", "page=1.5"] {
+    for query in [
+        "page=0",
+        "page=-1",
+        "page=two",
+        "page=1.5",
+        "plan=gold",
+        "sort=budget",
+    ] {
         let response = provider(&rx, Method::GET, &format!("/dashboard?{query}"))
             .send()
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{query}");
-        let error: Value = response.json().await.unwrap();
-        assert_eq!(error["error"]["details"][0]["field"], "page", "{query}");
+        let field = query.split('=').next().unwrap();
+        let page = html_error(response, query).await;
+        assert!(page.contains(&format!(">{field} must")), "{query}: {page}");
     }
     let response = provider(&rx, Method::GET, "/api/usage/installations?format=xml")
         .send()
@@ -624,6 +671,13 @@ async fn bad_views_are_refused_naming_the_parameter_and_its_rule() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["details"][0]["field"], "format");
+    let response = provider(&rx, Method::GET, "/api/usage/installations?plan=gold")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["details"][0]["field"], "plan");
     // An unknown parameter is refused, not ignored.
     for path in ["/dashboard?pages=2", "/api/usage/installations?page=2"] {
         let response = provider(&rx, Method::GET, path).send().await.unwrap();
@@ -634,6 +688,49 @@ async fn bad_views_are_refused_naming_the_parameter_and_its_rule() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let page = html_error(response, "unknown install").await;
+    assert!(
+        page.contains("no install with this id is enrolled"),
+        "{page}"
+    );
+    // Without credentials the browser still gets its challenge, and a page.
+    let response = client()
+        .get(rx.url("/dashboard?period=week"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        r#"Basic realm="usage-agent""#
+    );
+    html_error(response, "no credentials").await;
+}
+
+/// A browser page's error: HTML under the dashboard's policy, with a link back.
+async fn html_error(response: reqwest::Response, what: &str) -> String {
+    let headers = response.headers().clone();
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html"),
+        "{what}"
+    );
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("default-src 'none'"),
+        "{what}"
+    );
+    let page = response.text().await.unwrap();
+    assert!(page.contains("<meta name=\"viewport\""), "{what}");
+    assert!(
+        page.contains("<a href=\"/dashboard\">Back to the dashboard</a>"),
+        "{what}: {page}"
+    );
+    page
 }
 
 #[tokio::test]
@@ -808,7 +905,7 @@ async fn the_dashboard_is_locked_down_html_with_every_install() {
     let dear_at = page.find(&dear.id).expect("dear install listed");
     assert!(cheap_at < dear_at);
     assert!(page.contains("-15.00"));
-    assert!(page.contains("-15.01"), "the totals row");
+    assert!(page.contains("-15.01 USD"), "the totals strip");
 
     let page = provider(&rx, Method::GET, "/dashboard?sort=profit")
         .send()
@@ -840,9 +937,9 @@ async fn the_dashboard_is_locked_down_html_with_every_install() {
     assert!(detail.contains(&user_hash(&dear.id, 7)));
     // 1M claude-3 tokens at 0.015 per 1K: 15.00, by model and by source.
     assert_eq!(
-        detail.matches("<td class=\"n\">15.00</td>").count(),
-        2,
-        "{detail}"
+        detail.matches("<td class=\"n cost\">15.00</td>").count(),
+        3,
+        "by model, by source and by user: {detail}"
     );
     assert!(detail.contains("<section id=\"alerts\">"));
 }
@@ -897,198 +994,6 @@ async fn every_provider_route_refuses_missing_or_wrong_credentials() {
     // Nothing the refused requests asked for happened.
     let rows = installations(&rx).await;
     assert_eq!(rows[&install.id]["plan"], "free");
-}
-
-/// Runs headless Chromium with `args` and returns its stdout and its log (the page's
-/// console, where a Content Security Policy violation would be reported); fails the test
-/// after a minute.
-fn chromium(profile: &std::path::Path, args: &[&str]) -> (String, String) {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--enable-logging=stderr",
-            "--v=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("chromium must be installed (Debian's chromium package; .ci/setup installs it)");
-    // Read both pipes while it runs, so a full pipe never stalls it.
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text).map(|_| text)
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).map(|_| text)
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll chromium") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish within a minute");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status.success(), "chromium failed: {status:?}");
-    (
-        out.join().unwrap().unwrap_or_default(),
-        err.join().unwrap().unwrap_or_default(),
-    )
-}
-
-/// Renders `path` of `rx` in headless Chromium: the DOM it built, a screenshot, and its
-/// log.
-async fn render_in_chromium(rx: &TestReceiver, path: &str, height: u32) -> (String, Vec<u8>) {
-    let url = format!(
-        "http://{PROVIDER_USER}:{PROVIDER_PASSWORD}@{}{path}",
-        rx.addr
-    );
-    let size = format!("--window-size=1400,{height}");
-    tokio::task::spawn_blocking(move || {
-        let profile = tempfile::tempdir().unwrap();
-        let shot = profile.path().join("shot.png");
-        let shot_arg = format!("--screenshot={}", shot.display());
-        let (dom, log) = chromium(&profile.path().join("dom"), &["--dump-dom", &url]);
-        let (_, shot_log) = chromium(
-            &profile.path().join("shot"),
-            &[&size, "--hide-scrollbars", &shot_arg, &url],
-        );
-        for log in [&log, &shot_log] {
-            assert!(
-                !log.contains("Content Security Policy") && !log.contains("Refused to"),
-                "the page broke its own policy: {log}"
-            );
-        }
-        (
-            dom,
-            std::fs::read(&shot).expect("chromium wrote the screenshot"),
-        )
-    })
-    .await
-    .unwrap()
-}
-
-#[tokio::test]
-async fn the_dashboard_renders_in_headless_chromium() {
-    let now = Utc::now();
-    let rx = TestReceiver::start(priced_settings(now));
-    let models = [
-        ("gpt-4o", 180_000),
-        ("claude-3", 640_000),
-        ("llama-3", 90_000),
-    ];
-    let installs = [
-        ("free", Some("Bakery blog")),
-        ("pro", Some("Acme shop")),
-        ("agency", Some("Northwind agency sites")),
-        ("pro", None),
-        ("free", None),
-        ("agency", Some("Contoso support desk")),
-    ];
-    let mut ids = Vec::new();
-    for (n, (plan, label)) in installs.into_iter().enumerate() {
-        let install = enroll(&rx).await;
-        // Acme shop's budget is spent (badges and alerts to show); Northwind's is not.
-        let budget = match label {
-            Some("Acme shop") => Some(r#"{"monthly": 0.05, "thresholds": [50, 80, 100]}"#),
-            Some("Northwind agency sites") => Some(r#"{"monthly": 5000}"#),
-            _ => None,
-        };
-        if let Some(budget) = budget {
-            let (status, _) = crate::budgets::put_budget(&rx, &install.id, budget).await;
-            assert_eq!(status, StatusCode::OK);
-        }
-        // Two weeks of history each, from both sources, so the charts have bars.
-        let events: Vec<Value> = (0..14u32)
-            .map(|day| {
-                let (model, tokens) = models[(n + day as usize) % models.len()];
-                let at = earlier_today(now) - Duration::days(i64::from(day * 2));
-                let mut event = event(&install, model, tokens / (u64::from(day % 5) + 1), at);
-                if (n + day as usize).is_multiple_of(3) {
-                    event["source"] = json!("bulk");
-                }
-                event
-            })
-            .collect();
-        assert_eq!(send(&rx, &install, &events).await, StatusCode::OK);
-        let body = format!(r#"{{"plan": "{plan}"}}"#);
-        assert_eq!(
-            set_plan(&rx, &install.id, &body).await.status(),
-            StatusCode::OK
-        );
-        if let Some(label) = label {
-            let body = json!({ "label": label }).to_string();
-            assert_eq!(
-                set_label(&rx, &install.id, &body).await.status(),
-                StatusCode::OK
-            );
-        }
-        ids.push(install.id);
-    }
-    let (dom, png) = render_in_chromium(&rx, "/dashboard?period=30d&sort=-profit", 900).await;
-    // The rows are in the DOM the browser built, one per install, and nothing ran.
-    assert_eq!(
-        dom.matches(r#"<tr class="install">"#).count(),
-        ids.len(),
-        "{dom}"
-    );
-    for id in &ids {
-        assert!(
-            dom.contains(&format!("title=\"{id}\"")),
-            "{id} missing from the rendered table"
-        );
-    }
-    assert!(dom.contains("Acme shop"));
-    assert_eq!(
-        dom.matches(r#"class="badge"#).count(),
-        3,
-        "Acme shop's alerts"
-    );
-    assert!(dom.contains("<svg"), "the chart is rendered");
-    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
-
-    let detail = format!("/dashboard/installations/{}?period=30d", ids[1]);
-    let (detail_dom, detail_png) = render_in_chromium(&rx, &detail, 1100).await;
-    assert!(detail_dom.contains("Acme shop"));
-    assert!(detail_dom.contains(r#"<table id="by-model">"#));
-    assert!(detail_dom.contains(r#"<table id="by-source">"#));
-    assert!(detail_dom.contains(r#"<section id="alerts">"#));
-    // Its events go back four weeks, so last month may have its alerts too.
-    let acme_alerts = crate::budgets::alerts(&rx)
-        .await
-        .iter()
-        .filter(|alert| alert["install_id"] == ids[1].as_str())
-        .count();
-    assert!(acme_alerts >= 3);
-    assert_eq!(
-        detail_dom.matches("<tr><td class=\"nowrap\">").count(),
-        acme_alerts,
-        "each of Acme shop's alerts listed"
-    );
-    assert!(detail_png.starts_with(b"\x89PNG"));
-    // `DASHBOARD_SCREENSHOT=$PWD/docs/dashboard.png DASHBOARD_INSTALL_SCREENSHOT=...` refresh
-    // the screenshots kept in the repository (docs/dashboard.md).
-    if let Ok(path) = std::env::var("DASHBOARD_SCREENSHOT") {
-        std::fs::write(path, &png).expect("write the screenshot");
-    }
-    if let Ok(path) = std::env::var("DASHBOARD_INSTALL_SCREENSHOT") {
-        std::fs::write(path, &detail_png).expect("write the screenshot");
-    }
 }
 
 #[tokio::test]
@@ -1151,7 +1056,7 @@ async fn the_dashboard_lists_a_thousand_installs() {
         fastest = fastest.min(started.elapsed());
         // One page of 100, and the count of all.
         assert_eq!(page.matches(r#"<tr class="install">"#).count(), 100);
-        assert!(page.contains("Installations (1000)"));
+        assert!(page.contains("1,000 installs"));
     }
     // Reported, not asserted: speed is a benchmark's business, not a test's (shared,
     // noisy machines). The 100 ms target was read off this line.

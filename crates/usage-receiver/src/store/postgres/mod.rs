@@ -44,10 +44,10 @@ use self::writers::{Batch, Writers};
 use super::{
     Alert, AlertCursor, Budget, CostedInstall, CostedReport, DailyTokens, DayRange,
     DeliveryOutcome, EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install,
-    InstallKey, InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange,
-    PoolUse, PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays,
-    SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
-    UsageWindow,
+    InstallKey, InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall,
+    PlanChange, PoolUse, PriceList, RatesOf, ReceivedEvent, ReceiverStore, ReceiverStoreError,
+    RetainedDays, SourceModelDay, StoreFuture, StoreKind, Summary, SummaryQuery, SummaryRow,
+    TimeRange, Totals, UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{
@@ -110,6 +110,7 @@ macro_rules! chart_add {
 }
 
 pub mod connect;
+mod dashboard;
 mod group;
 mod ingest;
 mod migrations;
@@ -1345,6 +1346,30 @@ impl ReceiverStore for PostgresStore {
             };
             Ok(())
         })
+    }
+
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
+        self.run(async |store| dashboard::fleet_model_days(store, days).await)
+    }
+
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError> {
+        self.run(async |store| dashboard::user_usage(store, install_id, days).await)
+    }
+
+    /// Each from what the node keeps: the period's view and the days' model sums.
+    fn costed_with_model_days(
+        &self,
+        days: DayRange,
+        prices: PriceList<'_>,
+    ) -> Result<(CostedReport, Vec<ModelDayTokens>), ReceiverStoreError> {
+        Ok((
+            self.costed_installations(None, days.as_window(), prices)?,
+            self.fleet_model_days(days)?,
+        ))
     }
 
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {

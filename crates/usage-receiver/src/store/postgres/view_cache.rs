@@ -23,9 +23,10 @@ use super::super::{InstallKey, UsageWindow};
 use crate::billing::pricing::PricedUsage;
 
 /// How many views a node keeps (LRU): the installations view without a period, the
-/// dashboard's three periods (all four prepared every minute), and two more periods a
-/// provider asked for.
-const VIEWS_KEPT: usize = 6;
+/// dashboard's three periods and the previous period of each, which its change column
+/// compares with (all seven prepared every minute), and one more period a provider asked
+/// for.
+const VIEWS_KEPT: usize = 8;
 
 /// Which view: its days and the identity of the prices it was costed at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,10 +55,12 @@ struct KeptView {
     installs: HashMap<InstallKey, Kept>,
 }
 
-/// The views a node keeps, most recently used last.
+/// The views a node keeps, most recently used last; and the fleet's model days
+/// (`dashboard.rs`).
 #[derive(Default)]
 pub(super) struct ViewCache {
     views: Mutex<Vec<KeptView>>,
+    pub model_days: super::dashboard::ModelDaysCache,
 }
 
 /// What a view can take from the cache.

@@ -26,9 +26,9 @@ use uuid::Uuid;
 use super::{
     Alert, AlertCursor, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor,
     EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport,
-    MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore, ReceiverStoreError,
-    RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals,
-    UsageWindow,
+    MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore,
+    ReceiverStoreError, RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow,
+    TimeRange, Totals, UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PlanPeriod, TokenCounts};
@@ -39,6 +39,7 @@ use usage_protocol::event::Source;
 use usage_protocol::signing::Secret;
 use usage_protocol::wire::to_hex;
 
+mod dashboard;
 mod group_commit;
 mod migrations;
 
@@ -928,6 +929,18 @@ impl ReceiverStore for SqliteStore {
                 .execute(params![id, at_ms])?,
         };
         Ok(())
+    }
+
+    fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
+        dashboard::fleet_model_days(&self.reader(), days)
+    }
+
+    fn user_usage(
+        &self,
+        install_id: &str,
+        days: DayRange,
+    ) -> Result<Vec<UserModelDay>, ReceiverStoreError> {
+        dashboard::user_usage(&self.reader(), install_id, days)
     }
 }
 
