@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 use crate::billing::money::Cents;
-use crate::days::{MS_PER_DAY, day_of_ms, day_text, month_of};
+use crate::days::{MS_PER_DAY, day_of_ms, day_text, month_of, month_text};
 use crate::http::auth::authorize;
 use crate::http::error::{ReceiverError, blocking, query_rejection, unknown_install};
 use crate::state::ReceiverState;
@@ -165,6 +165,9 @@ async fn fleet_page(
     let all_installs = rows.len();
     view.filter.apply(&mut rows);
     view.sort.apply(&mut rows);
+    // A late event's alert is recorded now but belongs to its own, earlier month.
+    let this_month = month_text(today);
+    month_alerts.retain(|alert| alert.month == this_month);
     month_alerts.reverse();
     let page = FleetPage {
         view: &view,
