@@ -88,35 +88,7 @@ fn drain_once(
         let cpu_before = (cpu_seconds(agent.child.id()), cpu_seconds(receiver_pid));
         let written_before = (bytes_written(agent.child.id()), bytes_written(receiver_pid));
         let started = Instant::now();
-        let deadline = started + Duration::from_secs(600);
-        loop {
-            let response = client
-                .post(agent_url("/v1/sync"))
-                .send()
-                .await
-                .context("POST /v1/sync")?;
-            let status = response.status();
-            let answer: Value = response.json().await.unwrap_or(Value::Null);
-            if !status.is_success() {
-                bail!("POST /v1/sync answered {status} {answer} (is the sync engine built?)");
-            }
-            let pending = client
-                .get(agent_url("/v1/status"))
-                .send()
-                .await
-                .context("GET /v1/status")?
-                .json::<Value>()
-                .await
-                .context("reading the status")?["pending_events"]
-                .as_u64();
-            match pending {
-                Some(0) => break,
-                Some(_) if Instant::now() < deadline => {
-                    eprintln!("  sync ended with events pending ({answer}); syncing again");
-                }
-                _ => bail!("events still pending after the sync: {answer}"),
-            }
-        }
+        sync_until_drained(&client).await?;
         let wall = started.elapsed().as_secs_f64();
         let agent_cpu = cpu_seconds(agent.child.id()) - cpu_before.0;
         let receiver_cpu = cpu_seconds(receiver_pid) - cpu_before.1;
@@ -173,4 +145,38 @@ fn bytes_written(pid: u32) -> u64 {
 pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     listener.local_addr().context("reading the free port")
+}
+
+/// Asks the agent to sync until nothing is pending: a run that leaves events behind (a
+/// batch refused for a moment) is followed by another, for at most ten minutes.
+pub(crate) async fn sync_until_drained(client: &reqwest::Client) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let response = client
+            .post(agent_url("/v1/sync"))
+            .send()
+            .await
+            .context("POST /v1/sync")?;
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("POST /v1/sync answered {status} {answer} (is the sync engine built?)");
+        }
+        let pending = client
+            .get(agent_url("/v1/status"))
+            .send()
+            .await
+            .context("GET /v1/status")?
+            .json::<Value>()
+            .await
+            .context("reading the status")?["pending_events"]
+            .as_u64();
+        match pending {
+            Some(0) => return Ok(()),
+            Some(_) if Instant::now() < deadline => {
+                eprintln!("  sync ended with events pending ({answer}); syncing again");
+            }
+            _ => bail!("events still pending after the sync: {answer}"),
+        }
+    }
 }

@@ -14,11 +14,11 @@ use anyhow::{Context, bail};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::post;
-use serde_json::Value;
 use usage_protocol::wire::{self, BatchEnvelope, BatchResult};
 
 use crate::Options;
-use crate::client::{agent_url, socket_client};
+use crate::client::socket_client;
+use crate::phases::drain::sync_until_drained;
 use crate::phases::ingest::{Phase, run_phase};
 use crate::roles::Agent;
 
@@ -77,35 +77,7 @@ pub(crate) fn peer_phase(
 async fn drain(agent: &Agent, events: usize) -> anyhow::Result<f64> {
     let client = socket_client(&agent.socket, true)?;
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(600);
-    loop {
-        let response = client
-            .post(agent_url("/v1/sync"))
-            .send()
-            .await
-            .context("POST /v1/sync")?;
-        let status = response.status();
-        let answer: Value = response.json().await.unwrap_or(Value::Null);
-        if !status.is_success() {
-            bail!("POST /v1/sync answered {status} {answer}");
-        }
-        let pending = client
-            .get(agent_url("/v1/status"))
-            .send()
-            .await
-            .context("GET /v1/status")?
-            .json::<Value>()
-            .await
-            .context("reading the status")?["pending_events"]
-            .as_u64();
-        match pending {
-            Some(0) => break,
-            Some(_) if Instant::now() < deadline => {
-                eprintln!("  sync ended with events pending ({answer}); syncing again");
-            }
-            _ => bail!("events still pending after the sync: {answer}"),
-        }
-    }
+    sync_until_drained(&client).await?;
     let wall = started.elapsed().as_secs_f64();
     eprintln!(
         "  {:<24} {:>9.0} events/s  ({events} events in {wall:.2} s)",
