@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::phases::fleet::ViewTimes;
+use crate::phases::peer::PeerFigures;
 
 /// Every figure of one run; `None` is printed as `null`.
 #[derive(Debug, Default)]
@@ -26,6 +27,14 @@ pub(crate) struct Figures {
     /// batches of 500 to a counting sink in the load generator.
     pub(crate) peer_ingest_eps: Option<f64>,
     pub(crate) peer_drain_eps: Option<f64>,
+    /// In the table only: the agent's peak RSS over the phase, and with syslog-ng beside
+    /// it, syslog-ng's figures and the agent's against them (medians of three rounds).
+    pub(crate) peer_rss_mib: Option<f64>,
+    pub(crate) peer_syslog_ng_ingest_eps: Option<f64>,
+    pub(crate) peer_syslog_ng_drain_eps: Option<f64>,
+    pub(crate) peer_syslog_ng_rss_mib: Option<f64>,
+    pub(crate) peer_ingest_ratio: Option<f64>,
+    pub(crate) peer_drain_ratio: Option<f64>,
     pub(crate) rss_peak_mib: Option<f64>,
     pub(crate) bytes_per_event: Option<f64>,
     pub(crate) fleet_eps: Option<f64>,
@@ -67,6 +76,19 @@ pub(crate) struct Figures {
 }
 
 impl Figures {
+    pub(crate) fn peer(&mut self, peer: &PeerFigures) {
+        self.peer_ingest_eps = Some(peer.agent.ingest_eps);
+        self.peer_drain_eps = Some(peer.agent.drain_eps);
+        self.peer_rss_mib = Some(peer.agent.peak_rss_mib);
+        if let Some(syslog_ng) = &peer.syslog_ng {
+            self.peer_syslog_ng_ingest_eps = Some(syslog_ng.ingest_eps);
+            self.peer_syslog_ng_drain_eps = Some(syslog_ng.drain_eps);
+            self.peer_syslog_ng_rss_mib = Some(syslog_ng.peak_rss_mib);
+            self.peer_ingest_ratio = Some(peer.agent.ingest_eps / syslog_ng.ingest_eps);
+            self.peer_drain_ratio = Some(peer.agent.drain_eps / syslog_ng.drain_eps);
+        }
+    }
+
     pub(crate) fn views(&mut self, views: &ViewTimes) {
         self.installations_100k_ms = Some(views.installations_ms);
         self.dashboard_100k_ms = Some(views.dashboard_ms);
@@ -82,7 +104,7 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         Some(v) => format!("{v:.decimals$}"),
         None => "null".to_owned(),
     };
-    let rows: [(&str, Option<f64>, usize, &str); 38] = [
+    let rows: [(&str, Option<f64>, usize, &str); 44] = [
         ("single_c1_eps", figures.single_c1_eps, 0, ""),
         ("single_c32_eps", figures.single_c32_eps, 0, ">= 25000"),
         ("single_c128_eps", figures.single_c128_eps, 0, ""),
@@ -106,6 +128,27 @@ pub(crate) fn print_table(figures: &Figures, notes: &[String], took: Duration) {
         ("drain1000_eps", figures.drain1000_eps, 0, ">= 50000"),
         ("peer_ingest_eps", figures.peer_ingest_eps, 0, ""),
         ("peer_drain_eps", figures.peer_drain_eps, 0, ""),
+        ("peer_rss_mib", figures.peer_rss_mib, 1, "<= 20"),
+        (
+            "peer_syslog_ng_ingest_eps",
+            figures.peer_syslog_ng_ingest_eps,
+            0,
+            "",
+        ),
+        (
+            "peer_syslog_ng_drain_eps",
+            figures.peer_syslog_ng_drain_eps,
+            0,
+            "",
+        ),
+        (
+            "peer_syslog_ng_rss_mib",
+            figures.peer_syslog_ng_rss_mib,
+            1,
+            "",
+        ),
+        ("peer_ingest_ratio", figures.peer_ingest_ratio, 2, ">= 1.2"),
+        ("peer_drain_ratio", figures.peer_drain_ratio, 2, ">= 1.0"),
         ("rss_peak_mib", figures.rss_peak_mib, 1, "<= 20"),
         ("bytes_per_event", figures.bytes_per_event, 1, "<= 250"),
         ("fleet_eps", figures.fleet_eps, 0, ">= 20000"),

@@ -118,6 +118,16 @@ impl Generator {
         out
     }
 
+    /// `events` events as JSON lines, each ending in a newline: what a log shipper is sent.
+    pub(crate) fn json_lines(&mut self, events: usize) -> String {
+        let mut out = String::with_capacity(320 * events);
+        for _ in 0..events {
+            self.write_json(&mut out);
+            out.push('\n');
+        }
+        out
+    }
+
     pub(crate) fn next_event(&mut self, created_at_ms: i64) -> Event {
         let s = self.sample();
         Event {

@@ -23,7 +23,8 @@
 //! transaction, as the ceiling. Last, the drain phases fill a backlog in a fresh agent and time
 //! `POST /v1/sync` against the bundled receiver until nothing is pending. Only when named,
 //! `peer` mirrors a log shipper's work for a side-by-side with one: 4 clients record chunks
-//! of 500, then the backlog is drained in batches of 500 to a counting sink in this process.
+//! of 500, then the backlog is drained in batches of 500 to a counting sink in this process;
+//! with `--syslog-ng ROOT`, syslog-ng does the same work beside it, round after round.
 //!
 //! This example measures; it asserts nothing. Targets are checked by reading its output.
 //!
@@ -110,6 +111,11 @@ struct Options {
     /// For `fleet`: installs in the installations view that is timed.
     #[arg(long, default_value_t = 100_000)]
     view_installs: u32,
+    /// For `peer`: where syslog-ng is (`/` when installed, or a tree unpacked from
+    /// Debian's syslog-ng-core and syslog-ng-mod-http); it then runs beside the agent,
+    /// three rounds each in turn, and the table sets the medians side by side.
+    #[arg(long, value_name = "ROOT")]
+    syslog_ng: Option<PathBuf>,
 }
 
 impl Options {
@@ -411,10 +417,7 @@ fn finish(
     // The work a log shipper does, to set beside one (only when named).
     if options.wants("peer") {
         match peer_phase(runtime, root, options, options.phase_events()) {
-            Ok((ingest, drain)) => {
-                figures.peer_ingest_eps = Some(ingest);
-                figures.peer_drain_eps = Some(drain);
-            }
+            Ok(peer) => figures.peer(&peer),
             Err(why) => notes.push(format!(
                 "peer_ingest_eps and peer_drain_eps are null: {why:#}"
             )),

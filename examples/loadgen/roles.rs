@@ -237,7 +237,7 @@ pub(crate) fn wait_until(
 }
 
 /// Sends SIGTERM and waits (with a deadline) for a clean exit.
-fn terminate(child: &mut Child, log: &Path, what: &str) -> anyhow::Result<()> {
+pub(crate) fn terminate(child: &mut Child, log: &Path, what: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -264,6 +264,23 @@ fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(5)..].join(" | ")
+}
+
+/// CPU time (user + system) a process has used so far, in seconds; 0 if unreadable.
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
+    // Fields 14 and 15 of /proc/PID/stat, in USER_HZ ticks (100 per second on Linux); the
+    // command name (field 2) is parenthesised and may hold spaces, so count after it.
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after_name
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|field| field.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / 100.0
 }
 
 /// Peak resident set (VmHWM) of process `pid` so far, in MiB.

@@ -168,6 +168,82 @@ fn the_peer_phase_records_and_drains_everything_to_its_counting_sink() {
     }
 }
 
+/// Where `.ci/syslog-ng` (run by `.ci/setup`) unpacks syslog-ng: `target/syslog-ng/root`.
+fn unpacked_syslog_ng() -> PathBuf {
+    let target = loadgen()
+        .ancestors()
+        .nth(3)
+        .expect("loadgen lives in <target>/<profile>/examples")
+        .to_path_buf();
+    let root = target.join("syslog-ng").join("root");
+    assert!(
+        root.join("usr/sbin/syslog-ng").exists(),
+        "no syslog-ng under {}: run .ci/setup (the README's test command does)",
+        root.display()
+    );
+    root
+}
+
+#[test]
+fn the_peer_phase_sets_syslog_ng_beside_the_agent() {
+    let root = unpacked_syslog_ng();
+    let output = run(&[
+        "--events",
+        "2000",
+        "--phases",
+        "peer",
+        "--syslog-ng",
+        root.to_str().expect("a UTF-8 path"),
+        "--json",
+    ]);
+    let figures = json_line(&output);
+    for key in PEER_KEYS {
+        positive(&figures, key);
+    }
+    // Both shippers delivered every event (a round fails otherwise), three rounds each.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.matches("peer, syslog-ng drain").count(),
+        3,
+        "{stderr}"
+    );
+    assert_eq!(stderr.matches("peer, agent drain").count(), 3, "{stderr}");
+    assert!(stderr.contains("peer side by side"), "{stderr}");
+    let syslog_ng_ingest = table_figure(&output, "peer_syslog_ng_ingest_eps");
+    let syslog_ng_drain = table_figure(&output, "peer_syslog_ng_drain_eps");
+    assert!(syslog_ng_ingest > 0.0 && syslog_ng_drain > 0.0);
+    assert!(table_figure(&output, "peer_syslog_ng_rss_mib") > 0.0);
+    assert!(table_figure(&output, "peer_rss_mib") > 0.0);
+    // The ratios are the agent's medians against syslog-ng's, as the table prints them.
+    let ingest_ratio = figures["peer_ingest_eps"].as_f64().unwrap() / syslog_ng_ingest;
+    assert!((table_figure(&output, "peer_ingest_ratio") - ingest_ratio).abs() < 0.01);
+    let drain_ratio = figures["peer_drain_eps"].as_f64().unwrap() / syslog_ng_drain;
+    assert!((table_figure(&output, "peer_drain_ratio") - drain_ratio).abs() < 0.01);
+}
+
+#[test]
+fn a_missing_syslog_ng_is_named_and_its_figures_are_null() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = run(&[
+        "--events",
+        "500",
+        "--phases",
+        "peer",
+        "--syslog-ng",
+        dir.path().to_str().expect("a UTF-8 path"),
+        "--json",
+    ]);
+    let figures = json_line(&output);
+    for key in PEER_KEYS {
+        assert!(figures[key].is_null(), "{key} = {}", figures[key]);
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("--syslog-ng: no syslog-ng binary at"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn bad_options_are_refused_with_the_option_and_its_rule() {
     for (args, named) in [

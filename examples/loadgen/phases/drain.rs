@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::Options;
 use crate::client::{agent_url, socket_client};
 use crate::phases::ingest::{Phase, run_phase};
-use crate::roles::{Agent, ENROLL_TOKEN, RECEIVER_ROLE, spawn_self, wait_until};
+use crate::roles::{Agent, ENROLL_TOKEN, RECEIVER_ROLE, cpu_seconds, spawn_self, wait_until};
 
 /// Drains a backlog to the bundled receiver at batch size 50 and 1000; events per second.
 pub(crate) fn drain_phases(
@@ -109,23 +109,6 @@ fn drain_once(
     })?;
     agent.stop()?;
     Ok(eps)
-}
-
-/// CPU time (user + system) a process has used so far, in seconds; 0 if unreadable.
-fn cpu_seconds(pid: u32) -> f64 {
-    // Fields 14 and 15 of /proc/PID/stat, in USER_HZ ticks (100 per second on Linux); the
-    // command name (field 2) is parenthesised and may hold spaces, so count after it.
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let ticks: u64 = after_name
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|field| field.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / 100.0
 }
 
 /// Bytes a process has asked the kernel to write so far (`wchar` of /proc/PID/io): sockets
