@@ -71,6 +71,54 @@ pub enum DaemonError {
     Schedule(#[from] JobSchedulerError),
 }
 
+/// A long step of the start, told to systemd (`Type=notify`) while it runs: `STATUS=` what
+/// it is, and `EXTEND_TIMEOUT_USEC` now and again every third of the extension until the
+/// step is dropped, so the start timeout never stops a start that is still working. A
+/// no-op outside systemd.
+struct StartupStep {
+    done: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How long each notice asks systemd to wait.
+const STEP_EXTENSION: Duration = Duration::from_secs(60);
+
+impl StartupStep {
+    fn announce(what: String) -> StartupStep {
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("startup-step".into())
+            .spawn(move || {
+                let extension = STEP_EXTENSION.as_micros() as u32;
+                loop {
+                    let _ = sd_notify::notify(&[
+                        sd_notify::NotifyState::Status(&what),
+                        sd_notify::NotifyState::ExtendTimeoutUsec(extension),
+                    ]);
+                    // Until the step is dropped, which drops the sender.
+                    match finished.recv_timeout(STEP_EXTENSION / 3) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                        _ => return,
+                    }
+                }
+            })
+            .ok();
+        StartupStep {
+            done: Some(done),
+            thread,
+        }
+    }
+}
+
+impl Drop for StartupStep {
+    fn drop(&mut self) {
+        drop(self.done.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A started daemon: lock held, store open, listeners bound.
 pub struct Daemon {
     state: SharedState,
@@ -100,7 +148,20 @@ impl Daemon {
 
         // A damaged database is moved aside and salvaged before anything opens it.
         crate::store::salvage::recover_if_damaged(&config.database_path(), config.synchronous)?;
+        // A schema upgrade rewrites tables, which on a large database can outlast systemd's
+        // start timeout: keep it waiting, and say why, until the store is open.
+        let upgrading = crate::store::pending_upgrade(&config.database_path()).map(|(from, to)| {
+            tracing::info!(
+                from,
+                to,
+                "upgrading the database schema (minutes on a database of millions of events)"
+            );
+            StartupStep::announce(format!(
+                "upgrading the database schema from version {from} to {to}"
+            ))
+        });
         let writing = Store::open(&config.database_path(), config.synchronous)?;
+        drop(upgrading);
         if let Some(identity) = &identity {
             writing.set_install_id(&identity.install_id)?;
         }

@@ -131,6 +131,19 @@ fn migrations() -> Vec<&'static str> {
     SCHEMA.split("-- migration ").skip(1).collect()
 }
 
+/// The schema upgrade that opening the database at `path` would apply: the version the
+/// file has and the newest this build knows. `None` when there is none to apply (no file
+/// yet, up to date, newer, or unreadable: opening says why).
+pub fn pending_upgrade(path: &Path) -> Option<(i64, i64)> {
+    let conn =
+        Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .ok()?;
+    let known = migrations().len() as i64;
+    (found > 0 && found < known).then_some((found, known))
+}
+
 impl Store {
     /// Opens (creating if needed, mode 0600) the database, applies pending migrations and
     /// sets WAL mode and the configured durability.

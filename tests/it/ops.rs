@@ -234,6 +234,67 @@ async fn systemd_is_told_ready_and_stopping() {
     );
 }
 
+#[tokio::test]
+async fn systemd_is_kept_waiting_and_told_why_while_the_schema_is_upgraded() {
+    let mut agent = Agent::configure("");
+    // A database of the schema before the newest, as the previous release left it.
+    std::fs::create_dir_all(agent.data_dir()).unwrap();
+    let conn = agent.open_db();
+    let blocks: Vec<&str> = usage_agent::store::SCHEMA
+        .split("-- migration ")
+        .skip(1)
+        .collect();
+    let previous = blocks.len() - 1;
+    for block in &blocks[..previous] {
+        conn.execute_batch(block.split_once('\n').unwrap().1)
+            .unwrap();
+    }
+    conn.pragma_update(None, "user_version", previous).unwrap();
+    drop(conn);
+
+    let notify_path = agent.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let child = Command::new(crate::harness::bin())
+        .args(["--config", agent.config_path.to_str().unwrap(), "run"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    agent.child = Some(child);
+    let mut buffer = [0u8; 256];
+    let n = notify
+        .recv(&mut buffer)
+        .expect("a notice within the deadline");
+    let notice = std::str::from_utf8(&buffer[..n]).unwrap();
+    let lines: Vec<&str> = notice.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!(
+                "STATUS=upgrading the database schema from version {previous} to {}",
+                blocks.len()
+            )
+            .as_str(),
+            "EXTEND_TIMEOUT_USEC=60000000",
+        ],
+        "{notice}"
+    );
+    // Then ready, on the upgraded schema.
+    let n = notify
+        .recv(&mut buffer)
+        .expect("READY=1 within the deadline");
+    assert_eq!(std::str::from_utf8(&buffer[..n]).unwrap().trim(), "READY=1");
+    let version: i64 = agent
+        .open_db()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, blocks.len() as i64);
+    assert!(agent.terminate().success());
+}
+
 #[test]
 fn every_subcommand_explains_itself_with_an_example() {
     let commands = [
