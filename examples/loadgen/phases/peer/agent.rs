@@ -39,7 +39,12 @@ pub(super) fn round(
         }
         let events = ingest.events;
         let cpu_recorded = cpu_seconds(pid);
-        eprintln!("  {:<24} {}", "peer, agent ingest", ingest.summary());
+        eprintln!(
+            "  {:<24} {}  (peak RSS so far {:.1} MiB)",
+            "peer, agent ingest",
+            ingest.summary(),
+            agent.peak_rss_mib().unwrap_or(f64::NAN)
+        );
         let bytes_at_rest = files_size(&agent.database);
 
         let client = socket_client(&agent.socket, true)?;
