@@ -562,16 +562,46 @@ async fn the_dashboard_of_3001_installs_shows_its_costliest_first() {
     })
     .await
     .unwrap();
-    let mut fastest = std::time::Duration::MAX;
+    let mut times = Vec::new();
     for _ in 0..3 {
         let started = std::time::Instant::now();
         let page = get_text(&rx, "/dashboard?period=30d").await;
-        fastest = fastest.min(started.elapsed());
+        times.push(started.elapsed());
         let rows = install_rows(&page);
         assert_eq!(rows.len(), 100);
         assert!(rows[0].contains("install-3000"), "{}", rows[0]);
         assert!(page.contains("3,001 installs"));
     }
+    // One install stores a batch: the next page reads its rows and today's again.
+    let store = rx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let key = store.find_install("install-0000").unwrap().unwrap().key;
+        let event = NewEvent {
+            event_id: Uuid::new_v4(),
+            user_hash: [1; 32],
+            source: Source::Inline,
+            model: "gpt-4o".into(),
+            prompt_tokens: 1_000_000_000,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            origin: None,
+            context: None,
+            created_at_ms: at,
+        };
+        store.ingest(key, vec![event], at).unwrap();
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let page = get_text(&rx, "/dashboard?period=30d").await;
+    let changed = started.elapsed();
+    assert!(install_rows(&page)[0].contains("install-0000"));
     // Reported, not asserted: speed is a benchmark's business (BENCHMARKS.md).
-    println!("dashboard, 30 days of 3001 installs: {fastest:?}");
+    let fastest = times.iter().min().unwrap();
+    println!(
+        "dashboard, 30 days of 3001 installs: {fastest:?} (first {:?}, after one batch {changed:?})",
+        times[0]
+    );
 }

@@ -16,9 +16,9 @@
 //! - **the rate limit in a table** (`request_schedule`), one atomic upsert per request, in
 //!   the database's clock;
 //! - **nothing cached that could go stale**: installs, plans and secrets are read from
-//!   the database on every request; the views' figures a node keeps (`view_cache.rs`) hold
-//!   only while the install's `usage_version`, read in the view's snapshot, is the one
-//!   they were read at.
+//!   the database on every request; the views' figures a node keeps
+//!   (`store/view_cache.rs`) hold only while the install's `usage_version`, read in the
+//!   view's snapshot, is the one they were read at.
 //!
 //! Raw events are partitioned by UTC day (`partitions.rs`), made ahead and dropped whole
 //! past retention. The ingest path (`find_install_async`, `take_request_async`,

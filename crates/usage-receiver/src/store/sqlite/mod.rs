@@ -11,7 +11,8 @@
 //! those not deduped), so it always equals a sum over the events ever stored, including
 //! those since purged. Batches that arrive while one commits go together
 //! (`group_commit.rs`). The request rate is kept in memory ([`crate::store::rate_limit`]),
-//! as one process owns the file. This module knows nothing about HTTP.
+//! as one process owns the file, and so are the views' figures, each taken only while the
+//! version its rows were read at holds (`views.rs`). This module knows nothing about HTTP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
