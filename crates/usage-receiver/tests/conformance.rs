@@ -114,6 +114,7 @@ suite!(
     the_store_names_itself_and_answers_a_ping,
     budgets_are_set_read_with_the_install_and_removed,
     an_alert_is_recorded_once_per_install_threshold_and_month,
+    an_installs_alerts_are_its_own_oldest_first,
     alerts_are_claimed_once_until_their_lease_ends_and_delivered,
     erasure_removes_the_budget_and_alerts,
     labels_are_stored_shown_and_erased,
@@ -121,6 +122,7 @@ suite!(
     source_usage_groups_one_installs_raw_events_by_source_model_and_day,
     costed_installations_equal_the_straightforward_pricing,
     views_follow_every_change_of_usage_prices_and_installs,
+    kept_views_follow_plans_new_days_and_reused_install_keys,
     the_fleets_model_days_sum_every_install_and_follow_changes,
     user_usage_groups_one_installs_raw_events_by_user_model_and_day,
     plan_history_starts_at_enrollment_and_keeps_each_days_plan,
@@ -931,6 +933,120 @@ fn views_follow_every_change_of_usage_prices_and_installs(store: &dyn ReceiverSt
     assert_eq!(view_checked(store, window, TEST_PRICES), most);
 }
 
+/// The fleet's model days, checked against the sum of every install's rows: a store that
+/// keeps days between calls must answer the same after each change.
+fn model_days_checked(store: &dyn ReceiverStore, days: DayRange) -> Vec<ModelDayTokens> {
+    let kept = store.fleet_model_days(days).unwrap();
+    let summed = sum_model_days(&store.installations(None, days.as_window()).unwrap());
+    assert_eq!(kept, summed, "{days:?}");
+    kept
+}
+
+/// A period view and its model days, each checked, as the dashboard reads them.
+fn page_checked(store: &dyn ReceiverStore, days: DayRange, prices: PriceList) -> CostedReport {
+    let (costed, model_days) = store.costed_with_model_days(days, prices).unwrap();
+    assert_eq!(costed, view_checked(store, days.as_window(), prices));
+    assert_eq!(model_days, model_days_checked(store, days));
+    costed
+}
+
+fn kept_views_follow_plans_new_days_and_reused_install_keys(store: &dyn ReceiverStore) {
+    let days = DayRange {
+        first: 11,
+        last: 20,
+    };
+    let installs: Vec<Install> = ["k1", "k2", "k3", "k4"]
+        .iter()
+        .map(|id| enroll(store, id))
+        .collect();
+    for (n, install) in installs.iter().enumerate() {
+        let n = n as u64;
+        let batch = vec![
+            kinds_event(1, 12, "a", [100 + n, 10, 5, 5, 1]),
+            kinds_event(2, 15, "p-x", [10, 20 + n, 0, 0, 0]),
+            kinds_event(3, 20, "unpriced", [3, 3, 0, 0, 0]),
+        ];
+        store.ingest(install.key, batch, 0).unwrap();
+    }
+    let first = page_checked(store, days, TEST_PRICES);
+    assert_eq!(page_checked(store, days, TEST_PRICES), first);
+
+    // Plans, labels, budgets and alerts are never kept: each shows at once.
+    assert!(store.set_plan("k2", Plan::Pro, 20).unwrap());
+    assert!(store.set_label("k3", "Shop").unwrap());
+    assert!(
+        store
+            .set_budget("k4", Some(&budget(5, &[50, 100])))
+            .unwrap()
+    );
+    let month = usage_receiver::days::month_text(20);
+    store
+        .record_alerts(&[new_alert(installs[3].key, 50, &month, 20 * MS_PER_DAY)])
+        .unwrap();
+    let changed = page_checked(store, days, TEST_PRICES);
+    assert_ne!(
+        figures_of(&changed, "k2").plans,
+        figures_of(&first, "k2").plans
+    );
+    assert_eq!(figures_of(&changed, "k3").label.as_deref(), Some("Shop"));
+    assert!(figures_of(&changed, "k4").budget.is_some());
+    assert_eq!(figures_of(&changed, "k4").alerted_in_month, [50]);
+
+    // One install's usage on a day already kept, and on a new day.
+    store
+        .ingest(
+            installs[0].key,
+            vec![
+                kinds_event(4, 20, "a", [7, 7, 0, 0, 0]),
+                kinds_event(5, 21, "a", [9, 9, 0, 0, 0]),
+            ],
+            0,
+        )
+        .unwrap();
+    let grown = page_checked(store, days, TEST_PRICES);
+    assert!(figures_of(&grown, "k1").priced.cost > figures_of(&first, "k1").priced.cost);
+    let next_day = DayRange {
+        first: 12,
+        last: 21,
+    };
+    let later = page_checked(store, next_day, TEST_PRICES);
+    assert_eq!(later.daily.last().map(|d| d.day), Some(21));
+
+    // Other prices: costed afresh, the kept days' tokens the same.
+    let dearer = |model: &str, day: i64| test_rates(model, day).map(|r| Rates::flat(r.output));
+    page_checked(
+        store,
+        days,
+        PriceList {
+            id: 3,
+            rates: &dearer,
+        },
+    );
+
+    // An install enrolled after the newest one was erased may get its key: what was kept
+    // of the erased one never stands for it, even at the same count of batches.
+    let enrolled_with_one_batch = |id: &str, prompt: u64| {
+        let install = enroll(store, id);
+        let batch = vec![kinds_event(1, 15, "a", [prompt, prompt / 10, 0, 0, 0])];
+        store.ingest(install.key, batch, 0).unwrap();
+    };
+    enrolled_with_one_batch("k5", 50);
+    page_checked(store, days, TEST_PRICES);
+    store.erase_install("k5").unwrap();
+    let after_erasure = page_checked(store, days, TEST_PRICES);
+    assert!(after_erasure.installs.iter().all(|i| i.install_id != "k5"));
+    enrolled_with_one_batch("k6", 60);
+    let with_new = page_checked(store, days, TEST_PRICES);
+    assert_eq!(figures_of(&with_new, "k6").priced.tokens, 66);
+    // Enrolled with no usage yet, after an erasure of an install that had some.
+    store.erase_install("k6").unwrap();
+    enroll(store, "k7");
+    assert_eq!(
+        figures_of(&page_checked(store, days, TEST_PRICES), "k7").events_30d,
+        0
+    );
+}
+
 fn costed_installations_equal_the_straightforward_pricing(store: &dyn ReceiverStore) {
     let mut n = 0u8;
     let mut next = |day: i64, model: &str, kinds: [u64; 5]| {
@@ -1121,6 +1237,34 @@ fn new_alert(install: InstallKey, threshold: u32, month: &str, at_ms: i64) -> Ne
         currency: "USD".into(),
         at_ms,
     }
+}
+
+fn an_installs_alerts_are_its_own_oldest_first(store: &dyn ReceiverStore) {
+    let a = enroll(store, "a");
+    let b = enroll(store, "b");
+    let alerts = [
+        new_alert(a.key, 50, "2026-03", 3_000),
+        new_alert(b.key, 50, "2026-03", 2_000),
+        new_alert(a.key, 80, "2026-02", 1_000),
+        new_alert(b.key, 80, "2026-03", 4_000),
+    ];
+    store.record_alerts(&alerts).unwrap();
+    let of = |id: &str| -> Vec<(String, u32, i64)> {
+        store
+            .install_alerts(id)
+            .unwrap()
+            .into_iter()
+            .map(|alert| (alert.install_id, alert.threshold, alert.at_ms))
+            .collect()
+    };
+    assert_eq!(
+        of("a"),
+        [("a".to_owned(), 80, 1_000), ("a".to_owned(), 50, 3_000)]
+    );
+    assert_eq!(of("b").len(), 2);
+    assert!(of("nope").is_empty());
+    store.erase_install("a").unwrap();
+    assert!(of("a").is_empty());
 }
 
 fn budgets_are_set_read_with_the_install_and_removed(store: &dyn ReceiverStore) {

@@ -1,7 +1,8 @@
 //! The receiver's storage contract: one trait, with the bundled SQLite store ([`sqlite`])
 //! and the PostgreSQL store of a fleet ([`postgres`]) side by side behind it, so the HTTP
-//! side never knows which one it talks to; and the request allowance of one node
-//! ([`rate_limit`]). The conformance suite (`crates/usage-receiver/tests/conformance.rs`)
+//! side never knows which one it talks to; the request allowance of one node
+//! ([`rate_limit`]); and what both stores keep of the views they were asked for
+//! (`view_cache.rs`). The conformance suite (`crates/usage-receiver/tests/conformance.rs`)
 //! is one suite of tests that runs against both stores.
 //!
 //! **Invariant:** only the store speaks SQL, and only [`sqlite`] and [`postgres`] within
@@ -41,6 +42,7 @@ pub mod model_cap;
 pub mod postgres;
 pub mod rate_limit;
 pub mod sqlite;
+mod view_cache;
 
 /// How one connection pool of a node is used at one moment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,6 +219,14 @@ pub trait ReceiverStore: Send + Sync + 'static {
     /// The alerts recorded in `range` (by their `at`), oldest first.
     fn alerts(&self, range: TimeRange) -> Result<Vec<Alert>, ReceiverStoreError>;
 
+    /// The alerts of one install (by its id), oldest first; none when it is unknown. By
+    /// default every alert read and the others left out; both stores read only its own.
+    fn install_alerts(&self, install_id: &str) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let mut alerts = self.alerts(TimeRange::default())?;
+        alerts.retain(|alert| alert.install_id == install_id);
+        Ok(alerts)
+    }
+
     /// At most `limit` of the alerts recorded in `range` (by their `at`), oldest first,
     /// from just after `after` (an alert's `at` and id) on.
     fn alerts_page(
@@ -305,15 +315,21 @@ pub trait ReceiverStore: Send + Sync + 'static {
     ) -> Result<Vec<UserModelDay>, ReceiverStoreError>;
 
     /// [`ReceiverStore::costed_installations`] of every install over `days` and
-    /// [`ReceiverStore::fleet_model_days`] of those days, together. By default both come
-    /// from one reading of the rollup ([`ReceiverStore::installations`]: each install's
-    /// model days, summed over the installs and costed); a store that keeps views reads
-    /// each its own way.
+    /// [`ReceiverStore::fleet_model_days`] of those days, together. A store that keeps
+    /// views ([`ReceiverStore::keeps_views`]) answers each from what it keeps; otherwise
+    /// both come from one reading of the rollup ([`ReceiverStore::installations`]: each
+    /// install's model days, summed over the installs and costed).
     fn costed_with_model_days(
         &self,
         days: DayRange,
         prices: PriceList<'_>,
     ) -> Result<(CostedReport, Vec<ModelDayTokens>), ReceiverStoreError> {
+        if self.keeps_views() {
+            return Ok((
+                self.costed_installations(None, days.as_window(), prices)?,
+                self.fleet_model_days(days)?,
+            ));
+        }
         let report = self.installations(None, days.as_window())?;
         let model_days = sum_model_days(&report);
         Ok((CostedReport::price(report, prices.rates), model_days))

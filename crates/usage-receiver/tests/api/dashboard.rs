@@ -166,6 +166,24 @@ fn install_rows(dom: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Enrolls `install_id` straight in the store (enrolled at `at_ms`), for tests that fill a
+/// fleet faster than signed batches can; returns its key.
+fn enroll_in_store(
+    store: &dyn usage_receiver::store::ReceiverStore,
+    install_id: &str,
+    at_ms: i64,
+) -> usage_receiver::store::InstallKey {
+    store
+        .enroll(&usage_receiver::store::NewInstall {
+            install_id: install_id.into(),
+            secret: Secret::generate(),
+            site_hash: "cd".repeat(32),
+            enrolled_at_ms: at_ms,
+        })
+        .unwrap();
+    store.find_install(install_id).unwrap().unwrap().key
+}
+
 #[tokio::test]
 async fn the_dashboard_renders_in_headless_chromium() {
     let now = Utc::now();
@@ -393,22 +411,14 @@ async fn the_dashboard_renders_in_headless_chromium() {
 #[tokio::test]
 async fn an_install_page_lists_its_hundred_costliest_users_and_counts_the_rest() {
     use usage_protocol::event::Source;
-    use usage_receiver::store::{NewEvent, NewInstall};
+    use usage_receiver::store::NewEvent;
 
     let now = Utc.with_ymd_and_hms(2026, 3, 31, 12, 0, 0).unwrap();
     let rx = TestReceiver::start(settings(now));
     let store = rx.store.clone();
     let at = now.timestamp_millis();
     tokio::task::spawn_blocking(move || {
-        store
-            .enroll(&NewInstall {
-                install_id: "busy-site".into(),
-                secret: Secret::generate(),
-                site_hash: "cd".repeat(32),
-                enrolled_at_ms: at,
-            })
-            .unwrap();
-        let key = store.find_install("busy-site").unwrap().unwrap().key;
+        let key = enroll_in_store(&*store, "busy-site", at);
         // 20,000 users; user n used 10 × (n + 1) gpt-4o tokens.
         let events: Vec<NewEvent> = (0..20_000u32)
             .map(|n| {
@@ -450,6 +460,52 @@ async fn an_install_page_lists_its_hundred_costliest_users_and_counts_the_rest()
 }
 
 #[tokio::test]
+async fn an_install_page_lists_only_its_own_alerts_among_the_fleets() {
+    use usage_receiver::billing::money::Micros;
+    use usage_receiver::store::NewAlert;
+
+    let now = Utc.with_ymd_and_hms(2026, 3, 31, 12, 0, 0).unwrap();
+    let rx = TestReceiver::start(settings(now));
+    let store = rx.store.clone();
+    let at = now.timestamp_millis();
+    tokio::task::spawn_blocking(move || {
+        // 300 installs with two alerts each, in this month and the one before; the install
+        // looked at has three, of 45, 55 and 65 (no other install alerts at those).
+        let mut alerts = Vec::new();
+        for n in 0..300 {
+            let key = enroll_in_store(&*store, &format!("site-{n:03}"), at);
+            let thresholds: &[u32] = if n == 150 { &[45, 55, 65] } else { &[50, 80] };
+            for (i, &threshold) in thresholds.iter().enumerate() {
+                alerts.push(NewAlert {
+                    alert_id: Uuid::now_v7(),
+                    install: key,
+                    threshold,
+                    month: if i == 0 { "2026-02" } else { "2026-03" }.into(),
+                    cost: Micros(41_000_000),
+                    budget: Micros(50_000_000),
+                    currency: "USD".into(),
+                    at_ms: at - i64::from(n) * 1000 + i as i64 * 60_000,
+                });
+            }
+        }
+        assert_eq!(store.record_alerts(&alerts).unwrap().len(), 601);
+    })
+    .await
+    .unwrap();
+    let page = get_text(&rx, "/dashboard/installations/site-150").await;
+    let table = &page[page.find("<table id=\"alerts-table\">").unwrap()..];
+    let table = &table[..table.find("</table>").unwrap()];
+    // A heading row and its own three alerts, newest first.
+    assert_eq!(table.matches("<tr").count(), 4, "{table}");
+    let thresholds: Vec<usize> = ["65%", "55%", "45%"]
+        .iter()
+        .map(|t| table.find(t).unwrap_or_else(|| panic!("{t} in {table}")))
+        .collect();
+    assert!(thresholds.is_sorted(), "{table}");
+    assert!(!table.contains("50%") && !table.contains("80%"), "{table}");
+}
+
+#[tokio::test]
 async fn an_empty_dashboard_says_so() {
     let rx = TestReceiver::start(settings(Utc::now()));
     let page = get_text(&rx, "/dashboard").await;
@@ -470,7 +526,7 @@ async fn an_empty_dashboard_says_so() {
 #[tokio::test]
 async fn the_dashboard_of_3001_installs_shows_its_costliest_first() {
     use usage_protocol::event::Source;
-    use usage_receiver::store::{NewEvent, NewInstall};
+    use usage_receiver::store::NewEvent;
 
     // The last day of a 31-day month, so the 30 days and the 30 before hold every day.
     let now = Utc.with_ymd_and_hms(2026, 3, 31, 12, 0, 0).unwrap();
@@ -482,16 +538,7 @@ async fn the_dashboard_of_3001_installs_shows_its_costliest_first() {
     let models = ["gpt-4o", "claude-3", "llama-3", "deepseek-chat"];
     tokio::task::spawn_blocking(move || {
         for n in 0..INSTALLS {
-            let install_id = format!("install-{n:04}");
-            store
-                .enroll(&NewInstall {
-                    install_id: install_id.clone(),
-                    secret: Secret::generate(),
-                    site_hash: "cd".repeat(32),
-                    enrolled_at_ms: at,
-                })
-                .unwrap();
-            let key = store.find_install(&install_id).unwrap().unwrap().key;
+            let key = enroll_in_store(&*store, &format!("install-{n:04}"), at);
             // 40 days × 4 models: 160 rollup rows per install, 480,160 in all; install n
             // uses 100 × (n + 1) more tokens of each, so the last one costs most.
             let events: Vec<NewEvent> = (0..DAYS * 4)
@@ -515,16 +562,46 @@ async fn the_dashboard_of_3001_installs_shows_its_costliest_first() {
     })
     .await
     .unwrap();
-    let mut fastest = std::time::Duration::MAX;
+    let mut times = Vec::new();
     for _ in 0..3 {
         let started = std::time::Instant::now();
         let page = get_text(&rx, "/dashboard?period=30d").await;
-        fastest = fastest.min(started.elapsed());
+        times.push(started.elapsed());
         let rows = install_rows(&page);
         assert_eq!(rows.len(), 100);
         assert!(rows[0].contains("install-3000"), "{}", rows[0]);
         assert!(page.contains("3,001 installs"));
     }
+    // One install stores a batch: the next page reads its rows and today's again.
+    let store = rx.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let key = store.find_install("install-0000").unwrap().unwrap().key;
+        let event = NewEvent {
+            event_id: Uuid::new_v4(),
+            user_hash: [1; 32],
+            source: Source::Inline,
+            model: "gpt-4o".into(),
+            prompt_tokens: 1_000_000_000,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cache_write_tokens: 0,
+            reasoning_tokens: 0,
+            origin: None,
+            context: None,
+            created_at_ms: at,
+        };
+        store.ingest(key, vec![event], at).unwrap();
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let page = get_text(&rx, "/dashboard?period=30d").await;
+    let changed = started.elapsed();
+    assert!(install_rows(&page)[0].contains("install-0000"));
     // Reported, not asserted: speed is a benchmark's business (BENCHMARKS.md).
-    println!("dashboard, 30 days of 3001 installs: {fastest:?}");
+    let fastest = times.iter().min().unwrap();
+    println!(
+        "dashboard, 30 days of 3001 installs: {fastest:?} (first {:?}, after one batch {changed:?})",
+        times[0]
+    );
 }

@@ -10,7 +10,6 @@
 //! today alone).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 
 use deadpool_postgres::tokio_postgres;
 
@@ -18,22 +17,6 @@ use super::{PostgresStore, count, token_counts};
 use crate::billing::pricing::ModelDayTokens;
 use crate::days::MS_PER_DAY;
 use crate::store::{DayRange, ReceiverStoreError, UserModelDay};
-
-/// One day's sums over the fleet, and the day's figures they were read with.
-struct KeptDay {
-    events: i64,
-    tokens: i64,
-    models: Vec<ModelDayTokens>,
-}
-
-/// The days a node keeps; a handful of kilobytes per day whatever the fleet's size.
-#[derive(Default)]
-pub(super) struct ModelDaysCache {
-    days: Mutex<HashMap<i64, KeptDay>>,
-}
-
-/// How many days a node keeps: the longest period and a little more.
-const DAYS_KEPT: usize = 800;
 
 /// [`crate::store::ReceiverStore::fleet_model_days`], in one read-only snapshot.
 pub(super) async fn fleet_model_days(
@@ -55,26 +38,20 @@ pub(super) async fn fleet_model_days(
             &[&days.first, &days.last],
         )
         .await?;
-    let figures: Vec<(i64, i64, i64)> = figures
+    // Each day's totals are its stamp: while they are unchanged, so are its sums.
+    let figures: Vec<(i64, (i64, i64))> = figures
         .iter()
-        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
         .collect();
+    let kept = store
+        .model_days
+        .lookup(figures.iter().map(|(day, stamp)| (*day, stamp)));
     let mut out: Vec<ModelDayTokens> = Vec::new();
     let mut stale: Vec<i64> = Vec::new();
-    {
-        let kept = store
-            .views
-            .model_days
-            .days
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for &(day, events, tokens) in &figures {
-            match kept.get(&day) {
-                Some(k) if k.events == events && k.tokens == tokens => {
-                    out.extend(k.models.iter().cloned())
-                }
-                _ => stale.push(day),
-            }
+    for ((day, _), kept) in figures.iter().zip(kept) {
+        match kept {
+            Some(models) => out.extend(models),
+            None => stale.push(*day),
         }
     }
     if !stale.is_empty() {
@@ -97,32 +74,17 @@ pub(super) async fn fleet_model_days(
             };
             read.entry(usage.day).or_default().push(usage);
         }
-        let mut kept = store
-            .views
-            .model_days
-            .days
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for &(day, events, tokens) in figures.iter().filter(|f| stale.contains(&f.0)) {
-            let models = read.remove(&day).unwrap_or_default();
-            out.extend(models.iter().cloned());
-            kept.insert(
-                day,
-                KeptDay {
-                    events,
-                    tokens,
-                    models,
-                },
-            );
-        }
-        if kept.len() > DAYS_KEPT {
-            // The oldest days go first: periods are asked for recent days far more.
-            let mut held: Vec<i64> = kept.keys().copied().collect();
-            held.sort_unstable();
-            for day in &held[..held.len() - DAYS_KEPT] {
-                kept.remove(day);
-            }
-        }
+        let fresh: Vec<(i64, (i64, i64), Vec<ModelDayTokens>)> = figures
+            .iter()
+            .filter(|(day, _)| stale.contains(day))
+            .map(|&(day, stamp)| (day, stamp, read.remove(&day).unwrap_or_default()))
+            .collect();
+        out.extend(
+            fresh
+                .iter()
+                .flat_map(|(_, _, models)| models.iter().cloned()),
+        );
+        store.model_days.keep(fresh);
     }
     tx.commit().await?;
     // Bytewise model order, as SQLite's and Rust's `String` order.

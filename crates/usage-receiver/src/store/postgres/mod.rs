@@ -16,9 +16,9 @@
 //! - **the rate limit in a table** (`request_schedule`), one atomic upsert per request, in
 //!   the database's clock;
 //! - **nothing cached that could go stale**: installs, plans and secrets are read from
-//!   the database on every request; the views' figures a node keeps (`view_cache.rs`) hold
-//!   only while the install's `usage_version`, read in the view's snapshot, is the one
-//!   they were read at.
+//!   the database on every request; the views' figures a node keeps
+//!   (`store/view_cache.rs`) hold only while the install's `usage_version`, read in the
+//!   view's snapshot, is the one they were read at.
 //!
 //! Raw events are partitioned by UTC day (`partitions.rs`), made ahead and dropped whole
 //! past retention. The ingest path (`find_install_async`, `take_request_async`,
@@ -38,8 +38,8 @@ use uuid::Uuid;
 
 use self::connect::DatabaseUrl;
 use self::ingest::Columns;
-use self::view_cache::{InstallFigures, ViewCache, ViewKey};
 use self::writers::{Batch, Writers};
+use super::view_cache::{DayCache, InstallFigures, ViewCache, ViewKey};
 
 use super::{
     Alert, AlertCursor, Budget, CostedInstall, CostedReport, DailyTokens, DayRange,
@@ -115,7 +115,6 @@ mod group;
 mod ingest;
 mod migrations;
 mod partitions;
-mod view_cache;
 mod writers;
 
 use crate::days::MS_PER_DAY;
@@ -152,6 +151,9 @@ pub struct PostgresStore {
     runtime: Handle,
     /// Figures of the views this node was asked for, kept while they hold.
     views: ViewCache,
+    /// The fleet's tokens per model of each day this node was asked for, kept while the
+    /// day's totals (events, tokens) in `daily_totals` are unchanged (`dashboard.rs`).
+    model_days: DayCache<(i64, i64), Vec<ModelDayTokens>>,
     /// The tasks that store every batch, together when several wait.
     writers: Writers,
 }
@@ -222,6 +224,7 @@ impl PostgresStore {
             relaxed,
             runtime,
             views: ViewCache::default(),
+            model_days: DayCache::default(),
         };
         store
             .run(async |store| {
@@ -1255,6 +1258,19 @@ impl ReceiverStore for PostgresStore {
         })
     }
 
+    fn install_alerts(&self, install_id: &str) -> Result<Vec<Alert>, ReceiverStoreError> {
+        self.run(async |store| {
+            let client = store.client().await?;
+            let rows = client
+                .query(
+                    &format!("{ALERT_COLUMNS} WHERE i.install_id = $1 ORDER BY a.at, a.alert_id"),
+                    &[&install_id],
+                )
+                .await?;
+            rows.iter().map(alert_row).collect()
+        })
+    }
+
     fn alerts_page(
         &self,
         range: TimeRange,
@@ -1358,18 +1374,6 @@ impl ReceiverStore for PostgresStore {
         days: DayRange,
     ) -> Result<Vec<UserModelDay>, ReceiverStoreError> {
         self.run(async |store| dashboard::user_usage(store, install_id, days).await)
-    }
-
-    /// Each from what the node keeps: the period's view and the days' model sums.
-    fn costed_with_model_days(
-        &self,
-        days: DayRange,
-        prices: PriceList<'_>,
-    ) -> Result<(CostedReport, Vec<ModelDayTokens>), ReceiverStoreError> {
-        Ok((
-            self.costed_installations(None, days.as_window(), prices)?,
-            self.fleet_model_days(days)?,
-        ))
     }
 
     fn find_install_async(self: Arc<Self>, install_id: String) -> StoreFuture<Option<Install>> {
@@ -1541,8 +1545,7 @@ async fn costed(
         ),
     };
     let (figures, daily) = match kept {
-        // Reading again a third of the installs costs about what reading them all does.
-        Some(kept) if kept.stale.len() * 3 <= heads.len() && kept.gone * 3 <= heads.len() => {
+        Some(kept) if kept.worth_taking(heads.len()) => {
             let mut fresh = figures_of(&tx, &kept.stale, window, prices.rates).await?;
             let daily = chart_of_totals(&tx, window).await?;
             let stale = heads.iter().zip(&kept.figures).filter(|(_, f)| f.is_none());

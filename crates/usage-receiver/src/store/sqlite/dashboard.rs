@@ -1,58 +1,12 @@
-//! The SQLite statements of what the dashboard reads besides the installations view: the
-//! fleet's tokens per model and day (its cost chart) and one install's usage per user.
+//! The SQLite statements of what the dashboard reads besides the installations view and
+//! its chart (`views.rs`): one install's usage per user.
 
 use rusqlite::{Connection, params};
 
 use super::{install_key, token_counts};
-use crate::billing::pricing::{ModelDayTokens, TokenCounts};
+use crate::billing::pricing::ModelDayTokens;
 use crate::days::MS_PER_DAY;
 use crate::store::{DayRange, ReceiverStoreError, UserModelDay};
-
-/// [`crate::store::ReceiverStore::fleet_model_days`]: one range scan of the rollup's
-/// by-day index (it covers every column read), summed here by model and day: SQLite's
-/// grouping would sort every row first, several times slower. Models are compared as read,
-/// so a row allocates nothing.
-pub(super) fn fleet_model_days(
-    conn: &Connection,
-    days: DayRange,
-) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
-    let mut statement = conn.prepare_cached(
-        "SELECT day, model, prompt_tokens, completion_tokens, cached_tokens,
-                cache_write_tokens, reasoning_tokens
-         FROM daily_usage WHERE day >= ?1 AND day <= ?2",
-    )?;
-    let mut rows = statement.query(params![days.first, days.last])?;
-    // Rows come in day order; each day's models are few, so a short list per day.
-    let mut out: Vec<ModelDayTokens> = Vec::new();
-    let mut day_start = 0;
-    while let Some(row) = rows.next()? {
-        let day: i64 = row.get(0)?;
-        if out.get(day_start).is_some_and(|first| first.day != day) {
-            day_start = out.len();
-        }
-        let model = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-        let tokens = token_counts(row, 2)?;
-        let index = match out[day_start..].iter().position(|d| d.model == model) {
-            Some(at) => day_start + at,
-            None => {
-                out.push(ModelDayTokens {
-                    model: model.to_owned(),
-                    day,
-                    tokens: TokenCounts::default(),
-                });
-                out.len() - 1
-            }
-        };
-        let sum = &mut out[index].tokens;
-        sum.prompt = sum.prompt.saturating_add(tokens.prompt);
-        sum.completion = sum.completion.saturating_add(tokens.completion);
-        sum.cached = sum.cached.saturating_add(tokens.cached);
-        sum.cache_write = sum.cache_write.saturating_add(tokens.cache_write);
-        sum.reasoning = sum.reasoning.saturating_add(tokens.reasoning);
-    }
-    out.sort_unstable_by(|a, b| (&a.model, a.day).cmp(&(&b.model, b.day)));
-    Ok(out)
-}
 
 /// [`crate::store::ReceiverStore::user_usage`]: the install's raw events of the days,
 /// grouped per user, model and day.

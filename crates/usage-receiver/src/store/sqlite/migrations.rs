@@ -16,6 +16,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0006_budgets_alerts.sql"),
     include_str!("migrations/0007_event_origins.sql"),
     include_str!("migrations/0008_plan_history.sql"),
+    include_str!("migrations/0009_usage_versions.sql"),
 ];
 
 /// Applies the migrations not applied yet; refuses a schema newer than this build knows.

@@ -11,7 +11,8 @@
 //! those not deduped), so it always equals a sum over the events ever stored, including
 //! those since purged. Batches that arrive while one commits go together
 //! (`group_commit.rs`). The request rate is kept in memory ([`crate::store::rate_limit`]),
-//! as one process owns the file. This module knows nothing about HTTP.
+//! as one process owns the file, and so are the views' figures, each taken only while the
+//! version its rows were read at holds (`views.rs`). This module knows nothing about HTTP.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -23,12 +24,13 @@ use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use uuid::Uuid;
 
+use super::view_cache::{DayCache, ViewCache};
 use super::{
-    Alert, AlertCursor, Budget, DailyTokens, DayRange, DeliveryOutcome, EnrollOutcome, EventCursor,
-    EventsPage, EventsQuery, IngestCounts, Install, InstallKey, InstallUsage, InstallationsReport,
-    MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange, ReceivedEvent, ReceiverStore,
-    ReceiverStoreError, RetainedDays, SourceModelDay, StoreKind, Summary, SummaryQuery, SummaryRow,
-    TimeRange, Totals, UsageWindow, UserModelDay,
+    Alert, AlertCursor, Budget, CostedReport, DailyTokens, DayRange, DeliveryOutcome,
+    EnrollOutcome, EventCursor, EventsPage, EventsQuery, IngestCounts, Install, InstallKey,
+    InstallUsage, InstallationsReport, MonthSpend, NewAlert, NewEvent, NewInstall, PlanChange,
+    PriceList, ReceivedEvent, ReceiverStore, ReceiverStoreError, RetainedDays, SourceModelDay,
+    StoreKind, Summary, SummaryQuery, SummaryRow, TimeRange, Totals, UsageWindow, UserModelDay,
 };
 use crate::billing::money::Micros;
 use crate::billing::pricing::{ModelDayTokens, Plan, PlanHistory, PlanPeriod, TokenCounts};
@@ -42,6 +44,7 @@ use usage_protocol::wire::to_hex;
 mod dashboard;
 mod group_commit;
 mod migrations;
+mod views;
 
 use group_commit::{IngestQueue, PendingIngest};
 use migrations::migrate;
@@ -61,6 +64,11 @@ pub struct SqliteStore {
     committed: Condvar,
     /// Requests per install: in memory, as one node owns a SQLite database.
     limiter: RateLimiter,
+    /// Figures of the views asked for, kept while each install's `usage_version` holds
+    /// (`views.rs`).
+    views: ViewCache,
+    /// The fleet's figures of each day asked for, kept while the day's version holds.
+    days: DayCache<i64, views::DayFigures>,
 }
 
 impl From<rusqlite::Error> for ReceiverStoreError {
@@ -94,6 +102,8 @@ impl SqliteStore {
             ingest_queue: Mutex::new(IngestQueue::default()),
             committed: Condvar::new(),
             limiter: RateLimiter::default(),
+            views: ViewCache::default(),
+            days: DayCache::default(),
         })
     }
 
@@ -119,9 +129,10 @@ impl SqliteStore {
     ) -> Result<Vec<Option<IngestCounts>>, ReceiverStoreError> {
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = next_usage_version(&tx)?;
         let counts = group
             .iter()
-            .map(|p| insert_batch(&tx, p.install, &p.events, p.received_at_ms))
+            .map(|p| insert_batch(&tx, p.install, &p.events, p.received_at_ms, version))
             .collect::<Result<Vec<_>, _>>()?;
         tx.commit()?;
         Ok(counts)
@@ -508,97 +519,20 @@ impl ReceiverStore for SqliteStore {
         let reader = self.reader();
         // One snapshot, so each install's plans are read as its row has them.
         let snapshot = reader.unchecked_transaction()?;
-        let conn: &Connection = &snapshot;
-        // `Some(None)`: every install; `None`: the one asked for is unknown.
-        let Some(only) = optional_install(conn, install_id)? else {
-            return Ok(InstallationsReport::default());
-        };
-        let mut report = InstallationsReport::default();
-        let mut by_key = HashMap::new();
-        {
-            let mut earlier = past_plans(conn, only, month_of(window.month_start).0)?;
-            let mut statement = conn.prepare_cached(
-                "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
-                        i.label, i.enrolled_at, i.plan_from
-                 FROM installs i LEFT JOIN budgets b ON b.install = i.id
-                 WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
-            )?;
-            let mut rows = statement.query(params![only])?;
-            while let Some(row) = rows.next()? {
-                let key: InstallKey = row.get(0)?;
-                by_key.insert(key, report.installs.len());
-                report.installs.push(InstallUsage {
-                    install_id: row.get(1)?,
-                    label: row.get(6)?,
-                    plans: history_of(row, [2, 7, 8], earlier.remove(&key).unwrap_or_default())?,
-                    last_seen_ms: row.get(3)?,
-                    events_30d: 0,
-                    tokens_30d: 0,
-                    usage_mtd: Vec::new(),
-                    budget: Budget::from_columns(
-                        row.get(4)?,
-                        row.get::<_, Option<String>>(5)?.as_deref(),
-                    )?,
-                    alerted_in_month: Vec::new(),
-                });
-            }
-            let mut statement = conn.prepare_cached(
-                "SELECT install, threshold FROM alerts
-                 WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
-            )?;
-            let mut rows = statement.query(params![month_text(window.today), only])?;
-            while let Some(row) = rows.next()? {
-                if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
-                    report.installs[index].alerted_in_month.push(row.get(1)?);
-                }
-            }
-        }
-        // One range scan of the rollup rows of both windows (a covering index for every
-        // install, the primary key for one), summed here: cheaper than SQL grouping, and
-        // it gives the chart's days in the same pass.
-        let first_day = window.from_30d.min(window.month_start);
-        let mut statement = conn.prepare_cached(if only.is_some() {
-            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
-                    cached_tokens, cache_write_tokens, reasoning_tokens
-             FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
-        } else {
-            "SELECT install, day, model, events, prompt_tokens, completion_tokens,
-                    cached_tokens, cache_write_tokens, reasoning_tokens
-             FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
-        })?;
-        let mut rows = statement.query(params![first_day, window.today, only])?;
-        let mut daily: BTreeMap<i64, DailyTokens> = BTreeMap::new();
-        while let Some(row) = rows.next()? {
-            let key: InstallKey = row.get(0)?;
-            let Some(install) = by_key.get(&key).map(|&index| &mut report.installs[index]) else {
-                continue;
-            };
-            let day: i64 = row.get(1)?;
-            let events: u64 = row.get(3)?;
-            let kinds = token_counts(row, 4)?;
-            let tokens = kinds.total();
-            if day >= window.from_30d {
-                install.events_30d += events;
-                install.tokens_30d += tokens;
-                let totals = daily.entry(day).or_insert(DailyTokens {
-                    day,
-                    events: 0,
-                    tokens: 0,
-                });
-                totals.events += events;
-                totals.tokens += tokens;
-            }
-            if day >= window.month_start {
-                // The primary key makes each (install, day, model) one row.
-                install.usage_mtd.push(ModelDayTokens {
-                    model: row.get(2)?,
-                    day,
-                    tokens: kinds,
-                });
-            }
-        }
-        report.finish(daily);
-        Ok(report)
+        views::installations(&snapshot, install_id, window)
+    }
+
+    fn costed_installations(
+        &self,
+        install_id: Option<&str>,
+        window: UsageWindow,
+        prices: PriceList<'_>,
+    ) -> Result<CostedReport, ReceiverStoreError> {
+        views::costed(self, install_id, window, prices)
+    }
+
+    fn keeps_views(&self) -> bool {
+        true
     }
 
     fn set_plan(&self, install_id: &str, plan: Plan, day: i64) -> Result<bool, ReceiverStoreError> {
@@ -736,6 +670,14 @@ impl ReceiverStore for SqliteStore {
         }
         let mut conn = self.writer();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // The days its rollup rows leave change for the chart kept of them.
+        let version = next_usage_version(&tx)?;
+        tx.prepare_cached(
+            "INSERT INTO day_versions (day, version)
+             SELECT DISTINCT day, ?2 FROM daily_usage WHERE install = ?1
+             ON CONFLICT (day) DO UPDATE SET version = excluded.version",
+        )?
+        .execute(params![key, version])?;
         for table in ["daily_usage", "budgets", "alerts", "past_plans"] {
             tx.prepare_cached(&format!("DELETE FROM {table} WHERE install = ?1"))?
                 .execute(params![key])?;
@@ -851,6 +793,15 @@ impl ReceiverStore for SqliteStore {
         rows.map(|row| row?).collect()
     }
 
+    fn install_alerts(&self, install_id: &str) -> Result<Vec<Alert>, ReceiverStoreError> {
+        let conn = self.reader();
+        let mut statement = conn.prepare_cached(&format!(
+            "{ALERT_COLUMNS} WHERE i.install_id = ?1 ORDER BY a.at, a.alert_id"
+        ))?;
+        let rows = statement.query_map(params![install_id], alert_row)?;
+        rows.map(|row| row?).collect()
+    }
+
     fn alerts_page(
         &self,
         range: TimeRange,
@@ -932,7 +883,9 @@ impl ReceiverStore for SqliteStore {
     }
 
     fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
-        dashboard::fleet_model_days(&self.reader(), days)
+        let reader = self.reader();
+        let snapshot = reader.unchecked_transaction()?;
+        views::fleet_model_days(self, &snapshot, days)
     }
 
     fn user_usage(
@@ -975,14 +928,24 @@ fn alert_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Alert, Receiver
     }))
 }
 
+/// A usage version no install or day has had yet (`migrations/0009_usage_versions.sql`),
+/// for the rollup rows a transaction changes.
+fn next_usage_version(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<i64> {
+    tx.prepare_cached("UPDATE usage_clock SET version = version + 1 RETURNING version")?
+        .query_row([], |row| row.get(0))
+}
+
 /// Inserts one batch's events inside `tx` and adds them to the daily rollup; the counts say
 /// how many were new and how many were already stored (or repeated within the batch).
-/// `None`, with nothing written, when the install was erased or disabled meanwhile.
+/// `None`, with nothing written, when the install was erased or disabled meanwhile. When
+/// the rollup changes, the install and the days changed take `version` (from
+/// [`next_usage_version`] in this transaction), so the views kept know to read them again.
 fn insert_batch(
     tx: &rusqlite::Transaction<'_>,
     install: InstallKey,
     events: &[NewEvent],
     received_at_ms: i64,
+    version: i64,
 ) -> Result<Option<IngestCounts>, ReceiverStoreError> {
     let accepting: Option<bool> = tx
         .prepare_cached("SELECT NOT disabled FROM installs WHERE id = ?1")?
@@ -1058,8 +1021,24 @@ fn insert_batch(
             sums.reasoning
         ])?;
     }
-    tx.prepare_cached("UPDATE installs SET last_seen = ?2 WHERE id = ?1")?
-        .execute(params![install, received_at_ms])?;
+    let mut day_version = tx.prepare_cached(
+        "INSERT INTO day_versions (day, version) VALUES (?1, ?2)
+         ON CONFLICT (day) DO UPDATE SET version = excluded.version",
+    )?;
+    let mut last_day = None;
+    // `daily` is in day order: each day once.
+    for &(day, _) in daily.keys() {
+        if last_day != Some(day) {
+            day_version.execute(params![day, version])?;
+            last_day = Some(day);
+        }
+    }
+    let changed = (counts.accepted > 0).then_some(version);
+    tx.prepare_cached(
+        "UPDATE installs SET last_seen = ?2, usage_version = coalesce(?3, usage_version)
+         WHERE id = ?1",
+    )?
+    .execute(params![install, received_at_ms, changed])?;
     Ok(Some(counts))
 }
 
@@ -1117,6 +1096,133 @@ fn history_of(
         current,
         earlier,
     ))
+}
+
+/// An install as the views read it: what is never kept (plans, label, budget, alerts),
+/// and its usage over the window (when read) with the version of that usage.
+struct Head {
+    key: InstallKey,
+    usage_version: i64,
+    usage: InstallUsage,
+}
+
+/// Every install (or only `only`) in install id order, with its plans over the months of
+/// `window`, its budget and the thresholds alerted in the month of `window.today`; its
+/// usage not read yet.
+fn install_heads(
+    conn: &Connection,
+    only: Option<InstallKey>,
+    window: UsageWindow,
+) -> Result<Vec<Head>, ReceiverStoreError> {
+    let mut heads = Vec::new();
+    let mut by_key = HashMap::new();
+    let mut earlier = past_plans(conn, only, month_of(window.month_start).0)?;
+    let mut statement = conn.prepare_cached(
+        "SELECT i.id, i.install_id, i.plan, i.last_seen, b.monthly_micros, b.thresholds,
+                i.label, i.enrolled_at, i.plan_from, i.usage_version
+         FROM installs i LEFT JOIN budgets b ON b.install = i.id
+         WHERE ?1 IS NULL OR i.id = ?1 ORDER BY i.install_id",
+    )?;
+    let mut rows = statement.query(params![only])?;
+    while let Some(row) = rows.next()? {
+        let key: InstallKey = row.get(0)?;
+        by_key.insert(key, heads.len());
+        heads.push(Head {
+            key,
+            usage_version: row.get(9)?,
+            usage: InstallUsage {
+                install_id: row.get(1)?,
+                label: row.get(6)?,
+                plans: history_of(row, [2, 7, 8], earlier.remove(&key).unwrap_or_default())?,
+                last_seen_ms: row.get(3)?,
+                events_30d: 0,
+                tokens_30d: 0,
+                usage_mtd: Vec::new(),
+                budget: Budget::from_columns(
+                    row.get(4)?,
+                    row.get::<_, Option<String>>(5)?.as_deref(),
+                )?,
+                alerted_in_month: Vec::new(),
+            },
+        });
+    }
+    let mut statement = conn.prepare_cached(
+        "SELECT install, threshold FROM alerts
+         WHERE month = ?1 AND (?2 IS NULL OR install = ?2) ORDER BY install, threshold",
+    )?;
+    let mut rows = statement.query(params![month_text(window.today), only])?;
+    while let Some(row) = rows.next()? {
+        if let Some(&index) = by_key.get(&row.get::<_, InstallKey>(0)?) {
+            heads[index].usage.alerted_in_month.push(row.get(1)?);
+        }
+    }
+    Ok(heads)
+}
+
+/// Adds to `heads` (every install, or only `only`'s head) their usage over `window` from
+/// the rollup rows, and returns the chart's days (events and tokens per day over the
+/// counted days). One range scan of the rollup rows of both windows (a covering index for
+/// every install, the primary key for one), summed here: cheaper than SQL grouping, and it
+/// gives the chart's days in the same pass. With `days`, also each day's figures
+/// (every install's, so only when `only` is `None`).
+fn add_usage(
+    conn: &Connection,
+    only: Option<InstallKey>,
+    window: UsageWindow,
+    heads: &mut [Head],
+    mut days: Option<&mut HashMap<i64, views::DayFigures>>,
+) -> Result<BTreeMap<i64, DailyTokens>, ReceiverStoreError> {
+    let by_key: HashMap<InstallKey, usize> = heads
+        .iter()
+        .enumerate()
+        .map(|(index, head)| (head.key, index))
+        .collect();
+    let first_day = window.from_30d.min(window.month_start);
+    let mut statement = conn.prepare_cached(if only.is_some() {
+        "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                cached_tokens, cache_write_tokens, reasoning_tokens
+         FROM daily_usage WHERE install = ?3 AND day >= ?1 AND day <= ?2"
+    } else {
+        "SELECT install, day, model, events, prompt_tokens, completion_tokens,
+                cached_tokens, cache_write_tokens, reasoning_tokens
+         FROM daily_usage WHERE day >= ?1 AND day <= ?2 AND ?3 IS NULL"
+    })?;
+    let mut rows = statement.query(params![first_day, window.today, only])?;
+    let mut daily: BTreeMap<i64, DailyTokens> = BTreeMap::new();
+    while let Some(row) = rows.next()? {
+        let key: InstallKey = row.get(0)?;
+        let day: i64 = row.get(1)?;
+        let events: u64 = row.get(3)?;
+        let kinds = token_counts(row, 4)?;
+        if let Some(days) = days.as_deref_mut() {
+            let model = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+            days.entry(day).or_default().add(day, model, events, &kinds);
+        }
+        let Some(install) = by_key.get(&key).map(|&index| &mut heads[index].usage) else {
+            continue;
+        };
+        let tokens = kinds.total();
+        if day >= window.from_30d {
+            install.events_30d += events;
+            install.tokens_30d += tokens;
+            let totals = daily.entry(day).or_insert(DailyTokens {
+                day,
+                events: 0,
+                tokens: 0,
+            });
+            totals.events += events;
+            totals.tokens += tokens;
+        }
+        if day >= window.month_start {
+            // The primary key makes each (install, day, model) one row.
+            install.usage_mtd.push(ModelDayTokens {
+                model: row.get(2)?,
+                day,
+                tokens: kinds,
+            });
+        }
+    }
+    Ok(daily)
 }
 
 fn optional_install(

@@ -297,3 +297,70 @@ fn the_plan_history_migration_starts_each_install_at_its_enrollment_day() {
     assert!(store.set_plan("a", Plan::Agency, mar_10).unwrap());
     assert_eq!(periods("a"), [(Plan::Pro, jan_5), (Plan::Agency, mar_10)]);
 }
+
+#[test]
+fn the_usage_versions_migration_keeps_views_exact_for_stored_usage() {
+    use crate::billing::price_book::Rates;
+    use crate::store::{PriceList, sum_model_days};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r.db");
+    {
+        // A database at schema 8: installs 1 and 2 with usage on days 5 and 6.
+        let mut conn = connect(&path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for migration in &MIGRATIONS[..8] {
+            tx.execute_batch(migration).unwrap();
+        }
+        tx.pragma_update(None, "user_version", 8).unwrap();
+        tx.execute_batch(
+            "INSERT INTO installs (id, install_id, secret, site_hash, enrolled_at)
+                 VALUES (1, 'a', 'x', 's', 0), (2, 'b', 'x', 's', 0);
+             INSERT INTO daily_usage (install, day, model, events, prompt_tokens,
+                     completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens)
+                 VALUES (1, 5, 'm', 2, 100, 10, 0, 0, 0), (1, 6, 'm', 1, 50, 5, 0, 0, 0),
+                        (2, 6, 'm', 3, 300, 30, 0, 0, 0);",
+        )
+        .unwrap();
+        tx.commit().unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let version: i64 = store
+        .reader()
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .unwrap();
+    assert_eq!(version, MIGRATIONS.len() as i64);
+    let rates = |model: &str, _day: i64| (model == "m").then(|| Rates::flat(Micros(1_000_000)));
+    let prices = PriceList {
+        id: 1,
+        rates: &rates,
+    };
+    let days = DayRange { first: 0, last: 9 };
+    let checked = |store: &SqliteStore| {
+        let (costed, model_days) = store.costed_with_model_days(days, prices).unwrap();
+        let report = store.installations(None, days.as_window()).unwrap();
+        assert_eq!(model_days, sum_model_days(&report));
+        assert_eq!(costed, CostedReport::price(report, prices.rates));
+        costed
+    };
+    // Read whole, then from what was kept: the same.
+    let first = checked(&store);
+    assert_eq!(first.installs[1].priced.tokens, 330);
+    assert_eq!(checked(&store), first);
+
+    // `b`, the newest, erased: an install enrolled next takes its key, and its one batch
+    // shows as its own.
+    store.erase_install("b").unwrap();
+    let c = enroll(&store, "c");
+    assert_eq!(c.key, 2);
+    let batch = vec![NewEvent {
+        model: "m".into(),
+        prompt_tokens: 7,
+        completion_tokens: 0,
+        ..event(1, 6 * MS_PER_DAY)
+    }];
+    store.ingest(c.key, batch, 0).unwrap();
+    let after = checked(&store);
+    assert_eq!(after.installs[1].install_id, "c");
+    assert_eq!(after.installs[1].priced.tokens, 7);
+}

@@ -223,8 +223,7 @@ async fn install_page(
             return Ok(None);
         }
         let before = store.installations(Some(&install_id), previous.days.as_window())?;
-        let mut alerts = store.alerts(TimeRange::default())?;
-        alerts.retain(|alert| alert.install_id == install_id);
+        let alerts = store.install_alerts(&install_id)?;
         let by_source = store.source_usage(&install_id, period.days)?;
         let by_user = store.user_usage(&install_id, period.days)?;
         let plans = store.plan_history(&install_id)?;

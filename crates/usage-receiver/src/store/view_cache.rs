@@ -1,25 +1,30 @@
-//! A node's own copy of each install's costed figures for the views it was asked for (the
-//! installations view without a period, the dashboard's periods), so that a view over a
-//! whole fleet reads the rollup rows of only the installs whose usage changed since.
+//! What a receiver keeps of the views it was asked for (the installations view without a
+//! period, the dashboard's periods), so that a view over a whole fleet reads the rollup
+//! rows of only the installs whose usage changed since; and the fleet's figures per day
+//! (the dashboard's chart), so that it reads again only the days that changed. Both stores
+//! use it: a PostgreSQL node keeps its own copy (`postgres/mod.rs`, `postgres/dashboard.rs`),
+//! the bundled SQLite receiver its one (`sqlite/views.rs`).
 //!
-//! Exact whatever the other nodes do: each install's figures are kept with the
-//! `usage_version` of the install they were read with, in the same snapshot, and the
-//! ingest statement bumps that version under the install's row lock whenever it stores
-//! anything. A view reads every install's version (with its plan, label and budget, which
-//! are never kept), takes the figures whose version is unchanged and reads the others
-//! again. Another window (a new day) or other prices (another price book) is another
-//! view. Nothing here is needed by another node: a node without it reads everything.
+//! Exact whatever else writes to the database: each install's figures are kept with the
+//! `usage_version` of the install they were read with, in the same snapshot, and every
+//! write that changes an install's rollup rows (ingest, erasure) bumps that version in the
+//! same transaction. A view reads every install's version (with its plan, label and
+//! budget, which are never kept), takes the figures whose version is unchanged and reads
+//! the others again. Another window (a new day) or other prices (another price book) is
+//! another view. A day's figures are kept with the day's stamp (on PostgreSQL its totals
+//! in `daily_totals`, on SQLite its version in `day_versions`), which the same writes move.
 //!
-//! Only the ingest statement and erasure change usage, and both keep the version (nodes
-//! of older releases are refused: migration 5). A rollup row changed by hand in SQL
-//! without bumping the install's version shows once the view is read whole again (a new
-//! day, other prices, a third of the installs changed, or a restart).
+//! On PostgreSQL only the ingest statement and erasure change usage, and both keep the
+//! version (nodes of older releases are refused: migration 5); on SQLite the store's own
+//! writer is the only one (migration 9). A rollup row changed by hand in SQL without
+//! bumping the install's version shows once the view is read whole again (a new day, other
+//! prices, a third of the installs changed, or a restart).
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 
-use super::super::{InstallKey, UsageWindow};
+use super::{InstallKey, UsageWindow};
 use crate::billing::pricing::PricedUsage;
 
 /// How many views a node keeps (LRU): the installations view without a period, the
@@ -55,12 +60,10 @@ struct KeptView {
     installs: HashMap<InstallKey, Kept>,
 }
 
-/// The views a node keeps, most recently used last; and the fleet's model days
-/// (`dashboard.rs`).
+/// The views a node keeps, most recently used last.
 #[derive(Default)]
 pub(super) struct ViewCache {
     views: Mutex<Vec<KeptView>>,
-    pub model_days: super::dashboard::ModelDaysCache,
 }
 
 /// What a view can take from the cache.
@@ -72,6 +75,14 @@ pub(super) struct Lookup {
     pub stale: Vec<InstallKey>,
     /// How many installs the view keeps that were not asked about (erased since).
     pub gone: usize,
+}
+
+impl Lookup {
+    /// Whether taking what is kept is worth it for a view of `installs` installs: reading
+    /// again a third of them costs about what reading them all does.
+    pub fn worth_taking(&self, installs: usize) -> bool {
+        self.stale.len() * 3 <= installs && self.gone * 3 <= installs
+    }
 }
 
 impl ViewCache {
@@ -159,6 +170,57 @@ impl ViewCache {
     }
 }
 
+/// How many days a node keeps of the fleet's figures: the longest period and a little more.
+const DAYS_KEPT: usize = 800;
+
+/// The fleet's figures per day (`T`: what the dashboard's chart needs of the day), each
+/// kept with the stamp `S` of the day it was read at; a handful of kilobytes per day
+/// whatever the fleet's size.
+pub(super) struct DayCache<S, T> {
+    days: Mutex<HashMap<i64, (S, T)>>,
+}
+
+impl<S, T> Default for DayCache<S, T> {
+    fn default() -> Self {
+        DayCache {
+            days: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<S: PartialEq, T: Clone> DayCache<S, T> {
+    /// For each of `days` (day, its stamp now), in order: its kept figures, or `None` when
+    /// they must be read again.
+    pub fn lookup<'a>(&self, days: impl IntoIterator<Item = (i64, &'a S)>) -> Vec<Option<T>>
+    where
+        S: 'a,
+    {
+        let kept = self.days.lock().unwrap_or_else(|e| e.into_inner());
+        days.into_iter()
+            .map(|(day, stamp)| match kept.get(&day) {
+                Some((at, figures)) if at == stamp => Some(figures.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Keeps each day's figures read at its stamp.
+    pub fn keep(&self, days: impl IntoIterator<Item = (i64, S, T)>) {
+        let mut kept = self.days.lock().unwrap_or_else(|e| e.into_inner());
+        for (day, stamp, figures) in days {
+            kept.insert(day, (stamp, figures));
+        }
+        if kept.len() > DAYS_KEPT {
+            // The oldest days go first: periods are asked for recent days far more.
+            let mut held: Vec<i64> = kept.keys().copied().collect();
+            held.sort_unstable();
+            for day in &held[..held.len() - DAYS_KEPT] {
+                kept.remove(day);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,6 +285,19 @@ mod tests {
         cache.keep(view, [(2, 1, figures(5))], true);
         let lookup = cache.lookup(view, [(1, 4), (2, 1)].into_iter()).unwrap();
         assert_eq!(lookup.figures, [None, Some(figures(5))]);
+    }
+
+    #[test]
+    fn days_are_taken_at_their_stamp_and_the_oldest_go_first() {
+        let cache: DayCache<i64, &str> = DayCache::default();
+        cache.keep([(10, 1, "ten"), (11, 1, "eleven")]);
+        assert_eq!(
+            cache.lookup([(10, &1), (11, &2), (12, &1)]),
+            [Some("ten"), None, None]
+        );
+        cache.keep((100..100 + DAYS_KEPT as i64).map(|day| (day, 0, "later")));
+        assert_eq!(cache.lookup([(10, &1), (11, &1)]), [None, None]);
+        assert_eq!(cache.lookup([(100, &0)]), [Some("later")]);
     }
 
     #[test]
