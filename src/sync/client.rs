@@ -60,17 +60,22 @@ pub struct PreparedBatch {
 
 impl PreparedBatch {
     pub fn new(batch: &Batch) -> PreparedBatch {
-        let json = batch.to_json();
+        PreparedBatch::from_json(batch.batch_id, batch.to_json().into())
+    }
+
+    /// A batch whose JSON is already written (`id` is its `batch_id`).
+    pub fn from_json(id: Uuid, json: Bytes) -> PreparedBatch {
         let gzipped = (json.len() > GZIP_THRESHOLD).then(|| wire::gzip(&json).into());
-        PreparedBatch {
-            id: batch.batch_id,
-            json: json.into(),
-            gzipped,
-        }
+        PreparedBatch { id, json, gzipped }
     }
 
     pub fn is_gzipped(&self) -> bool {
         self.gzipped.is_some()
+    }
+
+    /// The uncompressed JSON, which the signature covers.
+    pub fn json(&self) -> &[u8] {
+        &self.json
     }
 }
 
