@@ -926,10 +926,27 @@ impl UserHashes {
 struct Part {
     /// `(seq, event_id)` of each event, in arrival order.
     events: Vec<(i64, Uuid)>,
-    /// Holds each event's JSON, at `spans`: the events written back to back as read, and
-    /// from the first attempt on the body last sent, whose events they are.
-    json: Bytes,
+    /// Holds each event's JSON, at `spans`: the events written back to back as read, then
+    /// the body last sent, whose events they are.
+    json: Text,
     spans: Vec<std::ops::Range<usize>>,
+}
+
+/// Where a [`Part`]'s JSON is.
+#[derive(Clone)]
+enum Text {
+    Plain(Bytes),
+    /// In the gzipped body last sent, which is all a batch on the wire keeps.
+    Sent(Arc<PreparedBatch>),
+}
+
+impl Text {
+    fn bytes(&self) -> Bytes {
+        match self {
+            Text::Plain(json) => json.clone(),
+            Text::Sent(batch) => batch.json(),
+        }
+    }
 }
 
 /// A [`Part`] being read from the queue.
@@ -977,7 +994,7 @@ impl PartWriter {
     fn finish(self) -> Part {
         Part {
             events: self.events,
-            json: Bytes::from(self.json),
+            json: Text::Plain(Bytes::from(self.json)),
             spans: self.spans,
         }
     }
@@ -990,26 +1007,32 @@ impl Part {
 
     /// The batch of these events, signed anew on each attempt but serialized once: its
     /// id comes from the install and the event ids, `sent_at` is now. From now on the
-    /// events' JSON is read from this body, so the buffer they were written into is freed.
-    fn prepare(&mut self, install_id: &str) -> PreparedBatch {
+    /// events' JSON is read from this batch, so the buffer they were written into is freed.
+    fn prepare(&mut self, install_id: &str) -> Arc<PreparedBatch> {
         let id = batch_id(install_id, &self.events);
+        let source = self.json.bytes();
         let size: usize = self.spans.iter().map(|span| span.len() + 1).sum();
         let mut body = Vec::with_capacity(size + install_id.len() + 128);
         let spans = wire::batch_json(
             id,
             install_id,
             &format_sent_at(Utc::now()),
-            self.spans.iter().map(|span| &self.json[span.clone()]),
+            self.spans.iter().map(|span| &source[span.clone()]),
             &mut body,
         );
+        drop(source);
         let body = Bytes::from(body);
-        self.json = body.clone();
+        let prepared = Arc::new(PreparedBatch::from_json(id, body.clone()));
+        self.json = match prepared.is_gzipped() {
+            true => Text::Sent(Arc::clone(&prepared)),
+            false => Text::Plain(body),
+        };
         self.spans = spans;
-        PreparedBatch::from_json(id, body)
+        prepared
     }
 
     /// Splits off the events from `at` on, as [`Vec::split_off`]; both parts keep reading
-    /// their JSON from the same body.
+    /// their JSON from the same place.
     fn split_off(&mut self, at: usize) -> Part {
         Part {
             events: self.events.split_off(at),

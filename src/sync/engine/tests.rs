@@ -650,12 +650,12 @@ fn a_part_split_and_sent_again_is_the_batch_of_its_own_events() {
         };
         assert_eq!(json, batch.to_json().as_slice());
     };
-    expected(&events, whole.id, whole.json());
+    expected(&events, whole.id, &whole.json());
     let mut right = part.split_off(1);
     let left = part.prepare("inst");
-    expected(&events[..1], left.id, left.json());
+    expected(&events[..1], left.id, &left.json());
     let right_batch = right.prepare("inst");
-    expected(&events[1..], right_batch.id, right_batch.json());
+    expected(&events[1..], right_batch.id, &right_batch.json());
     assert_eq!(
         right.events.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
         [2, 3, 4]
