@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -41,10 +42,13 @@ use crate::config::{Config, SyncConfig};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::store::status::LastError;
-use crate::store::sync::PendingEvent;
+use crate::store::sync::PendingRow;
 use crate::store::writer::Writer;
 use crate::store::{Store, StoreError};
-use usage_protocol::wire::{self, Batch, BatchResult, MAX_BATCH_EVENTS, WireEvent, format_sent_at};
+use usage_protocol::event::MillisText;
+use usage_protocol::wire::{
+    self, BatchResult, MAX_BATCH_EVENTS, WireEventRef, format_sent_at, raw_context,
+};
 
 /// The sync job's name in `usage_agent_job_runs_total` and the other job metrics.
 pub const SYNC_JOB: &str = "sync";
@@ -147,6 +151,8 @@ pub struct SyncEngine {
     /// Unix ms until which the backend asked this install to wait (its last `Retry-After`),
     /// 0 when it never did; later runs honour it too.
     rate_limited_until_ms: AtomicI64,
+    /// Each user's `user_hash`, computed once rather than once per batch.
+    user_hashes: Arc<Mutex<UserHashes>>,
 }
 
 /// What status shows of the sync in progress.
@@ -190,6 +196,7 @@ impl SyncEngine {
             running: tokio::sync::Mutex::new(()),
             batch_size: AtomicUsize::new(config.sync.batch_size.max(1)),
             rate_limited_until_ms: AtomicI64::new(0),
+            user_hashes: Arc::default(),
         })
     }
 
@@ -338,20 +345,29 @@ impl SyncEngine {
         let read = async {
             let mut after = run.cursor.lock().await;
             if run.failed() {
-                return Ok(Vec::new());
+                return Ok(PartWriter::with_capacity(0).finish());
             }
             let (from, until, limit) = (*after, run.until, run.batch_size.load(Ordering::Relaxed));
-            let events = self
-                .read(move |store| store.pending_batch(from, until, limit))
+            let install_id = run.client.install_id().to_owned();
+            let user_hashes = Arc::clone(&self.user_hashes);
+            let part = self
+                .read(move |store| {
+                    let mut user_hashes = user_hashes.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut part = PartWriter::with_capacity(limit);
+                    store.pending_each(from, until, limit, |row| {
+                        part.push(&row, &install_id, &mut user_hashes);
+                    })?;
+                    Ok(part.finish())
+                })
                 .await?;
-            if let Some(last) = events.last() {
-                *after = last.seq;
+            if let Some((last, _)) = part.events.last() {
+                *after = *last;
             }
-            Ok(events)
+            Ok(part)
         };
         let shipped = match read.await {
-            Ok(events) if events.is_empty() => return false,
-            Ok(events) => self.ship_parts(run, events).await,
+            Ok(part) if part.events.is_empty() => return false,
+            Ok(part) => self.ship_parts(run, part).await,
             Err(error) => Err(error),
         };
         match shipped {
@@ -365,7 +381,7 @@ impl SyncEngine {
 
     /// Ships one read batch. A refused batch is split in two and both halves go first, so
     /// only the events the backend refuses on their own become failed.
-    async fn ship_parts(&self, run: &Run<'_>, events: Vec<PendingEvent>) -> Result<(), SyncError> {
+    async fn ship_parts(&self, run: &Run<'_>, events: Part) -> Result<(), SyncError> {
         let mut parts = VecDeque::from([events]);
         while let Some(mut part) = parts.pop_front() {
             let batch_size = run.batch_size.load(Ordering::Relaxed);
@@ -374,9 +390,9 @@ impl SyncEngine {
                 let rest = part.split_off(batch_size);
                 parts.push_front(rest);
             }
-            match self.ship(run, &part).await {
+            match self.ship(run, &mut part).await {
                 Ok(answer) => {
-                    let (synced, failed) = verdicts(&part, &answer)?;
+                    let (synced, failed) = verdicts(&part.events, &answer)?;
                     self.metrics.sync_batch("ok");
                     self.metrics.sync_events("accepted", answer.accepted);
                     self.metrics.sync_events("duplicate", answer.duplicates);
@@ -414,7 +430,8 @@ impl SyncEngine {
                     }
                     if part.len() == 1 {
                         let reason = error.to_string();
-                        tracing::warn!(seq = part[0].seq, %reason, "the backend refused an event; it is now failed");
+                        let (seq, event_id) = part.events[0];
+                        tracing::warn!(seq, %reason, "the backend refused an event; it is now failed");
                         self.metrics.sync_events("rejected", 1);
                         run.count(|report| {
                             report.batches += 1;
@@ -424,11 +441,7 @@ impl SyncEngine {
                         run.marks
                             .lock()
                             .await
-                            .push(
-                                &self.writer,
-                                Vec::new(),
-                                vec![(part[0].seq, part[0].event.event_id, reason)],
-                            )
+                            .push(&self.writer, Vec::new(), vec![(seq, event_id, reason)])
                             .await?;
                     } else {
                         let right = part.split_off(part.len() / 2);
@@ -449,30 +462,9 @@ impl SyncEngine {
     /// jitter between them. A `429` is the backend pacing the run, not a failed attempt: the
     /// whole run waits out its `Retry-After` (at least the first backoff step) and the batch
     /// goes again, as long as the wait ends within the run's budget.
-    async fn ship(&self, run: &Run<'_>, part: &[PendingEvent]) -> Result<BatchResult, SyncError> {
+    async fn ship(&self, run: &Run<'_>, part: &mut Part) -> Result<BatchResult, SyncError> {
         let client = run.client;
-        let install_id = client.install_id();
-        // A batch often holds several events of one user: hash each user once.
-        let mut user_hashes: HashMap<u64, String> = HashMap::new();
-        let batch = Batch {
-            batch_id: batch_id(install_id, part),
-            install_id: install_id.to_owned(),
-            sent_at: format_sent_at(Utc::now()),
-            events: part
-                .iter()
-                .map(|p| {
-                    let user_id = p.event.user_id;
-                    let hash = user_hashes
-                        .entry(user_id)
-                        .or_insert_with(|| wire::user_hash(install_id, user_id));
-                    WireEvent::with_user_hash(&p.event, hash.clone())
-                })
-                .collect(),
-        };
-        let prepared = PreparedBatch::new(&batch);
-        // Only the JSON travels (and is re-signed on each attempt); free the events now, not
-        // after the last retry, since several lanes hold a batch each.
-        drop(batch);
+        let prepared = part.prepare(client.install_id());
         let mut failed_attempts: u32 = 0;
         let mut paced: u32 = 0;
         loop {
@@ -852,8 +844,11 @@ type Verdicts = (Vec<(i64, Uuid)>, Vec<(i64, Uuid, String)>);
 /// Splits a 2xx answer into the events to mark synced and those to mark failed. The answer
 /// must account for every event of the batch, or nothing is marked: an event is synced only
 /// on the backend's word that it was stored or already there.
-fn verdicts(part: &[PendingEvent], answer: &BatchResult) -> Result<Verdicts, SyncError> {
-    let seqs: HashMap<Uuid, i64> = part.iter().map(|p| (p.event.event_id, p.seq)).collect();
+fn verdicts(part: &[(i64, Uuid)], answer: &BatchResult) -> Result<Verdicts, SyncError> {
+    let seqs: HashMap<Uuid, i64> = match answer.rejected.is_empty() {
+        true => HashMap::new(),
+        false => part.iter().map(|(seq, id)| (*id, *seq)).collect(),
+    };
     let mut rejected = HashSet::new();
     let mut failed = Vec::new();
     for entry in &answer.rejected {
@@ -872,7 +867,7 @@ fn verdicts(part: &[PendingEvent], answer: &BatchResult) -> Result<Verdicts, Syn
     }
     let synced: Vec<(i64, Uuid)> = part
         .iter()
-        .map(|p| (p.seq, p.event.event_id))
+        .copied()
         .filter(|(seq, _)| !rejected.contains(seq))
         .collect();
     let counted = answer.accepted.saturating_add(answer.duplicates);
@@ -887,16 +882,164 @@ fn verdicts(part: &[PendingEvent], answer: &BatchResult) -> Result<Verdicts, Syn
 
 /// The batch id: derived from the install and the event ids, so the same batch keeps the
 /// same `webhook-id` on every retry, in this run or a later one, even after a restart.
-pub fn batch_id(install_id: &str, part: &[PendingEvent]) -> Uuid {
+pub fn batch_id(install_id: &str, part: &[(i64, Uuid)]) -> Uuid {
     let mut hasher = Sha256::new();
     hasher.update(install_id.as_bytes());
-    for pending in part {
-        hasher.update(pending.event.event_id.as_bytes());
+    for (_, event_id) in part {
+        hasher.update(event_id.as_bytes());
     }
     let digest = hasher.finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Users whose `user_hash` is kept; past this the cache starts again, so a site with very
+/// many users costs a hash per user per batch, as it did before, and no more memory.
+const USER_HASHES_KEPT: usize = 4_096;
+
+/// Each user's `user_hash` for one install, computed once.
+#[derive(Default)]
+struct UserHashes {
+    install_id: String,
+    hashes: HashMap<u64, String>,
+}
+
+impl UserHashes {
+    fn get(&mut self, install_id: &str, user_id: u64) -> &str {
+        if self.install_id != install_id {
+            self.hashes.clear();
+            install_id.clone_into(&mut self.install_id);
+        }
+        if self.hashes.len() >= USER_HASHES_KEPT && !self.hashes.contains_key(&user_id) {
+            self.hashes.clear();
+        }
+        self.hashes
+            .entry(user_id)
+            .or_insert_with(|| wire::user_hash(install_id, user_id))
+    }
+}
+
+/// Events of one batch (or of part of one, after a split), each already in its wire JSON:
+/// written once, straight from the rows, and reused as they are when part of the batch
+/// goes again on its own.
+struct Part {
+    /// `(seq, event_id)` of each event, in arrival order.
+    events: Vec<(i64, Uuid)>,
+    /// Holds each event's JSON, at `spans`: the events written back to back as read, then
+    /// the body last sent, whose events they are.
+    json: Text,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+/// Where a [`Part`]'s JSON is.
+#[derive(Clone)]
+enum Text {
+    Plain(Bytes),
+    /// In the gzipped body last sent, which is all a batch on the wire keeps.
+    Sent(Arc<PreparedBatch>),
+}
+
+impl Text {
+    fn bytes(&self) -> Bytes {
+        match self {
+            Text::Plain(json) => json.clone(),
+            Text::Sent(batch) => batch.json(),
+        }
+    }
+}
+
+/// A [`Part`] being read from the queue.
+struct PartWriter {
+    events: Vec<(i64, Uuid)>,
+    json: Vec<u8>,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl PartWriter {
+    fn with_capacity(events: usize) -> PartWriter {
+        PartWriter {
+            events: Vec::with_capacity(events),
+            // About what one event's JSON takes, so the buffer seldom grows.
+            json: Vec::with_capacity(events.saturating_mul(400)),
+            spans: Vec::with_capacity(events),
+        }
+    }
+
+    /// Appends one event read from the queue, in its wire form.
+    fn push(&mut self, row: &PendingRow<'_>, install_id: &str, user_hashes: &mut UserHashes) {
+        let created_at = MillisText::new(row.created_at_ms);
+        let wire = WireEventRef {
+            event_id: row.event_id,
+            user_hash: user_hashes.get(install_id, row.user_id),
+            source: row.source,
+            model: row.model,
+            prompt_tokens: row.tokens.prompt,
+            completion_tokens: row.tokens.completion,
+            total_tokens: row.tokens.total(),
+            cached_tokens: row.tokens.cached,
+            cache_write_tokens: row.tokens.cache_write,
+            reasoning_tokens: row.tokens.reasoning,
+            origin: row.origin,
+            // A damaged context is left out rather than making the batch unreadable.
+            context: row.context.and_then(raw_context),
+            created_at: created_at.as_str(),
+        };
+        let start = self.json.len();
+        wire.write_json(&mut self.json);
+        self.spans.push(start..self.json.len());
+        self.events.push((row.seq, row.event_id));
+    }
+
+    fn finish(self) -> Part {
+        Part {
+            events: self.events,
+            json: Text::Plain(Bytes::from(self.json)),
+            spans: self.spans,
+        }
+    }
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// The batch of these events, signed anew on each attempt but serialized once: its
+    /// id comes from the install and the event ids, `sent_at` is now. From now on the
+    /// events' JSON is read from this batch, so the buffer they were written into is freed.
+    fn prepare(&mut self, install_id: &str) -> Arc<PreparedBatch> {
+        let id = batch_id(install_id, &self.events);
+        let source = self.json.bytes();
+        let size: usize = self.spans.iter().map(|span| span.len() + 1).sum();
+        let mut body = Vec::with_capacity(size + install_id.len() + 128);
+        let spans = wire::batch_json(
+            id,
+            install_id,
+            &format_sent_at(Utc::now()),
+            self.spans.iter().map(|span| &source[span.clone()]),
+            &mut body,
+        );
+        drop(source);
+        let body = Bytes::from(body);
+        let prepared = Arc::new(PreparedBatch::from_json(id, body.clone()));
+        self.json = match prepared.is_gzipped() {
+            true => Text::Sent(Arc::clone(&prepared)),
+            false => Text::Plain(body),
+        };
+        self.spans = spans;
+        prepared
+    }
+
+    /// Splits off the events from `at` on, as [`Vec::split_off`]; both parts keep reading
+    /// their JSON from the same place.
+    fn split_off(&mut self, at: usize) -> Part {
+        Part {
+            events: self.events.split_off(at),
+            json: self.json.clone(),
+            spans: self.spans.split_off(at),
+        }
+    }
 }
 
 /// Full jitter: a uniformly random wait between zero and `delay`.

@@ -78,8 +78,9 @@ pub struct BatchEnvelope {
     pub events: Vec<Value>,
 }
 
-/// One event on the wire. The user appears only as its [`user_hash`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One event on the wire. The user appears only as its [`user_hash`]. It serializes as
+/// the [`WireEventRef`] of itself, so both write the same JSON.
+#[derive(Debug, Clone, PartialEq)]
 pub struct WireEvent {
     pub event_id: Uuid,
     /// 64 lowercase hex characters.
@@ -89,16 +90,13 @@ pub struct WireEvent {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
-    #[serde(skip_serializing_if = "is_zero")]
+    /// Omitted when zero, as are the next two.
     pub cached_tokens: u64,
-    #[serde(skip_serializing_if = "is_zero")]
     pub cache_write_tokens: u64,
-    #[serde(skip_serializing_if = "is_zero")]
     pub reasoning_tokens: u64,
     /// Omitted, never `null`, when absent: a receiver that predates `origin` refuses it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub origin: Option<Origin>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Omitted when absent.
     pub context: Option<RawContext>,
     /// RFC 3339 with millisecond precision and `Z`, as made by [`format_millis`].
     pub created_at: String,
@@ -106,6 +104,104 @@ pub struct WireEvent {
 
 fn is_zero(n: &u64) -> bool {
     *n == 0
+}
+
+impl Serialize for WireEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        WireEventRef {
+            event_id: self.event_id,
+            user_hash: &self.user_hash,
+            source: self.source,
+            model: self.model.as_str(),
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            cached_tokens: self.cached_tokens,
+            cache_write_tokens: self.cache_write_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+            origin: self.origin.as_ref().map(Origin::as_str),
+            context: self.context.as_ref().map(|context| &*context.0),
+            created_at: &self.created_at,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// One event on the wire, borrowing its text: what the agent writes straight from a stored
+/// row, without copying each string into a [`WireEvent`] first. The fields, their order and
+/// what is left out are the wire event's ([`WireEvent`] serializes through this).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct WireEventRef<'a> {
+    pub event_id: Uuid,
+    pub user_hash: &'a str,
+    pub source: Source,
+    pub model: &'a str,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cache_write_tokens: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<&'a RawValue>,
+    pub created_at: &'a str,
+}
+
+impl WireEventRef<'_> {
+    /// Appends this event's JSON to `out`.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        serde_json::to_writer(out, self).expect("a wire event always serializes to JSON");
+    }
+}
+
+/// Stored context text as the raw JSON it is sent as; `None` if it is not JSON (as
+/// [`RawContext::from_json`], without a copy).
+pub fn raw_context(text: &str) -> Option<&RawValue> {
+    serde_json::from_str(text).ok()
+}
+
+/// Writes into `out` the JSON of a batch whose events are already serialized (each as
+/// [`WireEventRef::write_json`] writes it): the bytes [`Batch::to_json`] makes of the same
+/// batch. Returns where each event's JSON lies in `out`, so that part of a batch can be
+/// sent again on its own without serializing its events anew.
+pub fn batch_json<'a>(
+    batch_id: Uuid,
+    install_id: &str,
+    sent_at: &str,
+    events: impl IntoIterator<Item = &'a [u8]>,
+    out: &mut Vec<u8>,
+) -> Vec<std::ops::Range<usize>> {
+    let text = |out: &mut Vec<u8>, value: &str| {
+        serde_json::to_writer(out, value).expect("a string always serializes to JSON");
+    };
+    out.extend_from_slice(b"{\"batch_id\":\"");
+    out.extend_from_slice(
+        batch_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b"\",\"install_id\":");
+    text(out, install_id);
+    out.extend_from_slice(b",\"sent_at\":");
+    text(out, sent_at);
+    out.extend_from_slice(b",\"events\":[");
+    let mut spans = Vec::new();
+    for (i, event) in events.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let start = out.len();
+        out.extend_from_slice(event);
+        spans.push(start..out.len());
+    }
+    out.extend_from_slice(b"]}");
+    spans
 }
 
 /// A `context` object carried as its JSON text. Events keep their context compactly
@@ -850,6 +946,86 @@ mod tests {
         );
         let received = check_wire_event(&sent, now()).unwrap();
         assert_eq!(received.origin, local.origin);
+    }
+
+    #[test]
+    fn batches_assembled_from_borrowed_events_are_the_batch_json() {
+        let events: Vec<WireEvent> = (0..5u64)
+            .map(|i| WireEvent {
+                event_id: Uuid::new_v4(),
+                user_hash: user_hash("inst", i),
+                source: Source::ALL[i as usize % 4],
+                model: ModelName::parse("claude-sonnet-4-5").unwrap(),
+                prompt_tokens: 100 + i,
+                completion_tokens: 10,
+                total_tokens: 110 + i,
+                cached_tokens: i % 2,
+                cache_write_tokens: i % 3,
+                reasoning_tokens: i / 4,
+                origin: (i % 2 == 1).then(|| Origin::parse("plugin:ai-alt-text").unwrap()),
+                context: (i % 3 != 2)
+                    .then(|| RawContext::from_json(r#"{"b":"\u00e9\"x","a":[1, 2]}"#).unwrap()),
+                created_at: format_millis(1_764_240_000_123 + i as i64),
+            })
+            .collect();
+        let batch = Batch {
+            batch_id: Uuid::new_v4(),
+            install_id: "inst \"quoted\" \\ é".into(),
+            sent_at: format_sent_at(now()),
+            events: events.clone(),
+        };
+        let pieces: Vec<Vec<u8>> = events
+            .iter()
+            .map(|event| {
+                let mut out = Vec::new();
+                WireEventRef {
+                    event_id: event.event_id,
+                    user_hash: &event.user_hash,
+                    source: event.source,
+                    model: event.model.as_str(),
+                    prompt_tokens: event.prompt_tokens,
+                    completion_tokens: event.completion_tokens,
+                    total_tokens: event.total_tokens,
+                    cached_tokens: event.cached_tokens,
+                    cache_write_tokens: event.cache_write_tokens,
+                    reasoning_tokens: event.reasoning_tokens,
+                    origin: event.origin.as_ref().map(Origin::as_str),
+                    context: event
+                        .context
+                        .as_ref()
+                        .and_then(|context| raw_context(context.as_str())),
+                    created_at: &event.created_at,
+                }
+                .write_json(&mut out);
+                out
+            })
+            .collect();
+        let mut body = Vec::new();
+        let spans = batch_json(
+            batch.batch_id,
+            &batch.install_id,
+            &batch.sent_at,
+            pieces.iter().map(Vec::as_slice),
+            &mut body,
+        );
+        assert_eq!(
+            String::from_utf8(body.clone()).unwrap(),
+            String::from_utf8(batch.to_json()).unwrap()
+        );
+        for (span, piece) in spans.iter().zip(&pieces) {
+            assert_eq!(&body[span.clone()], piece.as_slice());
+        }
+        let mut empty = Vec::new();
+        assert!(batch_json(batch.batch_id, "i", "s", std::iter::empty(), &mut empty).is_empty());
+        let none = Batch {
+            install_id: "i".into(),
+            sent_at: "s".into(),
+            events: Vec::new(),
+            ..batch
+        };
+        assert_eq!(empty, none.to_json());
+        assert!(raw_context("not json").is_none());
+        assert_eq!(raw_context(" {\"a\":1} ").unwrap().get(), r#"{"a":1}"#);
     }
 
     #[test]

@@ -586,3 +586,79 @@ fn big_batches_get_fewer_lanes() {
     assert_eq!(in_flight(wire::MAX_BATCH_EVENTS), 4);
     assert_eq!(in_flight(10_000), 2);
 }
+
+#[test]
+fn kept_user_hashes_are_each_installs_own_and_bounded() {
+    let mut hashes = UserHashes::default();
+    for user in 0..(USER_HASHES_KEPT as u64 + 10) {
+        assert_eq!(hashes.get("inst", user), wire::user_hash("inst", user));
+    }
+    assert!(hashes.hashes.len() <= USER_HASHES_KEPT);
+    assert_eq!(hashes.get("inst", 3), wire::user_hash("inst", 3));
+    assert_eq!(hashes.get("other", 3), wire::user_hash("other", 3));
+    assert_eq!(hashes.hashes.len(), 1);
+}
+
+#[test]
+fn a_part_split_and_sent_again_is_the_batch_of_its_own_events() {
+    let mut hashes = UserHashes::default();
+    let mut writer = PartWriter::with_capacity(4);
+    let events: Vec<Event> = (0..4u64)
+        .map(|i| Event {
+            event_id: Uuid::new_v4(),
+            user_id: i,
+            source: Source::Bulk,
+            model: ModelName::parse("gpt-4o-mini").unwrap(),
+            tokens: Tokens {
+                prompt: 10 + i,
+                completion: 5,
+                cached: i % 2,
+                ..Tokens::default()
+            },
+            origin: None,
+            hold_id: None,
+            context: (i % 2 == 0).then(|| r#"{"w":1}"#.to_owned()),
+            created_at_ms: 1_764_240_000_000 + i as i64,
+        })
+        .collect();
+    for (seq, event) in (1..).zip(&events) {
+        let row = PendingRow {
+            seq,
+            event_id: event.event_id,
+            user_id: event.user_id,
+            source: event.source,
+            model: event.model.as_str(),
+            tokens: event.tokens,
+            origin: None,
+            context: event.context.as_deref(),
+            created_at_ms: event.created_at_ms,
+        };
+        writer.push(&row, "inst", &mut hashes);
+    }
+    let mut part = writer.finish();
+    let whole = part.prepare("inst");
+    let expected = |events: &[Event], id: Uuid, json: &[u8]| {
+        let sent: Value = serde_json::from_slice(json).unwrap();
+        let batch = wire::Batch {
+            batch_id: id,
+            install_id: "inst".into(),
+            sent_at: sent["sent_at"].as_str().unwrap().to_owned(),
+            events: events
+                .iter()
+                .map(|e| wire::WireEvent::from_event(e, "inst"))
+                .collect(),
+        };
+        assert_eq!(json, batch.to_json().as_slice());
+    };
+    expected(&events, whole.id, &whole.json());
+    let mut right = part.split_off(1);
+    let left = part.prepare("inst");
+    expected(&events[..1], left.id, &left.json());
+    let right_batch = right.prepare("inst");
+    expected(&events[1..], right_batch.id, &right_batch.json());
+    assert_eq!(
+        right.events.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_ne!(left.id, right_batch.id);
+}
