@@ -5,7 +5,8 @@
 //! (`migrations/0009_usage_versions.sql`), and a view reads the versions, the installs'
 //! heads and the rollup rows of what changed in one snapshot of the store's viewer
 //! connection (one view at a time), so a kept figure is only ever taken while it is
-//! exactly what reading the rows would give.
+//! exactly what reading the rows would give. Retention deletes raw events only; the
+//! rollup rows stay, so it moves no version.
 //!
 //! A page of the dashboard at 3,001 installs reads 360,000 rollup rows per period when
 //! nothing is kept; with the views kept it reads the installs' heads and the rows of the
