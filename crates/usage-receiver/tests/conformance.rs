@@ -951,6 +951,8 @@ fn page_checked(store: &dyn ReceiverStore, days: DayRange, prices: PriceList) ->
 }
 
 fn kept_views_follow_plans_new_days_and_reused_install_keys(store: &dyn ReceiverStore) {
+    // Both stores keep views, so the server prepares them every minute for both.
+    assert!(store.keeps_views());
     let days = DayRange {
         first: 11,
         last: 20,

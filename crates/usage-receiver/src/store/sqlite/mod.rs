@@ -1,8 +1,10 @@
 //! The receiver's SQLite store, for one node: every SQL statement of it lives here and in
 //! `migrations/*.sql` (the PostgreSQL store has its own, [`crate::store::postgres`]).
 //!
-//! One writer connection (enroll, ingest, retention) and one reader connection (install
-//! lookups and provider views), so WAL lets lookups and reports run while a batch commits.
+//! One writer connection (enroll, ingest, retention), one reader connection (install
+//! lookups and the other reads) and one for the installations views and the dashboard's
+//! chart, so WAL lets lookups and reports run while a batch commits, and a batch's lookup
+//! never waits for a view read whole (the first after a start or at midnight UTC).
 //! Each install is stored once and events refer to it by an integer key; events sit in a
 //! rowid table in arrival order, event ids are 16-byte blobs, and a unique index on
 //! `(install, event_id)` is what dedupes (`migrations/0003_events_by_arrival.sql` says
@@ -58,6 +60,8 @@ const RETENTION_CHUNK: i64 = 5000;
 pub struct SqliteStore {
     writer: Mutex<Connection>,
     reader: Mutex<Connection>,
+    /// The installations views' and the chart's own reader (`views.rs`).
+    viewer: Mutex<Connection>,
     /// Group commit: batches that arrive while one commits wait here and are committed
     /// together, one transaction and one fsync for all of them.
     ingest_queue: Mutex<IngestQueue>,
@@ -96,9 +100,11 @@ impl SqliteStore {
         let mut writer = connect(path).map_err(|e| open_error(Box::new(e)))?;
         migrate(&mut writer).map_err(|e| open_error(Box::new(e)))?;
         let reader = connect(path).map_err(|e| open_error(Box::new(e)))?;
+        let viewer = connect(path).map_err(|e| open_error(Box::new(e)))?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
+            viewer: Mutex::new(viewer),
             ingest_queue: Mutex::new(IngestQueue::default()),
             committed: Condvar::new(),
             limiter: RateLimiter::default(),
@@ -115,6 +121,10 @@ impl SqliteStore {
 
     fn reader(&self) -> MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn viewer(&self) -> MutexGuard<'_, Connection> {
+        self.viewer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn ingest_queue(&self) -> MutexGuard<'_, IngestQueue> {
@@ -516,9 +526,9 @@ impl ReceiverStore for SqliteStore {
         install_id: Option<&str>,
         window: UsageWindow,
     ) -> Result<InstallationsReport, ReceiverStoreError> {
-        let reader = self.reader();
+        let viewer = self.viewer();
         // One snapshot, so each install's plans are read as its row has them.
-        let snapshot = reader.unchecked_transaction()?;
+        let snapshot = viewer.unchecked_transaction()?;
         views::installations(&snapshot, install_id, window)
     }
 
@@ -883,8 +893,8 @@ impl ReceiverStore for SqliteStore {
     }
 
     fn fleet_model_days(&self, days: DayRange) -> Result<Vec<ModelDayTokens>, ReceiverStoreError> {
-        let reader = self.reader();
-        let snapshot = reader.unchecked_transaction()?;
+        let viewer = self.viewer();
+        let snapshot = viewer.unchecked_transaction()?;
         views::fleet_model_days(self, &snapshot, days)
     }
 

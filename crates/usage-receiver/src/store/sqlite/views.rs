@@ -3,8 +3,10 @@
 //! `usage_version` holds, and the fleet's figures per day while the day's version in
 //! `day_versions` holds. Ingest and erasure move both in their transaction
 //! (`migrations/0009_usage_versions.sql`), and a view reads the versions, the installs'
-//! heads and the rollup rows of what changed in one snapshot of the reader, so a kept
-//! figure is only ever taken while it is exactly what reading the rows would give.
+//! heads and the rollup rows of what changed in one snapshot of the store's viewer
+//! connection (one view at a time), so a kept figure is only ever taken while it is
+//! exactly what reading the rows would give. Retention deletes raw events only; the
+//! rollup rows stay, so it moves no version.
 //!
 //! A page of the dashboard at 3,001 installs reads 360,000 rollup rows per period when
 //! nothing is kept; with the views kept it reads the installs' heads and the rows of the
@@ -87,8 +89,8 @@ pub(super) fn costed(
     window: UsageWindow,
     prices: PriceList<'_>,
 ) -> Result<CostedReport, ReceiverStoreError> {
-    let reader = store.reader();
-    let snapshot = reader.unchecked_transaction()?;
+    let viewer = store.viewer();
+    let snapshot = viewer.unchecked_transaction()?;
     let conn: &Connection = &snapshot;
     if install_id.is_some() {
         return Ok(CostedReport::price(
