@@ -13,8 +13,12 @@ use crate::provider::Provider;
 use crate::shared::poll;
 use crate::site::Site;
 
-/// A recording page's own budget is 200 ms; the page as a whole gets 300.
-const PAGE_LIMIT: Duration = Duration::from_millis(300);
+/// A recording page's own budget is 200 ms, checked by the time the metering itself took
+/// (`ms`, under 250). The page as a whole, PHP's own work and the web server included, gets
+/// 1 s: far below a wait that nothing cuts short (PHP's socket timeout is 60 s), and
+/// clear of what a loaded 2-core machine adds to a page (424 ms was seen with a 300 ms
+/// limit).
+const PAGE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Records `count` events on one page; the answer, after checking the page was fast.
 async fn record_fast(site: &Site, count: usize, what: &str) -> Value {
