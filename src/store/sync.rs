@@ -171,18 +171,6 @@ macro_rules! covering_last {
 }
 pub(crate) use covering_last;
 
-/// Pending above the cursor (`?cursor` bound by the caller as the named parameter
-/// `:cursor`): above it, not covered by a range, not failed.
-macro_rules! pending_above {
-    () => {
-        concat!(
-            "e.seq > :cursor AND ",
-            covering_last!("e.seq"),
-            " < e.seq AND NOT EXISTS (SELECT 1 FROM sync_failures f WHERE f.seq = e.seq)"
-        )
-    };
-}
-
 /// The cursor (0 before anything was resolved).
 pub(crate) fn cursor(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
     conn.prepare_cached(
@@ -469,25 +457,86 @@ impl Store {
             return Ok(());
         }
         let from = after.max(cursor(&tx)?);
+        // The events above the cursor in order, less those a range covers or that failed:
+        // the few ranges and failures above the cursor are walked beside the events, rather
+        // than looked up once per event.
+        let mut covering = tx
+            .prepare_cached(
+                "SELECT first_seq, last_seq FROM synced_ranges WHERE first_seq <= ?1
+                 ORDER BY first_seq DESC LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![from], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+            })
+            .doing("reading the sync queue")?
+            .filter(|(_, last): &(i64, i64)| *last > from);
+        let mut later_ranges = tx
+            .prepare_cached(
+                "SELECT first_seq, last_seq FROM synced_ranges WHERE first_seq > ?1 AND first_seq <= ?2
+                 ORDER BY first_seq",
+            )
+            .doing("reading the sync queue")?;
+        let mut later_ranges = later_ranges
+            .query(params![from, until])
+            .doing("reading the sync queue")?;
+        let mut next_range = || -> Result<Option<(i64, i64)>, StoreError> {
+            later_ranges
+                .next()
+                .and_then(|row| row.map(|row| Ok((row.get(0)?, row.get(1)?))).transpose())
+                .doing("reading the sync queue")
+        };
+        if covering.is_none() {
+            covering = next_range()?;
+        }
+        let mut failures = tx
+            .prepare_cached(
+                "SELECT seq FROM sync_failures WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+            )
+            .doing("reading the sync queue")?;
+        let mut failures = failures
+            .query(params![from, until])
+            .doing("reading the sync queue")?;
+        let mut next_failure = || -> Result<Option<i64>, StoreError> {
+            failures
+                .next()
+                .and_then(|row| row.map(|row| row.get(0)).transpose())
+                .doing("reading the sync queue")
+        };
+        let mut failed = next_failure()?;
         let mut stmt = tx
-            .prepare_cached(concat!(
+            .prepare_cached(
                 "SELECT e.seq, e.event_id, e.user_id, e.source, m.name, e.prompt_tokens,
                         e.completion_tokens, e.cached_tokens, e.cache_write_tokens,
                         e.reasoning_tokens, e.context, e.created_at, o.name
                  FROM events e JOIN models m ON m.id = e.model_id
                       LEFT JOIN origins o ON o.id = e.origin_id
-                 WHERE ",
-                pending_above!(),
-                " AND e.seq <= :until
-                 ORDER BY e.seq
-                 LIMIT :limit"
-            ))
+                 WHERE e.seq > ?1 AND e.seq <= ?2
+                 ORDER BY e.seq",
+            )
             .doing("reading the sync queue")?;
         let mut rows = stmt
-            .query(rusqlite::named_params! {":cursor": from, ":until": until, ":limit": left})
+            .query(params![from, until])
             .doing("reading the sync queue")?;
-        while let Some(row) = rows.next().doing("reading the sync queue")? {
+        while left > 0 {
+            let Some(row) = rows.next().doing("reading the sync queue")? else {
+                break;
+            };
+            let seq: i64 = row.get(0).doing("reading the sync queue")?;
+            while covering.is_some_and(|(_, last)| last < seq) {
+                covering = next_range()?;
+            }
+            if covering.is_some_and(|(first, _)| first <= seq) {
+                continue;
+            }
+            while failed.is_some_and(|failed| failed < seq) {
+                failed = next_failure()?;
+            }
+            if failed == Some(seq) {
+                continue;
+            }
             visit(pending_from_row(row).doing("reading the sync queue")?);
+            left -= 1;
         }
         Ok(())
     }
