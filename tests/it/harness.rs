@@ -364,3 +364,19 @@ pub fn parse_exposition(text: &str) -> Result<HashMap<String, f64>, String> {
         Err("missing # EOF".into())
     }
 }
+
+/// Applies every migration but the newest to `conn` (a database as the release before
+/// left it) and records that version; the version.
+pub fn create_previous_schema(conn: &rusqlite::Connection) -> i64 {
+    let blocks: Vec<&str> = usage_agent::store::SCHEMA
+        .split("-- migration ")
+        .skip(1)
+        .collect();
+    let previous = blocks.len() - 1;
+    for block in &blocks[..previous] {
+        conn.execute_batch(block.split_once('\n').unwrap().1)
+            .unwrap();
+    }
+    conn.pragma_update(None, "user_version", previous).unwrap();
+    previous as i64
+}

@@ -200,9 +200,9 @@ fn the_systemd_units_verify() {
     );
 }
 
-#[tokio::test]
-async fn systemd_is_told_ready_and_stopping() {
-    let mut agent = Agent::configure("");
+/// Starts the agent with `NOTIFY_SOCKET` set, as systemd does for `Type=notify`; the
+/// socket its notices arrive on.
+fn run_under_systemd(agent: &mut Agent) -> std::os::unix::net::UnixDatagram {
     let notify_path = agent.dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify
@@ -215,11 +215,23 @@ async fn systemd_is_told_ready_and_stopping() {
         .spawn()
         .unwrap();
     agent.child = Some(child);
+    notify
+}
+
+/// The next notice, within the socket's deadline.
+fn next_notice(notify: &std::os::unix::net::UnixDatagram, what: &str) -> String {
     let mut buffer = [0u8; 256];
     let n = notify
         .recv(&mut buffer)
-        .expect("READY=1 within the deadline");
-    assert_eq!(std::str::from_utf8(&buffer[..n]).unwrap().trim(), "READY=1");
+        .unwrap_or_else(|error| panic!("{what} within the deadline: {error}"));
+    std::str::from_utf8(&buffer[..n]).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn systemd_is_told_ready_and_stopping() {
+    let mut agent = Agent::configure("");
+    let notify = run_under_systemd(&mut agent);
+    assert_eq!(next_notice(&notify, "READY=1"), "READY=1");
     // READY means the socket already answers.
     assert_eq!(
         agent.get("/healthz").await.unwrap().0,
@@ -227,11 +239,7 @@ async fn systemd_is_told_ready_and_stopping() {
     );
     let status = agent.terminate();
     assert!(status.success());
-    let n = notify.recv(&mut buffer).expect("STOPPING=1");
-    assert_eq!(
-        std::str::from_utf8(&buffer[..n]).unwrap().trim(),
-        "STOPPING=1"
-    );
+    assert_eq!(next_notice(&notify, "STOPPING=1"), "STOPPING=1");
 }
 
 #[tokio::test]
@@ -239,59 +247,28 @@ async fn systemd_is_kept_waiting_and_told_why_while_the_schema_is_upgraded() {
     let mut agent = Agent::configure("");
     // A database of the schema before the newest, as the previous release left it.
     std::fs::create_dir_all(agent.data_dir()).unwrap();
-    let conn = agent.open_db();
-    let blocks: Vec<&str> = usage_agent::store::SCHEMA
-        .split("-- migration ")
-        .skip(1)
-        .collect();
-    let previous = blocks.len() - 1;
-    for block in &blocks[..previous] {
-        conn.execute_batch(block.split_once('\n').unwrap().1)
-            .unwrap();
-    }
-    conn.pragma_update(None, "user_version", previous).unwrap();
-    drop(conn);
+    let previous = crate::harness::create_previous_schema(&agent.open_db());
+    let newest = previous + 1;
 
-    let notify_path = agent.dir.path().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let child = Command::new(crate::harness::bin())
-        .args(["--config", agent.config_path.to_str().unwrap(), "run"])
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    agent.child = Some(child);
-    let mut buffer = [0u8; 256];
-    let n = notify
-        .recv(&mut buffer)
-        .expect("a notice within the deadline");
-    let notice = std::str::from_utf8(&buffer[..n]).unwrap();
+    let notify = run_under_systemd(&mut agent);
+    let notice = next_notice(&notify, "a notice");
     let lines: Vec<&str> = notice.lines().collect();
     assert_eq!(
         lines,
         [
-            format!(
-                "STATUS=upgrading the database schema from version {previous} to {}",
-                blocks.len()
-            )
-            .as_str(),
+            format!("STATUS=upgrading the database schema from version {previous} to {newest}")
+                .as_str(),
             "EXTEND_TIMEOUT_USEC=60000000",
         ],
         "{notice}"
     );
     // Then ready, on the upgraded schema.
-    let n = notify
-        .recv(&mut buffer)
-        .expect("READY=1 within the deadline");
-    assert_eq!(std::str::from_utf8(&buffer[..n]).unwrap().trim(), "READY=1");
+    assert_eq!(next_notice(&notify, "READY=1"), "READY=1");
     let version: i64 = agent
         .open_db()
         .pragma_query_value(None, "user_version", |row| row.get(0))
         .unwrap();
-    assert_eq!(version, blocks.len() as i64);
+    assert_eq!(version, newest);
     assert!(agent.terminate().success());
 }
 

@@ -147,16 +147,7 @@ fn write_old_database(agent: &Agent, states: &[(i64, Option<i64>)], now_ms: i64)
     )
     .unwrap();
     conn.pragma_update(None, "page_size", 1024).unwrap();
-    let blocks: Vec<&str> = usage_agent::store::SCHEMA
-        .split("-- migration ")
-        .skip(1)
-        .collect();
-    let previous = blocks.len() - 1;
-    for block in &blocks[..previous] {
-        conn.execute_batch(block.split_once('\n').unwrap().1)
-            .unwrap();
-    }
-    conn.pragma_update(None, "user_version", previous).unwrap();
+    crate::harness::create_previous_schema(&conn);
     conn.execute(
         "INSERT INTO models (id, name) VALUES (1, 'gpt-4o-mini')",
         [],

@@ -51,11 +51,16 @@ pub(crate) fn sqlite_limit(
 
 /// File size of the checkpointed database (plus any WAL left) and its event count.
 pub(crate) fn database_size(database: &Path) -> anyhow::Result<(u64, u64)> {
-    let size = |path: PathBuf| std::fs::metadata(path).map_or(0, |m| m.len());
-    let mut wal = database.as_os_str().to_owned();
-    wal.push("-wal");
-    let bytes = size(database.to_path_buf()) + size(PathBuf::from(wal));
+    let bytes = database_bytes(database);
     let store = Store::open(database, Synchronous::Normal).context("opening the agent database")?;
     let events = store.event_count().context("counting events")?;
     Ok((bytes, events))
+}
+
+/// The bytes of a database and its write-ahead log.
+pub(crate) fn database_bytes(database: &Path) -> u64 {
+    let size = |path: PathBuf| std::fs::metadata(path).map_or(0, |m| m.len());
+    let mut wal = database.as_os_str().to_owned();
+    wal.push("-wal");
+    size(database.to_path_buf()) + size(PathBuf::from(wal))
 }

@@ -14,6 +14,7 @@ use crate::Options;
 use crate::client::socket_client;
 use crate::phases::drain::sync_until_drained;
 use crate::phases::ingest::{Phase, run_phase};
+use crate::phases::sqlite_limit::database_bytes;
 use crate::roles::{Agent, cpu_seconds};
 
 pub(super) fn round(
@@ -45,7 +46,7 @@ pub(super) fn round(
             ingest.summary(),
             agent.peak_rss_mib().unwrap_or(f64::NAN)
         );
-        let bytes_at_rest = files_size(&agent.database);
+        let bytes_at_rest = database_bytes(&agent.database);
 
         let client = socket_client(&agent.socket, true)?;
         let started = Instant::now();
@@ -74,12 +75,4 @@ pub(super) fn round(
     })();
     server.abort();
     result
-}
-
-/// The database and its write-ahead log, in bytes.
-fn files_size(database: &Path) -> u64 {
-    let size = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len());
-    let mut wal = database.as_os_str().to_owned();
-    wal.push("-wal");
-    size(database) + size(Path::new(&wal))
 }

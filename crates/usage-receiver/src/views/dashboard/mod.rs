@@ -95,6 +95,16 @@ fn month_range(today: i64) -> TimeRange {
     }
 }
 
+/// The period a page asks for (`period`, or `from` and `to`); month to date when none.
+fn asked_period(
+    period: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Period, ReceiverError> {
+    Ok(Period::parse(period, from, to, now)?.unwrap_or_else(|| Period::mtd(now)))
+}
+
 async fn fleet_page(
     app: &Arc<ReceiverState>,
     peer: SocketAddr,
@@ -104,13 +114,12 @@ async fn fleet_page(
 ) -> Result<Response, ReceiverError> {
     authorize(app, headers, peer.ip())?;
     let Query(params) = params.map_err(query_rejection)?;
-    let period = Period::parse(
+    let period = asked_period(
         params.period.as_deref(),
         params.from.as_deref(),
         params.to.as_deref(),
         now,
-    )?
-    .unwrap_or_else(|| Period::mtd(now));
+    )?;
     let view = DashboardView {
         period,
         sort: Sort::parse_or(params.sort.as_deref(), Sort::DASHBOARD)?,
@@ -208,13 +217,12 @@ async fn install_page(
 ) -> Result<Response, ReceiverError> {
     authorize(app, headers, peer.ip())?;
     let Query(params) = params.map_err(query_rejection)?;
-    let period = Period::parse(
+    let period = asked_period(
         params.period.as_deref(),
         params.from.as_deref(),
         params.to.as_deref(),
         now,
-    )?
-    .unwrap_or_else(|| Period::mtd(now));
+    )?;
     let previous = period.previous();
     let store = app.store.clone();
     let read = blocking(move || {
