@@ -5,11 +5,10 @@
 //! in `$CARGO_TARGET_TMPDIR/wordpress` (the ones in docs/images come from there).
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
+use usage_testkit::chromium::headless;
 
 use crate::NewEvents;
 use crate::harness::Agent;
@@ -59,44 +58,6 @@ fn thousands(n: u64) -> String {
     out
 }
 
-/// Runs headless Chromium with `args`; its stdout. Fails the test after a minute.
-fn chromium(profile: &Path, args: &[&str]) -> String {
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromium must be installed (Debian's chromium package; .ci/setup installs it)");
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text).map(|_| text)
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within a minute: {args:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    out.join().unwrap().unwrap_or_default()
-}
-
 /// Logs `login` in through the test's login redirect and renders `path`: the DOM Chromium
 /// built, and a screenshot saved as `shot`.
 async fn render(site: &Site, login: &str, path: &str, shot: &str, height: u32) -> String {
@@ -110,10 +71,10 @@ async fn render(site: &Site, login: &str, path: &str, shot: &str, height: u32) -
     let shot = dir.join(shot);
     let profile = site.dir.path().join(format!("chromium-{login}"));
     tokio::task::spawn_blocking(move || {
-        let dom = chromium(&profile.join("dom"), &["--dump-dom", &url]);
+        let dom = headless(&profile.join("dom"), &["--dump-dom", &url]).stdout;
         let size = format!("--window-size=1280,{height}");
         let shot_arg = format!("--screenshot={}", shot.display());
-        chromium(
+        headless(
             &profile.join("shot"),
             &[&size, "--hide-scrollbars", &shot_arg, &url],
         );

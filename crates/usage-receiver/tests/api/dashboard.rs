@@ -12,61 +12,10 @@ use uuid::Uuid;
 use usage_protocol::signing::Secret;
 use usage_protocol::wire::user_hash;
 use usage_receiver::ReceiverSettings;
+use usage_testkit::chromium::{Rendered, headless};
 
 use crate::common::{PROVIDER_PASSWORD, PROVIDER_USER, TestReceiver, receiver_settings};
 use crate::provider::{earlier_today, enroll, event, get_text, send, set_label, set_plan};
-
-/// Runs headless Chromium with `args` and returns its stdout and its log (the page's
-/// console, where a Content Security Policy violation would be reported); fails the test
-/// after a minute.
-fn chromium(profile: &std::path::Path, args: &[&str]) -> (String, String) {
-    use std::process::{Command, Stdio};
-    let mut child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--enable-logging=stderr",
-            "--v=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("chromium must be installed (Debian's chromium package; .ci/setup installs it)");
-    // Read both pipes while it runs, so a full pipe never stalls it.
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let out = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut text).map(|_| text)
-    });
-    let err = std::thread::spawn(move || {
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut stderr, &mut text).map(|_| text)
-    });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("poll chromium") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish within a minute");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
-    assert!(status.success(), "chromium failed: {status:?}");
-    (
-        out.join().unwrap().unwrap_or_default(),
-        err.join().unwrap().unwrap_or_default(),
-    )
-}
 
 /// Renders `path` of `rx` in headless Chromium: the DOM it built, a screenshot, and its
 /// log.
@@ -85,11 +34,13 @@ async fn render_in_chromium(
         let profile = tempfile::tempdir().unwrap();
         let shot = profile.path().join("shot.png");
         let shot_arg = format!("--screenshot={}", shot.display());
-        let (dom, log) = chromium(&profile.path().join("dom"), &["--dump-dom", &url]);
-        let (_, shot_log) = chromium(
+        let Rendered { stdout: dom, log } =
+            headless(&profile.path().join("dom"), &["--dump-dom", &url]);
+        let shot_log = headless(
             &profile.path().join("shot"),
             &[&size, "--hide-scrollbars", &shot_arg, &url],
-        );
+        )
+        .log;
         for log in [&log, &shot_log] {
             assert!(
                 !log.contains("Content Security Policy") && !log.contains("Refused to"),
