@@ -171,3 +171,20 @@ ON CONFLICT(key) DO UPDATE SET value = excluded.value;
 DROP INDEX events_unsynced;
 ALTER TABLE events DROP COLUMN synced_at;
 ALTER TABLE events DROP COLUMN sync_state;
+
+-- migration 5
+-- Event ids leave their unique index for a table filled in sorted batches
+-- (src/store/event_ids.rs explains it whole): an index on random ids made every recorded
+-- event rewrite an index leaf of its own.
+--
+-- `event_ids` holds the id of every event at or below `meta.event_ids_through`; the ids of
+-- the events above it are read from the log into the writer's memory. Every id stored
+-- so far goes into the table now, sorted, and the mark to the newest event.
+CREATE TABLE event_ids (
+    event_id BLOB PRIMARY KEY
+) WITHOUT ROWID;
+INSERT INTO event_ids (event_id) SELECT event_id FROM events ORDER BY event_id;
+INSERT INTO meta (key, value)
+VALUES ('event_ids_through', CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT))
+ON CONFLICT(key) DO UPDATE SET value = excluded.value;
+DROP INDEX events_event_id;

@@ -1,8 +1,8 @@
 //! Recording events: the group-commit insert with idempotent event ids.
 
-use rusqlite::{OptionalExtension, Transaction, params};
-use uuid::Uuid;
+use rusqlite::{Transaction, params};
 
+use super::event_ids::{self, KnownIds};
 use super::{Doing, Store, StoreError};
 use usage_protocol::event::Event;
 
@@ -21,9 +21,13 @@ impl Store {
     pub fn record_groups(&mut self, groups: &[&[Event]]) -> Result<Vec<Vec<Recorded>>, StoreError> {
         let result = self.try_record_groups(groups);
         if result.is_err() {
-            // A rolled-back transaction may have taken model and origin ids with it.
+            // A rolled-back transaction may have taken model and origin ids with it, and
+            // the ids it noted as stored.
             self.model_ids.clear();
             self.origin_ids.clear();
+            self.known_ids.write_rolled_back();
+        } else {
+            self.known_ids.write_committed();
         }
         result
     }
@@ -46,7 +50,13 @@ impl Store {
                     }
                     None => 0,
                 };
-                group.push(insert_event(&tx, event, model_id, origin_id)?);
+                group.push(insert_event(
+                    &tx,
+                    &mut self.known_ids,
+                    event,
+                    model_id,
+                    origin_id,
+                )?);
             }
             outcomes.push(group);
         }
@@ -54,21 +64,12 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Stores the events of one request.
+    /// Stores the events of one request (and writes the event ids held in memory to their
+    /// table when due, as the writer does after a group).
     pub fn record(&mut self, events: &[Event]) -> Result<Vec<Recorded>, StoreError> {
-        Ok(self.record_groups(&[events])?.remove(0))
-    }
-
-    /// Whether an event id is stored.
-    pub fn contains_event(&self, event_id: Uuid) -> Result<bool, StoreError> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM events WHERE event_id = ?1")
-            .and_then(|mut stmt| {
-                stmt.query_row(params![event_id.as_bytes()], |_| Ok(()))
-                    .optional()
-            })
-            .doing("looking up an event")
-            .map(|found| found.is_some())
+        let outcome = self.record_groups(&[events])?.remove(0);
+        while self.merge_event_ids_step(0)? > 0 {}
+        Ok(outcome)
     }
 
     /// Number of stored events.
@@ -121,43 +122,43 @@ fn name_id(
     Ok(id)
 }
 
+/// Stores `event` unless its id is stored already (or came earlier in this write).
 fn insert_event(
     tx: &Transaction,
+    known: &mut KnownIds,
     event: &Event,
     model_id: i64,
     origin_id: i64,
 ) -> Result<Recorded, StoreError> {
+    if event_ids::is_stored(tx, known, event.event_id)? {
+        return Ok(Recorded::Duplicate);
+    }
     let tokens = &event.tokens;
-    let changed = tx
-        .prepare_cached(
-            "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
+    tx.prepare_cached(
+        "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
                  completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
                  context, created_at, origin_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-             ON CONFLICT(event_id) DO NOTHING",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(params![
-                event.event_id.as_bytes(),
-                event.user_id as i64,
-                event.source.code(),
-                model_id,
-                tokens.prompt as i64,
-                tokens.completion as i64,
-                tokens.cached as i64,
-                tokens.cache_write as i64,
-                tokens.reasoning as i64,
-                event.context,
-                event.created_at_ms,
-                origin_id,
-            ])
-        })
-        .doing("storing an event")?;
-    Ok(if changed == 1 {
-        Recorded::New
-    } else {
-        Recorded::Duplicate
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            event.event_id.as_bytes(),
+            event.user_id as i64,
+            event.source.code(),
+            model_id,
+            tokens.prompt as i64,
+            tokens.completion as i64,
+            tokens.cached as i64,
+            tokens.cache_write as i64,
+            tokens.reasoning as i64,
+            event.context,
+            event.created_at_ms,
+            origin_id,
+        ])
     })
+    .doing("storing an event")?;
+    event_ids::note_stored(tx, known, event.event_id)?;
+    Ok(Recorded::New)
 }
 
 #[cfg(test)]
@@ -165,6 +166,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::config::Synchronous;
     use usage_protocol::event::{ModelName, Source, Tokens};
+    use uuid::Uuid;
 
     pub(crate) fn sample_event(id: Uuid) -> Event {
         Event {
@@ -206,5 +208,253 @@ pub(crate) mod tests {
         );
         assert_eq!(store.event_count().unwrap(), 2);
         assert!(store.contains_event(b.event_id).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod idempotent_ids {
+    //! Idempotent ids through their table, its merges and what deletes and failures do to
+    //! them (see `super::super::event_ids`).
+
+    use super::super::event_ids::{MERGE_AFTER, MERGE_SLICE, mark};
+    use super::tests::sample_event;
+    use super::*;
+    use crate::config::Synchronous;
+    use uuid::Uuid;
+
+    fn events(n: usize) -> Vec<Event> {
+        (0..n).map(|_| sample_event(Uuid::new_v4())).collect()
+    }
+
+    fn outcomes(store: &mut Store, events: &[Event]) -> Vec<Recorded> {
+        store.record(events).unwrap()
+    }
+
+    fn stored_in_table(store: &Store) -> i64 {
+        store
+            .conn
+            .query_row("SELECT count(*) FROM event_ids", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_id_stays_a_duplicate_before_its_merge_after_it_and_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let merged = events(3);
+        assert_eq!(outcomes(&mut store, &merged), [Recorded::New; 3]);
+        assert_eq!(outcomes(&mut store, &merged[..1]), [Recorded::Duplicate]);
+        assert_eq!(store.merge_event_ids().unwrap(), 3);
+        assert_eq!(stored_in_table(&store), 3);
+        let recent = events(2);
+        assert_eq!(outcomes(&mut store, &recent), [Recorded::New; 2]);
+        for id in merged.iter().chain(&recent).map(|e| e.event_id) {
+            assert!(store.contains_event(id).unwrap());
+        }
+        assert!(!store.contains_event(Uuid::new_v4()).unwrap());
+        drop(store);
+
+        // After a restart the ids above the mark come back from the log.
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let again = [
+            merged[1].clone(),
+            recent[0].clone(),
+            sample_event(Uuid::new_v4()),
+        ];
+        assert_eq!(
+            outcomes(&mut store, &again),
+            [Recorded::Duplicate, Recorded::Duplicate, Recorded::New]
+        );
+        assert_eq!(store.event_count().unwrap(), 6);
+    }
+
+    #[test]
+    fn the_writer_merges_on_its_own_once_enough_ids_are_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        let batch = events(1000);
+        for _ in 0..MERGE_AFTER / 1000 {
+            store.record(&events(1000)).unwrap();
+        }
+        assert_eq!(stored_in_table(&store), 0, "not due yet");
+        assert_eq!(outcomes(&mut store, &batch), [Recorded::New; 1000]);
+        let held = (MERGE_AFTER / 1000 + 1) * 1000;
+        assert_eq!(stored_in_table(&store), held as i64);
+        // Merged in slices; every id of them is still found.
+        assert_eq!(outcomes(&mut store, &batch[..5]), [Recorded::Duplicate; 5]);
+    }
+
+    #[test]
+    fn events_recorded_while_a_merge_is_under_way_stay_known_above_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let first = events(MERGE_AFTER);
+        // Recorded as the writer records: no merge inside the write.
+        store.record_groups(&[&first]).unwrap();
+        assert_eq!(store.merge_event_ids_step(0).unwrap(), MERGE_SLICE);
+        assert!(store.merge_under_way());
+        let during = events(3);
+        assert_eq!(
+            store.record_groups(&[&during]).unwrap(),
+            [[Recorded::New; 3]]
+        );
+        let mut steps = 1;
+        while store.merge_under_way() {
+            store.merge_event_ids_step(0).unwrap();
+            steps += 1;
+        }
+        assert_eq!(steps, MERGE_AFTER / MERGE_SLICE);
+        assert_eq!(stored_in_table(&store), MERGE_AFTER as i64);
+        assert_eq!(mark(&store.conn).unwrap(), MERGE_AFTER as i64);
+        let sample = [
+            first[0].clone(),
+            first[MERGE_AFTER - 1].clone(),
+            during[2].clone(),
+        ];
+        assert_eq!(outcomes(&mut store, &sample), [Recorded::Duplicate; 3]);
+        drop(store);
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        assert_eq!(outcomes(&mut store, &sample), [Recorded::Duplicate; 3]);
+    }
+
+    #[test]
+    fn an_erasure_during_a_merge_leaves_no_erased_id_in_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        let mut all = events(MERGE_AFTER);
+        for event in all.iter_mut().step_by(2) {
+            event.user_id = 9;
+        }
+        store.record_groups(&[&all]).unwrap();
+        store.merge_event_ids_step(0).unwrap();
+        let erased = store.forget_events_range(9, 0, i64::MAX).unwrap();
+        assert_eq!(erased.rows, MERGE_AFTER as u64 / 2);
+        assert!(!store.merge_under_way(), "the merge starts over");
+        store.merge_event_ids().unwrap();
+        assert_eq!(stored_in_table(&store), MERGE_AFTER as i64 / 2);
+        let mut again = vec![all[0].clone(), all[1].clone()];
+        again[0].user_id = 9;
+        assert_eq!(
+            outcomes(&mut store, &again),
+            [Recorded::New, Recorded::Duplicate]
+        );
+    }
+
+    #[test]
+    fn ids_past_what_the_filter_was_sized_for_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        let first = events(1000);
+        store.record(&first).unwrap();
+        // Past the smallest filter's size: it is built again, larger, from the table.
+        for _ in 0..80 {
+            store.record(&events(1000)).unwrap();
+        }
+        assert!(stored_in_table(&store) > 65_536);
+        let last = events(1);
+        assert_eq!(outcomes(&mut store, &last), [Recorded::New]);
+        let again = [first[0].clone(), first[999].clone(), last[0].clone()];
+        assert_eq!(outcomes(&mut store, &again), [Recorded::Duplicate; 3]);
+    }
+
+    #[test]
+    fn a_rolled_back_write_leaves_none_of_its_ids_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON events WHEN NEW.user_id = 666
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let good = sample_event(Uuid::new_v4());
+        let mut bad = sample_event(Uuid::new_v4());
+        bad.user_id = 666;
+        assert!(store.record(&[good.clone(), bad]).is_err());
+        assert!(!store.contains_event(good.event_id).unwrap());
+        assert_eq!(outcomes(&mut store, &[good]), [Recorded::New]);
+    }
+
+    #[test]
+    fn a_merge_cut_short_loses_no_id_and_the_next_one_finishes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let all = events(MERGE_SLICE * 2 + 10);
+        store.record(&all).unwrap();
+        // The last slice moves the mark; make it fail after the first slices committed.
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON meta
+                 WHEN NEW.key = 'event_ids_through'
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        assert!(store.merge_event_ids().is_err());
+        assert_eq!(stored_in_table(&store), MERGE_SLICE as i64 * 2);
+        assert_eq!(mark(&store.conn).unwrap(), 0);
+        let sample = [all[0].clone(), all[MERGE_SLICE * 2 + 5].clone()];
+        assert_eq!(outcomes(&mut store, &sample), [Recorded::Duplicate; 2]);
+        store.conn.execute_batch("DROP TRIGGER refuse").unwrap();
+        drop(store);
+
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        assert_eq!(outcomes(&mut store, &sample), [Recorded::Duplicate; 2]);
+        assert_eq!(store.merge_event_ids().unwrap(), all.len());
+        assert_eq!(stored_in_table(&store), all.len() as i64);
+        assert_eq!(mark(&store.conn).unwrap(), all.len() as i64);
+    }
+
+    #[test]
+    fn erased_ids_can_be_recorded_again_whether_merged_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        let mut erased = events(5);
+        for event in &mut erased {
+            event.user_id = 9;
+        }
+        let kept = events(2);
+        // Seqs 1 and 2 erased, 3 and 4 kept, 5 and 6 erased, all merged; 7 erased, not
+        // merged. The newest are erased too, so their seqs are handed out again.
+        store.record(&erased[..2]).unwrap();
+        store.record(&kept).unwrap();
+        store.record(&erased[2..4]).unwrap();
+        store.merge_event_ids().unwrap();
+        store.record(&erased[4..]).unwrap();
+        let deleted = store.forget_events_range(9, 0, i64::MAX).unwrap();
+        assert_eq!(deleted.rows, 5);
+        assert_eq!(stored_in_table(&store), 2);
+        assert_eq!(
+            mark(&store.conn).unwrap(),
+            4,
+            "lowered to the newest event left"
+        );
+        assert_eq!(outcomes(&mut store, &erased), [Recorded::New; 5]);
+        assert_eq!(outcomes(&mut store, &kept), [Recorded::Duplicate; 2]);
+        drop(store);
+
+        // The events that took the erased seqs are read back after a restart.
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        assert_eq!(outcomes(&mut store, &erased), [Recorded::Duplicate; 5]);
+    }
+
+    #[test]
+    fn purged_ids_leave_the_table_and_can_be_recorded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        let old = events(3);
+        store.record(&old).unwrap();
+        store.merge_event_ids().unwrap();
+        let at = old[0].created_at_ms;
+        store.recompute_day("2025-11-27", at, at + 1).unwrap();
+        store.set_meta("rollup_seq", "3").unwrap();
+        assert_eq!(store.purge_events_chunk(at + 1, 100).unwrap().rows, 3);
+        assert_eq!(stored_in_table(&store), 0);
+        assert_eq!(outcomes(&mut store, &old), [Recorded::New; 3]);
     }
 }

@@ -12,6 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::config::Synchronous;
 use usage_common::private_file::create_private;
 
+pub mod event_ids;
 pub mod events;
 pub mod export;
 pub mod health;
@@ -109,13 +110,15 @@ impl<T> Doing<T> for rusqlite::Result<T> {
     }
 }
 
-/// Page cache of the connections beside the writer (reads, sync), in KiB.
-pub const SIDE_CACHE_KIB: u32 = 256;
+/// Page cache of the connections beside the writer (reads, sync), in KiB: they read the
+/// log in `seq` order, which the OS page cache serves as well.
+pub const SIDE_CACHE_KIB: u32 = 128;
 
-/// Page cache of the writer, in KiB: half SQLite's default, because every cache counts
-/// toward the agent's resident memory and the OS page cache holds the rest (BENCHMARKS.md,
-/// "Where the tuned constants come from").
-pub const WRITER_CACHE_KIB: u32 = 1024;
+/// Page cache of the writer, in KiB: a quarter of SQLite's default, because every cache
+/// counts toward the agent's resident memory and the OS page cache holds the rest. Since
+/// event ids left their random index, a write touches few pages beyond the newest ones
+/// (BENCHMARKS.md, "Where the tuned constants come from").
+pub const WRITER_CACHE_KIB: u32 = 512;
 
 /// One connection to the agent database.
 pub struct Store {
@@ -124,6 +127,8 @@ pub struct Store {
     model_ids: std::collections::HashMap<String, i64>,
     /// Origin name to `origins.id`, likewise.
     origin_ids: std::collections::HashMap<String, i64>,
+    /// The ids of the newest events, not yet in `event_ids` (see [`event_ids`]).
+    known_ids: event_ids::KnownIds,
 }
 
 /// The migrations in `schema.sql`, numbered from 1.
@@ -203,6 +208,7 @@ impl Store {
             conn,
             model_ids: Default::default(),
             origin_ids: Default::default(),
+            known_ids: Default::default(),
         };
         store.migrate(path, version)?;
         Ok(store)

@@ -3,7 +3,9 @@
 //! the writer so that recording interleaves between them and never waits long.
 
 use rusqlite::{Transaction, params};
+use uuid::Uuid;
 
+use super::event_ids;
 use super::rollup::clamp_rollup_seq;
 use super::sync::{clamp_queue, is_covered};
 use super::{Doing, Store, StoreError};
@@ -30,17 +32,18 @@ impl Store {
             .prepare_cached("SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'rollup_seq'), 0)")
             .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
             .doing("reading the rollup mark")?;
-        let deleted = delete_returning(
+        let (deleted, ids) = delete_returning(
             &tx,
             "DELETE FROM events WHERE seq IN (
                  SELECT seq FROM events WHERE created_at < ?1 AND seq <= ?2
                  ORDER BY created_at LIMIT ?3)
-             RETURNING seq",
+             RETURNING seq, event_id",
             params![before_ms, rolled_up, limit as i64],
         )?;
         clamp_rollup_seq(&tx)?;
         clamp_queue(&tx)?;
         tx.commit().doing("committing a purge")?;
+        self.forget_known_ids(&ids);
         Ok(deleted)
     }
 
@@ -67,14 +70,16 @@ impl Store {
         until: i64,
     ) -> Result<Deleted, StoreError> {
         let tx = self.conn.transaction().doing("starting an erasure")?;
-        let deleted = delete_returning(
+        let (deleted, ids) = delete_returning(
             &tx,
-            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND user_id = ?3 RETURNING seq",
+            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2 AND user_id = ?3
+             RETURNING seq, event_id",
             params![after, until, user_id as i64],
         )?;
         clamp_rollup_seq(&tx)?;
         clamp_queue(&tx)?;
         tx.commit().doing("committing an erasure")?;
+        self.forget_known_ids(&ids);
         Ok(deleted)
     }
 
@@ -96,22 +101,28 @@ impl Store {
     }
 }
 
-/// Runs a `DELETE ... RETURNING seq` and drops what the queue's side tables held about the
-/// deleted events (a failure reason, a requeue entry), so nothing of them is left behind.
+/// Runs a `DELETE ... RETURNING seq, event_id` and drops what the queue's side tables and
+/// the stored ids held about the deleted events (a failure reason, a requeue entry, the
+/// id), so nothing of them is left behind; returns what it deleted and the deleted ids.
 /// An event no range covered was not synced (see `super::sync`).
 fn delete_returning(
     tx: &Transaction,
     sql: &str,
     args: impl rusqlite::Params,
-) -> Result<Deleted, StoreError> {
+) -> Result<(Deleted, Vec<Uuid>), StoreError> {
     let mut seqs = Vec::new();
+    let mut ids = Vec::new();
     {
         let mut stmt = tx.prepare_cached(sql).doing("deleting events")?;
         let mut rows = stmt.query(args).doing("deleting events")?;
         while let Some(row) = rows.next().doing("deleting events")? {
             seqs.push(row.get::<_, i64>(0).doing("deleting events")?);
+            ids.push(Uuid::from_bytes(
+                row.get::<_, [u8; 16]>(1).doing("deleting events")?,
+            ));
         }
     }
+    event_ids::forget_deleted(tx, &ids)?;
     let mut deleted = Deleted {
         rows: seqs.len() as u64,
         unsynced: 0,
@@ -133,7 +144,7 @@ fn delete_returning(
                 .doing("deleting requeue entries")?;
         }
     }
-    Ok(deleted)
+    Ok((deleted, ids))
 }
 
 #[cfg(test)]

@@ -303,6 +303,11 @@ impl Store {
             super::sync::clamp_queue(&tx)?;
             super::sync::rebuild_cursor(&tx)?;
         }
+        // Likewise the stored ids come from the events copied, not from the damaged file.
+        // (A schema from before `event_ids` gets it from its migration.)
+        if !columns(&tx, "event_ids")?.is_empty() {
+            super::event_ids::rebuild(&tx)?;
+        }
         let state = StorageState::Recovered {
             at: format_millis(at_ms),
             damaged_file: moved_to.display().to_string(),
@@ -318,6 +323,7 @@ impl Store {
         tx.commit().doing("committing the salvage")?;
         self.model_ids.clear();
         self.origin_ids.clear();
+        self.known_ids.reset();
         tracing::warn!(
             events = copied.events,
             rows = copied.rows,
@@ -656,6 +662,7 @@ mod tests {
         let mut store = Store::open(path, Synchronous::Normal).unwrap();
         let events: Vec<Event> = (0..n).map(event).collect();
         store.record(&events).unwrap();
+        store.merge_event_ids().unwrap();
         let seqs: Vec<i64> = (1..=synced).collect();
         for batch in seqs.chunks(100) {
             store
@@ -812,7 +819,7 @@ mod tests {
             leaves.len()
         );
         // Three table leaves in the middle (two side by side, one alone: good pages sit
-        // between bad ones) and the whole event_id index.
+        // between bad ones) and the whole table of stored ids.
         let bad: Vec<(i64, i64)> = [10, 11, leaves.len() / 2]
             .iter()
             .map(|&i| leaves[i])
@@ -820,7 +827,7 @@ mod tests {
         let lost: i64 = bad.iter().map(|(_, cells)| cells).sum();
         let index: Vec<i64> = ["leaf", "internal"]
             .iter()
-            .flat_map(|kind| pages(&path, "events_event_id", kind))
+            .flat_map(|kind| pages(&path, "event_ids", kind))
             .map(|(page, _)| page)
             .collect();
         garble(&path, bad.iter().map(|(page, _)| *page).chain(index));
@@ -838,9 +845,37 @@ mod tests {
             "{recovery:?}"
         );
 
-        let store = Store::open(&path, Synchronous::Normal).unwrap();
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
         let after = rows(&store.conn);
         assert_eq!(after.len() as u64, recovery.events_recovered);
+        // The stored ids are built again from the events kept: each is still a duplicate.
+        let (ids, missing): (u64, i64) = store
+            .conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM event_ids),
+                        (SELECT count(*) FROM events
+                         WHERE event_id NOT IN (SELECT event_id FROM event_ids))",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((ids, missing), (recovery.events_recovered, 0));
+        let kept: [u8; 16] = store
+            .conn
+            .query_row(
+                "SELECT event_id FROM events ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let again = Event {
+            event_id: uuid::Uuid::from_bytes(kept),
+            ..event(1)
+        };
+        assert_eq!(
+            store.record(&[again]).unwrap(),
+            [crate::store::events::Recorded::Duplicate]
+        );
         for (seq, row) in &after {
             // Same seq, same tokens, same sync state: nothing synced is sent again.
             assert_eq!(before.get(seq), Some(row), "seq {seq}");

@@ -953,8 +953,8 @@ mod tests {
         assert_eq!(ranges, 0);
     }
 
-    /// A database of the schema before the cursor (every migration but the newest), with
-    /// events in every sync state written the way that schema's code wrote them.
+    /// A database of the schema before the cursor, with events in every sync state written
+    /// the way that schema's code wrote them, upgraded through every migration since.
     #[test]
     fn a_database_of_per_event_sync_state_moves_to_the_cursor_without_losing_or_resending_any() {
         let dir = tempfile::tempdir().unwrap();
@@ -974,10 +974,15 @@ mod tests {
             (1, Some(300)),
             (0, None),
         ];
+        let ids: Vec<Uuid> = (0..states.len()).map(|_| Uuid::new_v4()).collect();
         {
             let conn = rusqlite::Connection::open(&path).unwrap();
             let migrations = super::super::migrations();
-            let previous = migrations.len() - 1;
+            // Every block before migration 4, which brought the cursor.
+            let previous = migrations
+                .iter()
+                .position(|b| b.starts_with("4\n"))
+                .unwrap();
             for block in &migrations[..previous] {
                 conn.execute_batch(block.split_once('\n').unwrap().1)
                     .unwrap();
@@ -991,7 +996,7 @@ mod tests {
                     "INSERT INTO events (seq, event_id, user_id, source, model_id, prompt_tokens,
                          completion_tokens, created_at, sync_state, synced_at)
                      VALUES (?1, ?2, 5, 0, 1, 100, 7, 1764240000000 + ?1, ?3, ?4)",
-                    params![seq, Uuid::new_v4().as_bytes(), state, synced_at],
+                    params![seq, ids[i].as_bytes(), state, synced_at],
                 )
                 .unwrap();
                 if *state == 2 {
@@ -1019,6 +1024,23 @@ mod tests {
         assert_eq!(
             store.failure_reason(9).unwrap().as_deref(),
             Some("reason 9")
+        );
+        assert_eq!(pending_seqs(&store), [5, 10, 12]);
+        // Every stored id is still stored: sent again, whatever its state, it is a duplicate
+        // and nothing joins the queue.
+        let again: Vec<Event> = ids
+            .iter()
+            .map(|id| Event {
+                event_id: *id,
+                ..event(1)
+            })
+            .collect();
+        assert!(
+            store
+                .record(&again)
+                .unwrap()
+                .iter()
+                .all(|r| *r == super::super::events::Recorded::Duplicate)
         );
         assert_eq!(pending_seqs(&store), [5, 10, 12]);
         // A sync sends exactly those; retry-failed then requeues exactly the failed ones.

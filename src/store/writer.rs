@@ -142,6 +142,10 @@ fn writer_loop(
     checkpointer: Option<Checkpointer>,
     health: &StorageHealth,
 ) {
+    if let Err(error) = store.read_known_ids() {
+        // Read again at the first write; should that fail too, the write fails with it.
+        tracing::error!(%error, "cannot read the stored event ids");
+    }
     let mut pending_run = None;
     loop {
         let first = match pending_run.take() {
@@ -172,6 +176,11 @@ fn writer_loop(
                     }
                 }
                 commit_group(&mut store, group, health);
+                merge_event_ids_step(&mut store, size, health);
+                // Nothing waiting: the rest of a merge under way costs no one anything.
+                while store.merge_under_way() && queue.is_empty() {
+                    merge_event_ids_step(&mut store, 0, health);
+                }
             }
         }
         if let Some(checkpointer) = &checkpointer {
@@ -205,6 +214,16 @@ fn commit_group(store: &mut Store, group: Vec<(Vec<Event>, RecordReply)>, health
                 }));
             }
         }
+    }
+}
+
+/// Writes the event ids held in memory to their table once enough have gathered (see
+/// `super::event_ids`), a few slices after each group of `recorded` events once its
+/// answers went out, so requests wait for a few slices at most.
+fn merge_event_ids_step(store: &mut Store, recorded: usize, health: &StorageHealth) {
+    if let Err(error) = store.merge_event_ids_step(recorded) {
+        tracing::error!(%error, "writing event ids to their table failed; they are read from the log again");
+        health.observe(&error);
     }
 }
 

@@ -143,7 +143,15 @@ async fn a_full_disk_answers_503_stores_nothing_half_and_recovers_when_space_ret
         ledger.note(&events, true);
     }
 
-    // Full to the last byte: the next batches cannot commit.
+    // The WAL emptied (after 2 s without writes), so no write finds room in blocks the
+    // file already has; then full to the last byte: the next batches cannot commit.
+    let wal = data_dir.join("usage.db-wal");
+    poll(
+        "the WAL to be emptied",
+        Duration::from_secs(30),
+        async || (std::fs::metadata(&wal).map_or(0, |m| m.len()) == 0).then_some(()),
+    )
+    .await;
     let filler = fill(&data_dir);
     let mut refused: Vec<Vec<Value>> = Vec::new();
     poll(

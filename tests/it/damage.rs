@@ -77,12 +77,12 @@ async fn a_damaged_database_is_moved_aside_salvaged_and_degraded_until_check_fin
     assert!(agent.terminate().success());
     let db = agent.data_dir().join("usage.db");
     // Two table leaves side by side and one alone (rows on the good pages between and
-    // after them must come back), and the whole event_id index.
+    // after them must come back), and the whole table of stored event ids.
     let leaves = pages(&db, "events", "leaf");
     assert!(leaves.len() > 40, "{} leaves", leaves.len());
     let bad = [leaves[5], leaves[6], leaves[leaves.len() / 2]];
     let lost: u64 = bad.iter().map(|(_, cells)| cells).sum();
-    let index = all_pages(&db, &["events_event_id"]);
+    let index = all_pages(&db, &["event_ids"]);
     garble(&db, bad.iter().map(|(page, _)| *page).chain(index));
     let expected = 3000 - lost;
     let garbled = std::fs::read(&db).unwrap();
@@ -229,13 +229,13 @@ fn later_half(db: &Path) -> Vec<u64> {
         .collect()
 }
 
-/// Every page of the events table and its indexes.
+/// Every page of the events table, its indexes and the table of stored event ids.
 fn every_event_page(db: &Path) -> Vec<u64> {
     all_pages(
         db,
         &[
             "events",
-            "events_event_id",
+            "event_ids",
             "events_unsynced",
             "events_created_at",
         ],

@@ -368,15 +368,18 @@ pub fn parse_exposition(text: &str) -> Result<HashMap<String, f64>, String> {
 /// Applies every migration but the newest to `conn` (a database as the release before
 /// left it) and records that version; the version.
 pub fn create_previous_schema(conn: &rusqlite::Connection) -> i64 {
-    let blocks: Vec<&str> = usage_agent::store::SCHEMA
-        .split("-- migration ")
-        .skip(1)
-        .collect();
-    let previous = blocks.len() - 1;
-    for block in &blocks[..previous] {
+    let newest = usage_agent::store::SCHEMA.matches("-- migration ").count() as i64;
+    create_schema_at(conn, newest - 1);
+    newest - 1
+}
+
+/// Applies the migrations up to `version` to `conn` (a database as the release of that
+/// schema left it) and records that version.
+pub fn create_schema_at(conn: &rusqlite::Connection, version: i64) {
+    let blocks = usage_agent::store::SCHEMA.split("-- migration ").skip(1);
+    for block in blocks.take(version as usize) {
         conn.execute_batch(block.split_once('\n').unwrap().1)
             .unwrap();
     }
-    conn.pragma_update(None, "user_version", previous).unwrap();
-    previous as i64
+    conn.pragma_update(None, "user_version", version).unwrap();
 }

@@ -135,7 +135,7 @@ fn old_states(now_ms: i64) -> Vec<(i64, Option<i64>)> {
         .collect()
 }
 
-/// Writes a database of the schema before the cursor (every migration but the newest, as
+/// Writes a database of the schema before the cursor (the migrations before the fourth, as
 /// the agent before it applied them) holding `states`, recorded an hour ago.
 fn write_old_database(agent: &Agent, states: &[(i64, Option<i64>)], now_ms: i64) -> Vec<String> {
     std::fs::create_dir_all(agent.data_dir()).unwrap();
@@ -147,7 +147,8 @@ fn write_old_database(agent: &Agent, states: &[(i64, Option<i64>)], now_ms: i64)
     )
     .unwrap();
     conn.pragma_update(None, "page_size", 1024).unwrap();
-    crate::harness::create_previous_schema(&conn);
+    // The schema before the cursor (migration 4), which every later migration then meets.
+    crate::harness::create_schema_at(&conn, 3);
     conn.execute(
         "INSERT INTO models (id, name) VALUES (1, 'gpt-4o-mini')",
         [],
@@ -233,6 +234,15 @@ async fn a_database_with_per_event_sync_state_is_upgraded_without_losing_or_rese
         })
         .collect();
     assert_eq!(exported_synced_at(&agent).await, expected);
+    // Every stored id is still stored: sent again, whatever its state, each is a duplicate.
+    let again: Vec<Value> = ids.iter().map(|id| crate::harness::event(id)).collect();
+    let (code, body) = agent.post("/v1/events", &json!({ "events": again })).await;
+    assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(
+        (body["recorded"].as_u64(), body["duplicates"].as_u64()),
+        (Some(0), Some(ids.len() as u64)),
+        "{body}"
+    );
     assert!(agent.terminate().success());
 
     // Sync on: a sync ships exactly the events that were pending.

@@ -1,0 +1,427 @@
+//! Idempotent event ids without a random index write per event.
+//!
+//! Clients send random ids (UUIDv4), so a unique index on them put each new event on an
+//! index leaf of its own: a commit of a few hundred events rewrote most of the index's
+//! pages, the largest part of what recording an event cost (BENCHMARKS.md, "The dedupe
+//! index"). Instead an id is stored in one of two places:
+//!
+//! - the `event_ids` table, keyed by id, holds the ids of every event at or below the mark
+//!   `meta.event_ids_through`. It is filled in batches sorted by id, so a batch passes
+//!   over the table's leaves once instead of touching a leaf per event;
+//! - the ids of the events above the mark are kept in memory by the writing `Store`
+//!   ([`KnownIds`], at most about [`MERGE_AFTER`] of them). They are durable in the log
+//!   itself and read back from it after a restart, so a crash loses none.
+//!
+//! An id is stored when it is in either. Deleting events deletes their ids from both, and
+//! lowers the mark to the newest event left, because SQLite hands a deleted newest event's
+//! `seq` out again and the events above the mark must be exactly those read back.
+
+use std::collections::HashSet;
+
+use fastbloom::BloomFilter;
+use rusqlite::{Connection, OptionalExtension, params};
+use uuid::Uuid;
+
+use super::{Doing, Store, StoreError};
+
+/// Key in `meta` of the mark: the ids of all events with `seq` at or below it are in
+/// `event_ids`.
+const THROUGH_KEY: &str = "event_ids_through";
+
+/// Ids held in memory before they are written to `event_ids` in one sorted batch (a
+/// merge): a batch large enough that most leaves it touches take several of its ids, in
+/// memory the agent's budget has room for.
+pub const MERGE_AFTER: usize = 4096;
+
+/// Ids the set of those above the mark has room for from the start: a merge's worth and a
+/// group of a few thousand (the most an 8,192-slot table holds), about 140 KiB.
+const RECENT_CAPACITY: usize = 7_168;
+
+/// Ids written to `event_ids` per transaction of a merge, and per step of the writer
+/// between two group commits. A slice of sorted ids touches at most this many of the
+/// table's leaves, so a transaction's changed pages stay within the writer's page cache
+/// (1 KiB pages, 512 KiB) instead of spilling to the WAL before its commit.
+pub(super) const MERGE_SLICE: usize = 512;
+
+/// The filter over `event_ids` is sized for a quarter more ids than the table held when it
+/// was built, and for at least this many: about 50 KiB at the false-positive rate below,
+/// and about 1 byte per stored id above it (1 MB at a million events).
+const MIN_FILTER_IDS: usize = 65_536;
+/// Share of ids not stored that the filter still sends to the table to be looked up: a
+/// lookup of a few microseconds for one new event in twenty, against memory that grows
+/// with the database.
+const FILTER_FALSE_POSITIVES: f64 = 0.05;
+
+/// What the writing connection knows of the stored ids, read from the database on first
+/// use: the ids above the mark, and a filter that answers "not in `event_ids`" for nearly
+/// every id that is not, so a new event costs no lookup in the table.
+#[derive(Default)]
+pub(crate) struct KnownIds {
+    known: Option<Known>,
+    /// Ids noted by the write in progress, to take back should it roll back.
+    noted: Vec<Uuid>,
+}
+
+struct Known {
+    /// The ids of the events above the mark.
+    recent: HashSet<Uuid>,
+    /// Holds every id of `event_ids` (and some deleted since, which only cost a lookup).
+    merged: BloomFilter,
+    /// Ids the filter was sized for, and ids put in it: once they pass its size, it is
+    /// built again from the table.
+    merged_capacity: usize,
+    merged_added: usize,
+    /// The merge under way, if any.
+    merging: Option<Merge>,
+}
+
+/// A merge under way: the ids of the events up to `through` above the mark, sorted, and
+/// how many of them are written.
+struct Merge {
+    ids: Vec<Uuid>,
+    through: i64,
+    written: usize,
+}
+
+impl Merge {
+    /// Reads the ids to merge from the log, which is the truth, rather than from memory;
+    /// `expected` of them (the ids held), so the list is allocated once.
+    fn read(conn: &Connection, expected: usize) -> Result<Merge, StoreError> {
+        let mark = mark(conn)?;
+        let through: i64 = conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM events")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+            .doing("reading the newest event")?;
+        let mut ids = Vec::with_capacity(expected);
+        conn.prepare_cached("SELECT event_id FROM events WHERE seq > ?1 AND seq <= ?2")
+            .and_then(|mut stmt| {
+                for id in stmt.query_map(params![mark, through], |row| row.get::<_, [u8; 16]>(0))? {
+                    ids.push(Uuid::from_bytes(id?));
+                }
+                Ok(())
+            })
+            .doing("reading the event ids to merge")?;
+        // Byte order, which is SQLite's order of blobs.
+        ids.sort_unstable();
+        Ok(Merge {
+            ids,
+            through,
+            written: 0,
+        })
+    }
+}
+
+impl KnownIds {
+    /// Forgets what it holds, so the next use reads the ids from the database again.
+    pub(crate) fn reset(&mut self) {
+        self.known = None;
+        self.noted.clear();
+    }
+
+    /// The write in progress committed: its ids stay known.
+    pub(crate) fn write_committed(&mut self) {
+        self.noted.clear();
+    }
+
+    /// The write in progress rolled back: its ids are not stored after all.
+    pub(crate) fn write_rolled_back(&mut self) {
+        if let Some(known) = self.known.as_mut() {
+            for id in &self.noted {
+                known.recent.remove(id);
+            }
+        }
+        self.noted.clear();
+    }
+
+    /// What is known, read from the database if not held yet.
+    fn loaded(&mut self, conn: &Connection) -> Result<&mut Known, StoreError> {
+        if self.known.is_none() {
+            self.known = Some(Known::read(conn)?);
+        }
+        Ok(self.known.as_mut().expect("loaded just above"))
+    }
+}
+
+impl Known {
+    fn read(conn: &Connection) -> Result<Known, StoreError> {
+        let through = mark(conn)?;
+        // Room for a merge's worth and a large group from the start, so the set does not
+        // grow (and hold its old and new table at once) under load.
+        let mut recent = HashSet::with_capacity(RECENT_CAPACITY);
+        conn.prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
+            .and_then(|mut stmt| {
+                for id in stmt.query_map(params![through], |row| row.get::<_, [u8; 16]>(0))? {
+                    recent.insert(Uuid::from_bytes(id?));
+                }
+                Ok(())
+            })
+            .doing("reading the newest event ids")?;
+        let (merged, merged_capacity, merged_added) = filter_of_table(conn)?;
+        Ok(Known {
+            recent,
+            merged,
+            merged_capacity,
+            merged_added,
+            merging: None,
+        })
+    }
+}
+
+/// A filter holding every id of `event_ids`, the ids it was sized for, and the ids put in.
+fn filter_of_table(conn: &Connection) -> Result<(BloomFilter, usize, usize), StoreError> {
+    let stored: i64 = conn
+        .prepare_cached("SELECT count(*) FROM event_ids")
+        .and_then(|mut stmt| stmt.query_row([], |row| row.get(0)))
+        .doing("counting the stored event ids")?;
+    let capacity = (stored as usize)
+        .saturating_add(stored as usize / 4)
+        .max(MIN_FILTER_IDS);
+    let mut filter = BloomFilter::with_false_pos(FILTER_FALSE_POSITIVES).expected_items(capacity);
+    let mut stmt = conn
+        .prepare_cached("SELECT event_id FROM event_ids")
+        .doing("reading the stored event ids")?;
+    let mut rows = stmt.query([]).doing("reading the stored event ids")?;
+    let mut added = 0;
+    while let Some(row) = rows.next().doing("reading the stored event ids")? {
+        let id: [u8; 16] = row.get(0).doing("reading the stored event ids")?;
+        filter.insert(&id);
+        added += 1;
+    }
+    Ok((filter, capacity, added))
+}
+
+/// The mark (0 when no id was ever merged).
+pub(super) fn mark(conn: &Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = ?1), 0)",
+    )
+    .and_then(|mut stmt| stmt.query_row(params![THROUGH_KEY], |row| row.get(0)))
+    .doing("reading the event id mark")
+}
+
+/// Whether `event_id` is stored, for a write in progress on `conn` (the connection `known`
+/// belongs to).
+pub(crate) fn is_stored(
+    conn: &Connection,
+    known: &mut KnownIds,
+    event_id: Uuid,
+) -> Result<bool, StoreError> {
+    let known = known.loaded(conn)?;
+    if known.recent.contains(&event_id) {
+        return Ok(true);
+    }
+    if !known.merged.contains(event_id.as_bytes()) {
+        return Ok(false);
+    }
+    conn.prepare_cached("SELECT 1 FROM event_ids WHERE event_id = ?1")
+        .and_then(|mut stmt| {
+            stmt.query_row(params![event_id.as_bytes()], |_| Ok(()))
+                .optional()
+        })
+        .doing("looking up an event id")
+        .map(|found| found.is_some())
+}
+
+/// Notes an id just stored by the write in progress (taken back by
+/// [`KnownIds::write_rolled_back`]).
+pub(crate) fn note_stored(
+    conn: &Connection,
+    known: &mut KnownIds,
+    event_id: Uuid,
+) -> Result<(), StoreError> {
+    known.loaded(conn)?.recent.insert(event_id);
+    known.noted.push(event_id);
+    Ok(())
+}
+
+/// In a deleting transaction: deletes the ids of the deleted events from `event_ids` and
+/// lowers the mark to the newest event left. The caller drops them from its
+/// [`KnownIds`] once the transaction commits.
+pub(crate) fn forget_deleted(conn: &Connection, deleted: &[Uuid]) -> Result<(), StoreError> {
+    let mut delete = conn
+        .prepare_cached("DELETE FROM event_ids WHERE event_id = ?1")
+        .doing("deleting event ids")?;
+    for id in deleted {
+        delete
+            .execute(params![id.as_bytes()])
+            .doing("deleting event ids")?;
+    }
+    conn.prepare_cached(
+        "UPDATE meta SET value = CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT)
+         WHERE key = ?1 AND CAST(value AS INTEGER) > (SELECT coalesce(max(seq), 0) FROM events)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![THROUGH_KEY]))
+    .doing("lowering the event id mark")
+    .map(drop)
+}
+
+/// Fills `event_ids` again from the events stored, after a salvage copied them: the table
+/// is not copied, because the events are the truth and a damaged file may have lost either.
+pub(crate) fn rebuild(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch(
+        "DELETE FROM event_ids;
+         INSERT OR IGNORE INTO event_ids (event_id) SELECT event_id FROM events ORDER BY event_id;
+         INSERT INTO meta (key, value)
+         VALUES ('event_ids_through', CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT))
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
+    )
+    .doing("rebuilding the event ids")
+}
+
+impl Store {
+    /// Takes the next step of writing the ids held in memory to `event_ids`: starts a merge
+    /// once [`MERGE_AFTER`] ids are held, then writes slices of it until twice `recorded`
+    /// ids (those of the group just committed) are written, at least one slice. The writer
+    /// calls this after each group commit: a merge holds up the next group by a few
+    /// slices at most, and outpaces recording, so the ids in memory do not pile up while it
+    /// runs. How many ids it wrote.
+    pub fn merge_event_ids_step(&mut self, recorded: usize) -> Result<usize, StoreError> {
+        let due = self
+            .known_ids
+            .known
+            .as_ref()
+            .is_some_and(|known| known.merging.is_some() || known.recent.len() >= MERGE_AFTER);
+        if !due {
+            return Ok(0);
+        }
+        self.guarded_merge(|store| {
+            let mut written = 0;
+            loop {
+                written += store.merge_slice()?;
+                if written >= 2 * recorded || !store.merge_under_way() {
+                    return Ok(written);
+                }
+            }
+        })
+    }
+
+    /// Writes the ids of every event above the mark to `event_ids`, sorted, and moves the
+    /// mark to the newest event; how many it wrote.
+    pub fn merge_event_ids(&mut self) -> Result<usize, StoreError> {
+        self.guarded_merge(|store| {
+            let mut written = 0;
+            loop {
+                written += store.merge_slice()?;
+                if !store.merge_under_way() {
+                    return Ok(written);
+                }
+            }
+        })
+    }
+
+    /// Whether a merge has slices left to write.
+    pub fn merge_under_way(&self) -> bool {
+        self.known_ids
+            .known
+            .as_ref()
+            .is_some_and(|known| known.merging.is_some())
+    }
+
+    /// Runs a merge; should it fail, everything is read again from the database at the
+    /// next use (the ids above the mark, some perhaps in the table already, which the next
+    /// merge skips).
+    fn guarded_merge(
+        &mut self,
+        merge: impl FnOnce(&mut Store) -> Result<usize, StoreError>,
+    ) -> Result<usize, StoreError> {
+        let result = merge(self);
+        if result.is_err() {
+            self.known_ids.reset();
+        }
+        result
+    }
+
+    /// Writes the next slice of the merge under way, starting one if none is; the last
+    /// slice moves the mark and ends the merge.
+    fn merge_slice(&mut self) -> Result<usize, StoreError> {
+        self.known_ids.loaded(&self.conn)?;
+        let known = self.known_ids.known.as_mut().expect("loaded just above");
+        if known.merging.is_none() {
+            known.merging = Some(Merge::read(&self.conn, known.recent.len())?);
+        }
+        let merge = known.merging.as_ref().expect("started just above");
+        let slice = &merge.ids[merge.written..(merge.written + MERGE_SLICE).min(merge.ids.len())];
+        let last = merge.written + slice.len() == merge.ids.len();
+        let tx = self
+            .conn
+            .transaction()
+            .doing("starting an event id merge")?;
+        {
+            // OR IGNORE: after a merge cut short, some ids are in the table already.
+            let mut insert = tx
+                .prepare_cached("INSERT OR IGNORE INTO event_ids (event_id) VALUES (?1)")
+                .doing("merging event ids")?;
+            for id in slice {
+                insert
+                    .execute(params![id.as_bytes()])
+                    .doing("merging event ids")?;
+            }
+        }
+        if last {
+            tx.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, CAST(?2 AS TEXT))
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut stmt| stmt.execute(params![THROUGH_KEY, merge.through]))
+            .doing("moving the event id mark")?;
+        }
+        tx.commit().doing("committing an event id merge")?;
+        let written = slice.len();
+        let known = self.known_ids.known.as_mut().expect("loaded above");
+        let merge = known.merging.as_mut().expect("under way");
+        // The slice's ids are in the table now: found through the filter, no longer held in
+        // memory. (Until the mark moves they are also above it, and read back after a
+        // restart; the next merge then skips them.)
+        for id in &merge.ids[merge.written..merge.written + written] {
+            known.recent.remove(id);
+            known.merged.insert(id.as_bytes());
+        }
+        known.merged_added += written;
+        merge.written += written;
+        if last {
+            // Events recorded during the merge stay above the mark, in memory.
+            known.merging = None;
+            if known.merged_added > known.merged_capacity {
+                // Sized again for what the table holds now (dropping the full one first).
+                known.merged = BloomFilter::with_num_bits(64).expected_items(1);
+                (known.merged, known.merged_capacity, known.merged_added) =
+                    filter_of_table(&self.conn)?;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Drops ids of events a committed transaction deleted from the ids held in memory,
+    /// and gives up the merge under way, which may hold some of them (the next one starts
+    /// over from the mark).
+    pub(crate) fn forget_known_ids(&mut self, deleted: &[Uuid]) {
+        if let Some(known) = self.known_ids.known.as_mut() {
+            for id in deleted {
+                known.recent.remove(id);
+            }
+            known.merging = None;
+        }
+    }
+
+    /// Reads what the writer needs to know of the stored ids, so the first write after a
+    /// start does not wait for it.
+    pub fn read_known_ids(&mut self) -> Result<(), StoreError> {
+        self.known_ids.loaded(&self.conn).map(drop)
+    }
+
+    /// Whether an event id is stored (on any connection: the ids above the mark are read
+    /// from the log).
+    pub fn contains_event(&self, event_id: Uuid) -> Result<bool, StoreError> {
+        let through = mark(&self.conn)?;
+        self.conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM event_ids WHERE event_id = ?1)
+                     OR EXISTS (SELECT 1 FROM events
+                                WHERE seq > ?2 AND event_id = ?1)",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![event_id.as_bytes(), through], |row| row.get(0))
+            })
+            .doing("looking up an event")
+    }
+}
