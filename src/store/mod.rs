@@ -249,9 +249,8 @@ impl Store {
         Ok(())
     }
 
-    /// Caps this connection's page cache. The writer keeps SQLite's default (2 MiB), which
-    /// its random index inserts need; side connections (reads, sync) need little, and
-    /// every cache counts toward the agent's resident memory.
+    /// Caps this connection's page cache ([`WRITER_CACHE_KIB`] for the writer,
+    /// [`SIDE_CACHE_KIB`] beside it): every cache counts toward the agent's resident memory.
     pub fn limit_cache(&self, kib: u32) -> Result<(), StoreError> {
         self.conn
             .pragma_update(None, "cache_size", -i64::from(kib))

@@ -147,8 +147,10 @@ fn write_old_database(agent: &Agent, states: &[(i64, Option<i64>)], now_ms: i64)
     )
     .unwrap();
     conn.pragma_update(None, "page_size", 1024).unwrap();
-    // The schema before the cursor (migration 4), which every later migration then meets.
-    crate::harness::create_schema_at(&conn, 3);
+    // The schema before the cursor (the block `-- migration 4`; versions count the file's
+    // header as a block of its own, so that schema is version 4), which every later
+    // migration then meets.
+    crate::harness::create_schema_at(&conn, 4);
     conn.execute(
         "INSERT INTO models (id, name) VALUES (1, 'gpt-4o-mini')",
         [],
