@@ -246,13 +246,7 @@ pub(crate) fn forget_deleted(conn: &Connection, deleted: &[Uuid]) -> Result<(), 
             .execute(params![id.as_bytes()])
             .doing("deleting event ids")?;
     }
-    conn.prepare_cached(
-        "UPDATE meta SET value = CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT)
-         WHERE key = ?1 AND CAST(value AS INTEGER) > (SELECT coalesce(max(seq), 0) FROM events)",
-    )
-    .and_then(|mut stmt| stmt.execute(params![THROUGH_KEY]))
-    .doing("lowering the event id mark")
-    .map(drop)
+    super::lower_to_newest_event(conn, THROUGH_KEY)
 }
 
 /// Fills `event_ids` again from the events stored, after a salvage copied them: the table

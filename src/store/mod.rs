@@ -120,6 +120,20 @@ pub const SIDE_CACHE_KIB: u32 = 128;
 /// (BENCHMARKS.md, "Where the tuned constants come from").
 pub const WRITER_CACHE_KIB: u32 = 512;
 
+/// After events were deleted: lowers the `seq` kept in `meta` under `key` to the newest
+/// event left, since SQLite hands `max(seq) + 1` out again and a mark above it would cover
+/// events not yet written. Runs in the deleting transaction.
+pub(crate) fn lower_to_newest_event(conn: &Connection, key: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "UPDATE meta SET value = CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT)
+         WHERE key = ?1
+           AND CAST(value AS INTEGER) > (SELECT coalesce(max(seq), 0) FROM events)",
+    )
+    .and_then(|mut stmt| stmt.execute(params![key]))
+    .doing("lowering a mark to the newest event")
+    .map(drop)
+}
+
 /// One connection to the agent database.
 pub struct Store {
     conn: Connection,

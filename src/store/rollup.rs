@@ -143,14 +143,7 @@ const SUM_COLUMNS: &str = "sum(d.events), sum(d.prompt_tokens), sum(d.completion
 /// below it and already rolled up); otherwise new events would hide under the mark. Runs in
 /// the deleting transaction.
 pub(crate) fn clamp_rollup_seq(conn: &rusqlite::Connection) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE meta SET value = CAST((SELECT coalesce(max(seq), 0) FROM events) AS TEXT)
-         WHERE key = 'rollup_seq'
-           AND CAST(value AS INTEGER) > (SELECT coalesce(max(seq), 0) FROM events)",
-    )
-    .and_then(|mut stmt| stmt.execute([]))
-    .doing("lowering the rollup mark")
-    .map(drop)
+    super::lower_to_newest_event(conn, ROLLUP_SEQ_KEY)
 }
 
 fn source_of(code: i64) -> rusqlite::Result<Source> {
