@@ -8,15 +8,21 @@
 //! - the `event_ids` table, keyed by id, holds the ids of every event at or below the mark
 //!   `meta.event_ids_through`. It is filled in batches sorted by id, so a batch passes
 //!   over the table's leaves once instead of touching a leaf per event;
-//! - the ids of the events above the mark are kept in memory by the writing `Store`
-//!   ([`KnownIds`], at most about [`MERGE_AFTER`] of them). They are durable in the log
-//!   itself and read back from it after a restart, so a crash loses none.
+//! - the ids of the events above the mark are durable in the log itself. The writing
+//!   `Store` keeps a keyed 64-bit hash of each in memory ([`KnownIds`], at most about
+//!   [`MERGE_AFTER`] of them), read back from the log after a restart, so a crash loses
+//!   none. A hash is half the memory of an id, which lets merges be twice as large; two
+//!   ids may share one, so a hit is checked against the log before it counts.
 //!
-//! An id is stored when it is in either. Deleting events deletes their ids from both, and
-//! lowers the mark to the newest event left, because SQLite hands a deleted newest event's
-//! `seq` out again and the events above the mark must be exactly those read back.
+//! An id is stored when it is in either. Deleting events deletes their ids from the table
+//! and lowers the mark to the newest event left, because SQLite hands a deleted newest
+//! event's `seq` out again and the events above the mark must be exactly those read back.
+//! The hashes are never taken out one by one (another id may share one): the whole set is
+//! read again from the log when ids leave it, so every id above the mark always has its
+//! hash there; a hash left over from a deleted event only costs a check.
 
 use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 
 use fastbloom::BloomFilter;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -28,14 +34,15 @@ use super::{Doing, Store, StoreError};
 /// `event_ids`.
 const THROUGH_KEY: &str = "event_ids_through";
 
-/// Ids held in memory before they are written to `event_ids` in one sorted batch (a
+/// Ids held above the mark before they are written to `event_ids` in one sorted batch (a
 /// merge): a batch large enough that most leaves it touches take several of its ids, in
 /// memory the agent's budget has room for.
-pub const MERGE_AFTER: usize = 4096;
+pub const MERGE_AFTER: usize = 8192;
 
-/// Ids the set of those above the mark has room for from the start: a merge's worth and a
-/// group of a few thousand (the most an 8,192-slot table holds), about 140 KiB.
-const RECENT_CAPACITY: usize = 7_168;
+/// Hashes the set of those above the mark has room for from the start: a merge's worth
+/// and the groups recorded while it is written (the most a 16,384-slot table holds),
+/// about 150 KiB.
+const RECENT_CAPACITY: usize = 14_336;
 
 /// Ids written to `event_ids` per transaction of a merge, and per step of the writer
 /// between two group commits. A slice of sorted ids touches at most this many of the
@@ -58,13 +65,22 @@ const FILTER_FALSE_POSITIVES: f64 = 0.05;
 #[derive(Default)]
 pub(crate) struct KnownIds {
     known: Option<Known>,
-    /// Ids noted by the write in progress, to take back should it roll back.
+    /// Ids noted by the write in progress: checked when one of their hashes is hit again
+    /// in the same write.
     noted: Vec<Uuid>,
+    /// Tests only: every id gets the same hash, so every check against the log runs.
+    #[cfg(test)]
+    one_hash: bool,
 }
 
 struct Known {
-    /// The ids of the events above the mark.
-    recent: HashSet<Uuid>,
+    /// Keyed hashes of the ids of the events above the mark (and of some deleted since).
+    recent: HashSet<u64>,
+    /// Set when ids left the events above the mark: `recent` is read again at next use.
+    recent_stale: bool,
+    keys: RandomState,
+    #[cfg(test)]
+    one_hash: bool,
     /// Holds every id of `event_ids` (and some deleted since, which only cost a lookup).
     merged: BloomFilter,
     /// Ids the filter was sized for, and ids put in it: once they pass its size, it is
@@ -123,12 +139,11 @@ impl KnownIds {
         self.noted.clear();
     }
 
-    /// The write in progress rolled back: its ids are not stored after all.
+    /// The write in progress rolled back: its ids are not stored after all, and their
+    /// hashes are read again from the log.
     pub(crate) fn write_rolled_back(&mut self) {
         if let Some(known) = self.known.as_mut() {
-            for id in &self.noted {
-                known.recent.remove(id);
-            }
+            known.recent_stale |= !self.noted.is_empty();
         }
         self.noted.clear();
     }
@@ -136,34 +151,74 @@ impl KnownIds {
     /// What is known, read from the database if not held yet.
     fn loaded(&mut self, conn: &Connection) -> Result<&mut Known, StoreError> {
         if self.known.is_none() {
-            self.known = Some(Known::read(conn)?);
+            let mut known = Known::read(conn)?;
+            #[cfg(test)]
+            {
+                known.one_hash = self.one_hash;
+            }
+            known.read_recent(conn)?;
+            self.known = Some(known);
         }
-        Ok(self.known.as_mut().expect("loaded just above"))
+        let known = self.known.as_mut().expect("loaded just above");
+        if known.recent_stale {
+            known.read_recent(conn)?;
+        }
+        Ok(known)
+    }
+
+    /// Tests only: from now on every id gets the same hash.
+    #[cfg(test)]
+    pub(crate) fn use_one_hash(&mut self) {
+        self.one_hash = true;
+        self.known = None;
     }
 }
 
 impl Known {
+    /// The filter over the table; `recent` is left to [`Known::read_recent`].
     fn read(conn: &Connection) -> Result<Known, StoreError> {
-        let through = mark(conn)?;
-        // Room for a merge's worth and a large group from the start, so the set does not
-        // grow (and hold its old and new table at once) under load.
-        let mut recent = HashSet::with_capacity(RECENT_CAPACITY);
-        conn.prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
-            .and_then(|mut stmt| {
-                for id in stmt.query_map(params![through], |row| row.get::<_, [u8; 16]>(0))? {
-                    recent.insert(Uuid::from_bytes(id?));
-                }
-                Ok(())
-            })
-            .doing("reading the newest event ids")?;
         let (merged, merged_capacity, merged_added) = filter_of_table(conn)?;
         Ok(Known {
-            recent,
+            // Room for a merge's worth and large groups from the start, so the set does
+            // not grow (and hold its old and new table at once) under load.
+            recent: HashSet::with_capacity(RECENT_CAPACITY),
+            recent_stale: true,
+            keys: RandomState::new(),
+            #[cfg(test)]
+            one_hash: false,
             merged,
             merged_capacity,
             merged_added,
             merging: None,
         })
+    }
+
+    /// The hash of `id` in `recent`.
+    fn hash(&self, id: &Uuid) -> u64 {
+        #[cfg(test)]
+        if self.one_hash {
+            return 0;
+        }
+        self.keys.hash_one(id.as_bytes())
+    }
+
+    /// Reads the hashes of the ids above the mark from the log.
+    fn read_recent(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        let through = mark(conn)?;
+        self.recent.clear();
+        let mut stmt = conn
+            .prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
+            .doing("reading the newest event ids")?;
+        let mut rows = stmt
+            .query(params![through])
+            .doing("reading the newest event ids")?;
+        while let Some(row) = rows.next().doing("reading the newest event ids")? {
+            let id = Uuid::from_bytes(row.get(0).doing("reading the newest event ids")?);
+            let hash = self.hash(&id);
+            self.recent.insert(hash);
+        }
+        self.recent_stale = false;
+        Ok(())
     }
 }
 
@@ -199,17 +254,54 @@ pub(super) fn mark(conn: &Connection) -> Result<i64, StoreError> {
     .doing("reading the event id mark")
 }
 
+/// Of the ids a write is about to store, those already above the mark: the ids whose hash
+/// is held, checked against the log in one pass. Empty (and no read) when no hash is hit,
+/// the usual case.
+pub(crate) fn stored_above_mark<'a>(
+    conn: &Connection,
+    known: &mut KnownIds,
+    ids: impl Iterator<Item = &'a Uuid>,
+) -> Result<HashSet<Uuid>, StoreError> {
+    let known = known.loaded(conn)?;
+    let hit: HashSet<Uuid> = ids
+        .filter(|id| known.recent.contains(&known.hash(id)))
+        .copied()
+        .collect();
+    if hit.is_empty() {
+        return Ok(hit);
+    }
+    let mut found = HashSet::new();
+    let mut stmt = conn
+        .prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
+        .doing("checking event ids against the log")?;
+    let mut rows = stmt
+        .query(params![mark(conn)?])
+        .doing("checking event ids against the log")?;
+    while let Some(row) = rows.next().doing("checking event ids against the log")? {
+        let id = Uuid::from_bytes(row.get(0).doing("checking event ids against the log")?);
+        if hit.contains(&id) {
+            found.insert(id);
+        }
+    }
+    Ok(found)
+}
+
 /// Whether `event_id` is stored, for a write in progress on `conn` (the connection `known`
-/// belongs to).
+/// belongs to), given what [`stored_above_mark`] found for the write before it began.
 pub(crate) fn is_stored(
     conn: &Connection,
     known: &mut KnownIds,
+    above_mark: &HashSet<Uuid>,
     event_id: Uuid,
 ) -> Result<bool, StoreError> {
-    let known = known.loaded(conn)?;
-    if known.recent.contains(&event_id) {
+    let held = known.loaded(conn)?;
+    // A held hash counts once the log confirmed the id, or this write stored it already.
+    if held.recent.contains(&held.hash(&event_id))
+        && (above_mark.contains(&event_id) || known.noted.contains(&event_id))
+    {
         return Ok(true);
     }
+    let known = known.loaded(conn)?;
     if !known.merged.contains(event_id.as_bytes()) {
         return Ok(false);
     }
@@ -229,7 +321,9 @@ pub(crate) fn note_stored(
     known: &mut KnownIds,
     event_id: Uuid,
 ) -> Result<(), StoreError> {
-    known.loaded(conn)?.recent.insert(event_id);
+    let held = known.loaded(conn)?;
+    let hash = held.hash(&event_id);
+    held.recent.insert(hash);
     known.noted.push(event_id);
     Ok(())
 }
@@ -363,18 +457,18 @@ impl Store {
         let written = slice.len();
         let known = self.known_ids.known.as_mut().expect("loaded above");
         let merge = known.merging.as_mut().expect("under way");
-        // The slice's ids are in the table now: found through the filter, no longer held in
-        // memory. (Until the mark moves they are also above it, and read back after a
-        // restart; the next merge then skips them.)
+        // The slice's ids are in the table now, found through the filter. Until the mark
+        // moves they are also above it (and read back after a restart; the next merge then
+        // skips them), so their hashes stay.
         for id in &merge.ids[merge.written..merge.written + written] {
-            known.recent.remove(id);
             known.merged.insert(id.as_bytes());
         }
         known.merged_added += written;
         merge.written += written;
         if last {
-            // Events recorded during the merge stay above the mark, in memory.
+            // Only the events recorded during the merge are above the mark now.
             known.merging = None;
+            known.read_recent(&self.conn)?;
             if known.merged_added > known.merged_capacity {
                 // Sized again for what the table holds now (dropping the full one first).
                 known.merged = BloomFilter::with_num_bits(64).expected_items(1);
@@ -385,14 +479,12 @@ impl Store {
         Ok(written)
     }
 
-    /// Drops ids of events a committed transaction deleted from the ids held in memory,
-    /// and gives up the merge under way, which may hold some of them (the next one starts
-    /// over from the mark).
+    /// After a committed transaction deleted events: the hashes above the mark are read
+    /// again at next use, and the merge under way, which may hold some of the ids, is
+    /// given up (the next one starts over from the mark).
     pub(crate) fn forget_known_ids(&mut self, deleted: &[Uuid]) {
         if let Some(known) = self.known_ids.known.as_mut() {
-            for id in deleted {
-                known.recent.remove(id);
-            }
+            known.recent_stale |= !deleted.is_empty();
             known.merging = None;
         }
     }

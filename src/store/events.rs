@@ -1,6 +1,9 @@
 //! Recording events: the group-commit insert with idempotent event ids.
 
+use std::collections::HashSet;
+
 use rusqlite::{Transaction, params};
+use uuid::Uuid;
 
 use super::event_ids::{self, KnownIds};
 use super::{Doing, Store, StoreError};
@@ -34,6 +37,13 @@ impl Store {
 
     fn try_record_groups(&mut self, groups: &[&[Event]]) -> Result<Vec<Vec<Recorded>>, StoreError> {
         let tx = self.conn.transaction().doing("starting a write")?;
+        let above_mark = event_ids::stored_above_mark(
+            &tx,
+            &mut self.known_ids,
+            groups
+                .iter()
+                .flat_map(|events| events.iter().map(|event| &event.event_id)),
+        )?;
         let mut outcomes = Vec::with_capacity(groups.len());
         for events in groups {
             let mut group = Vec::with_capacity(events.len());
@@ -53,6 +63,7 @@ impl Store {
                 group.push(insert_event(
                     &tx,
                     &mut self.known_ids,
+                    &above_mark,
                     event,
                     model_id,
                     origin_id,
@@ -126,11 +137,12 @@ fn name_id(
 fn insert_event(
     tx: &Transaction,
     known: &mut KnownIds,
+    above_mark: &HashSet<Uuid>,
     event: &Event,
     model_id: i64,
     origin_id: i64,
 ) -> Result<Recorded, StoreError> {
-    if event_ids::is_stored(tx, known, event.event_id)? {
+    if event_ids::is_stored(tx, known, above_mark, event.event_id)? {
         return Ok(Recorded::Duplicate);
     }
     let tokens = &event.tokens;
@@ -441,6 +453,68 @@ mod idempotent_ids {
         // The events that took the erased seqs are read back after a restart.
         let mut store = Store::open(&path, Synchronous::Normal).unwrap();
         assert_eq!(outcomes(&mut store, &erased), [Recorded::Duplicate; 5]);
+    }
+
+    #[test]
+    fn ids_sharing_one_hash_are_told_apart_by_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        store.known_ids.use_one_hash();
+        let first = events(5);
+        assert_eq!(outcomes(&mut store, &first), [Recorded::New; 5]);
+        let (a, b) = (sample_event(Uuid::new_v4()), sample_event(Uuid::new_v4()));
+        assert_eq!(
+            outcomes(&mut store, &[a.clone(), a.clone(), first[0].clone(), b]),
+            [
+                Recorded::New,
+                Recorded::Duplicate,
+                Recorded::Duplicate,
+                Recorded::New
+            ]
+        );
+        assert_eq!(outcomes(&mut store, &first), [Recorded::Duplicate; 5]);
+        // Merged into the table; then one of them erased, and the rest still duplicates.
+        store.merge_event_ids().unwrap();
+        let mut erased = sample_event(Uuid::new_v4());
+        erased.user_id = 9;
+        assert_eq!(outcomes(&mut store, &[erased.clone()]), [Recorded::New]);
+        store.forget_events_range(9, 0, i64::MAX).unwrap();
+        assert_eq!(outcomes(&mut store, &[erased.clone()]), [Recorded::New]);
+        assert_eq!(outcomes(&mut store, &first), [Recorded::Duplicate; 5]);
+        assert_eq!(store.event_count().unwrap(), 8);
+        drop(store);
+
+        let mut store = Store::open(&path, Synchronous::Normal).unwrap();
+        store.known_ids.use_one_hash();
+        assert_eq!(
+            outcomes(&mut store, &[a, erased, sample_event(Uuid::new_v4())]),
+            [Recorded::Duplicate, Recorded::Duplicate, Recorded::New]
+        );
+    }
+
+    #[test]
+    fn a_rolled_back_write_sharing_hashes_leaves_the_others_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
+        store.known_ids.use_one_hash();
+        let kept = events(3);
+        store.record(&kept).unwrap();
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON events WHEN NEW.user_id = 666
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let good = sample_event(Uuid::new_v4());
+        let mut bad = sample_event(Uuid::new_v4());
+        bad.user_id = 666;
+        assert!(store.record(&[good.clone(), bad]).is_err());
+        assert_eq!(
+            outcomes(&mut store, &[good, kept[0].clone()]),
+            [Recorded::New, Recorded::Duplicate]
+        );
     }
 
     #[test]

@@ -141,7 +141,8 @@ pub struct Store {
     model_ids: std::collections::HashMap<String, i64>,
     /// Origin name to `origins.id`, likewise.
     origin_ids: std::collections::HashMap<String, i64>,
-    /// The ids of the newest events, not yet in `event_ids` (see [`event_ids`]).
+    /// What the writer knows of the stored ids: hashes of the newest, not yet in
+    /// `event_ids`, and a filter over the table (see [`event_ids`]).
     known_ids: event_ids::KnownIds,
 }
 

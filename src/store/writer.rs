@@ -217,7 +217,7 @@ fn commit_group(store: &mut Store, group: Vec<(Vec<Event>, RecordReply)>, health
     }
 }
 
-/// Writes the event ids held in memory to their table once enough have gathered (see
+/// Writes the ids of the events above the mark to their table once enough have gathered (see
 /// `super::event_ids`), a few slices after each group of `recorded` events once its
 /// answers went out, so requests wait for a few slices at most.
 fn merge_event_ids_step(store: &mut Store, recorded: usize, health: &StorageHealth) {
