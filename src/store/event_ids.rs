@@ -66,7 +66,7 @@ const FILTER_FALSE_POSITIVES: f64 = 0.05;
 pub(crate) struct KnownIds {
     known: Option<Known>,
     /// Ids noted by the write in progress: checked when one of their hashes is hit again
-    /// in the same write.
+    /// in the same write, and their hashes read again should it roll back.
     noted: Vec<Uuid>,
     /// Tests only: every id gets the same hash, so every check against the log runs.
     #[cfg(test)]
@@ -286,46 +286,39 @@ pub(crate) fn stored_above_mark<'a>(
     Ok(found)
 }
 
-/// Whether `event_id` is stored, for a write in progress on `conn` (the connection `known`
-/// belongs to), given what [`stored_above_mark`] found for the write before it began.
-pub(crate) fn is_stored(
+/// For a write in progress on `conn` (the connection `known` belongs to), given what
+/// [`stored_above_mark`] found before it began: whether `event_id` is new, and if so notes
+/// it as stored by this write (which the write then stores, or rolls back).
+pub(crate) fn note_if_new(
     conn: &Connection,
     known: &mut KnownIds,
     above_mark: &HashSet<Uuid>,
     event_id: Uuid,
 ) -> Result<bool, StoreError> {
-    let held = known.loaded(conn)?;
+    known.loaded(conn)?;
+    let held = known.known.as_mut().expect("loaded just above");
+    let hash = held.hash(&event_id);
     // A held hash counts once the log confirmed the id, or this write stored it already.
-    if held.recent.contains(&held.hash(&event_id))
+    if held.recent.contains(&hash)
         && (above_mark.contains(&event_id) || known.noted.contains(&event_id))
     {
-        return Ok(true);
-    }
-    let known = known.loaded(conn)?;
-    if !known.merged.contains(event_id.as_bytes()) {
         return Ok(false);
     }
-    conn.prepare_cached("SELECT 1 FROM event_ids WHERE event_id = ?1")
-        .and_then(|mut stmt| {
-            stmt.query_row(params![event_id.as_bytes()], |_| Ok(()))
-                .optional()
-        })
-        .doing("looking up an event id")
-        .map(|found| found.is_some())
-}
-
-/// Notes an id just stored by the write in progress (taken back by
-/// [`KnownIds::write_rolled_back`]).
-pub(crate) fn note_stored(
-    conn: &Connection,
-    known: &mut KnownIds,
-    event_id: Uuid,
-) -> Result<(), StoreError> {
-    let held = known.loaded(conn)?;
-    let hash = held.hash(&event_id);
+    if held.merged.contains(event_id.as_bytes()) {
+        let in_table = conn
+            .prepare_cached("SELECT 1 FROM event_ids WHERE event_id = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_row(params![event_id.as_bytes()], |_| Ok(()))
+                    .optional()
+            })
+            .doing("looking up an event id")?;
+        if in_table.is_some() {
+            return Ok(false);
+        }
+    }
     held.recent.insert(hash);
     known.noted.push(event_id);
-    Ok(())
+    Ok(true)
 }
 
 /// In a deleting transaction: deletes the ids of the deleted events from `event_ids` and

@@ -142,7 +142,7 @@ fn insert_event(
     model_id: i64,
     origin_id: i64,
 ) -> Result<Recorded, StoreError> {
-    if event_ids::is_stored(tx, known, above_mark, event.event_id)? {
+    if !event_ids::note_if_new(tx, known, above_mark, event.event_id)? {
         return Ok(Recorded::Duplicate);
     }
     let tokens = &event.tokens;
@@ -169,7 +169,6 @@ fn insert_event(
         ])
     })
     .doing("storing an event")?;
-    event_ids::note_stored(tx, known, event.event_id)?;
     Ok(Recorded::New)
 }
 
@@ -240,6 +239,20 @@ mod idempotent_ids {
 
     fn outcomes(store: &mut Store, events: &[Event]) -> Vec<Recorded> {
         store.record(events).unwrap()
+    }
+
+    /// Records `good` beside an event a trigger refuses, so the whole write rolls back.
+    fn fail_a_write_with(store: &mut Store, good: &Event) {
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON events WHEN NEW.user_id = 666
+                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
+            )
+            .unwrap();
+        let mut bad = sample_event(Uuid::new_v4());
+        bad.user_id = 666;
+        assert!(store.record(&[good.clone(), bad]).is_err());
     }
 
     fn stored_in_table(store: &Store) -> i64 {
@@ -375,17 +388,8 @@ mod idempotent_ids {
     fn a_rolled_back_write_leaves_none_of_its_ids_stored() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("u.db"), Synchronous::Normal).unwrap();
-        store
-            .conn
-            .execute_batch(
-                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON events WHEN NEW.user_id = 666
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-            )
-            .unwrap();
         let good = sample_event(Uuid::new_v4());
-        let mut bad = sample_event(Uuid::new_v4());
-        bad.user_id = 666;
-        assert!(store.record(&[good.clone(), bad]).is_err());
+        fail_a_write_with(&mut store, &good);
         assert!(!store.contains_event(good.event_id).unwrap());
         assert_eq!(outcomes(&mut store, &[good]), [Recorded::New]);
     }
@@ -500,17 +504,8 @@ mod idempotent_ids {
         store.known_ids.use_one_hash();
         let kept = events(3);
         store.record(&kept).unwrap();
-        store
-            .conn
-            .execute_batch(
-                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON events WHEN NEW.user_id = 666
-                 BEGIN SELECT RAISE(ABORT, 'refused'); END;",
-            )
-            .unwrap();
         let good = sample_event(Uuid::new_v4());
-        let mut bad = sample_event(Uuid::new_v4());
-        bad.user_id = 666;
-        assert!(store.record(&[good.clone(), bad]).is_err());
+        fail_a_write_with(&mut store, &good);
         assert_eq!(
             outcomes(&mut store, &[good, kept[0].clone()]),
             [Recorded::New, Recorded::Duplicate]
