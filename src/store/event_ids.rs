@@ -204,22 +204,32 @@ impl Known {
 
     /// Reads the hashes of the ids above the mark from the log.
     fn read_recent(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        let through = mark(conn)?;
-        self.recent.clear();
-        let mut stmt = conn
-            .prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
-            .doing("reading the newest event ids")?;
-        let mut rows = stmt
-            .query(params![through])
-            .doing("reading the newest event ids")?;
-        while let Some(row) = rows.next().doing("reading the newest event ids")? {
-            let id = Uuid::from_bytes(row.get(0).doing("reading the newest event ids")?);
-            let hash = self.hash(&id);
-            self.recent.insert(hash);
-        }
+        // Taken out while it is filled (keeping its room), as hashing borrows `self`.
+        let mut hashes = std::mem::take(&mut self.recent);
+        hashes.clear();
+        each_id_above_mark(conn, |id| {
+            hashes.insert(self.hash(&id));
+        })?;
+        self.recent = hashes;
         self.recent_stale = false;
         Ok(())
     }
+}
+
+/// Calls `each` with the id of every event above the mark, read from the log.
+fn each_id_above_mark(conn: &Connection, mut each: impl FnMut(Uuid)) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
+        .doing("reading the newest event ids")?;
+    let mut rows = stmt
+        .query(params![mark(conn)?])
+        .doing("reading the newest event ids")?;
+    while let Some(row) = rows.next().doing("reading the newest event ids")? {
+        each(Uuid::from_bytes(
+            row.get(0).doing("reading the newest event ids")?,
+        ));
+    }
+    Ok(())
 }
 
 /// A filter holding every id of `event_ids`, the ids it was sized for, and the ids put in.
@@ -271,18 +281,11 @@ pub(crate) fn stored_above_mark<'a>(
         return Ok(hit);
     }
     let mut found = HashSet::new();
-    let mut stmt = conn
-        .prepare_cached("SELECT event_id FROM events WHERE seq > ?1")
-        .doing("checking event ids against the log")?;
-    let mut rows = stmt
-        .query(params![mark(conn)?])
-        .doing("checking event ids against the log")?;
-    while let Some(row) = rows.next().doing("checking event ids against the log")? {
-        let id = Uuid::from_bytes(row.get(0).doing("checking event ids against the log")?);
+    each_id_above_mark(conn, |id| {
         if hit.contains(&id) {
             found.insert(id);
         }
-    }
+    })?;
     Ok(found)
 }
 
