@@ -7,7 +7,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{Duration, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::ApiError;
 use crate::state::SharedState;
@@ -45,7 +47,7 @@ pub async fn record(
         }
         rejected.error
     })?;
-    let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let logged = state.config.debug.then(|| events.clone());
     let sources: Vec<_> = events.iter().map(|e| e.source).collect();
     // Empty (no allocation) when no limit is set and no event carries a hold.
@@ -64,13 +66,38 @@ pub async fn record(
     for (event, outcome) in logged.iter().flatten().zip(&outcomes) {
         log_event(event, *outcome);
     }
+    // Written straight from the ids (no `Value` per id): a batch's answer lists them all.
     let answer = if is_batch {
         let recorded = outcomes.iter().filter(|o| **o == Recorded::New).count();
-        json!({"recorded": recorded, "duplicates": outcomes.len() - recorded, "event_ids": ids})
+        Json(Answer::Batch {
+            recorded,
+            duplicates: outcomes.len() - recorded,
+            event_ids: &ids,
+        })
+        .into_response()
     } else {
-        json!({"event_id": ids[0], "status": status_word(outcomes[0])})
+        Json(Answer::One {
+            event_id: ids[0],
+            status: status_word(outcomes[0]),
+        })
+        .into_response()
     };
-    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+    Ok((StatusCode::ACCEPTED, answer).into_response())
+}
+
+/// The answer to a recorded body: one event's outcome, or a batch's counts and ids.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Answer<'a> {
+    One {
+        event_id: Uuid,
+        status: &'static str,
+    },
+    Batch {
+        recorded: usize,
+        duplicates: usize,
+        event_ids: &'a [Uuid],
+    },
 }
 
 pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {

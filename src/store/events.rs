@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use rusqlite::{Transaction, params};
+use rusqlite::{Statement, Transaction, params};
 use uuid::Uuid;
 
 use super::event_ids::{self, KnownIds};
@@ -44,6 +44,8 @@ impl Store {
                 .iter()
                 .flat_map(|events| events.iter().map(|event| &event.event_id)),
         )?;
+        // Prepared once for the whole write, not looked up in the cache for each event.
+        let mut insert = tx.prepare_cached(INSERT_EVENT).doing("storing an event")?;
         let mut outcomes = Vec::with_capacity(groups.len());
         for events in groups {
             let mut group = Vec::with_capacity(events.len());
@@ -62,6 +64,7 @@ impl Store {
                 };
                 group.push(insert_event(
                     &tx,
+                    &mut insert,
                     &mut self.known_ids,
                     &above_mark,
                     event,
@@ -71,6 +74,7 @@ impl Store {
             }
             outcomes.push(group);
         }
+        drop(insert);
         tx.commit().doing("committing events")?;
         Ok(outcomes)
     }
@@ -133,9 +137,16 @@ fn name_id(
     Ok(id)
 }
 
-/// Stores `event` unless its id is stored already (or came earlier in this write).
+const INSERT_EVENT: &str = "INSERT INTO events (event_id, user_id, source, model_id,
+         prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
+         context, created_at, origin_id)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// Stores `event` with `insert` ([`INSERT_EVENT`]) unless its id is stored already (or
+/// came earlier in this write).
 fn insert_event(
     tx: &Transaction,
+    insert: &mut Statement,
     known: &mut KnownIds,
     above_mark: &HashSet<Uuid>,
     event: &Event,
@@ -146,14 +157,8 @@ fn insert_event(
         return Ok(Recorded::Duplicate);
     }
     let tokens = &event.tokens;
-    tx.prepare_cached(
-        "INSERT INTO events (event_id, user_id, source, model_id, prompt_tokens,
-                 completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
-                 context, created_at, origin_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
+    insert
+        .execute(params![
             event.event_id.as_bytes(),
             event.user_id as i64,
             event.source.code(),
@@ -167,8 +172,7 @@ fn insert_event(
             event.created_at_ms,
             origin_id,
         ])
-    })
-    .doing("storing an event")?;
+        .doing("storing an event")?;
     Ok(Recorded::New)
 }
 

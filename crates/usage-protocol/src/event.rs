@@ -11,6 +11,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+mod compact;
+
 /// Largest accepted user id: 2^53, the biggest integer every JSON parser keeps exact.
 pub const MAX_USER_ID: u64 = 1 << 53;
 /// Largest accepted value of any token counter.
@@ -544,17 +546,21 @@ pub fn check_token_counts(
     token_relations(tokens, total, errors)
 }
 
-/// [`parse_context`] for a context read as raw JSON text.
+/// [`parse_context`] for a context read as raw JSON text; one already in the form it is
+/// stored in is taken as it is.
 pub fn typed_context(
     raw: Option<&RawValue>,
     errors: &mut Vec<FieldError>,
 ) -> Option<Option<String>> {
     match raw {
         None => Some(None),
-        Some(raw) => {
-            let value: Value = serde_json::from_str(raw.get()).ok()?;
-            parse_context(Some(&value), errors)
-        }
+        Some(raw) => match compact::as_stored(raw.get()) {
+            Some(text) if text.len() <= MAX_CONTEXT_BYTES => Some(Some(text.to_owned())),
+            _ => {
+                let value: Value = serde_json::from_str(raw.get()).ok()?;
+                parse_context(Some(&value), errors)
+            }
+        },
     }
 }
 

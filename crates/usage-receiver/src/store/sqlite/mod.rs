@@ -58,7 +58,9 @@ const RETENTION_CHUNK: i64 = 5000;
 
 /// The receiver's SQLite database.
 pub struct SqliteStore {
-    writer: Mutex<Connection>,
+    /// A fair lock: the loops that delete in slices hand it to a waiting batch between
+    /// slices ([`fair_unlock`]), where a plain unlock let them take it straight back.
+    writer: parking_lot::Mutex<Connection>,
     reader: Mutex<Connection>,
     /// The installations views' and the chart's own reader (`views.rs`).
     viewer: Mutex<Connection>,
@@ -102,7 +104,7 @@ impl SqliteStore {
         let reader = connect(path).map_err(|e| open_error(Box::new(e)))?;
         let viewer = connect(path).map_err(|e| open_error(Box::new(e)))?;
         Ok(SqliteStore {
-            writer: Mutex::new(writer),
+            writer: parking_lot::Mutex::new(writer),
             reader: Mutex::new(reader),
             viewer: Mutex::new(viewer),
             ingest_queue: Mutex::new(IngestQueue::default()),
@@ -113,10 +115,10 @@ impl SqliteStore {
         })
     }
 
-    fn writer(&self) -> MutexGuard<'_, Connection> {
+    fn writer(&self) -> parking_lot::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done transaction behind
-        // (rusqlite rolls back on drop), so a poisoned lock is safe to reuse.
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+        // (rusqlite rolls back on drop); this lock is not poisoned by one.
+        self.writer.lock()
     }
 
     fn reader(&self) -> MutexGuard<'_, Connection> {
@@ -505,15 +507,16 @@ impl ReceiverStore for SqliteStore {
         let cutoff = days.first_kept.saturating_mul(MS_PER_DAY);
         let mut total = 0u64;
         loop {
-            // Each chunk is its own short transaction, and the lock is released between
+            // Each chunk is its own short transaction, and the lock is handed over between
             // chunks, so a batch waiting to commit gets in.
-            let deleted = self
-                .writer()
+            let conn = self.writer();
+            let deleted = conn
                 .prepare_cached(
                     "DELETE FROM events WHERE rowid IN (
                          SELECT rowid FROM events WHERE created_at < ?1 LIMIT ?2)",
                 )?
                 .execute(params![cutoff, RETENTION_CHUNK])?;
+            fair_unlock(conn);
             total += deleted as u64;
             if (deleted as i64) < RETENTION_CHUNK {
                 return Ok(total);
@@ -666,13 +669,14 @@ impl ReceiverStore for SqliteStore {
         };
         let mut events = 0;
         loop {
-            let deleted = self
-                .writer()
+            let conn = self.writer();
+            let deleted = conn
                 .prepare_cached(
                     "DELETE FROM events WHERE rowid IN
                          (SELECT rowid FROM events WHERE install = ?1 LIMIT ?2)",
                 )?
                 .execute(params![key, ERASE_SLICE_EVENTS])?;
+            fair_unlock(conn);
             events += deleted as u64;
             if deleted == 0 {
                 break;
@@ -910,6 +914,14 @@ impl ReceiverStore for SqliteStore {
 /// Events an erasure deletes in one transaction: a few milliseconds of the writer, so a
 /// batch of another install never waits longer than that for it.
 const ERASE_SLICE_EVENTS: i64 = 5000;
+
+/// Releases the writing connection to the thread waiting longest for it, if any. A plain
+/// unlock wakes a waiter but lets this thread, running on, take the lock again first: a
+/// loop of slices then kept it for most of its run, holding up a batch of another install
+/// about as long as the whole erasure.
+fn fair_unlock(conn: parking_lot::MutexGuard<'_, Connection>) {
+    parking_lot::MutexGuard::unlock_fair(conn);
+}
 
 /// The columns [`alert_row`] reads, joined to the install for its id.
 const ALERT_COLUMNS: &str = "SELECT a.alert_id, i.install_id, a.threshold, a.month,
