@@ -69,20 +69,18 @@ pub async fn record(
     // Written straight from the ids (no `Value` per id): a batch's answer lists them all.
     let answer = if is_batch {
         let recorded = outcomes.iter().filter(|o| **o == Recorded::New).count();
-        Json(Answer::Batch {
+        Answer::Batch {
             recorded,
             duplicates: outcomes.len() - recorded,
             event_ids: &ids,
-        })
-        .into_response()
+        }
     } else {
-        Json(Answer::One {
+        Answer::One {
             event_id: ids[0],
             status: status_word(outcomes[0]),
-        })
-        .into_response()
+        }
     };
-    Ok((StatusCode::ACCEPTED, answer).into_response())
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 /// The answer to a recorded body: one event's outcome, or a batch's counts and ids.

@@ -554,13 +554,13 @@ pub fn typed_context(
 ) -> Option<Option<String>> {
     match raw {
         None => Some(None),
-        Some(raw) => match compact::as_stored(raw.get()) {
-            Some(text) if text.len() <= MAX_CONTEXT_BYTES => Some(Some(text.to_owned())),
-            _ => {
-                let value: Value = serde_json::from_str(raw.get()).ok()?;
-                parse_context(Some(&value), errors)
-            }
-        },
+        Some(raw) if raw.get().len() <= MAX_CONTEXT_BYTES && compact::is_as_stored(raw.get()) => {
+            Some(Some(raw.get().to_owned()))
+        }
+        Some(raw) => {
+            let value: Value = serde_json::from_str(raw.get()).ok()?;
+            parse_context(Some(&value), errors)
+        }
     }
 }
 
