@@ -14,6 +14,10 @@
 //!   none. A hash is half the memory of an id, which lets merges be twice as large; two
 //!   ids may share one, so a hit is checked against the log before it counts.
 //!
+//! A merge's commits leave their sync to the next recording commit (whose sync covers
+//! the whole WAL): the table only repeats what the log holds, and a merge that a crash
+//! undoes is done again from the log.
+//!
 //! An id is stored when it is in either. Deleting events deletes their ids from the table
 //! and lowers the mark to the newest event left, because SQLite hands a deleted newest
 //! event's `seq` out again and the events above the mark must be exactly those read back.
@@ -449,7 +453,11 @@ impl Store {
             .and_then(|mut stmt| stmt.execute(params![THROUGH_KEY, merge.through]))
             .doing("moving the event id mark")?;
         }
-        tx.commit().doing("committing an event id merge")?;
+        // Unsynced: the ids are in the log, which every recording commit syncs (along
+        // with this one's frames); should a crash of the machine undo it, the ids are
+        // above the mark again and the next merge writes them.
+        usage_common::gather_vfs::with_wal_sync_deferred(|| tx.commit())
+            .doing("committing an event id merge")?;
         let written = slice.len();
         let known = self.known_ids.known.as_mut().expect("loaded above");
         let merge = known.merging.as_mut().expect("under way");

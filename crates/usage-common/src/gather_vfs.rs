@@ -8,6 +8,12 @@
 //! syncs, reads, truncates, sizes or closes it, or when the buffer is full. Every other
 //! call, and every other file, goes straight through.
 //!
+//! [`with_wal_sync_deferred`] lets a commit whose loss a crash may cost (one that only
+//! repeats what is durable elsewhere) skip the WAL's sync: its frames are written before
+//! it is published, as always, and reach the disk with the next commit's sync, which
+//! covers the whole file. SQLite's own `synchronous = NORMAL` makes the same trade for
+//! every commit of a connection; this makes it for chosen ones.
+//!
 //! Why this is safe only with `synchronous = FULL`: then every commit syncs the WAL before
 //! SQLite publishes the commit in the wal-index, so no other connection can be told of a
 //! frame that is still in the buffer. With `NORMAL` a commit is published without a sync,
@@ -15,6 +21,7 @@
 //! frames are written before the sync that acknowledges them, exactly as before, and a
 //! failed write fails that sync, hence the commit.
 
+use std::cell::Cell;
 use std::ffi::{CStr, c_int, c_void};
 use std::mem::{offset_of, size_of};
 use std::path::Path;
@@ -40,6 +47,40 @@ pub fn open_for_full_sync(path: &Path) -> rusqlite::Result<Connection> {
     } else {
         Connection::open(path)
     }
+}
+
+thread_local! {
+    /// Set by [`with_wal_sync_deferred`] while its work runs on this thread, until a WAL
+    /// sync is deferred.
+    static WAL_SYNC_DEFERRED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `work` (a commit on a connection of this VFS, on this thread) with its sync of the
+/// WAL deferred: the frames are still written before the commit is published, but not
+/// synced; the next sync of the WAL, which any later commit makes, covers them.
+///
+/// Only for a commit that a crash of the machine may undo without harm. In WAL mode that
+/// never breaks the database (SQLite makes the same trade under `synchronous = NORMAL`):
+/// frames past the last sync are either whole and checksummed, or dropped with everything
+/// after them, and every other commit syncs. Only the first sync of a WAL in `work` is
+/// deferred, the commit's own: a checkpoint the commit then runs must sync the WAL before
+/// it copies frames into the database, or a crash could leave the database newer than
+/// the WAL that recovery replays over it.
+pub fn with_wal_sync_deferred<R>(work: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WAL_SYNC_DEFERRED.set(self.0);
+        }
+    }
+    let _restore = Restore(WAL_SYNC_DEFERRED.replace(true));
+    work()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests only: WAL syncs deferred on this thread.
+    static DEFERRED_SYNCS: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Registers the VFS once per process (not as the default); `false` if SQLite refused.
@@ -256,7 +297,23 @@ macro_rules! forward {
 
 flush_then_forward!(read, xRead, (data: *mut c_void, amount: c_int, offset: i64));
 flush_then_forward!(truncate, xTruncate, (size: i64));
-flush_then_forward!(sync, xSync, (flags: c_int));
+
+/// Writes out what is held, then syncs, unless this is a WAL file whose sync is deferred.
+unsafe extern "C" fn sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
+    unsafe {
+        let rc = flush(file);
+        if rc != ffi::SQLITE_OK {
+            return rc;
+        }
+        if header(file).gathered.is_some() && WAL_SYNC_DEFERRED.replace(false) {
+            #[cfg(test)]
+            DEFERRED_SYNCS.set(DEFERRED_SYNCS.get() + 1);
+            return ffi::SQLITE_OK;
+        }
+        inner_methods(file).xSync.expect("xSync")(inner_file(file), flags)
+    }
+}
+
 flush_then_forward!(file_size, xFileSize, (size: *mut i64));
 flush_then_forward!(file_control, xFileControl, (op: c_int, arg: *mut c_void));
 flush_then_forward!(fetch, xFetch, (offset: i64, amount: c_int, out: *mut *mut c_void));
@@ -359,6 +416,49 @@ mod tests {
             insert(&mut conn, 12);
             assert_eq!(seen_by_default_vfs(&path), (commit * 12, "ok".into()));
         }
+    }
+
+    #[test]
+    fn a_commit_with_its_sync_deferred_is_in_the_file_and_the_next_one_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let mut conn = gathering(&path, -1024);
+        insert(&mut conn, 12);
+        let before = DEFERRED_SYNCS.get();
+        with_wal_sync_deferred(|| insert(&mut conn, 12));
+        assert!(
+            DEFERRED_SYNCS.get() > before,
+            "the WAL's sync was not deferred"
+        );
+        // Published only once written: another connection sees the deferred commit.
+        assert_eq!(seen_by_default_vfs(&path), (24, "ok".into()));
+        let deferred = DEFERRED_SYNCS.get();
+        insert(&mut conn, 12);
+        assert_eq!(
+            DEFERRED_SYNCS.get(),
+            deferred,
+            "a later commit skipped its sync"
+        );
+        assert_eq!(seen_by_default_vfs(&path), (36, "ok".into()));
+    }
+
+    #[test]
+    fn a_checkpoint_after_a_deferred_commit_syncs_the_wal_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.db");
+        let mut conn = gathering(&path, -1024);
+        let before = DEFERRED_SYNCS.get();
+        with_wal_sync_deferred(|| {
+            insert(&mut conn, 12);
+            conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                .unwrap();
+        });
+        assert_eq!(
+            DEFERRED_SYNCS.get(),
+            before + 1,
+            "only the commit's sync is deferred"
+        );
+        assert_eq!(seen_by_default_vfs(&path), (12, "ok".into()));
     }
 
     #[test]
