@@ -53,13 +53,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
 async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     crate::sync::install_tls_provider();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
+    let (stop_receiver, receiver_stopped) = stop_signal();
+    let (stop_agent, agent_stopped) = stop_signal();
 
     // 1. The backend's receiver, on a free loopback port.
     let enroll_token = random_token();
@@ -84,7 +79,7 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
         listener,
         settings,
         Arc::clone(&store),
-        stopped(),
+        receiver_stopped,
     ));
 
     // 2. The agent's identity, enrolled with that receiver.
@@ -106,7 +101,7 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     // 3. The agent itself, serving its socket.
     let daemon = Daemon::start(config.clone()).await?;
     let socket = daemon.socket_path().to_path_buf();
-    let agent_task = tokio::spawn(daemon.serve(stopped()));
+    let agent_task = tokio::spawn(daemon.serve(agent_stopped));
     let agent = AgentClient::new(&config)?;
 
     println!(
@@ -157,10 +152,24 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     print_next_steps(&socket, &backend_url, &provider_password);
     stop.await;
     println!("\nstopping the demo and removing {}", dir.display());
-    let _ = stop_tx.send(true);
+    // The agent first, while its backend still answers, so a sync run under way ends on
+    // the backend's answer rather than on a closed port.
+    let _ = stop_agent.send(true);
     agent_task.await??;
+    let _ = stop_receiver.send(true);
     receiver_task.await??;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stop signal: its sender, and a future that ends once it is sent.
+fn stop_signal() -> (
+    tokio::sync::watch::Sender<bool>,
+    impl Future<Output = ()> + Send + 'static,
+) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    (stop, async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    })
 }
 
 fn print_summary(summary: &Value) {

@@ -1,6 +1,6 @@
 //! `usage-agent demo`, the README's first command, end to end.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -57,6 +57,20 @@ fn the_demo_records_syncs_and_stops_on_ctrl_c() {
     signal(&child, "-INT");
     let status = wait_with_deadline(&mut child, Duration::from_secs(30));
     assert!(status.success(), "demo exit {status}");
+    // A clean stop: the agent stops before its backend does, so nothing is cut short.
+    let mut logs = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logs)
+        .unwrap();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("WARN") || l.contains("ERROR")),
+        "{logs}"
+    );
     let temp_dir = std::path::Path::new(&socket)
         .parent()
         .unwrap()
