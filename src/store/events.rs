@@ -429,6 +429,97 @@ mod idempotent_ids {
         assert_eq!(mark(&store.conn).unwrap(), all.len() as i64);
     }
 
+    /// The database as a crash of the machine would leave it: the file, and its WAL cut
+    /// to `wal_len` bytes (the frames past the last sync lost), copied to `to`.
+    fn crashed_copy(path: &std::path::Path, wal_len: u64, to: &std::path::Path) {
+        std::fs::copy(path, to).unwrap();
+        let wal = std::fs::read(format!("{}-wal", path.display())).unwrap();
+        std::fs::write(format!("{}-wal", to.display()), &wal[..wal_len as usize]).unwrap();
+    }
+
+    #[test]
+    fn a_crash_that_loses_a_merges_unsynced_commits_loses_no_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let wal_len = || {
+            std::fs::metadata(dir.path().join("u.db-wal"))
+                .unwrap()
+                .len()
+        };
+        // Synced as the agent syncs (the gathering VFS, which defers a merge's sync), and
+        // never checkpointed, so the WAL only grows and a cut at a length is a crash.
+        let mut store = Store::open(&path, Synchronous::Full).unwrap();
+        store
+            .conn
+            .pragma_update(None, "wal_autocheckpoint", 0)
+            .unwrap();
+        let merged = events(MERGE_SLICE + 10);
+        store.record_groups(&[&merged]).unwrap();
+        store.merge_event_ids().unwrap();
+        // This recording commit's sync covers the merge before it.
+        let recent = events(MERGE_SLICE * 3 + 10);
+        store.record_groups(&[&recent]).unwrap();
+        let synced = wal_len();
+        store.merge_event_ids().unwrap();
+        let all = merged.len() + recent.len();
+        assert_eq!(mark(&store.conn).unwrap(), all as i64);
+        let frame = 24 + crate::store::PAGE_SIZE as u64;
+        let unsynced_frames = (wal_len() - synced) / frame;
+        assert!(
+            unsynced_frames > 2,
+            "the merge wrote {unsynced_frames} frames"
+        );
+
+        // Lost whole, or only its last commits (the mark's move among them).
+        for (cut, whole_merge_lost) in [
+            (synced, true),
+            (synced + unsynced_frames / 2 * frame, false),
+        ] {
+            let copy = dir.path().join(format!("crashed-{cut}.db"));
+            crashed_copy(&path, cut, &copy);
+            let mut crashed = Store::open(&copy, Synchronous::Full).unwrap();
+            let check: String = crashed
+                .conn
+                .query_row("PRAGMA quick_check", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(check, "ok", "cut at {cut}");
+            assert_eq!(crashed.event_count().unwrap(), all as u64, "cut at {cut}");
+            let (mark_left, in_table) = (mark(&crashed.conn).unwrap(), stored_in_table(&crashed));
+            if whole_merge_lost {
+                assert_eq!(
+                    (mark_left, in_table),
+                    (merged.len() as i64, merged.len() as i64)
+                );
+            } else {
+                assert!(
+                    in_table > merged.len() as i64 && in_table < all as i64,
+                    "cut at {cut}: {in_table} ids in the table"
+                );
+                assert!([merged.len() as i64, all as i64].contains(&mark_left));
+            }
+            let sample = [
+                merged[0].clone(),
+                merged[merged.len() - 1].clone(),
+                recent[0].clone(),
+                recent[recent.len() - 1].clone(),
+            ];
+            assert_eq!(
+                outcomes(&mut crashed, &sample),
+                [Recorded::Duplicate; 4],
+                "cut at {cut}"
+            );
+            // The next merge writes what the crash undid.
+            crashed.merge_event_ids().unwrap();
+            assert_eq!(stored_in_table(&crashed), all as i64, "cut at {cut}");
+            assert_eq!(mark(&crashed.conn).unwrap(), all as i64, "cut at {cut}");
+            assert_eq!(
+                outcomes(&mut crashed, &recent),
+                vec![Recorded::Duplicate; recent.len()],
+                "cut at {cut}"
+            );
+        }
+    }
+
     #[test]
     fn erased_ids_can_be_recorded_again_whether_merged_or_not() {
         let dir = tempfile::tempdir().unwrap();
