@@ -53,8 +53,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
 
 async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     crate::sync::install_tls_provider();
-    let (stop_receiver, receiver_stopped) = stop_signal();
-    let (stop_agent, agent_stopped) = stop_signal();
+    let (stop_receiver, receiver_stop) = tokio::sync::oneshot::channel::<()>();
+    let (stop_agent, agent_stop) = tokio::sync::oneshot::channel::<()>();
 
     // 1. The backend's receiver, on a free loopback port.
     let enroll_token = random_token();
@@ -79,7 +79,9 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
         listener,
         settings,
         Arc::clone(&store),
-        receiver_stopped,
+        async {
+            let _ = receiver_stop.await;
+        },
     ));
 
     // 2. The agent's identity, enrolled with that receiver.
@@ -101,7 +103,9 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     // 3. The agent itself, serving its socket.
     let daemon = Daemon::start(config.clone()).await?;
     let socket = daemon.socket_path().to_path_buf();
-    let agent_task = tokio::spawn(daemon.serve(agent_stopped));
+    let agent_task = tokio::spawn(daemon.serve(async {
+        let _ = agent_stop.await;
+    }));
     let agent = AgentClient::new(&config)?;
 
     println!(
@@ -154,22 +158,11 @@ async fn demo(dir: &Path) -> anyhow::Result<ExitCode> {
     println!("\nstopping the demo and removing {}", dir.display());
     // The agent first, while its backend still answers, so a sync run under way ends on
     // the backend's answer rather than on a closed port.
-    let _ = stop_agent.send(true);
+    let _ = stop_agent.send(());
     agent_task.await??;
-    let _ = stop_receiver.send(true);
+    let _ = stop_receiver.send(());
     receiver_task.await??;
     Ok(ExitCode::SUCCESS)
-}
-
-/// A stop signal: its sender, and a future that ends once it is sent.
-fn stop_signal() -> (
-    tokio::sync::watch::Sender<bool>,
-    impl Future<Output = ()> + Send + 'static,
-) {
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    (stop, async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    })
 }
 
 fn print_summary(summary: &Value) {
